@@ -1,0 +1,14 @@
+//! Sans-IO session state machines for both peers (`docs/PROTOCOL.md` §6).
+//!
+//! Neither machine touches a socket, a disk or a clock: they take decoded
+//! messages (and randomness) and say what the async shell must do next. The
+//! server machine asks its shell for storage work through [`server::Action`]s
+//! and is told the outcome; the client machine turns responses into
+//! [`client::ClientEvent`]s.
+
+pub mod client;
+pub mod server;
+
+/// Attempts to send one file: the first, then up to three resends after
+/// "CRC wrong" (`docs/PROTOCOL.md` §6.4).
+pub const MAX_SEND_ATTEMPTS: u8 = 4;

@@ -1,0 +1,400 @@
+//! The client side of a session, and the planning and packetising of an
+//! upload.
+//!
+//! The machine checks that every response is the one the protocol allows at
+//! that point, recovers the AES key, and turns the server's cksum into a
+//! verdict with the request that carries it. Where legacy servers disagree it
+//! accepts every unambiguous variant: 1606 with or without an id, and a 1604
+//! (or nothing) in answer to "CRC wrong, will resend".
+
+use bytes::{Bytes, BytesMut};
+
+use crate::crypto::{pkcs7_len, AesKey, CryptoError, PrivateKey};
+use crate::limits::{FILE_PACKET_HEAD_LEN, MAX_PACKETS};
+use crate::message::{FilePacket, PacketHead, Request, RequestFrame, Response};
+use crate::name::{FileName, UserName};
+use crate::session::MAX_SEND_ATTEMPTS;
+use crate::wire::{ClientId, Numbering, ResponseCode};
+
+/// A response that does not fit the session, or a key that does not unwrap.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("server answered {got} where {expected} was due")]
+    Unexpected { expected: &'static str, got: ResponseCode },
+    #[error("server answered for client {got}, not {expected}")]
+    ClientIdMismatch { expected: ClientId, got: ClientId },
+    #[error("server's cksum answer names {got:?}, not {expected:?}")]
+    FileMismatch { expected: FileName, got: FileName },
+    #[error("the AES key from the server does not unwrap with our private key: {0}")]
+    Key(#[from] CryptoError),
+    #[error("no request is awaiting an answer")]
+    Idle,
+}
+
+/// What a response meant.
+#[derive(Debug)]
+pub enum ClientEvent {
+    /// 1600: registered; send the public key next ([`ClientSession::public_key_request`]).
+    Registered(ClientId),
+    /// 1601: the name is taken.
+    NameTaken,
+    /// 1602/1605: the AES key is ready; files may be sent.
+    KeyReady,
+    /// 1606: the server does not know us (or has no key): register anew.
+    MustRegister,
+    /// 1603 answered: send `reply` (1029, 1030 or 1031).
+    Verdict { verdict: Verdict, reply: RequestFrame },
+    /// 1604 to "CRC wrong, will resend": nothing to do, the 1603 of the
+    /// resend is still due.
+    RetryAcknowledged,
+    /// 1604 to "CRC ok" or "CRC wrong 4th time": the file is finished.
+    Done,
+    /// 1607: the server failed; the caller may repeat its last request.
+    ServerError,
+}
+
+/// The outcome of comparing the server's cksum with ours.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// The cksums match; the reply is "CRC ok".
+    Match,
+    /// Mismatch on attempt `attempt` of [`MAX_SEND_ATTEMPTS`]; the reply is
+    /// "CRC wrong, will resend" and the whole file must be sent again.
+    Retry { attempt: u8 },
+    /// The last attempt mismatched; the reply is "CRC wrong 4th time".
+    GiveUp,
+}
+
+#[derive(Debug, Clone)]
+enum Expect {
+    Idle,
+    Registered,
+    KeyAccepted,
+    Reconnected,
+    /// The 1603 of an upload; `ack_allowed` after a "CRC wrong, will resend".
+    FileReceived { file: FileName, content_size: u32, cksum: u32, ack_allowed: bool },
+    Ack,
+}
+
+/// The client's view of one connection.
+pub struct ClientSession {
+    name: UserName,
+    numbering: Numbering,
+    key: PrivateKey,
+    client_id: Option<ClientId>,
+    aes: Option<AesKey>,
+    expect: Expect,
+    attempts: u8,
+    /// What to send as the header id before one is assigned.
+    unregistered_id: ClientId,
+}
+
+impl std::fmt::Debug for ClientSession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientSession")
+            .field("name", &self.name)
+            .field("client_id", &self.client_id)
+            .field("keyed", &self.aes.is_some())
+            .field("expect", &self.expect)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ClientSession {
+    /// A session for `name` with private key `key`, known to the server as
+    /// `client_id` if already registered.
+    pub fn new(name: UserName, key: PrivateKey, client_id: Option<ClientId>, numbering: Numbering) -> Self {
+        Self {
+            name,
+            numbering,
+            key,
+            client_id,
+            aes: None,
+            expect: Expect::Idle,
+            attempts: 0,
+            unregistered_id: ClientId::default(),
+        }
+    }
+
+    /// The id the server assigned, once known.
+    pub fn client_id(&self) -> Option<ClientId> {
+        self.client_id
+    }
+
+    /// The session's AES key, once exchanged.
+    pub fn aes_key(&self) -> Option<&AesKey> {
+        self.aes.as_ref()
+    }
+
+    /// The private key.
+    pub fn private_key(&self) -> &PrivateKey {
+        &self.key
+    }
+
+    /// Replaces the private key (a client registering anew makes a new one).
+    pub fn set_private_key(&mut self, key: PrivateKey) {
+        self.key = key;
+    }
+
+    fn frame(&self, request: Request) -> RequestFrame {
+        RequestFrame { client_id: self.client_id.unwrap_or(self.unregistered_id), numbering: self.numbering, request }
+    }
+
+    /// "Register" (1025/825). Forgets any previous id.
+    pub fn register_request(&mut self) -> RequestFrame {
+        self.client_id = None;
+        self.aes = None;
+        self.expect = Expect::Registered;
+        self.frame(Request::Register { name: self.name.clone() })
+    }
+
+    /// "Reconnect" (1027/827) as the id given at construction.
+    pub fn reconnect_request(&mut self) -> RequestFrame {
+        self.expect = Expect::Reconnected;
+        self.frame(Request::Reconnect { name: self.name.clone() })
+    }
+
+    /// "Send public key" (1026/826).
+    ///
+    /// # Errors
+    /// When the key's DER does not fit the 160-byte field.
+    pub fn public_key_request(&mut self) -> Result<RequestFrame, ClientError> {
+        let key = crate::crypto::public_key_field(&self.key.public_key())?;
+        self.expect = Expect::KeyAccepted;
+        Ok(self.frame(Request::PublicKey { name: self.name.clone(), key }))
+    }
+
+    /// Starts an upload attempt: resets the attempt count for a new file.
+    pub fn begin_file(&mut self) {
+        self.attempts = 0;
+    }
+
+    /// Records that every packet of `plan` was sent, with `cksum` the local
+    /// cksum of the plaintext; the 1603 is due next.
+    pub fn file_sent(&mut self, plan: &UploadPlan, cksum: u32) {
+        let ack_allowed = self.attempts > 0;
+        self.attempts = self.attempts.saturating_add(1);
+        self.expect = Expect::FileReceived {
+            file: plan.file.clone(),
+            content_size: plan.content_size,
+            cksum,
+            ack_allowed,
+        };
+    }
+
+    fn check_id(&self, got: ClientId) -> Result<(), ClientError> {
+        match self.client_id {
+            Some(expected) if expected != got => Err(ClientError::ClientIdMismatch { expected, got }),
+            _ => Ok(()),
+        }
+    }
+
+    /// Interprets the next response.
+    ///
+    /// # Errors
+    /// When the response is not one the protocol allows now, names another
+    /// client or file, or the AES key does not unwrap.
+    pub fn handle<R: rand::CryptoRng + rand::RngCore>(&mut self, response: Response, rng: &mut R) -> Result<ClientEvent, ClientError> {
+        let expect = std::mem::replace(&mut self.expect, Expect::Idle);
+        if response == Response::GeneralError && !matches!(expect, Expect::Idle) {
+            return Ok(ClientEvent::ServerError);
+        }
+        let unexpected = |expected| ClientError::Unexpected { expected, got: response.code() };
+        match (expect, &response) {
+            (Expect::Registered, Response::Registered { client_id }) => {
+                self.client_id = Some(*client_id);
+                Ok(ClientEvent::Registered(*client_id))
+            }
+            (Expect::Registered, Response::RegistrationFailed) => Ok(ClientEvent::NameTaken),
+            (Expect::Registered, _) => Err(unexpected("1600 or 1601")),
+            (Expect::KeyAccepted, Response::KeyAccepted { client_id, wrapped_key })
+            | (Expect::Reconnected, Response::Reconnected { client_id, wrapped_key }) => {
+                self.check_id(*client_id)?;
+                self.aes = Some(self.key.unwrap_aes_key(rng, wrapped_key)?);
+                Ok(ClientEvent::KeyReady)
+            }
+            (Expect::KeyAccepted, _) => Err(unexpected("1602")),
+            (Expect::Reconnected, Response::ReconnectRejected { client_id }) => {
+                if let Some(id) = client_id {
+                    self.check_id(*id)?;
+                }
+                self.client_id = None;
+                Ok(ClientEvent::MustRegister)
+            }
+            (Expect::Reconnected, _) => Err(unexpected("1605 or 1606")),
+            (Expect::FileReceived { file, content_size, cksum, ack_allowed: true }, Response::Ack { client_id }) => {
+                self.check_id(*client_id)?;
+                self.expect = Expect::FileReceived { file, content_size, cksum, ack_allowed: false };
+                Ok(ClientEvent::RetryAcknowledged)
+            }
+            (
+                Expect::FileReceived { file, content_size, cksum, .. },
+                Response::FileReceived { client_id, content_size: got_size, file: got_file, cksum: got_cksum },
+            ) => {
+                self.check_id(*client_id)?;
+                if *got_file != file {
+                    return Err(ClientError::FileMismatch { expected: file, got: got_file.clone() });
+                }
+                let matched = *got_cksum == cksum && *got_size == content_size;
+                let (verdict, request) = if matched {
+                    self.expect = Expect::Ack;
+                    (Verdict::Match, Request::CrcOk { file })
+                } else if self.attempts < MAX_SEND_ATTEMPTS {
+                    // The 1604 (if any) and the 1603 of the resend are due;
+                    // file_sent sets that up once the packets are out.
+                    (Verdict::Retry { attempt: self.attempts }, Request::CrcRetry { file })
+                } else {
+                    self.expect = Expect::Ack;
+                    (Verdict::GiveUp, Request::CrcAbort { file })
+                };
+                Ok(ClientEvent::Verdict { verdict, reply: self.frame(request) })
+            }
+            (Expect::FileReceived { .. }, _) => Err(unexpected("1603")),
+            (Expect::Ack, Response::Ack { client_id }) => {
+                self.check_id(*client_id)?;
+                Ok(ClientEvent::Done)
+            }
+            (Expect::Ack, _) => Err(unexpected("1604")),
+            (Expect::Idle, _) => Err(ClientError::Idle),
+        }
+    }
+}
+
+/// Why a file cannot be sent in the legacy protocol.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PlanError {
+    #[error("{size} bytes is over the {max}-byte limit of the legacy size fields")]
+    TooLarge { size: u64, max: u64 },
+    #[error("packet size must be a positive multiple of 16 up to {max}, not {size}")]
+    PacketSize { size: usize, max: usize },
+}
+
+/// How one file will be cut into packets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UploadPlan {
+    pub file: FileName,
+    pub orig_size: u32,
+    pub content_size: u32,
+    /// Ciphertext bytes per packet (the last may be shorter).
+    pub packet_size: usize,
+    pub total: u16,
+}
+
+impl UploadPlan {
+    /// The largest plaintext whose PKCS#7 ciphertext size still fits a u32.
+    pub const MAX_FILE_SIZE: u64 = u32::MAX as u64 / 16 * 16 - 1;
+
+    /// Plans a file of `size` plaintext bytes with packets of about
+    /// `packet_size` ciphertext bytes, enlarged if needed so the file fits
+    /// in 65,535 packets, and never larger than `max_packet`.
+    ///
+    /// # Errors
+    /// When the file is too large for the legacy fields, or the packet size
+    /// is zero, not a multiple of 16, or over `max_packet`.
+    pub fn new(file: FileName, size: u64, packet_size: usize, max_packet: usize) -> Result<Self, PlanError> {
+        if packet_size == 0 || packet_size % 16 != 0 || packet_size > max_packet {
+            return Err(PlanError::PacketSize { size: packet_size, max: max_packet });
+        }
+        if size > Self::MAX_FILE_SIZE {
+            return Err(PlanError::TooLarge { size, max: Self::MAX_FILE_SIZE });
+        }
+        let content = pkcs7_len(size);
+        let min_packet = content.div_ceil(u64::from(MAX_PACKETS)).div_ceil(16) * 16;
+        let packet = (packet_size as u64).max(min_packet);
+        if packet > max_packet as u64 {
+            return Err(PlanError::TooLarge { size, max: max_packet as u64 * u64::from(MAX_PACKETS) });
+        }
+        let total = content.div_ceil(packet);
+        Ok(Self {
+            file,
+            orig_size: u32::try_from(size).map_err(|_| PlanError::TooLarge { size, max: Self::MAX_FILE_SIZE })?,
+            content_size: u32::try_from(content).map_err(|_| PlanError::TooLarge { size, max: Self::MAX_FILE_SIZE })?,
+            packet_size: usize::try_from(packet).unwrap_or(max_packet),
+            total: u16::try_from(total).unwrap_or(MAX_PACKETS),
+        })
+    }
+
+    /// Bytes on the wire for the whole upload, headers included.
+    pub fn wire_bytes(&self) -> u64 {
+        u64::from(self.content_size)
+            + u64::from(self.total) * (crate::wire::REQUEST_HEADER_LEN + FILE_PACKET_HEAD_LEN) as u64
+    }
+}
+
+/// Cuts a stream of ciphertext into the packets of an [`UploadPlan`].
+#[derive(Debug)]
+pub struct Packetizer {
+    plan: UploadPlan,
+    client_id: ClientId,
+    numbering: Numbering,
+    next: u16,
+    buf: BytesMut,
+}
+
+impl Packetizer {
+    /// A packetizer for one attempt at `plan`.
+    pub fn new(plan: UploadPlan, client_id: ClientId, numbering: Numbering) -> Self {
+        let buf = BytesMut::with_capacity(plan.packet_size + 16);
+        Self { plan, client_id, numbering, next: 1, buf }
+    }
+
+    /// The buffer that ciphertext should be appended to.
+    pub fn buffer(&mut self) -> &mut BytesMut {
+        &mut self.buf
+    }
+
+    fn packet(&mut self, content: Bytes) -> RequestFrame {
+        let head = PacketHead {
+            content_size: self.plan.content_size,
+            orig_size: self.plan.orig_size,
+            packet: self.next,
+            total: self.plan.total,
+            file: self.plan.file.clone(),
+        };
+        self.next = self.next.saturating_add(1);
+        RequestFrame { client_id: self.client_id, numbering: self.numbering, request: Request::SendFile(FilePacket { head, content }) }
+    }
+
+    /// The next full packet, if the buffer holds one and it is not the last.
+    pub fn next_full(&mut self) -> Option<RequestFrame> {
+        if self.next >= self.plan.total || self.buf.len() < self.plan.packet_size {
+            return None;
+        }
+        let content = self.buf.split_to(self.plan.packet_size).freeze();
+        Some(self.packet(content))
+    }
+
+    /// The last packet, once all ciphertext (padding included) was appended.
+    /// `None` if the buffer does not hold exactly what the plan expects.
+    pub fn last(&mut self) -> Option<RequestFrame> {
+        if self.next != self.plan.total {
+            return None;
+        }
+        let sent = u64::from(self.plan.total - 1) * self.plan.packet_size as u64;
+        if sent + self.buf.len() as u64 != u64::from(self.plan.content_size) {
+            return None;
+        }
+        let content = self.buf.split().freeze();
+        Some(self.packet(content))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn name() -> FileName {
+        FileName::try_from("f.bin").unwrap()
+    }
+
+    #[test]
+    fn plans_packets_within_the_u16_count() {
+        let p = UploadPlan::new(name(), 20000, 8192, 1 << 20).unwrap();
+        assert_eq!((p.content_size, p.total, p.packet_size), (20016, 3, 8192));
+        let big = UploadPlan::new(name(), UploadPlan::MAX_FILE_SIZE, 1024, 1 << 20).unwrap();
+        assert!(big.total <= MAX_PACKETS);
+        assert_eq!(big.content_size, u32::MAX / 16 * 16);
+        assert!(matches!(UploadPlan::new(name(), UploadPlan::MAX_FILE_SIZE + 1, 1024, 1 << 20), Err(PlanError::TooLarge { .. })));
+        assert!(UploadPlan::new(name(), 0, 1000, 1 << 20).is_err());
+    }
+}
