@@ -19,7 +19,9 @@ pub struct Cksum {
 
 impl std::fmt::Debug for Cksum {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Cksum").field("len", &self.len).finish_non_exhaustive()
+        f.debug_struct("Cksum")
+            .field("len", &self.len)
+            .finish_non_exhaustive()
     }
 }
 
@@ -32,7 +34,10 @@ impl Default for Cksum {
 impl Cksum {
     /// An empty checksum.
     pub fn new() -> Self {
-        Self { digest: CRC.digest(), len: 0 }
+        Self {
+            digest: CRC.digest(),
+            len: 0,
+        }
     }
 
     /// Feeds `bytes`.
@@ -84,7 +89,11 @@ mod tests {
         fn step(mut s: u32, b: u8) -> u32 {
             s ^= u32::from(b) << 24;
             for _ in 0..8 {
-                s = if s & 0x8000_0000 != 0 { (s << 1) ^ 0x04C1_1DB7 } else { s << 1 };
+                s = if s & 0x8000_0000 != 0 {
+                    (s << 1) ^ 0x04C1_1DB7
+                } else {
+                    s << 1
+                };
             }
             s
         }
@@ -99,9 +108,15 @@ mod tests {
 
     #[test]
     fn matches_bitwise_reference_across_length_byte_boundaries() {
-        let data: Vec<u8> = (0..70_000u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+        let data: Vec<u8> = (0..70_000u32)
+            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+            .collect();
         for len in [0, 1, 15, 16, 255, 256, 257, 65535, 65536, 65537, 70_000] {
-            assert_eq!(Cksum::of(&data[..len]), reference(&data[..len]), "len {len}");
+            assert_eq!(
+                Cksum::of(&data[..len]),
+                reference(&data[..len]),
+                "len {len}"
+            );
         }
     }
 }

@@ -27,7 +27,12 @@ pub enum CodecError {
     #[error("unknown code {0}")]
     UnknownCode(u16),
     #[error("code {code} declares a {declared}-byte payload; allowed {min}..={max}")]
-    PayloadSize { code: u16, declared: u32, min: usize, max: usize },
+    PayloadSize {
+        code: u16,
+        declared: u32,
+        min: usize,
+        max: usize,
+    },
     #[error("malformed payload: {0}")]
     Payload(#[from] PayloadError),
 }
@@ -57,7 +62,10 @@ pub struct ServerCodec {
 impl ServerCodec {
     /// A codec enforcing `limits`.
     pub fn new(limits: Limits) -> Self {
-        Self { limits, state: DecodeState::Head }
+        Self {
+            limits,
+            state: DecodeState::Head,
+        }
     }
 
     /// The limits this codec enforces.
@@ -69,11 +77,19 @@ impl ServerCodec {
         if header.version != VERSION {
             return Err(CodecError::Version(header.version));
         }
-        let (kind, _) = header.code.classify().ok_or(CodecError::UnknownCode(header.code.0))?;
+        let (kind, _) = header
+            .code
+            .classify()
+            .ok_or(CodecError::UnknownCode(header.code.0))?;
         let (min, max) = Request::payload_bounds(kind, &self.limits);
         let declared = header.payload_len as usize;
         if declared < min || declared > max {
-            return Err(CodecError::PayloadSize { code: header.code.0, declared: header.payload_len, min, max });
+            return Err(CodecError::PayloadSize {
+                code: header.code.0,
+                declared: header.payload_len,
+                min,
+                max,
+            });
         }
         Ok(())
     }
@@ -111,10 +127,17 @@ impl Decoder for ServerCodec {
         }
         self.state = DecodeState::Head;
         let payload = src.split_to(len).freeze();
-        let (kind, numbering) = header.code.classify().ok_or(CodecError::UnknownCode(header.code.0))?;
+        let (kind, numbering) = header
+            .code
+            .classify()
+            .ok_or(CodecError::UnknownCode(header.code.0))?;
         let request = Request::parse(kind, header.code, payload, &self.limits)?;
         src.reserve(REQUEST_HEADER_LEN);
-        Ok(Some(RequestFrame { client_id: header.client_id, numbering, request }))
+        Ok(Some(RequestFrame {
+            client_id: header.client_id,
+            numbering,
+            request,
+        }))
     }
 }
 
@@ -146,7 +169,10 @@ pub struct ClientCodec {
 impl ClientCodec {
     /// A codec enforcing `limits`.
     pub fn new(limits: Limits) -> Self {
-        Self { limits, state: DecodeState::Head }
+        Self {
+            limits,
+            state: DecodeState::Head,
+        }
     }
 }
 
@@ -174,7 +200,12 @@ impl Decoder for ClientCodec {
                     .ok_or(CodecError::UnknownCode(header.code.0))?;
                 let declared = header.payload_len as usize;
                 if declared < min || declared > max {
-                    return Err(CodecError::PayloadSize { code: header.code.0, declared: header.payload_len, min, max });
+                    return Err(CodecError::PayloadSize {
+                        code: header.code.0,
+                        declared: header.payload_len,
+                        min,
+                        max,
+                    });
                 }
                 src.advance(RESPONSE_HEADER_LEN);
                 self.state = DecodeState::Data(header);

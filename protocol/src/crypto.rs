@@ -94,7 +94,9 @@ impl PrivateKey {
     ///
     /// # Errors
     /// Only if the RSA crate fails to generate primes.
-    pub fn generate_legacy<R: rand::CryptoRng + rand::RngCore>(rng: &mut R) -> Result<Self, CryptoError> {
+    pub fn generate_legacy<R: rand::CryptoRng + rand::RngCore>(
+        rng: &mut R,
+    ) -> Result<Self, CryptoError> {
         Self::generate(rng, LEGACY_RSA_BITS, LEGACY_RSA_EXPONENT)
     }
 
@@ -102,7 +104,11 @@ impl PrivateKey {
     ///
     /// # Errors
     /// Only if the RSA crate fails to generate primes.
-    pub fn generate<R: rand::CryptoRng + rand::RngCore>(rng: &mut R, bits: usize, exponent: u32) -> Result<Self, CryptoError> {
+    pub fn generate<R: rand::CryptoRng + rand::RngCore>(
+        rng: &mut R,
+        bits: usize,
+        exponent: u32,
+    ) -> Result<Self, CryptoError> {
         let key = RsaPrivateKey::new_with_exp(rng, bits, &BigUint::from(exponent))?;
         Ok(Self(key))
     }
@@ -122,7 +128,10 @@ impl PrivateKey {
     /// # Errors
     /// Only if the encoder fails.
     pub fn to_pkcs8_der(&self) -> Result<zeroize::Zeroizing<Vec<u8>>, CryptoError> {
-        let doc = self.0.to_pkcs8_der().map_err(|e| CryptoError::PrivateKey(e.to_string()))?;
+        let doc = self
+            .0
+            .to_pkcs8_der()
+            .map_err(|e| CryptoError::PrivateKey(e.to_string()))?;
         Ok(zeroize::Zeroizing::new(doc.as_bytes().to_vec()))
     }
 
@@ -136,9 +145,20 @@ impl PrivateKey {
     ///
     /// # Errors
     /// When decryption fails or the result is not 32 bytes.
-    pub fn unwrap_aes_key<R: rand::CryptoRng + rand::RngCore>(&self, rng: &mut R, wrapped: &[u8]) -> Result<AesKey, CryptoError> {
-        let plain = zeroize::Zeroizing::new(self.0.decrypt_blinded(rng, Oaep::new::<sha1::Sha1>(), wrapped)?);
-        let bytes: [u8; 32] = plain.as_slice().try_into().map_err(|_| CryptoError::AesKeyLength(plain.len()))?;
+    pub fn unwrap_aes_key<R: rand::CryptoRng + rand::RngCore>(
+        &self,
+        rng: &mut R,
+        wrapped: &[u8],
+    ) -> Result<AesKey, CryptoError> {
+        let plain = zeroize::Zeroizing::new(self.0.decrypt_blinded(
+            rng,
+            Oaep::new::<sha1::Sha1>(),
+            wrapped,
+        )?);
+        let bytes: [u8; 32] = plain
+            .as_slice()
+            .try_into()
+            .map_err(|_| CryptoError::AesKeyLength(plain.len()))?;
         Ok(AesKey(bytes))
     }
 
@@ -154,7 +174,9 @@ impl PrivateKey {
 /// # Errors
 /// When the DER is longer than 160 bytes (e.g. a 1024-bit key with e = 65537).
 pub fn public_key_field(key: &RsaPublicKey) -> Result<PublicKeyField, CryptoError> {
-    let der = key.to_public_key_der().map_err(|e| CryptoError::PublicKey(e.to_string()))?;
+    let der = key
+        .to_public_key_der()
+        .map_err(|e| CryptoError::PublicKey(e.to_string()))?;
     let der = der.as_bytes();
     let mut field = [0u8; PUBLIC_KEY_FIELD_LEN];
     field
@@ -180,7 +202,10 @@ pub fn parse_public_key(field: &PublicKeyField) -> Result<RsaPublicKey, CryptoEr
     }
     let (header, body) = match *first {
         n if n < 0x80 => (2, usize::from(n)),
-        0x81 => (3, usize::from(*rest.first().ok_or(CryptoError::PublicKeyFraming)?)),
+        0x81 => (
+            3,
+            usize::from(*rest.first().ok_or(CryptoError::PublicKeyFraming)?),
+        ),
         0x82 => {
             let hi = usize::from(*rest.first().ok_or(CryptoError::PublicKeyFraming)?);
             let lo = usize::from(*rest.get(1).ok_or(CryptoError::PublicKeyFraming)?);
@@ -188,8 +213,11 @@ pub fn parse_public_key(field: &PublicKeyField) -> Result<RsaPublicKey, CryptoEr
         }
         _ => return Err(CryptoError::PublicKeyFraming),
     };
-    let der = f.get(..header + body).ok_or(CryptoError::PublicKeyFraming)?;
-    let key = RsaPublicKey::from_public_key_der(der).map_err(|e| CryptoError::PublicKey(e.to_string()))?;
+    let der = f
+        .get(..header + body)
+        .ok_or(CryptoError::PublicKeyFraming)?;
+    let key = RsaPublicKey::from_public_key_der(der)
+        .map_err(|e| CryptoError::PublicKey(e.to_string()))?;
     let bits = key.size() * 8;
     if bits < MIN_RSA_BITS {
         return Err(CryptoError::WeakKey(bits));
@@ -203,7 +231,11 @@ pub fn parse_public_key(field: &PublicKeyField) -> Result<RsaPublicKey, CryptoEr
 ///
 /// # Errors
 /// When the modulus is too small for the message (never for >= 1024 bits).
-pub fn wrap_aes_key<R: rand::CryptoRng + rand::RngCore>(rng: &mut R, public: &RsaPublicKey, key: &AesKey) -> Result<Vec<u8>, CryptoError> {
+pub fn wrap_aes_key<R: rand::CryptoRng + rand::RngCore>(
+    rng: &mut R,
+    public: &RsaPublicKey,
+    key: &AesKey,
+) -> Result<Vec<u8>, CryptoError> {
     Ok(public.encrypt(rng, Oaep::new::<sha1::Sha1>(), key.as_bytes())?)
 }
 
@@ -265,7 +297,10 @@ impl CbcEncryptor {
 
     /// A cipher with an explicit IV.
     pub fn with_iv(key: &AesKey, iv: &[u8; BLOCK]) -> Self {
-        Self { cipher: Aes256CbcEnc::new(key.as_bytes().into(), iv.into()), pending: Pending::default() }
+        Self {
+            cipher: Aes256CbcEnc::new(key.as_bytes().into(), iv.into()),
+            pending: Pending::default(),
+        }
     }
 
     fn encrypt_range(&mut self, out: &mut BytesMut, range: std::ops::Range<usize>) {
@@ -330,7 +365,10 @@ impl CbcDecryptor {
 
     /// A cipher with an explicit IV.
     pub fn with_iv(key: &AesKey, iv: &[u8; BLOCK]) -> Self {
-        Self { cipher: Aes256CbcDec::new(key.as_bytes().into(), iv.into()), pending: Pending::default() }
+        Self {
+            cipher: Aes256CbcDec::new(key.as_bytes().into(), iv.into()),
+            pending: Pending::default(),
+        }
     }
 
     fn decrypt_range(&mut self, out: &mut BytesMut, range: std::ops::Range<usize>) {
@@ -453,8 +491,14 @@ mod tests {
     #[test]
     fn rejects_truncated_and_badly_padded_ciphertext() {
         let ct = encrypt_all(&key(), b"hello");
-        assert!(matches!(decrypt_all(&key(), &ct[..15]), Err(CryptoError::Truncated)));
-        assert!(matches!(decrypt_all(&key(), &[]), Err(CryptoError::Truncated)));
+        assert!(matches!(
+            decrypt_all(&key(), &ct[..15]),
+            Err(CryptoError::Truncated)
+        ));
+        assert!(matches!(
+            decrypt_all(&key(), &[]),
+            Err(CryptoError::Truncated)
+        ));
         let other = AesKey::from_bytes([9; 32]);
         // A wrong key makes random padding; a valid-looking pad happens with
         // probability ~1/256, so check a few distinct messages.
@@ -471,7 +515,10 @@ mod tests {
         let der = key.public_key().to_public_key_der().unwrap();
         assert_eq!(der.as_bytes().len(), 160);
         let field = public_key_field(&key.public_key()).unwrap();
-        assert_eq!(&field.0[..29], &hex::decode("30819d300d06092a864886f70d010101050003818b0030818702818100").unwrap()[..]);
+        assert_eq!(
+            &field.0[..29],
+            &hex::decode("30819d300d06092a864886f70d010101050003818b0030818702818100").unwrap()[..]
+        );
         assert_eq!(parse_public_key(&field).unwrap(), key.public_key());
         let aes = AesKey::random(&mut rng);
         let wrapped = wrap_aes_key(&mut rng, &key.public_key(), &aes).unwrap();
@@ -486,7 +533,10 @@ mod tests {
         f[0] = 0x30;
         f[1] = 0x82;
         f[2] = 0xff;
-        assert!(matches!(parse_public_key(&PublicKeyField(f)), Err(CryptoError::PublicKeyFraming)));
+        assert!(matches!(
+            parse_public_key(&PublicKeyField(f)),
+            Err(CryptoError::PublicKeyFraming)
+        ));
     }
 
     #[test]

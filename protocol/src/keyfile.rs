@@ -39,7 +39,9 @@ pub struct MeInfo {
 }
 
 fn decode_base64_lines<'a>(lines: impl Iterator<Item = &'a str>) -> Result<Vec<u8>, KeyFileError> {
-    let text: String = lines.flat_map(|l| l.chars().filter(|c| !c.is_whitespace())).collect();
+    let text: String = lines
+        .flat_map(|l| l.chars().filter(|c| !c.is_whitespace()))
+        .collect();
     Ok(base64::engine::general_purpose::STANDARD.decode(text)?)
 }
 
@@ -62,12 +64,19 @@ impl MeInfo {
     pub fn parse(text: &str) -> Result<Self, KeyFileError> {
         let mut lines = text.lines();
         let name_line = lines.next().ok_or(KeyFileError::MissingName)?;
-        let name = UserName::new(name_line.trim_end().as_bytes())?;
+        // Legacy clients write the 255-byte name field as is: the name, then
+        // NUL (or space) padding. The name ends at the first NUL.
+        let name_text = name_line.split('\0').next().unwrap_or_default().trim_end();
+        let name = UserName::new(name_text.as_bytes())?;
         let id_line = lines.next().ok_or(KeyFileError::ClientId)?;
         let client_id = ClientId::from_hex(id_line.trim()).map_err(|_| KeyFileError::ClientId)?;
         let der = zeroize::Zeroizing::new(decode_base64_lines(lines)?);
         let key = PrivateKey::from_pkcs8_der(&der)?;
-        Ok(Self { name, client_id, key })
+        Ok(Self {
+            name,
+            client_id,
+            key,
+        })
     }
 
     /// `me.info` text in the legacy format (no space padding on the name).
@@ -76,7 +85,12 @@ impl MeInfo {
     /// Only if the key cannot be encoded.
     pub fn to_text(&self) -> Result<zeroize::Zeroizing<String>, KeyFileError> {
         let der = self.key.to_pkcs8_der()?;
-        Ok(zeroize::Zeroizing::new(format!("{}\n{}\n{}", self.name, self.client_id.to_hex(), wrapped_base64(&der))))
+        Ok(zeroize::Zeroizing::new(format!(
+            "{}\n{}\n{}",
+            self.name,
+            self.client_id.to_hex(),
+            wrapped_base64(&der)
+        )))
     }
 }
 
@@ -100,7 +114,9 @@ pub fn parse_priv_key(bytes: &[u8]) -> Result<PrivateKey, KeyFileError> {
 /// # Errors
 /// Only if the key cannot be encoded.
 pub fn priv_key_text(key: &PrivateKey) -> Result<zeroize::Zeroizing<String>, KeyFileError> {
-    Ok(zeroize::Zeroizing::new(wrapped_base64(&key.to_pkcs8_der()?)))
+    Ok(zeroize::Zeroizing::new(wrapped_base64(
+        &key.to_pkcs8_der()?,
+    )))
 }
 
 #[cfg(test)]
@@ -124,12 +140,34 @@ mod tests {
         assert_eq!(back.key, me.key);
         let pk = priv_key_text(&me.key).unwrap();
         assert_eq!(parse_priv_key(pk.as_bytes()).unwrap(), me.key);
-        assert_eq!(parse_priv_key(&me.key.to_pkcs8_der().unwrap()).unwrap(), me.key);
+        assert_eq!(
+            parse_priv_key(&me.key.to_pkcs8_der().unwrap()).unwrap(),
+            me.key
+        );
+    }
+
+    #[test]
+    fn accepts_name_lines_padded_with_nuls_or_spaces() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(8);
+        let key = PrivateKey::generate_legacy(&mut rng).unwrap();
+        let rest = format!(
+            "{}\n{}",
+            "ab".repeat(16),
+            wrapped_base64(&key.to_pkcs8_der().unwrap())
+        );
+        for pad in ["\0", " "] {
+            let line = format!("alice{}", pad.repeat(250));
+            let me = MeInfo::parse(&format!("{line}\n{rest}")).unwrap();
+            assert_eq!(me.name.as_bytes(), b"alice");
+        }
     }
 
     #[test]
     fn rejects_me_info_with_bad_id_or_key() {
-        assert!(matches!(MeInfo::parse("bob\nxyz\nAAAA\n"), Err(KeyFileError::ClientId)));
+        assert!(matches!(
+            MeInfo::parse("bob\nxyz\nAAAA\n"),
+            Err(KeyFileError::ClientId)
+        ));
         assert!(matches!(MeInfo::parse(""), Err(KeyFileError::MissingName)));
         assert!(MeInfo::parse("bob\n00000000000000000000000000000000\n!!!!\n").is_err());
     }

@@ -15,7 +15,15 @@
     clippy::indexing_slicing,
     clippy::panic
 )]
-#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic))]
+#![cfg_attr(
+    test,
+    allow(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::indexing_slicing,
+        clippy::panic
+    )
+)]
 
 pub mod cksum;
 pub mod codec;
@@ -25,6 +33,7 @@ pub mod limits;
 pub mod message;
 pub mod name;
 pub mod reassembly;
+pub mod retrieval;
 pub mod session;
 pub mod wire;
 

@@ -19,7 +19,11 @@ pub const PUBLIC_KEY_FIELD_LEN: usize = 160;
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PayloadError {
     #[error("payload of {code} is {actual} bytes, expected {expected}")]
-    Size { code: u16, actual: usize, expected: &'static str },
+    Size {
+        code: u16,
+        actual: usize,
+        expected: &'static str,
+    },
     #[error("bad name field: {0}")]
     Name(#[from] NameError),
     #[error("packet {number} of {total} is out of range")]
@@ -53,7 +57,11 @@ pub struct PublicKeyField(pub [u8; PUBLIC_KEY_FIELD_LEN]);
 
 impl std::fmt::Debug for PublicKeyField {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "PublicKeyField({}..)", hex::encode(self.0.get(..8).unwrap_or_default()))
+        write!(
+            f,
+            "PublicKeyField({}..)",
+            hex::encode(self.0.get(..8).unwrap_or_default())
+        )
     }
 }
 
@@ -126,7 +134,12 @@ impl Request {
     ///
     /// # Errors
     /// When the payload's size is wrong for the kind or a field is invalid.
-    pub fn parse(kind: RequestKind, code: RequestCode, mut payload: Bytes, limits: &Limits) -> Result<Self, PayloadError> {
+    pub fn parse(
+        kind: RequestKind,
+        code: RequestCode,
+        mut payload: Bytes,
+        limits: &Limits,
+    ) -> Result<Self, PayloadError> {
         let (min, max) = Self::payload_bounds(kind, limits);
         if payload.len() < min || payload.len() > max {
             return Err(PayloadError::Size {
@@ -141,22 +154,38 @@ impl Request {
         }
         let max_name = limits.max_name_len;
         Ok(match kind {
-            RequestKind::Register => Request::Register { name: UserName::from_field(&payload, max_name)? },
-            RequestKind::Reconnect => Request::Reconnect { name: UserName::from_field(&payload, max_name)? },
+            RequestKind::Register => Request::Register {
+                name: UserName::from_field(&payload, max_name)?,
+            },
+            RequestKind::Reconnect => Request::Reconnect {
+                name: UserName::from_field(&payload, max_name)?,
+            },
             RequestKind::PublicKey => {
                 let (name, key) = payload.split_at(NAME_FIELD_LEN);
                 let mut field = [0u8; PUBLIC_KEY_FIELD_LEN];
                 field.copy_from_slice(key);
-                Request::PublicKey { name: UserName::from_field(name, max_name)?, key: PublicKeyField(field) }
+                Request::PublicKey {
+                    name: UserName::from_field(name, max_name)?,
+                    key: PublicKeyField(field),
+                }
             }
             RequestKind::SendFile => {
                 let head_bytes = payload.split_to(FILE_PACKET_HEAD_LEN);
                 let head = PacketHead::parse(&head_bytes, max_name)?;
-                Request::SendFile(FilePacket { head, content: payload })
+                Request::SendFile(FilePacket {
+                    head,
+                    content: payload,
+                })
             }
-            RequestKind::CrcOk => Request::CrcOk { file: FileName::from_field(&payload, max_name)? },
-            RequestKind::CrcRetry => Request::CrcRetry { file: FileName::from_field(&payload, max_name)? },
-            RequestKind::CrcAbort => Request::CrcAbort { file: FileName::from_field(&payload, max_name)? },
+            RequestKind::CrcOk => Request::CrcOk {
+                file: FileName::from_field(&payload, max_name)?,
+            },
+            RequestKind::CrcRetry => Request::CrcRetry {
+                file: FileName::from_field(&payload, max_name)?,
+            },
+            RequestKind::CrcAbort => Request::CrcAbort {
+                file: FileName::from_field(&payload, max_name)?,
+            },
         })
     }
 
@@ -195,16 +224,29 @@ impl PacketHead {
     /// When the name is invalid or the packet number is 0 or above the total.
     pub fn parse(head: &[u8], max_name: usize) -> Result<Self, PayloadError> {
         let field = |range: std::ops::Range<usize>| head.get(range).unwrap_or_default();
-        let size_err = || PayloadError::Size { code: 0, actual: head.len(), expected: "267" };
+        let size_err = || PayloadError::Size {
+            code: 0,
+            actual: head.len(),
+            expected: "267",
+        };
         let content_size = u32_le(field(0..4)).ok_or_else(size_err)?;
         let orig_size = u32_le(field(4..8)).ok_or_else(size_err)?;
         let packet = u16_le(field(8..10)).ok_or_else(size_err)?;
         let total = u16_le(field(10..12)).ok_or_else(size_err)?;
         if packet == 0 || packet > total {
-            return Err(PayloadError::PacketNumber { number: packet, total });
+            return Err(PayloadError::PacketNumber {
+                number: packet,
+                total,
+            });
         }
         let file = FileName::from_field(field(12..FILE_PACKET_HEAD_LEN), max_name)?;
-        Ok(Self { content_size, orig_size, packet, total, file })
+        Ok(Self {
+            content_size,
+            orig_size,
+            packet,
+            total,
+            file,
+        })
     }
 
     /// Appends the 267-byte head to `out`.
@@ -246,13 +288,24 @@ pub enum Response {
     /// 1601: the name is taken.
     RegistrationFailed,
     /// 1602: public key stored; the AES key follows, RSA-OAEP-wrapped.
-    KeyAccepted { client_id: ClientId, wrapped_key: Bytes },
+    KeyAccepted {
+        client_id: ClientId,
+        wrapped_key: Bytes,
+    },
     /// 1603: the last packet arrived; the server's cksum of the plaintext.
-    FileReceived { client_id: ClientId, content_size: u32, file: FileName, cksum: u32 },
+    FileReceived {
+        client_id: ClientId,
+        content_size: u32,
+        file: FileName,
+        cksum: u32,
+    },
     /// 1604: acknowledged.
     Ack { client_id: ClientId },
     /// 1605: reconnected; a fresh AES key follows, RSA-OAEP-wrapped.
-    Reconnected { client_id: ClientId, wrapped_key: Bytes },
+    Reconnected {
+        client_id: ClientId,
+        wrapped_key: Bytes,
+    },
     /// 1606: reconnect refused; the client must register anew. Some servers
     /// send no id (`None`), which we accept and reproduce.
     ReconnectRejected { client_id: Option<ClientId> },
@@ -285,7 +338,9 @@ impl Response {
             ResponseCode::REGISTERED | ResponseCode::ACK => (16, 16),
             ResponseCode::RECONNECT_REJECTED => (0, 16),
             ResponseCode::REGISTRATION_FAILED | ResponseCode::GENERAL_ERROR => (0, 0),
-            ResponseCode::KEY_ACCEPTED | ResponseCode::RECONNECTED => (17, 16 + limits.max_wrapped_key),
+            ResponseCode::KEY_ACCEPTED | ResponseCode::RECONNECTED => {
+                (17, 16 + limits.max_wrapped_key)
+            }
             ResponseCode::FILE_RECEIVED => (FILE_RECEIVED_LEN, FILE_RECEIVED_LEN),
             _ => return None,
         })
@@ -295,38 +350,75 @@ impl Response {
     ///
     /// # Errors
     /// When the code is unknown, the size is wrong for it, or a field is invalid.
-    pub fn parse(code: ResponseCode, mut payload: Bytes, limits: &Limits) -> Result<Self, PayloadError> {
-        let size_err = |expected| PayloadError::Size { code: code.0, actual: payload.len(), expected };
-        let (min, max) = Self::payload_bounds(code, limits).ok_or_else(|| size_err("a known code"))?;
+    pub fn parse(
+        code: ResponseCode,
+        mut payload: Bytes,
+        limits: &Limits,
+    ) -> Result<Self, PayloadError> {
+        let size_err = |expected| PayloadError::Size {
+            code: code.0,
+            actual: payload.len(),
+            expected,
+        };
+        let (min, max) =
+            Self::payload_bounds(code, limits).ok_or_else(|| size_err("a known code"))?;
         if payload.len() < min || payload.len() > max {
             return Err(size_err("the size its code fixes"));
         }
-        let id = |p: &[u8]| ClientId(p.get(..16).and_then(|s| s.try_into().ok()).unwrap_or_default());
+        let id = |p: &[u8]| {
+            ClientId(
+                p.get(..16)
+                    .and_then(|s| s.try_into().ok())
+                    .unwrap_or_default(),
+            )
+        };
         Ok(match code {
-            ResponseCode::REGISTERED => Response::Registered { client_id: id(&payload) },
-            ResponseCode::ACK => Response::Ack { client_id: id(&payload) },
+            ResponseCode::REGISTERED => Response::Registered {
+                client_id: id(&payload),
+            },
+            ResponseCode::ACK => Response::Ack {
+                client_id: id(&payload),
+            },
             ResponseCode::REGISTRATION_FAILED => Response::RegistrationFailed,
             ResponseCode::GENERAL_ERROR => Response::GeneralError,
             ResponseCode::RECONNECT_REJECTED => match payload.len() {
                 0 => Response::ReconnectRejected { client_id: None },
-                16 => Response::ReconnectRejected { client_id: Some(id(&payload)) },
+                16 => Response::ReconnectRejected {
+                    client_id: Some(id(&payload)),
+                },
                 _ => return Err(size_err("0 or 16")),
             },
             ResponseCode::KEY_ACCEPTED | ResponseCode::RECONNECTED => {
                 let client_id = id(&payload);
                 let wrapped_key = payload.split_off(16);
                 if code == ResponseCode::KEY_ACCEPTED {
-                    Response::KeyAccepted { client_id, wrapped_key }
+                    Response::KeyAccepted {
+                        client_id,
+                        wrapped_key,
+                    }
                 } else {
-                    Response::Reconnected { client_id, wrapped_key }
+                    Response::Reconnected {
+                        client_id,
+                        wrapped_key,
+                    }
                 }
             }
             _ => {
                 // FILE_RECEIVED, the only code left with a fixed layout.
-                let content_size = u32_le(payload.get(16..20).unwrap_or_default()).ok_or_else(|| size_err("279"))?;
-                let file = FileName::from_field(payload.get(20..275).unwrap_or_default(), limits.max_name_len)?;
-                let cksum = u32_le(payload.get(275..279).unwrap_or_default()).ok_or_else(|| size_err("279"))?;
-                Response::FileReceived { client_id: id(&payload), content_size, file, cksum }
+                let content_size = u32_le(payload.get(16..20).unwrap_or_default())
+                    .ok_or_else(|| size_err("279"))?;
+                let file = FileName::from_field(
+                    payload.get(20..275).unwrap_or_default(),
+                    limits.max_name_len,
+                )?;
+                let cksum = u32_le(payload.get(275..279).unwrap_or_default())
+                    .ok_or_else(|| size_err("279"))?;
+                Response::FileReceived {
+                    client_id: id(&payload),
+                    content_size,
+                    file,
+                    cksum,
+                }
             }
         })
     }
@@ -337,9 +429,8 @@ impl Response {
             Response::Registered { .. } | Response::Ack { .. } => 16,
             Response::RegistrationFailed | Response::GeneralError => 0,
             Response::ReconnectRejected { client_id } => client_id.map_or(0, |_| 16),
-            Response::KeyAccepted { wrapped_key, .. } | Response::Reconnected { wrapped_key, .. } => {
-                16 + wrapped_key.len()
-            }
+            Response::KeyAccepted { wrapped_key, .. }
+            | Response::Reconnected { wrapped_key, .. } => 16 + wrapped_key.len(),
             Response::FileReceived { .. } => FILE_RECEIVED_LEN,
         }
     }
@@ -355,18 +446,32 @@ impl Response {
         }
         .write(out);
         match self {
-            Response::Registered { client_id } | Response::Ack { client_id } => out.put_slice(&client_id.0),
+            Response::Registered { client_id } | Response::Ack { client_id } => {
+                out.put_slice(&client_id.0)
+            }
             Response::RegistrationFailed | Response::GeneralError => {}
             Response::ReconnectRejected { client_id } => {
                 if let Some(id) = client_id {
                     out.put_slice(&id.0);
                 }
             }
-            Response::KeyAccepted { client_id, wrapped_key } | Response::Reconnected { client_id, wrapped_key } => {
+            Response::KeyAccepted {
+                client_id,
+                wrapped_key,
+            }
+            | Response::Reconnected {
+                client_id,
+                wrapped_key,
+            } => {
                 out.put_slice(&client_id.0);
                 out.put_slice(wrapped_key);
             }
-            Response::FileReceived { client_id, content_size, file, cksum } => {
+            Response::FileReceived {
+                client_id,
+                content_size,
+                file,
+                cksum,
+            } => {
                 out.put_slice(&client_id.0);
                 out.put_u32_le(*content_size);
                 file.write_field(out);

@@ -28,15 +28,18 @@ pub enum NameError {
 }
 
 /// Validates the bytes of a name: non-empty, at most `max` bytes, no NUL and
-/// no ASCII control characters. Any other byte (including `/`, `\` and bytes
-/// >= 0x80) is allowed on the wire: legacy clients send paths such as
+/// no ASCII control characters. Any other byte (including `/`, `\` and any
+/// byte from 0x80 up) is allowed on the wire: legacy clients send paths such as
 /// `dir/file.txt`; the server decides how a name maps to storage.
 fn validate(bytes: &[u8], max: usize) -> Result<(), NameError> {
     if bytes.is_empty() {
         return Err(NameError::Empty);
     }
     if bytes.len() > max {
-        return Err(NameError::TooLong { len: bytes.len(), max });
+        return Err(NameError::TooLong {
+            len: bytes.len(),
+            max,
+        });
     }
     if let Some(&b) = bytes.iter().find(|&&b| b < 0x20 || b == 0x7f) {
         return Err(NameError::ControlByte(b));
@@ -49,7 +52,10 @@ fn from_field(field: &[u8], max: usize) -> Result<Vec<u8>, NameError> {
     if field.len() != NAME_FIELD_LEN {
         return Err(NameError::FieldWidth(field.len()));
     }
-    let end = field.iter().position(|&b| b == 0).ok_or(NameError::Unterminated)?;
+    let end = field
+        .iter()
+        .position(|&b| b == 0)
+        .ok_or(NameError::Unterminated)?;
     let name = field.get(..end).unwrap_or_default();
     validate(name, max)?;
     Ok(name.to_vec())
@@ -160,7 +166,10 @@ mod tests {
     #[test]
     fn rejects_field_of_255_bytes_without_nul() {
         let f = vec![b'x'; NAME_FIELD_LEN];
-        assert_eq!(FileName::from_field(&f, MAX_NAME_LEN), Err(NameError::Unterminated));
+        assert_eq!(
+            FileName::from_field(&f, MAX_NAME_LEN),
+            Err(NameError::Unterminated)
+        );
     }
 
     #[test]
@@ -174,10 +183,22 @@ mod tests {
 
     #[test]
     fn rejects_empty_and_control_bytes() {
-        assert_eq!(FileName::from_field(&field(b""), 254), Err(NameError::Empty));
-        assert_eq!(FileName::from_field(&field(b"a\nb"), 254), Err(NameError::ControlByte(b'\n')));
-        assert_eq!(FileName::new(vec![b'a'; 255]), Err(NameError::TooLong { len: 255, max: 254 }));
-        assert_eq!(FileName::from_field(&[0u8; 254], 254), Err(NameError::FieldWidth(254)));
+        assert_eq!(
+            FileName::from_field(&field(b""), 254),
+            Err(NameError::Empty)
+        );
+        assert_eq!(
+            FileName::from_field(&field(b"a\nb"), 254),
+            Err(NameError::ControlByte(b'\n'))
+        );
+        assert_eq!(
+            FileName::new(vec![b'a'; 255]),
+            Err(NameError::TooLong { len: 255, max: 254 })
+        );
+        assert_eq!(
+            FileName::from_field(&[0u8; 254], 254),
+            Err(NameError::FieldWidth(254))
+        );
     }
 
     #[test]

@@ -24,7 +24,11 @@ pub enum ReassemblyError {
     #[error("file of {orig} bytes is over the {max}-byte limit")]
     TooLarge { orig: u64, max: u64 },
     #[error("content size {content} does not match {orig} bytes of plaintext under PKCS#7 (expected {expected})")]
-    SizeMismatch { content: u32, orig: u32, expected: u64 },
+    SizeMismatch {
+        content: u32,
+        orig: u32,
+        expected: u64,
+    },
     #[error("packets carry more than the declared {declared} bytes of content")]
     Overflow { declared: u32 },
     #[error("last packet arrived after {received} of {declared} bytes of content")]
@@ -69,7 +73,10 @@ pub struct Reassembler {
 impl Reassembler {
     /// An idle reassembler enforcing `limits`.
     pub fn new(limits: Limits) -> Self {
-        Self { limits, upload: None }
+        Self {
+            limits,
+            upload: None,
+        }
     }
 
     /// The upload in progress, if any.
@@ -84,15 +91,25 @@ impl Reassembler {
 
     fn start(&self, head: &PacketHead) -> Result<Upload, ReassemblyError> {
         if head.packet != 1 {
-            return Err(ReassemblyError::OutOfOrder { expected: 1, got: head.packet });
+            return Err(ReassemblyError::OutOfOrder {
+                expected: 1,
+                got: head.packet,
+            });
         }
         let orig = u64::from(head.orig_size);
         if orig > self.limits.max_file_size {
-            return Err(ReassemblyError::TooLarge { orig, max: self.limits.max_file_size });
+            return Err(ReassemblyError::TooLarge {
+                orig,
+                max: self.limits.max_file_size,
+            });
         }
         let expected = pkcs7_len(orig);
         if u64::from(head.content_size) != expected {
-            return Err(ReassemblyError::SizeMismatch { content: head.content_size, orig: head.orig_size, expected });
+            return Err(ReassemblyError::SizeMismatch {
+                content: head.content_size,
+                orig: head.orig_size,
+                expected,
+            });
         }
         Ok(Upload {
             file: head.file.clone(),
@@ -113,7 +130,11 @@ impl Reassembler {
     pub fn push(&mut self, packet: FilePacket) -> Result<Slice, ReassemblyError> {
         let result = self.accept(&packet.head, packet.content.len());
         match result {
-            Ok((first, last)) => Ok(Slice { content: packet.content, first, last }),
+            Ok((first, last)) => Ok(Slice {
+                content: packet.content,
+                first,
+                last,
+            }),
             Err(e) => {
                 self.upload = None;
                 Err(e)
@@ -128,7 +149,10 @@ impl Reassembler {
             None => self.start(head)?,
         };
         if head.packet != upload.next {
-            return Err(ReassemblyError::OutOfOrder { expected: upload.next, got: head.packet });
+            return Err(ReassemblyError::OutOfOrder {
+                expected: upload.next,
+                got: head.packet,
+            });
         }
         let field = if head.total != upload.total {
             Some("total packets")
@@ -142,15 +166,23 @@ impl Reassembler {
             None
         };
         if let Some(field) = field {
-            return Err(ReassemblyError::Inconsistent { packet: head.packet, field });
+            return Err(ReassemblyError::Inconsistent {
+                packet: head.packet,
+                field,
+            });
         }
         upload.received = upload.received.saturating_add(len as u64);
         if upload.received > u64::from(upload.content_size) {
-            return Err(ReassemblyError::Overflow { declared: upload.content_size });
+            return Err(ReassemblyError::Overflow {
+                declared: upload.content_size,
+            });
         }
         if head.packet == upload.total {
             if upload.received != u64::from(upload.content_size) {
-                return Err(ReassemblyError::Truncated { received: upload.received, declared: upload.content_size });
+                return Err(ReassemblyError::Truncated {
+                    received: upload.received,
+                    declared: upload.content_size,
+                });
             }
             return Ok((first, true));
         }
@@ -191,31 +223,70 @@ mod tests {
     fn rejects_gap_duplicate_and_changed_fields() {
         let mut r = Reassembler::new(Limits::default());
         r.push(packet(1, 3, &[0; 16], 48, 40)).unwrap();
-        assert_eq!(r.push(packet(3, 3, &[0; 16], 48, 40)), Err(ReassemblyError::OutOfOrder { expected: 2, got: 3 }));
+        assert_eq!(
+            r.push(packet(3, 3, &[0; 16], 48, 40)),
+            Err(ReassemblyError::OutOfOrder {
+                expected: 2,
+                got: 3
+            })
+        );
         assert!(r.upload().is_none());
         r.push(packet(1, 3, &[0; 16], 48, 40)).unwrap();
-        assert_eq!(r.push(packet(1, 3, &[0; 16], 48, 40)), Err(ReassemblyError::OutOfOrder { expected: 2, got: 1 }));
+        assert_eq!(
+            r.push(packet(1, 3, &[0; 16], 48, 40)),
+            Err(ReassemblyError::OutOfOrder {
+                expected: 2,
+                got: 1
+            })
+        );
         r.push(packet(1, 3, &[0; 16], 48, 40)).unwrap();
-        assert!(matches!(r.push(packet(2, 4, &[0; 16], 48, 40)), Err(ReassemblyError::Inconsistent { .. })));
+        assert!(matches!(
+            r.push(packet(2, 4, &[0; 16], 48, 40)),
+            Err(ReassemblyError::Inconsistent { .. })
+        ));
     }
 
     #[test]
     fn rejects_overflow_truncation_and_size_mismatch() {
         let mut r = Reassembler::new(Limits::default());
-        assert!(matches!(r.push(packet(1, 1, &[0; 32], 16, 5)), Err(ReassemblyError::Overflow { .. })));
-        assert!(matches!(r.push(packet(1, 1, &[0; 8], 16, 5)), Err(ReassemblyError::Truncated { .. })));
-        assert!(matches!(r.push(packet(1, 1, &[0; 16], 32, 5)), Err(ReassemblyError::SizeMismatch { .. })));
-        assert!(matches!(r.push(packet(2, 2, &[0; 16], 16, 5)), Err(ReassemblyError::OutOfOrder { expected: 1, got: 2 })));
+        assert!(matches!(
+            r.push(packet(1, 1, &[0; 32], 16, 5)),
+            Err(ReassemblyError::Overflow { .. })
+        ));
+        assert!(matches!(
+            r.push(packet(1, 1, &[0; 8], 16, 5)),
+            Err(ReassemblyError::Truncated { .. })
+        ));
+        assert!(matches!(
+            r.push(packet(1, 1, &[0; 16], 32, 5)),
+            Err(ReassemblyError::SizeMismatch { .. })
+        ));
+        assert!(matches!(
+            r.push(packet(2, 2, &[0; 16], 16, 5)),
+            Err(ReassemblyError::OutOfOrder {
+                expected: 1,
+                got: 2
+            })
+        ));
     }
 
     #[test]
     fn file_size_limit_is_exact() {
-        let limits = Limits { max_file_size: 100, ..Limits::default() };
+        let limits = Limits {
+            max_file_size: 100,
+            ..Limits::default()
+        };
         let mut r = Reassembler::new(limits);
         let ct = pkcs7_len(100) as u32;
         assert!(r.push(packet(1, 2, &[0; 16], ct, 100)).is_ok());
         r.reset();
         let ct = pkcs7_len(101) as u32;
-        assert_eq!(r.push(packet(1, 2, &[0; 16], ct, 101)), Err(ReassemblyError::TooLarge { orig: 101, max: 100 }));
+        assert_eq!(
+            r.push(packet(1, 2, &[0; 16], ct, 101)),
+            Err(ReassemblyError::TooLarge {
+                orig: 101,
+                max: 100
+            })
+        );
     }
 }

@@ -310,7 +310,10 @@ mod tests {
                 assert_eq!(RequestCode::of(kind, n).classify(), Some((kind, n)));
             }
         }
-        assert_eq!(RequestCode(900).classify(), Some((RequestKind::CrcOk, Numbering::Classic)));
+        assert_eq!(
+            RequestCode(900).classify(),
+            Some((RequestKind::CrcOk, Numbering::Classic))
+        );
         assert_eq!(RequestCode(1032).classify(), None);
         assert_eq!(RequestCode(829).classify(), None);
     }

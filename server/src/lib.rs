@@ -1,1 +1,31 @@
-//! placeholder
+//! The backup server: a thin async shell over the `protocol` crate.
+//!
+//! [`run`] serves the legacy version 3 protocol (`docs/PROTOCOL.md`) on a
+//! listener until a shutdown future completes. Each connection is decoded by
+//! [`protocol::ServerCodec`] and driven by the sans-IO
+//! [`protocol::session::server::ServerSession`]; this crate only moves bytes,
+//! enforces timeouts and the connection cap, and carries out the session's
+//! storage [`Action`](protocol::session::server::Action)s.
+//!
+//! Storage sits behind two small traits ([`storage::MetaStore`] and
+//! [`storage::BlobStore`]); the defaults are SQLite and a local data
+//! directory, see [`storage`].
+//!
+//! ```no_run
+//! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+//! let config = server::Config::new("/tmp/backup-data");
+//! server::run(listener, config, async { let _ = tokio::signal::ctrl_c().await; }).await?;
+//! # Ok(())
+//! # }
+//! ```
+#![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
+
+pub mod config;
+mod connection;
+mod serve;
+pub mod storage;
+
+pub use config::Config;
+pub use serve::{run, run_with_storage, ServerError};

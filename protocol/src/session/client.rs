@@ -20,7 +20,10 @@ use crate::wire::{ClientId, Numbering, ResponseCode};
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     #[error("server answered {got} where {expected} was due")]
-    Unexpected { expected: &'static str, got: ResponseCode },
+    Unexpected {
+        expected: &'static str,
+        got: ResponseCode,
+    },
     #[error("server answered for client {got}, not {expected}")]
     ClientIdMismatch { expected: ClientId, got: ClientId },
     #[error("server's cksum answer names {got:?}, not {expected:?}")]
@@ -43,13 +46,18 @@ pub enum ClientEvent {
     /// 1606: the server does not know us (or has no key): register anew.
     MustRegister,
     /// 1603 answered: send `reply` (1029, 1030 or 1031).
-    Verdict { verdict: Verdict, reply: RequestFrame },
+    Verdict {
+        verdict: Verdict,
+        reply: RequestFrame,
+    },
     /// 1604 to "CRC wrong, will resend": nothing to do, the 1603 of the
     /// resend is still due.
     RetryAcknowledged,
     /// 1604 to "CRC ok" or "CRC wrong 4th time": the file is finished.
     Done,
-    /// 1607: the server failed; the caller may repeat its last request.
+    /// 1607: the server failed. The session still expects the answer to the
+    /// last request, so the caller may repeat it as it was; an upload attempt
+    /// answered with 1607 does not count toward [`MAX_SEND_ATTEMPTS`].
     ServerError,
 }
 
@@ -72,7 +80,12 @@ enum Expect {
     KeyAccepted,
     Reconnected,
     /// The 1603 of an upload; `ack_allowed` after a "CRC wrong, will resend".
-    FileReceived { file: FileName, content_size: u32, cksum: u32, ack_allowed: bool },
+    FileReceived {
+        file: FileName,
+        content_size: u32,
+        cksum: u32,
+        ack_allowed: bool,
+    },
     Ack,
 }
 
@@ -103,7 +116,12 @@ impl std::fmt::Debug for ClientSession {
 impl ClientSession {
     /// A session for `name` with private key `key`, known to the server as
     /// `client_id` if already registered.
-    pub fn new(name: UserName, key: PrivateKey, client_id: Option<ClientId>, numbering: Numbering) -> Self {
+    pub fn new(
+        name: UserName,
+        key: PrivateKey,
+        client_id: Option<ClientId>,
+        numbering: Numbering,
+    ) -> Self {
         Self {
             name,
             numbering,
@@ -137,7 +155,11 @@ impl ClientSession {
     }
 
     fn frame(&self, request: Request) -> RequestFrame {
-        RequestFrame { client_id: self.client_id.unwrap_or(self.unregistered_id), numbering: self.numbering, request }
+        RequestFrame {
+            client_id: self.client_id.unwrap_or(self.unregistered_id),
+            numbering: self.numbering,
+            request,
+        }
     }
 
     /// "Register" (1025/825). Forgets any previous id.
@@ -145,13 +167,17 @@ impl ClientSession {
         self.client_id = None;
         self.aes = None;
         self.expect = Expect::Registered;
-        self.frame(Request::Register { name: self.name.clone() })
+        self.frame(Request::Register {
+            name: self.name.clone(),
+        })
     }
 
     /// "Reconnect" (1027/827) as the id given at construction.
     pub fn reconnect_request(&mut self) -> RequestFrame {
         self.expect = Expect::Reconnected;
-        self.frame(Request::Reconnect { name: self.name.clone() })
+        self.frame(Request::Reconnect {
+            name: self.name.clone(),
+        })
     }
 
     /// "Send public key" (1026/826).
@@ -161,12 +187,20 @@ impl ClientSession {
     pub fn public_key_request(&mut self) -> Result<RequestFrame, ClientError> {
         let key = crate::crypto::public_key_field(&self.key.public_key())?;
         self.expect = Expect::KeyAccepted;
-        Ok(self.frame(Request::PublicKey { name: self.name.clone(), key }))
+        Ok(self.frame(Request::PublicKey {
+            name: self.name.clone(),
+            key,
+        }))
     }
 
     /// Starts an upload attempt: resets the attempt count for a new file.
     pub fn begin_file(&mut self) {
         self.attempts = 0;
+    }
+
+    /// Attempts made at the current file whose cksum was (or is being) judged.
+    pub fn attempts(&self) -> u8 {
+        self.attempts
     }
 
     /// Records that every packet of `plan` was sent, with `cksum` the local
@@ -184,7 +218,9 @@ impl ClientSession {
 
     fn check_id(&self, got: ClientId) -> Result<(), ClientError> {
         match self.client_id {
-            Some(expected) if expected != got => Err(ClientError::ClientIdMismatch { expected, got }),
+            Some(expected) if expected != got => {
+                Err(ClientError::ClientIdMismatch { expected, got })
+            }
             _ => Ok(()),
         }
     }
@@ -194,12 +230,25 @@ impl ClientSession {
     /// # Errors
     /// When the response is not one the protocol allows now, names another
     /// client or file, or the AES key does not unwrap.
-    pub fn handle<R: rand::CryptoRng + rand::RngCore>(&mut self, response: Response, rng: &mut R) -> Result<ClientEvent, ClientError> {
+    pub fn handle<R: rand::CryptoRng + rand::RngCore>(
+        &mut self,
+        response: Response,
+        rng: &mut R,
+    ) -> Result<ClientEvent, ClientError> {
         let expect = std::mem::replace(&mut self.expect, Expect::Idle);
         if response == Response::GeneralError && !matches!(expect, Expect::Idle) {
+            if matches!(expect, Expect::FileReceived { .. }) {
+                // The server failed to take the file: that attempt says
+                // nothing about the cksum, so it is not counted.
+                self.attempts = self.attempts.saturating_sub(1);
+            }
+            self.expect = expect;
             return Ok(ClientEvent::ServerError);
         }
-        let unexpected = |expected| ClientError::Unexpected { expected, got: response.code() };
+        let unexpected = |expected| ClientError::Unexpected {
+            expected,
+            got: response.code(),
+        };
         match (expect, &response) {
             (Expect::Registered, Response::Registered { client_id }) => {
                 self.client_id = Some(*client_id);
@@ -207,8 +256,20 @@ impl ClientSession {
             }
             (Expect::Registered, Response::RegistrationFailed) => Ok(ClientEvent::NameTaken),
             (Expect::Registered, _) => Err(unexpected("1600 or 1601")),
-            (Expect::KeyAccepted, Response::KeyAccepted { client_id, wrapped_key })
-            | (Expect::Reconnected, Response::Reconnected { client_id, wrapped_key }) => {
+            (
+                Expect::KeyAccepted,
+                Response::KeyAccepted {
+                    client_id,
+                    wrapped_key,
+                },
+            )
+            | (
+                Expect::Reconnected,
+                Response::Reconnected {
+                    client_id,
+                    wrapped_key,
+                },
+            ) => {
                 self.check_id(*client_id)?;
                 self.aes = Some(self.key.unwrap_aes_key(rng, wrapped_key)?);
                 Ok(ClientEvent::KeyReady)
@@ -222,18 +283,44 @@ impl ClientSession {
                 Ok(ClientEvent::MustRegister)
             }
             (Expect::Reconnected, _) => Err(unexpected("1605 or 1606")),
-            (Expect::FileReceived { file, content_size, cksum, ack_allowed: true }, Response::Ack { client_id }) => {
+            (
+                Expect::FileReceived {
+                    file,
+                    content_size,
+                    cksum,
+                    ack_allowed: true,
+                },
+                Response::Ack { client_id },
+            ) => {
                 self.check_id(*client_id)?;
-                self.expect = Expect::FileReceived { file, content_size, cksum, ack_allowed: false };
+                self.expect = Expect::FileReceived {
+                    file,
+                    content_size,
+                    cksum,
+                    ack_allowed: false,
+                };
                 Ok(ClientEvent::RetryAcknowledged)
             }
             (
-                Expect::FileReceived { file, content_size, cksum, .. },
-                Response::FileReceived { client_id, content_size: got_size, file: got_file, cksum: got_cksum },
+                Expect::FileReceived {
+                    file,
+                    content_size,
+                    cksum,
+                    ..
+                },
+                Response::FileReceived {
+                    client_id,
+                    content_size: got_size,
+                    file: got_file,
+                    cksum: got_cksum,
+                },
             ) => {
                 self.check_id(*client_id)?;
                 if *got_file != file {
-                    return Err(ClientError::FileMismatch { expected: file, got: got_file.clone() });
+                    return Err(ClientError::FileMismatch {
+                        expected: file,
+                        got: got_file.clone(),
+                    });
                 }
                 let matched = *got_cksum == cksum && *got_size == content_size;
                 let (verdict, request) = if matched {
@@ -242,12 +329,20 @@ impl ClientSession {
                 } else if self.attempts < MAX_SEND_ATTEMPTS {
                     // The 1604 (if any) and the 1603 of the resend are due;
                     // file_sent sets that up once the packets are out.
-                    (Verdict::Retry { attempt: self.attempts }, Request::CrcRetry { file })
+                    (
+                        Verdict::Retry {
+                            attempt: self.attempts,
+                        },
+                        Request::CrcRetry { file },
+                    )
                 } else {
                     self.expect = Expect::Ack;
                     (Verdict::GiveUp, Request::CrcAbort { file })
                 };
-                Ok(ClientEvent::Verdict { verdict, reply: self.frame(request) })
+                Ok(ClientEvent::Verdict {
+                    verdict,
+                    reply: self.frame(request),
+                })
             }
             (Expect::FileReceived { .. }, _) => Err(unexpected("1603")),
             (Expect::Ack, Response::Ack { client_id }) => {
@@ -267,6 +362,12 @@ pub enum PlanError {
     TooLarge { size: u64, max: u64 },
     #[error("packet size must be a positive multiple of 16 up to {max}, not {size}")]
     PacketSize { size: usize, max: usize },
+    #[error("{size} bytes need more than {MAX_PACKETS} packets of {packet_size} bytes; at most {max} bytes fit")]
+    TooManyPackets {
+        size: u64,
+        packet_size: usize,
+        max: u64,
+    },
 }
 
 /// How one file will be cut into packets.
@@ -291,33 +392,81 @@ impl UploadPlan {
     /// # Errors
     /// When the file is too large for the legacy fields, or the packet size
     /// is zero, not a multiple of 16, or over `max_packet`.
-    pub fn new(file: FileName, size: u64, packet_size: usize, max_packet: usize) -> Result<Self, PlanError> {
+    pub fn new(
+        file: FileName,
+        size: u64,
+        packet_size: usize,
+        max_packet: usize,
+    ) -> Result<Self, PlanError> {
         if packet_size == 0 || packet_size % 16 != 0 || packet_size > max_packet {
-            return Err(PlanError::PacketSize { size: packet_size, max: max_packet });
+            return Err(PlanError::PacketSize {
+                size: packet_size,
+                max: max_packet,
+            });
         }
         if size > Self::MAX_FILE_SIZE {
-            return Err(PlanError::TooLarge { size, max: Self::MAX_FILE_SIZE });
+            return Err(PlanError::TooLarge {
+                size,
+                max: Self::MAX_FILE_SIZE,
+            });
         }
         let content = pkcs7_len(size);
         let min_packet = content.div_ceil(u64::from(MAX_PACKETS)).div_ceil(16) * 16;
         let packet = (packet_size as u64).max(min_packet);
         if packet > max_packet as u64 {
-            return Err(PlanError::TooLarge { size, max: max_packet as u64 * u64::from(MAX_PACKETS) });
+            return Err(PlanError::TooLarge {
+                size,
+                max: max_packet as u64 * u64::from(MAX_PACKETS),
+            });
         }
         let total = content.div_ceil(packet);
         Ok(Self {
             file,
-            orig_size: u32::try_from(size).map_err(|_| PlanError::TooLarge { size, max: Self::MAX_FILE_SIZE })?,
-            content_size: u32::try_from(content).map_err(|_| PlanError::TooLarge { size, max: Self::MAX_FILE_SIZE })?,
+            orig_size: u32::try_from(size).map_err(|_| PlanError::TooLarge {
+                size,
+                max: Self::MAX_FILE_SIZE,
+            })?,
+            content_size: u32::try_from(content).map_err(|_| PlanError::TooLarge {
+                size,
+                max: Self::MAX_FILE_SIZE,
+            })?,
             packet_size: usize::try_from(packet).unwrap_or(max_packet),
             total: u16::try_from(total).unwrap_or(MAX_PACKETS),
         })
     }
 
+    /// Plans a file of `size` plaintext bytes with packets of exactly
+    /// `packet_size` ciphertext bytes (the last may be shorter), for servers
+    /// that need a fixed size: a file that would need more than 65,535
+    /// packets is refused rather than cut into larger packets.
+    ///
+    /// # Errors
+    /// As [`UploadPlan::new`], and [`PlanError::TooManyPackets`].
+    pub fn fixed(
+        file: FileName,
+        size: u64,
+        packet_size: usize,
+        max_packet: usize,
+    ) -> Result<Self, PlanError> {
+        let plan = Self::new(file, size, packet_size, max_packet)?;
+        if plan.packet_size != packet_size {
+            let max = (packet_size as u64 * u64::from(MAX_PACKETS))
+                .saturating_sub(1)
+                .min(Self::MAX_FILE_SIZE);
+            return Err(PlanError::TooManyPackets {
+                size,
+                packet_size,
+                max,
+            });
+        }
+        Ok(plan)
+    }
+
     /// Bytes on the wire for the whole upload, headers included.
     pub fn wire_bytes(&self) -> u64 {
         u64::from(self.content_size)
-            + u64::from(self.total) * (crate::wire::REQUEST_HEADER_LEN + FILE_PACKET_HEAD_LEN) as u64
+            + u64::from(self.total)
+                * (crate::wire::REQUEST_HEADER_LEN + FILE_PACKET_HEAD_LEN) as u64
     }
 }
 
@@ -335,7 +484,13 @@ impl Packetizer {
     /// A packetizer for one attempt at `plan`.
     pub fn new(plan: UploadPlan, client_id: ClientId, numbering: Numbering) -> Self {
         let buf = BytesMut::with_capacity(plan.packet_size + 16);
-        Self { plan, client_id, numbering, next: 1, buf }
+        Self {
+            plan,
+            client_id,
+            numbering,
+            next: 1,
+            buf,
+        }
     }
 
     /// The buffer that ciphertext should be appended to.
@@ -352,7 +507,11 @@ impl Packetizer {
             file: self.plan.file.clone(),
         };
         self.next = self.next.saturating_add(1);
-        RequestFrame { client_id: self.client_id, numbering: self.numbering, request: Request::SendFile(FilePacket { head, content }) }
+        RequestFrame {
+            client_id: self.client_id,
+            numbering: self.numbering,
+            request: Request::SendFile(FilePacket { head, content }),
+        }
     }
 
     /// The next full packet, if the buffer holds one and it is not the last.
@@ -382,9 +541,254 @@ impl Packetizer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::crypto::{encrypt_all, wrap_aes_key};
+    use crate::wire::RequestKind;
+    use rand::rngs::StdRng;
+    use rand::SeedableRng;
 
     fn name() -> FileName {
         FileName::try_from("f.bin").unwrap()
+    }
+
+    const ID: ClientId = ClientId([0x11; 16]);
+
+    /// A session that has registered and holds an AES key.
+    fn keyed_session(rng: &mut StdRng) -> ClientSession {
+        let key = PrivateKey::generate_legacy(rng).unwrap();
+        let public = key.public_key();
+        let mut s = ClientSession::new(
+            UserName::try_from("bob").unwrap(),
+            key,
+            None,
+            Numbering::Modern,
+        );
+        s.register_request();
+        assert!(matches!(
+            s.handle(Response::Registered { client_id: ID }, rng),
+            Ok(ClientEvent::Registered(ID))
+        ));
+        s.public_key_request().unwrap();
+        let wrapped = wrap_aes_key(rng, &public, &AesKey::from_bytes([5; 32])).unwrap();
+        let event = s
+            .handle(
+                Response::KeyAccepted {
+                    client_id: ID,
+                    wrapped_key: wrapped.into(),
+                },
+                rng,
+            )
+            .unwrap();
+        assert!(matches!(event, ClientEvent::KeyReady));
+        assert_eq!(s.aes_key(), Some(&AesKey::from_bytes([5; 32])));
+        s
+    }
+
+    fn received(cksum: u32, plan: &UploadPlan) -> Response {
+        Response::FileReceived {
+            client_id: ID,
+            content_size: plan.content_size,
+            file: plan.file.clone(),
+            cksum,
+        }
+    }
+
+    fn verdict(event: ClientEvent) -> (Verdict, RequestKind) {
+        match event {
+            ClientEvent::Verdict { verdict, reply } => (verdict, reply.request.kind()),
+            other => panic!("expected a verdict, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn accepts_a_matching_cksum_and_then_the_ack() {
+        let mut rng = StdRng::seed_from_u64(3);
+        let mut s = keyed_session(&mut rng);
+        let plan = UploadPlan::new(name(), 100, 64, 1 << 20).unwrap();
+        s.begin_file();
+        s.file_sent(&plan, 42);
+        assert_eq!(
+            verdict(s.handle(received(42, &plan), &mut rng).unwrap()),
+            (Verdict::Match, RequestKind::CrcOk)
+        );
+        assert!(matches!(
+            s.handle(Response::Ack { client_id: ID }, &mut rng),
+            Ok(ClientEvent::Done)
+        ));
+        assert!(matches!(
+            s.handle(Response::Ack { client_id: ID }, &mut rng),
+            Err(ClientError::Idle)
+        ));
+    }
+
+    #[test]
+    fn accepts_a_resend_whether_or_not_the_server_acks_crc_wrong() {
+        for server_acks in [true, false] {
+            let mut rng = StdRng::seed_from_u64(4);
+            let mut s = keyed_session(&mut rng);
+            let plan = UploadPlan::new(name(), 100, 64, 1 << 20).unwrap();
+            s.begin_file();
+            s.file_sent(&plan, 42);
+            let first = verdict(s.handle(received(41, &plan), &mut rng).unwrap());
+            assert_eq!(
+                first,
+                (Verdict::Retry { attempt: 1 }, RequestKind::CrcRetry)
+            );
+            s.file_sent(&plan, 42);
+            if server_acks {
+                let ack = s.handle(Response::Ack { client_id: ID }, &mut rng).unwrap();
+                assert!(matches!(ack, ClientEvent::RetryAcknowledged));
+            }
+            assert_eq!(
+                verdict(s.handle(received(42, &plan), &mut rng).unwrap()).0,
+                Verdict::Match
+            );
+        }
+    }
+
+    #[test]
+    fn gives_up_on_the_fourth_mismatch() {
+        let mut rng = StdRng::seed_from_u64(5);
+        let mut s = keyed_session(&mut rng);
+        let plan = UploadPlan::new(name(), 100, 64, 1 << 20).unwrap();
+        s.begin_file();
+        for attempt in 1..MAX_SEND_ATTEMPTS {
+            s.file_sent(&plan, 42);
+            assert_eq!(
+                verdict(s.handle(received(0, &plan), &mut rng).unwrap()).0,
+                Verdict::Retry { attempt }
+            );
+        }
+        s.file_sent(&plan, 42);
+        assert_eq!(
+            verdict(s.handle(received(0, &plan), &mut rng).unwrap()),
+            (Verdict::GiveUp, RequestKind::CrcAbort)
+        );
+        assert!(matches!(
+            s.handle(Response::Ack { client_id: ID }, &mut rng),
+            Ok(ClientEvent::Done)
+        ));
+    }
+
+    #[test]
+    fn does_not_count_an_upload_answered_with_1607() {
+        let mut rng = StdRng::seed_from_u64(6);
+        let mut s = keyed_session(&mut rng);
+        let plan = UploadPlan::new(name(), 100, 64, 1 << 20).unwrap();
+        s.begin_file();
+        s.file_sent(&plan, 42);
+        assert!(matches!(
+            s.handle(Response::GeneralError, &mut rng),
+            Ok(ClientEvent::ServerError)
+        ));
+        assert_eq!(s.attempts(), 0);
+        for attempt in 1..MAX_SEND_ATTEMPTS {
+            s.file_sent(&plan, 42);
+            assert_eq!(
+                verdict(s.handle(received(0, &plan), &mut rng).unwrap()).0,
+                Verdict::Retry { attempt }
+            );
+        }
+        s.file_sent(&plan, 42);
+        assert_eq!(
+            verdict(s.handle(received(0, &plan), &mut rng).unwrap()).0,
+            Verdict::GiveUp
+        );
+    }
+
+    #[test]
+    fn keeps_expecting_the_answer_after_1607() {
+        let mut rng = StdRng::seed_from_u64(7);
+        let key = PrivateKey::generate_legacy(&mut rng).unwrap();
+        let mut s = ClientSession::new(
+            UserName::try_from("bob").unwrap(),
+            key,
+            Some(ID),
+            Numbering::Classic,
+        );
+        let frame = s.reconnect_request();
+        assert_eq!(frame.header().code.0, 827);
+        assert!(matches!(
+            s.handle(Response::GeneralError, &mut rng),
+            Ok(ClientEvent::ServerError)
+        ));
+        let event = s
+            .handle(Response::ReconnectRejected { client_id: None }, &mut rng)
+            .unwrap();
+        assert!(matches!(event, ClientEvent::MustRegister));
+        assert_eq!(s.client_id(), None);
+    }
+
+    #[test]
+    fn rejects_an_answer_for_another_client() {
+        let mut rng = StdRng::seed_from_u64(8);
+        let mut s = keyed_session(&mut rng);
+        let plan = UploadPlan::new(name(), 100, 64, 1 << 20).unwrap();
+        s.begin_file();
+        s.file_sent(&plan, 42);
+        let other = Response::FileReceived {
+            client_id: ClientId([9; 16]),
+            content_size: plan.content_size,
+            file: name(),
+            cksum: 42,
+        };
+        assert!(matches!(
+            s.handle(other, &mut rng),
+            Err(ClientError::ClientIdMismatch { .. })
+        ));
+    }
+
+    #[test]
+    fn fixed_plan_refuses_a_file_that_needs_more_packets() {
+        let at_limit = 1024 * u64::from(MAX_PACKETS) - 1;
+        let plan = UploadPlan::fixed(name(), at_limit, 1024, 1 << 20).unwrap();
+        assert_eq!((plan.total, plan.packet_size), (MAX_PACKETS, 1024));
+        assert_eq!(
+            UploadPlan::fixed(name(), at_limit + 1, 1024, 1 << 20),
+            Err(PlanError::TooManyPackets {
+                size: at_limit + 1,
+                packet_size: 1024,
+                max: at_limit
+            })
+        );
+        // The flexible plan enlarges the packets instead.
+        assert_eq!(
+            UploadPlan::new(name(), at_limit + 1, 1024, 1 << 20)
+                .unwrap()
+                .packet_size,
+            1040
+        );
+    }
+
+    #[test]
+    fn packetizer_cuts_the_ciphertext_into_the_planned_slices() {
+        let key = AesKey::from_bytes([1; 32]);
+        for len in [0usize, 15, 16, 17, 47, 48, 100] {
+            let plain: Vec<u8> = (0..len).map(|i| i as u8).collect();
+            let ct = encrypt_all(&key, &plain);
+            let plan = UploadPlan::new(name(), len as u64, 32, 1 << 20).unwrap();
+            let mut p = Packetizer::new(plan.clone(), ID, Numbering::Modern);
+            let mut frames = Vec::new();
+            for chunk in ct.chunks(16) {
+                p.buffer().extend_from_slice(chunk);
+                frames.extend(p.next_full());
+            }
+            frames.extend(p.last());
+            assert_eq!(frames.len(), usize::from(plan.total), "len {len}");
+            let mut joined = Vec::new();
+            for (i, f) in frames.iter().enumerate() {
+                let Request::SendFile(packet) = &f.request else {
+                    panic!("not a packet")
+                };
+                assert_eq!(usize::from(packet.head.packet), i + 1);
+                assert_eq!(
+                    (packet.head.total, packet.head.orig_size),
+                    (plan.total, len as u32)
+                );
+                assert_eq!(packet.head.content_size as usize, ct.len());
+                joined.extend_from_slice(&packet.content);
+            }
+            assert_eq!(joined, &ct[..]);
+        }
     }
 
     #[test]
@@ -392,9 +796,15 @@ mod tests {
         let p = UploadPlan::new(name(), 20000, 8192, 1 << 20).unwrap();
         assert_eq!((p.content_size, p.total, p.packet_size), (20016, 3, 8192));
         let big = UploadPlan::new(name(), UploadPlan::MAX_FILE_SIZE, 1024, 1 << 20).unwrap();
-        assert!(big.total <= MAX_PACKETS);
+        // 65,535 packets of the asked-for 1024 bytes are too few: the
+        // packets grow so that the count fits the u16 field.
+        assert!(big.packet_size > 1024 && big.packet_size % 16 == 0);
+        assert!(u64::from(big.total) * big.packet_size as u64 >= u64::from(big.content_size));
         assert_eq!(big.content_size, u32::MAX / 16 * 16);
-        assert!(matches!(UploadPlan::new(name(), UploadPlan::MAX_FILE_SIZE + 1, 1024, 1 << 20), Err(PlanError::TooLarge { .. })));
+        assert!(matches!(
+            UploadPlan::new(name(), UploadPlan::MAX_FILE_SIZE + 1, 1024, 1 << 20),
+            Err(PlanError::TooLarge { .. })
+        ));
         assert!(UploadPlan::new(name(), 0, 1000, 1 << 20).is_err());
     }
 }

@@ -3,6 +3,7 @@
 //! ```text
 //! Unbound --Register--> [Action::Register] --Created--> Bound --PublicKey--> [Action::StoreKey] --> Keyed
 //! Unbound --Reconnect--> [Action::LookupClient] --known, has key--> Keyed   (else 1606, still Unbound)
+//! (a public key is accepted only on the connection that registered the client)
 //! Keyed --SendFile 1..N--> [Action::Write ... last: 1603] --> AwaitingVerdict
 //! AwaitingVerdict --CrcOk--> [Action::Commit] --> Keyed
 //! AwaitingVerdict --CrcRetry--> [Action::Discard] --> Keyed (a resend follows)
@@ -20,7 +21,7 @@ use crate::crypto::{self, AesKey, CbcDecryptor};
 use crate::limits::Limits;
 use crate::message::{FilePacket, PublicKeyField, Request, RequestFrame, Response};
 use crate::name::{FileName, UserName};
-use crate::reassembly::{ReassemblyError, Reassembler};
+use crate::reassembly::{Reassembler, ReassemblyError};
 use crate::session::MAX_SEND_ATTEMPTS;
 use crate::wire::{ClientId, Numbering, RequestKind};
 
@@ -36,7 +37,10 @@ pub struct ServerConfig {
 
 impl Default for ServerConfig {
     fn default() -> Self {
-        Self { reply_to_crc_retry: true, limits: Limits::default() }
+        Self {
+            reply_to_crc_retry: true,
+            limits: Limits::default(),
+        }
     }
 }
 
@@ -44,7 +48,10 @@ impl Default for ServerConfig {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SessionError {
     #[error("{request:?} is not allowed {state}")]
-    Unexpected { request: RequestKind, state: &'static str },
+    Unexpected {
+        request: RequestKind,
+        state: &'static str,
+    },
     #[error("header client id {got} does not match the session's {expected}")]
     ClientIdMismatch { expected: ClientId, got: ClientId },
     #[error("name {got:?} does not match the session's {expected:?}")]
@@ -79,16 +86,30 @@ pub enum Action {
     /// [`ServerSession::registered`].
     Register { client_id: ClientId, name: UserName },
     /// Store the client's public key, then call [`ServerSession::key_stored`].
-    StoreKey { client_id: ClientId, name: UserName, key: PublicKeyField },
+    StoreKey {
+        client_id: ClientId,
+        name: UserName,
+        key: PublicKeyField,
+    },
     /// Look the client up, then call [`ServerSession::looked_up`].
     LookupClient { client_id: ClientId, name: UserName },
     /// Append `plaintext` to the upload's temporary file (opening one first
     /// when `start` is set). When `done` is set, the upload is complete: make
     /// the temporary file durable, then send `done` (1603).
-    Write { start: Option<FileStart>, plaintext: BytesMut, done: Option<Response> },
+    Write {
+        start: Option<FileStart>,
+        plaintext: BytesMut,
+        done: Option<Response>,
+    },
     /// The client confirmed the cksum: commit the temporary file as the
     /// stored version of `file`, then send `reply` (1604).
-    Commit { client_id: ClientId, file: FileName, size: u64, cksum: u32, reply: Response },
+    Commit {
+        client_id: ClientId,
+        file: FileName,
+        size: u64,
+        cksum: u32,
+        reply: Response,
+    },
     /// Drop the temporary file, then send `reply` if any.
     Discard { reply: Option<Response> },
 }
@@ -141,6 +162,12 @@ pub struct ServerSession {
     received: Option<Received>,
     /// Failed attempts at the most recent file name.
     attempts: Option<(FileName, u8)>,
+    /// The client registered on this connection (rather than reconnected),
+    /// so it may send its public key.
+    registered_here: bool,
+    /// A plaintext buffer handed back by the shell, reused for the next
+    /// packet of the current upload.
+    spare: Option<BytesMut>,
 }
 
 impl std::fmt::Debug for ServerSession {
@@ -167,6 +194,8 @@ impl ServerSession {
             receiving: None,
             received: None,
             attempts: None,
+            registered_here: false,
+            spare: None,
         }
     }
 
@@ -197,7 +226,10 @@ impl ServerSession {
     }
 
     fn unexpected(&self, request: RequestKind) -> SessionError {
-        SessionError::Unexpected { request, state: self.state() }
+        SessionError::Unexpected {
+            request,
+            state: self.state(),
+        }
     }
 
     /// Handles one decoded request.
@@ -205,7 +237,11 @@ impl ServerSession {
     /// # Errors
     /// When the request breaks the protocol in the current state. The shell
     /// answers 1607 and closes the connection.
-    pub fn handle<R: rand::CryptoRng + rand::RngCore>(&mut self, frame: RequestFrame, rng: &mut R) -> Result<Action, SessionError> {
+    pub fn handle<R: rand::CryptoRng + rand::RngCore>(
+        &mut self,
+        frame: RequestFrame,
+        rng: &mut R,
+    ) -> Result<Action, SessionError> {
         let kind = frame.request.kind();
         if self.pending.is_some() {
             return Err(self.unexpected(kind));
@@ -217,7 +253,10 @@ impl ServerSession {
                     return Err(self.unexpected(kind));
                 }
                 let client_id = ClientId::random(rng);
-                self.pending = Some(Pending::Register { client_id, name: name.clone() });
+                self.pending = Some(Pending::Register {
+                    client_id,
+                    name: name.clone(),
+                });
                 Ok(Action::Register { client_id, name })
             }
             Request::Reconnect { name } => {
@@ -225,18 +264,32 @@ impl ServerSession {
                     return Err(self.unexpected(kind));
                 }
                 let client_id = frame.client_id;
-                self.pending = Some(Pending::Lookup { client_id, name: name.clone() });
+                self.pending = Some(Pending::Lookup {
+                    client_id,
+                    name: name.clone(),
+                });
                 Ok(Action::LookupClient { client_id, name })
             }
             Request::PublicKey { name, key } => {
                 let client_id = self.bound(kind, frame.client_id)?;
                 self.check_name(&name)?;
-                if self.has_uncommitted_upload() {
+                // Only the connection that registered the client may set its
+                // key: a reconnect proves nothing (the id is not a secret),
+                // so accepting a key after it would hand the account to
+                // anyone who knows the id and name.
+                if !self.registered_here || self.has_uncommitted_upload() {
                     return Err(self.unexpected(kind));
                 }
-                let public = crypto::parse_public_key(&key).map_err(|e| SessionError::PublicKey(e.to_string()))?;
-                self.pending = Some(Pending::StoreKey { public: Box::new(public) });
-                Ok(Action::StoreKey { client_id, name, key })
+                let public = crypto::parse_public_key(&key)
+                    .map_err(|e| SessionError::PublicKey(e.to_string()))?;
+                self.pending = Some(Pending::StoreKey {
+                    public: Box::new(public),
+                });
+                Ok(Action::StoreKey {
+                    client_id,
+                    name,
+                    key,
+                })
             }
             Request::SendFile(packet) => {
                 self.bound(kind, frame.client_id)?;
@@ -252,7 +305,9 @@ impl ServerSession {
                 if !received.intact {
                     // The client says the cksum matched a file whose padding
                     // or size was wrong: it cannot be what the client sent.
-                    return Ok(Action::Discard { reply: Some(Response::GeneralError) });
+                    return Ok(Action::Discard {
+                        reply: Some(Response::GeneralError),
+                    });
                 }
                 Ok(Action::Commit {
                     client_id,
@@ -265,14 +320,19 @@ impl ServerSession {
             Request::CrcRetry { file } => {
                 let client_id = self.bound(kind, frame.client_id)?;
                 self.take_received(kind, &file)?;
-                let reply = self.config.reply_to_crc_retry.then_some(Response::Ack { client_id });
+                let reply = self
+                    .config
+                    .reply_to_crc_retry
+                    .then_some(Response::Ack { client_id });
                 Ok(Action::Discard { reply })
             }
             Request::CrcAbort { file } => {
                 let client_id = self.bound(kind, frame.client_id)?;
                 self.take_received(kind, &file)?;
                 self.attempts = None;
-                Ok(Action::Discard { reply: Some(Response::Ack { client_id }) })
+                Ok(Action::Discard {
+                    reply: Some(Response::Ack { client_id }),
+                })
             }
         }
     }
@@ -280,24 +340,35 @@ impl ServerSession {
     fn bound(&self, kind: RequestKind, header_id: ClientId) -> Result<ClientId, SessionError> {
         let (id, _) = self.client.as_ref().ok_or_else(|| self.unexpected(kind))?;
         if *id != header_id {
-            return Err(SessionError::ClientIdMismatch { expected: *id, got: header_id });
+            return Err(SessionError::ClientIdMismatch {
+                expected: *id,
+                got: header_id,
+            });
         }
         Ok(*id)
     }
 
     fn check_name(&self, name: &UserName) -> Result<(), SessionError> {
         match &self.client {
-            Some((_, bound)) if bound != name => {
-                Err(SessionError::NameMismatch { expected: bound.clone(), got: name.clone() })
-            }
+            Some((_, bound)) if bound != name => Err(SessionError::NameMismatch {
+                expected: bound.clone(),
+                got: name.clone(),
+            }),
             _ => Ok(()),
         }
     }
 
-    fn take_received(&mut self, kind: RequestKind, file: &FileName) -> Result<Received, SessionError> {
+    fn take_received(
+        &mut self,
+        kind: RequestKind,
+        file: &FileName,
+    ) -> Result<Received, SessionError> {
         let received = self.received.take().ok_or_else(|| self.unexpected(kind))?;
         if &received.file != file {
-            return Err(SessionError::FileMismatch { expected: received.file, got: file.clone() });
+            return Err(SessionError::FileMismatch {
+                expected: received.file,
+                got: file.clone(),
+            });
         }
         Ok(received)
     }
@@ -306,7 +377,10 @@ impl ServerSession {
         let file = packet.head.file.clone();
         let orig_size = packet.head.orig_size;
         let content_size = packet.head.content_size;
-        let slice = self.reassembler.push(packet).inspect_err(|_| self.receiving = None)?;
+        let slice = self.reassembler.push(packet).inspect_err(|_| {
+            self.receiving = None;
+            self.spare = None;
+        })?;
         let mut start = None;
         if slice.first {
             let attempt = match &mut self.attempts {
@@ -324,17 +398,39 @@ impl ServerSession {
                 return Err(SessionError::TooManyAttempts(file));
             }
             let key = self.key.as_ref().ok_or(SessionError::NoPendingAction)?;
-            self.receiving = Some(Receiving { decryptor: CbcDecryptor::new(key), cksum: Cksum::new() });
-            start = Some(FileStart { file: file.clone(), orig_size, attempt });
+            self.receiving = Some(Receiving {
+                decryptor: CbcDecryptor::new(key),
+                cksum: Cksum::new(),
+            });
+            start = Some(FileStart {
+                file: file.clone(),
+                orig_size,
+                attempt,
+            });
         }
-        let receiving = self.receiving.as_mut().ok_or(SessionError::NoPendingAction)?;
-        let mut plaintext = BytesMut::with_capacity(slice.content.len() + crypto::BLOCK);
+        let receiving = self
+            .receiving
+            .as_mut()
+            .ok_or(SessionError::NoPendingAction)?;
+        let needed = slice.content.len() + crypto::BLOCK;
+        let mut plaintext = match self.spare.take() {
+            Some(buf) if buf.capacity() >= needed => buf,
+            _ => BytesMut::with_capacity(needed),
+        };
         receiving.decryptor.update(&slice.content, &mut plaintext);
         if !slice.last {
             receiving.cksum.update(&plaintext);
-            return Ok(Action::Write { start, plaintext, done: None });
+            return Ok(Action::Write {
+                start,
+                plaintext,
+                done: None,
+            });
         }
-        let Receiving { decryptor, mut cksum } = self.receiving.take().ok_or(SessionError::NoPendingAction)?;
+        let Receiving {
+            decryptor,
+            mut cksum,
+        } = self.receiving.take().ok_or(SessionError::NoPendingAction)?;
+        self.spare = None;
         let before = plaintext.len();
         let padded_ok = decryptor.finish(&mut plaintext).is_ok();
         if !padded_ok {
@@ -347,9 +443,23 @@ impl ServerSession {
         let intact = padded_ok && size == u64::from(orig_size);
         let cksum = cksum.finish();
         let (client_id, _) = self.client.as_ref().ok_or(SessionError::NoPendingAction)?;
-        let done = Response::FileReceived { client_id: *client_id, content_size, file: file.clone(), cksum };
-        self.received = Some(Received { file, size, cksum, intact });
-        Ok(Action::Write { start, plaintext, done: Some(done) })
+        let done = Response::FileReceived {
+            client_id: *client_id,
+            content_size,
+            file: file.clone(),
+            cksum,
+        };
+        self.received = Some(Received {
+            file,
+            size,
+            cksum,
+            intact,
+        });
+        Ok(Action::Write {
+            start,
+            plaintext,
+            done: Some(done),
+        })
     }
 
     /// Reports the outcome of [`Action::Register`] and returns the answer.
@@ -363,6 +473,7 @@ impl ServerSession {
         Ok(match outcome {
             RegisterOutcome::Created => {
                 self.client = Some((client_id, name));
+                self.registered_here = true;
                 Response::Registered { client_id }
             }
             RegisterOutcome::NameTaken => Response::RegistrationFailed,
@@ -375,7 +486,11 @@ impl ServerSession {
     ///
     /// # Errors
     /// When no key was pending.
-    pub fn key_stored<R: rand::CryptoRng + rand::RngCore>(&mut self, stored: bool, rng: &mut R) -> Result<Response, SessionError> {
+    pub fn key_stored<R: rand::CryptoRng + rand::RngCore>(
+        &mut self,
+        stored: bool,
+        rng: &mut R,
+    ) -> Result<Response, SessionError> {
         let Some(Pending::StoreKey { public }) = self.pending.take() else {
             return Err(SessionError::NoPendingAction);
         };
@@ -385,7 +500,10 @@ impl ServerSession {
             return Ok(Response::GeneralError);
         }
         Ok(match self.fresh_key(&public, rng) {
-            Some(wrapped_key) => Response::KeyAccepted { client_id, wrapped_key },
+            Some(wrapped_key) => Response::KeyAccepted {
+                client_id,
+                wrapped_key,
+            },
             None => Response::GeneralError,
         })
     }
@@ -396,27 +514,59 @@ impl ServerSession {
     ///
     /// # Errors
     /// When no lookup was pending.
-    pub fn looked_up<R: rand::CryptoRng + rand::RngCore>(&mut self, found: Option<KnownClient>, rng: &mut R) -> Result<Response, SessionError> {
+    pub fn looked_up<R: rand::CryptoRng + rand::RngCore>(
+        &mut self,
+        found: Option<KnownClient>,
+        rng: &mut R,
+    ) -> Result<Response, SessionError> {
         let Some(Pending::Lookup { client_id, name }) = self.pending.take() else {
             return Err(SessionError::NoPendingAction);
         };
-        let rejected = Response::ReconnectRejected { client_id: Some(client_id) };
+        let rejected = Response::ReconnectRejected {
+            client_id: Some(client_id),
+        };
         let Some(known) = found.filter(|k| k.name == name) else {
             return Ok(rejected);
         };
-        let Some(public) = known.public_key.as_ref().and_then(|k| crypto::parse_public_key(k).ok()) else {
+        let Some(public) = known
+            .public_key
+            .as_ref()
+            .and_then(|k| crypto::parse_public_key(k).ok())
+        else {
             return Ok(rejected);
         };
         let Some(wrapped_key) = self.fresh_key(&public, rng) else {
             return Ok(rejected);
         };
         self.client = Some((client_id, name));
-        Ok(Response::Reconnected { client_id, wrapped_key: wrapped_key })
+        Ok(Response::Reconnected {
+            client_id,
+            wrapped_key,
+        })
+    }
+
+    /// Offers a plaintext buffer from an earlier [`Action::Write`] for the
+    /// next packet of the upload in progress, sparing an allocation (and
+    /// its page faults) per packet. Ignored outside an upload; dropped when
+    /// the upload ends, so an idle session holds no buffer.
+    pub fn recycle(&mut self, mut buf: BytesMut) {
+        if self.receiving.is_none() {
+            return;
+        }
+        buf.clear();
+        if self
+            .spare
+            .as_ref()
+            .is_none_or(|s| s.capacity() < buf.capacity())
+        {
+            self.spare = Some(buf);
+        }
     }
 
     /// Reports that storage failed while carrying out a write or commit: the
     /// upload is forgotten and the answer is 1607. The session stays usable.
     pub fn storage_failed(&mut self) -> Response {
+        self.spare = None;
         self.pending = None;
         self.reassembler.reset();
         self.receiving = None;
@@ -424,10 +574,158 @@ impl ServerSession {
         Response::GeneralError
     }
 
-    fn fresh_key<R: rand::CryptoRng + rand::RngCore>(&mut self, public: &RsaPublicKey, rng: &mut R) -> Option<bytes::Bytes> {
+    fn fresh_key<R: rand::CryptoRng + rand::RngCore>(
+        &mut self,
+        public: &RsaPublicKey,
+        rng: &mut R,
+    ) -> Option<bytes::Bytes> {
         let key = AesKey::random(rng);
         let wrapped = crypto::wrap_aes_key(rng, public, &key).ok()?;
         self.key = Some(key);
         Some(wrapped.into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crypto::{encrypt_all, public_key_field, PrivateKey};
+    use crate::message::PacketHead;
+    use bytes::Bytes;
+    use rand::SeedableRng;
+
+    fn keyed() -> (ServerSession, ClientId, AesKey, rand::rngs::StdRng) {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+        let private = PrivateKey::generate_legacy(&mut rng).unwrap();
+        let mut s = ServerSession::new(ServerConfig::default());
+        let name = UserName::try_from("u").unwrap();
+        let frame = |client_id, request| RequestFrame {
+            client_id,
+            numbering: Numbering::Modern,
+            request,
+        };
+        let Action::Register { client_id, .. } = s
+            .handle(
+                frame(
+                    ClientId::default(),
+                    Request::Register { name: name.clone() },
+                ),
+                &mut rng,
+            )
+            .unwrap()
+        else {
+            panic!("register")
+        };
+        s.registered(RegisterOutcome::Created).unwrap();
+        let key = public_key_field(&private.public_key()).unwrap();
+        s.handle(frame(client_id, Request::PublicKey { name, key }), &mut rng)
+            .unwrap();
+        let Response::KeyAccepted { wrapped_key, .. } = s.key_stored(true, &mut rng).unwrap()
+        else {
+            panic!("key")
+        };
+        let aes = private.unwrap_aes_key(&mut rng, &wrapped_key).unwrap();
+        (s, client_id, aes, rng)
+    }
+
+    fn packet(
+        client_id: ClientId,
+        ct: &[u8],
+        n: u16,
+        total: u16,
+        chunk: usize,
+        orig: u32,
+    ) -> RequestFrame {
+        let start = usize::from(n - 1) * chunk;
+        let end = (start + chunk).min(ct.len());
+        RequestFrame {
+            client_id,
+            numbering: Numbering::Modern,
+            request: Request::SendFile(FilePacket {
+                head: PacketHead {
+                    content_size: ct.len() as u32,
+                    orig_size: orig,
+                    packet: n,
+                    total,
+                    file: FileName::try_from("f").unwrap(),
+                },
+                content: Bytes::copy_from_slice(&ct[start..end]),
+            }),
+        }
+    }
+
+    #[test]
+    fn reuses_a_recycled_buffer_for_the_next_packet_only_during_an_upload() {
+        let (mut s, id, aes, mut rng) = keyed();
+        let plain = vec![5u8; 4000];
+        let ct = encrypt_all(&aes, &plain);
+        // Outside an upload the buffer is ignored.
+        s.recycle(BytesMut::with_capacity(8192));
+        assert!(s.spare.is_none());
+        let Action::Write {
+            plaintext: first, ..
+        } = s
+            .handle(packet(id, &ct, 1, 3, 1600, 4000), &mut rng)
+            .unwrap()
+        else {
+            panic!("write")
+        };
+        let ptr = first.as_ptr();
+        s.recycle(first);
+        let Action::Write {
+            plaintext: second, ..
+        } = s
+            .handle(packet(id, &ct, 2, 3, 1600, 4000), &mut rng)
+            .unwrap()
+        else {
+            panic!("write")
+        };
+        assert_eq!(second.as_ptr(), ptr, "the recycled buffer was reused");
+        s.recycle(second);
+        let Action::Write { done, .. } = s
+            .handle(packet(id, &ct, 3, 3, 1600, 4000), &mut rng)
+            .unwrap()
+        else {
+            panic!("write")
+        };
+        assert!(
+            matches!(done, Some(Response::FileReceived { cksum, .. }) if cksum == Cksum::of(&plain))
+        );
+        assert!(s.spare.is_none(), "no buffer is held between uploads");
+    }
+
+    #[test]
+    fn rejects_a_public_key_after_reconnect() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(2);
+        let private = PrivateKey::generate_legacy(&mut rng).unwrap();
+        let field = public_key_field(&private.public_key()).unwrap();
+        let mut s = ServerSession::new(ServerConfig::default());
+        let id = ClientId([9; 16]);
+        let name = UserName::try_from("u").unwrap();
+        let frame = |request| RequestFrame {
+            client_id: id,
+            numbering: Numbering::Classic,
+            request,
+        };
+        s.handle(frame(Request::Reconnect { name: name.clone() }), &mut rng)
+            .unwrap();
+        let known = KnownClient {
+            name: name.clone(),
+            public_key: Some(field.clone()),
+        };
+        assert!(matches!(
+            s.looked_up(Some(known), &mut rng).unwrap(),
+            Response::Reconnected { .. }
+        ));
+        let err = s
+            .handle(frame(Request::PublicKey { name, key: field }), &mut rng)
+            .unwrap_err();
+        assert!(matches!(
+            err,
+            SessionError::Unexpected {
+                request: RequestKind::PublicKey,
+                ..
+            }
+        ));
     }
 }

@@ -1,0 +1,533 @@
+//! The client: registration, reconnection and backup runs over one
+//! connection, driving the sans-IO `protocol::session::client` machine.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use protocol::crypto::PrivateKey;
+use protocol::session::client::{
+    ClientError, ClientEvent, ClientSession, PlanError, UploadPlan, Verdict,
+};
+use protocol::session::MAX_SEND_ATTEMPTS;
+use protocol::{Limits, RequestFrame, Response, UserName};
+
+use crate::connection::Connection;
+use crate::error::{Error, ErrorKind};
+use crate::feedback::{Feedback, Silent};
+use crate::files::BackupItem;
+use crate::identity::{Identity, IdentityStore};
+use crate::report::{FileReport, Outcome, Report};
+use crate::settings::{Options, PacketSize};
+use crate::upload::{self, AttemptError};
+
+/// How many times a request answered with 1607 is sent again before giving
+/// up (`docs/PROTOCOL.md` §6: "resends the same request up to 3 times").
+pub const SERVER_ERROR_RETRIES: u8 = 3;
+
+/// A backup client bound to a server and an identity store.
+pub struct Client {
+    options: Options,
+    store: IdentityStore,
+    feedback: Arc<dyn Feedback>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("options", &self.options)
+            .field("store", &self.store)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A session that has exchanged keys and may send files.
+struct Keyed {
+    conn: Connection,
+    session: ClientSession,
+    identity: Identity,
+    registered: bool,
+}
+
+/// Generates a legacy RSA key pair (1024 bits, e = 17) off the async threads.
+async fn generate_key() -> Result<PrivateKey, Error> {
+    tokio::task::spawn_blocking(|| PrivateKey::generate_legacy(&mut rand::rngs::OsRng))
+        .await
+        .map_err(|e| Error::Internal(format!("key generation stopped: {e}")))?
+        .map_err(|e| Error::Internal(format!("cannot generate an RSA key pair: {e}")))
+}
+
+impl Client {
+    /// A client for `options.server` whose identity lives in `store`.
+    pub fn new(options: Options, store: IdentityStore) -> Self {
+        Self {
+            options,
+            store,
+            feedback: Arc::new(Silent),
+        }
+    }
+
+    /// Reports progress to `feedback`.
+    #[must_use]
+    pub fn with_feedback(mut self, feedback: Arc<dyn Feedback>) -> Self {
+        self.feedback = feedback;
+        self
+    }
+
+    /// The settings in use.
+    pub fn options(&self) -> &Options {
+        &self.options
+    }
+
+    /// Where the identity lives.
+    pub fn store(&self) -> &IdentityStore {
+        &self.store
+    }
+
+    fn session_error(&self, e: ClientError, client_id: Option<protocol::ClientId>) -> Error {
+        match e {
+            ClientError::Key(_) => Error::KeyMismatch {
+                server: self.options.server.clone(),
+                client_id: client_id.map(|id| id.to_hex()).unwrap_or_default(),
+            },
+            other => Error::Protocol {
+                server: self.options.server.clone(),
+                detail: other.to_string(),
+            },
+        }
+    }
+
+    fn unexpected(&self, event: &ClientEvent, doing: &str) -> Error {
+        Error::Protocol {
+            server: self.options.server.clone(),
+            detail: format!("{event:?} while {doing}"),
+        }
+    }
+
+    /// Sends `frame` and returns what the answer meant, sending it again
+    /// (up to [`SERVER_ERROR_RETRIES`] times) while the server answers 1607.
+    async fn exchange(
+        &self,
+        conn: &mut Connection,
+        session: &mut ClientSession,
+        frame: &RequestFrame,
+        doing: &str,
+    ) -> Result<ClientEvent, Error> {
+        let mut failures = 0u8;
+        let give_up = |failures: u8| Error::ServerFailed {
+            server: self.options.server.clone(),
+            request: doing.to_owned(),
+            times: failures,
+        };
+        conn.send(frame, doing).await?;
+        loop {
+            let response = match conn.recv(doing).await {
+                Ok(r) => r,
+                // A server that answered 1607 and then hung up has failed.
+                Err(e) if failures > 0 && e.kind() == ErrorKind::Unreachable => {
+                    return Err(give_up(failures))
+                }
+                Err(e) => return Err(e),
+            };
+            match session.handle(response, &mut rand::rngs::OsRng) {
+                Ok(ClientEvent::ServerError) => {
+                    failures += 1;
+                    if failures > SERVER_ERROR_RETRIES {
+                        return Err(give_up(failures));
+                    }
+                    self.feedback.notice(&format!(
+                        "the server at {} responded with an error while {doing}; retrying ({failures} of {SERVER_ERROR_RETRIES})",
+                        self.options.server
+                    ));
+                    match conn.send(frame, doing).await {
+                        Ok(()) => {}
+                        Err(e) if e.kind() == ErrorKind::Unreachable => {
+                            return Err(give_up(failures))
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+                Ok(event) => return Ok(event),
+                Err(e) => return Err(self.session_error(e, session.client_id())),
+            }
+        }
+    }
+
+    /// Registers `name` on an open connection with the session's key, saves
+    /// the identity as soon as the server assigns an id, then sends the
+    /// public key and receives the AES key.
+    async fn register_on(
+        &self,
+        conn: &mut Connection,
+        session: &mut ClientSession,
+        name: &UserName,
+    ) -> Result<Identity, Error> {
+        let doing = format!("registering as \"{name}\"");
+        let frame = session.register_request();
+        let client_id = match self.exchange(conn, session, &frame, &doing).await? {
+            ClientEvent::Registered(id) => id,
+            ClientEvent::NameTaken => {
+                return Err(Error::NameTaken {
+                    server: self.options.server.clone(),
+                    name: name.to_string(),
+                })
+            }
+            other => return Err(self.unexpected(&other, &doing)),
+        };
+        let identity = Identity {
+            name: name.clone(),
+            client_id,
+            key: session.private_key().clone(),
+        };
+        self.store.save(&identity)?;
+        let doing = "sending the public key";
+        let frame = session
+            .public_key_request()
+            .map_err(|e| self.session_error(e, Some(client_id)))?;
+        match self.exchange(conn, session, &frame, doing).await? {
+            ClientEvent::KeyReady => Ok(identity),
+            other => Err(self.unexpected(&other, doing)),
+        }
+    }
+
+    /// Registers `name` with the server: makes a new RSA key pair, and saves
+    /// the identity (`me.info`, `priv.key`) in the store.
+    ///
+    /// # Errors
+    /// When an identity exists and `force` is not set, the name is taken,
+    /// the server fails or cannot be reached, or the files cannot be written.
+    pub async fn register(&self, name: UserName, force: bool) -> Result<Identity, Error> {
+        if !force {
+            if let Some(existing) = self.store.load()? {
+                return Err(Error::AlreadyRegistered {
+                    dir: self.store.dir().to_owned(),
+                    name: existing.name.to_string(),
+                    client_id: existing.client_id.to_hex(),
+                });
+            }
+        }
+        self.store.ensure_writable()?;
+        let key = generate_key().await?;
+        let mut conn = Connection::open(&self.options).await?;
+        let mut session = ClientSession::new(name.clone(), key, None, self.options.numbering);
+        let identity = self.register_on(&mut conn, &mut session, &name).await?;
+        conn.close().await;
+        Ok(identity)
+    }
+
+    /// Opens a connection and exchanges keys: reconnects with the stored
+    /// identity, or registers when there is none (as `register_as`) or when
+    /// the server does not know us (1606, `docs/PROTOCOL.md` §6.2).
+    async fn connect(&self, register_as: Option<&UserName>) -> Result<Keyed, Error> {
+        let Some(stored) = self.store.load()? else {
+            let name = register_as.ok_or_else(|| Error::NotRegistered {
+                dir: self.store.dir().to_owned(),
+            })?;
+            self.store.ensure_writable()?;
+            let key = generate_key().await?;
+            let mut conn = Connection::open(&self.options).await?;
+            let mut session = ClientSession::new(name.clone(), key, None, self.options.numbering);
+            let identity = self.register_on(&mut conn, &mut session, name).await?;
+            return Ok(Keyed {
+                conn,
+                session,
+                identity,
+                registered: true,
+            });
+        };
+        let mut conn = Connection::open(&self.options).await?;
+        let Identity {
+            name,
+            client_id,
+            key,
+        } = stored;
+        let mut session = ClientSession::new(
+            name.clone(),
+            key.clone(),
+            Some(client_id),
+            self.options.numbering,
+        );
+        let doing = format!("reconnecting as \"{name}\"");
+        let frame = session.reconnect_request();
+        match self
+            .exchange(&mut conn, &mut session, &frame, &doing)
+            .await?
+        {
+            ClientEvent::KeyReady => {
+                let identity = Identity {
+                    name,
+                    client_id,
+                    key,
+                };
+                Ok(Keyed {
+                    conn,
+                    session,
+                    identity,
+                    registered: false,
+                })
+            }
+            ClientEvent::MustRegister => {
+                self.feedback.notice(&format!(
+                    "the server at {} does not know client {client_id} (\"{name}\"); registering anew with a new key pair",
+                    self.options.server
+                ));
+                session.set_private_key(generate_key().await?);
+                let identity = self.register_on(&mut conn, &mut session, &name).await?;
+                Ok(Keyed {
+                    conn,
+                    session,
+                    identity,
+                    registered: true,
+                })
+            }
+            other => Err(self.unexpected(&other, &doing)),
+        }
+    }
+
+    /// Plans the upload of `item` under the packet-size policy.
+    ///
+    /// # Errors
+    /// When the file is too large for the legacy fields or the packet count.
+    pub fn plan(&self, item: &BackupItem) -> Result<UploadPlan, Error> {
+        let max_packet = Limits::default().max_packet_content;
+        let planned = match self.options.packet_size {
+            PacketSize::Auto(n) => UploadPlan::new(item.name.clone(), item.size, n, max_packet),
+            PacketSize::Fixed(n) => UploadPlan::fixed(item.name.clone(), item.size, n, max_packet),
+        };
+        planned.map_err(|e| match e {
+            PlanError::TooLarge { size, .. } => Error::TooLarge {
+                path: item.path.clone(),
+                size,
+                max: UploadPlan::MAX_FILE_SIZE,
+            },
+            PlanError::TooManyPackets {
+                size,
+                packet_size,
+                max,
+            } => Error::TooManyPackets {
+                path: item.path.clone(),
+                size,
+                packet_size,
+                max,
+            },
+            PlanError::PacketSize { size, max } => Error::BadPacketSize {
+                size: size as u64,
+                max,
+            },
+        })
+    }
+
+    /// Sends one file until the server's cksum matches ours, at most
+    /// [`MAX_SEND_ATTEMPTS`] times, and returns the attempts and the cksum.
+    async fn upload(
+        &self,
+        keyed: &mut Keyed,
+        item: &BackupItem,
+        plan: &UploadPlan,
+    ) -> Result<(u8, u32), AttemptError> {
+        let fatal = |error: Error| AttemptError {
+            error,
+            connection_usable: false,
+        };
+        let server = self.options.server.clone();
+        let path = item.path.display().to_string();
+        let Keyed {
+            conn,
+            session,
+            identity,
+            ..
+        } = keyed;
+        let key = session.aes_key().cloned().ok_or_else(|| {
+            fatal(Error::Internal(
+                "no session key before sending a file".into(),
+            ))
+        })?;
+        session.begin_file();
+        let mut server_errors = 0u8;
+        loop {
+            let attempt = session.attempts() + 1;
+            self.feedback.attempt(item, attempt);
+            let cksum = upload::send_file(
+                conn,
+                &item.path,
+                plan,
+                key.clone(),
+                identity.client_id,
+                self.options.numbering,
+                self.feedback.as_ref(),
+            )
+            .await;
+            let cksum = match cksum {
+                Ok(c) => c,
+                Err(e) if e.error.kind() == ErrorKind::Unreachable => {
+                    // The server may have said why before it hung up.
+                    let said_error =
+                        matches!(conn.pending_response().await, Some(Response::GeneralError));
+                    if server_errors > 0 || said_error {
+                        return Err(fatal(Error::ServerFailed {
+                            server,
+                            request: format!("sending {path}"),
+                            times: server_errors + u8::from(said_error),
+                        }));
+                    }
+                    return Err(e);
+                }
+                Err(e) => return Err(e),
+            };
+            session.file_sent(plan, cksum);
+            let doing = format!("waiting for the server's checksum of {path}");
+            // Allow for the server syncing the file: a second per 32 MiB.
+            let sync_allowance = Duration::from_secs(item.size >> 25);
+            let event = loop {
+                let response = conn
+                    .recv_within(sync_allowance, &doing)
+                    .await
+                    .map_err(fatal)?;
+                match session.handle(response, &mut rand::rngs::OsRng) {
+                    Ok(ClientEvent::RetryAcknowledged) => continue,
+                    Ok(event) => break event,
+                    Err(e) => return Err(fatal(self.session_error(e, Some(identity.client_id)))),
+                }
+            };
+            match event {
+                ClientEvent::Verdict {
+                    verdict: Verdict::Match,
+                    reply,
+                } => {
+                    let doing = format!("confirming the checksum of {path}");
+                    return match self
+                        .exchange(conn, session, &reply, &doing)
+                        .await
+                        .map_err(fatal)?
+                    {
+                        ClientEvent::Done => Ok((attempt, cksum)),
+                        other => Err(fatal(self.unexpected(&other, &doing))),
+                    };
+                }
+                ClientEvent::Verdict {
+                    verdict: Verdict::Retry { attempt },
+                    reply,
+                } => {
+                    self.feedback.notice(&format!(
+                        "the server's checksum of {path} differed from ours on attempt {attempt} of {MAX_SEND_ATTEMPTS}; sending it again"
+                    ));
+                    conn.send(&reply, &format!("asking to resend {path}"))
+                        .await
+                        .map_err(fatal)?;
+                }
+                ClientEvent::Verdict {
+                    verdict: Verdict::GiveUp,
+                    reply,
+                } => {
+                    let doing = format!("reporting the failed checksum of {path}");
+                    return match self
+                        .exchange(conn, session, &reply, &doing)
+                        .await
+                        .map_err(fatal)?
+                    {
+                        ClientEvent::Done => Err(AttemptError {
+                            error: Error::Verification {
+                                path: item.path.clone(),
+                                server,
+                                attempts: MAX_SEND_ATTEMPTS,
+                            },
+                            connection_usable: true,
+                        }),
+                        other => Err(fatal(self.unexpected(&other, &doing))),
+                    };
+                }
+                ClientEvent::ServerError => {
+                    server_errors += 1;
+                    if server_errors > SERVER_ERROR_RETRIES {
+                        return Err(fatal(Error::ServerFailed {
+                            server,
+                            request: format!("sending {path}"),
+                            times: server_errors,
+                        }));
+                    }
+                    self.feedback.notice(&format!(
+                        "the server at {server} responded with an error to {path}; sending it again ({server_errors} of {SERVER_ERROR_RETRIES})"
+                    ));
+                }
+                other => return Err(fatal(self.unexpected(&other, &doing))),
+            }
+        }
+    }
+
+    /// Backs up `items` over one connection: reconnects (or registers, see
+    /// below), then sends and verifies each file in turn.
+    ///
+    /// Without a stored identity the client registers as `register_as`, or
+    /// fails with [`Error::NotRegistered`] when that is `None`. Files that
+    /// cannot be planned (too large) are failed before anything is sent.
+    /// A failure of one file does not stop the others unless it ends the
+    /// connection; the files not tried are then [`Outcome::NotAttempted`].
+    ///
+    /// # Errors
+    /// When the connection or the key exchange fails before any file is
+    /// sent; failures of single files are in the [`Report`].
+    pub async fn backup(
+        &self,
+        items: Vec<BackupItem>,
+        register_as: Option<&UserName>,
+    ) -> Result<Report, Error> {
+        let started = Instant::now();
+        let mut report = Report {
+            server: self.options.server.clone(),
+            ..Report::default()
+        };
+        let mut plans = Vec::with_capacity(items.len());
+        for item in &items {
+            let (plan, outcome) = match self.plan(item) {
+                Ok(plan) => (Some(plan), Outcome::NotAttempted),
+                Err(e) => (None, Outcome::Failed(e)),
+            };
+            let file = FileReport {
+                path: item.path.clone(),
+                name: item.name.to_string_lossy(),
+                size: item.size,
+                outcome,
+            };
+            self.feedback.finished(&file);
+            report.files.push(file);
+            plans.push(plan);
+        }
+        let todo: Vec<usize> = (0..items.len())
+            .filter(|&i| plans.get(i).is_some_and(Option::is_some))
+            .collect();
+        if todo.is_empty() {
+            report.elapsed = started.elapsed();
+            return Ok(report);
+        }
+        let mut keyed = self.connect(register_as).await?;
+        report.name = Some(keyed.identity.name.to_string());
+        report.client_id = Some(keyed.identity.client_id);
+        report.registered = keyed.registered;
+        let total: u64 = todo
+            .iter()
+            .filter_map(|&i| items.get(i))
+            .map(|i| i.size)
+            .sum();
+        self.feedback.start(todo.len(), total);
+        for i in todo {
+            let (Some(item), Some(Some(plan)), Some(file)) =
+                (items.get(i), plans.get(i), report.files.get_mut(i))
+            else {
+                continue;
+            };
+            let result = self.upload(&mut keyed, item, plan).await;
+            let stop = matches!(&result, Err(e) if !e.connection_usable);
+            file.outcome = match result {
+                Ok((attempts, cksum)) => Outcome::Stored { attempts, cksum },
+                Err(e) => Outcome::Failed(e.error),
+            };
+            self.feedback.finished(file);
+            if stop {
+                break;
+            }
+        }
+        self.feedback.done();
+        keyed.conn.close().await;
+        report.elapsed = started.elapsed();
+        Ok(report)
+    }
+}

@@ -1,0 +1,327 @@
+//! Errors of the client, each one sentence a person can act on, and the exit
+//! status each maps to.
+//!
+//! Policy: an error names the file, the server or the setting it is about and
+//! says what to do; operating-system errors are never shown bare but inside
+//! such a sentence. Every error belongs to one [`ErrorKind`], which fixes the
+//! process exit status.
+
+use std::io;
+use std::path::PathBuf;
+
+/// The class of a failure, which fixes the exit status of `backup-client`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorKind {
+    /// Exit status 1: the server broke the protocol, or an internal failure.
+    Other,
+    /// Exit status 2: a command-line, configuration or registration-state
+    /// problem the user must fix before trying again.
+    Usage,
+    /// Exit status 3: the server could not be reached, did not answer in time,
+    /// or the connection was lost.
+    Unreachable,
+    /// Exit status 4: the server refused a request (name taken, repeated
+    /// server errors, a key it holds that does not match ours).
+    Rejected,
+    /// Exit status 5: the server's checksum did not match ours on every
+    /// attempt; the file was not stored.
+    Verification,
+    /// Exit status 6: a local file (one to back up, or an identity or
+    /// configuration file) could not be read or written.
+    LocalFile,
+}
+
+impl ErrorKind {
+    /// The process exit status for this kind of failure.
+    pub fn exit_code(self) -> u8 {
+        match self {
+            ErrorKind::Other => 1,
+            ErrorKind::Usage => 2,
+            ErrorKind::Unreachable => 3,
+            ErrorKind::Rejected => 4,
+            ErrorKind::Verification => 5,
+            ErrorKind::LocalFile => 6,
+        }
+    }
+
+    /// A stable machine-readable name (used in `--json` output).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::Other => "other",
+            ErrorKind::Usage => "usage",
+            ErrorKind::Unreachable => "server_unreachable",
+            ErrorKind::Rejected => "rejected_by_server",
+            ErrorKind::Verification => "verification_failed",
+            ErrorKind::LocalFile => "local_file_error",
+        }
+    }
+}
+
+/// Everything that can go wrong in the client.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    // --- server unreachable -------------------------------------------------
+    #[error("cannot connect to the server at {server} ({reason}); check that the server is running and that the address is right")]
+    Connect { server: String, reason: String },
+    #[error("the server at {server} did not accept a connection within {secs} s; check the address and any firewall in between")]
+    ConnectTimeout { server: String, secs: u64 },
+    #[error("the server at {server} did not answer within {secs} s while {doing}; try again later, or raise --timeout if the server is slow")]
+    Timeout {
+        server: String,
+        secs: u64,
+        doing: String,
+    },
+    #[error(
+        "the connection to the server at {server} was lost while {doing} ({reason}); try again"
+    )]
+    ConnectionLost {
+        server: String,
+        doing: String,
+        reason: String,
+    },
+    #[error("the server at {server} closed the connection while {doing}; check the server's log, then try again")]
+    Closed { server: String, doing: String },
+
+    // --- rejected by the server ---------------------------------------------
+    #[error("the server at {server} already has a client named \"{name}\"; choose another name with --name")]
+    NameTaken { server: String, name: String },
+    #[error(
+        "the server at {server} answered with an error {} while {request}; it may be out of disk space or misconfigured: try again later or ask its operator",
+        times_text(*.times)
+    )]
+    ServerFailed {
+        server: String,
+        request: String,
+        times: u8,
+    },
+    #[error("the server at {server} sent a session key that this client's private key cannot open, so it holds another public key for client {client_id}; register anew with `backup-client register --force`")]
+    KeyMismatch { server: String, client_id: String },
+
+    // --- other ---------------------------------------------------------------
+    #[error("the server at {server} answered outside the protocol ({detail}); check that it speaks version 3 and the request numbering (--codes 1025 or --codes 825)")]
+    Protocol { server: String, detail: String },
+    #[error("internal error: {0}; please report it")]
+    Internal(String),
+
+    // --- verification failed ---------------------------------------------------
+    #[error("{path} was not stored: the server's checksum differed from ours on all {attempts} attempts; check the network path to {server} and try again")]
+    Verification {
+        path: PathBuf,
+        server: String,
+        attempts: u8,
+    },
+
+    // --- local files -----------------------------------------------------------
+    #[error("cannot read {path} ({reason}); check that it exists and that you may read it")]
+    ReadFile { path: PathBuf, reason: String },
+    #[error("{path} changed while it was being read ({expected} bytes expected, {got} found); back it up again once nothing is writing to it")]
+    FileChanged {
+        path: PathBuf,
+        expected: u64,
+        got: u64,
+    },
+    #[error("{path} is {size} bytes, more than the {max} bytes the protocol can carry in one file; split it before backing it up")]
+    TooLarge { path: PathBuf, size: u64, max: u64 },
+    #[error("{path} is {size} bytes and would need more than 65535 packets of {packet_size} bytes (at most {max} bytes fit); use a larger --packet-size")]
+    TooManyPackets {
+        path: PathBuf,
+        size: u64,
+        packet_size: usize,
+        max: u64,
+    },
+    #[error("{path} cannot be sent under the name \"{name}\" ({reason}); rename it or back up its directory from nearer")]
+    BadFileName {
+        path: PathBuf,
+        name: String,
+        reason: String,
+    },
+    #[error("{path} would be stored as \"{name}\", the same name as {first}; back them up in separate runs")]
+    DuplicateName {
+        path: PathBuf,
+        name: String,
+        first: PathBuf,
+    },
+    #[error("{path} is neither a regular file nor a directory; only files and directories can be backed up")]
+    NotAFile { path: PathBuf },
+    #[error("{path} holds no regular files; there is nothing to back up")]
+    NothingToBackUp { path: PathBuf },
+    #[error("the identity file {path} cannot be used ({detail}); restore it from a copy, or register anew with `backup-client register --force`")]
+    Identity { path: PathBuf, detail: String },
+    #[error("the configuration file {path} cannot be used ({detail}); fix or delete it")]
+    Config { path: PathBuf, detail: String },
+    #[error("{path} is not a valid transfer.info ({detail}); line 1 must be HOST:PORT, line 2 the user name, and each further line a file to back up")]
+    TransferInfo { path: PathBuf, detail: String },
+    #[error("cannot write {path} ({reason}); check the permissions of its directory")]
+    WriteFile { path: PathBuf, reason: String },
+
+    // --- usage -------------------------------------------------------------------
+    #[error("this client is not registered yet (no me.info in {dir}); run `backup-client register --server HOST:PORT --name NAME` first")]
+    NotRegistered { dir: PathBuf },
+    #[error("a client is already registered as \"{name}\" (id {client_id}, identity in {dir}); use `backup-client register --force` to register anew")]
+    AlreadyRegistered {
+        dir: PathBuf,
+        name: String,
+        client_id: String,
+    },
+    #[error(
+        "no server address is configured; pass --server HOST:PORT or set `server` in {config}"
+    )]
+    NoServer { config: PathBuf },
+    #[error("no user name is configured; pass --name NAME or set `name` in {config}")]
+    NoName { config: PathBuf },
+    #[error("\"{value}\" is not a server address; use HOST:PORT, for example 127.0.0.1:1256")]
+    BadServer { value: String },
+    #[error("\"{name}\" cannot be used as a user name ({reason}); choose a name of 1 to 254 printable characters")]
+    BadUserName { name: String, reason: String },
+    #[error("the packet size must be a multiple of 16 from 16 to {max} bytes, not {size}; fix --packet-size or `packet-size` in the configuration")]
+    BadPacketSize { size: u64, max: usize },
+    #[error("the request numbering must be 1025 or 825, not {0}; fix --codes or `codes` in the configuration")]
+    BadCodes(u64),
+    #[error("cannot find a configuration directory: set BACKUP_CLIENT_DIR, XDG_CONFIG_HOME or HOME, or pass --config-dir")]
+    NoConfigDir,
+    #[error("there is no transfer.info in {dir}, and no command was given; run `backup-client --help` to see the commands")]
+    NoCommand { dir: PathBuf },
+}
+
+impl Error {
+    /// The class of this failure.
+    pub fn kind(&self) -> ErrorKind {
+        use Error::*;
+        match self {
+            Connect { .. }
+            | ConnectTimeout { .. }
+            | Timeout { .. }
+            | ConnectionLost { .. }
+            | Closed { .. } => ErrorKind::Unreachable,
+            NameTaken { .. } | ServerFailed { .. } | KeyMismatch { .. } => ErrorKind::Rejected,
+            Protocol { .. } | Internal(_) => ErrorKind::Other,
+            Verification { .. } => ErrorKind::Verification,
+            ReadFile { .. }
+            | FileChanged { .. }
+            | TooLarge { .. }
+            | TooManyPackets { .. }
+            | BadFileName { .. }
+            | DuplicateName { .. }
+            | NotAFile { .. }
+            | NothingToBackUp { .. }
+            | Identity { .. }
+            | Config { .. }
+            | TransferInfo { .. }
+            | WriteFile { .. } => ErrorKind::LocalFile,
+            NotRegistered { .. }
+            | AlreadyRegistered { .. }
+            | NoServer { .. }
+            | NoName { .. }
+            | BadServer { .. }
+            | BadUserName { .. }
+            | BadPacketSize { .. }
+            | BadCodes(_)
+            | NoConfigDir
+            | NoCommand { .. } => ErrorKind::Usage,
+        }
+    }
+
+    /// The process exit status for this failure.
+    pub fn exit_code(&self) -> u8 {
+        self.kind().exit_code()
+    }
+
+    /// Whether the connection cannot be used after this failure, so the rest
+    /// of a run must stop.
+    pub fn ends_connection(&self) -> bool {
+        matches!(
+            self.kind(),
+            ErrorKind::Unreachable | ErrorKind::Rejected | ErrorKind::Other
+        )
+    }
+}
+
+/// "once", "twice", "3 times"...
+fn times_text(times: u8) -> String {
+    match times {
+        1 => "once".into(),
+        2 => "twice".into(),
+        n => format!("{n} times"),
+    }
+}
+
+/// A short human reason for an I/O error, without the raw OS error number.
+pub fn io_reason(err: &io::Error) -> String {
+    use io::ErrorKind as K;
+    match err.kind() {
+        K::NotFound => "it does not exist".into(),
+        K::PermissionDenied => "permission denied".into(),
+        K::ConnectionRefused => "connection refused".into(),
+        K::ConnectionReset => "connection reset by the server".into(),
+        K::ConnectionAborted => "connection aborted".into(),
+        K::BrokenPipe => "the server stopped reading".into(),
+        K::UnexpectedEof => "the server closed the connection".into(),
+        K::TimedOut => "timed out".into(),
+        K::AddrNotAvailable => "address not available".into(),
+        K::IsADirectory => "it is a directory".into(),
+        K::StorageFull => "no space left on the device".into(),
+        K::ReadOnlyFilesystem => "the file system is read-only".into(),
+        _ => {
+            // Keep the OS text, which is specific, but drop "(os error N)".
+            let text = err.to_string();
+            match text.find(" (os error") {
+                Some(i) => text.get(..i).unwrap_or(&text).to_owned(),
+                None => text,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_codes_are_distinct_per_kind() {
+        let kinds = [
+            ErrorKind::Other,
+            ErrorKind::Usage,
+            ErrorKind::Unreachable,
+            ErrorKind::Rejected,
+            ErrorKind::Verification,
+            ErrorKind::LocalFile,
+        ];
+        let mut codes: Vec<u8> = kinds.iter().map(|k| k.exit_code()).collect();
+        codes.sort_unstable();
+        codes.dedup();
+        assert_eq!(codes, vec![1, 2, 3, 4, 5, 6]);
+    }
+
+    #[test]
+    fn io_reasons_drop_the_os_error_number() {
+        let e = io::Error::from_raw_os_error(2);
+        assert_eq!(io_reason(&e), "it does not exist");
+        let e = io::Error::from_raw_os_error(36); // ENAMETOOLONG
+        let reason = io_reason(&e);
+        assert!(!reason.contains("os error"), "{reason}");
+        assert!(!reason.is_empty());
+    }
+
+    #[test]
+    fn errors_name_their_subject_and_class() {
+        let e = Error::Connect {
+            server: "127.0.0.1:9".into(),
+            reason: "connection refused".into(),
+        };
+        assert!(e.to_string().contains("127.0.0.1:9"));
+        assert_eq!(e.exit_code(), 3);
+        let e = Error::Verification {
+            path: "a/b.txt".into(),
+            server: "s:1".into(),
+            attempts: 4,
+        };
+        assert!(e.to_string().starts_with("a/b.txt was not stored"));
+        assert_eq!(e.exit_code(), 5);
+        assert!(!e.ends_connection());
+        assert!(Error::NameTaken {
+            server: "s:1".into(),
+            name: "bob".into()
+        }
+        .ends_connection());
+    }
+}

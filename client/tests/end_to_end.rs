@@ -1,0 +1,652 @@
+//! End-to-end: the real server (`server::run` on 127.0.0.1:0 with a
+//! temporary data directory) and the client, through its library API and as
+//! the real `backup-client` binary. What the server stored is read back from
+//! its data directory and compared with the source.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::time::{Duration, SystemTime};
+
+use client::identity::IdentityStore;
+use client::settings::Options;
+use client::{files, BackupItem, Client, Error, Outcome};
+use protocol::crypto::public_key_field;
+use protocol::{ClientId, FileName, UserName};
+use server::storage::Storage;
+use support::relay::Relay;
+use support::{vector_keys, write_file, STEP};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+
+/// The real server, stopped when dropped.
+struct TestServer {
+    addr: SocketAddr,
+    data: tempfile::TempDir,
+    stop: Option<oneshot::Sender<()>>,
+}
+
+impl TestServer {
+    /// Starts on a fresh data directory; `prepare` may seed it first.
+    async fn start_with(prepare: impl FnOnce(&Path)) -> Self {
+        let data = tempfile::tempdir().unwrap();
+        prepare(data.path());
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let mut config = server::Config::new(data.path());
+        config.shutdown_grace = Duration::from_secs(2);
+        tokio::spawn(server::run(listener, config, async move {
+            let _ = stopped.await;
+        }));
+        Self {
+            addr,
+            data,
+            stop: Some(stop),
+        }
+    }
+
+    async fn start() -> Self {
+        Self::start_with(|_| {}).await
+    }
+
+    fn server(&self) -> String {
+        self.addr.to_string()
+    }
+
+    /// The latest content the server holds for `name` of `client`.
+    fn stored(&self, client: ClientId, name: &str) -> Option<Vec<u8>> {
+        let storage = Storage::open_local(self.data.path()).unwrap();
+        storage
+            .read_latest(client, &FileName::try_from(name).unwrap())
+            .unwrap()
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+fn client(server: &str, identity_dir: &Path) -> Client {
+    let mut options = Options::new(server);
+    options.timeout = STEP;
+    Client::new(options, IdentityStore::new(identity_dir))
+}
+
+fn items(paths: &[PathBuf]) -> Vec<BackupItem> {
+    let listed = files::collect(paths);
+    assert!(listed.errors.is_empty(), "{:?}", listed.errors);
+    listed.items
+}
+
+fn name(text: &str) -> UserName {
+    UserName::try_from(text).unwrap()
+}
+
+/// Runs the real binary in `cwd` with a private HOME and config directory.
+async fn run_binary(cwd: &Path, home: &Path, args: &[&str]) -> Output {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_backup-client"));
+    cmd.args(args)
+        .current_dir(cwd)
+        .env_remove("BACKUP_CLIENT_DIR")
+        .env("HOME", home)
+        .env("XDG_CONFIG_HOME", home.join("config"))
+        .env("RUST_LOG", "off")
+        .kill_on_drop(true);
+    tokio::time::timeout(Duration::from_secs(120), cmd.output())
+        .await
+        .expect("the client did not finish in time")
+        .unwrap()
+}
+
+fn json_of(out: &Output) -> serde_json::Value {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "stdout is not JSON ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registers_backs_up_and_reconnects_in_a_later_run() {
+    let server = TestServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let ids = dir.path().join("identity");
+    let identity = client(&server.server(), &ids)
+        .register(name("alice"), false)
+        .await
+        .unwrap();
+    assert_eq!(
+        IdentityStore::new(&ids).load().unwrap(),
+        Some(identity.clone())
+    );
+    let again = client(&server.server(), &ids)
+        .register(name("alice"), false)
+        .await
+        .unwrap_err();
+    assert!(matches!(again, Error::AlreadyRegistered { .. }), "{again}");
+
+    let path = dir.path().join("report.pdf");
+    let first = write_file(&path, 300_000, 1);
+    let report = client(&server.server(), &ids)
+        .backup(items(std::slice::from_ref(&path)), None)
+        .await
+        .unwrap();
+    assert_eq!(report.exit_code(), 0, "{:?}", report.first_error());
+    assert!(!report.registered, "the identity from register is reused");
+    assert_eq!(
+        server.stored(identity.client_id, "report.pdf").unwrap(),
+        first
+    );
+
+    // A later run (a new connection and session key) replaces the content.
+    let second = write_file(&path, 200_001, 2);
+    let report = client(&server.server(), &ids)
+        .backup(items(&[path]), None)
+        .await
+        .unwrap();
+    assert_eq!(report.exit_code(), 0, "{:?}", report.first_error());
+    assert_eq!(report.client_id, Some(identity.client_id));
+    assert_eq!(
+        server.stored(identity.client_id, "report.pdf").unwrap(),
+        second
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refuses_a_second_registration_of_a_taken_name() {
+    let server = TestServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    client(&server.server(), &dir.path().join("a"))
+        .register(name("zoe"), false)
+        .await
+        .unwrap();
+    let err = client(&server.server(), &dir.path().join("b"))
+        .register(name("zoe"), false)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::NameTaken { .. }), "{err}");
+    assert_eq!(err.exit_code(), 4);
+    assert!(err.to_string().contains("--name"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backs_up_a_directory_tree_under_relative_names() {
+    let server = TestServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("project");
+    let tree = [
+        ("README.md", 120),
+        ("src/main.rs", 3000),
+        ("src/deep/er/mod.rs", 17),
+        ("assets/logo.png", 70_000),
+    ];
+    let mut sources = Vec::new();
+    for (i, (rel, len)) in tree.iter().enumerate() {
+        sources.push((*rel, write_file(&root.join(rel), *len, 10 + i as u32)));
+    }
+    let c = client(&server.server(), &dir.path().join("identity"));
+    let report = c.backup(items(&[root]), Some(&name("tree"))).await.unwrap();
+    assert_eq!(report.exit_code(), 0, "{:?}", report.first_error());
+    let mut sent: Vec<&str> = report.files.iter().map(|f| f.name.as_str()).collect();
+    sent.sort_unstable();
+    assert_eq!(
+        sent,
+        [
+            "README.md",
+            "assets/logo.png",
+            "src/deep/er/mod.rs",
+            "src/main.rs"
+        ]
+    );
+    for (rel, data) in sources {
+        assert_eq!(
+            server.stored(report.client_id.unwrap(), rel).unwrap(),
+            data,
+            "{rel}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stores_empty_one_block_and_packet_boundary_files() {
+    let server = TestServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let packet = client::settings::DEFAULT_PACKET_SIZE;
+    // Plaintext sizes whose ciphertext is 16 bytes, 32 bytes, exactly one
+    // packet, one packet plus a padding block, and one packet plus one block.
+    let sizes = [0, 16, packet - 16, packet, packet + 1];
+    let mut sources = Vec::new();
+    for (i, size) in sizes.iter().enumerate() {
+        let path = dir.path().join(format!("f{size}.bin"));
+        sources.push((
+            format!("f{size}.bin"),
+            write_file(&path, *size, 20 + i as u32),
+            path,
+        ));
+    }
+    let paths: Vec<PathBuf> = sources.iter().map(|s| s.2.clone()).collect();
+    let c = client(&server.server(), &dir.path().join("identity"));
+    let report = c.backup(items(&paths), Some(&name("edges"))).await.unwrap();
+    assert_eq!(report.exit_code(), 0, "{:?}", report.first_error());
+    for (file, data, _) in &sources {
+        let stored = server.stored(report.client_id.unwrap(), file).unwrap();
+        assert_eq!(stored.len(), data.len(), "{file}");
+        assert!(stored == *data, "{file} differs");
+    }
+    assert!(report
+        .files
+        .iter()
+        .all(|f| matches!(f.outcome, Outcome::Stored { attempts: 1, .. })));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resends_a_corrupted_upload_and_then_verifies() {
+    let server = TestServer::start().await;
+    let relay = Relay::start(server.addr, 1).await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("flaky.bin");
+    let data = write_file(&path, 2_500_000, 30);
+    let c = client(&relay.addr.to_string(), &dir.path().join("identity"));
+    let report = c
+        .backup(items(&[path]), Some(&name("flaky")))
+        .await
+        .unwrap();
+    assert_eq!(report.exit_code(), 0, "{:?}", report.first_error());
+    assert!(
+        matches!(report.files[0].outcome, Outcome::Stored { attempts: 2, .. }),
+        "{:?}",
+        report.files[0].outcome
+    );
+    assert_eq!(relay.flipped.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert_eq!(
+        server
+            .stored(report.client_id.unwrap(), "flaky.bin")
+            .unwrap(),
+        data
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_gives_up_after_four_corrupted_uploads_with_exit_status_5() {
+    let server = TestServer::start().await;
+    let relay = Relay::start(server.addr, u32::MAX).await;
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("home");
+    std::fs::create_dir_all(&home).unwrap();
+    write_file(&dir.path().join("doomed.bin"), 40_000, 31);
+    let server_arg = relay.addr.to_string();
+    let reg = run_binary(
+        dir.path(),
+        &home,
+        &["register", "--server", &server_arg, "--name", "doomed"],
+    )
+    .await;
+    assert!(
+        reg.status.success(),
+        "{}",
+        String::from_utf8_lossy(&reg.stderr)
+    );
+    let out = run_binary(dir.path(), &home, &["backup", "doomed.bin", "--json"]).await;
+    assert_eq!(
+        out.status.code(),
+        Some(5),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("doomed.bin") && stderr.contains("4 attempts"),
+        "{stderr}"
+    );
+    let json = json_of(&out);
+    assert_eq!(json["ok"], false);
+    assert_eq!(json["files"][0]["error"]["kind"], "verification_failed");
+    assert_eq!(relay.flipped.load(std::sync::atomic::Ordering::SeqCst), 4);
+    let id = ClientId::from_hex(json["client_id"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        server.stored(id, "doomed.bin"),
+        None,
+        "nothing is stored after four mismatches"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_registers_then_backs_up_with_the_remembered_server() {
+    let server = TestServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("home");
+    std::fs::create_dir_all(&home).unwrap();
+    let a = write_file(&dir.path().join("docs/a.txt"), 5000, 40);
+    let b = write_file(&dir.path().join("docs/sub/b.txt"), 1, 41);
+    let c = write_file(&dir.path().join("c.bin"), 16, 42);
+    let server_arg = server.server();
+    let reg = run_binary(
+        dir.path(),
+        &home,
+        &[
+            "register",
+            "--server",
+            &server_arg,
+            "--name",
+            "carl",
+            "--json",
+        ],
+    )
+    .await;
+    assert!(
+        reg.status.success(),
+        "{}",
+        String::from_utf8_lossy(&reg.stderr)
+    );
+    let reg = json_of(&reg);
+    let id = ClientId::from_hex(reg["client_id"].as_str().unwrap()).unwrap();
+    let config_dir = home.join("config/backup-client");
+    assert!(config_dir.join("me.info").exists() && config_dir.join("priv.key").exists());
+    let config = std::fs::read_to_string(config_dir.join("config.toml")).unwrap();
+    assert!(config.contains(&server_arg), "{config}");
+
+    // No --server: it comes from config.toml; the session is a reconnect.
+    let out = run_binary(dir.path(), &home, &["backup", "docs", "c.bin", "--json"]).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json = json_of(&out);
+    assert_eq!(
+        (json["ok"].as_bool(), json["registered"].as_bool()),
+        (Some(true), Some(false))
+    );
+    assert_eq!(json["stored_files"], 3);
+    assert_eq!(server.stored(id, "a.txt").unwrap(), a);
+    assert_eq!(server.stored(id, "sub/b.txt").unwrap(), b);
+    assert_eq!(server.stored(id, "c.bin").unwrap(), c);
+
+    // Human output goes to stdout; --quiet leaves only errors.
+    let out = run_binary(dir.path(), &home, &["backup", "c.bin"]).await;
+    assert!(String::from_utf8_lossy(&out.stdout).contains("stored c.bin"));
+    let out = run_binary(dir.path(), &home, &["backup", "c.bin", "--quiet"]).await;
+    assert!(out.status.success() && out.stdout.is_empty() && out.stderr.is_empty());
+    let out = run_binary(dir.path(), &home, &["backup", "missing.bin", "--quiet"]).await;
+    assert_eq!(out.status.code(), Some(6));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("missing.bin"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_reports_an_unreachable_server_with_exit_status_3() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let server_arg = format!("127.0.0.1:{port}");
+    let out = run_binary(
+        dir.path(),
+        dir.path(),
+        &["register", "--server", &server_arg, "--name", "x"],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(3));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&server_arg) && !stderr.contains("panicked"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_does_the_legacy_job_in_a_transfer_info_folder() {
+    let server = TestServer::start().await;
+    let folder = tempfile::tempdir().unwrap();
+    let home = tempfile::tempdir().unwrap();
+    let spec = write_file(&folder.path().join("New_product_spec.docx"), 20_000, 50);
+    let notes = write_file(&folder.path().join("notes.txt"), 3000, 51);
+    std::fs::write(
+        folder.path().join("transfer.info"),
+        format!(
+            "{}\nMichael Jackson\nNew_product_spec.docx\nnotes.txt\n",
+            server.server()
+        ),
+    )
+    .unwrap();
+    let first = run_binary(folder.path(), home.path(), &["--json"]).await;
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    assert_eq!(json_of(&first)["registered"], true);
+    let me = IdentityStore::new(folder.path())
+        .load()
+        .unwrap()
+        .expect("me.info in the folder");
+    assert_eq!(me.name.to_string(), "Michael Jackson");
+    assert_eq!(
+        server
+            .stored(me.client_id, "New_product_spec.docx")
+            .unwrap(),
+        spec
+    );
+    assert_eq!(server.stored(me.client_id, "notes.txt").unwrap(), notes);
+
+    let second = run_binary(folder.path(), home.path(), &["--json"]).await;
+    assert!(
+        second.status.success(),
+        "{}",
+        String::from_utf8_lossy(&second.stderr)
+    );
+    let json = json_of(&second);
+    assert_eq!(json["registered"], false, "the second run reconnects");
+    assert_eq!(json["client_id"], me.client_id.to_hex());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconnects_with_the_me_info_of_a_legacy_client() {
+    let alice_dir = tempfile::tempdir().unwrap();
+    for f in ["me.info", "priv.key"] {
+        std::fs::copy(vector_keys("alice").join(f), alice_dir.path().join(f)).unwrap();
+    }
+    let alice = IdentityStore::new(alice_dir.path())
+        .load()
+        .unwrap()
+        .unwrap();
+    let key = public_key_field(&alice.key.public_key()).unwrap();
+    // Pre-register alice as a legacy server that met her before would know her.
+    let server = TestServer::start_with(|data| {
+        let storage = Storage::open_local(data).unwrap();
+        storage
+            .meta()
+            .register(alice.client_id, &alice.name, SystemTime::now())
+            .unwrap();
+        assert!(storage
+            .meta()
+            .set_public_key(alice.client_id, &key, SystemTime::now())
+            .unwrap());
+    })
+    .await;
+    let sample = vector_keys("alice").join("sample.bin");
+    let c = client(&server.server(), alice_dir.path());
+    let report = c
+        .backup(items(std::slice::from_ref(&sample)), None)
+        .await
+        .unwrap();
+    assert_eq!(report.exit_code(), 0, "{:?}", report.first_error());
+    assert!(!report.registered, "alice reconnects with her legacy key");
+    assert_eq!(report.client_id, Some(alice.client_id));
+    assert_eq!(
+        server.stored(alice.client_id, "sample.bin").unwrap(),
+        std::fs::read(&sample).unwrap()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registers_anew_when_the_server_does_not_know_the_client() {
+    let server = TestServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    for f in ["me.info", "priv.key"] {
+        std::fs::copy(vector_keys("carol").join(f), dir.path().join(f)).unwrap();
+    }
+    let old = IdentityStore::new(dir.path()).load().unwrap().unwrap();
+    let small = vector_keys("carol").join("small.bin");
+    let report = client(&server.server(), dir.path())
+        .backup(items(std::slice::from_ref(&small)), None)
+        .await
+        .unwrap();
+    assert_eq!(report.exit_code(), 0, "{:?}", report.first_error());
+    assert!(report.registered, "1606 leads to a new registration");
+    let new = IdentityStore::new(dir.path()).load().unwrap().unwrap();
+    assert_eq!(new.name, old.name);
+    assert_ne!(new.client_id, old.client_id);
+    assert_ne!(new.key, old.key, "with a new RSA pair");
+    assert_eq!(
+        server.stored(new.client_id, "small.bin").unwrap(),
+        std::fs::read(&small).unwrap()
+    );
+}
+
+/// Runs `backup PATH --json` with the real binary, sampling its peak
+/// resident memory (VmHWM) until it exits. Returns the output and the peak
+/// in KiB (0 where /proc is not available).
+async fn backup_measuring_memory(
+    cwd: &Path,
+    home: &Path,
+    server: &str,
+    file: &str,
+) -> (Output, u64) {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_backup-client"));
+    cmd.args(["backup", file, "--json", "--server", server])
+        .current_dir(cwd)
+        .env_remove("BACKUP_CLIENT_DIR")
+        .env("HOME", home)
+        .env("XDG_CONFIG_HOME", home.join("config"))
+        .env("RUST_LOG", "off")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    let child = cmd.spawn().unwrap();
+    let status_path = format!("/proc/{}/status", child.id().unwrap());
+    let output = child.wait_with_output();
+    tokio::pin!(output);
+    let mut peak = 0u64;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(600);
+    loop {
+        tokio::select! {
+            out = &mut output => return (out.unwrap(), peak),
+            _ = tokio::time::sleep(Duration::from_millis(10)) => {
+                assert!(tokio::time::Instant::now() < deadline, "the client did not finish in time");
+                if let Ok(status) = std::fs::read_to_string(&status_path) {
+                    let hwm = status.lines().find_map(|l| l.strip_prefix("VmHWM:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok());
+                    peak = peak.max(hwm.unwrap_or(0));
+                }
+            }
+        }
+    }
+}
+
+/// Compares the server's stored blob with `source`, streaming both.
+fn assert_stored_equals(server: &TestServer, client: ClientId, name: &str, source: &Path) {
+    use std::io::Read;
+    let storage = Storage::open_local(server.data.path()).unwrap();
+    let version = storage
+        .meta()
+        .latest(client, &FileName::try_from(name).unwrap())
+        .unwrap()
+        .expect("stored");
+    let mut stored = storage.blobs().open(&version.blob).unwrap();
+    let mut original = std::fs::File::open(source).unwrap();
+    let (mut a, mut b) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
+    loop {
+        let n = original.read(&mut a).unwrap();
+        let mut filled = 0;
+        while filled < n {
+            let m = stored.read(&mut b[filled..n]).unwrap();
+            assert!(m > 0, "the stored copy of {name} is shorter");
+            filled += m;
+        }
+        assert!(a[..n] == b[..n], "the stored copy of {name} differs");
+        if n == 0 {
+            assert_eq!(
+                stored.read(&mut b).unwrap(),
+                0,
+                "the stored copy of {name} is longer"
+            );
+            return;
+        }
+    }
+}
+
+async fn measure_upload(mib: usize) -> (f64, u64) {
+    let server = TestServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("home");
+    let path = dir.path().join("big.bin");
+    {
+        use std::io::Write;
+        let mut f = std::io::BufWriter::new(std::fs::File::create(&path).unwrap());
+        for i in 0..mib {
+            f.write_all(&support::pattern(1 << 20, i as u32)).unwrap();
+        }
+        f.flush().unwrap();
+    }
+    let server_arg = server.server();
+    let reg = run_binary(
+        dir.path(),
+        &home,
+        &["register", "--server", &server_arg, "--name", "big"],
+    )
+    .await;
+    assert!(
+        reg.status.success(),
+        "{}",
+        String::from_utf8_lossy(&reg.stderr)
+    );
+    let (out, peak_kib) = backup_measuring_memory(dir.path(), &home, &server_arg, "big.bin").await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json = json_of(&out);
+    let id = ClientId::from_hex(json["client_id"].as_str().unwrap()).unwrap();
+    assert_stored_equals(&server, id, "big.bin", &path);
+    (json["mb_per_s"].as_f64().unwrap(), peak_kib)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_a_file_larger_than_its_memory_bound() {
+    let (_, peak_kib) = measure_upload(48).await;
+    if std::path::Path::new("/proc/self/status").exists() {
+        assert!(peak_kib > 0, "VmHWM was sampled");
+        assert!(
+            peak_kib < 40 * 1024,
+            "the client held {peak_kib} KiB for a 48 MiB file"
+        );
+    }
+}
+
+/// The figures for the README: MB/s and peak memory of one large upload.
+/// Run in release, e.g. for 1 GiB:
+/// `BACKUP_PERF_MIB=1024 cargo test --release -p backup-client --test end_to_end -- --ignored --nocapture measures_`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "heavy: writes and uploads a large file; run explicitly in release"]
+async fn measures_throughput_and_peak_memory_of_a_large_upload() {
+    let mib = std::env::var("BACKUP_PERF_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1024);
+    let (mb_per_s, peak_kib) = measure_upload(mib).await;
+    println!("upload of {mib} MiB: {mb_per_s:.0} MB/s, client peak RSS (VmHWM) {peak_kib} KiB");
+    assert!(
+        peak_kib < 64 * 1024,
+        "memory must stay bounded: {peak_kib} KiB"
+    );
+}

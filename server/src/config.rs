@@ -1,0 +1,391 @@
+//! Server configuration.
+//!
+//! [`Config`] is what [`run`](crate::run) needs. [`load`] builds it, with the
+//! address to listen on, from these sources, highest precedence first:
+//!
+//! 1. command-line flags ([`Args`]),
+//! 2. environment variables (`BACKUP_SERVER_*`, one per flag),
+//! 3. a TOML file given by `--config` ([`FileConfig`]),
+//! 4. for the port only, a legacy `port.info` file in the working directory
+//!    (`docs/PROTOCOL.md` §7): a missing or bad file warns and falls back,
+//! 5. embedded defaults: port [`DEFAULT_PORT`], data under
+//!    [`default_data_dir`].
+
+mod args;
+mod file;
+mod port_info;
+
+use std::ffi::OsString;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use protocol::Limits;
+
+pub use args::Args;
+pub use file::FileConfig;
+pub use port_info::{parse_port_info, read_port_info, PortInfo};
+
+/// The port of version 3 servers.
+pub const DEFAULT_PORT: u16 = 1256;
+/// The legacy port file, read from the working directory.
+pub const PORT_INFO: &str = "port.info";
+/// Name of the data directory under the platform's data home.
+pub const APP_DIR: &str = "backup-server";
+/// The data directory when no home directory is known.
+pub const FALLBACK_DATA_DIR: &str = "backup-data";
+
+/// What the server needs to run.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where metadata (`backup.db`) and blobs (`clients/`) live.
+    pub data_dir: PathBuf,
+    /// Limits on what a client may declare.
+    pub limits: Limits,
+    /// Answer "CRC wrong, will resend" (1030/901) with 1604, as most deployed
+    /// servers do; `false` stays silent as the assignment text reads.
+    pub reply_to_crc_retry: bool,
+    /// Connections served at once; past it a client gets 1607 and is closed.
+    pub max_connections: usize,
+    /// How long a connection may sit between requests.
+    pub idle_timeout: Duration,
+    /// How long one request may take to arrive once its first byte has.
+    /// Also bounds each response write.
+    pub request_timeout: Duration,
+    /// After shutdown is asked for, how long in-flight requests and uploads
+    /// may continue before their connections are cut.
+    pub shutdown_grace: Duration,
+    /// Committed versions kept per file name (at least 1). With 1, a new
+    /// commit replaces the previous version, as legacy servers do.
+    pub keep_versions: u32,
+}
+
+impl Config {
+    pub const DEFAULT_MAX_CONNECTIONS: usize = 256;
+    pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(120);
+    pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+    pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+    pub const DEFAULT_KEEP_VERSIONS: u32 = 1;
+
+    /// A configuration with data under `data_dir` and every other field at
+    /// its default.
+    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            data_dir: data_dir.into(),
+            limits: Limits::default(),
+            reply_to_crc_retry: true,
+            max_connections: Self::DEFAULT_MAX_CONNECTIONS,
+            idle_timeout: Self::DEFAULT_IDLE_TIMEOUT,
+            request_timeout: Self::DEFAULT_REQUEST_TIMEOUT,
+            shutdown_grace: Self::DEFAULT_SHUTDOWN_GRACE,
+            keep_versions: Self::DEFAULT_KEEP_VERSIONS,
+        }
+    }
+}
+
+/// Why the configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid config file {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: Box<toml::de::Error>,
+    },
+    #[error("invalid setting {key}: {reason}")]
+    Invalid { key: &'static str, reason: String },
+}
+
+/// The result of [`load`]: where to listen, the configuration, and warnings
+/// for the caller to log (the loader runs before anything is served).
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub listen: SocketAddr,
+    pub config: Config,
+    pub warnings: Vec<String>,
+}
+
+/// The default data directory: `$XDG_DATA_HOME/backup-server`, else
+/// `$HOME/.local/share/backup-server`, else `./backup-data`. `env` looks up
+/// an environment variable (a parameter so tests need not touch the process
+/// environment).
+pub fn default_data_dir(env: impl Fn(&str) -> Option<OsString>) -> PathBuf {
+    let absolute = |var: &str| env(var).map(PathBuf::from).filter(|p| p.is_absolute());
+    if let Some(xdg) = absolute("XDG_DATA_HOME") {
+        return xdg.join(APP_DIR);
+    }
+    if let Some(home) = absolute("HOME") {
+        return home.join(".local").join("share").join(APP_DIR);
+    }
+    PathBuf::from(FALLBACK_DATA_DIR)
+}
+
+fn secs(key: &'static str, value: u64) -> Result<Duration, ConfigError> {
+    if value == 0 {
+        return Err(ConfigError::Invalid {
+            key,
+            reason: "must be at least 1 second".into(),
+        });
+    }
+    Ok(Duration::from_secs(value))
+}
+
+/// Builds the settings from parsed flags (environment variables are folded
+/// into [`Args`] by clap), the optional config file, `port.info` in `cwd`
+/// and the defaults; `env` is used for the default data directory only.
+///
+/// # Errors
+/// When the config file cannot be read or parsed, or a value is out of range.
+pub fn load(
+    args: &Args,
+    cwd: &Path,
+    env: impl Fn(&str) -> Option<OsString>,
+) -> Result<Settings, ConfigError> {
+    let file = match &args.config {
+        Some(path) => FileConfig::read(path)?,
+        None => FileConfig::default(),
+    };
+    let mut warnings = Vec::new();
+
+    let listen = match args.listen.or(file.listen) {
+        Some(addr) => addr,
+        None => {
+            let port = match args.port.or(file.port) {
+                Some(port) => port,
+                None => {
+                    let path = cwd.join(PORT_INFO);
+                    match read_port_info(&path) {
+                        PortInfo::Port(port) => port,
+                        PortInfo::Missing => {
+                            warnings.push(format!(
+                                "{} not found; using the default port {DEFAULT_PORT}",
+                                path.display()
+                            ));
+                            DEFAULT_PORT
+                        }
+                        PortInfo::Invalid(reason) => {
+                            warnings.push(format!(
+                                "{} is invalid ({reason}); using the default port {DEFAULT_PORT}",
+                                path.display()
+                            ));
+                            DEFAULT_PORT
+                        }
+                    }
+                }
+            };
+            SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port)
+        }
+    };
+
+    let mut config = Config::new(
+        args.data_dir
+            .clone()
+            .or_else(|| file.data_dir.clone())
+            .unwrap_or_else(|| default_data_dir(env)),
+    );
+    config.reply_to_crc_retry = !(args.silent_crc_retry || file.silent_crc_retry.unwrap_or(false));
+    if let Some(n) = args.max_connections.or(file.max_connections) {
+        if n == 0 {
+            return Err(ConfigError::Invalid {
+                key: "max_connections",
+                reason: "must be at least 1".into(),
+            });
+        }
+        config.max_connections = n;
+    }
+    if let Some(s) = args.idle_timeout.or(file.idle_timeout_secs) {
+        config.idle_timeout = secs("idle_timeout", s)?;
+    }
+    if let Some(s) = args.request_timeout.or(file.request_timeout_secs) {
+        config.request_timeout = secs("request_timeout", s)?;
+    }
+    if let Some(s) = args.shutdown_grace.or(file.shutdown_grace_secs) {
+        config.shutdown_grace = Duration::from_secs(s);
+    }
+    if let Some(n) = args.keep_versions.or(file.keep_versions) {
+        if n == 0 {
+            return Err(ConfigError::Invalid {
+                key: "keep_versions",
+                reason: "must be at least 1".into(),
+            });
+        }
+        config.keep_versions = n;
+    }
+    if let Some(n) = args.max_packet_bytes.or(file.max_packet_bytes) {
+        if n == 0 {
+            return Err(ConfigError::Invalid {
+                key: "max_packet_bytes",
+                reason: "must be at least 1".into(),
+            });
+        }
+        config.limits.max_packet_content = n;
+    }
+    if let Some(n) = args.max_file_bytes.or(file.max_file_bytes) {
+        if n > protocol::limits::LEGACY_MAX_FILE_SIZE {
+            return Err(ConfigError::Invalid {
+                key: "max_file_bytes",
+                reason: format!(
+                    "the legacy size fields stop at {}",
+                    protocol::limits::LEGACY_MAX_FILE_SIZE
+                ),
+            });
+        }
+        config.limits.max_file_size = n;
+    }
+    Ok(Settings {
+        listen,
+        config,
+        warnings,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn no_env(_: &str) -> Option<OsString> {
+        None
+    }
+
+    fn parse(argv: &[&str]) -> Args {
+        Args::try_parse_from(std::iter::once("backup-server").chain(argv.iter().copied())).unwrap()
+    }
+
+    #[test]
+    fn uses_port_info_when_present_and_valid() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(PORT_INFO), "4321\n").unwrap();
+        let s = load(&parse(&[]), dir.path(), no_env).unwrap();
+        assert_eq!(s.listen.port(), 4321);
+        assert!(s.warnings.is_empty());
+    }
+
+    #[test]
+    fn falls_back_with_a_warning_when_port_info_is_missing() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = load(&parse(&[]), dir.path(), no_env).unwrap();
+        assert_eq!(s.listen.port(), DEFAULT_PORT);
+        assert_eq!(s.warnings.len(), 1);
+        assert!(s.warnings[0].contains("not found"), "{:?}", s.warnings);
+    }
+
+    #[test]
+    fn falls_back_with_a_warning_when_port_info_is_bad() {
+        let dir = tempfile::tempdir().unwrap();
+        for bad in ["", "abc", "70000", "0", "-5", "12 34"] {
+            std::fs::write(dir.path().join(PORT_INFO), bad).unwrap();
+            let s = load(&parse(&[]), dir.path(), no_env).unwrap();
+            assert_eq!(s.listen.port(), DEFAULT_PORT, "{bad:?}");
+            assert!(
+                s.warnings[0].contains("invalid"),
+                "{bad:?}: {:?}",
+                s.warnings
+            );
+        }
+        // A directory where the file should be is also just "bad".
+        std::fs::remove_file(dir.path().join(PORT_INFO)).unwrap();
+        std::fs::create_dir(dir.path().join(PORT_INFO)).unwrap();
+        let s = load(&parse(&[]), dir.path(), no_env).unwrap();
+        assert_eq!(s.listen.port(), DEFAULT_PORT);
+        assert_eq!(s.warnings.len(), 1);
+    }
+
+    #[test]
+    fn flags_override_config_file_and_port_info() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(PORT_INFO), "4321").unwrap();
+        let toml = dir.path().join("server.toml");
+        std::fs::write(
+            &toml,
+            "port = 5555\ndata_dir = \"/srv/from-file\"\nsilent_crc_retry = true\nidle_timeout_secs = 7\nkeep_versions = 3\n",
+        )
+        .unwrap();
+        let cfg = toml.to_str().unwrap();
+        let s = load(&parse(&["--config", cfg]), dir.path(), no_env).unwrap();
+        assert_eq!(s.listen.port(), 5555);
+        assert_eq!(s.config.data_dir, PathBuf::from("/srv/from-file"));
+        assert!(!s.config.reply_to_crc_retry);
+        assert_eq!(s.config.idle_timeout, Duration::from_secs(7));
+        assert_eq!(s.config.keep_versions, 3);
+
+        let s = load(
+            &parse(&[
+                "--config",
+                cfg,
+                "--listen",
+                "127.0.0.1:6000",
+                "--data-dir",
+                "/x",
+                "--idle-timeout",
+                "9",
+            ]),
+            dir.path(),
+            no_env,
+        )
+        .unwrap();
+        assert_eq!(s.listen, "127.0.0.1:6000".parse().unwrap());
+        assert_eq!(s.config.data_dir, PathBuf::from("/x"));
+        assert_eq!(s.config.idle_timeout, Duration::from_secs(9));
+    }
+
+    #[test]
+    fn rejects_unknown_config_keys_and_zero_limits() {
+        let dir = tempfile::tempdir().unwrap();
+        let toml = dir.path().join("server.toml");
+        std::fs::write(&toml, "listen_port = 1\n").unwrap();
+        let err = load(
+            &parse(&["--config", toml.to_str().unwrap()]),
+            dir.path(),
+            no_env,
+        )
+        .unwrap_err();
+        assert!(matches!(err, ConfigError::Parse { .. }), "{err}");
+        let err = load(&parse(&["--max-connections", "0"]), dir.path(), no_env).unwrap_err();
+        assert!(matches!(
+            err,
+            ConfigError::Invalid {
+                key: "max_connections",
+                ..
+            }
+        ));
+        let err = load(
+            &parse(&["--max-file-bytes", "4294967296"]),
+            dir.path(),
+            no_env,
+        )
+        .unwrap_err();
+        assert!(matches!(
+            err,
+            ConfigError::Invalid {
+                key: "max_file_bytes",
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn default_data_dir_prefers_xdg_then_home_then_cwd() {
+        let env = |pairs: &'static [(&'static str, &'static str)]| {
+            move |k: &str| {
+                pairs
+                    .iter()
+                    .find(|(n, _)| *n == k)
+                    .map(|(_, v)| OsString::from(*v))
+            }
+        };
+        assert_eq!(
+            default_data_dir(env(&[("XDG_DATA_HOME", "/xdg"), ("HOME", "/home/u")])),
+            PathBuf::from("/xdg/backup-server")
+        );
+        assert_eq!(
+            default_data_dir(env(&[("XDG_DATA_HOME", "relative"), ("HOME", "/home/u")])),
+            PathBuf::from("/home/u/.local/share/backup-server")
+        );
+        assert_eq!(default_data_dir(env(&[])), PathBuf::from(FALLBACK_DATA_DIR));
+    }
+}

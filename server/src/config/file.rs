@@ -1,0 +1,55 @@
+//! The optional TOML configuration file.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use super::ConfigError;
+
+/// Settings a `--config` file may hold; every key is optional and unknown
+/// keys are an error. A relative `data_dir` is relative to the working
+/// directory, as on the command line.
+///
+/// ```toml
+/// listen = "0.0.0.0:1256"
+/// data_dir = "/var/lib/backup-server"
+/// max_connections = 256
+/// idle_timeout_secs = 120
+/// request_timeout_secs = 60
+/// shutdown_grace_secs = 10
+/// silent_crc_retry = false
+/// keep_versions = 1
+/// max_packet_bytes = 1114112
+/// max_file_bytes = 4294967295
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub listen: Option<SocketAddr>,
+    pub port: Option<u16>,
+    pub data_dir: Option<PathBuf>,
+    pub max_connections: Option<usize>,
+    pub idle_timeout_secs: Option<u64>,
+    pub request_timeout_secs: Option<u64>,
+    pub shutdown_grace_secs: Option<u64>,
+    pub silent_crc_retry: Option<bool>,
+    pub keep_versions: Option<u32>,
+    pub max_packet_bytes: Option<usize>,
+    pub max_file_bytes: Option<u64>,
+}
+
+impl FileConfig {
+    /// Reads and parses `path`.
+    ///
+    /// # Errors
+    /// When the file cannot be read or is not valid for this schema.
+    pub fn read(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source: Box::new(source),
+        })
+    }
+}

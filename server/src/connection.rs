@@ -1,0 +1,474 @@
+//! One client connection: read requests, drive the session machine, carry
+//! out its actions, answer.
+//!
+//! Reading and decoding happen on the connection's task through a
+//! `FramedRead` with the [`ServerCodec`]; decryption and the cksum happen in
+//! [`ServerSession::handle`]; file content goes to a per-upload writer
+//! thread ([`upload`]); metadata calls run on the blocking pool. Any
+//! protocol violation is answered with 1607, logged with its precise cause,
+//! and ends the connection (`docs/PROTOCOL.md` §5).
+
+mod deadline;
+mod upload;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use futures::{SinkExt, StreamExt};
+use protocol::session::server::{
+    Action, KnownClient, RegisterOutcome, ServerConfig, ServerSession, SessionError,
+};
+use protocol::wire::RequestKind;
+use protocol::{ClientId, CodecError, Request, RequestFrame, Response, ServerCodec};
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio_util::codec::{FramedRead, FramedWrite};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, info_span, warn, Instrument, Span};
+
+use crate::config::Config;
+use crate::storage::{BlobKey, NewVersion, Registration, Storage, StorageError};
+use deadline::Deadline;
+use upload::{Staged, Upload};
+
+/// Initial read buffer: large reads keep the syscall count low.
+const READ_BUFFER: usize = 128 * 1024;
+/// How long a closing connection waits for its 1607 to go out and for the
+/// peer to stop sending.
+pub(crate) const LINGER: Duration = Duration::from_secs(1);
+/// Bytes a closing connection discards at most while lingering.
+const LINGER_BYTES: usize = 4 * 1024 * 1024;
+
+/// What every connection shares.
+pub(crate) struct Shared {
+    pub(crate) config: Config,
+    pub(crate) storage: Storage,
+    pub(crate) shutdown: CancellationToken,
+    /// Held (cloned) by every writer thread, so shutdown can wait for them.
+    pub(crate) alive: mpsc::Sender<()>,
+}
+
+/// Why a connection ended other than by the peer closing it or shutdown.
+#[derive(Debug, thiserror::Error)]
+enum Ended {
+    #[error("{0}")]
+    Read(CodecError),
+    #[error("protocol violation: {0}")]
+    Session(#[from] SessionError),
+    #[error("storage failed: {0}")]
+    Storage(StorageError),
+    #[error("could not write a response: {0}")]
+    Write(CodecError),
+    #[error("response not taken by the peer within {0:?}")]
+    WriteTimeout(Duration),
+}
+
+impl Ended {
+    /// Whether the peer should still be sent a 1607: always, unless the
+    /// connection is already broken or the error was answered.
+    fn needs_answer(&self) -> bool {
+        use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset};
+        match self {
+            // A storage failure was answered through the session already.
+            Ended::Storage(_) | Ended::Write(_) | Ended::WriteTimeout(_) => false,
+            Ended::Read(CodecError::Io(e)) => {
+                !matches!(e.kind(), ConnectionReset | ConnectionAborted | BrokenPipe)
+            }
+            Ended::Read(_) | Ended::Session(_) => true,
+        }
+    }
+}
+
+enum Next {
+    /// Boxed: a frame is much larger than the other variants.
+    Frame(Box<RequestFrame>),
+    Eof,
+    Shutdown,
+}
+
+struct Connection {
+    reader: FramedRead<Deadline<OwnedReadHalf>, ServerCodec>,
+    writer: FramedWrite<OwnedWriteHalf, ServerCodec>,
+    session: ServerSession,
+    rng: StdRng,
+    upload: Option<Upload>,
+    staged: Option<Staged>,
+    shared: Arc<Shared>,
+    span: Span,
+}
+
+/// Serves one accepted connection to its end. Never panics on peer input;
+/// every ending is logged in the connection's span.
+pub(crate) async fn serve(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
+    let span = info_span!("conn", %peer, client_id = tracing::field::Empty);
+    let inner = span.clone();
+    async move {
+        if let Err(e) = stream.set_nodelay(true) {
+            debug!(cause = %e, "could not disable Nagle's algorithm");
+        }
+        debug!("accepted");
+        let mut conn = Connection::new(stream, shared, inner);
+        let result = conn.run().await;
+        let abandoned = conn.upload.is_some() || conn.staged.is_some();
+        match &result {
+            Ok(Next::Shutdown) => info!("closed for shutdown"),
+            Ok(_) if abandoned => {
+                info!("peer closed the connection in the middle of an upload; discarded")
+            }
+            Ok(_) => debug!("closed by peer"),
+            Err(e) => warn!(cause = %e, "connection ended"),
+        }
+        conn.discard_upload().await;
+        if let Err(e) = result {
+            conn.close_with_error(e.needs_answer()).await;
+        }
+    }
+    .instrument(span)
+    .await;
+}
+
+impl Connection {
+    fn new(stream: TcpStream, shared: Arc<Shared>, span: Span) -> Self {
+        let config = &shared.config;
+        let (read, write) = stream.into_split();
+        let limits = config.limits;
+        let deadline = Deadline::new(read, config.idle_timeout, config.request_timeout);
+        Self {
+            reader: FramedRead::with_capacity(deadline, ServerCodec::new(limits), READ_BUFFER),
+            writer: FramedWrite::new(write, ServerCodec::new(limits)),
+            session: ServerSession::new(ServerConfig {
+                reply_to_crc_retry: config.reply_to_crc_retry,
+                limits,
+            }),
+            rng: StdRng::from_entropy(),
+            upload: None,
+            staged: None,
+            shared,
+            span,
+        }
+    }
+
+    /// Serves requests until the peer closes, shutdown, or an error.
+    async fn run(&mut self) -> Result<Next, Ended> {
+        loop {
+            match self.next_frame().await? {
+                Next::Frame(frame) => {
+                    let header = frame.header();
+                    let span = tracing::debug_span!("request", code = %header.code, len = header.payload_len);
+                    self.dispatch(*frame).instrument(span).await?;
+                }
+                end => return Ok(end),
+            }
+        }
+    }
+
+    /// The next request. At a request boundary with no upload in progress,
+    /// shutdown closes the connection; otherwise the request or upload in
+    /// flight continues (the server cuts it when the grace period ends).
+    /// Cancel-safe: `FramedRead` keeps partial frames.
+    async fn next_frame(&mut self) -> Result<Next, Ended> {
+        let buffered = !self.reader.read_buffer().is_empty();
+        self.reader.get_mut().arm(buffered);
+        let shutdown = self.shared.shutdown.clone();
+        loop {
+            let closable =
+                !self.reader.get_ref().in_request() && !self.session.has_uncommitted_upload();
+            tokio::select! {
+                biased;
+                () = shutdown.cancelled(), if closable => {
+                    if self.reader.get_ref().in_request() {
+                        continue;
+                    }
+                    return Ok(Next::Shutdown);
+                }
+                item = self.reader.next() => return match item {
+                    None => Ok(Next::Eof),
+                    Some(Ok(frame)) => Ok(Next::Frame(Box::new(frame))),
+                    Some(Err(e)) => Err(Ended::Read(e)),
+                },
+            }
+        }
+    }
+
+    /// Runs `f` on the blocking pool (the connection itself is not `Sync`,
+    /// so this takes only what the closure needs).
+    fn blocking<T, F>(
+        &self,
+        f: F,
+    ) -> impl std::future::Future<Output = Result<T, StorageError>> + Send + 'static
+    where
+        T: Send + 'static,
+        F: FnOnce(&Storage) -> Result<T, StorageError> + Send + 'static,
+    {
+        let storage = self.shared.storage.clone();
+        async move {
+            tokio::task::spawn_blocking(move || f(&storage))
+                .await
+                .map_err(|e| StorageError::Worker(e.to_string()))?
+        }
+    }
+
+    async fn reply(&mut self, response: &Response) -> Result<(), Ended> {
+        let limit = self.shared.config.request_timeout;
+        match tokio::time::timeout(limit, self.writer.send(response)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(Ended::Write(e)),
+            Err(_) => Err(Ended::WriteTimeout(limit)),
+        }
+    }
+
+    /// Answers a storage failure with 1607 and ends the connection: the
+    /// session has forgotten the upload, so the client cannot carry on.
+    async fn storage_failure(&mut self, e: StorageError) -> Result<(), Ended> {
+        let response = self.session.storage_failed();
+        self.reply(&response).await?;
+        Err(Ended::Storage(e))
+    }
+
+    fn bind_client(&self, client_id: ClientId) {
+        self.span
+            .record("client_id", tracing::field::display(client_id));
+    }
+
+    async fn dispatch(&mut self, frame: RequestFrame) -> Result<(), Ended> {
+        let kind = frame.request.kind();
+        // Large packets go to the writer as they are: hand one of its used
+        // buffers back for this packet's plaintext. (Small ones are copied
+        // into a batch, whose buffers are recycled by the upload itself.)
+        if let (Request::SendFile(packet), Some(upload)) = (&frame.request, self.upload.as_mut()) {
+            let needed = packet.content.len() + protocol::crypto::BLOCK;
+            if needed > upload::BATCH {
+                if let Some(buf) = upload.spare(needed) {
+                    self.session.recycle(buf);
+                }
+            }
+        }
+        let action = self.session.handle(frame, &mut self.rng)?;
+        match action {
+            Action::Reply(response) => self.reply(&response).await,
+            Action::Register { client_id, name } => {
+                let n = name.clone();
+                let outcome = match self
+                    .blocking(move |s| s.meta().register(client_id, &n, SystemTime::now()))
+                    .await
+                {
+                    Ok(Registration::Created) => RegisterOutcome::Created,
+                    Ok(Registration::NameTaken) => RegisterOutcome::NameTaken,
+                    Err(e) => {
+                        error!(cause = %e, "registration failed");
+                        RegisterOutcome::Failed
+                    }
+                };
+                let response = self.session.registered(outcome)?;
+                match outcome {
+                    RegisterOutcome::Created => {
+                        self.bind_client(client_id);
+                        info!(name = ?name, "registered");
+                    }
+                    RegisterOutcome::NameTaken => {
+                        info!(name = ?name, "registration refused: name taken")
+                    }
+                    RegisterOutcome::Failed => {}
+                }
+                self.reply(&response).await
+            }
+            Action::StoreKey { client_id, key, .. } => {
+                let stored = match self
+                    .blocking(move |s| s.meta().set_public_key(client_id, &key, SystemTime::now()))
+                    .await
+                {
+                    Ok(true) => true,
+                    Ok(false) => {
+                        error!("client is not in the metadata; public key not stored");
+                        false
+                    }
+                    Err(e) => {
+                        error!(cause = %e, "storing the public key failed");
+                        false
+                    }
+                };
+                let response = self.session.key_stored(stored, &mut self.rng)?;
+                if matches!(response, Response::KeyAccepted { .. }) {
+                    info!("public key stored; session key sent");
+                }
+                self.reply(&response).await
+            }
+            Action::LookupClient { client_id, name } => {
+                let found = match self.blocking(move |s| s.meta().client(client_id)).await {
+                    Ok(found) => found,
+                    Err(e) => {
+                        error!(cause = %e, "client lookup failed");
+                        let response = self.session.storage_failed();
+                        return self.reply(&response).await;
+                    }
+                };
+                let known = found.map(|c| KnownClient {
+                    name: c.name,
+                    public_key: c.public_key,
+                });
+                let response = self.session.looked_up(known, &mut self.rng)?;
+                if matches!(response, Response::Reconnected { .. }) {
+                    self.bind_client(client_id);
+                    info!(name = ?name, "reconnected; session key sent");
+                    let storage = self.shared.storage.clone();
+                    tokio::task::spawn_blocking(move || {
+                        if let Err(e) = storage.meta().touch(client_id, SystemTime::now()) {
+                            warn!(cause = %e, "could not update last seen");
+                        }
+                    });
+                } else {
+                    info!(%client_id, name = ?name, "reconnect refused: unknown id, other name or no public key");
+                }
+                self.reply(&response).await
+            }
+            Action::Write {
+                start,
+                plaintext,
+                done,
+            } => {
+                if let Some(start) = start {
+                    let Some((client_id, _)) = self.session.client() else {
+                        return Err(SessionError::NoPendingAction.into());
+                    };
+                    debug!(file = ?start.file, orig_size = start.orig_size, attempt = start.attempt, "upload started");
+                    self.discard_upload().await;
+                    match Upload::start(
+                        self.shared.storage.blobs_arc(),
+                        client_id,
+                        self.shared.alive.clone(),
+                    ) {
+                        Ok(upload) => self.upload = Some(upload),
+                        Err(e) => return self.storage_failure(e).await,
+                    }
+                }
+                let Some(upload) = self.upload.as_mut() else {
+                    return Err(SessionError::NoPendingAction.into());
+                };
+                if let Err(e) = upload.write(plaintext).await {
+                    return self.storage_failure(e).await;
+                }
+                let Some(done) = done else {
+                    return Ok(());
+                };
+                let Some(upload) = self.upload.take() else {
+                    return Err(SessionError::NoPendingAction.into());
+                };
+                match upload.finish().await {
+                    Ok(staged) => self.staged = Some(staged),
+                    Err(e) => return self.storage_failure(e).await,
+                }
+                self.reply(&done).await
+            }
+            Action::Commit {
+                client_id,
+                file,
+                size,
+                cksum,
+                reply,
+            } => {
+                let Some(staged) = self.staged.take() else {
+                    return Err(SessionError::NoPendingAction.into());
+                };
+                let Staged {
+                    blob,
+                    sha256,
+                    size: written,
+                    started,
+                } = staged;
+                if written != size {
+                    let e = StorageError::Corrupt(format!(
+                        "wrote {written} bytes but the session counted {size}"
+                    ));
+                    return self.storage_failure(e).await;
+                }
+                let version = NewVersion {
+                    client: client_id,
+                    file: file.clone(),
+                    blob: BlobKey(String::new()),
+                    size,
+                    content_size: protocol::crypto::pkcs7_len(size),
+                    cksum,
+                    sha256,
+                    stored_at: SystemTime::now(),
+                };
+                let keep = self.shared.config.keep_versions;
+                if let Err(e) = self.blocking(move |s| s.commit(blob, version, keep)).await {
+                    return self.storage_failure(e).await;
+                }
+                let secs = started.elapsed().as_secs_f64();
+                let mb_per_s = size as f64 / 1e6 / secs.max(1e-6);
+                info!(file = ?file, size, cksum, secs = format_args!("{secs:.3}"), mb_per_s = format_args!("{mb_per_s:.1}"), "upload committed");
+                self.reply(&reply).await
+            }
+            Action::Discard { reply } => {
+                self.discard_upload().await;
+                match (kind, &reply) {
+                    (_, Some(Response::GeneralError)) => {
+                        warn!("client confirmed a cksum for content whose padding or size was wrong; discarded")
+                    }
+                    (RequestKind::CrcRetry, _) => info!(
+                        "client reported a cksum mismatch; attempt discarded, a resend follows"
+                    ),
+                    (RequestKind::CrcAbort, _) => {
+                        warn!("client gave up after repeated cksum mismatches; nothing committed")
+                    }
+                    _ => info!("upload discarded"),
+                }
+                match reply {
+                    Some(response) => self.reply(&response).await,
+                    None => Ok(()),
+                }
+            }
+        }
+    }
+
+    /// Drops any upload in progress (its writer removes the temporary) and
+    /// any staged content (removed on the blocking pool).
+    async fn discard_upload(&mut self) {
+        self.upload = None;
+        if let Some(staged) = self.staged.take() {
+            let _ = tokio::task::spawn_blocking(move || drop(staged)).await;
+        }
+    }
+
+    /// Answers 1607 if asked, then closes gracefully: our side first, then
+    /// briefly discarding what the peer still sends, so that the close is
+    /// not a reset that could destroy the answer in flight.
+    async fn close_with_error(self, answer: bool) {
+        let Connection {
+            reader, mut writer, ..
+        } = self;
+        if answer {
+            let _ = tokio::time::timeout(LINGER, writer.send(&Response::GeneralError)).await;
+        }
+        let mut write = writer.into_inner();
+        let _ = tokio::time::timeout(LINGER, write.shutdown()).await;
+        let mut read = reader.into_inner().into_inner();
+        linger(&mut read).await;
+    }
+}
+
+/// Reads and discards for at most [`LINGER`] or [`LINGER_BYTES`].
+pub(crate) async fn linger<R: tokio::io::AsyncRead + Unpin>(read: &mut R) {
+    let mut sink = vec![0u8; 16 * 1024];
+    let mut total = 0usize;
+    let _ = tokio::time::timeout(LINGER, async {
+        loop {
+            match read.read(&mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    total += n;
+                    if total >= LINGER_BYTES {
+                        break;
+                    }
+                }
+            }
+        }
+    })
+    .await;
+}

@@ -1,0 +1,191 @@
+//! The writer of one upload: a dedicated thread fed through a bounded
+//! channel.
+//!
+//! The connection task decrypts and checksums each packet (in the session
+//! machine) and hands the plaintext here; the thread hashes it with SHA-256
+//! and writes it to a temporary blob. The channel holds at most
+//! [`QUEUE_DEPTH`] batches, so a slow disk stops the connection task from
+//! reading, and TCP pushes back on the client: memory per upload stays a
+//! small multiple of the packet limit. Small packets are gathered into
+//! batches of [`BATCH`] bytes so that the per-message cost stays negligible.
+//! Written buffers come back to the connection for reuse, so a long upload
+//! does not allocate (and page-fault) a fresh buffer per packet.
+
+use std::time::Instant;
+
+use bytes::BytesMut;
+use protocol::ClientId;
+use sha2::{Digest, Sha256};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::storage::{BlobStore, StagedBlob, StorageError};
+
+/// Batches in flight between the connection task and the writer thread.
+pub(crate) const QUEUE_DEPTH: usize = 2;
+/// Plaintext gathered before a batch is handed to the writer.
+pub(crate) const BATCH: usize = 256 * 1024;
+/// Written buffers kept for reuse.
+const POOL: usize = QUEUE_DEPTH + 1;
+
+enum Chunk {
+    Data(BytesMut),
+    Finish,
+}
+
+/// Content written and synced, awaiting the client's verdict. Dropping it
+/// removes the temporary.
+pub(crate) struct Staged {
+    pub(crate) blob: Box<dyn StagedBlob>,
+    pub(crate) sha256: [u8; 32],
+    pub(crate) size: u64,
+    pub(crate) started: Instant,
+}
+
+/// An upload in progress. Dropping it without [`finish`](Self::finish)
+/// makes the writer discard the temporary.
+pub(crate) struct Upload {
+    tx: mpsc::Sender<Chunk>,
+    outcome: oneshot::Receiver<Result<Staged, StorageError>>,
+    batch: BytesMut,
+    /// Buffers the writer is done with.
+    returned: std::sync::mpsc::Receiver<BytesMut>,
+    pool: Vec<BytesMut>,
+}
+
+impl Upload {
+    /// Starts the writer thread for a new blob of `client`. `alive` is held
+    /// by the thread until it ends, so shutdown can wait for it.
+    ///
+    /// # Errors
+    /// When the thread cannot be started.
+    pub(crate) fn start(
+        blobs: std::sync::Arc<dyn BlobStore>,
+        client: ClientId,
+        alive: mpsc::Sender<()>,
+    ) -> Result<Self, StorageError> {
+        let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
+        let (outcome_tx, outcome) = oneshot::channel();
+        // Unbounded, but only the few buffers in flight ever travel on it.
+        let (give_back, returned) = std::sync::mpsc::channel();
+        let started = Instant::now();
+        std::thread::Builder::new()
+            .name("upload-writer".into())
+            .spawn(move || {
+                let _alive = alive;
+                if let Some(result) = write_all(&*blobs, client, rx, &give_back, started) {
+                    let _ = outcome_tx.send(result);
+                }
+            })
+            .map_err(|e| StorageError::Worker(format!("cannot start a writer thread: {e}")))?;
+        Ok(Self {
+            tx,
+            outcome,
+            batch: BytesMut::new(),
+            returned,
+            pool: Vec::new(),
+        })
+    }
+
+    /// A buffer of at least `capacity` bytes the writer is done with, if any.
+    pub(crate) fn spare(&mut self, capacity: usize) -> Option<BytesMut> {
+        while self.pool.len() < POOL {
+            match self.returned.try_recv() {
+                Ok(buf) => self.pool.push(buf),
+                Err(_) => break,
+            }
+        }
+        let i = self.pool.iter().position(|b| b.capacity() >= capacity)?;
+        Some(self.pool.swap_remove(i))
+    }
+
+    async fn send(&mut self, chunk: Chunk) -> Result<(), StorageError> {
+        if self.tx.send(chunk).await.is_err() {
+            // The writer stopped early: it reports why through `outcome`.
+            return Err(match (&mut self.outcome).await {
+                Ok(Err(e)) => e,
+                _ => StorageError::Worker("the writer stopped".into()),
+            });
+        }
+        Ok(())
+    }
+
+    /// Queues `plaintext` for writing; waits while the writer is
+    /// [`QUEUE_DEPTH`] batches behind. Cancel-safe only in that dropping the
+    /// upload discards it.
+    ///
+    /// # Errors
+    /// When the writer failed.
+    pub(crate) async fn write(&mut self, plaintext: BytesMut) -> Result<(), StorageError> {
+        if self.batch.is_empty() && plaintext.len() >= BATCH {
+            return self.send(Chunk::Data(plaintext)).await;
+        }
+        if self.batch.is_empty() {
+            match self.spare(BATCH) {
+                Some(mut buf) => {
+                    buf.clear();
+                    self.batch = buf;
+                }
+                None => self.batch.reserve(BATCH),
+            }
+        }
+        self.batch.extend_from_slice(&plaintext);
+        if self.batch.len() >= BATCH {
+            let full = self.batch.split();
+            self.send(Chunk::Data(full)).await?;
+        }
+        Ok(())
+    }
+
+    /// Writes what is left, makes the temporary durable and returns it.
+    ///
+    /// # Errors
+    /// When the writer failed.
+    pub(crate) async fn finish(mut self) -> Result<Staged, StorageError> {
+        if !self.batch.is_empty() {
+            let rest = self.batch.split();
+            self.send(Chunk::Data(rest)).await?;
+        }
+        self.send(Chunk::Finish).await?;
+        self.outcome
+            .await
+            .unwrap_or_else(|_| Err(StorageError::Worker("the writer stopped".into())))
+    }
+}
+
+/// The writer thread's loop. `None` when the upload was abandoned (the
+/// channel closed before `Finish`): the temporary is removed as the writer
+/// drops.
+fn write_all(
+    blobs: &dyn BlobStore,
+    client: ClientId,
+    mut rx: mpsc::Receiver<Chunk>,
+    give_back: &std::sync::mpsc::Sender<BytesMut>,
+    started: Instant,
+) -> Option<Result<Staged, StorageError>> {
+    let mut writer = match blobs.create(client) {
+        Ok(w) => w,
+        Err(e) => return Some(Err(e)),
+    };
+    let mut sha = Sha256::new();
+    let mut size = 0u64;
+    loop {
+        match rx.blocking_recv()? {
+            Chunk::Data(bytes) => {
+                sha.update(&bytes);
+                size += bytes.len() as u64;
+                if let Err(e) = writer.write(&bytes) {
+                    return Some(Err(e));
+                }
+                let _ = give_back.send(bytes);
+            }
+            Chunk::Finish => {
+                return Some(writer.finish().map(|blob| Staged {
+                    blob,
+                    sha256: sha.finalize().into(),
+                    size,
+                    started,
+                }))
+            }
+        }
+    }
+}

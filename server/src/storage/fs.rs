@@ -1,0 +1,485 @@
+//! Blobs as files in a local data directory.
+//!
+//! ```text
+//! <data>/clients/<client-hex>/tmp/<random-hex>.part   an upload in progress or awaiting its verdict
+//! <data>/clients/<client-hex>/blobs/<random-hex>      a committed version
+//! ```
+//!
+//! Every path is built from a client id (hex) and random hex generated here;
+//! keys read back from the metadata are parsed against that shape before
+//! use, so no path can leave a client's folder.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+
+use protocol::ClientId;
+
+use super::{BlobInventory, BlobKey, BlobStore, BlobWriter, StagedBlob, StorageError};
+
+/// Directory of the per-client folders.
+pub const CLIENTS_DIR: &str = "clients";
+/// Committed blobs inside a client's folder.
+pub const BLOBS_DIR: &str = "blobs";
+/// Temporaries inside a client's folder.
+pub const TMP_DIR: &str = "tmp";
+/// Suffix of temporaries.
+pub const TMP_SUFFIX: &str = ".part";
+
+/// Buffer in front of each temporary file: writes of this size or more go
+/// straight to the file.
+const WRITE_BUFFER: usize = 256 * 1024;
+/// Bytes written between background syncs of a large temporary. The final
+/// sync before the 1603 answer then only has the tail left to write back,
+/// instead of the whole file.
+pub const EARLY_SYNC_BYTES: u64 = if cfg!(test) {
+    1024 * 1024
+} else {
+    64 * 1024 * 1024
+};
+
+fn random_hex() -> String {
+    let bytes: [u8; 16] = rand::random();
+    hex::encode(bytes)
+}
+
+fn is_hex32(s: &str) -> bool {
+    s.len() == 32
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// Syncs a directory so that entries created, renamed or removed in it are
+/// durable.
+fn sync_dir(dir: &Path) -> Result<(), StorageError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| StorageError::io("sync directory", dir, e))
+}
+
+fn create_private_dir(path: &Path) -> std::io::Result<()> {
+    let mut builder = fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        builder.mode(0o700);
+    }
+    builder.create(path)
+}
+
+/// Blobs under a data directory.
+#[derive(Debug, Clone)]
+pub struct FsBlobStore {
+    root: PathBuf,
+}
+
+impl FsBlobStore {
+    /// A store rooted at `data_dir`, created (mode 0700) if missing.
+    ///
+    /// # Errors
+    /// When the directories cannot be created.
+    pub fn open(data_dir: &Path) -> Result<Self, StorageError> {
+        let clients = data_dir.join(CLIENTS_DIR);
+        create_private_dir(&clients).map_err(|e| StorageError::io("create", &clients, e))?;
+        Ok(Self {
+            root: data_dir.to_owned(),
+        })
+    }
+
+    fn client_dir(&self, client: ClientId) -> PathBuf {
+        self.root.join(CLIENTS_DIR).join(client.to_hex())
+    }
+
+    /// The path of a committed blob, after checking that `key` has exactly
+    /// the shape this store generates.
+    ///
+    /// # Errors
+    /// [`StorageError::BadKey`] for any other key.
+    pub fn path_of(&self, key: &BlobKey) -> Result<PathBuf, StorageError> {
+        let bad = || StorageError::BadKey(key.0.clone());
+        let parts: Vec<&str> = key.0.split('/').collect();
+        match parts.as_slice() {
+            [CLIENTS_DIR, client, BLOBS_DIR, blob] if is_hex32(client) && is_hex32(blob) => {
+                Ok(self
+                    .root
+                    .join(CLIENTS_DIR)
+                    .join(client)
+                    .join(BLOBS_DIR)
+                    .join(blob))
+            }
+            _ => Err(bad()),
+        }
+    }
+
+    /// Creates the client's `blobs/` and `tmp/` folders if missing, making
+    /// new directory entries durable.
+    fn ensure_client_dirs(&self, client: ClientId) -> Result<PathBuf, StorageError> {
+        let dir = self.client_dir(client);
+        let blobs = dir.join(BLOBS_DIR);
+        let tmp = dir.join(TMP_DIR);
+        if blobs.is_dir() && tmp.is_dir() {
+            return Ok(dir);
+        }
+        for d in [&blobs, &tmp] {
+            create_private_dir(d).map_err(|e| StorageError::io("create", d, e))?;
+        }
+        sync_dir(&dir)?;
+        sync_dir(&self.root.join(CLIENTS_DIR))?;
+        Ok(dir)
+    }
+}
+
+impl BlobStore for FsBlobStore {
+    fn create(&self, client: ClientId) -> Result<Box<dyn BlobWriter>, StorageError> {
+        let dir = self.ensure_client_dirs(client)?;
+        let path = dir
+            .join(TMP_DIR)
+            .join(format!("{}{TMP_SUFFIX}", random_hex()));
+        let mut options = OpenOptions::new();
+        options.write(true).create_new(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            options.mode(0o600);
+        }
+        let file = options
+            .open(&path)
+            .map_err(|e| StorageError::io("create", &path, e))?;
+        Ok(Box::new(FsWriter {
+            file: Some(BufWriter::with_capacity(WRITE_BUFFER, file)),
+            path,
+            client_dir: dir,
+            client,
+            unsynced: 0,
+            syncer: None,
+        }))
+    }
+
+    fn open(&self, key: &BlobKey) -> Result<Box<dyn Read + Send>, StorageError> {
+        let path = self.path_of(key)?;
+        let file = File::open(&path).map_err(|e| StorageError::io("open", &path, e))?;
+        Ok(Box::new(file))
+    }
+
+    fn delete(&self, key: &BlobKey) -> Result<(), StorageError> {
+        let path = self.path_of(key)?;
+        match fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(StorageError::io("remove", &path, e)),
+        }
+    }
+
+    fn recover(&self) -> Result<BlobInventory, StorageError> {
+        let clients = self.root.join(CLIENTS_DIR);
+        let mut inventory = BlobInventory::default();
+        let entries = fs::read_dir(&clients).map_err(|e| StorageError::io("list", &clients, e))?;
+        for entry in entries {
+            let entry = entry.map_err(|e| StorageError::io("list", &clients, e))?;
+            let name = entry.file_name();
+            let Some(client) = name.to_str().filter(|n| is_hex32(n)) else {
+                tracing::warn!(entry = ?entry.path(), "unexpected entry in the clients folder; left alone");
+                continue;
+            };
+            let dir = entry.path();
+            let tmp = dir.join(TMP_DIR);
+            if let Ok(temps) = fs::read_dir(&tmp) {
+                for t in temps {
+                    let t = t.map_err(|e| StorageError::io("list", &tmp, e))?;
+                    let path = t.path();
+                    if path.is_file() {
+                        fs::remove_file(&path).map_err(|e| StorageError::io("remove", &path, e))?;
+                        inventory.removed_temporaries += 1;
+                    }
+                }
+                sync_dir(&tmp)?;
+            }
+            let blobs = dir.join(BLOBS_DIR);
+            let Ok(listing) = fs::read_dir(&blobs) else {
+                continue;
+            };
+            for b in listing {
+                let b = b.map_err(|e| StorageError::io("list", &blobs, e))?;
+                let file_name = b.file_name();
+                let meta = b
+                    .metadata()
+                    .map_err(|e| StorageError::io("stat", &b.path(), e))?;
+                match file_name.to_str() {
+                    Some(blob) if is_hex32(blob) && meta.is_file() => {
+                        let key = BlobKey(format!("{CLIENTS_DIR}/{client}/{BLOBS_DIR}/{blob}"));
+                        inventory.blobs.push((key, meta.len()));
+                    }
+                    _ => {
+                        tracing::warn!(entry = ?b.path(), "unexpected entry among blobs; left alone")
+                    }
+                }
+            }
+        }
+        Ok(inventory)
+    }
+}
+
+/// Early writeback without `unsafe`: a thread that calls `sync_data` on a
+/// second handle of the temporary whenever asked, while the writer goes on
+/// writing. Requests made while a sync runs are merged into the next one.
+struct Syncer {
+    ask: std::sync::mpsc::SyncSender<()>,
+    done: std::thread::JoinHandle<std::io::Result<()>>,
+}
+
+impl Syncer {
+    fn start(file: &File) -> std::io::Result<Self> {
+        let file = file.try_clone()?;
+        let (ask, asked) = std::sync::mpsc::sync_channel::<()>(1);
+        let done = std::thread::Builder::new()
+            .name("upload-sync".into())
+            .spawn(move || {
+                for () in asked {
+                    file.sync_data()?;
+                }
+                Ok(())
+            })?;
+        Ok(Self { ask, done })
+    }
+
+    /// Waits for the syncs asked for; any failure fails the upload (a
+    /// failed sync may have dropped data the final sync would not see).
+    fn join(self) -> std::io::Result<()> {
+        drop(self.ask);
+        self.done
+            .join()
+            .unwrap_or_else(|_| Err(std::io::Error::other("the sync thread panicked")))
+    }
+}
+
+/// A temporary being written.
+struct FsWriter {
+    file: Option<BufWriter<File>>,
+    path: PathBuf,
+    client_dir: PathBuf,
+    client: ClientId,
+    /// Bytes written since the last background sync was asked for.
+    unsynced: u64,
+    syncer: Option<Syncer>,
+}
+
+impl BlobWriter for FsWriter {
+    fn write(&mut self, bytes: &[u8]) -> Result<(), StorageError> {
+        let file = self
+            .file
+            .as_mut()
+            .ok_or_else(|| StorageError::Worker("write after finish".into()))?;
+        file.write_all(bytes)
+            .map_err(|e| StorageError::io("write", &self.path, e))?;
+        self.unsynced += bytes.len() as u64;
+        if self.unsynced >= EARLY_SYNC_BYTES {
+            self.unsynced = 0;
+            if self.syncer.is_none() {
+                let syncer = Syncer::start(file.get_ref())
+                    .map_err(|e| StorageError::io("start syncing", &self.path, e))?;
+                self.syncer = Some(syncer);
+            }
+            if let Some(syncer) = &self.syncer {
+                // Full: a sync is already due and will cover these bytes.
+                let _ = syncer.ask.try_send(());
+            }
+        }
+        Ok(())
+    }
+
+    fn finish(mut self: Box<Self>) -> Result<Box<dyn StagedBlob>, StorageError> {
+        let file = self
+            .file
+            .take()
+            .ok_or_else(|| StorageError::Worker("finished twice".into()))?;
+        let file = file
+            .into_inner()
+            .map_err(|e| StorageError::io("flush", &self.path, e.into_error()))?;
+        if let Some(syncer) = self.syncer.take() {
+            syncer
+                .join()
+                .map_err(|e| StorageError::io("sync", &self.path, e))?;
+        }
+        file.sync_all()
+            .map_err(|e| StorageError::io("sync", &self.path, e))?;
+        drop(file);
+        Ok(Box::new(FsStaged {
+            path: Some(std::mem::take(&mut self.path)),
+            client_dir: std::mem::take(&mut self.client_dir),
+            client: self.client,
+        }))
+    }
+}
+
+impl Drop for FsWriter {
+    fn drop(&mut self) {
+        if self.file.take().is_some() {
+            let _ = fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// A synced temporary awaiting publication.
+struct FsStaged {
+    /// `None` once published.
+    path: Option<PathBuf>,
+    client_dir: PathBuf,
+    client: ClientId,
+}
+
+impl StagedBlob for FsStaged {
+    fn publish(mut self: Box<Self>) -> Result<BlobKey, StorageError> {
+        let tmp = self
+            .path
+            .take()
+            .ok_or_else(|| StorageError::Worker("published twice".into()))?;
+        let blob = random_hex();
+        let blobs = self.client_dir.join(BLOBS_DIR);
+        let dest = blobs.join(&blob);
+        if let Err(e) = fs::rename(&tmp, &dest) {
+            let _ = fs::remove_file(&tmp);
+            return Err(StorageError::io("rename", &tmp, e));
+        }
+        sync_dir(&blobs)?;
+        Ok(BlobKey(format!(
+            "{CLIENTS_DIR}/{}/{BLOBS_DIR}/{blob}",
+            self.client.to_hex()
+        )))
+    }
+}
+
+impl Drop for FsStaged {
+    fn drop(&mut self) {
+        if let Some(path) = self.path.take() {
+            let _ = fs::remove_file(path);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn files_under(dir: &Path) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        let mut stack = vec![dir.to_owned()];
+        while let Some(d) = stack.pop() {
+            for e in fs::read_dir(&d).unwrap() {
+                let p = e.unwrap().path();
+                if p.is_dir() {
+                    stack.push(p);
+                } else {
+                    out.push(p);
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn publishes_only_after_finish_and_publish() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FsBlobStore::open(dir.path()).unwrap();
+        let id = ClientId([0xab; 16]);
+        let mut w = store.create(id).unwrap();
+        w.write(b"hello ").unwrap();
+        w.write(b"world").unwrap();
+        let staged = w.finish().unwrap();
+        assert!(
+            only_temporaries(dir.path()),
+            "nothing is visible before publish"
+        );
+        let key = staged.publish().unwrap();
+        let mut content = String::new();
+        store
+            .open(&key)
+            .unwrap()
+            .read_to_string(&mut content)
+            .unwrap();
+        assert_eq!(content, "hello world");
+        let path = store.path_of(&key).unwrap();
+        assert!(path.starts_with(dir.path().join("clients").join(id.to_hex()).join("blobs")));
+    }
+
+    fn only_temporaries(root: &Path) -> bool {
+        files_under(root)
+            .iter()
+            .all(|p| p.parent().is_some_and(|d| d.ends_with(TMP_DIR)))
+    }
+
+    #[test]
+    fn syncs_large_blobs_early_and_keeps_every_byte() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FsBlobStore::open(dir.path()).unwrap();
+        let mut w = store.create(ClientId([3; 16])).unwrap();
+        let mut expected = Vec::new();
+        for i in 0..40u8 {
+            let chunk = vec![i; 100_000];
+            w.write(&chunk).unwrap();
+            expected.extend_from_slice(&chunk);
+        }
+        assert!(expected.len() as u64 > 3 * EARLY_SYNC_BYTES);
+        let key = w.finish().unwrap().publish().unwrap();
+        let mut got = Vec::new();
+        store.open(&key).unwrap().read_to_end(&mut got).unwrap();
+        assert_eq!(got, expected);
+    }
+
+    #[test]
+    fn dropping_a_writer_or_staged_blob_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FsBlobStore::open(dir.path()).unwrap();
+        let mut w = store.create(ClientId([1; 16])).unwrap();
+        w.write(b"abc").unwrap();
+        drop(w);
+        let mut w = store.create(ClientId([1; 16])).unwrap();
+        w.write(b"abc").unwrap();
+        drop(w.finish().unwrap());
+        assert!(files_under(dir.path()).is_empty());
+    }
+
+    #[test]
+    fn recover_removes_temporaries_and_lists_blobs() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FsBlobStore::open(dir.path()).unwrap();
+        let mut w = store.create(ClientId([2; 16])).unwrap();
+        w.write(b"12345").unwrap();
+        let key = w.finish().unwrap().publish().unwrap();
+        let mut pending = store.create(ClientId([2; 16])).unwrap();
+        pending.write(b"half").unwrap();
+        // A crash: the writer is never dropped.
+        std::mem::forget(pending);
+        let inv = store.recover().unwrap();
+        assert_eq!(inv.removed_temporaries, 1);
+        assert_eq!(inv.blobs, vec![(key, 5)]);
+        assert_eq!(files_under(dir.path()).len(), 1);
+    }
+
+    #[test]
+    fn rejects_keys_of_any_other_shape() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FsBlobStore::open(dir.path()).unwrap();
+        let h = "0123456789abcdef0123456789abcdef";
+        assert!(store
+            .path_of(&BlobKey(format!("clients/{h}/blobs/{h}")))
+            .is_ok());
+        for bad in [
+            format!("clients/{h}/blobs/../../x"),
+            format!("clients/../blobs/{h}"),
+            format!("/etc/{h}/blobs/{h}"),
+            format!("clients/{h}/tmp/{h}"),
+            format!("clients/{h}/blobs/{h}/x"),
+            format!("clients/{}/blobs/{h}", h.to_uppercase()),
+            String::new(),
+        ] {
+            assert!(
+                matches!(
+                    store.path_of(&BlobKey(bad.clone())),
+                    Err(StorageError::BadKey(_))
+                ),
+                "{bad}"
+            );
+        }
+    }
+}

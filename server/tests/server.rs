@@ -1,0 +1,27 @@
+//! End-to-end tests: the real server on 127.0.0.1:0 (or the real binary),
+//! driven through `protocol`'s `ClientCodec`.
+//!
+//! `cargo test -p backup-server --test server` runs them all; the measurement
+//! in `perf` is ignored by default (see that module for how to run it).
+//! The modules live in `tests/server/` (a test crate root looks for its
+//! modules next to itself, hence the `path` attributes).
+
+#[path = "server/harness.rs"]
+mod harness;
+
+#[path = "server/concurrency.rs"]
+mod concurrency;
+#[path = "server/crash.rs"]
+mod crash;
+#[path = "server/flows.rs"]
+mod flows;
+#[path = "server/hostile.rs"]
+mod hostile;
+#[path = "server/lifecycle.rs"]
+mod lifecycle;
+#[path = "server/malformed.rs"]
+mod malformed;
+#[path = "server/perf.rs"]
+mod perf;
+#[path = "server/vectors.rs"]
+mod vectors;
