@@ -722,7 +722,7 @@ pub fn server_session(data: &[u8]) {
             upload = None;
         }
         match action {
-            Action::Reply(_) => {}
+            Action::Reply(_) | Action::Retrieve { .. } => {}
             Action::Register { client_id, name } => {
                 let outcome = match input.u8() % 8 {
                     0 => RegisterOutcome::NameTaken,

@@ -7,6 +7,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 
 use crate::limits::{Limits, FILE_PACKET_HEAD_LEN};
 use crate::name::{FileName, NameError, UserName, NAME_FIELD_LEN};
+use crate::retrieval::{RetrievalRequest, RetrievalResponse};
 use crate::wire::{
     u16_le, u32_le, ClientId, Numbering, RequestCode, RequestHeader, RequestKind, ResponseCode,
     ResponseHeader, VERSION,
@@ -48,6 +49,8 @@ pub enum Request {
     CrcRetry { file: FileName },
     /// 1031/902: fourth mismatch; the client gives up on the file.
     CrcAbort { file: FileName },
+    /// 1240..=1242: list, restore or delete (`docs/PROTOCOL.md` §11).
+    Retrieval(RetrievalRequest),
 }
 
 /// The raw 160-byte public-key field, kept as sent so that it re-encodes
@@ -111,6 +114,9 @@ impl Request {
             Request::CrcOk { .. } => RequestKind::CrcOk,
             Request::CrcRetry { .. } => RequestKind::CrcRetry,
             Request::CrcAbort { .. } => RequestKind::CrcAbort,
+            Request::Retrieval(RetrievalRequest::List { .. }) => RequestKind::List,
+            Request::Retrieval(RetrievalRequest::Restore { .. }) => RequestKind::Restore,
+            Request::Retrieval(RetrievalRequest::Delete { .. }) => RequestKind::Delete,
         }
     }
 
@@ -126,6 +132,11 @@ impl Request {
             RequestKind::SendFile => (FILE_PACKET_HEAD_LEN, limits.max_file_packet_payload()),
             RequestKind::CrcOk | RequestKind::CrcRetry | RequestKind::CrcAbort => {
                 (NAME_FIELD_LEN, NAME_FIELD_LEN)
+            }
+            RequestKind::List | RequestKind::Restore | RequestKind::Delete => {
+                let code = RequestCode::of(kind, crate::wire::Numbering::Modern).0;
+                let n = RetrievalRequest::payload_len_of(code).unwrap_or_default();
+                (n, n)
             }
         }
     }
@@ -148,6 +159,8 @@ impl Request {
                 expected: match kind {
                     RequestKind::PublicKey => "415",
                     RequestKind::SendFile => "267 + packet content within the limit",
+                    RequestKind::List => "9",
+                    RequestKind::Restore => "263",
                     _ => "255",
                 },
             });
@@ -186,6 +199,9 @@ impl Request {
             RequestKind::CrcAbort => Request::CrcAbort {
                 file: FileName::from_field(&payload, max_name)?,
             },
+            RequestKind::List | RequestKind::Restore | RequestKind::Delete => {
+                Request::Retrieval(RetrievalRequest::parse(code.0, &payload, limits)?)
+            }
         })
     }
 
@@ -194,6 +210,7 @@ impl Request {
         match self {
             Request::PublicKey { .. } => NAME_FIELD_LEN + PUBLIC_KEY_FIELD_LEN,
             Request::SendFile(p) => FILE_PACKET_HEAD_LEN + p.content.len(),
+            Request::Retrieval(r) => r.payload_len(),
             _ => NAME_FIELD_LEN,
         }
     }
@@ -213,6 +230,7 @@ impl Request {
             Request::CrcOk { file } | Request::CrcRetry { file } | Request::CrcAbort { file } => {
                 file.write_field(out)
             }
+            Request::Retrieval(r) => r.write_payload(out),
         }
     }
 }
@@ -311,6 +329,8 @@ pub enum Response {
     ReconnectRejected { client_id: Option<ClientId> },
     /// 1607: a general server error.
     GeneralError,
+    /// 1640..=1645: answers to retrieval requests (`docs/PROTOCOL.md` §11).
+    Retrieval(RetrievalResponse),
 }
 
 /// Payload length of a 1603 response.
@@ -328,6 +348,7 @@ impl Response {
             Response::Reconnected { .. } => ResponseCode::RECONNECTED,
             Response::ReconnectRejected { .. } => ResponseCode::RECONNECT_REJECTED,
             Response::GeneralError => ResponseCode::GENERAL_ERROR,
+            Response::Retrieval(r) => r.code(),
         }
     }
 
@@ -342,7 +363,7 @@ impl Response {
                 (17, 16 + limits.max_wrapped_key)
             }
             ResponseCode::FILE_RECEIVED => (FILE_RECEIVED_LEN, FILE_RECEIVED_LEN),
-            _ => return None,
+            _ => return RetrievalResponse::payload_bounds(code, limits),
         })
     }
 
@@ -355,6 +376,9 @@ impl Response {
         mut payload: Bytes,
         limits: &Limits,
     ) -> Result<Self, PayloadError> {
+        if RetrievalResponse::payload_bounds(code, limits).is_some() {
+            return RetrievalResponse::parse(code, payload, limits).map(Response::Retrieval);
+        }
         let size_err = |expected| PayloadError::Size {
             code: code.0,
             actual: payload.len(),
@@ -432,6 +456,7 @@ impl Response {
             Response::KeyAccepted { wrapped_key, .. }
             | Response::Reconnected { wrapped_key, .. } => 16 + wrapped_key.len(),
             Response::FileReceived { .. } => FILE_RECEIVED_LEN,
+            Response::Retrieval(r) => r.payload_len(),
         }
     }
 
@@ -477,6 +502,7 @@ impl Response {
                 file.write_field(out);
                 out.put_u32_le(*cksum);
             }
+            Response::Retrieval(r) => r.write_payload(out),
         }
     }
 }

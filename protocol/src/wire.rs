@@ -40,6 +40,12 @@ pub enum RequestKind {
     CrcRetry,
     /// The cksum did not match for the fourth time; the client gives up (1031 / 902).
     CrcAbort,
+    /// List stored files (1240, retrieval extension).
+    List,
+    /// Restore one stored version (1241, retrieval extension).
+    Restore,
+    /// Delete a file's versions (1242, retrieval extension).
+    Delete,
 }
 
 /// The two numberings of the version 3 request codes (`docs/PROTOCOL.md` §2).
@@ -67,6 +73,9 @@ impl RequestCode {
     pub const CLASSIC_CRC_OK: Self = Self(900);
     pub const CLASSIC_CRC_RETRY: Self = Self(901);
     pub const CLASSIC_CRC_ABORT: Self = Self(902);
+    pub const LIST: Self = Self(1240);
+    pub const RESTORE: Self = Self(1241);
+    pub const DELETE: Self = Self(1242);
 
     /// What the code means and which numbering it belongs to, or `None` for
     /// a code this protocol does not know.
@@ -88,6 +97,11 @@ impl RequestCode {
             900 => (CrcOk, Classic),
             901 => (CrcRetry, Classic),
             902 => (CrcAbort, Classic),
+            // The retrieval extension has one numbering; it is reported as
+            // Modern so that a session's numbering is not switched by it.
+            1240 => (List, Modern),
+            1241 => (Restore, Modern),
+            1242 => (Delete, Modern),
             _ => return None,
         })
     }
@@ -103,6 +117,9 @@ impl RequestCode {
             CrcOk => (1029, 900),
             CrcRetry => (1030, 901),
             CrcAbort => (1031, 902),
+            List => (1240, 1240),
+            Restore => (1241, 1241),
+            Delete => (1242, 1242),
         };
         match numbering {
             Numbering::Modern => Self(modern),

@@ -764,6 +764,7 @@ fn replay(session: &Session) -> (Vec<Response>, FakeStorage) {
             .unwrap_or_else(|e| panic!("{}: request {i}: {e}", session.name));
         match action {
             Action::Reply(r) => out.push(r),
+            Action::Retrieve { .. } => panic!("{}: no retrieval in a legacy session", session.name),
             Action::Register { client_id, name } => {
                 let taken = storage.clients.values().any(|(n, _)| *n == name);
                 let outcome = if taken {

@@ -251,6 +251,10 @@ impl Connection {
         let action = self.session.handle(frame, &mut self.rng)?;
         match action {
             Action::Reply(response) => self.reply(&response).await,
+            Action::Retrieve { request, .. } => {
+                warn!(code = request.code(), "retrieval request refused");
+                self.reply(&Response::GeneralError).await
+            }
             Action::Register { client_id, name } => {
                 let n = name.clone();
                 let outcome = match self

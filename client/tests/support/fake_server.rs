@@ -152,6 +152,8 @@ async fn serve(stream: TcpStream, state: Arc<Mutex<State>>) {
         };
         let reply = match action {
             Action::Reply(r) => Some(r),
+            // A legacy server knows no retrieval codes.
+            Action::Retrieve { .. } => Some(Response::GeneralError),
             Action::Register { client_id, name } => {
                 let outcome = {
                     let mut s = state.lock().unwrap();

@@ -22,6 +22,7 @@ use crate::limits::Limits;
 use crate::message::{FilePacket, PublicKeyField, Request, RequestFrame, Response};
 use crate::name::{FileName, UserName};
 use crate::reassembly::{Reassembler, ReassemblyError};
+use crate::retrieval::RetrievalRequest;
 use crate::session::MAX_SEND_ATTEMPTS;
 use crate::wire::{ClientId, Numbering, RequestKind};
 
@@ -112,6 +113,13 @@ pub enum Action {
     },
     /// Drop the temporary file, then send `reply` if any.
     Discard { reply: Option<Response> },
+    /// A retrieval request (list, restore, delete) of the keyed client
+    /// `client_id`: the shell answers it from storage. A restore's content is
+    /// encrypted with [`ServerSession::restore_cipher`].
+    Retrieve {
+        client_id: ClientId,
+        request: RetrievalRequest,
+    },
 }
 
 /// What storage said about a registration.
@@ -334,7 +342,22 @@ impl ServerSession {
                     reply: Some(Response::Ack { client_id }),
                 })
             }
+            Request::Retrieval(request) => {
+                let client_id = self.bound(kind, frame.client_id)?;
+                if self.key.is_none() || self.has_uncommitted_upload() {
+                    return Err(self.unexpected(kind));
+                }
+                Ok(Action::Retrieve { client_id, request })
+            }
         }
+    }
+
+    /// A CBC encryptor under the session's AES key with the given IV, for
+    /// the content of a restore; `None` before the key exchange.
+    pub fn restore_cipher(&self, iv: &[u8; crypto::BLOCK]) -> Option<crypto::CbcEncryptor> {
+        self.key
+            .as_ref()
+            .map(|key| crypto::CbcEncryptor::with_iv(key, iv))
     }
 
     fn bound(&self, kind: RequestKind, header_id: ClientId) -> Result<ClientId, SessionError> {
