@@ -146,11 +146,13 @@ fn max_request_frame(limits: &Limits) -> usize {
 }
 
 fn max_response_frame(limits: &Limits) -> usize {
-    RESPONSE_HEADER_LEN
-        + 16
+    let legacy = 16
         + limits
             .max_wrapped_key
-            .max(crate::message::FILE_RECEIVED_LEN)
+            .max(crate::message::FILE_RECEIVED_LEN);
+    let list = crate::retrieval::LIST_PAGE_HEAD_LEN
+        + crate::retrieval::MAX_LIST_ENTRIES * crate::retrieval::LIST_ENTRY_LEN;
+    RESPONSE_HEADER_LEN + legacy.max(list).max(limits.max_packet_content)
 }
 
 /// What a decoded request may never carry, whatever the bytes said.
@@ -173,6 +175,11 @@ fn assert_request_within_limits(request: &Request, limits: &Limits) {
         Request::CrcOk { file } | Request::CrcRetry { file } | Request::CrcAbort { file } => {
             file.as_bytes()
         }
+        Request::Retrieval(
+            crate::retrieval::RetrievalRequest::Restore { file, .. }
+            | crate::retrieval::RetrievalRequest::Delete { file },
+        ) => file.as_bytes(),
+        Request::Retrieval(crate::retrieval::RetrievalRequest::List { .. }) => return,
     };
     assert_name_valid(name, limits);
 }
