@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use clap::{Args, Parser, Subcommand};
-use protocol::UserName;
+use protocol::{FileName, UserName};
 
 use crate::engine::Client;
 use crate::error::Error;
@@ -13,6 +13,7 @@ use crate::files;
 use crate::identity::{IdentityStore, ME_INFO};
 use crate::legacy::{TransferInfo, TRANSFER_INFO};
 use crate::report::{error_json, FileReport, Outcome, Report};
+use crate::retrieval::{entry_json, RestoreOutcome};
 use crate::settings::{self, ConfigFile, Overrides, CONFIG_FILE, ENV_CONFIG_DIR};
 
 const ABOUT: &str = "Back up files to a server speaking the legacy version 3 backup protocol";
@@ -45,10 +46,16 @@ Exit status:
   1  other error (the server broke the protocol, internal error)
   2  usage or configuration error (bad flag, not registered, no server set)
   3  server unreachable (cannot connect, no answer in time, connection lost)
-  4  rejected by the server (name taken, server error 4 times, key mismatch)
-  5  verification failed (checksums differed on all 4 attempts)
-  6  local file error (a file to back up, or an identity or configuration
-     file, cannot be read or written)
+  4  rejected by the server (name taken, server error 4 times, key mismatch;
+     retrieval not supported, client unknown to the server, history kept
+     append-only)
+  5  verification failed (checksums differed on all 4 attempts; a restored
+     file's size, padding or checksum was not what the server announced)
+  6  local file error (a file to back up, an identity or configuration
+     file, or a restored file cannot be read or written; a name from the
+     server that cannot be restored safely; a file that exists, without
+     --overwrite)
+  7  not found (restore, delete): the server holds no such file or version
 When several files fail, the status is that of the first failure.
 
 Environment:
@@ -105,7 +112,7 @@ pub struct GlobalArgs {
     pub json: bool,
 }
 
-/// The commands. Retrieval (`list`, `restore`, `delete`) will join them.
+/// The commands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Register with a server: make an RSA key pair, get a client id, and
@@ -115,6 +122,89 @@ pub enum Command {
     /// Back up files, and directories recursively, verifying each file
     #[command(after_help = EXIT_STATUS)]
     Backup(BackupArgs),
+    /// List the files stored on the server: name, size, time stored (UTC)
+    /// and checksum of the newest version of each, or of every version
+    #[command(after_help = EXIT_STATUS)]
+    List(ListArgs),
+    /// Restore files from the server, verifying each: one file by name, or
+    /// the newest version of every file with --all. Works from the identity
+    /// files (me.info, priv.key) and the server address alone
+    #[command(after_help = RESTORE_HELP)]
+    Restore(RestoreArgs),
+    /// Delete every version of a file from the server
+    #[command(after_help = EXIT_STATUS)]
+    Delete(DeleteArgs),
+}
+
+const RESTORE_HELP: &str = "\
+A file is written to a temporary file (.NAME.restore-XXXXXX.part) next to its \
+destination while it arrives, and renamed into place only once its size, \
+padding and checksum are right; a failed or interrupted restore leaves no \
+partial file (an interrupted one's temporary file is removed by the next \
+restore into that folder). Existing files are never replaced without \
+--overwrite. Names from the server are restored only as plain relative paths \
+inside the destination folder: absolute names, drive letters, \".\" and \"..\" \
+components, control characters and symbolic links in the way are refused, \
+file by file. Restored files have mode 0600.
+
+Exit status:
+  0  every file was restored and verified (or there was nothing to restore)
+  1  other error (the server broke the protocol, internal error)
+  2  usage or configuration error (bad flag, not registered, no server set)
+  3  server unreachable (cannot connect, no answer in time, connection lost)
+  4  rejected by the server (retrieval not supported, client unknown to the
+     server)
+  5  verification failed (a restored file's size, padding or checksum was not
+     what the server announced)
+  6  local file error (a file cannot be written, a name cannot be restored
+     safely, a file exists and --overwrite was not given)
+  7  not found: the server holds no such file or version
+When several files fail, the status is that of the first failure.";
+
+/// `list`.
+#[derive(Debug, Clone, Args)]
+pub struct ListArgs {
+    /// Show every stored version, not only the newest of each file
+    #[arg(long)]
+    pub versions: bool,
+}
+
+/// `restore`.
+#[derive(Debug, Clone, Args)]
+pub struct RestoreArgs {
+    /// Name of the file on the server (as `list` shows it)
+    #[arg(
+        value_name = "NAME",
+        required_unless_present = "all",
+        conflicts_with = "all"
+    )]
+    pub name: Option<String>,
+
+    /// Version to restore (as `list --versions` shows it) [default: the newest]
+    #[arg(long, value_name = "V", conflicts_with = "all")]
+    pub version: Option<u64>,
+
+    /// Where to write: a folder (the file goes inside it under its name), or
+    /// a file path [default: the current directory]; with --all, the folder
+    /// to restore into
+    #[arg(long, value_name = "PATH", required_if_eq("all", "true"))]
+    pub to: Option<PathBuf>,
+
+    /// Restore the newest version of every file into the folder --to
+    #[arg(long)]
+    pub all: bool,
+
+    /// Replace existing files (atomically)
+    #[arg(long)]
+    pub overwrite: bool,
+}
+
+/// `delete`.
+#[derive(Debug, Clone, Args)]
+pub struct DeleteArgs {
+    /// Name of the file on the server (as `list` shows it)
+    #[arg(value_name = "NAME")]
+    pub name: String,
 }
 
 /// `register`.
@@ -239,6 +329,9 @@ pub async fn run(cli: Cli, cwd: &Path) -> u8 {
             let paths: Vec<PathBuf> = args.paths.iter().map(|p| cwd.join(p)).collect();
             backup(&cli.global, paths, cwd, false, &console).await
         }
+        Some(Command::List(args)) => list(&cli.global, args, cwd, &console).await,
+        Some(Command::Restore(args)) => restore(&cli.global, args, cwd, &console).await,
+        Some(Command::Delete(args)) => delete(&cli.global, args, cwd, &console).await,
         None => backup(&cli.global, Vec::new(), cwd, true, &console).await,
     };
     console.done();
@@ -397,6 +490,210 @@ async fn backup(
     Ok(report.exit_code())
 }
 
+/// A client for a retrieval command: the identity and the server come from
+/// the same places as for `backup`.
+fn retrieval_client(
+    global: &GlobalArgs,
+    cwd: &Path,
+    console: &Arc<Console>,
+) -> Result<Client, Error> {
+    let legacy = TransferInfo::load(cwd)?;
+    let places = places(global, cwd, false)?;
+    let options = settings::resolve(
+        &global.overrides(None),
+        legacy.as_ref().map(|t| t.server.as_str()),
+        &places.config,
+        &places.config_path(),
+    )?;
+    let store = IdentityStore::new(&places.identity_dir);
+    let feedback: Arc<dyn Feedback> = console.clone();
+    Ok(Client::new(options, store).with_feedback(feedback))
+}
+
+fn file_name(text: &str) -> Result<FileName, Error> {
+    FileName::try_from(text).map_err(|e| Error::BadName {
+        name: text.to_owned(),
+        reason: e.to_string(),
+    })
+}
+
+/// `2026-11-27 10:03:58` for Unix seconds, in UTC.
+pub fn utc_time(secs: u64) -> String {
+    let days = i64::try_from(secs / 86_400).unwrap_or(i64::MAX / 2);
+    let rem = secs % 86_400;
+    // Civil date from days since 1970-01-01 (H. Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+async fn list(
+    global: &GlobalArgs,
+    args: &ListArgs,
+    cwd: &Path,
+    console: &Arc<Console>,
+) -> Result<u8, Error> {
+    let client = retrieval_client(global, cwd, console)?;
+    let entries = client.list(args.versions).await?;
+    if global.json {
+        let files: Vec<_> = entries.iter().map(entry_json).collect();
+        let v = serde_json::json!({
+            "ok": true,
+            "exit_code": 0,
+            "server": client.options().server,
+            "all_versions": args.versions,
+            "files": files,
+        });
+        println!("{v}");
+        return Ok(0);
+    }
+    // The listing is the output asked for: printed even with --quiet.
+    let mut out = String::new();
+    if args.versions {
+        out.push_str("VERSION           SIZE  STORED (UTC)              CKSUM  NAME\n");
+    } else {
+        out.push_str("         SIZE  STORED (UTC)              CKSUM  NAME\n");
+    }
+    for e in &entries {
+        let line = if args.versions {
+            format!(
+                "{:<7} {:>13}  {}  {:>10}  {}\n",
+                e.version,
+                e.size,
+                utc_time(e.stored_at),
+                e.cksum,
+                e.file
+            )
+        } else {
+            format!(
+                "{:>13}  {}  {:>10}  {}\n",
+                e.size,
+                utc_time(e.stored_at),
+                e.cksum,
+                e.file
+            )
+        };
+        out.push_str(&line);
+    }
+    print!("{out}");
+    let names: std::collections::HashSet<&[u8]> =
+        entries.iter().map(|e| e.file.as_bytes()).collect();
+    console.say(&format!(
+        "{} file{}{} on {}",
+        names.len(),
+        if names.len() == 1 { "" } else { "s" },
+        if args.versions {
+            format!(", {} versions", entries.len())
+        } else {
+            String::new()
+        },
+        client.options().server
+    ));
+    Ok(0)
+}
+
+async fn restore(
+    global: &GlobalArgs,
+    args: &RestoreArgs,
+    cwd: &Path,
+    console: &Arc<Console>,
+) -> Result<u8, Error> {
+    let client = retrieval_client(global, cwd, console)?;
+    let to = args.to.as_ref().map(|p| cwd.join(p));
+    let report = match (&args.name, args.all, &to) {
+        (_, true, Some(dir)) => client.restore_all(dir, args.overwrite).await?,
+        (Some(name), false, to) => {
+            let name = file_name(name)?;
+            client
+                .restore(
+                    &name,
+                    args.version.unwrap_or(0),
+                    to.as_deref(),
+                    cwd,
+                    args.overwrite,
+                )
+                .await?
+        }
+        // clap requires NAME or --all --to.
+        _ => {
+            return Err(Error::Internal(
+                "restore needs NAME, or --all with --to".into(),
+            ))
+        }
+    };
+    if global.json {
+        println!("{}", report.to_json());
+        return Ok(report.exit_code());
+    }
+    let restored = report
+        .files
+        .iter()
+        .filter(|f| matches!(f.outcome, RestoreOutcome::Restored { .. }))
+        .count();
+    let total = report.files.len();
+    if total == 0 {
+        console.say(&format!(
+            "the server at {} holds no files of this client; nothing was restored",
+            report.server
+        ));
+    } else if report.ok() {
+        console.say(&format!(
+            "{restored} file{} restored and verified from {} ({} in {:.1} s, {:.1} MB/s)",
+            if restored == 1 { "" } else { "s" },
+            report.server,
+            indicatif::HumanBytes(report.restored_bytes()),
+            report.elapsed.as_secs_f64(),
+            report.megabytes_per_second()
+        ));
+    } else {
+        console.say(&format!(
+            "{restored} of {total} files restored and verified from {}; see the errors above",
+            report.server
+        ));
+    }
+    Ok(report.exit_code())
+}
+
+async fn delete(
+    global: &GlobalArgs,
+    args: &DeleteArgs,
+    cwd: &Path,
+    console: &Arc<Console>,
+) -> Result<u8, Error> {
+    let name = file_name(&args.name)?;
+    let client = retrieval_client(global, cwd, console)?;
+    let versions = client.delete(&name).await?;
+    if global.json {
+        let v = serde_json::json!({
+            "ok": true,
+            "exit_code": 0,
+            "server": client.options().server,
+            "name": name.to_string_lossy(),
+            "deleted_versions": versions,
+        });
+        println!("{v}");
+    } else {
+        console.say(&format!(
+            "deleted \"{name}\" ({versions} version{}) from {}",
+            if versions == 1 { "" } else { "s" },
+            client.options().server
+        ));
+    }
+    Ok(0)
+}
+
 fn summarize(report: &Report, global: &GlobalArgs, console: &Console) {
     if global.json {
         println!("{}", report.to_json());
@@ -485,6 +782,79 @@ mod tests {
         ] {
             assert!(help.contains(needle), "missing {needle:?}");
         }
+    }
+
+    #[test]
+    fn formats_unix_seconds_as_utc() {
+        assert_eq!(utc_time(0), "1970-01-01 00:00:00");
+        assert_eq!(utc_time(951_782_400), "2000-02-29 00:00:00");
+        assert_eq!(utc_time(1_795_777_438), "2026-11-27 11:03:58");
+    }
+
+    #[test]
+    fn parses_retrieval_commands_and_their_constraints() {
+        let cli = Cli::try_parse_from([
+            "backup-client",
+            "restore",
+            "a/b.txt",
+            "--version",
+            "7",
+            "--to",
+            "out",
+            "--overwrite",
+        ])
+        .unwrap();
+        assert!(matches!(
+            cli.command,
+            Some(Command::Restore(RestoreArgs { name: Some(ref n), version: Some(7), overwrite: true, all: false, .. })) if n == "a/b.txt"
+        ));
+        let cli = Cli::try_parse_from(["backup-client", "restore", "--all", "--to", "d"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Some(Command::Restore(RestoreArgs { all: true, .. }))
+        ));
+        let cli = Cli::try_parse_from(["backup-client", "list", "--versions", "--json"]).unwrap();
+        assert!(cli.global.json);
+        assert!(matches!(
+            cli.command,
+            Some(Command::List(ListArgs { versions: true }))
+        ));
+        for bad in [
+            &["backup-client", "restore"][..],
+            &["backup-client", "restore", "--all"],
+            &["backup-client", "restore", "x", "--all", "--to", "d"],
+            &[
+                "backup-client",
+                "restore",
+                "--all",
+                "--to",
+                "d",
+                "--version",
+                "3",
+            ],
+            &["backup-client", "delete"],
+        ] {
+            assert!(Cli::try_parse_from(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn retrieval_help_documents_the_new_exit_code() {
+        let mut cmd = Cli::command();
+        for sub in ["list", "restore", "delete"] {
+            let help = cmd
+                .find_subcommand_mut(sub)
+                .unwrap()
+                .render_long_help()
+                .to_string();
+            assert!(help.contains("7  not found"), "{sub}: {help}");
+        }
+        let restore = cmd
+            .find_subcommand_mut("restore")
+            .unwrap()
+            .render_long_help()
+            .to_string();
+        assert!(restore.contains("--overwrite") && restore.contains(".restore-"));
     }
 
     #[tokio::test]

@@ -41,11 +41,11 @@ impl std::fmt::Debug for Client {
 }
 
 /// A session that has exchanged keys and may send files.
-struct Keyed {
-    conn: Connection,
-    session: ClientSession,
-    identity: Identity,
-    registered: bool,
+pub(crate) struct Keyed {
+    pub(crate) conn: Connection,
+    pub(crate) session: ClientSession,
+    pub(crate) identity: Identity,
+    pub(crate) registered: bool,
 }
 
 /// Generates a legacy RSA key pair (1024 bits, e = 17) off the async threads.
@@ -83,7 +83,16 @@ impl Client {
         &self.store
     }
 
-    fn session_error(&self, e: ClientError, client_id: Option<protocol::ClientId>) -> Error {
+    /// Where progress goes.
+    pub(crate) fn feedback(&self) -> &dyn Feedback {
+        self.feedback.as_ref()
+    }
+
+    pub(crate) fn session_error(
+        &self,
+        e: ClientError,
+        client_id: Option<protocol::ClientId>,
+    ) -> Error {
         match e {
             ClientError::Key(_) => Error::KeyMismatch {
                 server: self.options.server.clone(),
@@ -96,7 +105,7 @@ impl Client {
         }
     }
 
-    fn unexpected(&self, event: &ClientEvent, doing: &str) -> Error {
+    pub(crate) fn unexpected(&self, event: &ClientEvent, doing: &str) -> Error {
         Error::Protocol {
             server: self.options.server.clone(),
             detail: format!("{event:?} while {doing}"),
@@ -279,6 +288,50 @@ impl Client {
                     registered: true,
                 })
             }
+            other => Err(self.unexpected(&other, &doing)),
+        }
+    }
+
+    /// Opens a connection and reconnects with the stored identity, without
+    /// ever registering: a server that does not know this client holds
+    /// nothing of it, and registering anew would replace the key files.
+    pub(crate) async fn reconnect_existing(&self) -> Result<Keyed, Error> {
+        let Identity {
+            name,
+            client_id,
+            key,
+        } = self.store.load()?.ok_or_else(|| Error::NotRegistered {
+            dir: self.store.dir().to_owned(),
+        })?;
+        let mut conn = Connection::open(&self.options).await?;
+        let mut session = ClientSession::new(
+            name.clone(),
+            key.clone(),
+            Some(client_id),
+            self.options.numbering,
+        );
+        let doing = format!("reconnecting as \"{name}\"");
+        let frame = session.reconnect_request();
+        match self
+            .exchange(&mut conn, &mut session, &frame, &doing)
+            .await?
+        {
+            ClientEvent::KeyReady => Ok(Keyed {
+                conn,
+                session,
+                identity: Identity {
+                    name,
+                    client_id,
+                    key,
+                },
+                registered: false,
+            }),
+            ClientEvent::MustRegister => Err(Error::UnknownClient {
+                server: self.options.server.clone(),
+                client_id: client_id.to_hex(),
+                name: name.to_string(),
+                dir: self.store.dir().to_owned(),
+            }),
             other => Err(self.unexpected(&other, &doing)),
         }
     }

@@ -27,8 +27,12 @@ pub enum ErrorKind {
     /// attempt; the file was not stored.
     Verification,
     /// Exit status 6: a local file (one to back up, or an identity or
-    /// configuration file) could not be read or written.
+    /// configuration file) could not be read or written, or a restored file
+    /// could not be written where it belongs.
     LocalFile,
+    /// Exit status 7: the server holds no such file or version (restore,
+    /// delete).
+    NotFound,
 }
 
 impl ErrorKind {
@@ -41,6 +45,7 @@ impl ErrorKind {
             ErrorKind::Rejected => 4,
             ErrorKind::Verification => 5,
             ErrorKind::LocalFile => 6,
+            ErrorKind::NotFound => 7,
         }
     }
 
@@ -53,6 +58,7 @@ impl ErrorKind {
             ErrorKind::Rejected => "rejected_by_server",
             ErrorKind::Verification => "verification_failed",
             ErrorKind::LocalFile => "local_file_error",
+            ErrorKind::NotFound => "not_found",
         }
     }
 }
@@ -94,6 +100,23 @@ pub enum Error {
         request: String,
         times: u8,
     },
+    #[error("the server at {server} does not support retrieval (list, restore, delete); only backups can be made to it")]
+    RetrievalUnsupported { server: String },
+    #[error("the server at {server} does not know client {client_id} (\"{name}\"), so it holds nothing to retrieve for it; check --server and the identity in {dir}")]
+    UnknownClient {
+        server: String,
+        client_id: String,
+        name: String,
+        dir: PathBuf,
+    },
+    #[error("the server at {server} keeps this client's history append-only, so \"{name}\" was not deleted; only the server's operator can remove it")]
+    AppendOnly { server: String, name: String },
+    #[error("the server at {server} refused to {doing} (reason {reason}); ask its operator")]
+    Refused {
+        server: String,
+        doing: String,
+        reason: u8,
+    },
     #[error("the server at {server} sent a session key that this client's private key cannot open, so it holds another public key for client {client_id}; register anew with `backup-client register --force`")]
     KeyMismatch { server: String, client_id: String },
 
@@ -111,7 +134,26 @@ pub enum Error {
         attempts: u8,
     },
 
+    #[error("{name} was not restored: {detail}; the server may hold a damaged copy, try again or restore another version")]
+    RestoreVerification { name: String, detail: String },
+
+    // --- not found -------------------------------------------------------------
+    #[error("the server at {server} holds no {what}; run `backup-client list --versions` to see what it holds")]
+    NotFound { server: String, what: String },
+
     // --- local files -----------------------------------------------------------
+    #[error(
+        "the server's file name \"{name}\" cannot be restored safely ({reason}); it was skipped"
+    )]
+    UnsafeName { name: String, reason: String },
+    #[error("{path} already exists, so \"{name}\" was not restored; pass --overwrite to replace it, or --to another place")]
+    Exists { path: PathBuf, name: String },
+    #[error("\"{name}\" cannot be restored to {path} ({reason})")]
+    RestorePath {
+        path: PathBuf,
+        name: String,
+        reason: String,
+    },
     #[error("cannot read {path} ({reason}); check that it exists and that you may read it")]
     ReadFile { path: PathBuf, reason: String },
     #[error("{path} changed while it was being read ({expected} bytes expected, {got} found); back it up again once nothing is writing to it")]
@@ -177,6 +219,8 @@ pub enum Error {
     BadPacketSize { size: u64, max: usize },
     #[error("the request numbering must be 1025 or 825, not {0}; fix --codes or `codes` in the configuration")]
     BadCodes(u64),
+    #[error("\"{name}\" is not a file name the server can hold ({reason}); use the name `backup-client list` shows")]
+    BadName { name: String, reason: String },
     #[error("cannot find a configuration directory: set BACKUP_CLIENT_DIR, XDG_CONFIG_HOME or HOME, or pass --config-dir")]
     NoConfigDir,
     #[error("there is no transfer.info in {dir}, and no command was given; run `backup-client --help` to see the commands")]
@@ -193,9 +237,16 @@ impl Error {
             | Timeout { .. }
             | ConnectionLost { .. }
             | Closed { .. } => ErrorKind::Unreachable,
-            NameTaken { .. } | ServerFailed { .. } | KeyMismatch { .. } => ErrorKind::Rejected,
+            NameTaken { .. }
+            | ServerFailed { .. }
+            | KeyMismatch { .. }
+            | RetrievalUnsupported { .. }
+            | UnknownClient { .. }
+            | AppendOnly { .. }
+            | Refused { .. } => ErrorKind::Rejected,
+            NotFound { .. } => ErrorKind::NotFound,
             Protocol { .. } | Internal(_) => ErrorKind::Other,
-            Verification { .. } => ErrorKind::Verification,
+            Verification { .. } | RestoreVerification { .. } => ErrorKind::Verification,
             ReadFile { .. }
             | FileChanged { .. }
             | TooLarge { .. }
@@ -207,7 +258,10 @@ impl Error {
             | Identity { .. }
             | Config { .. }
             | TransferInfo { .. }
-            | WriteFile { .. } => ErrorKind::LocalFile,
+            | WriteFile { .. }
+            | UnsafeName { .. }
+            | Exists { .. }
+            | RestorePath { .. } => ErrorKind::LocalFile,
             NotRegistered { .. }
             | AlreadyRegistered { .. }
             | NoServer { .. }
@@ -216,6 +270,7 @@ impl Error {
             | BadUserName { .. }
             | BadPacketSize { .. }
             | BadCodes(_)
+            | BadName { .. }
             | NoConfigDir
             | NoCommand { .. } => ErrorKind::Usage,
         }
@@ -285,11 +340,12 @@ mod tests {
             ErrorKind::Rejected,
             ErrorKind::Verification,
             ErrorKind::LocalFile,
+            ErrorKind::NotFound,
         ];
         let mut codes: Vec<u8> = kinds.iter().map(|k| k.exit_code()).collect();
         codes.sort_unstable();
         codes.dedup();
-        assert_eq!(codes, vec![1, 2, 3, 4, 5, 6]);
+        assert_eq!(codes, vec![1, 2, 3, 4, 5, 6, 7]);
     }
 
     #[test]

@@ -8,6 +8,7 @@ use indicatif::{HumanBytes, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use crate::files::BackupItem;
 use crate::report::{FileReport, Outcome};
+use crate::retrieval::{RestoreOutcome, RestoredFile};
 
 /// Receives progress events from a run. Every method has an empty default.
 pub trait Feedback: Send + Sync {
@@ -19,12 +20,21 @@ pub trait Feedback: Send + Sync {
     fn attempt(&self, item: &BackupItem, attempt: u8) {
         let _ = (item, attempt);
     }
-    /// `bytes` more plaintext bytes were handed to the network.
+    /// The restore of `name` (`size` bytes) begins.
+    fn restoring(&self, name: &str, size: u64) {
+        let _ = (name, size);
+    }
+    /// `bytes` more plaintext bytes were handed to the network (backup) or
+    /// written to disk (restore).
     fn progress(&self, bytes: u64) {
         let _ = bytes;
     }
     /// A file is finished, one way or another.
     fn finished(&self, file: &FileReport) {
+        let _ = file;
+    }
+    /// A file of a restore is finished, one way or another.
+    fn restored(&self, file: &RestoredFile) {
         let _ = file;
     }
     /// Something worth telling a person that is not an error.
@@ -119,6 +129,15 @@ impl Feedback for Console {
         self.bar.set_message(item.name.to_string_lossy());
     }
 
+    fn restoring(&self, name: &str, size: u64) {
+        // A single restore starts without knowing the size.
+        if self.bar.length() == Some(0) {
+            self.bar.set_length(size);
+            self.bar.reset_eta();
+        }
+        self.bar.set_message(name.to_owned());
+    }
+
     fn progress(&self, bytes: u64) {
         self.bar.inc(bytes);
     }
@@ -139,6 +158,26 @@ impl Feedback for Console {
             }
             Outcome::Failed(e) => self.print_error(&e.to_string()),
             Outcome::NotAttempted => {}
+        }
+    }
+
+    fn restored(&self, file: &RestoredFile) {
+        match &file.outcome {
+            RestoreOutcome::Restored { .. } => {
+                let path = file
+                    .path
+                    .as_ref()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default();
+                self.say(&format!(
+                    "restored {} (version {}, {}, verified) to {path}",
+                    file.name,
+                    file.version,
+                    HumanBytes(file.size)
+                ));
+            }
+            RestoreOutcome::Failed(e) => self.print_error(&e.to_string()),
+            RestoreOutcome::NotAttempted => {}
         }
     }
 

@@ -4,8 +4,11 @@
 //! The library drives the sans-IO client machine of the `protocol` crate
 //! over TCP: [`Client::register`] makes an identity, [`Client::backup`]
 //! reconnects (or registers) and streams files through encryption, packet
-//! by packet, with the cksum verified for each. The binary is a thin shell
-//! over [`cli::run`].
+//! by packet, with the cksum verified for each. With a server that supports
+//! the retrieval extension, [`Client::list`], [`Client::restore`],
+//! [`Client::restore_all`] and [`Client::delete`] read the history back
+//! ([`retrieval`], with the safe writing of restored files in [`restore`]).
+//! The binary is a thin shell over [`cli::run`].
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), client::Error> {
@@ -28,6 +31,8 @@ pub mod fsutil;
 pub mod identity;
 pub mod legacy;
 pub mod report;
+pub mod restore;
+pub mod retrieval;
 pub mod settings;
 pub mod upload;
 

@@ -31,6 +31,15 @@ struct TestServer {
 impl TestServer {
     /// Starts on a fresh data directory; `prepare` may seed it first.
     async fn start_with(prepare: impl FnOnce(&Path)) -> Self {
+        Self::start_configured(prepare, |_| {}).await
+    }
+
+    /// As [`start_with`](Self::start_with), with `configure` adjusting the
+    /// server's configuration.
+    async fn start_configured(
+        prepare: impl FnOnce(&Path),
+        configure: impl FnOnce(&mut server::Config),
+    ) -> Self {
         let data = tempfile::tempdir().unwrap();
         prepare(data.path());
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -38,6 +47,7 @@ impl TestServer {
         let (stop, stopped) = oneshot::channel::<()>();
         let mut config = server::Config::new(data.path());
         config.shutdown_grace = Duration::from_secs(2);
+        configure(&mut config);
         tokio::spawn(server::run(listener, config, async move {
             let _ = stopped.await;
         }));
@@ -522,8 +532,15 @@ async fn backup_measuring_memory(
     server: &str,
     file: &str,
 ) -> (Output, u64) {
+    run_measuring_memory(cwd, home, &["backup", file, "--json", "--server", server]).await
+}
+
+/// Runs the real binary with `args`, sampling its peak resident memory
+/// (VmHWM) until it exits. Returns the output and the peak in KiB (0 where
+/// /proc is not available).
+async fn run_measuring_memory(cwd: &Path, home: &Path, args: &[&str]) -> (Output, u64) {
     let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_backup-client"));
-    cmd.args(["backup", file, "--json", "--server", server])
+    cmd.args(args)
         .current_dir(cwd)
         .env_remove("BACKUP_CLIENT_DIR")
         .env("HOME", home)
@@ -645,6 +662,279 @@ async fn measures_throughput_and_peak_memory_of_a_large_upload() {
         .unwrap_or(1024);
     let (mb_per_s, peak_kib) = measure_upload(mib).await;
     println!("upload of {mib} MiB: {mb_per_s:.0} MB/s, client peak RSS (VmHWM) {peak_kib} KiB");
+    assert!(
+        peak_kib < 64 * 1024,
+        "memory must stay bounded: {peak_kib} KiB"
+    );
+}
+
+/// Every file under `root` with its content, by relative path.
+fn tree(root: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut found = Vec::new();
+    let mut todo = vec![root.to_owned()];
+    while let Some(dir) = todo.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                todo.push(path);
+            } else {
+                let rel = path
+                    .strip_prefix(root)
+                    .unwrap()
+                    .to_string_lossy()
+                    .into_owned();
+                found.push((rel, std::fs::read(&path).unwrap()));
+            }
+        }
+    }
+    found.sort();
+    found
+}
+
+fn assert_success(out: &Output) {
+    assert!(
+        out.status.success(),
+        "exit {:?}: {}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lists_restores_every_version_and_the_whole_tree_then_deletes() {
+    let server = TestServer::start().await;
+    let addr = server.server();
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("home");
+    let cfg = dir.path().join("cfg");
+    let cfg_arg = cfg.to_str().unwrap();
+    let src = dir.path().join("src");
+    let first = write_file(&src.join("notes.txt"), 5000, 1);
+    write_file(&src.join("sub/deep/data.bin"), 2_500_000, 2);
+    write_file(&src.join("empty"), 0, 3);
+    let out = run_binary(
+        dir.path(),
+        &home,
+        &[
+            "--config-dir",
+            cfg_arg,
+            "register",
+            "--server",
+            &addr,
+            "--name",
+            "eve",
+        ],
+    )
+    .await;
+    assert_success(&out);
+    let out = run_binary(
+        dir.path(),
+        &home,
+        &["--config-dir", cfg_arg, "backup", "src"],
+    )
+    .await;
+    assert_success(&out);
+    let second = write_file(&src.join("notes.txt"), 7000, 4);
+    let out = run_binary(
+        dir.path(),
+        &home,
+        &["--config-dir", cfg_arg, "backup", "src/notes.txt"],
+    )
+    .await;
+    assert_success(&out);
+
+    // Two versions of the changed file, one of the others.
+    let out = run_binary(
+        dir.path(),
+        &home,
+        &["--config-dir", cfg_arg, "list", "--versions", "--json"],
+    )
+    .await;
+    assert_success(&out);
+    let listing = json_of(&out);
+    let files = listing["files"].as_array().unwrap();
+    let versions = |name: &str| -> Vec<(u64, u64)> {
+        files
+            .iter()
+            .filter(|f| f["name"] == name)
+            .map(|f| (f["version"].as_u64().unwrap(), f["size"].as_u64().unwrap()))
+            .collect()
+    };
+    let notes = versions("notes.txt");
+    assert_eq!(notes.len(), 2, "{listing}");
+    assert_eq!((notes[0].1, notes[1].1), (5000, 7000));
+    assert!(notes[0].0 < notes[1].0);
+    assert_eq!(versions("sub/deep/data.bin").len(), 1);
+    assert_eq!(versions("empty"), [(versions("empty")[0].0, 0)]);
+
+    // Each version restores to its own bytes.
+    for ((version, _), expected) in notes.iter().zip([&first, &second]) {
+        let to = format!("v{version}.txt");
+        let out = run_binary(
+            dir.path(),
+            &home,
+            &[
+                "--config-dir",
+                cfg_arg,
+                "restore",
+                "notes.txt",
+                "--version",
+                &version.to_string(),
+                "--to",
+                &to,
+            ],
+        )
+        .await;
+        assert_success(&out);
+        assert_eq!(&std::fs::read(dir.path().join(&to)).unwrap(), expected);
+    }
+
+    // From nothing but the key files and the address: the whole tree.
+    let fresh = dir.path().join("fresh");
+    std::fs::create_dir(&fresh).unwrap();
+    for key_file in ["me.info", "priv.key"] {
+        std::fs::copy(cfg.join(key_file), fresh.join(key_file)).unwrap();
+    }
+    let target = dir.path().join("restored");
+    std::fs::create_dir(&target).unwrap();
+    let out = run_binary(
+        dir.path(),
+        &home,
+        &[
+            "--config-dir",
+            fresh.to_str().unwrap(),
+            "--server",
+            &addr,
+            "restore",
+            "--all",
+            "--to",
+            target.to_str().unwrap(),
+            "--json",
+        ],
+    )
+    .await;
+    assert_success(&out);
+    assert_eq!(json_of(&out)["restored_files"], serde_json::json!(3));
+    assert_eq!(tree(&target), tree(&src));
+
+    // Delete, and the name is gone.
+    let out = run_binary(
+        dir.path(),
+        &home,
+        &["--config-dir", cfg_arg, "delete", "notes.txt", "--json"],
+    )
+    .await;
+    assert_success(&out);
+    assert_eq!(json_of(&out)["deleted_versions"], serde_json::json!(2));
+    let out = run_binary(
+        dir.path(),
+        &home,
+        &["--config-dir", cfg_arg, "list", "--json"],
+    )
+    .await;
+    assert_success(&out);
+    let names: Vec<String> = json_of(&out)["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["name"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(names, ["empty", "sub/deep/data.bin"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_is_refused_when_the_server_keeps_history_append_only() {
+    let server = TestServer::start_configured(|_| {}, |c| c.append_only = true).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ids = dir.path().join("identity");
+    let path = dir.path().join("kept.txt");
+    write_file(&path, 100, 5);
+    let c = client(&server.server(), &ids);
+    let report = c
+        .backup(items(std::slice::from_ref(&path)), Some(&name("ann")))
+        .await
+        .unwrap();
+    assert_eq!(report.exit_code(), 0, "{:?}", report.first_error());
+    let err = c
+        .delete(&FileName::try_from("kept.txt").unwrap())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::AppendOnly { .. }), "{err}");
+    assert_eq!(err.exit_code(), 4);
+    assert!(err.to_string().contains("append-only"), "{err}");
+    assert_eq!(c.list(true).await.unwrap().len(), 1, "nothing was removed");
+}
+
+async fn measure_restore(mib: usize) -> (f64, u64) {
+    let server = TestServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("home");
+    let path = dir.path().join("big.bin");
+    {
+        use std::io::Write;
+        let mut f = std::io::BufWriter::new(std::fs::File::create(&path).unwrap());
+        for i in 0..mib {
+            f.write_all(&support::pattern(1 << 20, i as u32)).unwrap();
+        }
+        f.flush().unwrap();
+    }
+    let addr = server.server();
+    assert_success(
+        &run_binary(
+            dir.path(),
+            &home,
+            &["register", "--server", &addr, "--name", "big"],
+        )
+        .await,
+    );
+    assert_success(&run_binary(dir.path(), &home, &["backup", "big.bin"]).await);
+    let (out, peak_kib) = run_measuring_memory(
+        dir.path(),
+        &home,
+        &["restore", "big.bin", "--to", "restored.bin", "--json"],
+    )
+    .await;
+    assert_success(&out);
+    assert_same_file(&path, &dir.path().join("restored.bin"));
+    (json_of(&out)["mb_per_s"].as_f64().unwrap(), peak_kib)
+}
+
+/// Compares two files, streaming both.
+fn assert_same_file(a: &Path, b: &Path) {
+    use std::io::Read;
+    let (mut fa, mut fb) = (
+        std::fs::File::open(a).unwrap(),
+        std::fs::File::open(b).unwrap(),
+    );
+    assert_eq!(fa.metadata().unwrap().len(), fb.metadata().unwrap().len());
+    let (mut x, mut y) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
+    loop {
+        let n = fa.read(&mut x).unwrap();
+        fb.read_exact(&mut y[..n]).unwrap();
+        assert!(
+            x[..n] == y[..n],
+            "{} and {} differ",
+            a.display(),
+            b.display()
+        );
+        if n == 0 {
+            return;
+        }
+    }
+}
+
+/// The figures for the README: MB/s and peak memory of one large restore.
+/// Run in release, e.g. for 1 GiB:
+/// `BACKUP_PERF_MIB=1024 cargo test --release -p backup-client --test end_to_end -- --ignored --nocapture measures_restore`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "heavy: backs up and restores a large file; run explicitly in release"]
+async fn measures_restore_throughput_and_peak_memory() {
+    let mib = std::env::var("BACKUP_PERF_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1024);
+    let (mb_per_s, peak_kib) = measure_restore(mib).await;
+    println!("restore of {mib} MiB: {mb_per_s:.0} MB/s, client peak RSS (VmHWM) {peak_kib} KiB");
     assert!(
         peak_kib < 64 * 1024,
         "memory must stay bounded: {peak_kib} KiB"

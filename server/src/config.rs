@@ -22,7 +22,9 @@ use std::time::Duration;
 
 use protocol::Limits;
 
-pub use args::Args;
+use crate::storage::Retention;
+
+pub use args::{AdminArgs, Args, Cli, Command, Switch};
 pub use file::FileConfig;
 pub use port_info::{parse_port_info, read_port_info, PortInfo};
 
@@ -55,9 +57,12 @@ pub struct Config {
     /// After shutdown is asked for, how long in-flight requests and uploads
     /// may continue before their connections are cut.
     pub shutdown_grace: Duration,
-    /// Committed versions kept per file name (at least 1). With 1, a new
-    /// commit replaces the previous version, as legacy servers do.
-    pub keep_versions: u32,
+    /// Which versions of a name a commit keeps (for clients not under
+    /// append-only). The default keeps every version.
+    pub retention: Retention,
+    /// Every client's history is append-only: no deletes, and no retention
+    /// at commit (only the operator's `prune` removes versions).
+    pub append_only: bool,
 }
 
 impl Config {
@@ -65,7 +70,6 @@ impl Config {
     pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(120);
     pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
     pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
-    pub const DEFAULT_KEEP_VERSIONS: u32 = 1;
 
     /// A configuration with data under `data_dir` and every other field at
     /// its default.
@@ -78,7 +82,8 @@ impl Config {
             idle_timeout: Self::DEFAULT_IDLE_TIMEOUT,
             request_timeout: Self::DEFAULT_REQUEST_TIMEOUT,
             shutdown_grace: Self::DEFAULT_SHUTDOWN_GRACE,
-            keep_versions: Self::DEFAULT_KEEP_VERSIONS,
+            retention: Retention::KEEP_ALL,
+            append_only: false,
         }
     }
 }
@@ -122,6 +127,93 @@ pub fn default_data_dir(env: impl Fn(&str) -> Option<OsString>) -> PathBuf {
         return home.join(".local").join("share").join(APP_DIR);
     }
     PathBuf::from(FALLBACK_DATA_DIR)
+}
+
+/// Parses a duration such as `30d`, `12h`, `90m`, `45s` or `2w` (a bare
+/// number is seconds).
+///
+/// # Errors
+/// When the text is not a positive number with one of those units.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (digits, unit) = text.split_at(split);
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("{text:?} is not a number followed by s, m, h, d or w"))?;
+    let unit_secs: u64 = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        "w" => 7 * 86_400,
+        other => return Err(format!("unknown unit {other:?} (use s, m, h, d or w)")),
+    };
+    if n == 0 {
+        return Err("must be more than zero".into());
+    }
+    n.checked_mul(unit_secs)
+        .map(Duration::from_secs)
+        .ok_or_else(|| format!("{text:?} is too long"))
+}
+
+/// The retention rules from flags, else the config file: `keep_last` (or
+/// its older name `keep_versions`) and `keep_within`.
+///
+/// # Errors
+/// When a value is out of range.
+pub fn retention(
+    keep_last: Option<u32>,
+    keep_within: Option<Duration>,
+    file: &FileConfig,
+) -> Result<Retention, ConfigError> {
+    let keep_last = keep_last.or(file.keep_last).or(file.keep_versions);
+    if keep_last == Some(0) {
+        return Err(ConfigError::Invalid {
+            key: "keep_last",
+            reason: "must be at least 1".into(),
+        });
+    }
+    let keep_within = match keep_within {
+        Some(d) => Some(d),
+        None => file
+            .keep_within
+            .as_deref()
+            .map(parse_duration)
+            .transpose()
+            .map_err(|reason| ConfigError::Invalid {
+                key: "keep_within",
+                reason,
+            })?,
+    };
+    Ok(Retention {
+        keep_last,
+        keep_within,
+    })
+}
+
+/// The data directory and retention an operator command works with: flags,
+/// then environment (folded into `args` by clap), then the config file,
+/// then the default.
+///
+/// # Errors
+/// When the config file cannot be read or parsed, or a value is invalid.
+pub fn load_admin(
+    args: &AdminArgs,
+    env: impl Fn(&str) -> Option<OsString>,
+) -> Result<(PathBuf, FileConfig), ConfigError> {
+    let file = match &args.config {
+        Some(path) => FileConfig::read(path)?,
+        None => FileConfig::default(),
+    };
+    let data_dir = args
+        .data_dir
+        .clone()
+        .or_else(|| file.data_dir.clone())
+        .unwrap_or_else(|| default_data_dir(env));
+    Ok((data_dir, file))
 }
 
 fn secs(key: &'static str, value: u64) -> Result<Duration, ConfigError> {
@@ -206,15 +298,12 @@ pub fn load(
     if let Some(s) = args.shutdown_grace.or(file.shutdown_grace_secs) {
         config.shutdown_grace = Duration::from_secs(s);
     }
-    if let Some(n) = args.keep_versions.or(file.keep_versions) {
-        if n == 0 {
-            return Err(ConfigError::Invalid {
-                key: "keep_versions",
-                reason: "must be at least 1".into(),
-            });
-        }
-        config.keep_versions = n;
-    }
+    config.retention = retention(
+        args.keep_last.or(args.keep_versions),
+        args.keep_within,
+        &file,
+    )?;
+    config.append_only = args.append_only || file.append_only.unwrap_or(false);
     if let Some(n) = args.max_packet_bytes.or(file.max_packet_bytes) {
         if n == 0 {
             return Err(ConfigError::Invalid {
@@ -311,7 +400,8 @@ mod tests {
         assert_eq!(s.config.data_dir, PathBuf::from("/srv/from-file"));
         assert!(!s.config.reply_to_crc_retry);
         assert_eq!(s.config.idle_timeout, Duration::from_secs(7));
-        assert_eq!(s.config.keep_versions, 3);
+        assert_eq!(s.config.retention.keep_last, Some(3));
+        assert_eq!(s.config.retention.keep_within, None);
 
         let s = load(
             &parse(&[
@@ -365,6 +455,88 @@ mod tests {
                 key: "max_file_bytes",
                 ..
             }
+        ));
+    }
+
+    #[test]
+    fn keeps_every_version_by_default_and_reads_retention_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = load(&parse(&[]), dir.path(), no_env).unwrap();
+        assert!(s.config.retention.keeps_everything());
+        assert!(!s.config.append_only);
+        let s = load(
+            &parse(&["--keep-last", "2", "--keep-within", "30d", "--append-only"]),
+            dir.path(),
+            no_env,
+        )
+        .unwrap();
+        assert_eq!(s.config.retention.keep_last, Some(2));
+        assert_eq!(
+            s.config.retention.keep_within,
+            Some(Duration::from_secs(30 * 86_400))
+        );
+        assert!(s.config.append_only);
+        let s = load(&parse(&["--keep-versions", "4"]), dir.path(), no_env).unwrap();
+        assert_eq!(s.config.retention.keep_last, Some(4));
+        assert!(load(&parse(&["--keep-last", "0"]), dir.path(), no_env).is_err());
+    }
+
+    #[test]
+    fn parses_durations_with_units_and_rejects_others() {
+        assert_eq!(parse_duration("12h"), Ok(Duration::from_secs(12 * 3600)));
+        assert_eq!(parse_duration("30d"), Ok(Duration::from_secs(30 * 86_400)));
+        assert_eq!(parse_duration("2w"), Ok(Duration::from_secs(14 * 86_400)));
+        assert_eq!(parse_duration("90"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        for bad in ["", "d", "0d", "3y", "-1h", "1.5h", "99999999999999999999w"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn parses_operator_subcommands_and_defaults_to_serve() {
+        <Cli as clap::CommandFactory>::command().debug_assert();
+        let cli = Cli::try_parse_from(["backup-server", "--port", "5000"]).unwrap();
+        assert!(cli.command.is_none());
+        assert_eq!(cli.serve.port, Some(5000));
+        let cli = Cli::try_parse_from(["backup-server", "serve", "--append-only"]).unwrap();
+        assert!(matches!(cli.command, Some(Command::Serve(a)) if a.append_only));
+        // Serving flags belong to serving, not to an operator command.
+        assert!(Cli::try_parse_from(["backup-server", "--port", "5000", "clients"]).is_err());
+        let cli = Cli::try_parse_from([
+            "backup-server",
+            "files",
+            "alice",
+            "--versions",
+            "--data-dir",
+            "/d",
+        ])
+        .unwrap();
+        match cli.command {
+            Some(Command::Files {
+                client,
+                versions,
+                admin,
+            }) => {
+                assert_eq!(client, "alice");
+                assert!(versions);
+                assert_eq!(admin.data_dir, Some(PathBuf::from("/d")));
+            }
+            other => panic!("{other:?}"),
+        }
+        let cli = Cli::try_parse_from(["backup-server", "append-only", "bob", "on"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Some(Command::AppendOnly {
+                state: Switch::On,
+                ..
+            })
+        ));
+        assert!(Cli::try_parse_from(["backup-server", "append-only", "bob", "maybe"]).is_err());
+        let cli = Cli::try_parse_from(["backup-server", "prune", "--keep-within", "12h"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Some(Command::Prune { keep_within: Some(d), keep_last: None, .. }) if d == Duration::from_secs(43_200)
         ));
     }
 

@@ -4,25 +4,30 @@
 //! Reading and decoding happen on the connection's task through a
 //! `FramedRead` with the [`ServerCodec`]; decryption and the cksum happen in
 //! [`ServerSession::handle`]; file content goes to a per-upload writer
-//! thread ([`upload`]); metadata calls run on the blocking pool. Any
+//! thread ([`upload`]); a restore's content comes from a per-restore reader
+//! thread ([`restore`]); metadata calls run on the blocking pool. Any
 //! protocol violation is answered with 1607, logged with its precise cause,
 //! and ends the connection (`docs/PROTOCOL.md` §5).
 
 mod deadline;
+mod restore;
 mod upload;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures::{SinkExt, StreamExt};
+use protocol::retrieval::{
+    ListEntry, RefusalReason, RestoreBegin, RetrievalRequest, RetrievalResponse, MAX_LIST_ENTRIES,
+};
 use protocol::session::server::{
     Action, KnownClient, RegisterOutcome, ServerConfig, ServerSession, SessionError,
 };
 use protocol::wire::RequestKind;
 use protocol::{ClientId, CodecError, Request, RequestFrame, Response, ServerCodec};
-use rand::rngs::StdRng;
-use rand::SeedableRng;
+use rand::rngs::{OsRng, StdRng};
+use rand::{RngCore, SeedableRng};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
@@ -32,7 +37,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, info_span, warn, Instrument, Span};
 
 use crate::config::Config;
-use crate::storage::{BlobKey, NewVersion, Registration, Storage, StorageError};
+use crate::storage::{
+    BlobKey, Deletion, NewVersion, Registration, Retention, Storage, StorageError, VersionRecord,
+};
 use deadline::Deadline;
 use upload::{Staged, Upload};
 
@@ -66,6 +73,8 @@ enum Ended {
     Write(CodecError),
     #[error("response not taken by the peer within {0:?}")]
     WriteTimeout(Duration),
+    #[error("restore stopped: {0}")]
+    Restore(restore::RestoreError),
 }
 
 impl Ended {
@@ -79,7 +88,7 @@ impl Ended {
             Ended::Read(CodecError::Io(e)) => {
                 !matches!(e.kind(), ConnectionReset | ConnectionAborted | BrokenPipe)
             }
-            Ended::Read(_) | Ended::Session(_) => true,
+            Ended::Read(_) | Ended::Session(_) | Ended::Restore(_) => true,
         }
     }
 }
@@ -251,10 +260,7 @@ impl Connection {
         let action = self.session.handle(frame, &mut self.rng)?;
         match action {
             Action::Reply(response) => self.reply(&response).await,
-            Action::Retrieve { request, .. } => {
-                warn!(code = request.code(), "retrieval request refused");
-                self.reply(&Response::GeneralError).await
-            }
+            Action::Retrieve { client_id, request } => self.retrieve(client_id, request).await,
             Action::Register { client_id, name } => {
                 let n = name.clone();
                 let outcome = match self
@@ -400,8 +406,15 @@ impl Connection {
                     sha256,
                     stored_at: SystemTime::now(),
                 };
-                let keep = self.shared.config.keep_versions;
-                if let Err(e) = self.blocking(move |s| s.commit(blob, version, keep)).await {
+                let retention = if self.shared.config.append_only {
+                    Retention::KEEP_ALL
+                } else {
+                    self.shared.config.retention
+                };
+                if let Err(e) = self
+                    .blocking(move |s| s.commit(blob, version, &retention))
+                    .await
+                {
                     return self.storage_failure(e).await;
                 }
                 let secs = started.elapsed().as_secs_f64();
@@ -431,6 +444,147 @@ impl Connection {
         }
     }
 
+    /// Answers a retrieval request (`docs/PROTOCOL.md` §11). A storage
+    /// failure is answered 1607 and ends the connection.
+    async fn retrieve(
+        &mut self,
+        client_id: ClientId,
+        request: RetrievalRequest,
+    ) -> Result<(), Ended> {
+        match request {
+            RetrievalRequest::List { flags, cursor } => {
+                let all = flags.all_versions();
+                let page = MAX_LIST_ENTRIES;
+                let found = self
+                    .blocking(move |s| s.meta().list(client_id, all, cursor, page + 1))
+                    .await;
+                let mut versions = match found {
+                    Ok(v) => v,
+                    Err(e) => return self.retrieval_failure(e).await,
+                };
+                let more = versions.len() > page;
+                versions.truncate(page);
+                let next_cursor = if more {
+                    cursor.saturating_add(page as u64)
+                } else {
+                    0
+                };
+                let entries: Vec<ListEntry> = versions.into_iter().map(list_entry).collect();
+                debug!(
+                    all_versions = all,
+                    cursor,
+                    entries = entries.len(),
+                    next_cursor,
+                    "list"
+                );
+                self.reply(&Response::Retrieval(RetrievalResponse::ListPage {
+                    next_cursor,
+                    entries,
+                }))
+                .await
+            }
+            RetrievalRequest::Restore { version, file } => {
+                let f = file.clone();
+                let found = self
+                    .blocking(move |s| s.meta().find_version(client_id, &f, version))
+                    .await;
+                match found {
+                    Ok(Some(v)) => self.restore(v).await,
+                    Ok(None) => {
+                        info!(file = ?file, version, "restore: no such file or version");
+                        self.reply(&Response::Retrieval(RetrievalResponse::NotFound))
+                            .await
+                    }
+                    Err(e) => self.retrieval_failure(e).await,
+                }
+            }
+            RetrievalRequest::Delete { file } => {
+                let f = file.clone();
+                let append_only = self.shared.config.append_only;
+                let outcome = self
+                    .blocking(move |s| s.delete_file(client_id, &f, append_only))
+                    .await;
+                let response = match outcome {
+                    Ok(Deletion::Deleted(removed)) => {
+                        info!(file = ?file, versions = removed.len(), "deleted");
+                        RetrievalResponse::Deleted {
+                            versions: u32::try_from(removed.len()).unwrap_or(u32::MAX),
+                        }
+                    }
+                    Ok(Deletion::NotFound) => {
+                        info!(file = ?file, "delete: no such file");
+                        RetrievalResponse::NotFound
+                    }
+                    Ok(Deletion::Refused) => {
+                        info!(file = ?file, "delete refused: append-only");
+                        RetrievalResponse::Refused {
+                            reason: RefusalReason::APPEND_ONLY,
+                        }
+                    }
+                    Err(e) => return self.retrieval_failure(e).await,
+                };
+                self.reply(&Response::Retrieval(response)).await
+            }
+        }
+    }
+
+    async fn retrieval_failure(&mut self, e: StorageError) -> Result<(), Ended> {
+        error!(cause = %e, "retrieval failed in storage");
+        self.reply(&Response::GeneralError).await?;
+        Err(Ended::Storage(e))
+    }
+
+    /// Sends one version: 1641, then its ciphertext under a fresh IV in
+    /// 1642 packets streamed from the reader thread.
+    async fn restore(&mut self, version: VersionRecord) -> Result<(), Ended> {
+        let mut iv = [0u8; protocol::crypto::BLOCK];
+        OsRng.fill_bytes(&mut iv);
+        let Some(cipher) = self.session.restore_cipher(&iv) else {
+            return Err(SessionError::NoPendingAction.into());
+        };
+        let packet = restore::packet_len(self.shared.config.limits.max_packet_content);
+        let started = Instant::now();
+        let (file, number, size) = (version.file.clone(), version.version, version.size);
+        let begin = RestoreBegin {
+            version: u64::try_from(number).unwrap_or_default(),
+            size,
+            content_size: protocol::crypto::pkcs7_len(size),
+            cksum: version.cksum,
+            iv,
+            file: file.clone(),
+        };
+        let mut packets = match restore::start(
+            self.shared.storage.blobs_arc(),
+            version,
+            cipher,
+            packet,
+            self.shared.alive.clone(),
+        ) {
+            Ok(rx) => rx,
+            Err(e) => return self.retrieval_failure(e).await,
+        };
+        self.reply(&Response::Retrieval(RetrievalResponse::RestoreBegin(begin)))
+            .await?;
+        while let Some(next) = packets.recv().await {
+            match next {
+                Ok(content) => {
+                    self.reply(&Response::Retrieval(RetrievalResponse::RestoreData {
+                        content,
+                    }))
+                    .await?;
+                }
+                Err(e) => {
+                    error!(file = ?file, version = number, cause = %e, "RESTORE ABORTED: stored content is damaged or unreadable; closing the connection");
+                    return Err(Ended::Restore(e));
+                }
+            }
+        }
+        let secs = started.elapsed().as_secs_f64();
+        let mb_per_s = size as f64 / 1e6 / secs.max(1e-6);
+        info!(file = ?file, version = number, size, secs = format_args!("{secs:.3}"), mb_per_s = format_args!("{mb_per_s:.1}"), "restore sent");
+        Ok(())
+    }
+
     /// Drops any upload in progress (its writer removes the temporary) and
     /// any staged content (removed on the blocking pool).
     async fn discard_upload(&mut self) {
@@ -454,6 +608,21 @@ impl Connection {
         let _ = tokio::time::timeout(LINGER, write.shutdown()).await;
         let mut read = reader.into_inner().into_inner();
         linger(&mut read).await;
+    }
+}
+
+/// A version as a list entry.
+fn list_entry(v: VersionRecord) -> ListEntry {
+    ListEntry {
+        version: u64::try_from(v.version).unwrap_or_default(),
+        size: v.size,
+        stored_at: v
+            .stored_at
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or_default(),
+        cksum: v.cksum,
+        file: v.file,
     }
 }
 

@@ -7,6 +7,9 @@
 //! enforces timeouts and the connection cap, and carries out the session's
 //! storage [`Action`](protocol::session::server::Action)s.
 //!
+//! Operator commands (list clients and files, prune, remove a client,
+//! toggle append-only) are in [`admin`].
+//!
 //! Storage sits behind two small traits ([`storage::MetaStore`] and
 //! [`storage::BlobStore`]); the defaults are SQLite and a local data
 //! directory, see [`storage`].
@@ -22,6 +25,7 @@
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
+pub mod admin;
 pub mod config;
 mod connection;
 mod serve;

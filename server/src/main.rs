@@ -1,15 +1,17 @@
-//! `backup-server`: parse the configuration, install logging, bind, serve
-//! until SIGINT or SIGTERM.
+//! `backup-server`: parse the configuration, install logging, then either
+//! bind and serve until SIGINT or SIGTERM, or run one operator command.
 
 use std::io::IsTerminal;
 
 use anyhow::Context;
 use clap::Parser;
+use server::config::{AdminArgs, Command, Switch};
+use server::storage::Storage;
 use tracing::{info, warn};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> anyhow::Result<()> {
-    let args = server::config::Args::parse();
+    let cli = server::config::Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
@@ -17,8 +19,61 @@ fn main() -> anyhow::Result<()> {
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .init();
+    match cli.command {
+        None => serve(&cli.serve),
+        Some(command) => run(command),
+    }
+}
+
+/// Runs a subcommand: `serve`, or one operator command, printing its
+/// report on stdout.
+fn run(command: Command) -> anyhow::Result<()> {
+    use server::admin;
+    let env = |k: &str| std::env::var_os(k);
+    let open = |args: &AdminArgs| -> anyhow::Result<(Storage, server::config::FileConfig)> {
+        let (data_dir, file) = server::config::load_admin(args, env)?;
+        if !data_dir.join(Storage::DATABASE).is_file() {
+            anyhow::bail!("no database in {}", data_dir.display());
+        }
+        let storage = Storage::open_local(&data_dir)
+            .with_context(|| format!("cannot open the data in {}", data_dir.display()))?;
+        Ok((storage, file))
+    };
+    let stdout = std::io::stdout();
+    let out = &mut stdout.lock();
+    match command {
+        Command::Serve(args) => serve(&args)?,
+        Command::Clients { admin: a } => admin::clients(&open(&a)?.0, out)?,
+        Command::Files {
+            client,
+            versions,
+            admin: a,
+        } => admin::files(&open(&a)?.0, &client, versions, out)?,
+        Command::Prune {
+            keep_last,
+            keep_within,
+            admin: a,
+        } => {
+            let (storage, file) = open(&a)?;
+            let retention = server::config::retention(keep_last, keep_within, &file)?;
+            admin::prune(&storage, &retention, out)?;
+        }
+        Command::RemoveClient { client, admin: a } => {
+            admin::remove_client(&open(&a)?.0, &client, out)?
+        }
+        Command::AppendOnly {
+            client,
+            state,
+            admin: a,
+        } => admin::set_append_only(&open(&a)?.0, &client, state == Switch::On, out)?,
+    }
+    Ok(())
+}
+
+/// Loads the settings, binds and serves until a signal.
+fn serve(args: &server::config::Args) -> anyhow::Result<()> {
     let cwd = std::env::current_dir().context("cannot determine the working directory")?;
-    let settings = server::config::load(&args, &cwd, |k| std::env::var_os(k))?;
+    let settings = server::config::load(args, &cwd, |k| std::env::var_os(k))?;
     for warning in &settings.warnings {
         warn!("{warning}");
     }

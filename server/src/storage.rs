@@ -28,7 +28,7 @@ pub mod sqlite;
 use std::io::Read;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use protocol::message::PublicKeyField;
 use protocol::{ClientId, FileName, UserName};
@@ -81,6 +81,75 @@ pub struct ClientRecord {
     pub public_key: Option<PublicKeyField>,
     pub registered: SystemTime,
     pub last_seen: SystemTime,
+    /// The operator made this client's history append-only: it may add
+    /// versions but never delete them, and retention skips it at commit.
+    pub append_only: bool,
+}
+
+/// A client with the totals of what it stores (operator listings).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClientSummary {
+    pub client: ClientRecord,
+    /// Names with at least one version.
+    pub files: u64,
+    pub versions: u64,
+    /// Plaintext bytes over every version.
+    pub bytes: u64,
+}
+
+/// Which versions of a name to keep. A version is kept if it is the newest
+/// of its name, or if any rule that is set keeps it; with no rule set,
+/// everything is kept (the default).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Retention {
+    /// Keep the N newest versions (N >= 1).
+    pub keep_last: Option<u32>,
+    /// Keep versions stored within this long of now.
+    pub keep_within: Option<Duration>,
+}
+
+impl Retention {
+    /// No rule: every version stays.
+    pub const KEEP_ALL: Self = Self {
+        keep_last: None,
+        keep_within: None,
+    };
+
+    /// Whether no rule is set, so nothing is ever removed.
+    pub fn keeps_everything(&self) -> bool {
+        self.keep_last.is_none() && self.keep_within.is_none()
+    }
+
+    /// Whether the version at `index` among its name's versions (0: the
+    /// newest), stored at `stored_at`, is kept at time `now`. The newest
+    /// version is always kept.
+    pub fn keeps(&self, index: usize, stored_at: SystemTime, now: SystemTime) -> bool {
+        if index == 0 || self.keeps_everything() {
+            return true;
+        }
+        let by_count = self
+            .keep_last
+            .is_some_and(|n| index < usize::try_from(n).unwrap_or(usize::MAX));
+        // A version stored "in the future" (clock change) counts as recent.
+        let by_age = self
+            .keep_within
+            .is_some_and(|d| match now.duration_since(stored_at) {
+                Ok(age) => age <= d,
+                Err(_) => true,
+            });
+        by_count || by_age
+    }
+}
+
+/// The outcome of [`MetaStore::delete_file`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Deletion {
+    /// The client has no version of that name.
+    NotFound,
+    /// Append-only applies: nothing was removed.
+    Refused,
+    /// These versions were removed; their blobs are for the caller to delete.
+    Deleted(Vec<VersionRecord>),
 }
 
 /// The outcome of [`MetaStore::register`].
@@ -163,12 +232,85 @@ pub trait MetaStore: Send + Sync + 'static {
     fn touch(&self, id: ClientId, now: SystemTime) -> Result<(), StorageError>;
 
     /// Records a committed version as the file's latest, atomically, and
-    /// drops the oldest versions beyond `keep` (at least 1). Returns the
-    /// blobs of the dropped versions, for the caller to delete.
+    /// drops the versions of that name `retention` does not keep, unless the
+    /// client is append-only. Returns the blobs of the dropped versions, for
+    /// the caller to delete.
     ///
     /// # Errors
     /// On a backend failure; nothing is recorded then.
-    fn add_version(&self, version: &NewVersion, keep: u32) -> Result<Vec<BlobKey>, StorageError>;
+    fn add_version(
+        &self,
+        version: &NewVersion,
+        retention: &Retention,
+    ) -> Result<Vec<BlobKey>, StorageError>;
+
+    /// Up to `limit` versions of client `id`, ordered by (name bytes,
+    /// version), skipping the first `offset`: every version, or only the
+    /// newest of each name.
+    ///
+    /// # Errors
+    /// On a backend failure or an unreadable row.
+    fn list(
+        &self,
+        id: ClientId,
+        all_versions: bool,
+        offset: u64,
+        limit: usize,
+    ) -> Result<Vec<VersionRecord>, StorageError>;
+
+    /// Version `version` of `file` of client `id` (0: the newest).
+    ///
+    /// # Errors
+    /// On a backend failure or an unreadable row.
+    fn find_version(
+        &self,
+        id: ClientId,
+        file: &FileName,
+        version: u64,
+    ) -> Result<Option<VersionRecord>, StorageError>;
+
+    /// Removes every version of `file` of client `id`, unless `append_only`
+    /// is set or the client is append-only.
+    ///
+    /// # Errors
+    /// On a backend failure; nothing is removed then.
+    fn delete_file(
+        &self,
+        id: ClientId,
+        file: &FileName,
+        append_only: bool,
+    ) -> Result<Deletion, StorageError>;
+
+    /// Sets the append-only flag of client `id`; `false` if there is no
+    /// such client.
+    ///
+    /// # Errors
+    /// On a backend failure.
+    fn set_append_only(&self, id: ClientId, on: bool) -> Result<bool, StorageError>;
+
+    /// Every client with its totals, by name.
+    ///
+    /// # Errors
+    /// On a backend failure or an unreadable row.
+    fn clients(&self) -> Result<Vec<ClientSummary>, StorageError>;
+
+    /// Applies `retention` at `now` to every name of every client
+    /// (append-only ones included) and returns what it removed.
+    ///
+    /// # Errors
+    /// On a backend failure; nothing is removed then.
+    fn prune(
+        &self,
+        retention: &Retention,
+        now: SystemTime,
+    ) -> Result<Vec<VersionRecord>, StorageError>;
+
+    /// Removes client `id` with all its files and versions; `None` if
+    /// there is no such client, else the removed versions.
+    ///
+    /// # Errors
+    /// On a backend failure; nothing is removed then.
+    fn remove_client(&self, id: ClientId) -> Result<Option<Vec<VersionRecord>>, StorageError>;
 
     /// The latest version of `file` of client `id`.
     ///
@@ -251,6 +393,13 @@ pub trait BlobStore: Send + Sync + 'static {
     /// When the key is not one of this store's or removal fails.
     fn delete(&self, key: &BlobKey) -> Result<(), StorageError>;
 
+    /// Removes everything stored for `client`, temporaries included (no
+    /// error if there is nothing).
+    ///
+    /// # Errors
+    /// On an I/O failure.
+    fn remove_client(&self, client: ClientId) -> Result<(), StorageError>;
+
     /// At start-up, with no upload in progress: removes every temporary and
     /// lists the committed blobs.
     ///
@@ -320,8 +469,8 @@ impl Storage {
     }
 
     /// Publishes `staged` and records it as the latest version of its file,
-    /// keeping at most `keep` versions. Superseded blobs are deleted after
-    /// the new version is recorded.
+    /// then applies `retention` to that name (not for an append-only
+    /// client). Dropped blobs are deleted after the new version is recorded.
     ///
     /// # Errors
     /// When publishing or recording fails; the new content is then removed
@@ -330,18 +479,13 @@ impl Storage {
         &self,
         staged: Box<dyn StagedBlob>,
         mut version: NewVersion,
-        keep: u32,
+        retention: &Retention,
     ) -> Result<BlobKey, StorageError> {
         let key = staged.publish()?;
         version.blob = key.clone();
-        match self.meta.add_version(&version, keep.max(1)) {
+        match self.meta.add_version(&version, retention) {
             Ok(superseded) => {
-                for old in superseded {
-                    if let Err(e) = self.blobs.delete(&old) {
-                        // Left as an orphan; the next start-up removes it.
-                        tracing::warn!(blob = %old, cause = %e, "could not delete a superseded blob");
-                    }
-                }
+                self.delete_blobs(superseded.iter());
                 Ok(key)
             }
             Err(e) => {
@@ -353,8 +497,64 @@ impl Storage {
         }
     }
 
-    /// Reads the whole latest version of `file` (tests and tools; the
-    /// server itself never reads content back).
+    /// Deletes blobs whose rows are gone; a failure leaves an orphan that
+    /// the next start-up removes, so it is only logged.
+    fn delete_blobs<'a>(&self, keys: impl Iterator<Item = &'a BlobKey>) {
+        for key in keys {
+            if let Err(e) = self.blobs.delete(key) {
+                tracing::warn!(blob = %key, cause = %e, "could not delete a blob whose version is gone");
+            }
+        }
+    }
+
+    /// Removes every version of `file` of client `id` (rows, then blobs),
+    /// unless append-only applies (`append_only`, or the client's flag).
+    ///
+    /// # Errors
+    /// On a backend failure.
+    pub fn delete_file(
+        &self,
+        id: ClientId,
+        file: &FileName,
+        append_only: bool,
+    ) -> Result<Deletion, StorageError> {
+        let outcome = self.meta.delete_file(id, file, append_only)?;
+        if let Deletion::Deleted(removed) = &outcome {
+            self.delete_blobs(removed.iter().map(|v| &v.blob));
+        }
+        Ok(outcome)
+    }
+
+    /// Applies `retention` to every client and name; returns what was
+    /// removed.
+    ///
+    /// # Errors
+    /// On a backend failure.
+    pub fn prune(
+        &self,
+        retention: &Retention,
+        now: SystemTime,
+    ) -> Result<Vec<VersionRecord>, StorageError> {
+        let removed = self.meta.prune(retention, now)?;
+        self.delete_blobs(removed.iter().map(|v| &v.blob));
+        Ok(removed)
+    }
+
+    /// Removes client `id`: its rows, then its blobs and folder. `None` if
+    /// there is no such client.
+    ///
+    /// # Errors
+    /// On a backend failure.
+    pub fn remove_client(&self, id: ClientId) -> Result<Option<Vec<VersionRecord>>, StorageError> {
+        let Some(removed) = self.meta.remove_client(id)? else {
+            return Ok(None);
+        };
+        self.delete_blobs(removed.iter().map(|v| &v.blob));
+        self.blobs.remove_client(id)?;
+        Ok(Some(removed))
+    }
+
+    /// Reads the whole latest version of `file` (tests and tools).
     ///
     /// # Errors
     /// On a backend failure.
@@ -419,5 +619,44 @@ impl Storage {
             removed_orphans,
             forgotten_versions,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retention_keeps_the_newest_and_whatever_either_rule_keeps() {
+        let now = SystemTime::now();
+        let hour = Duration::from_secs(3600);
+        let old = now - 48 * hour;
+        let recent = now - hour;
+        assert!(Retention::KEEP_ALL.keeps(100, old, now));
+        let last2 = Retention {
+            keep_last: Some(2),
+            keep_within: None,
+        };
+        assert!(last2.keeps(0, old, now));
+        assert!(last2.keeps(1, old, now));
+        assert!(!last2.keeps(2, recent, now));
+        let day = Retention {
+            keep_last: None,
+            keep_within: Some(24 * hour),
+        };
+        assert!(day.keeps(0, old, now), "the newest always stays");
+        assert!(day.keeps(5, recent, now));
+        assert!(!day.keeps(1, old, now));
+        assert!(
+            day.keeps(1, now + hour, now),
+            "a future time counts as recent"
+        );
+        let both = Retention {
+            keep_last: Some(2),
+            keep_within: Some(24 * hour),
+        };
+        assert!(both.keeps(1, old, now));
+        assert!(both.keeps(7, recent, now));
+        assert!(!both.keeps(2, old, now));
     }
 }

@@ -23,5 +23,7 @@ mod lifecycle;
 mod malformed;
 #[path = "server/perf.rs"]
 mod perf;
+#[path = "server/retrieval.rs"]
+mod retrieval;
 #[path = "server/vectors.rs"]
 mod vectors;

@@ -6,13 +6,17 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
+use bytes::{Bytes, BytesMut};
 use futures::{SinkExt, StreamExt};
 use protocol::message::PublicKeyField;
+use protocol::retrieval::{
+    ListEntry, RefusalReason, RestoreBegin, RetrievalRequest, RetrievalResponse,
+};
 use protocol::session::server::{
     Action, KnownClient, RegisterOutcome, ServerConfig, ServerSession,
 };
 use protocol::wire::RequestKind;
-use protocol::{ClientId, Request, Response, ServerCodec, UserName};
+use protocol::{Cksum, ClientId, FileName, Request, Response, ServerCodec, UserName};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::codec::Framed;
 
@@ -27,6 +31,69 @@ pub struct Quirks {
     pub failed_uploads: u32,
     /// Send 1606 with an empty payload.
     pub reject_without_id: bool,
+    /// Answer retrieval requests from this store; without one, answer them
+    /// with 1607 like a legacy server.
+    pub retrieval: Option<Stored>,
+    /// Close the connection on a retrieval request (another legacy habit).
+    pub close_on_retrieval: bool,
+}
+
+/// What the fake holds for retrieval (shared by every client).
+#[derive(Debug, Clone)]
+pub struct Stored {
+    pub versions: Vec<StoredVersion>,
+    /// Entries per list page (at most 256).
+    pub page_size: usize,
+    /// Ciphertext bytes per 1642 packet.
+    pub packet: usize,
+    /// Announce a cksum that differs from the content's.
+    pub wrong_cksum: bool,
+    /// Refuse deletes (1645).
+    pub append_only: bool,
+    /// Flip a bit in the last ciphertext block (bad padding or content).
+    pub corrupt_last_block: bool,
+    /// Send the 1641 and the first 1642 of a restore, then close.
+    pub cut_restore: bool,
+    /// Answer every list request with the cursor it carried (never ends).
+    pub stuck_cursor: bool,
+}
+
+impl Default for Stored {
+    fn default() -> Self {
+        Self {
+            versions: Vec::new(),
+            page_size: 256,
+            packet: 64 * 1024,
+            wrong_cksum: false,
+            append_only: false,
+            corrupt_last_block: false,
+            cut_restore: false,
+            stuck_cursor: false,
+        }
+    }
+}
+
+/// One stored version.
+#[derive(Debug, Clone)]
+pub struct StoredVersion {
+    pub name: String,
+    pub version: u64,
+    pub stored_at: u64,
+    pub content: Vec<u8>,
+}
+
+impl Stored {
+    /// Adds a version of `name`, numbered after every other.
+    pub fn add(&mut self, name: &str, content: Vec<u8>) -> &mut Self {
+        let version = self.versions.iter().map(|v| v.version).max().unwrap_or(0) + 1;
+        self.versions.push(StoredVersion {
+            name: name.to_owned(),
+            version,
+            stored_at: 1_700_000_000 + version,
+            content,
+        });
+        self
+    }
 }
 
 /// What the server holds and saw.
@@ -152,8 +219,30 @@ async fn serve(stream: TcpStream, state: Arc<Mutex<State>>) {
         };
         let reply = match action {
             Action::Reply(r) => Some(r),
-            // A legacy server knows no retrieval codes.
-            Action::Retrieve { .. } => Some(Response::GeneralError),
+            Action::Retrieve { request, .. } => {
+                let (close, stored) = {
+                    let s = state.lock().unwrap();
+                    (s.quirks.close_on_retrieval, s.quirks.retrieval.is_some())
+                };
+                if close {
+                    return;
+                }
+                if !stored {
+                    // A legacy server knows no retrieval codes.
+                    Some(Response::GeneralError)
+                } else {
+                    for r in retrieve(&state, &session, request) {
+                        // A 1607 after restore data marks a cut: hang up.
+                        if r == Response::GeneralError {
+                            return;
+                        }
+                        if framed.send(r).await.is_err() {
+                            return;
+                        }
+                    }
+                    None
+                }
+            }
             Action::Register { client_id, name } => {
                 let outcome = {
                     let mut s = state.lock().unwrap();
@@ -235,6 +324,120 @@ async fn serve(stream: TcpStream, state: Arc<Mutex<State>>) {
         if let Some(r) = reply {
             if framed.send(r).await.is_err() {
                 return;
+            }
+        }
+    }
+}
+
+/// The answers to one retrieval request.
+fn retrieve(
+    state: &Arc<Mutex<State>>,
+    session: &ServerSession,
+    request: RetrievalRequest,
+) -> Vec<Response> {
+    let mut s = state.lock().unwrap();
+    let Some(stored) = s.quirks.retrieval.as_mut() else {
+        return vec![Response::GeneralError];
+    };
+    let wrap = |r| Response::Retrieval(r);
+    match request {
+        RetrievalRequest::List { flags, cursor } => {
+            let mut all = stored.versions.clone();
+            all.sort_by(|a, b| (a.name.as_bytes(), a.version).cmp(&(b.name.as_bytes(), b.version)));
+            if !flags.all_versions() {
+                let mut latest: Vec<StoredVersion> = Vec::new();
+                for v in all {
+                    match latest.last_mut() {
+                        Some(last) if last.name == v.name => *last = v,
+                        _ => latest.push(v),
+                    }
+                }
+                all = latest;
+            }
+            let start = usize::try_from(cursor).unwrap();
+            let end = (start + stored.page_size).min(all.len());
+            let entries = all[start..end]
+                .iter()
+                .map(|v| ListEntry {
+                    version: v.version,
+                    size: v.content.len() as u64,
+                    stored_at: v.stored_at,
+                    cksum: Cksum::of(&v.content),
+                    file: FileName::try_from(v.name.as_str()).unwrap(),
+                })
+                .collect();
+            let next_cursor = if stored.stuck_cursor {
+                cursor.max(1)
+            } else if end < all.len() {
+                end as u64
+            } else {
+                0
+            };
+            vec![wrap(RetrievalResponse::ListPage {
+                next_cursor,
+                entries,
+            })]
+        }
+        RetrievalRequest::Restore { version, file } => {
+            let found = stored
+                .versions
+                .iter()
+                .filter(|v| v.name.as_bytes() == file.as_bytes())
+                .filter(|v| version == 0 || v.version == version)
+                .max_by_key(|v| v.version)
+                .cloned();
+            let Some(v) = found else {
+                return vec![wrap(RetrievalResponse::NotFound)];
+            };
+            let iv: [u8; 16] = rand::random();
+            let mut enc = session.restore_cipher(&iv).unwrap();
+            let mut ct = BytesMut::new();
+            enc.update(&v.content, &mut ct);
+            enc.finish(&mut ct);
+            if stored.corrupt_last_block {
+                let last = ct.len() - 1;
+                ct[last] ^= 0x40;
+            }
+            let mut cksum = Cksum::of(&v.content);
+            if stored.wrong_cksum {
+                cksum ^= 1;
+            }
+            let mut out = vec![wrap(RetrievalResponse::RestoreBegin(RestoreBegin {
+                version: v.version,
+                size: v.content.len() as u64,
+                content_size: ct.len() as u64,
+                cksum,
+                iv,
+                file,
+            }))];
+            let ct = ct.freeze();
+            for chunk in ct.chunks(stored.packet) {
+                out.push(wrap(RetrievalResponse::RestoreData {
+                    content: Bytes::copy_from_slice(chunk),
+                }));
+            }
+            if stored.cut_restore {
+                out.truncate(2);
+                // The shell closes the connection after these.
+                out.push(Response::GeneralError);
+            }
+            out
+        }
+        RetrievalRequest::Delete { file } => {
+            if stored.append_only {
+                return vec![wrap(RetrievalResponse::Refused {
+                    reason: RefusalReason::APPEND_ONLY,
+                })];
+            }
+            let before = stored.versions.len();
+            stored
+                .versions
+                .retain(|v| v.name.as_bytes() != file.as_bytes());
+            let versions = (before - stored.versions.len()) as u32;
+            if versions == 0 {
+                vec![wrap(RetrievalResponse::NotFound)]
+            } else {
+                vec![wrap(RetrievalResponse::Deleted { versions })]
             }
         }
     }

@@ -6,6 +6,15 @@
 //! verdict with the request that carries it. Where legacy servers disagree it
 //! accepts every unambiguous variant: 1606 with or without an id, and a 1604
 //! (or nothing) in answer to "CRC wrong, will resend".
+//!
+//! Retrieval (`docs/PROTOCOL.md` §11): [`ClientSession::list_request`],
+//! [`ClientSession::restore_request`] and [`ClientSession::delete_request`]
+//! build the requests; the answers become [`ClientEvent::ListPage`],
+//! [`ClientEvent::RestoreBegin`] then [`ClientEvent::RestoreData`] until the
+//! announced ciphertext arrived, [`ClientEvent::Deleted`],
+//! [`ClientEvent::NotFound`] or [`ClientEvent::Refused`]. A 1607 to them is
+//! [`ClientEvent::ServerError`] and ends the request (a legacy server gives
+//! no other answer).
 
 use bytes::{Bytes, BytesMut};
 
@@ -13,6 +22,9 @@ use crate::crypto::{pkcs7_len, AesKey, CryptoError, PrivateKey};
 use crate::limits::{FILE_PACKET_HEAD_LEN, MAX_PACKETS};
 use crate::message::{FilePacket, PacketHead, Request, RequestFrame, Response};
 use crate::name::{FileName, UserName};
+use crate::retrieval::{
+    ListEntry, ListFlags, RefusalReason, RestoreBegin, RetrievalRequest, RetrievalResponse,
+};
 use crate::session::MAX_SEND_ATTEMPTS;
 use crate::wire::{ClientId, Numbering, ResponseCode};
 
@@ -32,6 +44,16 @@ pub enum ClientError {
     Key(#[from] CryptoError),
     #[error("no request is awaiting an answer")]
     Idle,
+    #[error("server began restoring {got:?} where {expected:?} was asked for")]
+    RestoreMismatch { expected: FileName, got: FileName },
+    #[error("server announced {content_size} bytes of ciphertext for {size} bytes of plaintext, not {expected}")]
+    RestoreSize {
+        size: u64,
+        content_size: u64,
+        expected: u64,
+    },
+    #[error("server sent {extra} bytes of restore data beyond the {content_size} it announced")]
+    RestoreOverrun { content_size: u64, extra: u64 },
 }
 
 /// What a response meant.
@@ -58,7 +80,29 @@ pub enum ClientEvent {
     /// 1607: the server failed. The session still expects the answer to the
     /// last request, so the caller may repeat it as it was; an upload attempt
     /// answered with 1607 does not count toward [`MAX_SEND_ATTEMPTS`].
+    /// Retrieval requests are the exception: a legacy server answers them
+    /// with 1607 every time, so after a 1607 the session expects nothing
+    /// more for them and they should not be repeated.
     ServerError,
+    /// 1640: a page of the listing; ask again with `next_cursor` unless it
+    /// is 0 ([`ClientSession::list_request`]).
+    ListPage {
+        next_cursor: u64,
+        entries: Vec<ListEntry>,
+    },
+    /// 1641: a restore begins; [`ClientEvent::RestoreData`] events follow
+    /// until `content_size` bytes of ciphertext arrived. Its size fields
+    /// were checked to agree (`content_size` is the PKCS#7 length of `size`).
+    RestoreBegin(RestoreBegin),
+    /// 1642: the next slice of the restore's ciphertext; `remaining` bytes
+    /// are still due (0: this was the last slice and the session is idle).
+    RestoreData { content: Bytes, remaining: u64 },
+    /// 1643: the file was deleted, with this many versions.
+    Deleted { versions: u32 },
+    /// 1644: no such file or version.
+    NotFound,
+    /// 1645: the server refused the request.
+    Refused(RefusalReason),
 }
 
 /// The outcome of comparing the server's cksum with ours.
@@ -87,6 +131,30 @@ enum Expect {
         ack_allowed: bool,
     },
     Ack,
+    /// The 1640 of a list request.
+    ListPage,
+    /// The 1641 (or 1644) of a restore of `file`.
+    RestoreBegin {
+        file: FileName,
+    },
+    /// 1642 packets, `remaining` bytes of ciphertext still due.
+    RestoreData {
+        remaining: u64,
+    },
+    /// The 1643 (or 1644, 1645) of a delete.
+    Deleted,
+}
+
+impl Expect {
+    fn is_retrieval(&self) -> bool {
+        matches!(
+            self,
+            Expect::ListPage
+                | Expect::RestoreBegin { .. }
+                | Expect::RestoreData { .. }
+                | Expect::Deleted
+        )
+    }
 }
 
 /// The client's view of one connection.
@@ -216,6 +284,34 @@ impl ClientSession {
         };
     }
 
+    /// "List" (1240): a page of this client's files from `cursor` (0: the
+    /// first page), the newest version of each name or, with
+    /// [`ListFlags::ALL_VERSIONS`], every version.
+    pub fn list_request(&mut self, flags: ListFlags, cursor: u64) -> RequestFrame {
+        self.expect = Expect::ListPage;
+        self.frame(Request::Retrieval(RetrievalRequest::List { flags, cursor }))
+    }
+
+    /// "Restore" (1241): version `version` (0: the newest) of `file`.
+    pub fn restore_request(&mut self, version: u64, file: FileName) -> RequestFrame {
+        self.expect = Expect::RestoreBegin { file: file.clone() };
+        self.frame(Request::Retrieval(RetrievalRequest::Restore {
+            version,
+            file,
+        }))
+    }
+
+    /// "Delete" (1242): every version of `file`.
+    pub fn delete_request(&mut self, file: FileName) -> RequestFrame {
+        self.expect = Expect::Deleted;
+        self.frame(Request::Retrieval(RetrievalRequest::Delete { file }))
+    }
+
+    /// Whether a restore's data is still due.
+    pub fn restoring(&self) -> bool {
+        matches!(self.expect, Expect::RestoreData { .. })
+    }
+
     fn check_id(&self, got: ClientId) -> Result<(), ClientError> {
         match self.client_id {
             Some(expected) if expected != got => {
@@ -236,6 +332,11 @@ impl ClientSession {
         rng: &mut R,
     ) -> Result<ClientEvent, ClientError> {
         let expect = std::mem::replace(&mut self.expect, Expect::Idle);
+        if response == Response::GeneralError && expect.is_retrieval() {
+            // Not repeated: a server without retrieval always answers so,
+            // and one that fails in the middle of a restore has ended it.
+            return Ok(ClientEvent::ServerError);
+        }
         if response == Response::GeneralError && !matches!(expect, Expect::Idle) {
             if matches!(expect, Expect::FileReceived { .. }) {
                 // The server failed to take the file: that attempt says
@@ -350,6 +451,76 @@ impl ClientSession {
                 Ok(ClientEvent::Done)
             }
             (Expect::Ack, _) => Err(unexpected("1604")),
+            (
+                Expect::ListPage,
+                Response::Retrieval(RetrievalResponse::ListPage {
+                    next_cursor,
+                    entries,
+                }),
+            ) => Ok(ClientEvent::ListPage {
+                next_cursor: *next_cursor,
+                entries: entries.clone(),
+            }),
+            (
+                Expect::ListPage | Expect::RestoreBegin { .. } | Expect::Deleted,
+                Response::Retrieval(RetrievalResponse::Refused { reason }),
+            ) => Ok(ClientEvent::Refused(*reason)),
+            (Expect::ListPage, _) => Err(unexpected("1640")),
+            (
+                Expect::RestoreBegin { file },
+                Response::Retrieval(RetrievalResponse::RestoreBegin(begin)),
+            ) => {
+                if begin.file != file {
+                    return Err(ClientError::RestoreMismatch {
+                        expected: file,
+                        got: begin.file.clone(),
+                    });
+                }
+                let expected = pkcs7_len(begin.size);
+                if begin.content_size != expected {
+                    return Err(ClientError::RestoreSize {
+                        size: begin.size,
+                        content_size: begin.content_size,
+                        expected,
+                    });
+                }
+                self.expect = Expect::RestoreData {
+                    remaining: begin.content_size,
+                };
+                Ok(ClientEvent::RestoreBegin(begin.clone()))
+            }
+            (Expect::RestoreBegin { .. }, Response::Retrieval(RetrievalResponse::NotFound))
+            | (Expect::Deleted, Response::Retrieval(RetrievalResponse::NotFound)) => {
+                Ok(ClientEvent::NotFound)
+            }
+            (Expect::RestoreBegin { .. }, _) => Err(unexpected("1641 or 1644")),
+            (
+                Expect::RestoreData { remaining },
+                Response::Retrieval(RetrievalResponse::RestoreData { content }),
+            ) => {
+                let len = content.len() as u64;
+                if len > remaining {
+                    return Err(ClientError::RestoreOverrun {
+                        content_size: remaining,
+                        extra: len - remaining,
+                    });
+                }
+                let remaining = remaining - len;
+                if remaining > 0 {
+                    self.expect = Expect::RestoreData { remaining };
+                }
+                Ok(ClientEvent::RestoreData {
+                    content: content.clone(),
+                    remaining,
+                })
+            }
+            (Expect::RestoreData { .. }, _) => Err(unexpected("1642")),
+            (Expect::Deleted, Response::Retrieval(RetrievalResponse::Deleted { versions })) => {
+                Ok(ClientEvent::Deleted {
+                    versions: *versions,
+                })
+            }
+            (Expect::Deleted, _) => Err(unexpected("1643, 1644 or 1645")),
             (Expect::Idle, _) => Err(ClientError::Idle),
         }
     }
@@ -735,6 +906,205 @@ mod tests {
             s.handle(other, &mut rng),
             Err(ClientError::ClientIdMismatch { .. })
         ));
+    }
+
+    fn retrieval(r: RetrievalResponse) -> Response {
+        Response::Retrieval(r)
+    }
+
+    fn begin(file: &str, size: u64) -> RestoreBegin {
+        RestoreBegin {
+            version: 4,
+            size,
+            content_size: pkcs7_len(size),
+            cksum: 9,
+            iv: [3; 16],
+            file: FileName::try_from(file).unwrap(),
+        }
+    }
+
+    #[test]
+    fn builds_retrieval_requests_with_their_codes_and_our_id() {
+        let mut rng = StdRng::seed_from_u64(20);
+        let mut s = keyed_session(&mut rng);
+        let list = s.list_request(ListFlags::ALL_VERSIONS, 42);
+        assert_eq!((list.header().code.0, list.client_id), (1240, ID));
+        assert_eq!(
+            list.request,
+            Request::Retrieval(RetrievalRequest::List {
+                flags: ListFlags::ALL_VERSIONS,
+                cursor: 42
+            })
+        );
+        let restore = s.restore_request(7, name());
+        assert_eq!(restore.header().code.0, 1241);
+        let delete = s.delete_request(name());
+        assert_eq!(delete.header().code.0, 1242);
+    }
+
+    #[test]
+    fn accepts_list_pages_until_asked_again() {
+        let mut rng = StdRng::seed_from_u64(21);
+        let mut s = keyed_session(&mut rng);
+        s.list_request(ListFlags::LATEST, 0);
+        let entry = ListEntry {
+            version: 1,
+            size: 3,
+            stored_at: 1_700_000_000,
+            cksum: 5,
+            file: name(),
+        };
+        let page = retrieval(RetrievalResponse::ListPage {
+            next_cursor: 8,
+            entries: vec![entry.clone()],
+        });
+        match s.handle(page.clone(), &mut rng).unwrap() {
+            ClientEvent::ListPage {
+                next_cursor,
+                entries,
+            } => assert_eq!((next_cursor, entries), (8, vec![entry])),
+            other => panic!("expected a page, got {other:?}"),
+        }
+        // Nothing more is due until the next request.
+        assert!(matches!(s.handle(page, &mut rng), Err(ClientError::Idle)));
+    }
+
+    #[test]
+    fn follows_a_restore_until_the_announced_size_arrived() {
+        let mut rng = StdRng::seed_from_u64(22);
+        let mut s = keyed_session(&mut rng);
+        s.restore_request(0, name());
+        let event = s
+            .handle(
+                retrieval(RetrievalResponse::RestoreBegin(begin("f.bin", 20))),
+                &mut rng,
+            )
+            .unwrap();
+        assert!(matches!(event, ClientEvent::RestoreBegin(b) if b.content_size == 32));
+        assert!(s.restoring());
+        let data = |n: usize| {
+            retrieval(RetrievalResponse::RestoreData {
+                content: Bytes::from(vec![0u8; n]),
+            })
+        };
+        assert!(matches!(
+            s.handle(data(16), &mut rng).unwrap(),
+            ClientEvent::RestoreData { remaining: 16, .. }
+        ));
+        assert!(matches!(
+            s.handle(data(16), &mut rng).unwrap(),
+            ClientEvent::RestoreData { remaining: 0, .. }
+        ));
+        assert!(!s.restoring());
+        assert!(matches!(
+            s.handle(data(16), &mut rng),
+            Err(ClientError::Idle)
+        ));
+    }
+
+    #[test]
+    fn rejects_restore_data_beyond_the_announced_size() {
+        let mut rng = StdRng::seed_from_u64(23);
+        let mut s = keyed_session(&mut rng);
+        s.restore_request(0, name());
+        s.handle(
+            retrieval(RetrievalResponse::RestoreBegin(begin("f.bin", 0))),
+            &mut rng,
+        )
+        .unwrap();
+        let over = retrieval(RetrievalResponse::RestoreData {
+            content: Bytes::from(vec![0u8; 17]),
+        });
+        assert!(matches!(
+            s.handle(over, &mut rng),
+            Err(ClientError::RestoreOverrun {
+                content_size: 16,
+                extra: 1
+            })
+        ));
+    }
+
+    #[test]
+    fn rejects_a_restore_of_another_file_or_with_inconsistent_sizes() {
+        let mut rng = StdRng::seed_from_u64(24);
+        let mut s = keyed_session(&mut rng);
+        s.restore_request(0, name());
+        assert!(matches!(
+            s.handle(
+                retrieval(RetrievalResponse::RestoreBegin(begin("other", 1))),
+                &mut rng
+            ),
+            Err(ClientError::RestoreMismatch { .. })
+        ));
+        s.restore_request(0, name());
+        let mut bad = begin("f.bin", 16);
+        bad.content_size = 16;
+        assert!(matches!(
+            s.handle(retrieval(RetrievalResponse::RestoreBegin(bad)), &mut rng),
+            Err(ClientError::RestoreSize { expected: 32, .. })
+        ));
+    }
+
+    #[test]
+    fn reports_not_found_refused_and_deleted() {
+        let mut rng = StdRng::seed_from_u64(25);
+        let mut s = keyed_session(&mut rng);
+        s.restore_request(3, name());
+        assert!(matches!(
+            s.handle(retrieval(RetrievalResponse::NotFound), &mut rng),
+            Ok(ClientEvent::NotFound)
+        ));
+        s.delete_request(name());
+        assert!(matches!(
+            s.handle(
+                retrieval(RetrievalResponse::Refused {
+                    reason: RefusalReason::APPEND_ONLY
+                }),
+                &mut rng
+            ),
+            Ok(ClientEvent::Refused(RefusalReason::APPEND_ONLY))
+        ));
+        s.delete_request(name());
+        assert!(matches!(
+            s.handle(
+                retrieval(RetrievalResponse::Deleted { versions: 2 }),
+                &mut rng
+            ),
+            Ok(ClientEvent::Deleted { versions: 2 })
+        ));
+        s.delete_request(name());
+        assert!(matches!(
+            s.handle(Response::Ack { client_id: ID }, &mut rng),
+            Err(ClientError::Unexpected { .. })
+        ));
+    }
+
+    #[test]
+    fn does_not_expect_a_retrieval_answer_again_after_1607() {
+        let mut rng = StdRng::seed_from_u64(26);
+        let mut s = keyed_session(&mut rng);
+        s.list_request(ListFlags::LATEST, 0);
+        assert!(matches!(
+            s.handle(Response::GeneralError, &mut rng),
+            Ok(ClientEvent::ServerError)
+        ));
+        let page = retrieval(RetrievalResponse::ListPage {
+            next_cursor: 0,
+            entries: vec![],
+        });
+        assert!(matches!(s.handle(page, &mut rng), Err(ClientError::Idle)));
+        // Also in the middle of a restore: the restore is over.
+        s.restore_request(0, name());
+        s.handle(
+            retrieval(RetrievalResponse::RestoreBegin(begin("f.bin", 40))),
+            &mut rng,
+        )
+        .unwrap();
+        assert!(matches!(
+            s.handle(Response::GeneralError, &mut rng),
+            Ok(ClientEvent::ServerError)
+        ));
+        assert!(!s.restoring());
     }
 
     #[test]

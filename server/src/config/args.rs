@@ -2,6 +2,99 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
+
+use super::parse_duration;
+
+/// Backup server for the legacy version 3 protocol, with operator commands.
+///
+/// With no subcommand it serves (see `backup-server serve --help`). The
+/// operator commands work on the same data directory, also while a server
+/// runs on it.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(
+    name = "backup-server",
+    version,
+    about,
+    args_conflicts_with_subcommands = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// Serving flags, when no subcommand is given.
+    #[command(flatten)]
+    pub serve: Args,
+}
+
+/// A subcommand.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum Command {
+    /// Serve clients (the default).
+    Serve(Args),
+    /// List clients: id, name, append-only, files, versions, bytes, last seen.
+    Clients {
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// List one client's files (the newest version of each, or every version).
+    Files {
+        /// Client id (32 hex digits) or name.
+        client: String,
+        /// Every version, not only the newest of each name.
+        #[arg(long)]
+        versions: bool,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Remove the versions the retention rules do not keep, for every client
+    /// (append-only ones included). The newest version of a name always
+    /// stays. Without flags, the rules of the config file apply.
+    Prune {
+        /// Keep the N newest versions of each name.
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+        keep_last: Option<u32>,
+        /// Keep versions stored within this long (e.g. 30d, 12h).
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+        keep_within: Option<Duration>,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Remove a client with every file, version and blob.
+    RemoveClient {
+        /// Client id (32 hex digits) or name.
+        client: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Turn a client's append-only flag on or off.
+    AppendOnly {
+        /// Client id (32 hex digits) or name.
+        client: String,
+        state: Switch,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+}
+
+/// `on` or `off`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Switch {
+    On,
+    Off,
+}
+
+/// Where an operator command finds the data.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct AdminArgs {
+    /// Directory of the metadata database and the stored files.
+    #[arg(long, env = "BACKUP_SERVER_DATA_DIR", value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+
+    /// TOML file of the server (its `data_dir`, `keep_last` and
+    /// `keep_within` are used).
+    #[arg(long, env = "BACKUP_SERVER_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+}
 
 /// Backup server for the legacy version 3 protocol.
 ///
@@ -29,8 +122,8 @@ pub struct Args {
 
     /// TOML file with any of the settings below (keys: listen, port,
     /// data_dir, max_connections, idle_timeout_secs, request_timeout_secs,
-    /// shutdown_grace_secs, silent_crc_retry, keep_versions,
-    /// max_packet_bytes, max_file_bytes).
+    /// shutdown_grace_secs, silent_crc_retry, keep_last, keep_within,
+    /// append_only, max_packet_bytes, max_file_bytes).
     #[arg(long, env = "BACKUP_SERVER_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
 
@@ -59,10 +152,32 @@ pub struct Args {
     #[arg(long, env = "BACKUP_SERVER_SILENT_CRC_RETRY")]
     pub silent_crc_retry: bool,
 
-    /// Committed versions kept per file name; 1 replaces the previous
-    /// version on every commit, as legacy servers do [default: 1].
-    #[arg(long, env = "BACKUP_SERVER_KEEP_VERSIONS", value_name = "N")]
+    /// Older name of `--keep-last`.
+    #[arg(
+        long,
+        env = "BACKUP_SERVER_KEEP_VERSIONS",
+        value_name = "N",
+        hide = true
+    )]
     pub keep_versions: Option<u32>,
+
+    /// Retention at commit: keep the N newest versions of each name (1
+    /// replaces the previous version, as legacy servers do). With
+    /// `--keep-within` too, a version either rule keeps stays. Unset:
+    /// every version is kept [default: unset].
+    #[arg(long, env = "BACKUP_SERVER_KEEP_LAST", value_name = "N")]
+    pub keep_last: Option<u32>,
+
+    /// Retention at commit: keep versions stored within this long, e.g.
+    /// `30d`, `12h` (units s, m, h, d, w). The newest version of a name is
+    /// always kept [default: unset].
+    #[arg(long, env = "BACKUP_SERVER_KEEP_WITHIN", value_name = "DURATION", value_parser = parse_duration)]
+    pub keep_within: Option<Duration>,
+
+    /// Make every client's history append-only: deletes are refused (1645)
+    /// and retention is not applied at commit; only `prune` removes versions.
+    #[arg(long, env = "BACKUP_SERVER_APPEND_ONLY")]
+    pub append_only: bool,
 
     /// Largest ciphertext slice one send-file packet may carry; bounds the
     /// memory of each connection [default: 1114112].

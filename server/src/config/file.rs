@@ -17,7 +17,9 @@ use super::ConfigError;
 /// request_timeout_secs = 60
 /// shutdown_grace_secs = 10
 /// silent_crc_retry = false
-/// keep_versions = 1
+/// keep_last = 10            # unset: keep every version
+/// keep_within = "30d"       # unset: no age rule
+/// append_only = false
 /// max_packet_bytes = 1114112
 /// max_file_bytes = 4294967295
 /// ```
@@ -32,7 +34,11 @@ pub struct FileConfig {
     pub request_timeout_secs: Option<u64>,
     pub shutdown_grace_secs: Option<u64>,
     pub silent_crc_retry: Option<bool>,
+    /// Older name of `keep_last`.
     pub keep_versions: Option<u32>,
+    pub keep_last: Option<u32>,
+    pub keep_within: Option<String>,
+    pub append_only: Option<bool>,
     pub max_packet_bytes: Option<usize>,
     pub max_file_bytes: Option<u64>,
 }

@@ -171,6 +171,15 @@ impl BlobStore for FsBlobStore {
         }
     }
 
+    fn remove_client(&self, client: ClientId) -> Result<(), StorageError> {
+        let dir = self.client_dir(client);
+        match fs::remove_dir_all(&dir) {
+            Ok(()) => sync_dir(&self.root.join(CLIENTS_DIR)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(StorageError::io("remove", &dir, e)),
+        }
+    }
+
     fn recover(&self) -> Result<BlobInventory, StorageError> {
         let clients = self.root.join(CLIENTS_DIR);
         let mut inventory = BlobInventory::default();

@@ -1,10 +1,12 @@
 //! Metadata in SQLite (bundled), in WAL mode with full synchronous commits.
 //!
-//! Schema version 1:
+//! Schema version 2 (version 1 lacked `clients.append_only`; it is added on
+//! open):
 //!
 //! ```sql
 //! clients  (id BLOB(16) PK, name BLOB UNIQUE, public_key BLOB(160) NULL,
-//!           registered INTEGER, last_seen INTEGER)            -- times in unix ms
+//!           registered INTEGER, last_seen INTEGER,            -- times in unix ms
+//!           append_only INTEGER DEFAULT 0)
 //! files    (id INTEGER PK, client_id -> clients, name BLOB,   -- name exactly as sent
 //!           UNIQUE (client_id, name))
 //! versions (id INTEGER PK, file_id -> files, blob TEXT UNIQUE, size INTEGER,
@@ -25,11 +27,16 @@ use protocol::{ClientId, FileName, UserName};
 use rusqlite::{params, Connection, OptionalExtension, Row};
 
 use super::{
-    BlobKey, ClientRecord, MetaStore, NewVersion, Registration, StorageError, VersionRecord,
+    BlobKey, ClientRecord, ClientSummary, Deletion, MetaStore, NewVersion, Registration, Retention,
+    StorageError, VersionRecord,
 };
 
 /// The schema version this code writes (`PRAGMA user_version`).
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
+
+/// From schema version 1 to 2.
+const MIGRATE_1_TO_2: &str =
+    "ALTER TABLE clients ADD COLUMN append_only INTEGER NOT NULL DEFAULT 0;";
 
 const SCHEMA: &str = "
 CREATE TABLE clients (
@@ -37,7 +44,8 @@ CREATE TABLE clients (
     name        BLOB NOT NULL UNIQUE,
     public_key  BLOB CHECK (public_key IS NULL OR length(public_key) = 160),
     registered  INTEGER NOT NULL,
-    last_seen   INTEGER NOT NULL
+    last_seen   INTEGER NOT NULL,
+    append_only INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE files (
     id         INTEGER PRIMARY KEY,
@@ -143,6 +151,50 @@ impl RawVersion {
     }
 }
 
+/// A clients row as read, before validation.
+struct RawClient {
+    id: Vec<u8>,
+    name: Vec<u8>,
+    key: Option<Vec<u8>>,
+    registered: i64,
+    last_seen: i64,
+    append_only: bool,
+}
+
+impl RawClient {
+    fn read(r: &Row<'_>) -> rusqlite::Result<Self> {
+        Ok(Self {
+            id: r.get(0)?,
+            name: r.get(1)?,
+            key: r.get(2)?,
+            registered: r.get(3)?,
+            last_seen: r.get(4)?,
+            append_only: r.get(5)?,
+        })
+    }
+
+    fn into_record(self) -> Result<ClientRecord, StorageError> {
+        let public_key = match self.key {
+            None => None,
+            Some(k) => {
+                let field: [u8; PUBLIC_KEY_FIELD_LEN] = k
+                    .as_slice()
+                    .try_into()
+                    .map_err(|_| corrupt("a public key is not 160 bytes"))?;
+                Some(PublicKeyField(field))
+            }
+        };
+        Ok(ClientRecord {
+            id: client_id(&self.id)?,
+            name: UserName::new(self.name).map_err(|_| corrupt("a client name is invalid"))?,
+            public_key,
+            registered: from_ms(self.registered),
+            last_seen: from_ms(self.last_seen),
+            append_only: self.append_only,
+        })
+    }
+}
+
 /// Metadata in one SQLite database, shared behind a mutex: every call is
 /// short, and the server makes them from blocking threads.
 pub struct SqliteMetaStore {
@@ -177,6 +229,12 @@ impl SqliteMetaStore {
                 tx.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}"))?;
                 tx.commit()?;
             }
+            1 => {
+                let tx = conn.transaction()?;
+                tx.execute_batch(MIGRATE_1_TO_2)?;
+                tx.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}"))?;
+                tx.commit()?;
+            }
             SCHEMA_VERSION => {}
             other => {
                 return Err(StorageError::Corrupt(format!(
@@ -202,18 +260,58 @@ impl SqliteMetaStore {
         filter: &str,
         params: &[&dyn rusqlite::ToSql],
     ) -> Result<Vec<VersionRecord>, StorageError> {
-        let conn = self.conn();
-        let sql = format!(
-            "SELECT {VERSION_COLUMNS} FROM versions v JOIN files f ON f.id = v.file_id {filter}"
-        );
-        let mut stmt = conn.prepare_cached(&sql)?;
-        let rows = stmt.query_map(params, RawVersion::read)?;
-        rows.map(|r| {
-            r.map_err(StorageError::from)
-                .and_then(RawVersion::into_record)
-        })
-        .collect()
+        query_versions(&self.conn(), filter, params)
     }
+}
+
+fn query_versions(
+    conn: &Connection,
+    filter: &str,
+    params: &[&dyn rusqlite::ToSql],
+) -> Result<Vec<VersionRecord>, StorageError> {
+    let sql = format!(
+        "SELECT {VERSION_COLUMNS} FROM versions v JOIN files f ON f.id = v.file_id {filter}"
+    );
+    let mut stmt = conn.prepare_cached(&sql)?;
+    let rows = stmt.query_map(params, RawVersion::read)?;
+    rows.map(|r| {
+        r.map_err(StorageError::from)
+            .and_then(RawVersion::into_record)
+    })
+    .collect()
+}
+
+fn u64_to_sql(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+/// Removes the versions of one file (given newest first) that `retention`
+/// does not keep; returns them.
+fn apply_retention(
+    tx: &rusqlite::Transaction<'_>,
+    newest_first: Vec<VersionRecord>,
+    retention: &Retention,
+    now: SystemTime,
+) -> Result<Vec<VersionRecord>, StorageError> {
+    let mut dropped = Vec::new();
+    for (i, v) in newest_first.into_iter().enumerate() {
+        if !retention.keeps(i, v.stored_at, now) {
+            tx.execute("DELETE FROM versions WHERE id = ?1", [v.version])?;
+            dropped.push(v);
+        }
+    }
+    Ok(dropped)
+}
+
+fn is_append_only(conn: &Connection, id: ClientId) -> Result<bool, StorageError> {
+    Ok(conn
+        .query_row(
+            "SELECT append_only FROM clients WHERE id = ?1",
+            [&id.0[..]],
+            |r| r.get::<_, bool>(0),
+        )
+        .optional()?
+        .unwrap_or(false))
 }
 
 impl MetaStore for SqliteMetaStore {
@@ -256,35 +354,15 @@ impl MetaStore for SqliteMetaStore {
     }
 
     fn client(&self, id: ClientId) -> Result<Option<ClientRecord>, StorageError> {
-        type Row = (Vec<u8>, Option<Vec<u8>>, i64, i64);
-        let row: Option<Row> = self
+        let row: Option<RawClient> = self
             .conn()
             .query_row(
-                "SELECT name, public_key, registered, last_seen FROM clients WHERE id = ?1",
+                "SELECT id, name, public_key, registered, last_seen, append_only FROM clients WHERE id = ?1",
                 [&id.0[..]],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+                RawClient::read,
             )
             .optional()?;
-        let Some((name, key, registered, last_seen)) = row else {
-            return Ok(None);
-        };
-        let public_key = match key {
-            None => None,
-            Some(k) => {
-                let field: [u8; PUBLIC_KEY_FIELD_LEN] = k
-                    .as_slice()
-                    .try_into()
-                    .map_err(|_| corrupt("a public key is not 160 bytes"))?;
-                Some(PublicKeyField(field))
-            }
-        };
-        Ok(Some(ClientRecord {
-            id,
-            name: UserName::new(name).map_err(|_| corrupt("a client name is invalid"))?,
-            public_key,
-            registered: from_ms(registered),
-            last_seen: from_ms(last_seen),
-        }))
+        row.map(RawClient::into_record).transpose()
     }
 
     fn touch(&self, id: ClientId, now: SystemTime) -> Result<(), StorageError> {
@@ -295,7 +373,11 @@ impl MetaStore for SqliteMetaStore {
         Ok(())
     }
 
-    fn add_version(&self, v: &NewVersion, keep: u32) -> Result<Vec<BlobKey>, StorageError> {
+    fn add_version(
+        &self,
+        v: &NewVersion,
+        retention: &Retention,
+    ) -> Result<Vec<BlobKey>, StorageError> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
         let client = &v.client.0[..];
@@ -321,24 +403,174 @@ impl MetaStore for SqliteMetaStore {
                 to_ms(v.stored_at)
             ],
         )?;
-        let superseded = {
-            let mut stmt = tx.prepare(
-                "SELECT blob FROM versions WHERE file_id = ?1 ORDER BY id DESC LIMIT -1 OFFSET ?2",
-            )?;
-            let rows = stmt.query_map(params![file_id, i64::from(keep.max(1))], |r| {
-                r.get::<_, String>(0)
-            })?;
-            rows.collect::<Result<Vec<_>, _>>()?
+        let superseded = if retention.keeps_everything() || is_append_only(&tx, v.client)? {
+            Vec::new()
+        } else {
+            let versions =
+                query_versions(&tx, "WHERE v.file_id = ?1 ORDER BY v.id DESC", &[&file_id])?;
+            apply_retention(&tx, versions, retention, v.stored_at)?
         };
-        for blob in &superseded {
-            tx.execute("DELETE FROM versions WHERE blob = ?1", [blob])?;
-        }
         tx.execute(
             "UPDATE clients SET last_seen = ?2 WHERE id = ?1",
             params![client, to_ms(v.stored_at)],
         )?;
         tx.commit()?;
-        Ok(superseded.into_iter().map(BlobKey).collect())
+        Ok(superseded.into_iter().map(|v| v.blob).collect())
+    }
+
+    fn list(
+        &self,
+        id: ClientId,
+        all_versions: bool,
+        offset: u64,
+        limit: usize,
+    ) -> Result<Vec<VersionRecord>, StorageError> {
+        let filter = if all_versions {
+            "WHERE f.client_id = ?1 ORDER BY f.name, v.id LIMIT ?2 OFFSET ?3"
+        } else {
+            "WHERE f.client_id = ?1 AND v.id = (SELECT max(id) FROM versions WHERE file_id = f.id)
+             ORDER BY f.name, v.id LIMIT ?2 OFFSET ?3"
+        };
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.query_versions(filter, &[&&id.0[..], &limit, &u64_to_sql(offset)])
+    }
+
+    fn find_version(
+        &self,
+        id: ClientId,
+        file: &FileName,
+        version: u64,
+    ) -> Result<Option<VersionRecord>, StorageError> {
+        if version == 0 {
+            return self.latest(id, file);
+        }
+        let mut v = self.query_versions(
+            "WHERE f.client_id = ?1 AND f.name = ?2 AND v.id = ?3",
+            &[&&id.0[..], &file.as_bytes(), &u64_to_sql(version)],
+        )?;
+        Ok(v.pop())
+    }
+
+    fn delete_file(
+        &self,
+        id: ClientId,
+        file: &FileName,
+        append_only: bool,
+    ) -> Result<Deletion, StorageError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        if append_only || is_append_only(&tx, id)? {
+            return Ok(Deletion::Refused);
+        }
+        let versions = query_versions(
+            &tx,
+            "WHERE f.client_id = ?1 AND f.name = ?2 ORDER BY v.id",
+            &[&&id.0[..], &file.as_bytes()],
+        )?;
+        if versions.is_empty() {
+            return Ok(Deletion::NotFound);
+        }
+        tx.execute(
+            "DELETE FROM versions WHERE file_id = (SELECT id FROM files WHERE client_id = ?1 AND name = ?2)",
+            params![&id.0[..], file.as_bytes()],
+        )?;
+        tx.execute(
+            "DELETE FROM files WHERE client_id = ?1 AND name = ?2",
+            params![&id.0[..], file.as_bytes()],
+        )?;
+        tx.commit()?;
+        Ok(Deletion::Deleted(versions))
+    }
+
+    fn set_append_only(&self, id: ClientId, on: bool) -> Result<bool, StorageError> {
+        let n = self.conn().execute(
+            "UPDATE clients SET append_only = ?2 WHERE id = ?1",
+            params![&id.0[..], on],
+        )?;
+        Ok(n > 0)
+    }
+
+    fn clients(&self) -> Result<Vec<ClientSummary>, StorageError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT c.id, c.name, c.public_key, c.registered, c.last_seen, c.append_only,
+                    (SELECT count(DISTINCT f.id) FROM files f JOIN versions v ON v.file_id = f.id
+                      WHERE f.client_id = c.id),
+                    (SELECT count(*) FROM files f JOIN versions v ON v.file_id = f.id
+                      WHERE f.client_id = c.id),
+                    (SELECT coalesce(sum(v.size), 0) FROM files f JOIN versions v ON v.file_id = f.id
+                      WHERE f.client_id = c.id)
+             FROM clients c ORDER BY c.name",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                RawClient::read(r)?,
+                r.get::<_, i64>(6)?,
+                r.get::<_, i64>(7)?,
+                r.get::<_, i64>(8)?,
+            ))
+        })?;
+        rows.map(|row| {
+            let (raw, files, versions, bytes) = row?;
+            let count = |n: i64| u64::try_from(n).map_err(|_| corrupt("a total is negative"));
+            Ok(ClientSummary {
+                client: raw.into_record()?,
+                files: count(files)?,
+                versions: count(versions)?,
+                bytes: count(bytes)?,
+            })
+        })
+        .collect()
+    }
+
+    fn prune(
+        &self,
+        retention: &Retention,
+        now: SystemTime,
+    ) -> Result<Vec<VersionRecord>, StorageError> {
+        if retention.keeps_everything() {
+            return Ok(Vec::new());
+        }
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        // Newest first within each file, files one after the other.
+        let all = query_versions(&tx, "ORDER BY v.file_id, v.id DESC", &[])?;
+        let mut removed = Vec::new();
+        let mut group: Vec<VersionRecord> = Vec::new();
+        for v in all {
+            let same = group
+                .first()
+                .is_some_and(|g| g.client == v.client && g.file == v.file);
+            if !same {
+                removed.extend(apply_retention(
+                    &tx,
+                    std::mem::take(&mut group),
+                    retention,
+                    now,
+                )?);
+            }
+            group.push(v);
+        }
+        removed.extend(apply_retention(&tx, group, retention, now)?);
+        tx.commit()?;
+        Ok(removed)
+    }
+
+    fn remove_client(&self, id: ClientId) -> Result<Option<Vec<VersionRecord>>, StorageError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let versions = query_versions(&tx, "WHERE f.client_id = ?1 ORDER BY v.id", &[&&id.0[..]])?;
+        tx.execute(
+            "DELETE FROM versions WHERE file_id IN (SELECT id FROM files WHERE client_id = ?1)",
+            [&id.0[..]],
+        )?;
+        tx.execute("DELETE FROM files WHERE client_id = ?1", [&id.0[..]])?;
+        let n = tx.execute("DELETE FROM clients WHERE id = ?1", [&id.0[..]])?;
+        if n == 0 {
+            return Ok(None);
+        }
+        tx.commit()?;
+        Ok(Some(versions))
     }
 
     fn latest(&self, id: ClientId, file: &FileName) -> Result<Option<VersionRecord>, StorageError> {
@@ -389,6 +621,13 @@ mod tests {
         }
     }
 
+    fn last(n: u32) -> Retention {
+        Retention {
+            keep_last: Some(n),
+            keep_within: None,
+        }
+    }
+
     #[test]
     fn registers_once_per_name_and_survives_reopen() {
         let dir = tempfile::tempdir().unwrap();
@@ -431,19 +670,20 @@ mod tests {
         db.register(id, &UserName::try_from("a").unwrap(), SystemTime::now())
             .unwrap();
         assert!(db
-            .add_version(&version(id, "f", "b1", 1), 2)
+            .add_version(&version(id, "f", "b1", 1), &last(2))
             .unwrap()
             .is_empty());
         assert!(db
-            .add_version(&version(id, "f", "b2", 2), 2)
+            .add_version(&version(id, "f", "b2", 2), &last(2))
             .unwrap()
             .is_empty());
         assert!(db
-            .add_version(&version(id, "g", "b3", 3), 2)
+            .add_version(&version(id, "g", "b3", 3), &last(2))
             .unwrap()
             .is_empty());
         assert_eq!(
-            db.add_version(&version(id, "f", "b4", 4), 2).unwrap(),
+            db.add_version(&version(id, "f", "b4", 4), &last(2))
+                .unwrap(),
             vec![BlobKey("b1".into())]
         );
         let f = FileName::try_from("f").unwrap();
@@ -459,7 +699,9 @@ mod tests {
             .collect();
         assert_eq!(all, vec![2, 4]);
         assert_eq!(
-            db.add_version(&version(id, "f", "b5", 5), 1).unwrap().len(),
+            db.add_version(&version(id, "f", "b5", 5), &last(1))
+                .unwrap()
+                .len(),
             2
         );
         assert_eq!(db.all_versions().unwrap().len(), 2);
@@ -472,8 +714,170 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let db = SqliteMetaStore::open(&dir.path().join("m.db")).unwrap();
         assert!(db
-            .add_version(&version(ClientId([5; 16]), "f", "b", 1), 1)
+            .add_version(&version(ClientId([5; 16]), "f", "b", 1), &last(1))
             .is_err());
+        assert!(db.all_versions().unwrap().is_empty());
+    }
+
+    fn open_with_client(dir: &tempfile::TempDir) -> (SqliteMetaStore, ClientId) {
+        let db = SqliteMetaStore::open(&dir.path().join("m.db")).unwrap();
+        let id = ClientId([1; 16]);
+        db.register(id, &UserName::try_from("a").unwrap(), SystemTime::now())
+            .unwrap();
+        (db, id)
+    }
+
+    #[test]
+    fn migrates_a_version_1_database_and_keeps_its_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.db");
+        {
+            let conn = Connection::open(&path).unwrap();
+            let v1 = SCHEMA.replace(
+                "last_seen   INTEGER NOT NULL,\n    append_only INTEGER NOT NULL DEFAULT 0",
+                "last_seen   INTEGER NOT NULL",
+            );
+            assert_ne!(v1, SCHEMA);
+            conn.execute_batch(&v1).unwrap();
+            conn.execute_batch("PRAGMA user_version = 1").unwrap();
+            conn.execute(
+                "INSERT INTO clients (id, name, registered, last_seen) VALUES (?1, x'6f6c64', 0, 0)",
+                [&[4u8; 16][..]],
+            )
+            .unwrap();
+        }
+        let db = SqliteMetaStore::open(&path).unwrap();
+        let c = db.client(ClientId([4; 16])).unwrap().unwrap();
+        assert!(!c.append_only);
+        assert!(db.set_append_only(ClientId([4; 16]), true).unwrap());
+        assert!(db.client(ClientId([4; 16])).unwrap().unwrap().append_only);
+        let version: i64 = db
+            .conn()
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+    }
+
+    #[test]
+    fn lists_by_name_then_version_in_pages() {
+        let dir = tempfile::tempdir().unwrap();
+        let (db, id) = open_with_client(&dir);
+        for (i, name) in ["b", "a", "b", "c", "a"].iter().enumerate() {
+            db.add_version(
+                &version(id, name, &format!("k{i}"), i as u64),
+                &Retention::KEEP_ALL,
+            )
+            .unwrap();
+        }
+        let all = db.list(id, true, 0, 100).unwrap();
+        let order: Vec<(String, u64)> = all
+            .iter()
+            .map(|v| {
+                (
+                    String::from_utf8(v.file.as_bytes().to_vec()).unwrap(),
+                    v.size,
+                )
+            })
+            .collect();
+        let expected = [("a", 1), ("a", 4), ("b", 0), ("b", 2), ("c", 3)];
+        assert_eq!(order, expected.map(|(n, s)| (n.to_owned(), s)).to_vec());
+        let page: Vec<u64> = db
+            .list(id, true, 2, 2)
+            .unwrap()
+            .iter()
+            .map(|v| v.size)
+            .collect();
+        assert_eq!(page, vec![0, 2]);
+        let latest: Vec<u64> = db
+            .list(id, false, 0, 100)
+            .unwrap()
+            .iter()
+            .map(|v| v.size)
+            .collect();
+        assert_eq!(latest, vec![4, 2, 3]);
+        assert!(db.list(ClientId([9; 16]), true, 0, 100).unwrap().is_empty());
+        let a = FileName::try_from("a").unwrap();
+        assert_eq!(db.find_version(id, &a, 0).unwrap().unwrap().size, 4);
+        let first = all[0].version as u64;
+        assert_eq!(db.find_version(id, &a, first).unwrap().unwrap().size, 1);
+        let b_version = all[2].version as u64;
+        assert!(db.find_version(id, &a, b_version).unwrap().is_none());
+    }
+
+    #[test]
+    fn retention_by_age_keeps_recent_versions_and_always_the_newest() {
+        let dir = tempfile::tempdir().unwrap();
+        let (db, id) = open_with_client(&dir);
+        let now = SystemTime::now();
+        let day = Duration::from_secs(86_400);
+        let mut old = version(id, "f", "old", 1);
+        old.stored_at = now - 10 * day;
+        let mut mid = version(id, "f", "mid", 2);
+        mid.stored_at = now - 2 * day;
+        let within = Retention {
+            keep_last: None,
+            keep_within: Some(3 * day),
+        };
+        db.add_version(&old, &Retention::KEEP_ALL).unwrap();
+        db.add_version(&mid, &Retention::KEEP_ALL).unwrap();
+        // Only the old one is out of the window.
+        assert_eq!(
+            db.add_version(&version(id, "f", "new", 3), &within)
+                .unwrap(),
+            vec![BlobKey("old".into())]
+        );
+        // Both rules: either keeps. keep_last 1 alone would drop "mid".
+        let both = Retention {
+            keep_last: Some(1),
+            keep_within: Some(3 * day),
+        };
+        assert!(db.prune(&both, now).unwrap().is_empty());
+        // Far in the future nothing is recent, but the newest stays.
+        let removed = db.prune(&within, now + 100 * day).unwrap();
+        assert_eq!(removed.len(), 1);
+        assert_eq!(removed[0].blob, BlobKey("mid".into()));
+        assert_eq!(db.all_versions().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn append_only_blocks_deletes_and_retention_at_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let (db, id) = open_with_client(&dir);
+        let f = FileName::try_from("f").unwrap();
+        assert!(db.set_append_only(id, true).unwrap());
+        assert!(!db.set_append_only(ClientId([8; 16]), true).unwrap());
+        db.add_version(&version(id, "f", "b1", 1), &last(1))
+            .unwrap();
+        assert!(db
+            .add_version(&version(id, "f", "b2", 2), &last(1))
+            .unwrap()
+            .is_empty());
+        assert_eq!(db.delete_file(id, &f, false).unwrap(), Deletion::Refused);
+        db.set_append_only(id, false).unwrap();
+        assert_eq!(db.delete_file(id, &f, true).unwrap(), Deletion::Refused);
+        match db.delete_file(id, &f, false).unwrap() {
+            Deletion::Deleted(v) => assert_eq!(v.len(), 2),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(db.delete_file(id, &f, false).unwrap(), Deletion::NotFound);
+    }
+
+    #[test]
+    fn summarises_and_removes_clients() {
+        let dir = tempfile::tempdir().unwrap();
+        let (db, id) = open_with_client(&dir);
+        db.add_version(&version(id, "f", "b1", 10), &Retention::KEEP_ALL)
+            .unwrap();
+        db.add_version(&version(id, "f", "b2", 20), &Retention::KEEP_ALL)
+            .unwrap();
+        db.add_version(&version(id, "g", "b3", 5), &Retention::KEEP_ALL)
+            .unwrap();
+        let s = db.clients().unwrap();
+        assert_eq!(s.len(), 1);
+        assert_eq!((s[0].files, s[0].versions, s[0].bytes), (2, 3, 35));
+        assert_eq!(db.remove_client(id).unwrap().unwrap().len(), 3);
+        assert!(db.remove_client(id).unwrap().is_none());
+        assert!(db.clients().unwrap().is_empty());
         assert!(db.all_versions().unwrap().is_empty());
     }
 }

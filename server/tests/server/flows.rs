@@ -299,7 +299,7 @@ async fn answers_1607_to_a_fifth_attempt_at_the_same_file() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn replaces_by_default_and_keeps_history_when_configured() {
+async fn keeps_every_version_by_default_and_only_the_newest_n_when_configured() {
     let data = tempfile::tempdir().unwrap();
     let server = TestServer::start(config(data.path())).await;
     let mut c = Client::register(server.addr, "olga", &alice_key(), Numbering::Modern).await;
@@ -310,11 +310,11 @@ async fn replaces_by_default_and_keeps_history_when_configured() {
     drop(c);
     server.stop().await.unwrap();
     let meta = Storage::open_local(data.path()).unwrap();
-    assert_eq!(meta.meta().versions(id, &file("n")).unwrap().len(), 1);
+    assert_eq!(meta.meta().versions(id, &file("n")).unwrap().len(), 3);
     assert_metadata_matches_disk(data.path());
 
     let mut cfg = config(data.path());
-    cfg.keep_versions = 2;
+    cfg.retention.keep_last = Some(2);
     let server = TestServer::start(cfg).await;
     let mut c = Client::reconnect(server.addr, id, "olga", &alice_key(), Numbering::Modern)
         .await

@@ -1,0 +1,580 @@
+//! Retrieval (`docs/PROTOCOL.md` §11): listing, restoring and deleting the
+//! files this client stored.
+//!
+//! Every operation reconnects with the stored identity (it never registers)
+//! and sends retrieval requests once: a legacy server answers them with 1607
+//! or closes the connection, which is reported as
+//! [`Error::RetrievalUnsupported`] and not retried.
+//!
+//! A restore decrypts each 1642 packet as it arrives and writes the
+//! plaintext to the temporary file at once (see [`crate::restore`]), so
+//! memory stays at about one packet whatever the file size. The writes are
+//! plain blocking writes on the client's single-threaded runtime, which has
+//! nothing else to do meanwhile.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use protocol::retrieval::{ListEntry, ListFlags, RefusalReason, RestoreBegin};
+use protocol::session::client::ClientEvent;
+use protocol::{FileName, RequestFrame};
+use serde_json::{json, Value};
+
+use crate::engine::{Client, Keyed};
+use crate::error::{Error, ErrorKind};
+use crate::report::error_json;
+use crate::restore::{remove_stale_parts, Destination, RestoreFile};
+
+/// The most entries a listing may have, so a server cannot make the client
+/// collect without end.
+pub const MAX_LISTED: usize = 1 << 22;
+
+/// One file of a restore run.
+#[derive(Debug)]
+pub struct RestoredFile {
+    /// The name on the server.
+    pub name: String,
+    /// The version asked for (0: the newest), or restored.
+    pub version: u64,
+    /// Plaintext bytes (known once the server announced them).
+    pub size: u64,
+    /// Where it was (or was to be) written.
+    pub path: Option<PathBuf>,
+    pub outcome: RestoreOutcome,
+}
+
+/// What became of one file of a restore.
+#[derive(Debug)]
+pub enum RestoreOutcome {
+    /// Written and verified, with this cksum.
+    Restored { cksum: u32 },
+    /// Not restored, for this reason.
+    Failed(Error),
+    /// Not tried, because an earlier failure ended the connection.
+    NotAttempted,
+}
+
+/// The result of a restore run.
+#[derive(Debug, Default)]
+pub struct RestoreReport {
+    pub server: String,
+    pub files: Vec<RestoredFile>,
+    pub elapsed: Duration,
+}
+
+impl RestoreReport {
+    /// Whether every file was restored (an empty run is fine).
+    pub fn ok(&self) -> bool {
+        self.files
+            .iter()
+            .all(|f| matches!(f.outcome, RestoreOutcome::Restored { .. }))
+    }
+
+    /// 0 when every file was restored, else the exit status of the first
+    /// failure.
+    pub fn exit_code(&self) -> u8 {
+        let first = self.files.iter().find_map(|f| match &f.outcome {
+            RestoreOutcome::Failed(e) => Some(e.exit_code()),
+            _ => None,
+        });
+        match first {
+            Some(code) => code,
+            None if self.ok() => 0,
+            None => ErrorKind::Other.exit_code(),
+        }
+    }
+
+    /// Plaintext bytes restored.
+    pub fn restored_bytes(&self) -> u64 {
+        self.files
+            .iter()
+            .filter(|f| matches!(f.outcome, RestoreOutcome::Restored { .. }))
+            .map(|f| f.size)
+            .sum()
+    }
+
+    /// Restored bytes per second, in MB/s (10^6 bytes).
+    pub fn megabytes_per_second(&self) -> f64 {
+        let secs = self.elapsed.as_secs_f64();
+        if secs > 0.0 {
+            self.restored_bytes() as f64 / secs / 1e6
+        } else {
+            0.0
+        }
+    }
+
+    /// The machine-readable summary printed by `--json`.
+    pub fn to_json(&self) -> Value {
+        let files: Vec<Value> = self
+            .files
+            .iter()
+            .map(|f| {
+                let mut v = json!({
+                    "name": f.name,
+                    "version": f.version,
+                    "size": f.size,
+                    "path": f.path.as_ref().map(|p| p.display().to_string()),
+                });
+                match &f.outcome {
+                    RestoreOutcome::Restored { cksum } => {
+                        v["status"] = json!("restored");
+                        v["cksum"] = json!(cksum);
+                    }
+                    RestoreOutcome::Failed(e) => {
+                        v["status"] = json!("failed");
+                        v["error"] = error_json(e);
+                    }
+                    RestoreOutcome::NotAttempted => v["status"] = json!("not_attempted"),
+                }
+                v
+            })
+            .collect();
+        let restored = self
+            .files
+            .iter()
+            .filter(|f| matches!(f.outcome, RestoreOutcome::Restored { .. }))
+            .count();
+        json!({
+            "ok": self.ok(),
+            "exit_code": self.exit_code(),
+            "server": self.server,
+            "files": files,
+            "restored_files": restored,
+            "failed_files": self.files.len() - restored,
+            "restored_bytes": self.restored_bytes(),
+            "seconds": self.elapsed.as_secs_f64(),
+            "mb_per_s": self.megabytes_per_second(),
+        })
+    }
+}
+
+/// One list entry as JSON.
+pub fn entry_json(e: &ListEntry) -> Value {
+    json!({
+        "name": e.file.to_string_lossy(),
+        "version": e.version,
+        "size": e.size,
+        "stored_at": e.stored_at,
+        "cksum": e.cksum,
+    })
+}
+
+/// A keyed connection used for retrieval.
+struct Retrieving {
+    keyed: Keyed,
+    /// Whether the server answered a retrieval request on this connection.
+    answered: bool,
+}
+
+/// A failure of one restore, and whether the connection can go on.
+struct RestoreFailure {
+    error: Error,
+    connection_usable: bool,
+}
+
+impl From<Error> for RestoreFailure {
+    fn from(error: Error) -> Self {
+        Self {
+            error,
+            connection_usable: false,
+        }
+    }
+}
+
+impl Client {
+    async fn open_retrieval(&self) -> Result<Retrieving, Error> {
+        Ok(Retrieving {
+            keyed: self.reconnect_existing().await?,
+            answered: false,
+        })
+    }
+
+    /// Sends a retrieval request once and interprets the answer. A 1607, or
+    /// the connection closing, in answer to the first retrieval request of
+    /// the connection means the server does not know retrieval.
+    async fn retrieve(
+        &self,
+        r: &mut Retrieving,
+        frame: &RequestFrame,
+        doing: &str,
+    ) -> Result<ClientEvent, Error> {
+        let server = self.options().server.clone();
+        let unsupported = || Error::RetrievalUnsupported {
+            server: server.clone(),
+        };
+        let first = !r.answered;
+        let sent = r.keyed.conn.send(frame, doing).await;
+        let response = match sent {
+            Ok(()) => r.keyed.conn.recv(doing).await,
+            Err(e) => Err(e),
+        };
+        let response = match response {
+            Ok(response) => response,
+            Err(Error::Closed { .. } | Error::ConnectionLost { .. }) if first => {
+                return Err(unsupported())
+            }
+            Err(e) => return Err(e),
+        };
+        let event = r
+            .keyed
+            .session
+            .handle(response, &mut rand::rngs::OsRng)
+            .map_err(|e| self.session_error(e, Some(r.keyed.identity.client_id)))?;
+        match event {
+            ClientEvent::ServerError if first => Err(unsupported()),
+            ClientEvent::ServerError => Err(Error::ServerFailed {
+                server,
+                request: doing.to_owned(),
+                times: 1,
+            }),
+            event => {
+                r.answered = true;
+                Ok(event)
+            }
+        }
+    }
+
+    async fn list_on(
+        &self,
+        r: &mut Retrieving,
+        all_versions: bool,
+    ) -> Result<Vec<ListEntry>, Error> {
+        let flags = if all_versions {
+            ListFlags::ALL_VERSIONS
+        } else {
+            ListFlags::LATEST
+        };
+        let doing = "listing the stored files";
+        let mut entries = Vec::new();
+        let mut cursor = 0u64;
+        loop {
+            let frame = r.keyed.session.list_request(flags, cursor);
+            match self.retrieve(r, &frame, doing).await? {
+                ClientEvent::ListPage {
+                    next_cursor,
+                    entries: page,
+                } => {
+                    let stalled = next_cursor != 0 && (next_cursor == cursor || page.is_empty());
+                    entries.extend(page);
+                    if stalled || entries.len() > MAX_LISTED {
+                        return Err(Error::Protocol {
+                            server: self.options().server.clone(),
+                            detail: format!(
+                                "the listing does not end (cursor {next_cursor} after {} entries)",
+                                entries.len()
+                            ),
+                        });
+                    }
+                    if next_cursor == 0 {
+                        return Ok(entries);
+                    }
+                    cursor = next_cursor;
+                }
+                ClientEvent::Refused(reason) => {
+                    return Err(self.refused(reason, "list the stored files"))
+                }
+                other => return Err(self.unexpected(&other, doing)),
+            }
+        }
+    }
+
+    fn refused(&self, reason: RefusalReason, doing: &str) -> Error {
+        Error::Refused {
+            server: self.options().server.clone(),
+            doing: doing.to_owned(),
+            reason: reason.0,
+        }
+    }
+
+    /// The files this client stored: the newest version of each name, or
+    /// every version with `all_versions`, ordered by name then version.
+    ///
+    /// # Errors
+    /// When there is no identity, the server cannot be reached, does not
+    /// know this client or does not support retrieval.
+    pub async fn list(&self, all_versions: bool) -> Result<Vec<ListEntry>, Error> {
+        let mut r = self.open_retrieval().await?;
+        let listed = self.list_on(&mut r, all_versions).await;
+        r.keyed.conn.close().await;
+        listed
+    }
+
+    /// Deletes every version of `file` and returns how many there were.
+    ///
+    /// # Errors
+    /// As [`list`](Self::list); [`Error::NotFound`] when there is no such
+    /// file; [`Error::AppendOnly`] when the server keeps this client's
+    /// history append-only.
+    pub async fn delete(&self, file: &FileName) -> Result<u32, Error> {
+        let mut r = self.open_retrieval().await?;
+        let doing = format!("deleting \"{file}\"");
+        let frame = r.keyed.session.delete_request(file.clone());
+        let event = self.retrieve(&mut r, &frame, &doing).await;
+        r.keyed.conn.close().await;
+        match event? {
+            ClientEvent::Deleted { versions } => Ok(versions),
+            ClientEvent::NotFound => Err(Error::NotFound {
+                server: self.options().server.clone(),
+                what: format!("file named \"{file}\""),
+            }),
+            ClientEvent::Refused(RefusalReason::APPEND_ONLY) => Err(Error::AppendOnly {
+                server: self.options().server.clone(),
+                name: file.to_string(),
+            }),
+            ClientEvent::Refused(reason) => Err(self.refused(reason, &doing)),
+            other => Err(self.unexpected(&other, &doing)),
+        }
+    }
+
+    /// Restores one version (0: the newest) of `file` to `dest`.
+    async fn restore_on(
+        &self,
+        r: &mut Retrieving,
+        file: &FileName,
+        version: u64,
+        dest: &Destination,
+        overwrite: bool,
+        cleaned: &mut HashSet<PathBuf>,
+    ) -> Result<(RestoreBegin, u32), RestoreFailure> {
+        let name = file.to_string_lossy();
+        let local = |error| RestoreFailure {
+            error,
+            connection_usable: true,
+        };
+        let dir = dest.prepare(&name, overwrite).map_err(local)?;
+        let removed = remove_stale_parts(&dir, cleaned);
+        if removed > 0 {
+            self.feedback().notice(&format!(
+                "removed {removed} unfinished restore file{} left in {}",
+                if removed == 1 { "" } else { "s" },
+                dir.display()
+            ));
+        }
+        let doing = format!("restoring \"{name}\"");
+        let frame = r.keyed.session.restore_request(version, file.clone());
+        let begin = match self.retrieve(r, &frame, &doing).await? {
+            ClientEvent::RestoreBegin(begin) => begin,
+            ClientEvent::NotFound => {
+                let what = if version == 0 {
+                    format!("file named \"{name}\"")
+                } else {
+                    format!("version {version} of \"{name}\"")
+                };
+                return Err(local(Error::NotFound {
+                    server: self.options().server.clone(),
+                    what,
+                }));
+            }
+            ClientEvent::Refused(reason) => {
+                return Err(local(self.refused(reason, &doing)));
+            }
+            other => return Err(self.unexpected(&other, &doing).into()),
+        };
+        self.feedback().restoring(&name, begin.size);
+        let key = r.keyed.session.aes_key().cloned().ok_or_else(|| {
+            RestoreFailure::from(Error::Internal("no session key before a restore".into()))
+        })?;
+        let mut out = RestoreFile::create(dest, &dir, begin.clone(), &key, overwrite)?;
+        let mut remaining = begin.content_size;
+        while remaining > 0 {
+            let response = r.keyed.conn.recv(&doing).await?;
+            let event = r
+                .keyed
+                .session
+                .handle(response, &mut rand::rngs::OsRng)
+                .map_err(|e| self.session_error(e, Some(r.keyed.identity.client_id)))?;
+            match event {
+                ClientEvent::RestoreData {
+                    content,
+                    remaining: left,
+                } => {
+                    let before = out.written();
+                    out.feed(&content)?;
+                    self.feedback().progress(out.written() - before);
+                    remaining = left;
+                }
+                ClientEvent::ServerError => {
+                    return Err(Error::ServerFailed {
+                        server: self.options().server.clone(),
+                        request: doing,
+                        times: 1,
+                    }
+                    .into())
+                }
+                other => return Err(self.unexpected(&other, &doing).into()),
+            }
+        }
+        // Everything announced arrived: the connection is usable whatever
+        // the verdict on the content.
+        let cksum = out.finish().map_err(local)?;
+        Ok((begin, cksum))
+    }
+
+    async fn restore_files(
+        &self,
+        r: &mut Retrieving,
+        report: &mut RestoreReport,
+        jobs: Vec<(FileName, u64, Result<Destination, Error>)>,
+        overwrite: bool,
+    ) {
+        let mut cleaned = HashSet::new();
+        let mut stopped = false;
+        for (file, version, dest) in jobs {
+            let name = file.to_string_lossy();
+            let mut entry = RestoredFile {
+                name: name.clone(),
+                version,
+                size: 0,
+                path: dest.as_ref().ok().map(Destination::path),
+                outcome: RestoreOutcome::NotAttempted,
+            };
+            if !stopped {
+                entry.outcome = match dest {
+                    Err(e) => RestoreOutcome::Failed(e),
+                    Ok(dest) => match self
+                        .restore_on(r, &file, version, &dest, overwrite, &mut cleaned)
+                        .await
+                    {
+                        Ok((begin, cksum)) => {
+                            entry.version = begin.version;
+                            entry.size = begin.size;
+                            RestoreOutcome::Restored { cksum }
+                        }
+                        Err(failure) => {
+                            stopped = !failure.connection_usable;
+                            RestoreOutcome::Failed(failure.error)
+                        }
+                    },
+                };
+            }
+            self.feedback().restored(&entry);
+            report.files.push(entry);
+        }
+    }
+
+    /// Restores version `version` (0: the newest) of `file`: into `to` when
+    /// it is an existing folder, else to the path `to`; without `to`, into
+    /// `cwd` under the file's name.
+    ///
+    /// # Errors
+    /// When the connection cannot be set up; failures of the file itself
+    /// are in the report.
+    pub async fn restore(
+        &self,
+        file: &FileName,
+        version: u64,
+        to: Option<&Path>,
+        cwd: &Path,
+        overwrite: bool,
+    ) -> Result<RestoreReport, Error> {
+        let started = Instant::now();
+        let dest = match to {
+            Some(to) if to.is_dir() => Destination::inside(to, file.as_bytes()),
+            Some(to) => Destination::exactly(to, &file.to_string_lossy()),
+            None => Destination::inside(cwd, file.as_bytes()),
+        };
+        let mut report = RestoreReport {
+            server: self.options().server.clone(),
+            ..RestoreReport::default()
+        };
+        let mut r = self.open_retrieval().await?;
+        self.feedback().start(1, 0);
+        self.restore_files(
+            &mut r,
+            &mut report,
+            vec![(file.clone(), version, dest)],
+            overwrite,
+        )
+        .await;
+        self.feedback().done();
+        r.keyed.conn.close().await;
+        report.elapsed = started.elapsed();
+        Ok(report)
+    }
+
+    /// Restores the newest version of every file this client stored into
+    /// the folder `dir`. A name that cannot be restored safely, or a file
+    /// that exists (without `overwrite`), fails alone; the rest go on.
+    ///
+    /// # Errors
+    /// When the connection cannot be set up or the listing fails.
+    pub async fn restore_all(&self, dir: &Path, overwrite: bool) -> Result<RestoreReport, Error> {
+        let started = Instant::now();
+        let mut report = RestoreReport {
+            server: self.options().server.clone(),
+            ..RestoreReport::default()
+        };
+        let mut r = self.open_retrieval().await?;
+        let entries = match self.list_on(&mut r, false).await {
+            Ok(entries) => entries,
+            Err(e) => {
+                r.keyed.conn.close().await;
+                return Err(e);
+            }
+        };
+        // Two names that map to one path (`a/b` and `a\b`): the second fails.
+        let mut first_of: HashMap<PathBuf, String> = HashMap::new();
+        let jobs = entries
+            .iter()
+            .map(|e| {
+                let name = e.file.to_string_lossy();
+                let dest = Destination::inside(dir, e.file.as_bytes()).and_then(|d| match first_of
+                    .get(&d.path())
+                {
+                    Some(first) => Err(Error::UnsafeName {
+                        name: name.clone(),
+                        reason: format!("it maps to the same path as \"{first}\""),
+                    }),
+                    None => {
+                        first_of.insert(d.path(), name.clone());
+                        Ok(d)
+                    }
+                });
+                (e.file.clone(), e.version, dest)
+            })
+            .collect();
+        self.feedback()
+            .start(entries.len(), entries.iter().map(|e| e.size).sum());
+        self.restore_files(&mut r, &mut report, jobs, overwrite)
+            .await;
+        self.feedback().done();
+        r.keyed.conn.close().await;
+        report.elapsed = started.elapsed();
+        Ok(report)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn restore_exit_code_is_that_of_the_first_failure() {
+        let mut report = RestoreReport::default();
+        assert_eq!(report.exit_code(), 0, "nothing to restore is not a failure");
+        report.files.push(RestoredFile {
+            name: "a".into(),
+            version: 1,
+            size: 3,
+            path: None,
+            outcome: RestoreOutcome::Restored { cksum: 1 },
+        });
+        report.files.push(RestoredFile {
+            name: "../b".into(),
+            version: 2,
+            size: 0,
+            path: None,
+            outcome: RestoreOutcome::Failed(Error::UnsafeName {
+                name: "../b".into(),
+                reason: "x".into(),
+            }),
+        });
+        assert_eq!(report.exit_code(), 6);
+        let v = report.to_json();
+        assert_eq!(v["ok"], json!(false));
+        assert_eq!(v["restored_files"], json!(1));
+        assert_eq!(v["files"][1]["error"]["kind"], json!("local_file_error"));
+        assert_eq!(v["restored_bytes"], json!(3));
+    }
+}

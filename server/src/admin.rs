@@ -1,0 +1,225 @@
+//! Operator commands (`backup-server clients|files|prune|remove-client|
+//! append-only`): each opens the data directory, does one thing, and
+//! writes a plain-text report.
+//!
+//! They may run while a server serves the same data directory: SQLite in
+//! WAL mode lets them read beside it, and its busy timeout makes writes
+//! wait for the server's short transactions. Each function here takes the
+//! opened [`Storage`] and a writer, so the same code is tested without the
+//! binary.
+
+use std::io::Write;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use protocol::ClientId;
+
+use crate::storage::{ClientSummary, Retention, Storage, StorageError, VersionRecord};
+
+/// Entries fetched per metadata query when listing a client's files.
+const PAGE: usize = 1024;
+
+/// Why an operator command failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error("no client with id or name {0:?}")]
+    UnknownClient(String),
+    #[error("prune needs a rule: --keep-last N and/or --keep-within DURATION (or keep_last / keep_within in the config file)")]
+    NoRule,
+    #[error("cannot write the report: {0}")]
+    Output(#[from] std::io::Error),
+}
+
+/// Finds a client by its id (32 hex digits) or its name.
+///
+/// # Errors
+/// [`AdminError::UnknownClient`] when neither matches.
+pub fn find_client(storage: &Storage, text: &str) -> Result<ClientSummary, AdminError> {
+    let all = storage.meta().clients()?;
+    let by_id = ClientId::from_hex(text).ok();
+    all.into_iter()
+        .find(|c| Some(c.client.id) == by_id || c.client.name.as_bytes() == text.as_bytes())
+        .ok_or_else(|| AdminError::UnknownClient(text.to_owned()))
+}
+
+fn lossy(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// `YYYY-MM-DDTHH:MM:SSZ` (UTC) for a point in time.
+pub fn format_time(t: SystemTime) -> String {
+    let secs = t
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default();
+    let days = i64::try_from(secs / 86_400).unwrap_or_default();
+    let rem = secs % 86_400;
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+fn version_line(v: &VersionRecord) -> String {
+    format!(
+        "{}\t{}\t{}\t{}\t{}",
+        v.version,
+        v.size,
+        v.cksum,
+        format_time(v.stored_at),
+        lossy(v.file.as_bytes())
+    )
+}
+
+/// `clients`: one line per client.
+///
+/// # Errors
+/// On a storage or output failure.
+pub fn clients(storage: &Storage, out: &mut impl Write) -> Result<(), AdminError> {
+    writeln!(
+        out,
+        "id\tname\tappend-only\tfiles\tversions\tbytes\tlast-seen"
+    )?;
+    for c in storage.meta().clients()? {
+        writeln!(
+            out,
+            "{}\t{}\t{}\t{}\t{}\t{}\t{}",
+            c.client.id,
+            lossy(c.client.name.as_bytes()),
+            if c.client.append_only { "yes" } else { "no" },
+            c.files,
+            c.versions,
+            c.bytes,
+            format_time(c.client.last_seen)
+        )?;
+    }
+    Ok(())
+}
+
+/// `files CLIENT [--versions]`: the newest version of each name, or every
+/// version, ordered by name then version.
+///
+/// # Errors
+/// On an unknown client, a storage or an output failure.
+pub fn files(
+    storage: &Storage,
+    client: &str,
+    all_versions: bool,
+    out: &mut impl Write,
+) -> Result<(), AdminError> {
+    let c = find_client(storage, client)?;
+    writeln!(out, "version\tsize\tcksum\tstored\tname")?;
+    let mut offset = 0u64;
+    loop {
+        let page = storage
+            .meta()
+            .list(c.client.id, all_versions, offset, PAGE)?;
+        for v in &page {
+            writeln!(out, "{}", version_line(v))?;
+        }
+        if page.len() < PAGE {
+            return Ok(());
+        }
+        offset += page.len() as u64;
+    }
+}
+
+/// `prune`: applies `retention` to every client and name; lists what was
+/// removed. Returns the removed versions.
+///
+/// # Errors
+/// [`AdminError::NoRule`] when `retention` keeps everything; a storage or
+/// output failure.
+pub fn prune(
+    storage: &Storage,
+    retention: &Retention,
+    out: &mut impl Write,
+) -> Result<Vec<VersionRecord>, AdminError> {
+    if retention.keeps_everything() {
+        return Err(AdminError::NoRule);
+    }
+    let removed = storage.prune(retention, SystemTime::now())?;
+    for v in &removed {
+        writeln!(out, "removed\t{}\t{}", v.client, version_line(v))?;
+    }
+    let bytes: u64 = removed.iter().map(|v| v.size).sum();
+    writeln!(out, "pruned {} versions, {bytes} bytes", removed.len())?;
+    Ok(removed)
+}
+
+/// `remove-client CLIENT`: removes its rows and blobs.
+///
+/// # Errors
+/// On an unknown client, a storage or output failure.
+pub fn remove_client(
+    storage: &Storage,
+    client: &str,
+    out: &mut impl Write,
+) -> Result<(), AdminError> {
+    let c = find_client(storage, client)?;
+    let removed = storage
+        .remove_client(c.client.id)?
+        .ok_or_else(|| AdminError::UnknownClient(client.to_owned()))?;
+    writeln!(
+        out,
+        "removed client {} ({}): {} versions, {} bytes",
+        c.client.id,
+        lossy(c.client.name.as_bytes()),
+        removed.len(),
+        removed.iter().map(|v| v.size).sum::<u64>()
+    )?;
+    Ok(())
+}
+
+/// `append-only CLIENT on|off`.
+///
+/// # Errors
+/// On an unknown client, a storage or output failure.
+pub fn set_append_only(
+    storage: &Storage,
+    client: &str,
+    on: bool,
+    out: &mut impl Write,
+) -> Result<(), AdminError> {
+    let c = find_client(storage, client)?;
+    if !storage.meta().set_append_only(c.client.id, on)? {
+        return Err(AdminError::UnknownClient(client.to_owned()));
+    }
+    writeln!(
+        out,
+        "client {} ({}): append-only {} (was {})",
+        c.client.id,
+        lossy(c.client.name.as_bytes()),
+        if on { "on" } else { "off" },
+        if c.client.append_only { "on" } else { "off" }
+    )?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn formats_times_as_utc_dates() {
+        assert_eq!(format_time(UNIX_EPOCH), "1970-01-01T00:00:00Z");
+        let t = UNIX_EPOCH + Duration::from_secs(1_709_210_096);
+        assert_eq!(format_time(t), "2024-02-29T12:34:56Z");
+        let t = UNIX_EPOCH + Duration::from_secs(951_782_400);
+        assert_eq!(format_time(t), "2000-02-29T00:00:00Z");
+    }
+}
