@@ -21,6 +21,7 @@ use crate::limits::{Limits, FILE_PACKET_HEAD_LEN};
 use crate::message::{FilePacket, PacketHead, PublicKeyField, Request, RequestFrame, Response};
 use crate::name::{FileName, UserName, NAME_FIELD_LEN};
 use crate::reassembly::Reassembler;
+use crate::retrieval::{ListFlags, RetrievalRequest};
 use crate::session::server::{Action, KnownClient, RegisterOutcome, ServerConfig, ServerSession};
 use crate::wire::{ClientId, Numbering, REQUEST_HEADER_LEN, RESPONSE_HEADER_LEN};
 
@@ -673,7 +674,7 @@ pub fn server_session(data: &[u8]) {
             1 => ClientId([input.u8(); 16]),
             _ => assigned.unwrap_or(known_id),
         };
-        let request = match input.u8() % 9 {
+        let request = match input.u8() % 10 {
             0 => Request::Register { name },
             1 => {
                 let key = match (input.u8() % 4, &key_field) {
@@ -711,9 +712,26 @@ pub fn server_session(data: &[u8]) {
             7 => Request::CrcRetry {
                 file: file_name(&mut input),
             },
-            _ => Request::CrcAbort {
+            8 => Request::CrcAbort {
                 file: file_name(&mut input),
             },
+            _ => Request::Retrieval(match input.u8() % 3 {
+                0 => RetrievalRequest::List {
+                    flags: ListFlags(input.u8()),
+                    cursor: u64::from(input.u32()),
+                },
+                1 => RetrievalRequest::Restore {
+                    version: u64::from(input.u32()),
+                    file: file_name(&mut input),
+                },
+                _ => RetrievalRequest::Delete {
+                    file: file_name(&mut input),
+                },
+            }),
+        };
+        let retrieval = match &request {
+            Request::Retrieval(r) => Some(r.clone()),
+            _ => None,
         };
         let is_file = matches!(request, Request::SendFile(_));
         let frame = RequestFrame {
@@ -729,7 +747,30 @@ pub fn server_session(data: &[u8]) {
             upload = None;
         }
         match action {
-            Action::Reply(_) | Action::Retrieve { .. } => {}
+            Action::Reply(_) => {}
+            Action::Retrieve { client_id, request } => {
+                assert_eq!(Some(client_id), assigned, "retrieval for another client");
+                assert_eq!(Some(request), retrieval, "retrieval request changed");
+                // A restore is encrypted under the key the client holds.
+                let iv = [input.u8(); crypto::BLOCK];
+                let Some(mut cipher) = session.restore_cipher(&iv) else {
+                    panic!("no restore cipher after a key exchange");
+                };
+                let Some(key) = aes.as_ref() else {
+                    panic!("retrieval allowed before the client has a key");
+                };
+                let sample = input.bytes(64).to_vec();
+                let mut ct = BytesMut::new();
+                cipher.update(&sample, &mut ct);
+                cipher.finish(&mut ct);
+                let mut plain = BytesMut::new();
+                let mut decryptor = CbcDecryptor::with_iv(key, &iv);
+                decryptor.update(&ct, &mut plain);
+                assert!(
+                    decryptor.finish(&mut plain).is_ok() && plain[..] == sample[..],
+                    "restore cipher is not the client's key"
+                );
+            }
             Action::Register { client_id, name } => {
                 let outcome = match input.u8() % 8 {
                     0 => RegisterOutcome::NameTaken,
@@ -869,7 +910,8 @@ mod tests {
     #[test]
     fn committed_seeds_run_clean_through_their_harnesses() {
         let seeds = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/seeds");
-        let targets: [(&str, fn(&[u8])); 6] = [
+        type Harness = fn(&[u8]);
+        let targets: [(&str, Harness); 6] = [
             ("decode_request", decode_request),
             ("decode_response", decode_response),
             ("roundtrip_request", roundtrip_request),

@@ -10,6 +10,7 @@ use protocol::limits::{FILE_PACKET_HEAD_LEN, MAX_PACKETS};
 use protocol::message::{PayloadError, FILE_RECEIVED_LEN};
 use protocol::name::{NameError, MAX_NAME_LEN, NAME_FIELD_LEN};
 use protocol::reassembly::{Reassembler, ReassemblyError};
+use protocol::retrieval::{ListEntry, RetrievalResponse, MAX_LIST_ENTRIES};
 use protocol::session::client::{PlanError, UploadPlan};
 use protocol::wire::{
     RequestCode, RequestHeader, RequestKind, ResponseCode, ResponseHeader, REQUEST_HEADER_LEN,
@@ -25,7 +26,7 @@ use tokio_util::codec::{Decoder, Encoder};
 /// little slack, nothing sized by the declaration.
 const SMALL: usize = 1024;
 
-const KINDS: [RequestKind; 7] = [
+const KINDS: [RequestKind; 10] = [
     RequestKind::Register,
     RequestKind::PublicKey,
     RequestKind::Reconnect,
@@ -33,6 +34,9 @@ const KINDS: [RequestKind; 7] = [
     RequestKind::CrcOk,
     RequestKind::CrcRetry,
     RequestKind::CrcAbort,
+    RequestKind::List,
+    RequestKind::Restore,
+    RequestKind::Delete,
 ];
 
 fn file(name: &str) -> FileName {
@@ -184,7 +188,7 @@ fn rejects_a_4_gib_declared_payload_of_every_request_from_the_header_alone() {
 
 #[test]
 fn rejects_a_4_gib_declared_payload_of_every_response_from_the_header_alone() {
-    for code in 1600..=1607 {
+    for code in (1600..=1607).chain(1640..=1645) {
         let mut buf = response_header(ResponseCode(code), u32::MAX);
         assert_eq!(buf.len(), RESPONSE_HEADER_LEN);
         let err = ClientCodec::default().decode(&mut buf).unwrap_err();
@@ -534,4 +538,60 @@ fn refuses_to_plan_a_file_needing_65536_packets() {
         UploadPlan::new(file("many.bin"), size, 16, 16),
         Err(PlanError::TooLarge { .. })
     ));
+}
+
+// ---- retrieval: list page entries and restore data --------------------------------
+
+fn list_page(entries: usize) -> Response {
+    let entry = ListEntry {
+        version: 1,
+        size: 2,
+        stored_at: 3,
+        cksum: 4,
+        file: file("listed.bin"),
+    };
+    Response::Retrieval(RetrievalResponse::ListPage {
+        next_cursor: 0,
+        entries: vec![entry; entries],
+    })
+}
+
+#[test]
+fn accepts_a_list_page_of_exactly_the_maximum_entries() {
+    let page = list_page(MAX_LIST_ENTRIES);
+    assert_eq!(
+        decode_response(Limits::default(), &encode_response(&page)).unwrap(),
+        Some(page)
+    );
+}
+
+#[test]
+fn rejects_a_list_page_one_entry_over_the_maximum_from_its_header_alone() {
+    let bytes = encode_response(&list_page(MAX_LIST_ENTRIES + 1));
+    let mut buf = BytesMut::from(&bytes[..RESPONSE_HEADER_LEN]);
+    let err = ClientCodec::default().decode(&mut buf).unwrap_err();
+    assert!(matches!(err, CodecError::PayloadSize { .. }), "{err}");
+    assert!(buf.capacity() <= SMALL);
+}
+
+#[test]
+fn accepts_restore_data_of_exactly_the_packet_content_limit() {
+    let limits = small_packets();
+    let data = Response::Retrieval(RetrievalResponse::RestoreData {
+        content: Bytes::from(vec![1; limits.max_packet_content]),
+    });
+    assert_eq!(
+        decode_response(limits, &encode_response(&data)).unwrap(),
+        Some(data)
+    );
+}
+
+#[test]
+fn rejects_restore_data_one_byte_over_the_packet_content_limit_from_its_header_alone() {
+    let limits = small_packets();
+    let declared = u32::try_from(limits.max_packet_content + 1).unwrap();
+    let mut buf = response_header(ResponseCode::RESTORE_DATA, declared);
+    let err = ClientCodec::new(limits).decode(&mut buf).unwrap_err();
+    assert!(matches!(err, CodecError::PayloadSize { .. }), "{err}");
+    assert!(buf.capacity() <= SMALL);
 }

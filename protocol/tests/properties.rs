@@ -9,8 +9,12 @@ use bytes::{Bytes, BytesMut};
 use proptest::prelude::*;
 use proptest::test_runner::FileFailurePersistence;
 use protocol::crypto::{self, AesKey, CbcDecryptor, CbcEncryptor};
-use protocol::message::{PublicKeyField, PUBLIC_KEY_FIELD_LEN};
+use protocol::message::{PublicKeyField, FILE_RECEIVED_LEN, PUBLIC_KEY_FIELD_LEN};
 use protocol::reassembly::{Reassembler, ReassemblyError};
+use protocol::retrieval::{
+    ListEntry, ListFlags, RefusalReason, RestoreBegin, RetrievalRequest, RetrievalResponse,
+    LIST_ENTRY_LEN, LIST_PAGE_HEAD_LEN, MAX_LIST_ENTRIES,
+};
 use protocol::wire::{RequestCode, RequestKind, REQUEST_HEADER_LEN, RESPONSE_HEADER_LEN, VERSION};
 use protocol::{
     Cksum, ClientCodec, ClientId, FileName, FilePacket, Limits, Numbering, PacketHead, Request,
@@ -92,17 +96,91 @@ fn request(max_content: usize) -> impl Strategy<Value = Request> {
         file_name().prop_map(|file| Request::CrcOk { file }),
         file_name().prop_map(|file| Request::CrcRetry { file }),
         file_name().prop_map(|file| Request::CrcAbort { file }),
+        retrieval_request().prop_map(Request::Retrieval),
+    ]
+}
+
+fn retrieval_request() -> impl Strategy<Value = RetrievalRequest> {
+    prop_oneof![
+        (any::<u8>(), any::<u64>()).prop_map(|(flags, cursor)| RetrievalRequest::List {
+            flags: ListFlags(flags),
+            cursor
+        }),
+        (any::<u64>(), file_name())
+            .prop_map(|(version, file)| RetrievalRequest::Restore { version, file }),
+        file_name().prop_map(|file| RetrievalRequest::Delete { file }),
     ]
 }
 
 fn request_frame(max_content: usize) -> impl Strategy<Value = RequestFrame> {
     (client_id(), numbering(), request(max_content)).prop_map(|(client_id, numbering, request)| {
+        // The retrieval extension has one numbering, which decodes as modern.
+        let numbering = match request {
+            Request::Retrieval(_) => Numbering::Modern,
+            _ => numbering,
+        };
         RequestFrame {
             client_id,
             numbering,
             request,
         }
     })
+}
+
+fn list_entry() -> impl Strategy<Value = ListEntry> {
+    (
+        any::<u64>(),
+        any::<u64>(),
+        any::<u64>(),
+        any::<u32>(),
+        file_name(),
+    )
+        .prop_map(|(version, size, stored_at, cksum, file)| ListEntry {
+            version,
+            size,
+            stored_at,
+            cksum,
+            file,
+        })
+}
+
+fn retrieval_response() -> impl Strategy<Value = RetrievalResponse> {
+    prop_oneof![
+        (any::<u64>(), proptest::collection::vec(list_entry(), 0..4)).prop_map(
+            |(next_cursor, entries)| RetrievalResponse::ListPage {
+                next_cursor,
+                entries
+            }
+        ),
+        (
+            any::<u64>(),
+            any::<u64>(),
+            any::<u64>(),
+            any::<u32>(),
+            any::<[u8; 16]>(),
+            file_name()
+        )
+            .prop_map(|(version, size, content_size, cksum, iv, file)| {
+                RetrievalResponse::RestoreBegin(RestoreBegin {
+                    version,
+                    size,
+                    content_size,
+                    cksum,
+                    iv,
+                    file,
+                })
+            }),
+        proptest::collection::vec(any::<u8>(), 1..1500).prop_map(|c| {
+            RetrievalResponse::RestoreData {
+                content: Bytes::from(c),
+            }
+        }),
+        any::<u32>().prop_map(|versions| RetrievalResponse::Deleted { versions }),
+        Just(RetrievalResponse::NotFound),
+        any::<u8>().prop_map(|r| RetrievalResponse::Refused {
+            reason: RefusalReason(r)
+        }),
+    ]
 }
 
 fn response() -> impl Strategy<Value = Response> {
@@ -133,6 +211,7 @@ fn response() -> impl Strategy<Value = Response> {
         proptest::option::of(client_id())
             .prop_map(|client_id| Response::ReconnectRejected { client_id }),
         Just(Response::GeneralError),
+        retrieval_response().prop_map(Response::Retrieval),
     ]
 }
 
@@ -458,6 +537,9 @@ fn request_codes() -> Vec<u16> {
         RequestKind::CrcOk,
         RequestKind::CrcRetry,
         RequestKind::CrcAbort,
+        RequestKind::List,
+        RequestKind::Restore,
+        RequestKind::Delete,
     ];
     let mut codes: Vec<u16> = [Numbering::Modern, Numbering::Classic]
         .iter()
@@ -468,7 +550,10 @@ fn request_codes() -> Vec<u16> {
 }
 
 fn response_codes() -> Vec<u16> {
-    (1600..=1607).chain([0, 1608, u16::MAX]).collect()
+    (1600..=1607)
+        .chain(1640..=1645)
+        .chain([0, 1608, 1646, u16::MAX])
+        .collect()
 }
 
 /// The bound on a decoder's buffer: a small multiple of one maximal frame
@@ -503,7 +588,9 @@ proptest! {
         let limits = small_limits();
         let bytes = segments.concat();
         let max = max_capacity_while_decoding(ClientCodec::new(limits), &bytes, &sizes);
-        let max_frame = RESPONSE_HEADER_LEN + 16 + limits.max_wrapped_key.max(279);
+        let legacy = 16 + limits.max_wrapped_key.max(FILE_RECEIVED_LEN);
+        let list_page = LIST_PAGE_HEAD_LEN + MAX_LIST_ENTRIES * LIST_ENTRY_LEN;
+        let max_frame = RESPONSE_HEADER_LEN + legacy.max(list_page).max(limits.max_packet_content);
         prop_assert!(max <= capacity_bound(max_frame, MAX_READ), "capacity {} for frames of at most {}", max, max_frame);
     }
 
