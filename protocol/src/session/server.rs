@@ -24,6 +24,10 @@ use crate::name::{FileName, UserName};
 use crate::reassembly::{Reassembler, ReassemblyError};
 use crate::retrieval::RetrievalRequest;
 use crate::session::MAX_SEND_ATTEMPTS;
+
+/// The most file names one session may have with attempts outstanding
+/// (neither committed nor given up on); bounds the attempt table.
+const MAX_OPEN_NAMES: usize = 1024;
 use crate::wire::{ClientId, Numbering, RequestKind};
 
 /// How the server answers where legacy servers disagree.
@@ -168,8 +172,9 @@ pub struct ServerSession {
     reassembler: Reassembler,
     receiving: Option<Receiving>,
     received: Option<Received>,
-    /// Failed attempts at the most recent file name.
-    attempts: Option<(FileName, u8)>,
+    /// Attempts at each file name not yet committed or given up on in this
+    /// session, so alternating names does not reset a name's count.
+    attempts: std::collections::HashMap<FileName, u8>,
     /// The client registered on this connection (rather than reconnected),
     /// so it may send its public key.
     registered_here: bool,
@@ -201,7 +206,7 @@ impl ServerSession {
             pending: None,
             receiving: None,
             received: None,
-            attempts: None,
+            attempts: std::collections::HashMap::new(),
             registered_here: false,
             spare: None,
         }
@@ -309,7 +314,6 @@ impl ServerSession {
             Request::CrcOk { file } => {
                 let client_id = self.bound(kind, frame.client_id)?;
                 let received = self.take_received(kind, &file)?;
-                self.attempts = None;
                 if !received.intact {
                     // The client says the cksum matched a file whose padding
                     // or size was wrong: it cannot be what the client sent.
@@ -317,6 +321,7 @@ impl ServerSession {
                         reply: Some(Response::GeneralError),
                     });
                 }
+                self.attempts.remove(&file);
                 Ok(Action::Commit {
                     client_id,
                     file,
@@ -337,7 +342,9 @@ impl ServerSession {
             Request::CrcAbort { file } => {
                 let client_id = self.bound(kind, frame.client_id)?;
                 self.take_received(kind, &file)?;
-                self.attempts = None;
+                // The client gave up on this name; a new series of attempts
+                // may follow (a later run of the client does the same).
+                self.attempts.remove(&file);
                 Ok(Action::Discard {
                     reply: Some(Response::Ack { client_id }),
                 })
@@ -406,16 +413,13 @@ impl ServerSession {
         })?;
         let mut start = None;
         if slice.first {
-            let attempt = match &mut self.attempts {
-                Some((name, n)) if *name == file => {
-                    *n += 1;
-                    *n
-                }
-                other => {
-                    *other = Some((file.clone(), 1));
-                    1
-                }
-            };
+            if self.attempts.len() >= MAX_OPEN_NAMES && !self.attempts.contains_key(&file) {
+                self.reassembler.reset();
+                return Err(SessionError::TooManyAttempts(file));
+            }
+            let count = self.attempts.entry(file.clone()).or_insert(0);
+            *count = count.saturating_add(1);
+            let attempt = *count;
             if attempt > MAX_SEND_ATTEMPTS {
                 self.reassembler.reset();
                 return Err(SessionError::TooManyAttempts(file));
@@ -675,6 +679,35 @@ mod tests {
                 content: Bytes::copy_from_slice(&ct[start..end]),
             }),
         }
+    }
+
+    #[test]
+    fn rejects_a_fifth_attempt_at_a_name_even_when_names_alternate() {
+        let (mut s, id, aes, mut rng) = keyed();
+        let ct = encrypt_all(&aes, b"abc");
+        let upload = |s: &mut ServerSession, rng: &mut rand::rngs::StdRng, name: &str| {
+            let mut frame = packet(id, &ct, 1, 1, 16, 3);
+            if let Request::SendFile(p) = &mut frame.request {
+                p.head.file = FileName::try_from(name).unwrap();
+            }
+            s.handle(frame, rng)?;
+            let retry = RequestFrame {
+                client_id: id,
+                numbering: Numbering::Modern,
+                request: Request::CrcRetry {
+                    file: FileName::try_from(name).unwrap(),
+                },
+            };
+            s.handle(retry, rng).map(|_| ())
+        };
+        for _ in 0..MAX_SEND_ATTEMPTS {
+            upload(&mut s, &mut rng, "a").unwrap();
+            upload(&mut s, &mut rng, "b").unwrap();
+        }
+        assert!(matches!(
+            upload(&mut s, &mut rng, "a"),
+            Err(SessionError::TooManyAttempts(_))
+        ));
     }
 
     #[test]

@@ -65,8 +65,9 @@ impl Upload {
     ) -> Result<Self, StorageError> {
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
         let (outcome_tx, outcome) = oneshot::channel();
-        // Unbounded, but only the few buffers in flight ever travel on it.
-        let (give_back, returned) = std::sync::mpsc::channel();
+        // Bounded: when the connection does not take buffers back (e.g. none
+        // is large enough for its packets), the writer drops them instead.
+        let (give_back, returned) = std::sync::mpsc::sync_channel(POOL);
         let started = Instant::now();
         std::thread::Builder::new()
             .name("upload-writer".into())
@@ -159,7 +160,7 @@ fn write_all(
     blobs: &dyn BlobStore,
     client: ClientId,
     mut rx: mpsc::Receiver<Chunk>,
-    give_back: &std::sync::mpsc::Sender<BytesMut>,
+    give_back: &std::sync::mpsc::SyncSender<BytesMut>,
     started: Instant,
 ) -> Option<Result<Staged, StorageError>> {
     let mut writer = match blobs.create(client) {
@@ -176,7 +177,8 @@ fn write_all(
                 if let Err(e) = writer.write(&bytes) {
                     return Some(Err(e));
                 }
-                let _ = give_back.send(bytes);
+                // A full channel means the buffer is not wanted: drop it.
+                let _ = give_back.try_send(bytes);
             }
             Chunk::Finish => {
                 return Some(writer.finish().map(|blob| Staged {
