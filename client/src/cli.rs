@@ -102,6 +102,20 @@ pub struct GlobalArgs {
     #[arg(long, global = true, value_name = "SECONDS")]
     pub timeout: Option<u64>,
 
+    /// Speak the legacy version 3 protocol, in the clear, to a legacy
+    /// server or a server's --legacy-listen port. INSECURE: the server is
+    /// not authenticated and files can be read or altered in transit
+    /// [default: secure mode, TLS 1.3]
+    #[arg(long, global = true)]
+    pub legacy: bool,
+
+    /// The server's certificate fingerprint (`backup-server fingerprint`
+    /// prints it): trusted for this run and pinned once the session is
+    /// established [default: the pin in known_servers; at the first
+    /// registration with a server, trust on first use]
+    #[arg(long, global = true, value_name = "SHA256:HEX", value_parser = parse_fingerprint_arg)]
+    pub server_fingerprint: Option<protocol::secure::Fingerprint>,
+
     /// Print nothing but errors
     #[arg(short, long, global = true)]
     pub quiet: bool,
@@ -254,6 +268,8 @@ impl GlobalArgs {
             packet_size: self.packet_size,
             codes: self.codes,
             timeout: self.timeout,
+            legacy: self.legacy,
+            server_fingerprint: self.server_fingerprint,
         }
     }
 
@@ -920,4 +936,8 @@ mod tests {
         .unwrap();
         assert_eq!(run(cli, dir.path()).await, 6);
     }
+}
+
+fn parse_fingerprint_arg(text: &str) -> Result<protocol::secure::Fingerprint, String> {
+    text.parse().map_err(|e: protocol::secure::FingerprintError| e.to_string())
 }

@@ -11,13 +11,14 @@ use protocol::session::client::{
 use protocol::session::MAX_SEND_ATTEMPTS;
 use protocol::{Limits, RequestFrame, Response, UserName};
 
-use crate::connection::Connection;
+use crate::connection::{Connection, Secure};
 use crate::error::{Error, ErrorKind};
 use crate::feedback::{Feedback, Silent};
 use crate::files::BackupItem;
 use crate::identity::{Identity, IdentityStore};
 use crate::report::{FileReport, Outcome, Report};
 use crate::settings::{Options, PacketSize};
+use crate::tls::{KnownServers, Trust};
 use crate::upload::{self, AttemptError};
 
 /// How many times a request answered with 1607 is sent again before giving
@@ -48,10 +49,19 @@ pub(crate) struct Keyed {
     pub(crate) registered: bool,
 }
 
-/// Generates a legacy RSA key pair (1024 bits, e = 17) off the async threads.
-async fn generate_key() -> Result<PrivateKey, Error> {
-    tokio::task::spawn_blocking(|| PrivateKey::generate_legacy(&mut rand::rngs::OsRng))
-        .await
+/// Generates an RSA key pair off the async threads: 3072 bits (e = 65537)
+/// for secure mode, 1024 bits (e = 17) for the legacy protocol.
+async fn generate_key(dialect: protocol::Dialect) -> Result<PrivateKey, Error> {
+    use protocol::secure::{SECURE_RSA_BITS, SECURE_RSA_EXPONENT};
+    tokio::task::spawn_blocking(move || match dialect {
+        protocol::Dialect::Legacy => PrivateKey::generate_legacy(&mut rand::rngs::OsRng),
+        protocol::Dialect::Secure => PrivateKey::generate(
+            &mut rand::rngs::OsRng,
+            SECURE_RSA_BITS,
+            SECURE_RSA_EXPONENT,
+        ),
+    })
+    .await
         .map_err(|e| Error::Internal(format!("key generation stopped: {e}")))?
         .map_err(|e| Error::Internal(format!("cannot generate an RSA key pair: {e}")))
 }
@@ -94,6 +104,11 @@ impl Client {
         client_id: Option<protocol::ClientId>,
     ) -> Error {
         match e {
+            ClientError::ProofRejected => Error::ProofRejected {
+                server: self.options.server.clone(),
+                client_id: client_id.map(|id| id.to_hex()).unwrap_or_default(),
+                dir: self.store.dir().to_owned(),
+            },
             ClientError::Key(_) => Error::KeyMismatch {
                 server: self.options.server.clone(),
                 client_id: client_id.map(|id| id.to_hex()).unwrap_or_default(),
@@ -161,9 +176,104 @@ impl Client {
         }
     }
 
+    /// The pins of this client.
+    fn known_servers(&self) -> KnownServers {
+        KnownServers::new(self.store.dir())
+    }
+
+    /// How to secure a new connection: `None` for the legacy protocol; else
+    /// the pinned fingerprint (from `--server-fingerprint`, or
+    /// `known_servers`), or trust on first use when registering with a
+    /// server that has no pin.
+    ///
+    /// # Errors
+    /// [`Error::NoPinnedServer`] when not registering and nothing is pinned.
+    fn security(&self, registering: bool) -> Result<Option<Secure>, Error> {
+        if self.options.legacy {
+            return Ok(None);
+        }
+        if let Some(fp) = self.options.server_fingerprint {
+            return Ok(Some(Secure {
+                trust: Trust::Pinned(fp),
+                pinned_in: "given with --server-fingerprint".into(),
+            }));
+        }
+        let known = self.known_servers();
+        match known.get(&self.options.server)? {
+            Some(fp) => Ok(Some(Secure {
+                trust: Trust::Pinned(fp),
+                pinned_in: format!("in {}", known.path().display()),
+            })),
+            None if registering => Ok(Some(Secure {
+                trust: Trust::FirstUse,
+                pinned_in: "nothing pinned yet".into(),
+            })),
+            None => Err(Error::NoPinnedServer {
+                server: self.options.server.clone(),
+                file: known.path().to_owned(),
+            }),
+        }
+    }
+
+    /// Opens a connection secured as [`Client::security`] says.
+    async fn open(&self, registering: bool) -> Result<Connection, Error> {
+        let secure = self.security(registering)?;
+        Connection::open(&self.options, secure.as_ref()).await
+    }
+
+    /// A session for `conn`, in its dialect.
+    fn new_session(
+        &self,
+        conn: &Connection,
+        name: UserName,
+        key: PrivateKey,
+        client_id: Option<protocol::ClientId>,
+    ) -> ClientSession {
+        match conn.binding() {
+            Some(binding) => ClientSession::secure(name, key, client_id, binding),
+            None => ClientSession::new(name, key, client_id, self.options.numbering),
+        }
+    }
+
+    /// Once a secure session is keyed: pins the server's fingerprint if it
+    /// was trusted on first use or given with `--server-fingerprint`.
+    fn remember_server(&self, conn: &Connection) -> Result<(), Error> {
+        let Some(fp) = conn.fingerprint() else {
+            return Ok(());
+        };
+        let known = self.known_servers();
+        if known.get(&self.options.server)? != Some(fp) {
+            known.set(&self.options.server, fp)?;
+            self.feedback.notice(&format!(
+                "pinned the server at {} as {fp} in {}",
+                self.options.server,
+                known.path().display()
+            ));
+        }
+        Ok(())
+    }
+
+    /// In secure mode, answers a [`ClientEvent::Prove`] with the proof and
+    /// returns what its answer meant; any other event is returned as is.
+    async fn prove(
+        &self,
+        conn: &mut Connection,
+        session: &mut ClientSession,
+        event: ClientEvent,
+    ) -> Result<ClientEvent, Error> {
+        match event {
+            ClientEvent::Prove { reply } => {
+                self.exchange(conn, session, &reply, "proving our key")
+                    .await
+            }
+            other => Ok(other),
+        }
+    }
+
     /// Registers `name` on an open connection with the session's key, saves
-    /// the identity as soon as the server assigns an id, then sends the
-    /// public key and receives the AES key.
+    /// the identity as soon as the server assigns an id, then (legacy) sends
+    /// the public key and receives the AES key, or (secure mode) proves the
+    /// key the registration carried.
     async fn register_on(
         &self,
         conn: &mut Connection,
@@ -171,8 +281,29 @@ impl Client {
         name: &UserName,
     ) -> Result<Identity, Error> {
         let doing = format!("registering as \"{name}\"");
-        let frame = session.register_request();
-        let client_id = match self.exchange(conn, session, &frame, &doing).await? {
+        let frame = session
+            .register_request()
+            .map_err(|e| self.session_error(e, None))?;
+        let event = self.exchange(conn, session, &frame, &doing).await?;
+        if let ClientEvent::Prove { .. } = event {
+            let client_id = session.client_id().ok_or_else(|| {
+                Error::Internal("registered without a client id".into())
+            })?;
+            let identity = Identity {
+                name: name.clone(),
+                client_id,
+                key: session.private_key().clone(),
+            };
+            self.store.save(&identity)?;
+            return match self.prove(conn, session, event).await? {
+                ClientEvent::KeyReady => {
+                    self.remember_server(conn)?;
+                    Ok(identity)
+                }
+                other => Err(self.unexpected(&other, "proving our key")),
+            };
+        }
+        let client_id = match event {
             ClientEvent::Registered(id) => id,
             ClientEvent::NameTaken => {
                 return Err(Error::NameTaken {
@@ -215,9 +346,9 @@ impl Client {
             }
         }
         self.store.ensure_writable()?;
-        let key = generate_key().await?;
-        let mut conn = Connection::open(&self.options).await?;
-        let mut session = ClientSession::new(name.clone(), key, None, self.options.numbering);
+        let mut conn = self.open(true).await?;
+        let key = generate_key(conn.dialect()).await?;
+        let mut session = self.new_session(&conn, name.clone(), key, None);
         let identity = self.register_on(&mut conn, &mut session, &name).await?;
         conn.close().await;
         Ok(identity)
@@ -232,9 +363,9 @@ impl Client {
                 dir: self.store.dir().to_owned(),
             })?;
             self.store.ensure_writable()?;
-            let key = generate_key().await?;
-            let mut conn = Connection::open(&self.options).await?;
-            let mut session = ClientSession::new(name.clone(), key, None, self.options.numbering);
+            let mut conn = self.open(true).await?;
+            let key = generate_key(conn.dialect()).await?;
+            let mut session = self.new_session(&conn, name.clone(), key, None);
             let identity = self.register_on(&mut conn, &mut session, name).await?;
             return Ok(Keyed {
                 conn,
@@ -243,25 +374,21 @@ impl Client {
                 registered: true,
             });
         };
-        let mut conn = Connection::open(&self.options).await?;
+        let mut conn = self.open(false).await?;
         let Identity {
             name,
             client_id,
             key,
         } = stored;
-        let mut session = ClientSession::new(
-            name.clone(),
-            key.clone(),
-            Some(client_id),
-            self.options.numbering,
-        );
+        let mut session = self.new_session(&conn, name.clone(), key.clone(), Some(client_id));
         let doing = format!("reconnecting as \"{name}\"");
         let frame = session.reconnect_request();
-        match self
+        let event = self
             .exchange(&mut conn, &mut session, &frame, &doing)
-            .await?
-        {
+            .await?;
+        match self.prove(&mut conn, &mut session, event).await? {
             ClientEvent::KeyReady => {
+                self.remember_server(&conn)?;
                 let identity = Identity {
                     name,
                     client_id,
@@ -279,7 +406,7 @@ impl Client {
                     "the server at {} does not know client {client_id} (\"{name}\"); registering anew with a new key pair",
                     self.options.server
                 ));
-                session.set_private_key(generate_key().await?);
+                session.set_private_key(generate_key(conn.dialect()).await?);
                 let identity = self.register_on(&mut conn, &mut session, &name).await?;
                 Ok(Keyed {
                     conn,
@@ -303,19 +430,18 @@ impl Client {
         } = self.store.load()?.ok_or_else(|| Error::NotRegistered {
             dir: self.store.dir().to_owned(),
         })?;
-        let mut conn = Connection::open(&self.options).await?;
-        let mut session = ClientSession::new(
-            name.clone(),
-            key.clone(),
-            Some(client_id),
-            self.options.numbering,
-        );
+        let mut conn = self.open(false).await?;
+        let mut session = self.new_session(&conn, name.clone(), key.clone(), Some(client_id));
         let doing = format!("reconnecting as \"{name}\"");
         let frame = session.reconnect_request();
-        match self
+        let event = self
             .exchange(&mut conn, &mut session, &frame, &doing)
-            .await?
-        {
+            .await?;
+        let event = self.prove(&mut conn, &mut session, event).await?;
+        if matches!(event, ClientEvent::KeyReady) {
+            self.remember_server(&conn)?;
+        }
+        match event {
             ClientEvent::KeyReady => Ok(Keyed {
                 conn,
                 session,
@@ -342,20 +468,23 @@ impl Client {
     /// When the file is too large for the legacy fields or the packet count.
     pub fn plan(&self, item: &BackupItem) -> Result<UploadPlan, Error> {
         let max_packet = Limits::default().max_packet_content;
+        let dialect = self.options.dialect();
+        let name = item.name.clone();
         let planned = match self.options.packet_size {
-            PacketSize::Auto(n) => UploadPlan::new(item.name.clone(), item.size, n, max_packet),
-            PacketSize::Fixed(n) => UploadPlan::fixed(item.name.clone(), item.size, n, max_packet),
+            PacketSize::Auto(n) => UploadPlan::new_in(dialect, name, item.size, n, max_packet),
+            PacketSize::Fixed(n) => UploadPlan::fixed(dialect, name, item.size, n, max_packet),
         };
         planned.map_err(|e| match e {
-            PlanError::TooLarge { size, .. } => Error::TooLarge {
+            PlanError::TooLarge { size, max } => Error::TooLarge {
                 path: item.path.clone(),
                 size,
-                max: UploadPlan::MAX_FILE_SIZE,
+                max,
             },
             PlanError::TooManyPackets {
                 size,
                 packet_size,
                 max,
+                ..
             } => Error::TooManyPackets {
                 path: item.path.clone(),
                 size,

@@ -119,6 +119,23 @@ pub enum Error {
     },
     #[error("the server at {server} sent a session key that this client's private key cannot open, so it holds another public key for client {client_id}; register anew with `backup-client register --force`")]
     KeyMismatch { server: String, client_id: String },
+    #[error("the server at {server} did not accept this client's proof of its key for client {client_id}: the key in {dir} is not the one registered under that id (or someone is relaying the connection); if the server was reset, register anew with `backup-client register --force`")]
+    ProofRejected {
+        server: String,
+        client_id: String,
+        dir: PathBuf,
+    },
+    #[error("REFUSED: the server at {server} presented a certificate with fingerprint {presented}, but {pinned} is pinned for it ({pinned_in}). Someone may be intercepting the connection; nothing was sent. If the server's identity was deliberately replaced, ask its operator for the output of `backup-server fingerprint` and, once it matches {presented}, run again with --server-fingerprint {presented}")]
+    ServerIdentityChanged {
+        server: String,
+        pinned: String,
+        presented: String,
+        pinned_in: String,
+    },
+    #[error("no fingerprint is pinned for the server at {server} in {file}; ask its operator for the output of `backup-server fingerprint` and run again with --server-fingerprint SHA256:..., or use --legacy for a legacy server")]
+    NoPinnedServer { server: String, file: PathBuf },
+    #[error("cannot establish a secure (TLS 1.3) session with the server at {server} ({reason}); if it is a legacy server, use --legacy")]
+    Tls { server: String, reason: String },
 
     // --- other ---------------------------------------------------------------
     #[error("the server at {server} answered outside the protocol ({detail}); check that it speaks version 3 and the request numbering (--codes 1025 or --codes 825)")]
@@ -240,6 +257,9 @@ impl Error {
             NameTaken { .. }
             | ServerFailed { .. }
             | KeyMismatch { .. }
+            | ProofRejected { .. }
+            | ServerIdentityChanged { .. }
+            | Tls { .. }
             | RetrievalUnsupported { .. }
             | UnknownClient { .. }
             | AppendOnly { .. }
@@ -272,6 +292,7 @@ impl Error {
             | BadCodes(_)
             | BadName { .. }
             | NoConfigDir
+            | NoPinnedServer { .. }
             | NoCommand { .. } => ErrorKind::Usage,
         }
     }

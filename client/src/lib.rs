@@ -34,6 +34,7 @@ pub mod report;
 pub mod restore;
 pub mod retrieval;
 pub mod settings;
+pub mod tls;
 pub mod upload;
 
 pub use engine::Client;

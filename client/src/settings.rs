@@ -64,6 +64,9 @@ pub struct ConfigFile {
     pub codes: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub timeout: Option<u64>,
+    /// Speak the legacy protocol to this server (as `--legacy`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub legacy: Option<bool>,
 }
 
 impl ConfigFile {
@@ -215,6 +218,12 @@ pub struct Options {
     pub timeout: Duration,
     /// Bound on establishing the connection.
     pub connect_timeout: Duration,
+    /// Speak the legacy version 3 protocol in the clear (`--legacy`)
+    /// instead of secure mode.
+    pub legacy: bool,
+    /// The server's certificate fingerprint given up front
+    /// (`--server-fingerprint`); otherwise the pin in `known_servers`.
+    pub server_fingerprint: Option<protocol::secure::Fingerprint>,
 }
 
 impl Options {
@@ -226,6 +235,17 @@ impl Options {
             packet_size: PacketSize::Auto(DEFAULT_PACKET_SIZE),
             timeout: DEFAULT_TIMEOUT,
             connect_timeout: CONNECT_TIMEOUT,
+            legacy: false,
+            server_fingerprint: None,
+        }
+    }
+
+    /// The protocol dialect these options speak.
+    pub fn dialect(&self) -> protocol::Dialect {
+        if self.legacy {
+            protocol::Dialect::Legacy
+        } else {
+            protocol::Dialect::Secure
         }
     }
 }
@@ -238,6 +258,10 @@ pub struct Overrides {
     pub packet_size: Option<u64>,
     pub codes: Option<u64>,
     pub timeout: Option<u64>,
+    /// `--legacy`.
+    pub legacy: bool,
+    /// `--server-fingerprint`.
+    pub server_fingerprint: Option<protocol::secure::Fingerprint>,
 }
 
 /// Combines flags, a legacy `transfer.info` server, and `config.toml` into
@@ -270,6 +294,8 @@ pub fn resolve(
     if let Some(secs) = flags.timeout.or(file.timeout) {
         options.timeout = Duration::from_secs(secs.max(1));
     }
+    options.legacy = flags.legacy || file.legacy.unwrap_or(false);
+    options.server_fingerprint = flags.server_fingerprint;
     Ok(options)
 }
 

@@ -22,8 +22,12 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 
 /// The real server, stopped when dropped.
+/// Our server with both listeners: `addr` is secure mode (what the client
+/// speaks by default), `legacy_addr` the plain legacy protocol.
 struct TestServer {
     addr: SocketAddr,
+    legacy_addr: SocketAddr,
+    fingerprint: protocol::secure::Fingerprint,
     data: tempfile::TempDir,
     stop: Option<oneshot::Sender<()>>,
 }
@@ -44,15 +48,22 @@ impl TestServer {
         prepare(data.path());
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
+        let legacy = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let legacy_addr = legacy.local_addr().unwrap();
+        // Made here so that the test knows the fingerprint; the server
+        // loads the same identity.
+        let (identity, _) = server::identity::ServerIdentity::load_or_create(data.path()).unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
         let mut config = server::Config::new(data.path());
         config.shutdown_grace = Duration::from_secs(2);
         configure(&mut config);
-        tokio::spawn(server::run(listener, config, async move {
+        tokio::spawn(server::run(server::Listeners::both(listener, legacy), config, async move {
             let _ = stopped.await;
         }));
         Self {
             addr,
+            legacy_addr,
+            fingerprint: identity.fingerprint(),
             data,
             stop: Some(stop),
         }
@@ -87,6 +98,14 @@ fn client(server: &str, identity_dir: &Path) -> Client {
     let mut options = Options::new(server);
     options.timeout = STEP;
     Client::new(options, IdentityStore::new(identity_dir))
+}
+
+/// `c` given the server's fingerprint up front (`--server-fingerprint`), as
+/// a client with keys but no pin needs.
+fn with_fingerprint(c: Client, server: &TestServer) -> Client {
+    let mut options = c.options().clone();
+    options.server_fingerprint = Some(server.fingerprint);
+    Client::new(options, c.store().clone())
 }
 
 fn items(paths: &[PathBuf]) -> Vec<BackupItem> {
@@ -259,12 +278,17 @@ async fn stores_empty_one_block_and_packet_boundary_files() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resends_a_corrupted_upload_and_then_verifies() {
+    // Legacy mode: a byte flipped in transit reaches the server (TLS would
+    // refuse it), which is what the cksum round is for.
     let server = TestServer::start().await;
-    let relay = Relay::start(server.addr, 1).await;
+    let relay = Relay::start(server.legacy_addr, 1).await;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("flaky.bin");
     let data = write_file(&path, 2_500_000, 30);
-    let c = client(&relay.addr.to_string(), &dir.path().join("identity"));
+    let mut options = Options::new(relay.addr.to_string());
+    options.timeout = STEP;
+    options.legacy = true;
+    let c = Client::new(options, IdentityStore::new(dir.path().join("identity")));
     let report = c
         .backup(items(&[path]), Some(&name("flaky")))
         .await
@@ -287,7 +311,7 @@ async fn resends_a_corrupted_upload_and_then_verifies() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn binary_gives_up_after_four_corrupted_uploads_with_exit_status_5() {
     let server = TestServer::start().await;
-    let relay = Relay::start(server.addr, u32::MAX).await;
+    let relay = Relay::start(server.legacy_addr, u32::MAX).await;
     let dir = tempfile::tempdir().unwrap();
     let home = dir.path().join("home");
     std::fs::create_dir_all(&home).unwrap();
@@ -296,7 +320,14 @@ async fn binary_gives_up_after_four_corrupted_uploads_with_exit_status_5() {
     let reg = run_binary(
         dir.path(),
         &home,
-        &["register", "--server", &server_arg, "--name", "doomed"],
+        &[
+            "register",
+            "--legacy",
+            "--server",
+            &server_arg,
+            "--name",
+            "doomed",
+        ],
     )
     .await;
     assert!(
@@ -304,7 +335,12 @@ async fn binary_gives_up_after_four_corrupted_uploads_with_exit_status_5() {
         "{}",
         String::from_utf8_lossy(&reg.stderr)
     );
-    let out = run_binary(dir.path(), &home, &["backup", "doomed.bin", "--json"]).await;
+    let out = run_binary(
+        dir.path(),
+        &home,
+        &["backup", "--legacy", "doomed.bin", "--json"],
+    )
+    .await;
     assert_eq!(
         out.status.code(),
         Some(5),
@@ -484,7 +520,8 @@ async fn reconnects_with_the_me_info_of_a_legacy_client() {
     })
     .await;
     let sample = vector_keys("alice").join("sample.bin");
-    let c = client(&server.server(), alice_dir.path());
+    let mut c = client(&server.server(), alice_dir.path());
+    c = with_fingerprint(c, &server);
     let report = c
         .backup(items(std::slice::from_ref(&sample)), None)
         .await
@@ -507,7 +544,7 @@ async fn registers_anew_when_the_server_does_not_know_the_client() {
     }
     let old = IdentityStore::new(dir.path()).load().unwrap().unwrap();
     let small = vector_keys("carol").join("small.bin");
-    let report = client(&server.server(), dir.path())
+    let report = with_fingerprint(client(&server.server(), dir.path()), &server)
         .backup(items(std::slice::from_ref(&small)), None)
         .await
         .unwrap();
@@ -789,7 +826,8 @@ async fn lists_restores_every_version_and_the_whole_tree_then_deletes() {
         assert_eq!(&std::fs::read(dir.path().join(&to)).unwrap(), expected);
     }
 
-    // From nothing but the key files and the address: the whole tree.
+    // From nothing but the key files, the address and the server's
+    // fingerprint: the whole tree.
     let fresh = dir.path().join("fresh");
     std::fs::create_dir(&fresh).unwrap();
     for key_file in ["me.info", "priv.key"] {
@@ -797,6 +835,7 @@ async fn lists_restores_every_version_and_the_whole_tree_then_deletes() {
     }
     let target = dir.path().join("restored");
     std::fs::create_dir(&target).unwrap();
+    let fingerprint = server.fingerprint.to_string();
     let out = run_binary(
         dir.path(),
         &home,
@@ -805,6 +844,8 @@ async fn lists_restores_every_version_and_the_whole_tree_then_deletes() {
             fresh.to_str().unwrap(),
             "--server",
             &addr,
+            "--server-fingerprint",
+            &fingerprint,
             "restore",
             "--all",
             "--to",

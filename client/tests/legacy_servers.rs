@@ -19,6 +19,7 @@ use support::{vector_keys, write_file, STEP};
 
 fn client(server: &str, identity_dir: &Path) -> Client {
     let mut options = Options::new(server);
+    options.legacy = true;
     options.timeout = STEP;
     Client::new(options, IdentityStore::new(identity_dir))
 }
@@ -321,6 +322,7 @@ async fn speaks_the_825_numbering_when_asked() {
     let dir = tempfile::tempdir().unwrap();
     write_file(&dir.path().join("f.bin"), 100, 7);
     let mut options = Options::new(relay.addr.to_string());
+    options.legacy = true;
     options.numbering = Numbering::Classic;
     options.timeout = STEP;
     let c = Client::new(options, IdentityStore::new(dir.path().join("id")));
@@ -338,6 +340,7 @@ async fn keeps_a_fixed_packet_size() {
     let dir = tempfile::tempdir().unwrap();
     let data = write_file(&dir.path().join("f.bin"), 5000, 8);
     let mut options = Options::new(server.server());
+    options.legacy = true;
     options.packet_size = PacketSize::Fixed(1024);
     let c = Client::new(options, IdentityStore::new(dir.path().join("id")));
     let report = c
@@ -371,6 +374,7 @@ async fn refuses_files_too_large_for_the_legacy_fields_before_sending_them() {
         .unwrap();
     let small = write_file(&dir.path().join("small.bin"), 10, 9);
     let mut options = Options::new(server.server());
+    options.legacy = true;
     options.packet_size = PacketSize::Fixed(1024);
     let c = Client::new(options, IdentityStore::new(dir.path().join("id")));
     let report = c
@@ -426,6 +430,7 @@ async fn legacy_folder_registers_then_reconnects_through_the_cli() {
     let args = [
         "backup-client",
         "--quiet",
+        "--legacy",
         "--config-dir",
         config.path().to_str().unwrap(),
     ];

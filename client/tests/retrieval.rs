@@ -18,6 +18,7 @@ use support::{pattern, STEP};
 
 fn client(server: &str, identity_dir: &Path) -> Client {
     let mut options = Options::new(server);
+    options.legacy = true;
     options.timeout = STEP;
     Client::new(options, IdentityStore::new(identity_dir))
 }
@@ -50,6 +51,7 @@ async fn run(server: &FakeServer, cwd: &Path, ids: &Path, args: &[&str]) -> Outp
         .arg(server.server())
         .arg("--timeout")
         .arg("30")
+        .arg("--legacy")
         .args(args)
         .current_dir(cwd)
         .env_remove("BACKUP_CLIENT_DIR")

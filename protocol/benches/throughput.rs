@@ -113,8 +113,8 @@ fn file_packet() -> RequestFrame {
         numbering: Numbering::Modern,
         request: Request::SendFile(FilePacket {
             head: PacketHead {
-                content_size: 64 * MIB as u32,
-                orig_size: 64 * MIB as u32 - 1,
+                content_size: 64 * MIB as u64,
+                orig_size: 64 * MIB as u64 - 1,
                 packet: 1,
                 total: 64,
                 file: FileName::try_from("bench.bin").expect("valid name"),

@@ -14,7 +14,8 @@ use tokio_util::codec::{Decoder, Encoder};
 use crate::limits::Limits;
 use crate::message::{PayloadError, Request, RequestFrame, Response};
 use crate::wire::{
-    RequestHeader, ResponseCode, ResponseHeader, REQUEST_HEADER_LEN, RESPONSE_HEADER_LEN, VERSION,
+    Dialect, Numbering, RequestHeader, ResponseCode, ResponseHeader, REQUEST_HEADER_LEN,
+    RESPONSE_HEADER_LEN,
 };
 
 /// Why a byte stream could not be decoded. Every variant ends the stream.
@@ -22,8 +23,8 @@ use crate::wire::{
 pub enum CodecError {
     #[error("i/o error: {0}")]
     Io(#[from] std::io::Error),
-    #[error("unsupported protocol version {0} (expected {VERSION})")]
-    Version(u8),
+    #[error("unsupported protocol version {got} (expected {expected})")]
+    Version { got: u8, expected: u8 },
     #[error("unknown code {0}")]
     UnknownCode(u16),
     #[error("code {code} declares a {declared}-byte payload; allowed {min}..={max}")]
@@ -35,6 +36,8 @@ pub enum CodecError {
     },
     #[error("malformed payload: {0}")]
     Payload(#[from] PayloadError),
+    #[error("cannot encode: {0}")]
+    Encode(PayloadError),
 }
 
 /// How much to reserve at most in one step while a declared payload arrives.
@@ -56,14 +59,21 @@ enum DecodeState<H> {
 #[derive(Debug, Clone)]
 pub struct ServerCodec {
     limits: Limits,
+    dialect: Dialect,
     state: DecodeState<RequestHeader>,
 }
 
 impl ServerCodec {
-    /// A codec enforcing `limits`.
+    /// A legacy (version 3) codec enforcing `limits`.
     pub fn new(limits: Limits) -> Self {
+        Self::with_dialect(limits, Dialect::Legacy)
+    }
+
+    /// A codec for `dialect` enforcing `limits`.
+    pub fn with_dialect(limits: Limits, dialect: Dialect) -> Self {
         Self {
             limits,
+            dialect,
             state: DecodeState::Head,
         }
     }
@@ -73,15 +83,28 @@ impl ServerCodec {
         &self.limits
     }
 
+    /// The dialect this codec speaks.
+    pub fn dialect(&self) -> Dialect {
+        self.dialect
+    }
+
     fn check_head(&self, header: &RequestHeader) -> Result<(), CodecError> {
-        if header.version != VERSION {
-            return Err(CodecError::Version(header.version));
+        if header.version != self.dialect.version() {
+            return Err(CodecError::Version {
+                got: header.version,
+                expected: self.dialect.version(),
+            });
         }
-        let (kind, _) = header
+        let (kind, numbering) = header
             .code
             .classify()
             .ok_or(CodecError::UnknownCode(header.code.0))?;
-        let (min, max) = Request::payload_bounds(kind, &self.limits);
+        // Secure mode has one numbering.
+        if self.dialect == Dialect::Secure && numbering == Numbering::Classic {
+            return Err(CodecError::UnknownCode(header.code.0));
+        }
+        let (min, max) = Request::payload_bounds(kind, &self.limits, self.dialect)
+            .ok_or(CodecError::UnknownCode(header.code.0))?;
         let declared = header.payload_len as usize;
         if declared < min || declared > max {
             return Err(CodecError::PayloadSize {
@@ -131,7 +154,7 @@ impl Decoder for ServerCodec {
             .code
             .classify()
             .ok_or(CodecError::UnknownCode(header.code.0))?;
-        let request = Request::parse(kind, header.code, payload, &self.limits)?;
+        let request = Request::parse(kind, header.code, payload, &self.limits, self.dialect)?;
         src.reserve(REQUEST_HEADER_LEN);
         Ok(Some(RequestFrame {
             client_id: header.client_id,
@@ -145,16 +168,18 @@ impl Encoder<Response> for ServerCodec {
     type Error = CodecError;
 
     fn encode(&mut self, item: Response, dst: &mut BytesMut) -> Result<(), CodecError> {
-        item.encode(dst);
-        Ok(())
+        self.encode(&item, dst)
     }
 }
 
 impl Encoder<&Response> for ServerCodec {
     type Error = CodecError;
 
+    /// Refuses a response that the dialect cannot carry, writing nothing.
     fn encode(&mut self, item: &Response, dst: &mut BytesMut) -> Result<(), CodecError> {
-        item.encode(dst);
+        item.check_dialect(self.dialect)
+            .map_err(CodecError::Encode)?;
+        item.encode_in(self.dialect, dst);
         Ok(())
     }
 }
@@ -163,16 +188,28 @@ impl Encoder<&Response> for ServerCodec {
 #[derive(Debug, Clone)]
 pub struct ClientCodec {
     limits: Limits,
+    dialect: Dialect,
     state: DecodeState<ResponseHeader>,
 }
 
 impl ClientCodec {
-    /// A codec enforcing `limits`.
+    /// A legacy (version 3) codec enforcing `limits`.
     pub fn new(limits: Limits) -> Self {
+        Self::with_dialect(limits, Dialect::Legacy)
+    }
+
+    /// A codec for `dialect` enforcing `limits`.
+    pub fn with_dialect(limits: Limits, dialect: Dialect) -> Self {
         Self {
             limits,
+            dialect,
             state: DecodeState::Head,
         }
+    }
+
+    /// The dialect this codec speaks.
+    pub fn dialect(&self) -> Dialect {
+        self.dialect
     }
 }
 
@@ -193,10 +230,13 @@ impl Decoder for ClientCodec {
                     src.reserve(RESPONSE_HEADER_LEN);
                     return Ok(None);
                 };
-                if header.version != VERSION {
-                    return Err(CodecError::Version(header.version));
+                if header.version != self.dialect.version() {
+                    return Err(CodecError::Version {
+                        got: header.version,
+                        expected: self.dialect.version(),
+                    });
                 }
-                let (min, max) = Response::payload_bounds(header.code, &self.limits)
+                let (min, max) = Response::payload_bounds(header.code, &self.limits, self.dialect)
                     .ok_or(CodecError::UnknownCode(header.code.0))?;
                 let declared = header.payload_len as usize;
                 if declared < min || declared > max {
@@ -220,7 +260,12 @@ impl Decoder for ClientCodec {
         }
         self.state = DecodeState::Head;
         let payload = src.split_to(len).freeze();
-        Ok(Some(Response::parse(header.code, payload, &self.limits)?))
+        Ok(Some(Response::parse(
+            header.code,
+            payload,
+            &self.limits,
+            self.dialect,
+        )?))
     }
 }
 
@@ -228,21 +273,30 @@ impl Encoder<RequestFrame> for ClientCodec {
     type Error = CodecError;
 
     fn encode(&mut self, item: RequestFrame, dst: &mut BytesMut) -> Result<(), CodecError> {
-        item.encode(dst);
-        Ok(())
+        self.encode(&item, dst)
     }
 }
 
 impl Encoder<&RequestFrame> for ClientCodec {
     type Error = CodecError;
 
+    /// Refuses a request that the dialect cannot carry, writing nothing.
     fn encode(&mut self, item: &RequestFrame, dst: &mut BytesMut) -> Result<(), CodecError> {
-        item.encode(dst);
+        item.request
+            .check_dialect(self.dialect)
+            .map_err(CodecError::Encode)?;
+        if self.dialect == Dialect::Secure && item.numbering == Numbering::Classic {
+            return Err(CodecError::Encode(PayloadError::NotInDialect {
+                code: item.header_in(self.dialect).code.0,
+                dialect: self.dialect,
+            }));
+        }
+        item.encode_in(self.dialect, dst);
         Ok(())
     }
 }
 
-/// Whether `code` is one a response decoder knows.
+/// Whether `code` is one a legacy response decoder knows.
 pub fn is_known_response(code: ResponseCode) -> bool {
-    Response::payload_bounds(code, &Limits::default()).is_some()
+    Response::payload_bounds(code, &Limits::default(), Dialect::Legacy).is_some()
 }

@@ -194,7 +194,16 @@ pub fn public_key_field(key: &RsaPublicKey) -> Result<PublicKeyField, CryptoErro
 /// When the field does not frame a DER SEQUENCE, the key is not RSA, or it is
 /// too small.
 pub fn parse_public_key(field: &PublicKeyField) -> Result<RsaPublicKey, CryptoError> {
-    let f = &field.0;
+    parse_public_key_der(&field.0)
+}
+
+/// As [`parse_public_key`], for a DER SubjectPublicKeyInfo of any length
+/// (followed by anything, which is ignored): a secure-mode registration's
+/// key, or a legacy field.
+///
+/// # Errors
+/// As [`parse_public_key`].
+pub fn parse_public_key_der(f: &[u8]) -> Result<RsaPublicKey, CryptoError> {
     let (tag, rest) = f.split_first().ok_or(CryptoError::PublicKeyFraming)?;
     let (first, rest) = rest.split_first().ok_or(CryptoError::PublicKeyFraming)?;
     if *tag != 0x30 {
@@ -223,6 +232,16 @@ pub fn parse_public_key(field: &PublicKeyField) -> Result<RsaPublicKey, CryptoEr
         return Err(CryptoError::WeakKey(bits));
     }
     Ok(key)
+}
+
+/// The X.509 SubjectPublicKeyInfo DER of `key`, any size.
+///
+/// # Errors
+/// Only if the encoder fails.
+pub fn public_key_der(key: &RsaPublicKey) -> Result<Vec<u8>, CryptoError> {
+    key.to_public_key_der()
+        .map(|der| der.as_bytes().to_vec())
+        .map_err(|e| CryptoError::PublicKey(e.to_string()))
 }
 
 /// Wraps `key` for `public` with RSA-OAEP (SHA-1, MGF1-SHA-1, empty label),

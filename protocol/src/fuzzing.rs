@@ -17,13 +17,13 @@ use tokio_util::codec::{Decoder, Encoder};
 use crate::cksum::Cksum;
 use crate::codec::{ClientCodec, ServerCodec};
 use crate::crypto::{self, AesKey, CbcDecryptor, PrivateKey};
-use crate::limits::{Limits, FILE_PACKET_HEAD_LEN};
+use crate::limits::Limits;
 use crate::message::{FilePacket, PacketHead, PublicKeyField, Request, RequestFrame, Response};
 use crate::name::{FileName, UserName, NAME_FIELD_LEN};
 use crate::reassembly::Reassembler;
 use crate::retrieval::{ListFlags, RetrievalRequest};
 use crate::session::server::{Action, KnownClient, RegisterOutcome, ServerConfig, ServerSession};
-use crate::wire::{ClientId, Numbering, REQUEST_HEADER_LEN, RESPONSE_HEADER_LEN};
+use crate::wire::{ClientId, Dialect, Numbering, REQUEST_HEADER_LEN, RESPONSE_HEADER_LEN};
 
 /// Small limits, so that the fuzzer reaches every limit with short inputs.
 pub fn limits() -> Limits {
@@ -162,6 +162,14 @@ fn assert_request_within_limits(request: &Request, limits: &Limits) {
         Request::Register { name }
         | Request::Reconnect { name }
         | Request::PublicKey { name, .. } => name.as_bytes(),
+        Request::RegisterKey { name, key } => {
+            assert!(
+                !key.is_empty() && key.len() <= crate::secure::MAX_PUBLIC_KEY_DER,
+                "public key size"
+            );
+            name.as_bytes()
+        }
+        Request::Prove { .. } => return,
         Request::SendFile(p) => {
             assert!(
                 p.content.len() <= limits.max_packet_content,
@@ -216,7 +224,8 @@ fn assert_response_within_limits(response: &Response, limits: &Limits) {
 /// the buffer stays bounded.
 pub fn decode_request(data: &[u8]) {
     let limits = limits();
-    let (whole, whole_err) = decode_all(ServerCodec::new(limits), data);
+    let dialect = request_dialect(data);
+    let (whole, whole_err) = decode_all(ServerCodec::with_dialect(limits, dialect), data);
     let whole: Vec<RequestFrame> = whole.into_iter().map(|(f, _)| f).collect();
     for frame in &whole {
         assert_request_within_limits(&frame.request, &limits);
@@ -224,7 +233,7 @@ pub fn decode_request(data: &[u8]) {
     let read = usize::from(data.first().copied().unwrap_or(1)).max(1);
     for read in [1, read] {
         let (split, split_err) = decode_chunked(
-            ServerCodec::new(limits),
+            ServerCodec::with_dialect(limits, dialect),
             data,
             read,
             max_request_frame(&limits),
@@ -243,7 +252,8 @@ pub fn decode_request(data: &[u8]) {
 /// Raw response decoding: as [`decode_request`], for the client side.
 pub fn decode_response(data: &[u8]) {
     let limits = limits();
-    let (whole, whole_err) = decode_all(ClientCodec::new(limits), data);
+    let dialect = response_dialect(data);
+    let (whole, whole_err) = decode_all(ClientCodec::with_dialect(limits, dialect), data);
     let whole: Vec<Response> = whole.into_iter().map(|(f, _)| f).collect();
     for response in &whole {
         assert_response_within_limits(response, &limits);
@@ -251,7 +261,7 @@ pub fn decode_response(data: &[u8]) {
     let read = usize::from(data.first().copied().unwrap_or(1)).max(1);
     for read in [1, read] {
         let (split, split_err) = decode_chunked(
-            ClientCodec::new(limits),
+            ClientCodec::with_dialect(limits, dialect),
             data,
             read,
             max_response_frame(&limits),
@@ -268,17 +278,38 @@ pub fn decode_response(data: &[u8]) {
 }
 
 /// Where the name fields of an encoded request lie, relative to the frame.
-fn request_name_fields(request: &Request) -> Vec<usize> {
+fn request_name_fields(request: &Request, dialect: Dialect) -> Vec<usize> {
     let payload = REQUEST_HEADER_LEN;
     match request {
-        Request::SendFile(_) => vec![payload + FILE_PACKET_HEAD_LEN - NAME_FIELD_LEN],
+        Request::SendFile(_) => vec![payload + PacketHead::len_in(dialect) - NAME_FIELD_LEN],
+        Request::Prove { .. } => Vec::new(),
         _ => vec![payload],
     }
 }
 
+/// The dialect a request stream is decoded in: secure when its first
+/// header carries version 4, so that seeds of either kind stay meaningful.
+fn request_dialect(data: &[u8]) -> Dialect {
+    match data.get(16) {
+        Some(&crate::wire::SECURE_VERSION) => Dialect::Secure,
+        _ => Dialect::Legacy,
+    }
+}
+
+/// As [`request_dialect`], for responses (the version is the first byte).
+fn response_dialect(data: &[u8]) -> Dialect {
+    match data.first() {
+        Some(&crate::wire::SECURE_VERSION) => Dialect::Secure,
+        _ => Dialect::Legacy,
+    }
+}
+
 /// Where the name fields of an encoded response lie, relative to the frame.
-fn response_name_fields(response: &Response) -> Vec<usize> {
+fn response_name_fields(response: &Response, dialect: Dialect) -> Vec<usize> {
     match response {
+        Response::FileReceived { .. } if dialect == Dialect::Secure => {
+            vec![RESPONSE_HEADER_LEN + 24]
+        }
         Response::FileReceived { .. } => vec![RESPONSE_HEADER_LEN + 20],
         _ => Vec::new(),
     }
@@ -319,18 +350,23 @@ fn assert_same_but_padding(original: &[u8], encoded: &[u8], fields: &[usize]) {
 /// itself.
 pub fn roundtrip_request(data: &[u8]) {
     let limits = limits();
-    let (frames, _) = decode_all(ServerCodec::new(limits), data);
+    let dialect = request_dialect(data);
+    let (frames, _) = decode_all(ServerCodec::with_dialect(limits, dialect), data);
     let mut offset = 0;
     for (frame, consumed) in frames {
         let original = data.get(offset..offset + consumed).unwrap_or_default();
         offset += consumed;
         let mut encoded = BytesMut::new();
-        if let Err(e) = ClientCodec::new(limits).encode(&frame, &mut encoded) {
+        if let Err(e) = ClientCodec::with_dialect(limits, dialect).encode(&frame, &mut encoded) {
             panic!("encoding into memory failed: {e}");
         }
-        assert_same_but_padding(original, &encoded, &request_name_fields(&frame.request));
+        assert_same_but_padding(
+            original,
+            &encoded,
+            &request_name_fields(&frame.request, dialect),
+        );
         let mut again = encoded.clone();
-        let back = ServerCodec::new(limits).decode(&mut again);
+        let back = ServerCodec::with_dialect(limits, dialect).decode(&mut again);
         assert!(
             matches!(back, Ok(Some(ref f)) if *f == frame),
             "re-encoded request does not decode to itself"
@@ -342,18 +378,23 @@ pub fn roundtrip_request(data: &[u8]) {
 /// decode -> encode for responses, as [`roundtrip_request`].
 pub fn roundtrip_response(data: &[u8]) {
     let limits = limits();
-    let (responses, _) = decode_all(ClientCodec::new(limits), data);
+    let dialect = response_dialect(data);
+    let (responses, _) = decode_all(ClientCodec::with_dialect(limits, dialect), data);
     let mut offset = 0;
     for (response, consumed) in responses {
         let original = data.get(offset..offset + consumed).unwrap_or_default();
         offset += consumed;
         let mut encoded = BytesMut::new();
-        if let Err(e) = ServerCodec::new(limits).encode(&response, &mut encoded) {
+        if let Err(e) = ServerCodec::with_dialect(limits, dialect).encode(&response, &mut encoded) {
             panic!("encoding into memory failed: {e}");
         }
-        assert_same_but_padding(original, &encoded, &response_name_fields(&response));
+        assert_same_but_padding(
+            original,
+            &encoded,
+            &response_name_fields(&response, dialect),
+        );
         let mut again = encoded.clone();
-        let back = ClientCodec::new(limits).decode(&mut again);
+        let back = ClientCodec::with_dialect(limits, dialect).decode(&mut again);
         assert!(
             matches!(back, Ok(Some(ref r)) if *r == response),
             "re-encoded response does not decode to itself"
@@ -396,15 +437,15 @@ fn honest_upload(input: &mut Input<'_>, key: &AesKey, file: FileName, max_plain:
         sizes.push(size);
         left -= size;
     }
-    let total = u16::try_from(sizes.len()).unwrap_or(u16::MAX);
+    let total = u32::try_from(sizes.len()).unwrap_or(u32::MAX);
     let mut packets = Vec::with_capacity(sizes.len());
     let mut at = 0;
     for (i, size) in sizes.into_iter().enumerate() {
         packets.push(FilePacket {
             head: PacketHead {
-                content_size: u32::try_from(ct.len()).unwrap_or(u32::MAX),
-                orig_size: u32::try_from(plain.len()).unwrap_or(u32::MAX),
-                packet: u16::try_from(i + 1).unwrap_or(u16::MAX),
+                content_size: ct.len() as u64,
+                orig_size: plain.len() as u64,
+                packet: u32::try_from(i + 1).unwrap_or(u32::MAX),
                 total,
                 file: file.clone(),
             },
@@ -420,10 +461,10 @@ fn honest_upload(input: &mut Input<'_>, key: &AesKey, file: FileName, max_plain:
 fn tamper(input: &mut Input<'_>, mut packet: FilePacket) -> FilePacket {
     let h = &mut packet.head;
     match input.u8() % 7 {
-        0 => h.packet = input.u16(),
-        1 => h.total = input.u16(),
-        2 => h.content_size = input.u32(),
-        3 => h.orig_size = input.u32(),
+        0 => h.packet = u32::from(input.u16()),
+        1 => h.total = u32::from(input.u16()),
+        2 => h.content_size = u64::from(input.u32()),
+        3 => h.orig_size = u64::from(input.u32()),
         4 => h.file = file_name(input),
         5 => {
             let cut = usize::from(input.u16()) % (packet.content.len() + 1);
@@ -515,7 +556,7 @@ pub fn reassemble(data: &[u8]) {
                     "first flag disagrees with the packets accepted"
                 );
                 assert_eq!(
-                    usize::from(head.packet),
+                    head.packet as usize,
                     accepted.len() + 1,
                     "accepted a packet out of sequence"
                 );
@@ -771,13 +812,15 @@ pub fn server_session(data: &[u8]) {
                     "restore cipher is not the client's key"
                 );
             }
-            Action::Register { client_id, name } => {
+            Action::Register {
+                client_id, name, ..
+            } => {
                 let outcome = match input.u8() % 8 {
                     0 => RegisterOutcome::NameTaken,
                     1 => RegisterOutcome::Failed,
                     _ => RegisterOutcome::Created,
                 };
-                let answer = session.registered(outcome);
+                let answer = session.registered(outcome, &mut rng);
                 if outcome == RegisterOutcome::Created {
                     assert!(
                         matches!(answer, Ok(Response::Registered { client_id: id }) if id == client_id)
@@ -824,6 +867,7 @@ pub fn server_session(data: &[u8]) {
                         .map(|c| KnownClient {
                             name: c.1.clone(),
                             public_key: c.2.clone(),
+                            secure_key: None,
                         });
                 match session.looked_up(found, &mut rng) {
                     Ok(Response::Reconnected {

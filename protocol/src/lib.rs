@@ -34,6 +34,7 @@ pub mod message;
 pub mod name;
 pub mod reassembly;
 pub mod retrieval;
+pub mod secure;
 pub mod session;
 pub mod wire;
 
@@ -46,4 +47,4 @@ pub use codec::{ClientCodec, CodecError, ServerCodec};
 pub use limits::Limits;
 pub use message::{FilePacket, PacketHead, Request, RequestFrame, Response};
 pub use name::{FileName, NameError, UserName};
-pub use wire::{ClientId, Numbering, RequestCode, ResponseCode, VERSION};
+pub use wire::{ClientId, Dialect, Numbering, RequestCode, ResponseCode, SECURE_VERSION, VERSION};

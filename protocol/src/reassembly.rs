@@ -18,31 +18,31 @@ use crate::name::FileName;
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ReassemblyError {
     #[error("packet {got} arrived where packet {expected} was due")]
-    OutOfOrder { expected: u16, got: u16 },
+    OutOfOrder { expected: u32, got: u32 },
     #[error("packet {packet} changes the upload's {field}")]
-    Inconsistent { packet: u16, field: &'static str },
+    Inconsistent { packet: u32, field: &'static str },
     #[error("file of {orig} bytes is over the {max}-byte limit")]
     TooLarge { orig: u64, max: u64 },
     #[error("content size {content} does not match {orig} bytes of plaintext under PKCS#7 (expected {expected})")]
     SizeMismatch {
-        content: u32,
-        orig: u32,
+        content: u64,
+        orig: u64,
         expected: u64,
     },
     #[error("packets carry more than the declared {declared} bytes of content")]
-    Overflow { declared: u32 },
+    Overflow { declared: u64 },
     #[error("last packet arrived after {received} of {declared} bytes of content")]
-    Truncated { received: u64, declared: u32 },
+    Truncated { received: u64, declared: u64 },
 }
 
 /// What the upload in progress declared.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Upload {
     pub file: FileName,
-    pub content_size: u32,
-    pub orig_size: u32,
-    pub total: u16,
-    next: u16,
+    pub content_size: u64,
+    pub orig_size: u64,
+    pub total: u32,
+    next: u32,
     received: u64,
 }
 
@@ -96,7 +96,7 @@ impl Reassembler {
                 got: head.packet,
             });
         }
-        let orig = u64::from(head.orig_size);
+        let orig = head.orig_size;
         if orig > self.limits.max_file_size {
             return Err(ReassemblyError::TooLarge {
                 orig,
@@ -104,7 +104,7 @@ impl Reassembler {
             });
         }
         let expected = pkcs7_len(orig);
-        if u64::from(head.content_size) != expected {
+        if head.content_size != expected {
             return Err(ReassemblyError::SizeMismatch {
                 content: head.content_size,
                 orig: head.orig_size,
@@ -172,13 +172,13 @@ impl Reassembler {
             });
         }
         upload.received = upload.received.saturating_add(len as u64);
-        if upload.received > u64::from(upload.content_size) {
+        if upload.received > upload.content_size {
             return Err(ReassemblyError::Overflow {
                 declared: upload.content_size,
             });
         }
         if head.packet == upload.total {
-            if upload.received != u64::from(upload.content_size) {
+            if upload.received != upload.content_size {
                 return Err(ReassemblyError::Truncated {
                     received: upload.received,
                     declared: upload.content_size,
@@ -196,7 +196,7 @@ impl Reassembler {
 mod tests {
     use super::*;
 
-    fn packet(n: u16, total: u16, content: &[u8], ct: u32, orig: u32) -> FilePacket {
+    fn packet(n: u32, total: u32, content: &[u8], ct: u64, orig: u64) -> FilePacket {
         FilePacket {
             head: PacketHead {
                 content_size: ct,
@@ -277,10 +277,10 @@ mod tests {
             ..Limits::default()
         };
         let mut r = Reassembler::new(limits);
-        let ct = pkcs7_len(100) as u32;
+        let ct = pkcs7_len(100);
         assert!(r.push(packet(1, 2, &[0; 16], ct, 100)).is_ok());
         r.reset();
-        let ct = pkcs7_len(101) as u32;
+        let ct = pkcs7_len(101);
         assert_eq!(
             r.push(packet(1, 2, &[0; 16], ct, 101)),
             Err(ReassemblyError::TooLarge {

@@ -6,8 +6,33 @@
 
 use std::fmt;
 
-/// The protocol version byte that both peers put in every header.
+/// The protocol version byte of the legacy protocol.
 pub const VERSION: u8 = 3;
+/// The protocol version byte of secure mode (`docs/PROTOCOL.md` §12): the
+/// same framing inside TLS 1.3, with 64-bit sizes and a proof of the client's
+/// key.
+pub const SECURE_VERSION: u8 = 4;
+
+/// Which of the two protocols a connection speaks. A codec and a session
+/// are built for one of them; a header with the other's version is refused.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Dialect {
+    /// Version 3, byte for byte as deployed clients and servers speak it.
+    #[default]
+    Legacy,
+    /// Version 4, inside TLS 1.3.
+    Secure,
+}
+
+impl Dialect {
+    /// The version byte of this dialect's headers.
+    pub const fn version(self) -> u8 {
+        match self {
+            Dialect::Legacy => VERSION,
+            Dialect::Secure => SECURE_VERSION,
+        }
+    }
+}
 
 /// Size of a request header: client id (16), version (1), code (2), payload size (4).
 pub const REQUEST_HEADER_LEN: usize = 23;
@@ -46,6 +71,8 @@ pub enum RequestKind {
     Restore,
     /// Delete a file's versions (1242, retrieval extension).
     Delete,
+    /// Prove possession of the client's private key (1250, secure mode only).
+    Prove,
 }
 
 /// The two numberings of the version 3 request codes (`docs/PROTOCOL.md` §2).
@@ -76,6 +103,7 @@ impl RequestCode {
     pub const LIST: Self = Self(1240);
     pub const RESTORE: Self = Self(1241);
     pub const DELETE: Self = Self(1242);
+    pub const PROVE: Self = Self(1250);
 
     /// What the code means and which numbering it belongs to, or `None` for
     /// a code this protocol does not know.
@@ -102,6 +130,7 @@ impl RequestCode {
             1240 => (List, Modern),
             1241 => (Restore, Modern),
             1242 => (Delete, Modern),
+            1250 => (Prove, Modern),
             _ => return None,
         })
     }
@@ -120,6 +149,7 @@ impl RequestCode {
             List => (1240, 1240),
             Restore => (1241, 1241),
             Delete => (1242, 1242),
+            Prove => (1250, 1250),
         };
         match numbering {
             Numbering::Modern => Self(modern),
@@ -137,6 +167,8 @@ impl ResponseCode {
     pub const RECONNECTED: Self = Self(1605);
     pub const RECONNECT_REJECTED: Self = Self(1606);
     pub const GENERAL_ERROR: Self = Self(1607);
+    pub const AUTHENTICATED: Self = Self(1650);
+    pub const NOT_AUTHENTICATED: Self = Self(1651);
 }
 
 impl fmt::Debug for RequestCode {
@@ -304,6 +336,11 @@ pub(crate) fn u16_le(bytes: &[u8]) -> Option<u16> {
 }
 
 /// Reads a little-endian u32 from exactly four bytes.
+pub(crate) fn u64_le(bytes: &[u8]) -> Option<u64> {
+    let array: [u8; 8] = bytes.try_into().ok()?;
+    Some(u64::from_le_bytes(array))
+}
+
 pub(crate) fn u32_le(bytes: &[u8]) -> Option<u32> {
     Some(u32::from_le_bytes(bytes.try_into().ok()?))
 }

@@ -6,6 +6,7 @@
 use bytes::{Bytes, BytesMut};
 use protocol::codec::CodecError;
 use protocol::crypto::pkcs7_len;
+use protocol::Dialect;
 use protocol::limits::{FILE_PACKET_HEAD_LEN, MAX_PACKETS};
 use protocol::message::{PayloadError, FILE_RECEIVED_LEN};
 use protocol::name::{NameError, MAX_NAME_LEN, NAME_FIELD_LEN};
@@ -51,8 +52,8 @@ fn packet(content: usize, number: u16, total: u16) -> RequestFrame {
             head: PacketHead {
                 content_size: 0,
                 orig_size: 0,
-                packet: number,
-                total,
+                packet: u32::from(number),
+                total: u32::from(total),
                 file: file("f.bin"),
             },
             content: Bytes::from(vec![0xa5; content]),
@@ -216,7 +217,7 @@ fn accepts_fixed_size_requests_declaring_exactly_their_size() {
         if kind == RequestKind::SendFile {
             continue;
         }
-        let (min, max) = Request::payload_bounds(kind, &Limits::default());
+        let (min, max) = Request::payload_bounds(kind, &Limits::default(), Dialect::Legacy).unwrap();
         assert_eq!(min, max, "{kind:?} has a fixed size");
         let mut buf = request_header(
             RequestCode::of(kind, Numbering::Modern),
@@ -232,7 +233,7 @@ fn accepts_fixed_size_requests_declaring_exactly_their_size() {
 #[test]
 fn rejects_fixed_size_requests_declaring_one_byte_more_or_less() {
     for kind in KINDS {
-        let (min, max) = Request::payload_bounds(kind, &Limits::default());
+        let (min, max) = Request::payload_bounds(kind, &Limits::default(), Dialect::Legacy).unwrap();
         for declared in [min - 1, max + 1] {
             let mut buf = request_header(
                 RequestCode::of(kind, Numbering::Classic),
@@ -254,8 +255,8 @@ fn rejects_fixed_size_requests_declaring_one_byte_more_or_less() {
 fn first_packet(orig: u64) -> FilePacket {
     FilePacket {
         head: PacketHead {
-            content_size: u32::try_from(pkcs7_len(orig)).unwrap(),
-            orig_size: u32::try_from(orig).unwrap(),
+            content_size: pkcs7_len(orig),
+            orig_size: orig,
             packet: 1,
             total: 2,
             file: file("big.bin"),
@@ -481,15 +482,15 @@ fn accepts_an_upload_of_exactly_65535_packets() {
     let mut reassembler = Reassembler::new(Limits::default());
     let block = Bytes::from_static(&[0; 16]);
     let head = PacketHead {
-        content_size: u32::try_from(content_size).unwrap(),
-        orig_size: u32::try_from(orig).unwrap(),
+        content_size,
+        orig_size: orig,
         packet: 0,
-        total: MAX_PACKETS,
+        total: u32::from(MAX_PACKETS),
         file: file("many.bin"),
     };
     for number in 1..=MAX_PACKETS {
         let head = PacketHead {
-            packet: number,
+            packet: u32::from(number),
             ..head.clone()
         };
         let slice = reassembler
@@ -527,7 +528,7 @@ fn rejects_a_packet_number_one_over_the_total() {
 fn plans_a_file_of_exactly_65535_packets() {
     let size = u64::from(MAX_PACKETS) * 16 - 1;
     let plan = UploadPlan::new(file("many.bin"), size, 16, 16).unwrap();
-    assert_eq!(plan.total, MAX_PACKETS);
+    assert_eq!(plan.total, u32::from(MAX_PACKETS));
 }
 
 #[test]

@@ -76,10 +76,10 @@ fn file_packet(max_content: usize) -> impl Strategy<Value = FilePacket> {
         .prop_map(
             |(content_size, orig_size, total, packet, file, content)| FilePacket {
                 head: PacketHead {
-                    content_size,
-                    orig_size,
-                    packet: packet % total + 1,
-                    total,
+                    content_size: u64::from(content_size),
+                    orig_size: u64::from(orig_size),
+                    packet: u32::from(packet % total + 1),
+                    total: u32::from(total),
                     file,
                 },
                 content: Bytes::from(content),
@@ -197,7 +197,7 @@ fn response() -> impl Strategy<Value = Response> {
             |(client_id, content_size, file, cksum)| {
                 Response::FileReceived {
                     client_id,
-                    content_size,
+                    content_size: u64::from(content_size),
                     file,
                     cksum,
                 }
@@ -302,10 +302,10 @@ fn packets(key: &AesKey, plain: &[u8], sizes: &[usize]) -> Vec<FilePacket> {
             at += piece.len();
             FilePacket {
                 head: PacketHead {
-                    content_size: u32::try_from(ct.len()).unwrap(),
-                    orig_size: u32::try_from(plain.len()).unwrap(),
-                    packet: u16::try_from(i + 1).unwrap(),
-                    total,
+                    content_size: ct.len() as u64,
+                    orig_size: plain.len() as u64,
+                    packet: u32::try_from(i + 1).unwrap(),
+                    total: u32::from(total),
                     file: file.clone(),
                 },
                 content,

@@ -738,7 +738,7 @@ fn replay(session: &Session) -> (Vec<Response>, FakeStorage) {
         if let Request::SendFile(packet) = &mut frame.request {
             if packet.head.packet == 1 {
                 // Re-encrypt this whole attempt under the fresh key.
-                let total = usize::from(packet.head.total);
+                let total = packet.head.total as usize;
                 let slices: Vec<&[u8]> = reqs[i..i + total]
                     .iter()
                     .map(|f| match &f.request {
@@ -765,7 +765,9 @@ fn replay(session: &Session) -> (Vec<Response>, FakeStorage) {
         match action {
             Action::Reply(r) => out.push(r),
             Action::Retrieve { .. } => panic!("{}: no retrieval in a legacy session", session.name),
-            Action::Register { client_id, name } => {
+            Action::Register {
+                client_id, name, ..
+            } => {
                 let taken = storage.clients.values().any(|(n, _)| *n == name);
                 let outcome = if taken {
                     RegisterOutcome::NameTaken
@@ -776,7 +778,7 @@ fn replay(session: &Session) -> (Vec<Response>, FakeStorage) {
                     storage.clients.insert(client_id, (name, None));
                     assigned = Some(client_id);
                 }
-                out.push(server.registered(outcome).unwrap());
+                out.push(server.registered(outcome, &mut rng).unwrap());
             }
             Action::StoreKey { client_id, key, .. } => {
                 let stored = match storage.clients.get_mut(&client_id) {
@@ -799,6 +801,7 @@ fn replay(session: &Session) -> (Vec<Response>, FakeStorage) {
                     .map(|(name, key)| KnownClient {
                         name: name.clone(),
                         public_key: key.clone(),
+                        secure_key: None,
                     });
                 let response = server.looked_up(found, &mut rng).unwrap();
                 if let Response::Reconnected { wrapped_key, .. } = &response {

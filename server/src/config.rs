@@ -109,7 +109,10 @@ pub enum ConfigError {
 /// for the caller to log (the loader runs before anything is served).
 #[derive(Debug, Clone)]
 pub struct Settings {
+    /// The secure (TLS) listener.
     pub listen: SocketAddr,
+    /// The plain legacy listener, only when configured.
+    pub legacy_listen: Option<SocketAddr>,
     pub config: Config,
     pub warnings: Vec<String>,
 }
@@ -314,19 +317,24 @@ pub fn load(
         config.limits.max_packet_content = n;
     }
     if let Some(n) = args.max_file_bytes.or(file.max_file_bytes) {
-        if n > protocol::limits::LEGACY_MAX_FILE_SIZE {
+        if n > protocol::limits::SECURE_MAX_FILE_SIZE {
             return Err(ConfigError::Invalid {
                 key: "max_file_bytes",
-                reason: format!(
-                    "the legacy size fields stop at {}",
-                    protocol::limits::LEGACY_MAX_FILE_SIZE
-                ),
+                reason: format!("at most {}", protocol::limits::SECURE_MAX_FILE_SIZE),
             });
         }
         config.limits.max_file_size = n;
     }
+    let legacy_listen = args.legacy_listen.or(file.legacy_listen);
+    if legacy_listen == Some(listen) && listen.port() != 0 {
+        return Err(ConfigError::Invalid {
+            key: "legacy_listen",
+            reason: format!("{listen} is already the secure listener; give the legacy protocol its own port"),
+        });
+    }
     Ok(Settings {
         listen,
+        legacy_listen,
         config,
         warnings,
     })
@@ -444,7 +452,7 @@ mod tests {
             }
         ));
         let err = load(
-            &parse(&["--max-file-bytes", "4294967296"]),
+            &parse(&["--max-file-bytes", "17592186044417"]),
             dir.path(),
             no_env,
         )

@@ -8,6 +8,11 @@
 //! thread ([`restore`]); metadata calls run on the blocking pool. Any
 //! protocol violation is answered with 1607, logged with its precise cause,
 //! and ends the connection (`docs/PROTOCOL.md` §5).
+//!
+//! The same handler serves both listeners: the legacy one over a plain
+//! `TcpStream`, the secure one over TLS 1.3 ([`serve_secure`]), with a
+//! session built for the dialect. It is generic over the two halves of the
+//! stream, so that it can be driven in memory too.
 
 mod deadline;
 mod restore;
@@ -24,13 +29,14 @@ use protocol::retrieval::{
 use protocol::session::server::{
     Action, KnownClient, RegisterOutcome, ServerConfig, ServerSession, SessionError,
 };
+use protocol::secure::{Binding, BINDING_LEN, EXPORTER_LABEL};
 use protocol::wire::RequestKind;
-use protocol::{ClientId, CodecError, Request, RequestFrame, Response, ServerCodec};
+use protocol::{ClientId, CodecError, Dialect, Request, RequestFrame, Response, ServerCodec};
 use rand::rngs::{OsRng, StdRng};
 use rand::{RngCore, SeedableRng};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio_rustls::TlsAcceptor;
 use tokio::sync::mpsc;
 use tokio_util::codec::{FramedRead, FramedWrite};
 use tokio_util::sync::CancellationToken;
@@ -78,17 +84,21 @@ enum Ended {
 }
 
 impl Ended {
-    /// Whether the peer should still be sent a 1607: always, unless the
-    /// connection is already broken or the error was answered.
-    fn needs_answer(&self) -> bool {
+    /// What the peer should still be sent: 1607 (or 1651 for a missing or
+    /// wrong proof), unless the connection is already broken or the error
+    /// was answered.
+    fn answer(&self) -> Option<Response> {
         use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset};
         match self {
             // A storage failure was answered through the session already.
-            Ended::Storage(_) | Ended::Write(_) | Ended::WriteTimeout(_) => false,
-            Ended::Read(CodecError::Io(e)) => {
-                !matches!(e.kind(), ConnectionReset | ConnectionAborted | BrokenPipe)
+            Ended::Storage(_) | Ended::Write(_) | Ended::WriteTimeout(_) => None,
+            Ended::Read(CodecError::Io(e))
+                if matches!(e.kind(), ConnectionReset | ConnectionAborted | BrokenPipe) =>
+            {
+                None
             }
-            Ended::Read(_) | Ended::Session(_) | Ended::Restore(_) => true,
+            Ended::Session(e) => Some(e.answer()),
+            Ended::Read(_) | Ended::Restore(_) => Some(Response::GeneralError),
         }
     }
 }
@@ -100,9 +110,18 @@ enum Next {
     Shutdown,
 }
 
-struct Connection {
-    reader: FramedRead<Deadline<OwnedReadHalf>, ServerCodec>,
-    writer: FramedWrite<OwnedWriteHalf, ServerCodec>,
+/// Which protocol a connection speaks.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Security {
+    /// Plain legacy version 3.
+    Legacy,
+    /// Secure mode inside TLS, with the connection's channel binding.
+    Secure(Binding),
+}
+
+struct Connection<R, W> {
+    reader: FramedRead<Deadline<R>, ServerCodec>,
+    writer: FramedWrite<W, ServerCodec>,
     session: ServerSession,
     rng: StdRng,
     upload: Option<Upload>,
@@ -111,17 +130,73 @@ struct Connection {
     span: Span,
 }
 
-/// Serves one accepted connection to its end. Never panics on peer input;
-/// every ending is logged in the connection's span.
-pub(crate) async fn serve(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
-    let span = info_span!("conn", %peer, client_id = tracing::field::Empty);
+/// Serves one accepted connection on the legacy listener to its end.
+pub(crate) async fn serve_legacy(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
+    if let Err(e) = stream.set_nodelay(true) {
+        debug!(cause = %e, "could not disable Nagle's algorithm");
+    }
+    let (read, write) = stream.into_split();
+    serve(read, write, peer, shared, Security::Legacy).await;
+}
+
+/// Serves one accepted connection on the secure listener to its end: the
+/// TLS handshake (within the request timeout), then the session.
+pub(crate) async fn serve_secure(
+    stream: TcpStream,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    acceptor: TlsAcceptor,
+) {
+    if let Err(e) = stream.set_nodelay(true) {
+        debug!(cause = %e, "could not disable Nagle's algorithm");
+    }
+    let limit = shared.config.request_timeout;
+    let tls = match tokio::time::timeout(limit, acceptor.accept(stream)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            info!(%peer, cause = %e, "TLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            info!(%peer, "TLS handshake not completed within {limit:?}");
+            return;
+        }
+    };
+    let mut binding: Binding = [0; BINDING_LEN];
+    if let Err(e) = tls
+        .get_ref()
+        .1
+        .export_keying_material(&mut binding, EXPORTER_LABEL, None)
+    {
+        error!(%peer, cause = %e, "cannot derive the channel binding; closing");
+        return;
+    }
+    let (read, write) = tokio::io::split(tls);
+    serve(read, write, peer, shared, Security::Secure(binding)).await;
+}
+
+/// Serves one connection, already past any TLS handshake, to its end.
+/// Never panics on peer input; every ending is logged in the connection's
+/// span.
+pub(crate) async fn serve<R, W>(
+    read: R,
+    write: W,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    security: Security,
+) where
+    R: AsyncRead + Unpin + Send,
+    W: AsyncWrite + Unpin + Send,
+{
+    let mode = match security {
+        Security::Legacy => "legacy",
+        Security::Secure(_) => "secure",
+    };
+    let span = info_span!("conn", %peer, mode, client_id = tracing::field::Empty);
     let inner = span.clone();
     async move {
-        if let Err(e) = stream.set_nodelay(true) {
-            debug!(cause = %e, "could not disable Nagle's algorithm");
-        }
         debug!("accepted");
-        let mut conn = Connection::new(stream, shared, inner);
+        let mut conn = Connection::new(read, write, shared, inner, security);
         let result = conn.run().await;
         let abandoned = conn.upload.is_some() || conn.staged.is_some();
         match &result {
@@ -134,26 +209,41 @@ pub(crate) async fn serve(stream: TcpStream, peer: SocketAddr, shared: Arc<Share
         }
         conn.discard_upload().await;
         if let Err(e) = result {
-            conn.close_with_error(e.needs_answer()).await;
+            conn.close_with_error(e.answer()).await;
         }
     }
     .instrument(span)
     .await;
 }
 
-impl Connection {
-    fn new(stream: TcpStream, shared: Arc<Shared>, span: Span) -> Self {
+impl<R, W> Connection<R, W>
+where
+    R: AsyncRead + Unpin + Send,
+    W: AsyncWrite + Unpin + Send,
+{
+    fn new(read: R, write: W, shared: Arc<Shared>, span: Span, security: Security) -> Self {
         let config = &shared.config;
-        let (read, write) = stream.into_split();
-        let limits = config.limits;
+        let session_config = ServerConfig {
+            reply_to_crc_retry: config.reply_to_crc_retry,
+            limits: config.limits,
+        };
+        let (dialect, session) = match security {
+            Security::Legacy => (Dialect::Legacy, ServerSession::new(session_config)),
+            Security::Secure(binding) => (
+                Dialect::Secure,
+                ServerSession::secure(session_config, binding),
+            ),
+        };
+        let limits = config.limits.for_dialect(dialect);
         let deadline = Deadline::new(read, config.idle_timeout, config.request_timeout);
         Self {
-            reader: FramedRead::with_capacity(deadline, ServerCodec::new(limits), READ_BUFFER),
-            writer: FramedWrite::new(write, ServerCodec::new(limits)),
-            session: ServerSession::new(ServerConfig {
-                reply_to_crc_retry: config.reply_to_crc_retry,
-                limits,
-            }),
+            reader: FramedRead::with_capacity(
+                deadline,
+                ServerCodec::with_dialect(limits, dialect),
+                READ_BUFFER,
+            ),
+            writer: FramedWrite::new(write, ServerCodec::with_dialect(limits, dialect)),
+            session,
             rng: StdRng::from_entropy(),
             upload: None,
             staged: None,
@@ -259,12 +349,28 @@ impl Connection {
         }
         let action = self.session.handle(frame, &mut self.rng)?;
         match action {
-            Action::Reply(response) => self.reply(&response).await,
+            Action::Reply(response) => {
+                if let Response::Authenticated { client_id } = response {
+                    self.bind_client(client_id);
+                    info!("client proved its key");
+                }
+                self.reply(&response).await
+            }
             Action::Retrieve { client_id, request } => self.retrieve(client_id, request).await,
-            Action::Register { client_id, name } => {
+            Action::Register {
+                client_id,
+                name,
+                secure_key,
+            } => {
                 let n = name.clone();
                 let outcome = match self
-                    .blocking(move |s| s.meta().register(client_id, &n, SystemTime::now()))
+                    .blocking(move |s| match secure_key {
+                        None => s.meta().register(client_id, &n, SystemTime::now()),
+                        Some(key) => {
+                            s.meta()
+                                .register_with_key(client_id, &n, &key, SystemTime::now())
+                        }
+                    })
                     .await
                 {
                     Ok(Registration::Created) => RegisterOutcome::Created,
@@ -274,7 +380,7 @@ impl Connection {
                         RegisterOutcome::Failed
                     }
                 };
-                let response = self.session.registered(outcome)?;
+                let response = self.session.registered(outcome, &mut self.rng)?;
                 match outcome {
                     RegisterOutcome::Created => {
                         self.bind_client(client_id);
@@ -320,6 +426,7 @@ impl Connection {
                 let known = found.map(|c| KnownClient {
                     name: c.name,
                     public_key: c.public_key,
+                    secure_key: c.secure_key.map(bytes::Bytes::from),
                 });
                 let response = self.session.looked_up(known, &mut self.rng)?;
                 if matches!(response, Response::Reconnected { .. }) {
@@ -594,15 +701,15 @@ impl Connection {
         }
     }
 
-    /// Answers 1607 if asked, then closes gracefully: our side first, then
-    /// briefly discarding what the peer still sends, so that the close is
-    /// not a reset that could destroy the answer in flight.
-    async fn close_with_error(self, answer: bool) {
+    /// Sends `answer` if any (1607 or 1651), then closes gracefully: our
+    /// side first, then briefly discarding what the peer still sends, so
+    /// that the close is not a reset that could destroy the answer in flight.
+    async fn close_with_error(self, answer: Option<Response>) {
         let Connection {
             reader, mut writer, ..
         } = self;
-        if answer {
-            let _ = tokio::time::timeout(LINGER, writer.send(&Response::GeneralError)).await;
+        if let Some(answer) = answer {
+            let _ = tokio::time::timeout(LINGER, writer.send(&answer)).await;
         }
         let mut write = writer.into_inner();
         let _ = tokio::time::timeout(LINGER, write.shutdown()).await;

@@ -1,7 +1,8 @@
 //! The backup server: a thin async shell over the `protocol` crate.
 //!
-//! [`run`] serves the legacy version 3 protocol (`docs/PROTOCOL.md`) on a
-//! listener until a shutdown future completes. Each connection is decoded by
+//! [`run`] serves secure mode (TLS 1.3, `docs/PROTOCOL.md` §12) and, on a
+//! separate listener when asked, the legacy version 3 protocol, until a
+//! shutdown future completes. Each connection is decoded by
 //! [`protocol::ServerCodec`] and driven by the sans-IO
 //! [`protocol::session::server::ServerSession`]; this crate only moves bytes,
 //! enforces timeouts and the connection cap, and carries out the session's
@@ -18,7 +19,8 @@
 //! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
 //! let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
 //! let config = server::Config::new("/tmp/backup-data");
-//! server::run(listener, config, async { let _ = tokio::signal::ctrl_c().await; }).await?;
+//! let listeners = server::Listeners::secure(listener);
+//! server::run(listeners, config, async { let _ = tokio::signal::ctrl_c().await; }).await?;
 //! # Ok(())
 //! # }
 //! ```
@@ -28,8 +30,9 @@
 pub mod admin;
 pub mod config;
 mod connection;
+pub mod identity;
 mod serve;
 pub mod storage;
 
 pub use config::Config;
-pub use serve::{run, run_with_storage, ServerError};
+pub use serve::{run, run_with_storage, Listeners, ServerError};

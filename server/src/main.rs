@@ -61,6 +61,12 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::RemoveClient { client, admin: a } => {
             admin::remove_client(&open(&a)?.0, &client, out)?
         }
+        Command::Fingerprint { admin: a } => {
+            let (data_dir, _) = server::config::load_admin(&a, env)?;
+            let identity = server::identity::ServerIdentity::load(&data_dir)?;
+            use std::io::Write;
+            writeln!(out, "{}", identity.fingerprint())?;
+        }
         Command::AppendOnly {
             client,
             state,
@@ -79,12 +85,26 @@ fn serve(args: &server::config::Args) -> anyhow::Result<()> {
     }
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(async {
-        let listener = tokio::net::TcpListener::bind(settings.listen)
+        let secure = tokio::net::TcpListener::bind(settings.listen)
             .await
             .with_context(|| format!("cannot listen on {}", settings.listen))?;
-        let addr = listener.local_addr()?;
-        info!(%addr, data_dir = %settings.config.data_dir.display(), "listening");
-        server::run(listener, settings.config, shutdown_signal()).await?;
+        let legacy = match settings.legacy_listen {
+            Some(addr) => Some(
+                tokio::net::TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("cannot listen on {addr} (legacy)"))?,
+            ),
+            None => None,
+        };
+        info!(addr = %secure.local_addr()?, data_dir = %settings.config.data_dir.display(), "listening for secure clients");
+        if let Some(legacy) = &legacy {
+            info!(addr = %legacy.local_addr()?, "listening for legacy clients");
+        }
+        let listeners = server::Listeners {
+            secure: Some(secure),
+            legacy,
+        };
+        server::run(listeners, settings.config, shutdown_signal()).await?;
         Ok(())
     })
 }

@@ -1,4 +1,5 @@
-//! The accept loop, the connection cap and graceful shutdown.
+//! The accept loops of both listeners, the connection cap and graceful
+//! shutdown.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -17,6 +18,7 @@ use tracing::{debug, error, info, warn, Instrument};
 
 use crate::config::Config;
 use crate::connection::{self, Shared, LINGER};
+use crate::identity::{IdentityError, ServerIdentity};
 use crate::storage::{Storage, StorageError};
 
 /// Refusals (1607 past the connection cap) handled at once; past this,
@@ -37,21 +39,73 @@ pub enum ServerError {
     Recovery(StorageError),
     #[error("storage task failed: {0}")]
     Task(String),
+    #[error("server identity: {0}")]
+    Identity(#[from] IdentityError),
+    #[error("no listener to serve on")]
+    NoListener,
 }
 
-/// Serves the legacy protocol on `listener` with the default storage (SQLite
-/// and blobs under `config.data_dir`), until `shutdown` completes. Then
-/// stops accepting, lets requests and uploads in flight finish for
-/// `config.shutdown_grace`, cuts what is left, and returns.
+/// The sockets a server serves on: secure mode (TLS 1.3, the default), the
+/// plain legacy protocol (insecure, for deployed legacy clients), or both.
+#[derive(Debug, Default)]
+pub struct Listeners {
+    /// Secure mode.
+    pub secure: Option<TcpListener>,
+    /// Legacy version 3, in the clear.
+    pub legacy: Option<TcpListener>,
+}
+
+impl Listeners {
+    /// Secure mode only.
+    pub fn secure(listener: TcpListener) -> Self {
+        Self {
+            secure: Some(listener),
+            legacy: None,
+        }
+    }
+
+    /// The legacy protocol only.
+    pub fn legacy(listener: TcpListener) -> Self {
+        Self {
+            secure: None,
+            legacy: Some(listener),
+        }
+    }
+
+    /// Both, side by side.
+    pub fn both(secure: TcpListener, legacy: TcpListener) -> Self {
+        Self {
+            secure: Some(secure),
+            legacy: Some(legacy),
+        }
+    }
+}
+
+/// Accepts on `listener`, or never when there is none.
+async fn accept(
+    listener: Option<&TcpListener>,
+) -> std::io::Result<(TcpStream, SocketAddr)> {
+    match listener {
+        Some(l) => l.accept().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Serves on `listeners` with the default storage (SQLite and blobs under
+/// `config.data_dir`), until `shutdown` completes. Then stops accepting,
+/// lets requests and uploads in flight finish for `config.shutdown_grace`,
+/// cuts what is left, and returns.
 ///
 /// Start-up recovery runs first: leftover temporaries are removed and the
-/// metadata reconciled with the blobs on disk.
+/// metadata reconciled with the blobs on disk. With a secure listener, the
+/// server's TLS identity is loaded from `config.data_dir`, or made on the
+/// first start.
 ///
 /// # Errors
-/// When storage cannot be opened or recovered. Errors of single
-/// connections are logged, never returned.
+/// When storage cannot be opened or recovered, or the identity cannot be
+/// loaded or made. Errors of single connections are logged, never returned.
 pub async fn run(
-    listener: TcpListener,
+    listeners: Listeners,
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
@@ -74,20 +128,45 @@ pub async fn run(
     })
     .await
     .map_err(|e| ServerError::Task(e.to_string()))??;
-    run_with_storage(listener, config, storage, shutdown).await
+    run_with_storage(listeners, config, storage, shutdown).await
 }
 
 /// As [`run`], with storage the caller opened (and recovered): another
-/// backend, or a store prepared by a test. `config.data_dir` is not used.
+/// backend, or a store prepared by a test. `config.data_dir` is used only
+/// for the TLS identity.
 ///
 /// # Errors
-/// None at present; the signature leaves room for start-up failures.
+/// When there is no listener, or the identity cannot be loaded or made.
 pub async fn run_with_storage(
-    listener: TcpListener,
+    listeners: Listeners,
     config: Config,
     storage: Storage,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
+    if listeners.secure.is_none() && listeners.legacy.is_none() {
+        return Err(ServerError::NoListener);
+    }
+    let acceptor = match &listeners.secure {
+        None => None,
+        Some(listener) => {
+            let data_dir = config.data_dir.clone();
+            let (identity, created) =
+                tokio::task::spawn_blocking(move || ServerIdentity::load_or_create(&data_dir))
+                    .await
+                    .map_err(|e| ServerError::Task(e.to_string()))??;
+            let fingerprint = identity.fingerprint();
+            if created {
+                info!(%fingerprint, dir = %identity.dir().display(), "made a new server identity; clients pin this fingerprint at registration (`backup-server fingerprint` prints it again)");
+            }
+            if let Ok(addr) = listener.local_addr() {
+                info!(%addr, %fingerprint, "secure listener (TLS 1.3)");
+            }
+            Some(tokio_rustls::TlsAcceptor::from(identity.tls_config()?))
+        }
+    };
+    if let Some(addr) = listeners.legacy.as_ref().and_then(|l| l.local_addr().ok()) {
+        warn!(%addr, "legacy listener: protocol version 3 in the clear, INSECURE (no server authentication, no integrity, client ids are not secrets); use it only for legacy clients on a trusted network");
+    }
     let token = CancellationToken::new();
     let (alive, mut writers_done) = mpsc::channel::<()>(1);
     let max = config.max_connections.max(1);
@@ -103,28 +182,44 @@ pub async fn run_with_storage(
     let mut tasks = JoinSet::new();
     let mut backoff = Duration::from_millis(10);
     tokio::pin!(shutdown);
-    if let Ok(addr) = listener.local_addr() {
-        debug!(%addr, max_connections = max, "accepting");
-    }
+    debug!(max_connections = max, "accepting");
 
     loop {
-        tokio::select! {
+        let accepted = tokio::select! {
             () = &mut shutdown => break,
-            Some(joined) = tasks.join_next(), if !tasks.is_empty() => reap(joined),
-            accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => {
+            Some(joined) = tasks.join_next(), if !tasks.is_empty() => {
+                reap(joined);
+                continue;
+            }
+            accepted = accept(listeners.secure.as_ref()) => accepted.map(|(s, p)| (s, p, true)),
+            accepted = accept(listeners.legacy.as_ref()) => accepted.map(|(s, p)| (s, p, false)),
+        };
+        {
+            match accepted {
+                Ok((stream, peer, secure)) => {
                     backoff = Duration::from_millis(10);
                     match Arc::clone(&permits).try_acquire_owned() {
                         Ok(permit) => {
                             let shared = Arc::clone(&shared);
+                            let acceptor = acceptor.clone().filter(|_| secure);
                             tasks.spawn(async move {
-                                connection::serve(stream, peer, shared).await;
+                                match acceptor {
+                                    Some(acceptor) => {
+                                        connection::serve_secure(stream, peer, shared, acceptor)
+                                            .await
+                                    }
+                                    None => connection::serve_legacy(stream, peer, shared).await,
+                                }
                                 drop(permit);
                             });
                         }
                         Err(_) => {
                             warn!(%peer, max_connections = max, "connection refused: at capacity");
-                            if let Ok(slot) = Arc::clone(&refusals).try_acquire_owned() {
+                            // A TLS client cannot read a plain answer: it
+                            // is closed without one.
+                            if secure {
+                                drop(stream);
+                            } else if let Ok(slot) = Arc::clone(&refusals).try_acquire_owned() {
                                 tasks.spawn(async move {
                                     refuse(stream, peer).await;
                                     drop(slot);
@@ -140,11 +235,11 @@ pub async fn run_with_storage(
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(1));
                 }
-            },
+            }
         }
     }
 
-    drop(listener);
+    drop(listeners);
     info!(
         connections = tasks.len(),
         grace_secs = grace.as_secs_f64(),

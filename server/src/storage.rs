@@ -84,6 +84,9 @@ pub struct ClientRecord {
     /// The operator made this client's history append-only: it may add
     /// versions but never delete them, and retention skips it at commit.
     pub append_only: bool,
+    /// The public key (SubjectPublicKeyInfo DER) bound at a secure-mode
+    /// registration; such a client is never served on the legacy listener.
+    pub secure_key: Option<Vec<u8>>,
 }
 
 /// A client with the totals of what it stores (operator listings).
@@ -204,6 +207,20 @@ pub trait MetaStore: Send + Sync + 'static {
         &self,
         id: ClientId,
         name: &UserName,
+        now: SystemTime,
+    ) -> Result<Registration, StorageError>;
+
+    /// Creates client `id` named `name` bound to `secure_key` (a secure-mode
+    /// registration), unless the name is taken; the same transaction as
+    /// [`MetaStore::register`].
+    ///
+    /// # Errors
+    /// On a backend failure (including an id collision).
+    fn register_with_key(
+        &self,
+        id: ClientId,
+        name: &UserName,
+        secure_key: &[u8],
         now: SystemTime,
     ) -> Result<Registration, StorageError>;
 

@@ -243,7 +243,9 @@ async fn serve(stream: TcpStream, state: Arc<Mutex<State>>) {
                     None
                 }
             }
-            Action::Register { client_id, name } => {
+            Action::Register {
+                client_id, name, ..
+            } => {
                 let outcome = {
                     let mut s = state.lock().unwrap();
                     if s.clients.values().any(|(n, _)| *n == name) {
@@ -253,7 +255,7 @@ async fn serve(stream: TcpStream, state: Arc<Mutex<State>>) {
                         RegisterOutcome::Created
                     }
                 };
-                session.registered(outcome).ok()
+                session.registered(outcome, &mut rng).ok()
             }
             Action::StoreKey { client_id, key, .. } => {
                 if let Some(c) = state.lock().unwrap().clients.get_mut(&client_id) {
@@ -268,6 +270,7 @@ async fn serve(stream: TcpStream, state: Arc<Mutex<State>>) {
                     .clients
                     .get(&client_id)
                     .map(|(name, key)| KnownClient {
+                        secure_key: None,
                         name: name.clone(),
                         public_key: key.clone(),
                     });

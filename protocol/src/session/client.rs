@@ -7,6 +7,12 @@
 //! accepts every unambiguous variant: 1606 with or without an id, and a 1604
 //! (or nothing) in answer to "CRC wrong, will resend".
 //!
+//! Secure mode (`docs/PROTOCOL.md` §12, [`ClientSession::secure`]): the
+//! registration carries the public key and is answered 1602 with a wrapped
+//! secret, as a reconnect is answered 1605; either becomes
+//! [`ClientEvent::Prove`] with the proof to send, and the 1650 that accepts
+//! it becomes [`ClientEvent::KeyReady`].
+//!
 //! Retrieval (`docs/PROTOCOL.md` §11): [`ClientSession::list_request`],
 //! [`ClientSession::restore_request`] and [`ClientSession::delete_request`]
 //! build the requests; the answers become [`ClientEvent::ListPage`],
@@ -19,14 +25,15 @@
 use bytes::{Bytes, BytesMut};
 
 use crate::crypto::{pkcs7_len, AesKey, CryptoError, PrivateKey};
-use crate::limits::{FILE_PACKET_HEAD_LEN, MAX_PACKETS};
+use crate::limits::{LEGACY_MAX_FILE_SIZE, SECURE_MAX_FILE_SIZE};
 use crate::message::{FilePacket, PacketHead, Request, RequestFrame, Response};
 use crate::name::{FileName, UserName};
 use crate::retrieval::{
     ListEntry, ListFlags, RefusalReason, RestoreBegin, RetrievalRequest, RetrievalResponse,
 };
+use crate::secure::{Binding, SessionSecret};
 use crate::session::MAX_SEND_ATTEMPTS;
-use crate::wire::{ClientId, Numbering, ResponseCode};
+use crate::wire::{ClientId, Dialect, Numbering, ResponseCode};
 
 /// A response that does not fit the session, or a key that does not unwrap.
 #[derive(Debug, thiserror::Error)]
@@ -54,6 +61,8 @@ pub enum ClientError {
     },
     #[error("server sent {extra} bytes of restore data beyond the {content_size} it announced")]
     RestoreOverrun { content_size: u64, extra: u64 },
+    #[error("the server did not accept our proof of key (1651)")]
+    ProofRejected,
 }
 
 /// What a response meant.
@@ -63,8 +72,12 @@ pub enum ClientEvent {
     Registered(ClientId),
     /// 1601: the name is taken.
     NameTaken,
-    /// 1602/1605: the AES key is ready; files may be sent.
+    /// 1602/1605 (legacy) or 1650 (secure): the AES key is ready; files
+    /// may be sent.
     KeyReady,
+    /// Secure mode, 1602/1605: the secret arrived; send `reply`, the proof
+    /// of our key (1250). The 1650 that accepts it is [`ClientEvent::KeyReady`].
+    Prove { reply: RequestFrame },
     /// 1606: the server does not know us (or has no key): register anew.
     MustRegister,
     /// 1603 answered: send `reply` (1029, 1030 or 1031).
@@ -123,10 +136,12 @@ enum Expect {
     Registered,
     KeyAccepted,
     Reconnected,
+    /// Secure mode: the 1650 that accepts our proof.
+    Authenticated,
     /// The 1603 of an upload; `ack_allowed` after a "CRC wrong, will resend".
     FileReceived {
         file: FileName,
-        content_size: u32,
+        content_size: u64,
         cksum: u32,
         ack_allowed: bool,
     },
@@ -159,6 +174,11 @@ impl Expect {
 
 /// The client's view of one connection.
 pub struct ClientSession {
+    dialect: Dialect,
+    /// The TLS channel binding (secure mode).
+    binding: Binding,
+    /// Secure mode: the content key, held back until the proof is accepted.
+    proving: Option<AesKey>,
     name: UserName,
     numbering: Numbering,
     key: PrivateKey,
@@ -182,8 +202,8 @@ impl std::fmt::Debug for ClientSession {
 }
 
 impl ClientSession {
-    /// A session for `name` with private key `key`, known to the server as
-    /// `client_id` if already registered.
+    /// A legacy session for `name` with private key `key`, known to the
+    /// server as `client_id` if already registered.
     pub fn new(
         name: UserName,
         key: PrivateKey,
@@ -191,6 +211,9 @@ impl ClientSession {
         numbering: Numbering,
     ) -> Self {
         Self {
+            dialect: Dialect::Legacy,
+            binding: [0; 32],
+            proving: None,
             name,
             numbering,
             key,
@@ -200,6 +223,26 @@ impl ClientSession {
             attempts: 0,
             unregistered_id: ClientId::default(),
         }
+    }
+
+    /// A secure-mode session on a TLS connection whose exporter value
+    /// (`docs/PROTOCOL.md` §12.4) is `binding`.
+    pub fn secure(
+        name: UserName,
+        key: PrivateKey,
+        client_id: Option<ClientId>,
+        binding: Binding,
+    ) -> Self {
+        Self {
+            dialect: Dialect::Secure,
+            binding,
+            ..Self::new(name, key, client_id, Numbering::Modern)
+        }
+    }
+
+    /// The dialect of this session.
+    pub fn dialect(&self) -> Dialect {
+        self.dialect
     }
 
     /// The id the server assigned, once known.
@@ -230,14 +273,25 @@ impl ClientSession {
         }
     }
 
-    /// "Register" (1025/825). Forgets any previous id.
-    pub fn register_request(&mut self) -> RequestFrame {
+    /// "Register" (1025/825). Forgets any previous id. In secure mode the
+    /// request carries the public key.
+    ///
+    /// # Errors
+    /// In secure mode, when the public key cannot be encoded.
+    pub fn register_request(&mut self) -> Result<RequestFrame, ClientError> {
         self.client_id = None;
         self.aes = None;
+        let request = match self.dialect {
+            Dialect::Legacy => Request::Register {
+                name: self.name.clone(),
+            },
+            Dialect::Secure => Request::RegisterKey {
+                name: self.name.clone(),
+                key: crate::crypto::public_key_der(&self.key.public_key())?.into(),
+            },
+        };
         self.expect = Expect::Registered;
-        self.frame(Request::Register {
-            name: self.name.clone(),
-        })
+        Ok(self.frame(request))
     }
 
     /// "Reconnect" (1027/827) as the id given at construction.
@@ -351,10 +405,51 @@ impl ClientSession {
             got: response.code(),
         };
         match (expect, &response) {
-            (Expect::Registered, Response::Registered { client_id }) => {
+            (Expect::Registered, Response::Registered { client_id })
+                if self.dialect == Dialect::Legacy =>
+            {
                 self.client_id = Some(*client_id);
                 Ok(ClientEvent::Registered(*client_id))
             }
+            (
+                Expect::Registered,
+                Response::KeyAccepted {
+                    client_id,
+                    wrapped_key,
+                },
+            )
+            | (
+                Expect::Reconnected,
+                Response::Reconnected {
+                    client_id,
+                    wrapped_key,
+                },
+            ) if self.dialect == Dialect::Secure => {
+                self.check_id(*client_id)?;
+                let secret = SessionSecret::unwrap(&self.key, rng, wrapped_key)?;
+                let proof = secret.proof(*client_id, &self.binding);
+                self.client_id = Some(*client_id);
+                // The key is usable only once the server accepts the proof.
+                self.proving = Some(secret.content_key());
+                self.expect = Expect::Authenticated;
+                Ok(ClientEvent::Prove {
+                    reply: self.frame(Request::Prove { proof }),
+                })
+            }
+            (Expect::Authenticated, Response::Authenticated { client_id }) => {
+                self.check_id(*client_id)?;
+                self.aes = self.proving.take();
+                if self.aes.is_none() {
+                    return Err(ClientError::Idle);
+                }
+                Ok(ClientEvent::KeyReady)
+            }
+            (_, Response::NotAuthenticated) => {
+                self.aes = None;
+                self.proving = None;
+                Err(ClientError::ProofRejected)
+            }
+            (Expect::Authenticated, _) => Err(unexpected("1650")),
             (Expect::Registered, Response::RegistrationFailed) => Ok(ClientEvent::NameTaken),
             (Expect::Registered, _) => Err(unexpected("1600 or 1601")),
             (
@@ -526,17 +621,18 @@ impl ClientSession {
     }
 }
 
-/// Why a file cannot be sent in the legacy protocol.
+/// Why a file cannot be sent.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PlanError {
-    #[error("{size} bytes is over the {max}-byte limit of the legacy size fields")]
+    #[error("{size} bytes is over the {max}-byte limit of the protocol's size fields")]
     TooLarge { size: u64, max: u64 },
     #[error("packet size must be a positive multiple of 16 up to {max}, not {size}")]
     PacketSize { size: usize, max: usize },
-    #[error("{size} bytes need more than {MAX_PACKETS} packets of {packet_size} bytes; at most {max} bytes fit")]
+    #[error("{size} bytes need more than {max_packets} packets of {packet_size} bytes; at most {max} bytes fit")]
     TooManyPackets {
         size: u64,
         packet_size: usize,
+        max_packets: u64,
         max: u64,
     },
 }
@@ -545,25 +641,58 @@ pub enum PlanError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UploadPlan {
     pub file: FileName,
-    pub orig_size: u32,
-    pub content_size: u32,
+    pub orig_size: u64,
+    pub content_size: u64,
     /// Ciphertext bytes per packet (the last may be shorter).
     pub packet_size: usize,
-    pub total: u16,
+    pub total: u32,
+    /// The dialect the packets will be sent in.
+    pub dialect: Dialect,
 }
 
 impl UploadPlan {
     /// The largest plaintext whose PKCS#7 ciphertext size still fits a u32.
-    pub const MAX_FILE_SIZE: u64 = u32::MAX as u64 / 16 * 16 - 1;
+    pub const MAX_FILE_SIZE: u64 = LEGACY_MAX_FILE_SIZE / 16 * 16 - 1;
+
+    /// The largest file `dialect` can carry.
+    pub const fn max_file_size(dialect: Dialect) -> u64 {
+        match dialect {
+            Dialect::Legacy => Self::MAX_FILE_SIZE,
+            Dialect::Secure => SECURE_MAX_FILE_SIZE,
+        }
+    }
+
+    /// The most packets one upload may have in `dialect`.
+    pub const fn max_packets(dialect: Dialect) -> u64 {
+        match dialect {
+            Dialect::Legacy => u16::MAX as u64,
+            Dialect::Secure => u32::MAX as u64,
+        }
+    }
+
+    /// Plans a legacy upload; see [`UploadPlan::new_in`].
+    ///
+    /// # Errors
+    /// As [`UploadPlan::new_in`].
+    pub fn new(
+        file: FileName,
+        size: u64,
+        packet_size: usize,
+        max_packet: usize,
+    ) -> Result<Self, PlanError> {
+        Self::new_in(Dialect::Legacy, file, size, packet_size, max_packet)
+    }
 
     /// Plans a file of `size` plaintext bytes with packets of about
     /// `packet_size` ciphertext bytes, enlarged if needed so the file fits
-    /// in 65,535 packets, and never larger than `max_packet`.
+    /// in the dialect's packet count (65,535 in legacy mode), and never
+    /// larger than `max_packet`.
     ///
     /// # Errors
-    /// When the file is too large for the legacy fields, or the packet size
-    /// is zero, not a multiple of 16, or over `max_packet`.
-    pub fn new(
+    /// When the file is too large for the dialect's fields, or the packet
+    /// size is zero, not a multiple of 16, or over `max_packet`.
+    pub fn new_in(
+        dialect: Dialect,
         file: FileName,
         size: u64,
         packet_size: usize,
@@ -575,34 +704,31 @@ impl UploadPlan {
                 max: max_packet,
             });
         }
-        if size > Self::MAX_FILE_SIZE {
+        let max_file = Self::max_file_size(dialect);
+        if size > max_file {
             return Err(PlanError::TooLarge {
                 size,
-                max: Self::MAX_FILE_SIZE,
+                max: max_file,
             });
         }
+        let max_packets = Self::max_packets(dialect);
         let content = pkcs7_len(size);
-        let min_packet = content.div_ceil(u64::from(MAX_PACKETS)).div_ceil(16) * 16;
+        let min_packet = content.div_ceil(max_packets).div_ceil(16) * 16;
         let packet = (packet_size as u64).max(min_packet);
         if packet > max_packet as u64 {
             return Err(PlanError::TooLarge {
                 size,
-                max: max_packet as u64 * u64::from(MAX_PACKETS),
+                max: (max_packet as u64).saturating_mul(max_packets),
             });
         }
         let total = content.div_ceil(packet);
         Ok(Self {
             file,
-            orig_size: u32::try_from(size).map_err(|_| PlanError::TooLarge {
-                size,
-                max: Self::MAX_FILE_SIZE,
-            })?,
-            content_size: u32::try_from(content).map_err(|_| PlanError::TooLarge {
-                size,
-                max: Self::MAX_FILE_SIZE,
-            })?,
+            orig_size: size,
+            content_size: content,
             packet_size: usize::try_from(packet).unwrap_or(max_packet),
-            total: u16::try_from(total).unwrap_or(MAX_PACKETS),
+            total: u32::try_from(total).unwrap_or(u32::MAX),
+            dialect,
         })
     }
 
@@ -614,19 +740,23 @@ impl UploadPlan {
     /// # Errors
     /// As [`UploadPlan::new`], and [`PlanError::TooManyPackets`].
     pub fn fixed(
+        dialect: Dialect,
         file: FileName,
         size: u64,
         packet_size: usize,
         max_packet: usize,
     ) -> Result<Self, PlanError> {
-        let plan = Self::new(file, size, packet_size, max_packet)?;
+        let plan = Self::new_in(dialect, file, size, packet_size, max_packet)?;
         if plan.packet_size != packet_size {
-            let max = (packet_size as u64 * u64::from(MAX_PACKETS))
+            let max_packets = Self::max_packets(dialect);
+            let max = (packet_size as u64)
+                .saturating_mul(max_packets)
                 .saturating_sub(1)
-                .min(Self::MAX_FILE_SIZE);
+                .min(Self::max_file_size(dialect));
             return Err(PlanError::TooManyPackets {
                 size,
                 packet_size,
+                max_packets,
                 max,
             });
         }
@@ -635,9 +765,9 @@ impl UploadPlan {
 
     /// Bytes on the wire for the whole upload, headers included.
     pub fn wire_bytes(&self) -> u64 {
-        u64::from(self.content_size)
-            + u64::from(self.total)
-                * (crate::wire::REQUEST_HEADER_LEN + FILE_PACKET_HEAD_LEN) as u64
+        let head = crate::message::PacketHead::len_in(self.dialect);
+        self.content_size
+            + u64::from(self.total) * (crate::wire::REQUEST_HEADER_LEN + head) as u64
     }
 }
 
@@ -647,7 +777,7 @@ pub struct Packetizer {
     plan: UploadPlan,
     client_id: ClientId,
     numbering: Numbering,
-    next: u16,
+    next: u32,
     buf: BytesMut,
 }
 
@@ -701,7 +831,7 @@ impl Packetizer {
             return None;
         }
         let sent = u64::from(self.plan.total - 1) * self.plan.packet_size as u64;
-        if sent + self.buf.len() as u64 != u64::from(self.plan.content_size) {
+        if sent + self.buf.len() as u64 != self.plan.content_size {
             return None;
         }
         let content = self.buf.split().freeze();
@@ -733,7 +863,7 @@ mod tests {
             None,
             Numbering::Modern,
         );
-        s.register_request();
+        s.register_request().unwrap();
         assert!(matches!(
             s.handle(Response::Registered { client_id: ID }, rng),
             Ok(ClientEvent::Registered(ID))
@@ -1109,17 +1239,22 @@ mod tests {
 
     #[test]
     fn fixed_plan_refuses_a_file_that_needs_more_packets() {
-        let at_limit = 1024 * u64::from(MAX_PACKETS) - 1;
-        let plan = UploadPlan::fixed(name(), at_limit, 1024, 1 << 20).unwrap();
-        assert_eq!((plan.total, plan.packet_size), (MAX_PACKETS, 1024));
+        let at_limit = 1024 * u64::from(u16::MAX) - 1;
+        let plan = UploadPlan::fixed(Dialect::Legacy, name(), at_limit, 1024, 1 << 20).unwrap();
+        assert_eq!((plan.total, plan.packet_size), (u32::from(u16::MAX), 1024));
         assert_eq!(
-            UploadPlan::fixed(name(), at_limit + 1, 1024, 1 << 20),
+            UploadPlan::fixed(Dialect::Legacy, name(), at_limit + 1, 1024, 1 << 20),
             Err(PlanError::TooManyPackets {
                 size: at_limit + 1,
                 packet_size: 1024,
+                max_packets: u64::from(u16::MAX),
                 max: at_limit
             })
         );
+        // Secure mode counts packets in 32 bits: the same file fits.
+        let secure =
+            UploadPlan::fixed(Dialect::Secure, name(), at_limit + 1, 1024, 1 << 20).unwrap();
+        assert_eq!(secure.total, u32::from(u16::MAX) + 1);
         // The flexible plan enlarges the packets instead.
         assert_eq!(
             UploadPlan::new(name(), at_limit + 1, 1024, 1 << 20)
@@ -1143,16 +1278,16 @@ mod tests {
                 frames.extend(p.next_full());
             }
             frames.extend(p.last());
-            assert_eq!(frames.len(), usize::from(plan.total), "len {len}");
+            assert_eq!(frames.len(), plan.total as usize, "len {len}");
             let mut joined = Vec::new();
             for (i, f) in frames.iter().enumerate() {
                 let Request::SendFile(packet) = &f.request else {
                     panic!("not a packet")
                 };
-                assert_eq!(usize::from(packet.head.packet), i + 1);
+                assert_eq!(packet.head.packet as usize, i + 1);
                 assert_eq!(
                     (packet.head.total, packet.head.orig_size),
-                    (plan.total, len as u32)
+                    (plan.total, len as u64)
                 );
                 assert_eq!(packet.head.content_size as usize, ct.len());
                 joined.extend_from_slice(&packet.content);
@@ -1169,12 +1304,25 @@ mod tests {
         // 65,535 packets of the asked-for 1024 bytes are too few: the
         // packets grow so that the count fits the u16 field.
         assert!(big.packet_size > 1024 && big.packet_size % 16 == 0);
-        assert!(u64::from(big.total) * big.packet_size as u64 >= u64::from(big.content_size));
-        assert_eq!(big.content_size, u32::MAX / 16 * 16);
+        assert!(u64::from(big.total) * big.packet_size as u64 >= big.content_size);
+        assert_eq!(big.content_size, u64::from(u32::MAX / 16 * 16));
         assert!(matches!(
             UploadPlan::new(name(), UploadPlan::MAX_FILE_SIZE + 1, 1024, 1 << 20),
             Err(PlanError::TooLarge { .. })
         ));
         assert!(UploadPlan::new(name(), 0, 1000, 1 << 20).is_err());
+    }
+
+    #[test]
+    fn plans_files_over_4_gib_only_in_secure_mode() {
+        let size = 5u64 << 30;
+        assert!(matches!(
+            UploadPlan::new(name(), size, 1 << 20, 1 << 20),
+            Err(PlanError::TooLarge { .. })
+        ));
+        let plan = UploadPlan::new_in(Dialect::Secure, name(), size, 1 << 20, 1 << 20).unwrap();
+        assert_eq!(plan.orig_size, size);
+        assert_eq!(plan.content_size, size + 16);
+        assert_eq!(plan.total, 5 * 1024 + 1);
     }
 }

@@ -11,7 +11,20 @@
 //! ```
 //!
 //! Any request that does not fit the state is a [`SessionError`]: the shell
-//! answers 1607 and ends the connection.
+//! answers [`SessionError::answer`] (1607, or 1651 in secure mode when a proof
+//! is missing or wrong) and ends the connection.
+//!
+//! Secure mode (`docs/PROTOCOL.md` §12), built with [`ServerSession::secure`]:
+//!
+//! ```text
+//! Unbound --RegisterKey--> [Action::Register] --Created--> 1602 (wrapped secret) --> Proving
+//! Unbound --Reconnect--> [Action::LookupClient] --known--> 1605 (wrapped secret) --> Proving
+//! Proving --Prove (valid)--> 1650 --> Keyed (content key derived from the secret)
+//! Proving --Prove (invalid) or any other request--> 1651, connection closed
+//! ```
+//!
+//! In secure mode no file, verdict or retrieval request is served before the
+//! proof is accepted.
 
 use bytes::BytesMut;
 use rsa::RsaPublicKey;
@@ -20,6 +33,7 @@ use crate::cksum::Cksum;
 use crate::crypto::{self, AesKey, CbcDecryptor};
 use crate::limits::Limits;
 use crate::message::{FilePacket, PublicKeyField, Request, RequestFrame, Response};
+use crate::secure::{Binding, SessionSecret, MIN_SECURE_REGISTER_BITS};
 use crate::name::{FileName, UserName};
 use crate::reassembly::{Reassembler, ReassemblyError};
 use crate::retrieval::RetrievalRequest;
@@ -28,7 +42,7 @@ use crate::session::MAX_SEND_ATTEMPTS;
 /// The most file names one session may have with attempts outstanding
 /// (neither committed nor given up on); bounds the attempt table.
 const MAX_OPEN_NAMES: usize = 1024;
-use crate::wire::{ClientId, Numbering, RequestKind};
+use crate::wire::{ClientId, Dialect, Numbering, RequestKind};
 
 /// How the server answers where legacy servers disagree.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,13 +85,30 @@ pub enum SessionError {
     TooManyAttempts(FileName),
     #[error("a storage outcome was reported while none was awaited")]
     NoPendingAction,
+    #[error("{0:?} before the client proved its key")]
+    NotAuthenticated(RequestKind),
+    #[error("the proof of the client's key is wrong")]
+    ProofRejected,
+}
+
+impl SessionError {
+    /// The answer the peer gets before the connection closes: 1651 for a
+    /// missing or wrong proof in secure mode, 1607 for everything else.
+    pub fn answer(&self) -> Response {
+        match self {
+            SessionError::NotAuthenticated(_) | SessionError::ProofRejected => {
+                Response::NotAuthenticated
+            }
+            _ => Response::GeneralError,
+        }
+    }
 }
 
 /// The start of a new upload, for the shell to open a temporary file.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FileStart {
     pub file: FileName,
-    pub orig_size: u32,
+    pub orig_size: u64,
     /// 1 for the first attempt at this name in this session, up to 4.
     pub attempt: u8,
 }
@@ -88,8 +119,14 @@ pub enum Action {
     /// Send this response; nothing else to do.
     Reply(Response),
     /// Create a client with this fresh id and name, then call
-    /// [`ServerSession::registered`].
-    Register { client_id: ClientId, name: UserName },
+    /// [`ServerSession::registered`]. In secure mode `secure_key` is the
+    /// public key (SubjectPublicKeyInfo DER) to bind to the name in the same
+    /// step; a client so registered is not served on the legacy listener.
+    Register {
+        client_id: ClientId,
+        name: UserName,
+        secure_key: Option<bytes::Bytes>,
+    },
     /// Store the client's public key, then call [`ServerSession::key_stored`].
     StoreKey {
         client_id: ClientId,
@@ -138,12 +175,19 @@ pub enum RegisterOutcome {
 #[derive(Debug, Clone)]
 pub struct KnownClient {
     pub name: UserName,
+    /// The key sent on the legacy listener (1026/826), if any.
     pub public_key: Option<PublicKeyField>,
+    /// The key bound at a secure-mode registration, if any (DER).
+    pub secure_key: Option<bytes::Bytes>,
 }
 
 #[derive(Debug)]
 enum Pending {
-    Register { client_id: ClientId, name: UserName },
+    Register {
+        client_id: ClientId,
+        name: UserName,
+        secure_key: Option<Box<RsaPublicKey>>,
+    },
     StoreKey { public: Box<RsaPublicKey> },
     Lookup { client_id: ClientId, name: UserName },
 }
@@ -162,9 +206,25 @@ struct Received {
     intact: bool,
 }
 
+/// Where a secure session stands with the client's proof of possession.
+enum Proof {
+    /// Legacy: there is no proof.
+    Legacy,
+    /// No secret sent yet.
+    Unsent,
+    /// The wrapped secret was sent; the proof is due.
+    Awaiting(SessionSecret),
+    /// The proof was accepted.
+    Proven,
+}
+
 /// The server's view of one connection.
 pub struct ServerSession {
     config: ServerConfig,
+    dialect: Dialect,
+    /// The TLS channel binding (secure mode).
+    binding: Binding,
+    proof: Proof,
     client: Option<(ClientId, UserName)>,
     key: Option<AesKey>,
     numbering: Option<Numbering>,
@@ -195,10 +255,27 @@ impl std::fmt::Debug for ServerSession {
 }
 
 impl ServerSession {
-    /// A session for a new connection.
+    /// A legacy (version 3) session for a new connection.
     pub fn new(config: ServerConfig) -> Self {
+        Self::build(config, Dialect::Legacy, [0; 32], Proof::Legacy)
+    }
+
+    /// A secure-mode session for a new TLS connection whose exporter value
+    /// (`docs/PROTOCOL.md` §12.4) is `binding`.
+    pub fn secure(config: ServerConfig, binding: Binding) -> Self {
+        Self::build(config, Dialect::Secure, binding, Proof::Unsent)
+    }
+
+    fn build(config: ServerConfig, dialect: Dialect, binding: Binding, proof: Proof) -> Self {
+        let config = ServerConfig {
+            limits: config.limits.for_dialect(dialect),
+            ..config
+        };
         Self {
             reassembler: Reassembler::new(config.limits),
+            dialect,
+            binding,
+            proof,
             config,
             client: None,
             key: None,
@@ -215,6 +292,17 @@ impl ServerSession {
     /// The client this connection speaks for, once registered or reconnected.
     pub fn client(&self) -> Option<(ClientId, &UserName)> {
         self.client.as_ref().map(|(id, name)| (*id, name))
+    }
+
+    /// The dialect of this session.
+    pub fn dialect(&self) -> Dialect {
+        self.dialect
+    }
+
+    /// Whether the client may make file and retrieval requests: always in
+    /// legacy mode once keyed, in secure mode once its proof was accepted.
+    pub fn authenticated(&self) -> bool {
+        matches!(self.proof, Proof::Legacy | Proof::Proven) && self.key.is_some()
     }
 
     /// The numbering the client used first (for logs).
@@ -260,8 +348,18 @@ impl ServerSession {
             return Err(self.unexpected(kind));
         }
         self.numbering.get_or_insert(frame.numbering);
+        let secure = self.dialect == Dialect::Secure;
+        if secure
+            && !matches!(
+                kind,
+                RequestKind::Register | RequestKind::Reconnect | RequestKind::Prove
+            )
+            && !matches!(self.proof, Proof::Proven)
+        {
+            return Err(SessionError::NotAuthenticated(kind));
+        }
         match frame.request {
-            Request::Register { name } => {
+            Request::Register { name } if !secure => {
                 if self.client.is_some() {
                     return Err(self.unexpected(kind));
                 }
@@ -269,8 +367,54 @@ impl ServerSession {
                 self.pending = Some(Pending::Register {
                     client_id,
                     name: name.clone(),
+                    secure_key: None,
                 });
-                Ok(Action::Register { client_id, name })
+                Ok(Action::Register {
+                    client_id,
+                    name,
+                    secure_key: None,
+                })
+            }
+            Request::RegisterKey { name, key } if secure => {
+                if self.client.is_some() {
+                    return Err(self.unexpected(kind));
+                }
+                let public = crypto::parse_public_key_der(&key)
+                    .map_err(|e| SessionError::PublicKey(e.to_string()))?;
+                let bits = rsa::traits::PublicKeyParts::size(&public) * 8;
+                if bits < MIN_SECURE_REGISTER_BITS {
+                    return Err(SessionError::PublicKey(format!(
+                        "{bits}-bit key; secure registration needs at least {MIN_SECURE_REGISTER_BITS} bits"
+                    )));
+                }
+                let client_id = ClientId::random(rng);
+                self.pending = Some(Pending::Register {
+                    client_id,
+                    name: name.clone(),
+                    secure_key: Some(Box::new(public)),
+                });
+                Ok(Action::Register {
+                    client_id,
+                    name,
+                    secure_key: Some(key),
+                })
+            }
+            Request::Register { .. } | Request::RegisterKey { .. } => Err(self.unexpected(kind)),
+            Request::Prove { proof } => {
+                let client_id = self.bound(kind, frame.client_id)?;
+                if !matches!(self.proof, Proof::Awaiting(_)) {
+                    return Err(self.unexpected(kind));
+                }
+                let Proof::Awaiting(secret) = std::mem::replace(&mut self.proof, Proof::Unsent)
+                else {
+                    return Err(self.unexpected(kind));
+                };
+                if !secret.verify(client_id, &self.binding, &proof) {
+                    return Err(SessionError::ProofRejected);
+                }
+                self.key = Some(secret.content_key());
+                self.proof = Proof::Proven;
+                Ok(Action::Reply(Response::Authenticated { client_id }))
             }
             Request::Reconnect { name } => {
                 if self.client.is_some() {
@@ -283,6 +427,7 @@ impl ServerSession {
                 });
                 Ok(Action::LookupClient { client_id, name })
             }
+            Request::PublicKey { .. } if secure => Err(self.unexpected(kind)),
             Request::PublicKey { name, key } => {
                 let client_id = self.bound(kind, frame.client_id)?;
                 self.check_name(&name)?;
@@ -489,19 +634,39 @@ impl ServerSession {
         })
     }
 
-    /// Reports the outcome of [`Action::Register`] and returns the answer.
+    /// Reports the outcome of [`Action::Register`] and returns the answer:
+    /// 1600 in legacy mode; in secure mode 1602 with a fresh secret wrapped
+    /// for the key just bound, whose proof is due next.
     ///
     /// # Errors
     /// When no registration was pending.
-    pub fn registered(&mut self, outcome: RegisterOutcome) -> Result<Response, SessionError> {
-        let Some(Pending::Register { client_id, name }) = self.pending.take() else {
+    pub fn registered<R: rand::CryptoRng + rand::RngCore>(
+        &mut self,
+        outcome: RegisterOutcome,
+        rng: &mut R,
+    ) -> Result<Response, SessionError> {
+        let Some(Pending::Register {
+            client_id,
+            name,
+            secure_key,
+        }) = self.pending.take()
+        else {
             return Err(SessionError::NoPendingAction);
         };
         Ok(match outcome {
             RegisterOutcome::Created => {
                 self.client = Some((client_id, name));
                 self.registered_here = true;
-                Response::Registered { client_id }
+                match secure_key {
+                    None => Response::Registered { client_id },
+                    Some(public) => match self.send_secret(&public, rng) {
+                        Some(wrapped_key) => Response::KeyAccepted {
+                            client_id,
+                            wrapped_key,
+                        },
+                        None => Response::GeneralError,
+                    },
+                }
             }
             RegisterOutcome::NameTaken => Response::RegistrationFailed,
             RegisterOutcome::Failed => Response::GeneralError,
@@ -555,14 +720,27 @@ impl ServerSession {
         let Some(known) = found.filter(|k| k.name == name) else {
             return Ok(rejected);
         };
-        let Some(public) = known
-            .public_key
-            .as_ref()
-            .and_then(|k| crypto::parse_public_key(k).ok())
-        else {
+        // The legacy listener serves only keys sent on it; a client that
+        // registered in secure mode is never served without its proof.
+        let public = match self.dialect {
+            Dialect::Legacy => known
+                .public_key
+                .as_ref()
+                .and_then(|k| crypto::parse_public_key(k).ok()),
+            Dialect::Secure => match (&known.secure_key, &known.public_key) {
+                (Some(der), _) => crypto::parse_public_key_der(der).ok(),
+                (None, Some(field)) => crypto::parse_public_key(field).ok(),
+                (None, None) => None,
+            },
+        };
+        let Some(public) = public else {
             return Ok(rejected);
         };
-        let Some(wrapped_key) = self.fresh_key(&public, rng) else {
+        let wrapped = match self.dialect {
+            Dialect::Legacy => self.fresh_key(&public, rng),
+            Dialect::Secure => self.send_secret(&public, rng),
+        };
+        let Some(wrapped_key) = wrapped else {
             return Ok(rejected);
         };
         self.client = Some((client_id, name));
@@ -599,6 +777,18 @@ impl ServerSession {
         self.receiving = None;
         self.received = None;
         Response::GeneralError
+    }
+
+    /// Secure mode: a fresh secret, wrapped for `public`; its proof is due.
+    fn send_secret<R: rand::CryptoRng + rand::RngCore>(
+        &mut self,
+        public: &RsaPublicKey,
+        rng: &mut R,
+    ) -> Option<bytes::Bytes> {
+        let secret = SessionSecret::random(rng);
+        let wrapped = secret.wrap(rng, public).ok()?;
+        self.proof = Proof::Awaiting(secret);
+        Some(wrapped.into())
     }
 
     fn fresh_key<R: rand::CryptoRng + rand::RngCore>(
@@ -643,7 +833,7 @@ mod tests {
         else {
             panic!("register")
         };
-        s.registered(RegisterOutcome::Created).unwrap();
+        s.registered(RegisterOutcome::Created, &mut rng).unwrap();
         let key = public_key_field(&private.public_key()).unwrap();
         s.handle(frame(client_id, Request::PublicKey { name, key }), &mut rng)
             .unwrap();
@@ -658,19 +848,19 @@ mod tests {
     fn packet(
         client_id: ClientId,
         ct: &[u8],
-        n: u16,
-        total: u16,
+        n: u32,
+        total: u32,
         chunk: usize,
-        orig: u32,
+        orig: u64,
     ) -> RequestFrame {
-        let start = usize::from(n - 1) * chunk;
+        let start = (n - 1) as usize * chunk;
         let end = (start + chunk).min(ct.len());
         RequestFrame {
             client_id,
             numbering: Numbering::Modern,
             request: Request::SendFile(FilePacket {
                 head: PacketHead {
-                    content_size: ct.len() as u32,
+                    content_size: ct.len() as u64,
                     orig_size: orig,
                     packet: n,
                     total,
@@ -768,6 +958,7 @@ mod tests {
         let known = KnownClient {
             name: name.clone(),
             public_key: Some(field.clone()),
+            secure_key: None,
         };
         assert!(matches!(
             s.looked_up(Some(known), &mut rng).unwrap(),

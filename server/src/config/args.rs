@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use super::parse_duration;
 
-/// Backup server for the legacy version 3 protocol, with operator commands.
+/// Backup server: secure mode (TLS 1.3) by default, the legacy version 3
+/// protocol on a separate listener when asked, and operator commands.
 ///
 /// With no subcommand it serves (see `backup-server serve --help`). The
 /// operator commands work on the same data directory, also while a server
@@ -66,6 +67,12 @@ pub enum Command {
         #[command(flatten)]
         admin: AdminArgs,
     },
+    /// Print the SHA-256 fingerprint of the server's TLS certificate, the
+    /// value clients pin (`backup-client register --server-fingerprint`).
+    Fingerprint {
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
     /// Turn a client's append-only flag on or off.
     AppendOnly {
         /// Client id (32 hex digits) or name.
@@ -96,10 +103,13 @@ pub struct AdminArgs {
     pub config: Option<PathBuf>,
 }
 
-/// Backup server for the legacy version 3 protocol.
+/// Backup server: secure mode (TLS 1.3, pinned server identity, clients
+/// prove their keys) on the main listener; the legacy version 3 protocol,
+/// which is insecure, only on `--legacy-listen`.
 ///
-/// With no options it serves on port 1256 (or the port in `./port.info`) on
-/// every interface, keeping its data under `$XDG_DATA_HOME/backup-server`
+/// With no options it serves secure mode on port 1256 (or the port in
+/// `./port.info`) on every interface, keeping its data under
+/// `$XDG_DATA_HOME/backup-server`
 /// (or `~/.local/share/backup-server`, or `./backup-data`). Precedence:
 /// flags, then environment variables, then the `--config` file, then
 /// `port.info` (port only), then the defaults. Log verbosity follows
@@ -112,6 +122,13 @@ pub struct Args {
     #[arg(long, env = "BACKUP_SERVER_LISTEN", value_name = "ADDR:PORT")]
     pub listen: Option<SocketAddr>,
 
+    /// Also serve the legacy version 3 protocol, in the clear, on this
+    /// address, e.g. `0.0.0.0:1257`: for deployed legacy clients only. It is
+    /// insecure (no server authentication, no integrity); clients that
+    /// registered in secure mode are never served there [default: off].
+    #[arg(long, env = "BACKUP_SERVER_LEGACY_LISTEN", value_name = "ADDR:PORT")]
+    pub legacy_listen: Option<SocketAddr>,
+
     /// Port to listen on, on every IPv4 interface. Overrides `port.info`.
     #[arg(long, env = "BACKUP_SERVER_PORT", value_parser = clap::value_parser!(u16).range(1..))]
     pub port: Option<u16>,
@@ -120,7 +137,7 @@ pub struct Args {
     #[arg(long, env = "BACKUP_SERVER_DATA_DIR", value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
 
-    /// TOML file with any of the settings below (keys: listen, port,
+    /// TOML file with any of the settings below (keys: listen, legacy_listen, port,
     /// data_dir, max_connections, idle_timeout_secs, request_timeout_secs,
     /// shutdown_grace_secs, silent_crc_retry, keep_last, keep_within,
     /// append_only, max_packet_bytes, max_file_bytes).
@@ -184,8 +201,9 @@ pub struct Args {
     #[arg(long, env = "BACKUP_SERVER_MAX_PACKET_BYTES", value_name = "BYTES")]
     pub max_packet_bytes: Option<usize>,
 
-    /// Largest file accepted, in plaintext bytes [default and maximum:
-    /// 4294967295].
+    /// Largest file accepted, in plaintext bytes; the legacy listener is
+    /// also capped at 4294967295 by its size fields [default: 17592186044416
+    /// (16 TiB) in secure mode].
     #[arg(long, env = "BACKUP_SERVER_MAX_FILE_BYTES", value_name = "BYTES")]
     pub max_file_bytes: Option<u64>,
 }

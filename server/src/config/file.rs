@@ -27,6 +27,7 @@ use super::ConfigError;
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
     pub listen: Option<SocketAddr>,
+    pub legacy_listen: Option<SocketAddr>,
     pub port: Option<u16>,
     pub data_dir: Option<PathBuf>,
     pub max_connections: Option<usize>,

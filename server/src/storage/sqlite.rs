@@ -32,11 +32,15 @@ use super::{
 };
 
 /// The schema version this code writes (`PRAGMA user_version`).
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 /// From schema version 1 to 2.
 const MIGRATE_1_TO_2: &str =
     "ALTER TABLE clients ADD COLUMN append_only INTEGER NOT NULL DEFAULT 0;";
+
+/// From schema version 2 to 3: the key bound at a secure-mode registration.
+const MIGRATE_2_TO_3: &str = "ALTER TABLE clients ADD COLUMN secure_key BLOB \
+     CHECK (secure_key IS NULL OR length(secure_key) BETWEEN 1 AND 1100);";
 
 const SCHEMA: &str = "
 CREATE TABLE clients (
@@ -45,7 +49,8 @@ CREATE TABLE clients (
     public_key  BLOB CHECK (public_key IS NULL OR length(public_key) = 160),
     registered  INTEGER NOT NULL,
     last_seen   INTEGER NOT NULL,
-    append_only INTEGER NOT NULL DEFAULT 0
+    append_only INTEGER NOT NULL DEFAULT 0,
+    secure_key  BLOB CHECK (secure_key IS NULL OR length(secure_key) BETWEEN 1 AND 1100)
 );
 CREATE TABLE files (
     id         INTEGER PRIMARY KEY,
@@ -159,6 +164,7 @@ struct RawClient {
     registered: i64,
     last_seen: i64,
     append_only: bool,
+    secure_key: Option<Vec<u8>>,
 }
 
 impl RawClient {
@@ -170,6 +176,7 @@ impl RawClient {
             registered: r.get(3)?,
             last_seen: r.get(4)?,
             append_only: r.get(5)?,
+            secure_key: r.get(6)?,
         })
     }
 
@@ -191,6 +198,7 @@ impl RawClient {
             registered: from_ms(self.registered),
             last_seen: from_ms(self.last_seen),
             append_only: self.append_only,
+            secure_key: self.secure_key,
         })
     }
 }
@@ -229,9 +237,12 @@ impl SqliteMetaStore {
                 tx.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}"))?;
                 tx.commit()?;
             }
-            1 => {
+            1 | 2 => {
                 let tx = conn.transaction()?;
-                tx.execute_batch(MIGRATE_1_TO_2)?;
+                if version == 1 {
+                    tx.execute_batch(MIGRATE_1_TO_2)?;
+                }
+                tx.execute_batch(MIGRATE_2_TO_3)?;
                 tx.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}"))?;
                 tx.commit()?;
             }
@@ -314,13 +325,16 @@ fn is_append_only(conn: &Connection, id: ClientId) -> Result<bool, StorageError>
         .unwrap_or(false))
 }
 
-impl MetaStore for SqliteMetaStore {
-    fn register(
+impl SqliteMetaStore {
+    /// Inserts a client unless its name is taken, in one transaction.
+    fn insert_client(
         &self,
         id: ClientId,
         name: &UserName,
+        secure_key: Option<&[u8]>,
         now: SystemTime,
     ) -> Result<Registration, StorageError> {
+
         let mut conn = self.conn();
         let tx = conn.transaction()?;
         let taken: bool = tx.query_row(
@@ -333,11 +347,32 @@ impl MetaStore for SqliteMetaStore {
         }
         let now = to_ms(now);
         tx.execute(
-            "INSERT INTO clients (id, name, public_key, registered, last_seen) VALUES (?1, ?2, NULL, ?3, ?3)",
-            params![&id.0[..], name.as_bytes(), now],
+            "INSERT INTO clients (id, name, public_key, registered, last_seen, secure_key) VALUES (?1, ?2, NULL, ?3, ?3, ?4)",
+            params![&id.0[..], name.as_bytes(), now, secure_key],
         )?;
         tx.commit()?;
         Ok(Registration::Created)
+    }
+}
+
+impl MetaStore for SqliteMetaStore {
+    fn register(
+        &self,
+        id: ClientId,
+        name: &UserName,
+        now: SystemTime,
+    ) -> Result<Registration, StorageError> {
+        self.insert_client(id, name, None, now)
+    }
+
+    fn register_with_key(
+        &self,
+        id: ClientId,
+        name: &UserName,
+        secure_key: &[u8],
+        now: SystemTime,
+    ) -> Result<Registration, StorageError> {
+        self.insert_client(id, name, Some(secure_key), now)
     }
 
     fn set_public_key(
@@ -357,7 +392,7 @@ impl MetaStore for SqliteMetaStore {
         let row: Option<RawClient> = self
             .conn()
             .query_row(
-                "SELECT id, name, public_key, registered, last_seen, append_only FROM clients WHERE id = ?1",
+                "SELECT id, name, public_key, registered, last_seen, append_only, secure_key FROM clients WHERE id = ?1",
                 [&id.0[..]],
                 RawClient::read,
             )
@@ -493,7 +528,7 @@ impl MetaStore for SqliteMetaStore {
     fn clients(&self) -> Result<Vec<ClientSummary>, StorageError> {
         let conn = self.conn();
         let mut stmt = conn.prepare(
-            "SELECT c.id, c.name, c.public_key, c.registered, c.last_seen, c.append_only,
+            "SELECT c.id, c.name, c.public_key, c.registered, c.last_seen, c.append_only, c.secure_key,
                     (SELECT count(DISTINCT f.id) FROM files f JOIN versions v ON v.file_id = f.id
                       WHERE f.client_id = c.id),
                     (SELECT count(*) FROM files f JOIN versions v ON v.file_id = f.id
@@ -505,9 +540,9 @@ impl MetaStore for SqliteMetaStore {
         let rows = stmt.query_map([], |r| {
             Ok((
                 RawClient::read(r)?,
-                r.get::<_, i64>(6)?,
                 r.get::<_, i64>(7)?,
                 r.get::<_, i64>(8)?,
+                r.get::<_, i64>(9)?,
             ))
         })?;
         rows.map(|row| {
@@ -734,7 +769,7 @@ mod tests {
         {
             let conn = Connection::open(&path).unwrap();
             let v1 = SCHEMA.replace(
-                "last_seen   INTEGER NOT NULL,\n    append_only INTEGER NOT NULL DEFAULT 0",
+                "last_seen   INTEGER NOT NULL,\n    append_only INTEGER NOT NULL DEFAULT 0,\n    secure_key  BLOB CHECK (secure_key IS NULL OR length(secure_key) BETWEEN 1 AND 1100)",
                 "last_seen   INTEGER NOT NULL",
             );
             assert_ne!(v1, SCHEMA);

@@ -140,22 +140,43 @@ pub fn config(data: &Path) -> Config {
 
 /// The library server running on 127.0.0.1:0 in this runtime.
 pub struct TestServer {
+    /// The legacy (plain version 3) listener.
     pub addr: SocketAddr,
+    /// The secure (TLS) listener, when started with one.
+    pub secure_addr: Option<SocketAddr>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<Result<(), ServerError>>>,
 }
 
 impl TestServer {
+    /// A server with only the legacy listener: the raw-protocol tests.
     pub async fn start(config: Config) -> Self {
+        Self::start_with(config, false).await
+    }
+
+    /// A server with both listeners side by side.
+    pub async fn start_both(config: Config) -> Self {
+        Self::start_with(config, true).await
+    }
+
+    async fn start_with(config: Config, secure: bool) -> Self {
         init_logs();
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
+        let legacy = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = legacy.local_addr().unwrap();
+        let (listeners, secure_addr) = if secure {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let secure_addr = listener.local_addr().unwrap();
+            (server::Listeners::both(listener, legacy), Some(secure_addr))
+        } else {
+            (server::Listeners::legacy(legacy), None)
+        };
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(server::run(listener, config, async move {
+        let task = tokio::spawn(server::run(listeners, config, async move {
             let _ = stopped.await;
         }));
         Self {
             addr,
+            secure_addr,
             stop: Some(stop),
             task: Some(task),
         }
@@ -276,7 +297,7 @@ pub fn packets(
 ) -> Vec<RequestFrame> {
     let ct = encrypt_all(key, content);
     let chunks: Vec<&[u8]> = ct.chunks(packet).collect();
-    let total = u16::try_from(chunks.len()).unwrap();
+    let total = u32::try_from(chunks.len()).unwrap();
     chunks
         .iter()
         .enumerate()
@@ -285,9 +306,9 @@ pub fn packets(
             numbering,
             request: Request::SendFile(FilePacket {
                 head: PacketHead {
-                    content_size: u32::try_from(ct.len()).unwrap(),
-                    orig_size: u32::try_from(content.len()).unwrap(),
-                    packet: u16::try_from(i + 1).unwrap(),
+                    content_size: ct.len() as u64,
+                    orig_size: content.len() as u64,
+                    packet: u32::try_from(i + 1).unwrap(),
                     total,
                     file: file.clone(),
                 },
@@ -535,20 +556,30 @@ pub fn stored(data: &Path, client: ClientId, name: &FileName) -> Option<Vec<u8>>
 
 // ---------------------------------------------------------------- the binary
 
-/// The real `backup-server` binary, started on 127.0.0.1:0.
+/// The real `backup-server` binary, started on 127.0.0.1:0 with both
+/// listeners.
 pub struct Binary {
     pub child: std::process::Child,
+    /// The legacy listener.
     pub addr: SocketAddr,
+    /// The secure listener.
+    pub secure_addr: SocketAddr,
     pub log: Arc<Mutex<Vec<String>>>,
 }
 
 impl Binary {
     /// Starts the binary on `data` with `extra` flags and waits for its
-    /// "listening" line.
+    /// "listening" lines.
     pub fn start(data: &Path, extra: &[&str]) -> Self {
         use std::io::BufRead;
         let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_backup-server"))
-            .args(["--listen", "127.0.0.1:0", "--data-dir"])
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--legacy-listen",
+                "127.0.0.1:0",
+                "--data-dir",
+            ])
             .arg(data)
             .args(extra)
             .env_clear()
@@ -566,22 +597,36 @@ impl Binary {
         std::thread::spawn(move || {
             for line in std::io::BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
-                if line.contains("listening") {
+                if line.contains("listening for") {
                     let _ = tx.send(line.clone());
                 }
                 sink.lock().unwrap().push(line);
             }
         });
-        let line = rx
-            .recv_timeout(STEP)
-            .expect("the binary never logged that it is listening");
-        let addr = line
-            .split_whitespace()
-            .find_map(|w| w.strip_prefix("addr="))
-            .expect("listening line has addr=")
-            .parse()
-            .unwrap();
-        Self { child, addr, log }
+        let addr_of = |line: &str| -> SocketAddr {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix("addr="))
+                .expect("listening line has addr=")
+                .parse()
+                .unwrap()
+        };
+        let (mut addr, mut secure_addr) = (None, None);
+        while addr.is_none() || secure_addr.is_none() {
+            let line = rx
+                .recv_timeout(STEP)
+                .expect("the binary never logged that it is listening");
+            if line.contains("listening for legacy") {
+                addr = Some(addr_of(&line));
+            } else {
+                secure_addr = Some(addr_of(&line));
+            }
+        }
+        Self {
+            child,
+            addr: addr.unwrap(),
+            secure_addr: secure_addr.unwrap(),
+            log,
+        }
     }
 
     pub fn pid(&self) -> u32 {

@@ -68,7 +68,7 @@ async fn measures_a_large_upload_through_the_binary() {
     let mut enc = CbcEncryptor::new(&c.aes);
     let mut packetizer = Packetizer::new(plan.clone(), c.id, c.numbering);
     let mut cksum = Cksum::new();
-    let mut frames = Vec::with_capacity(usize::from(plan.total));
+    let mut frames = Vec::with_capacity(plan.total as usize);
     let mut done = 0u64;
     let mut index = 0u64;
     while done < size {
