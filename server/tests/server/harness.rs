@@ -501,13 +501,14 @@ pub fn temp_files(data: &Path) -> Vec<PathBuf> {
         .collect()
 }
 
-/// Asserts that `data` holds only the database and committed blobs, each
-/// at `clients/<hex>/blobs/<hex>`.
+/// Asserts that `data` holds only the database, committed blobs (each at
+/// `clients/<hex>/blobs/<hex>`) and the server's TLS identity.
 pub fn assert_only_database_and_blobs(data: &Path) {
     for p in files_under(data) {
         let parts: Vec<&str> = p.iter().map(|c| c.to_str().unwrap()).collect();
         let ok = match parts.as_slice() {
             [db] => db.starts_with("backup.db"),
+            ["identity", "server-cert.der" | "server-key.der"] => true,
             ["clients", c, "blobs", b] => is_hex32(c) && is_hex32(b),
             _ => false,
         };
