@@ -723,6 +723,11 @@ fn summarize(report: &Report, global: &GlobalArgs, console: &Console) {
     }
 }
 
+fn parse_fingerprint_arg(text: &str) -> Result<protocol::secure::Fingerprint, String> {
+    text.parse()
+        .map_err(|e: protocol::secure::FingerprintError| e.to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -936,8 +941,4 @@ mod tests {
         .unwrap();
         assert_eq!(run(cli, dir.path()).await, 6);
     }
-}
-
-fn parse_fingerprint_arg(text: &str) -> Result<protocol::secure::Fingerprint, String> {
-    text.parse().map_err(|e: protocol::secure::FingerprintError| e.to_string())
 }

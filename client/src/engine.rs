@@ -55,15 +55,13 @@ async fn generate_key(dialect: protocol::Dialect) -> Result<PrivateKey, Error> {
     use protocol::secure::{SECURE_RSA_BITS, SECURE_RSA_EXPONENT};
     tokio::task::spawn_blocking(move || match dialect {
         protocol::Dialect::Legacy => PrivateKey::generate_legacy(&mut rand::rngs::OsRng),
-        protocol::Dialect::Secure => PrivateKey::generate(
-            &mut rand::rngs::OsRng,
-            SECURE_RSA_BITS,
-            SECURE_RSA_EXPONENT,
-        ),
+        protocol::Dialect::Secure => {
+            PrivateKey::generate(&mut rand::rngs::OsRng, SECURE_RSA_BITS, SECURE_RSA_EXPONENT)
+        }
     })
     .await
-        .map_err(|e| Error::Internal(format!("key generation stopped: {e}")))?
-        .map_err(|e| Error::Internal(format!("cannot generate an RSA key pair: {e}")))
+    .map_err(|e| Error::Internal(format!("key generation stopped: {e}")))?
+    .map_err(|e| Error::Internal(format!("cannot generate an RSA key pair: {e}")))
 }
 
 impl Client {
@@ -286,9 +284,9 @@ impl Client {
             .map_err(|e| self.session_error(e, None))?;
         let event = self.exchange(conn, session, &frame, &doing).await?;
         if let ClientEvent::Prove { .. } = event {
-            let client_id = session.client_id().ok_or_else(|| {
-                Error::Internal("registered without a client id".into())
-            })?;
+            let client_id = session
+                .client_id()
+                .ok_or_else(|| Error::Internal("registered without a client id".into()))?;
             let identity = Identity {
                 name: name.clone(),
                 client_id,

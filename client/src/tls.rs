@@ -103,14 +103,15 @@ impl ServerCertVerifier for PinVerifier {
     }
 }
 
+/// Where the verifier leaves the fingerprint the server presented.
+pub type Presented = Arc<Mutex<Option<Fingerprint>>>;
+
 /// A TLS 1.3 client configuration trusting as `trust` says, and the slot
 /// where the verifier leaves the fingerprint the server presented.
 ///
 /// # Errors
 /// Only if the crypto provider does not support TLS 1.3.
-pub fn client_config(
-    trust: Trust,
-) -> Result<(Arc<rustls::ClientConfig>, Arc<Mutex<Option<Fingerprint>>>), Error> {
+pub fn client_config(trust: Trust) -> Result<(Arc<rustls::ClientConfig>, Presented), Error> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let presented = Arc::new(Mutex::new(None));
     let verifier = PinVerifier {
@@ -181,10 +182,7 @@ impl KnownServers {
     fn bad_line(&self, n: usize) -> Error {
         Error::Identity {
             path: self.path.clone(),
-            detail: format!(
-                "line {} is not \"HOST:PORT SHA256:<64 hex digits>\"",
-                n + 1
-            ),
+            detail: format!("line {} is not \"HOST:PORT SHA256:<64 hex digits>\"", n + 1),
         }
     }
 

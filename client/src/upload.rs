@@ -202,7 +202,7 @@ pub async fn send_file(
     for _ in 0..READ_AHEAD {
         let _ = pool_tx.send(vec![0u8; chunk]);
     }
-    let size = u64::from(plan.orig_size);
+    let size = plan.orig_size;
     let reader_path = path.to_owned();
     let reader =
         tokio::task::spawn_blocking(move || read_stage(&reader_path, size, &pool_rx, &plain_tx));

@@ -57,9 +57,13 @@ impl TestServer {
         let mut config = server::Config::new(data.path());
         config.shutdown_grace = Duration::from_secs(2);
         configure(&mut config);
-        tokio::spawn(server::run(server::Listeners::both(listener, legacy), config, async move {
-            let _ = stopped.await;
-        }));
+        tokio::spawn(server::run(
+            server::Listeners::both(listener, legacy),
+            config,
+            async move {
+                let _ = stopped.await;
+            },
+        ));
         Self {
             addr,
             legacy_addr,

@@ -575,14 +575,14 @@ pub fn reassemble(data: &[u8]) {
                 accepted.push(head.clone());
                 content.extend_from_slice(&slice.content);
                 assert!(
-                    content.len() as u64 <= u64::from(head.content_size),
+                    content.len() as u64 <= head.content_size,
                     "accepted more than the declared content"
                 );
                 if slice.last {
                     assert_eq!(head.packet, head.total, "completed before the last packet");
                     assert_eq!(
                         content.len() as u64,
-                        u64::from(head.content_size),
+                        head.content_size,
                         "completed short of the declared content"
                     );
                     assert!(

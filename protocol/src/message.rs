@@ -10,9 +10,9 @@
 use bytes::{BufMut, Bytes, BytesMut};
 
 use crate::limits::{Limits, FILE_PACKET_HEAD_LEN, SECURE_FILE_PACKET_HEAD_LEN};
-use crate::secure::{MAX_PUBLIC_KEY_DER, PROOF_LEN};
 use crate::name::{FileName, NameError, UserName, NAME_FIELD_LEN};
 use crate::retrieval::{RetrievalRequest, RetrievalResponse};
+use crate::secure::{MAX_PUBLIC_KEY_DER, PROOF_LEN};
 use crate::wire::{
     u16_le, u32_le, u64_le, ClientId, Dialect, Numbering, RequestCode, RequestHeader, RequestKind,
     ResponseCode, ResponseHeader,
@@ -202,8 +202,11 @@ impl Request {
         limits: &Limits,
         dialect: Dialect,
     ) -> Result<Self, PayloadError> {
-        let (min, max) = Self::payload_bounds(kind, limits, dialect)
-            .ok_or(PayloadError::NotInDialect { code: code.0, dialect })?;
+        let (min, max) =
+            Self::payload_bounds(kind, limits, dialect).ok_or(PayloadError::NotInDialect {
+                code: code.0,
+                dialect,
+            })?;
         if payload.len() < min || payload.len() > max {
             return Err(PayloadError::Size {
                 code: code.0,
@@ -224,10 +227,17 @@ impl Request {
         let max_name = limits.max_name_len;
         Ok(match kind {
             RequestKind::Register if dialect == Dialect::Secure => {
-                let name = UserName::from_field(payload.get(..NAME_FIELD_LEN).unwrap_or_default(), max_name)?;
-                let declared = u16_le(payload.get(NAME_FIELD_LEN..NAME_FIELD_LEN + 2).unwrap_or_default())
-                    .map(usize::from)
-                    .unwrap_or_default();
+                let name = UserName::from_field(
+                    payload.get(..NAME_FIELD_LEN).unwrap_or_default(),
+                    max_name,
+                )?;
+                let declared = u16_le(
+                    payload
+                        .get(NAME_FIELD_LEN..NAME_FIELD_LEN + 2)
+                        .unwrap_or_default(),
+                )
+                .map(usize::from)
+                .unwrap_or_default();
                 let key = payload.split_off(NAME_FIELD_LEN + 2);
                 if declared == 0 || key.len() != declared {
                     return Err(PayloadError::Size {
@@ -304,7 +314,9 @@ impl Request {
         match (self, dialect) {
             (Request::Register { .. } | Request::PublicKey { .. }, Dialect::Secure)
             | (Request::RegisterKey { .. } | Request::Prove { .. }, Dialect::Legacy) => Err(wrong),
-            (Request::RegisterKey { key, .. }, _) if key.is_empty() || key.len() > MAX_PUBLIC_KEY_DER => {
+            (Request::RegisterKey { key, .. }, _)
+                if key.is_empty() || key.len() > MAX_PUBLIC_KEY_DER =>
+            {
                 Err(PayloadError::Unrepresentable {
                     field: "public key length",
                     value: key.len() as u64,
@@ -577,8 +589,8 @@ impl Response {
             actual: payload.len(),
             expected,
         };
-        let (min, max) = Self::payload_bounds(code, limits, dialect)
-            .ok_or_else(|| size_err("a known code"))?;
+        let (min, max) =
+            Self::payload_bounds(code, limits, dialect).ok_or_else(|| size_err("a known code"))?;
         if payload.len() < min || payload.len() > max {
             return Err(size_err("the size its code fixes"));
         }
@@ -654,18 +666,14 @@ impl Response {
     /// Length of the payload this response encodes to in `dialect`.
     pub fn payload_len(&self, dialect: Dialect) -> usize {
         match self {
-            Response::Registered { .. }
-            | Response::Ack { .. }
-            | Response::Authenticated { .. } => 16,
-            Response::RegistrationFailed
-            | Response::GeneralError
-            | Response::NotAuthenticated => 0,
+            Response::Registered { .. } | Response::Ack { .. } | Response::Authenticated { .. } => {
+                16
+            }
+            Response::RegistrationFailed | Response::GeneralError | Response::NotAuthenticated => 0,
             Response::ReconnectRejected { client_id } => client_id.map_or(0, |_| 16),
             Response::KeyAccepted { wrapped_key, .. }
             | Response::Reconnected { wrapped_key, .. } => 16 + wrapped_key.len(),
-            Response::FileReceived { .. } if dialect == Dialect::Secure => {
-                SECURE_FILE_RECEIVED_LEN
-            }
+            Response::FileReceived { .. } if dialect == Dialect::Secure => SECURE_FILE_RECEIVED_LEN,
             Response::FileReceived { .. } => FILE_RECEIVED_LEN,
             Response::Retrieval(r) => r.payload_len(),
         }
@@ -718,9 +726,7 @@ impl Response {
             Response::Registered { client_id }
             | Response::Ack { client_id }
             | Response::Authenticated { client_id } => out.put_slice(&client_id.0),
-            Response::RegistrationFailed
-            | Response::GeneralError
-            | Response::NotAuthenticated => {}
+            Response::RegistrationFailed | Response::GeneralError | Response::NotAuthenticated => {}
             Response::ReconnectRejected { client_id } => {
                 if let Some(id) = client_id {
                     out.put_slice(&id.0);

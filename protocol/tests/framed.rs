@@ -185,7 +185,13 @@ async fn framed_read_yields_an_error_and_ends_on_a_bad_version() {
         assert_eq!(got.len(), 2, "{name}: one request, one error, then the end");
         assert_eq!(got[0].as_ref().unwrap(), &first);
         assert!(
-            matches!(got[1], Err(CodecError::Version { got: 4, expected: 3 })),
+            matches!(
+                got[1],
+                Err(CodecError::Version {
+                    got: 4,
+                    expected: 3
+                })
+            ),
             "{name}: {:?}",
             got[1]
         );

@@ -6,7 +6,6 @@
 use bytes::{Bytes, BytesMut};
 use protocol::codec::CodecError;
 use protocol::crypto::pkcs7_len;
-use protocol::Dialect;
 use protocol::limits::{FILE_PACKET_HEAD_LEN, MAX_PACKETS};
 use protocol::message::{PayloadError, FILE_RECEIVED_LEN};
 use protocol::name::{NameError, MAX_NAME_LEN, NAME_FIELD_LEN};
@@ -17,6 +16,7 @@ use protocol::wire::{
     RequestCode, RequestHeader, RequestKind, ResponseCode, ResponseHeader, REQUEST_HEADER_LEN,
     RESPONSE_HEADER_LEN, VERSION,
 };
+use protocol::Dialect;
 use protocol::{
     ClientCodec, ClientId, FileName, FilePacket, Limits, Numbering, PacketHead, Request,
     RequestFrame, Response, ServerCodec, UserName,
@@ -217,7 +217,8 @@ fn accepts_fixed_size_requests_declaring_exactly_their_size() {
         if kind == RequestKind::SendFile {
             continue;
         }
-        let (min, max) = Request::payload_bounds(kind, &Limits::default(), Dialect::Legacy).unwrap();
+        let (min, max) =
+            Request::payload_bounds(kind, &Limits::default(), Dialect::Legacy).unwrap();
         assert_eq!(min, max, "{kind:?} has a fixed size");
         let mut buf = request_header(
             RequestCode::of(kind, Numbering::Modern),
@@ -233,7 +234,8 @@ fn accepts_fixed_size_requests_declaring_exactly_their_size() {
 #[test]
 fn rejects_fixed_size_requests_declaring_one_byte_more_or_less() {
     for kind in KINDS {
-        let (min, max) = Request::payload_bounds(kind, &Limits::default(), Dialect::Legacy).unwrap();
+        let (min, max) =
+            Request::payload_bounds(kind, &Limits::default(), Dialect::Legacy).unwrap();
         for declared in [min - 1, max + 1] {
             let mut buf = request_header(
                 RequestCode::of(kind, Numbering::Classic),

@@ -329,7 +329,9 @@ pub fn load(
     if legacy_listen == Some(listen) && listen.port() != 0 {
         return Err(ConfigError::Invalid {
             key: "legacy_listen",
-            reason: format!("{listen} is already the secure listener; give the legacy protocol its own port"),
+            reason: format!(
+                "{listen} is already the secure listener; give the legacy protocol its own port"
+            ),
         });
     }
     Ok(Settings {

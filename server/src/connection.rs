@@ -26,18 +26,18 @@ use futures::{SinkExt, StreamExt};
 use protocol::retrieval::{
     ListEntry, RefusalReason, RestoreBegin, RetrievalRequest, RetrievalResponse, MAX_LIST_ENTRIES,
 };
+use protocol::secure::{Binding, BINDING_LEN, EXPORTER_LABEL};
 use protocol::session::server::{
     Action, KnownClient, RegisterOutcome, ServerConfig, ServerSession, SessionError,
 };
-use protocol::secure::{Binding, BINDING_LEN, EXPORTER_LABEL};
 use protocol::wire::RequestKind;
 use protocol::{ClientId, CodecError, Dialect, Request, RequestFrame, Response, ServerCodec};
 use rand::rngs::{OsRng, StdRng};
 use rand::{RngCore, SeedableRng};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio_rustls::TlsAcceptor;
 use tokio::sync::mpsc;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::codec::{FramedRead, FramedWrite};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, info_span, warn, Instrument, Span};

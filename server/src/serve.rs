@@ -82,9 +82,7 @@ impl Listeners {
 }
 
 /// Accepts on `listener`, or never when there is none.
-async fn accept(
-    listener: Option<&TcpListener>,
-) -> std::io::Result<(TcpStream, SocketAddr)> {
+async fn accept(listener: Option<&TcpListener>) -> std::io::Result<(TcpStream, SocketAddr)> {
     match listener {
         Some(l) => l.accept().await,
         None => std::future::pending().await,

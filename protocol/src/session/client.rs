@@ -766,8 +766,7 @@ impl UploadPlan {
     /// Bytes on the wire for the whole upload, headers included.
     pub fn wire_bytes(&self) -> u64 {
         let head = crate::message::PacketHead::len_in(self.dialect);
-        self.content_size
-            + u64::from(self.total) * (crate::wire::REQUEST_HEADER_LEN + head) as u64
+        self.content_size + u64::from(self.total) * (crate::wire::REQUEST_HEADER_LEN + head) as u64
     }
 }
 

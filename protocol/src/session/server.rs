@@ -33,10 +33,10 @@ use crate::cksum::Cksum;
 use crate::crypto::{self, AesKey, CbcDecryptor};
 use crate::limits::Limits;
 use crate::message::{FilePacket, PublicKeyField, Request, RequestFrame, Response};
-use crate::secure::{Binding, SessionSecret, MIN_SECURE_REGISTER_BITS};
 use crate::name::{FileName, UserName};
 use crate::reassembly::{Reassembler, ReassemblyError};
 use crate::retrieval::RetrievalRequest;
+use crate::secure::{Binding, SessionSecret, MIN_SECURE_REGISTER_BITS};
 use crate::session::MAX_SEND_ATTEMPTS;
 
 /// The most file names one session may have with attempts outstanding
@@ -188,8 +188,13 @@ enum Pending {
         name: UserName,
         secure_key: Option<Box<RsaPublicKey>>,
     },
-    StoreKey { public: Box<RsaPublicKey> },
-    Lookup { client_id: ClientId, name: UserName },
+    StoreKey {
+        public: Box<RsaPublicKey>,
+    },
+    Lookup {
+        client_id: ClientId,
+        name: UserName,
+    },
 }
 
 struct Receiving {
@@ -612,7 +617,7 @@ impl ServerSession {
         }
         cksum.update(&plaintext);
         let size = cksum.len();
-        let intact = padded_ok && size == u64::from(orig_size);
+        let intact = padded_ok && size == orig_size;
         let cksum = cksum.finish();
         let (client_id, _) = self.client.as_ref().ok_or(SessionError::NoPendingAction)?;
         let done = Response::FileReceived {

@@ -334,7 +334,6 @@ impl SqliteMetaStore {
         secure_key: Option<&[u8]>,
         now: SystemTime,
     ) -> Result<Registration, StorageError> {
-
         let mut conn = self.conn();
         let tx = conn.transaction()?;
         let taken: bool = tx.query_row(

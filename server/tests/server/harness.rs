@@ -448,7 +448,7 @@ impl Client {
                 assert_eq!(client_id, self.id);
                 assert_eq!(got, f);
                 assert_eq!(
-                    u64::from(content_size),
+                    content_size,
                     protocol::crypto::pkcs7_len(content.len() as u64)
                 );
                 assert_eq!(
