@@ -61,6 +61,15 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::RemoveClient { client, admin: a } => {
             admin::remove_client(&open(&a)?.0, &client, out)?
         }
+        Command::Scrub { admin: a } => {
+            let report = server::scrub::scrub(&open(&a)?.0, out)?;
+            if !report.is_clean() {
+                anyhow::bail!(
+                    "{} stored versions are damaged or missing (see the lines above)",
+                    report.damaged.len()
+                );
+            }
+        }
         Command::AppendOnly {
             client,
             state,
