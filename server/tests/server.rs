@@ -17,6 +17,8 @@ mod crash;
 mod flows;
 #[path = "server/hostile.rs"]
 mod hostile;
+#[path = "server/hostile_network.rs"]
+mod hostile_network;
 #[path = "server/lifecycle.rs"]
 mod lifecycle;
 #[path = "server/malformed.rs"]
