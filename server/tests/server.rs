@@ -13,6 +13,8 @@ mod harness;
 mod concurrency;
 #[path = "server/crash.rs"]
 mod crash;
+#[path = "server/crash_many.rs"]
+mod crash_many;
 #[path = "server/flows.rs"]
 mod flows;
 #[path = "server/hostile.rs"]
