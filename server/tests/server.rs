@@ -15,6 +15,8 @@ mod concurrency;
 mod crash;
 #[path = "server/crash_many.rs"]
 mod crash_many;
+#[path = "server/disk_full.rs"]
+mod disk_full;
 #[path = "server/flows.rs"]
 mod flows;
 #[path = "server/hostile.rs"]

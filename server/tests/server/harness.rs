@@ -692,10 +692,8 @@ impl Drop for Binary {
 pub enum Launch {
     /// As it is.
     Direct,
-    /// Through util-linux `prlimit --fsize=N` (RLIMIT_FSIZE), with SIGXFSZ
-    /// ignored (a shell's `trap "" XFSZ`, inherited across `exec`), so that
-    /// a write past the limit fails with EFBIG as a full disk fails with
-    /// ENOSPC, instead of killing the process.
+    /// Through util-linux `prlimit --fsize=N`: no file the server writes
+    /// may grow past N bytes (RLIMIT_FSIZE).
     FileSizeLimit(u64),
 }
 
@@ -708,12 +706,8 @@ pub fn server_command(data: &Path, extra: &[&str], launch: Launch) -> std::proce
         Launch::Direct => std::process::Command::new(binary),
         Launch::FileSizeLimit(bytes) => {
             let prlimit = find_program("prlimit").expect("prlimit is not installed");
-            let mut cmd = std::process::Command::new("/bin/sh");
-            cmd.args(["-c", "trap '' XFSZ; exec \"$@\"", "sh"])
-                .arg(prlimit)
-                .arg(format!("--fsize={bytes}"))
-                .arg("--")
-                .arg(binary);
+            let mut cmd = std::process::Command::new(prlimit);
+            cmd.arg(format!("--fsize={bytes}")).arg("--").arg(binary);
             cmd
         }
     };
