@@ -31,5 +31,7 @@ mod malformed;
 mod perf;
 #[path = "server/retrieval.rs"]
 mod retrieval;
+#[path = "server/scrub.rs"]
+mod scrub;
 #[path = "server/vectors.rs"]
 mod vectors;
