@@ -126,7 +126,13 @@ async fn a_client_killed_mid_restore_leaves_no_partial_file() {
     std::fs::create_dir(&dest).unwrap();
 
     let budgets: &[u64] = if std::env::var_os("BACKUP_LONG_TESTS").is_some_and(|v| v == "1") {
-        &[64 * 1024, MIB as u64, 4 * MIB as u64, 12 * MIB as u64, 16 * MIB as u64]
+        &[
+            64 * 1024,
+            MIB as u64,
+            4 * MIB as u64,
+            12 * MIB as u64,
+            16 * MIB as u64,
+        ]
     } else {
         &[4 * MIB as u64]
     };
@@ -179,7 +185,13 @@ async fn a_client_killed_mid_restore_leaves_no_partial_file() {
     }
 
     // The next restore removes the stale temporary and restores the file.
-    assert_success(&run(cwd, &["--server", &addr, "restore", "big.bin", "--to", "dest/"]).await);
+    assert_success(
+        &run(
+            cwd,
+            &["--server", &addr, "restore", "big.bin", "--to", "dest/"],
+        )
+        .await,
+    );
     assert_eq!(names(&dest), vec!["big.bin".to_owned()]);
     assert!(std::fs::read(dest.join("big.bin")).unwrap() == content);
 }

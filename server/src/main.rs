@@ -111,11 +111,15 @@ fn survive_file_size_limit() {
         Ok(mut xfsz) => {
             tokio::spawn(async move {
                 while xfsz.recv().await.is_some() {
-                    warn!("a write went past the file-size limit (RLIMIT_FSIZE); that upload fails");
+                    warn!(
+                        "a write went past the file-size limit (RLIMIT_FSIZE); that upload fails"
+                    );
                 }
             });
         }
-        Err(e) => warn!(cause = %e, "cannot handle SIGXFSZ; a write past the file-size limit would stop the server"),
+        Err(e) => {
+            warn!(cause = %e, "cannot handle SIGXFSZ; a write past the file-size limit would stop the server")
+        }
     }
 }
 

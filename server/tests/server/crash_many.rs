@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
-use protocol::{ClientId, ClientCodec, Numbering, Request, RequestFrame, Response};
+use protocol::{ClientCodec, ClientId, Numbering, Request, RequestFrame, Response};
 use rand::{Rng, SeedableRng};
 use server::storage::Storage;
 use sha2::{Digest, Sha256};
@@ -204,7 +204,12 @@ async fn keeps_every_committed_upload_through_random_sigkills() {
     }
     let ids: Vec<(ClientId, String)> = clients
         .iter()
-        .map(|c| (c.id, String::from_utf8_lossy(c.name.as_bytes()).into_owned()))
+        .map(|c| {
+            (
+                c.id,
+                String::from_utf8_lossy(c.name.as_bytes()).into_owned(),
+            )
+        })
         .collect();
     let done = Arc::new(AtomicUsize::new(0));
     let mut tasks = Vec::new();
@@ -314,6 +319,10 @@ async fn keeps_every_committed_upload_through_random_sigkills() {
         ledger.unconfirmed.len()
     );
     let per_worker = (0..uploads / WORKERS).filter(|j| j % 7 != 6).count();
-    assert_eq!(ledger.acked.len(), per_worker * WORKERS, "every upload finished");
+    assert_eq!(
+        ledger.acked.len(),
+        per_worker * WORKERS,
+        "every upload finished"
+    );
     assert!(kills >= 1, "no kill landed during the uploads");
 }

@@ -58,7 +58,11 @@ async fn fails_cleanly(mut server: Binary, data: &Path, too_big: usize, cause: &
     let local = c.peer.local_addr();
 
     let answers = upload_that_fails(c, "doc.bin", &random_bytes(too_big, 2)).await;
-    assert_eq!(answers, vec![Response::GeneralError], "1607, then the close");
+    assert_eq!(
+        answers,
+        vec![Response::GeneralError],
+        "1607, then the close"
+    );
     assert!(
         server.logged_for(local, cause),
         "no log of {cause:?}; log:\n{}",

@@ -32,7 +32,10 @@ async fn scrub_reports_rotted_and_missing_blobs_with_a_failing_status() {
     // One byte flipped in the big file, the old version of small.txt gone.
     let storage = Storage::open_local(&data).unwrap();
     let rows = storage.meta().all_versions().unwrap();
-    let big = rows.iter().find(|r| r.file.as_bytes() == b"big.bin").unwrap();
+    let big = rows
+        .iter()
+        .find(|r| r.file.as_bytes() == b"big.bin")
+        .unwrap();
     let path = data.join(&big.blob.0);
     let mut bytes = std::fs::read(&path).unwrap();
     bytes[1_234_567] ^= 0x04;
