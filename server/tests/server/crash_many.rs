@@ -45,6 +45,9 @@ struct Ledger {
     interrupted: usize,
 }
 
+/// A stored version by client, name and SHA-256.
+type RowKey = (ClientId, Vec<u8>, [u8; 32]);
+
 fn sha(content: &[u8]) -> [u8; 32] {
     Sha256::digest(content).into()
 }
@@ -276,7 +279,7 @@ async fn keeps_every_committed_upload_through_random_sigkills() {
     assert_metadata_matches_disk(&data);
     let storage = Storage::open_local(&data).unwrap();
     let rows = storage.meta().all_versions().unwrap();
-    let by_key: HashMap<(ClientId, Vec<u8>, [u8; 32]), (u32, u64)> = rows
+    let by_key: HashMap<RowKey, (u32, u64)> = rows
         .iter()
         .map(|r| {
             (

@@ -187,13 +187,16 @@ fn decode_responses(bytes: &[u8]) -> Vec<Response> {
     out
 }
 
+/// A file a client stored: its name and content.
+type Stored = (FileName, Vec<u8>);
+
 /// A well-behaved client that stores 64 KB files one after another until
 /// told to stop; returns its id and what it stored.
 fn good_client(
     addr: SocketAddr,
     name: &'static str,
     stop: Arc<AtomicBool>,
-) -> tokio::task::JoinHandle<(ClientId, Vec<(FileName, Vec<u8>)>)> {
+) -> tokio::task::JoinHandle<(ClientId, Vec<Stored>)> {
     tokio::spawn(async move {
         let mut c = Client::register(addr, name, &alice_key(), Numbering::Classic).await;
         let mut stored = Vec::new();
