@@ -558,6 +558,52 @@ async fn answers_or_closes_every_hostile_input_while_serving_a_good_client() {
         e1607(),
         "verdict names",
     ));
+    cases.spawn(keyed_case(
+        addr,
+        "register-when-keyed",
+        |c| {
+            let mut raw = header(c.id, RequestCode::CLASSIC_REGISTER, 255);
+            raw.put_slice(&name_field(b"second-name"));
+            vec![raw]
+        },
+        e1607(),
+        "is not allowed",
+    ));
+    cases.spawn(keyed_case(
+        addr,
+        "reconnect-when-keyed",
+        |c| {
+            let mut raw = header(c.id, RequestCode::RECONNECT, 255);
+            raw.put_slice(&name_field(c.name.as_bytes()));
+            vec![raw]
+        },
+        e1607(),
+        "is not allowed",
+    ));
+    cases.spawn(keyed_case(
+        addr,
+        "packet-while-verdict-due",
+        move |c| {
+            let ct = ct16(c);
+            let mut raw = raw_packet(c.id, 16, 11, 1, 1, b"sent", &ct);
+            raw.extend_from_slice(&raw_packet(c.id, 16, 11, 1, 1, b"sent", &ct));
+            vec![raw]
+        },
+        e1607(),
+        "is not allowed",
+    ));
+    cases.spawn(keyed_case(
+        addr,
+        "verdict-mid-upload",
+        |c| {
+            let mut raw = raw_packet(c.id, 48, 40, 1, 3, b"f", &[0; 16]);
+            raw.extend_from_slice(&header(c.id, RequestCode::CRC_OK, 255));
+            raw.put_slice(&name_field(b"f"));
+            vec![raw]
+        },
+        e1607(),
+        "is not allowed",
+    ));
     // A public key after a reconnect: refused (§6.2), else anyone who
     // knows a client's id and name could take the account over.
     cases.spawn(async move {
