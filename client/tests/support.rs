@@ -1,9 +1,11 @@
 //! Shared test helpers: a fake legacy server built on the protocol crate's
 //! server machine (with switchable quirks of deployed servers), a relay that
-//! corrupts ciphertext on its way to the server, and small file helpers.
+//! corrupts ciphertext on its way to the server, the real server on a
+//! temporary data directory, and small file helpers.
 #![allow(dead_code)]
 
 pub mod fake_server;
+pub mod real_server;
 pub mod relay;
 
 use std::path::Path;

@@ -1,5 +1,5 @@
 //! Operator commands (`backup-server clients|files|prune|remove-client|
-//! append-only`): each opens the data directory, does one thing, and
+//! append-only`; `scrub` is in [`crate::scrub`]): each opens the data directory, does one thing, and
 //! writes a plain-text report.
 //!
 //! They may run while a server serves the same data directory: SQLite in

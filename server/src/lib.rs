@@ -9,7 +9,8 @@
 //! storage [`Action`](protocol::session::server::Action)s.
 //!
 //! Operator commands (list clients and files, prune, remove a client,
-//! toggle append-only) are in [`admin`].
+//! toggle append-only) are in [`admin`]; re-reading every stored file
+//! against its recorded digests is [`scrub`].
 //!
 //! Storage sits behind two small traits ([`storage::MetaStore`] and
 //! [`storage::BlobStore`]); the defaults are SQLite and a local data
@@ -31,6 +32,7 @@ pub mod admin;
 pub mod config;
 mod connection;
 pub mod identity;
+pub mod scrub;
 mod serve;
 pub mod storage;
 

@@ -67,6 +67,15 @@ fn run(command: Command) -> anyhow::Result<()> {
             use std::io::Write;
             writeln!(out, "{}", identity.fingerprint())?;
         }
+        Command::Scrub { admin: a } => {
+            let report = server::scrub::scrub(&open(&a)?.0, out)?;
+            if !report.is_clean() {
+                anyhow::bail!(
+                    "{} stored versions are damaged or missing (see the lines above)",
+                    report.damaged.len()
+                );
+            }
+        }
         Command::AppendOnly {
             client,
             state,
@@ -104,10 +113,38 @@ fn serve(args: &server::config::Args) -> anyhow::Result<()> {
             secure: Some(secure),
             legacy,
         };
+        survive_file_size_limit();
         server::run(listeners, settings.config, shutdown_signal()).await?;
         Ok(())
     })
 }
+
+/// A write past the file-size limit (RLIMIT_FSIZE, e.g. `ulimit -f`)
+/// raises SIGXFSZ, whose default action kills the process. With a handler
+/// installed instead, the write fails with EFBIG like any other storage
+/// failure: the upload is answered 1607 and discarded, and the server goes
+/// on serving. The handler stays installed for the life of the process.
+#[cfg(unix)]
+fn survive_file_size_limit() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::from_raw(libc::SIGXFSZ)) {
+        Ok(mut xfsz) => {
+            tokio::spawn(async move {
+                while xfsz.recv().await.is_some() {
+                    warn!(
+                        "a write went past the file-size limit (RLIMIT_FSIZE); that upload fails"
+                    );
+                }
+            });
+        }
+        Err(e) => {
+            warn!(cause = %e, "cannot handle SIGXFSZ; a write past the file-size limit would stop the server")
+        }
+    }
+}
+
+#[cfg(not(unix))]
+fn survive_file_size_limit() {}
 
 /// Completes on the first SIGINT or SIGTERM; a second one exits at once.
 async fn shutdown_signal() {

@@ -13,10 +13,16 @@ mod harness;
 mod concurrency;
 #[path = "server/crash.rs"]
 mod crash;
+#[path = "server/crash_many.rs"]
+mod crash_many;
+#[path = "server/disk_full.rs"]
+mod disk_full;
 #[path = "server/flows.rs"]
 mod flows;
 #[path = "server/hostile.rs"]
 mod hostile;
+#[path = "server/hostile_network.rs"]
+mod hostile_network;
 #[path = "server/lifecycle.rs"]
 mod lifecycle;
 #[path = "server/malformed.rs"]
@@ -25,5 +31,7 @@ mod malformed;
 mod perf;
 #[path = "server/retrieval.rs"]
 mod retrieval;
+#[path = "server/scrub.rs"]
+mod scrub;
 #[path = "server/vectors.rs"]
 mod vectors;

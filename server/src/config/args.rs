@@ -73,6 +73,13 @@ pub enum Command {
         #[command(flatten)]
         admin: AdminArgs,
     },
+    /// Re-read every stored version and check its size, cksum and SHA-256
+    /// against those recorded at commit. One line per version, then a
+    /// summary; the exit status is 1 when any version is damaged or missing.
+    Scrub {
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
     /// Turn a client's append-only flag on or off.
     AppendOnly {
         /// Client id (32 hex digits) or name.

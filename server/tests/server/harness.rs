@@ -572,20 +572,13 @@ impl Binary {
     /// Starts the binary on `data` with `extra` flags and waits for its
     /// "listening" lines.
     pub fn start(data: &Path, extra: &[&str]) -> Self {
+        Self::start_with(data, extra, Launch::Direct)
+    }
+
+    /// As [`start`](Self::start), launched as `launch` says.
+    pub fn start_with(data: &Path, extra: &[&str], launch: Launch) -> Self {
         use std::io::BufRead;
-        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_backup-server"))
-            .args([
-                "--listen",
-                "127.0.0.1:0",
-                "--legacy-listen",
-                "127.0.0.1:0",
-                "--data-dir",
-            ])
-            .arg(data)
-            .args(extra)
-            .env_clear()
-            .env("RUST_LOG", "info")
-            .current_dir(data.parent().unwrap_or(data))
+        let mut child = server_command(data, extra, launch)
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::piped())
@@ -636,9 +629,26 @@ impl Binary {
 
     /// Peak resident set size in KiB (`VmHWM`).
     pub fn peak_rss_kib(&self) -> Option<u64> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).ok()?;
-        let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-        line.split_whitespace().nth(1)?.parse().ok()
+        status_field(self.pid(), "VmHWM:")
+    }
+
+    /// Resident set size now, in KiB (`VmRSS`).
+    pub fn rss_kib(&self) -> Option<u64> {
+        status_field(self.pid(), "VmRSS:")
+    }
+
+    /// Open file descriptors of the process.
+    pub fn open_fds(&self) -> Option<usize> {
+        Some(
+            std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+                .ok()?
+                .count(),
+        )
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
     }
 
     /// CPU time used so far (user + system), from `/proc/<pid>/stat`.
@@ -669,6 +679,32 @@ impl Binary {
         panic!("the binary did not exit within 15 s of SIGTERM");
     }
 
+    /// Whether the binary logged a line about the connection from `local`
+    /// (the client's side address is the server's `peer`) containing
+    /// `cause`, waiting up to 5 s for the log reader to catch up.
+    pub fn logged_for(&self, local: SocketAddr, cause: &str) -> bool {
+        let peer = format!("peer={local}");
+        for _ in 0..100 {
+            if self
+                .log
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|l| l.contains(&peer) && l.contains(cause))
+            {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        false
+    }
+
+    /// The log lines so far that contain `needle`.
+    pub fn log_lines(&self, needle: &str) -> Vec<String> {
+        let log = self.log.lock().unwrap();
+        log.iter().filter(|l| l.contains(needle)).cloned().collect()
+    }
+
     /// Whether the binary logged `needle`, waiting up to 5 s for the log
     /// reader to catch up.
     pub fn logged(&self, needle: &str) -> bool {
@@ -689,6 +725,93 @@ impl Drop for Binary {
             let _ = self.child.wait();
         }
     }
+}
+
+/// How the binary is launched.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Launch {
+    /// As it is.
+    Direct,
+    /// Through util-linux `prlimit --fsize=N`: no file the server writes
+    /// may grow past N bytes (RLIMIT_FSIZE).
+    FileSizeLimit(u64),
+}
+
+/// The one place where the binary's command line is built: serving on
+/// 127.0.0.1:0 over `data`, with `extra` flags, a clean environment and
+/// `RUST_LOG=info`.
+pub fn server_command(data: &Path, extra: &[&str], launch: Launch) -> std::process::Command {
+    let binary = env!("CARGO_BIN_EXE_backup-server");
+    let mut cmd = match launch {
+        Launch::Direct => std::process::Command::new(binary),
+        Launch::FileSizeLimit(bytes) => {
+            let prlimit = find_program("prlimit").expect("prlimit is not installed");
+            let mut cmd = std::process::Command::new(prlimit);
+            cmd.arg(format!("--fsize={bytes}")).arg("--").arg(binary);
+            cmd
+        }
+    };
+    cmd.args([
+        "--listen",
+        "127.0.0.1:0",
+        "--legacy-listen",
+        "127.0.0.1:0",
+        "--data-dir",
+    ])
+        .arg(data)
+        .args(extra)
+        .env_clear()
+        .env("RUST_LOG", "info")
+        .current_dir(data.parent().unwrap_or(data));
+    cmd
+}
+
+/// Runs an operator command of the binary (`scrub`, `clients`, ...) on
+/// `data`; returns its exit status, stdout and stderr.
+pub fn admin_command(command: &str, data: &Path, extra: &[&str]) -> (i32, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_backup-server"))
+        .arg(command)
+        .arg("--data-dir")
+        .arg(data)
+        .args(extra)
+        .env_clear()
+        .env("RUST_LOG", "warn")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The absolute path of `name` on `PATH`, if any.
+pub fn find_program(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}
+
+/// Whether the long variants of the reliability tests run
+/// (`BACKUP_LONG_TESTS=1`).
+pub fn long_tests() -> bool {
+    std::env::var_os("BACKUP_LONG_TESTS").is_some_and(|v| v == "1")
+}
+
+/// The soft limit on open files of this process (from `/proc/self/limits`).
+pub fn open_files_limit() -> Option<u64> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line.split_whitespace().nth(3)?.parse().ok()
+}
+
+/// A `KiB` field of `/proc/<pid>/status`.
+fn status_field(pid: u32, field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with(field))?;
+    line.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// User + system CPU time of process `pid` ("self" for this one), assuming
