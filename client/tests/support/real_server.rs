@@ -22,9 +22,13 @@ impl RealServer {
         let (stop, stopped) = oneshot::channel::<()>();
         let mut config = server::Config::new(data.path());
         config.shutdown_grace = Duration::from_secs(2);
-        tokio::spawn(server::run(server::Listeners::legacy(listener), config, async move {
-            let _ = stopped.await;
-        }));
+        tokio::spawn(server::run(
+            server::Listeners::legacy(listener),
+            config,
+            async move {
+                let _ = stopped.await;
+            },
+        ));
         Self {
             addr,
             data,

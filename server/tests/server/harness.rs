@@ -758,11 +758,11 @@ pub fn server_command(data: &Path, extra: &[&str], launch: Launch) -> std::proce
         "127.0.0.1:0",
         "--data-dir",
     ])
-        .arg(data)
-        .args(extra)
-        .env_clear()
-        .env("RUST_LOG", "info")
-        .current_dir(data.parent().unwrap_or(data));
+    .arg(data)
+    .args(extra)
+    .env_clear()
+    .env("RUST_LOG", "info")
+    .current_dir(data.parent().unwrap_or(data));
     cmd
 }
 
