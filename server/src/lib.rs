@@ -31,6 +31,9 @@
 pub mod admin;
 pub mod config;
 mod connection;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod identity;
 pub mod scrub;
 mod serve;

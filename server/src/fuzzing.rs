@@ -1,0 +1,273 @@
+//! The harness of the live-server fuzz target (`fuzz/fuzz_targets/live_server.rs`),
+//! built only with the `fuzzing` feature.
+//!
+//! Each input is served by the real connection handler, session, storage
+//! and upload writer threads, with the connection's bytes coming from
+//! memory instead of a socket. The first byte picks how:
+//!
+//! - `% 3 == 0`: the rest as a legacy (version 3) byte stream;
+//! - `% 3 == 1`: a legacy stream that first reconnects as a registered
+//!   client (so the session is keyed and uploads, verdicts and retrieval
+//!   requests reach storage), then the rest;
+//! - `% 3 == 2`: the rest as a secure-mode (version 4) stream, past a TLS
+//!   handshake that is not part of the input.
+//!
+//! After each input, with every writer thread finished: no panic, nothing in
+//! the data directory but the database, blobs under `clients/<hex>/blobs/`
+//! and the server identity, no temporary left behind, nothing beside the
+//! data directory, and every version row has its blob with the recorded
+//! size. Memory is bounded by libFuzzer's `-rss_limit_mb` and
+//! `-malloc_limit_mb`.
+#![allow(clippy::panic, clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, SystemTime};
+
+use bytes::BytesMut;
+use protocol::crypto::{public_key_field, PrivateKey};
+use protocol::{ClientId, Numbering, Request, RequestFrame, UserName};
+use rand::SeedableRng;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::connection::{self, Security, Shared};
+use crate::storage::Storage;
+
+struct Harness {
+    runtime: tokio::runtime::Runtime,
+    root: PathBuf,
+    data: PathBuf,
+    shared: Arc<Shared>,
+    /// The keyed client that mode 1 reconnects as.
+    client: (ClientId, UserName),
+    _alive: mpsc::Receiver<()>,
+}
+
+fn harness() -> &'static Harness {
+    static HARNESS: OnceLock<Harness> = OnceLock::new();
+    HARNESS.get_or_init(|| {
+        let root = std::env::temp_dir().join(format!("backup-live-fuzz-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let data = root.join("data");
+        std::fs::create_dir_all(&data).unwrap();
+        let storage = Storage::open_local(&data).unwrap();
+        // One legacy client with a key, registered as a legacy server would.
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        let key = PrivateKey::generate_legacy(&mut rng).unwrap();
+        let name = UserName::try_from("fuzz").unwrap();
+        let id = ClientId([0x42; 16]);
+        storage
+            .meta()
+            .register(id, &name, SystemTime::now())
+            .unwrap();
+        storage
+            .meta()
+            .set_public_key(
+                id,
+                &public_key_field(&key.public_key()).unwrap(),
+                SystemTime::now(),
+            )
+            .unwrap();
+        let mut config = Config::new(&data);
+        // Short deadlines: an input that stalls ends quickly.
+        config.idle_timeout = Duration::from_millis(200);
+        config.request_timeout = Duration::from_millis(200);
+        let (alive, receiver) = mpsc::channel(1);
+        let shared = Arc::new(Shared {
+            config,
+            storage,
+            shutdown: CancellationToken::new(),
+            alive,
+        });
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        Harness {
+            runtime,
+            root,
+            data,
+            shared,
+            client: (id, name),
+            _alive: receiver,
+        }
+    })
+}
+
+/// Serves `data` as one connection and checks the invariants.
+pub fn live_server(data: &[u8]) {
+    serve_input(data);
+}
+
+/// As [`live_server`], returning what the server wrote.
+fn serve_input(data: &[u8]) -> Vec<u8> {
+    let h = harness();
+    let Some((&mode, rest)) = data.split_first() else {
+        return Vec::new();
+    };
+    let peer: SocketAddr = "127.0.0.1:9".parse().unwrap();
+    let mut input = BytesMut::new();
+    let security = match mode % 3 {
+        0 => Security::Legacy,
+        1 => {
+            let (id, name) = &h.client;
+            RequestFrame {
+                client_id: *id,
+                numbering: Numbering::Modern,
+                request: Request::Reconnect { name: name.clone() },
+            }
+            .encode(&mut input);
+            Security::Legacy
+        }
+        _ => Security::Secure([7; 32]),
+    };
+    input.extend_from_slice(rest);
+    let shared = Arc::clone(&h.shared);
+    let mut output = Vec::new();
+    h.runtime.block_on(async {
+        let reader: &[u8] = &input;
+        connection::serve(reader, &mut output, peer, shared, security).await;
+        // Writer threads remove or publish their files on their own time:
+        // wait for every one of them before looking at the directory.
+        let mut waited = Duration::ZERO;
+        while h.shared.alive.strong_count() > 1 {
+            assert!(
+                waited < Duration::from_secs(10),
+                "an upload writer did not finish"
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            waited += Duration::from_millis(1);
+        }
+    });
+    check(h);
+    output
+}
+
+fn check(h: &Harness) {
+    // Nothing beside the data directory.
+    for entry in std::fs::read_dir(&h.root).unwrap() {
+        let path = entry.unwrap().path();
+        assert_eq!(path, h.data, "a file appeared beside the data directory");
+    }
+    // Nothing in it but what the server's layout allows, and no temporary.
+    for path in files_under(&h.data) {
+        let parts: Vec<String> = path
+            .iter()
+            .map(|c| c.to_string_lossy().into_owned())
+            .collect();
+        let parts: Vec<&str> = parts.iter().map(String::as_str).collect();
+        let ok = match parts.as_slice() {
+            [db] => db.starts_with("backup.db"),
+            ["identity", _] => true,
+            ["clients", c, "blobs", b] => is_hex32(c) && is_hex32(b),
+            _ => false,
+        };
+        assert!(
+            ok,
+            "unexpected file in the data directory: {}",
+            path.display()
+        );
+    }
+    // Every version row has its blob, of the recorded size.
+    for v in h.shared.storage.meta().all_versions().unwrap() {
+        let mut blob = h
+            .shared
+            .storage
+            .blobs()
+            .open(&v.blob)
+            .unwrap_or_else(|e| panic!("version {} has no blob: {e}", v.version));
+        let len = std::io::copy(&mut blob, &mut std::io::sink()).unwrap();
+        assert_eq!(
+            len, v.size,
+            "blob of version {} has the wrong size",
+            v.version
+        );
+    }
+}
+
+fn files_under(root: &Path) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let mut todo = vec![root.to_owned()];
+    while let Some(dir) = todo.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                todo.push(path);
+            } else {
+                found.push(path.strip_prefix(root).unwrap().to_owned());
+            }
+        }
+    }
+    found
+}
+
+fn is_hex32(s: &str) -> bool {
+    s.len() == 32 && s.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn serves_every_mode_and_keeps_the_invariants() {
+        for first in 0u8..3 {
+            live_server(&[first]);
+            live_server(&[first, 1, 2, 3]);
+            let mut garbage = vec![first];
+            garbage.extend(std::iter::repeat_n(0xffu8, 600));
+            live_server(&garbage);
+        }
+        // A keyed session sending a packet of random ciphertext and a
+        // verdict: storage is reached, the invariants still hold.
+        let (id, _) = harness().client.clone();
+        let mut input = BytesMut::new();
+        input.extend_from_slice(&[1]);
+        let file = protocol::FileName::try_from("f").unwrap();
+        RequestFrame {
+            client_id: id,
+            numbering: Numbering::Modern,
+            request: Request::SendFile(protocol::FilePacket {
+                head: protocol::PacketHead {
+                    content_size: 16,
+                    orig_size: 3,
+                    packet: 1,
+                    total: 1,
+                    file: file.clone(),
+                },
+                content: bytes::Bytes::from_static(&[9; 16]),
+            }),
+        }
+        .encode(&mut input);
+        RequestFrame {
+            client_id: id,
+            numbering: Numbering::Modern,
+            request: Request::CrcOk { file },
+        }
+        .encode(&mut input);
+        RequestFrame {
+            client_id: id,
+            numbering: Numbering::Modern,
+            request: Request::Retrieval(protocol::retrieval::RetrievalRequest::List {
+                flags: protocol::retrieval::ListFlags::ALL_VERSIONS,
+                cursor: 0,
+            }),
+        }
+        .encode(&mut input);
+        let output = serve_input(&input);
+        // The reconnect keyed the session and the upload reached storage:
+        // 1605, 1603, then 1607 (random ciphertext has bad padding) or 1604.
+        use tokio_util::codec::Decoder;
+        let mut codec = protocol::ClientCodec::default();
+        let mut buf = BytesMut::from(&output[..]);
+        let mut codes = Vec::new();
+        while let Ok(Some(r)) = codec.decode(&mut buf) {
+            codes.push(r.code().0);
+        }
+        assert_eq!(codes.first(), Some(&1605), "{codes:?}");
+        assert_eq!(codes.get(1), Some(&1603), "{codes:?}");
+    }
+}
