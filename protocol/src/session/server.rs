@@ -440,7 +440,7 @@ impl ServerSession {
                 // key: a reconnect proves nothing (the id is not a secret),
                 // so accepting a key after it would hand the account to
                 // anyone who knows the id and name.
-                if !self.registered_here || self.has_uncommitted_upload() {
+                if !self.registered_here || self.key.is_some() || self.has_uncommitted_upload() {
                     return Err(self.unexpected(kind));
                 }
                 let public = crypto::parse_public_key(&key)
@@ -943,6 +943,28 @@ mod tests {
             matches!(done, Some(Response::FileReceived { cksum, .. }) if cksum == Cksum::of(&plain))
         );
         assert!(s.spare.is_none(), "no buffer is held between uploads");
+    }
+
+    #[test]
+    fn rejects_a_second_public_key_once_keyed() {
+        let (mut s, id, _, mut rng) = keyed();
+        let mut other_rng = rand::rngs::StdRng::seed_from_u64(3);
+        let other = PrivateKey::generate_legacy(&mut other_rng).unwrap();
+        let frame = RequestFrame {
+            client_id: id,
+            numbering: Numbering::Modern,
+            request: Request::PublicKey {
+                name: UserName::try_from("u").unwrap(),
+                key: public_key_field(&other.public_key()).unwrap(),
+            },
+        };
+        assert!(matches!(
+            s.handle(frame, &mut rng),
+            Err(SessionError::Unexpected {
+                request: RequestKind::PublicKey,
+                ..
+            })
+        ));
     }
 
     #[test]
