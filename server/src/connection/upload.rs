@@ -1,5 +1,5 @@
-//! The writer of one upload: a dedicated thread fed through a bounded
-//! channel.
+//! The writer of one upload: a thread of the blocking pool fed through a
+//! bounded channel.
 //!
 //! The connection task decrypts and checksums each packet (in the session
 //! machine) and hands the plaintext here; the thread hashes it with SHA-256
@@ -53,11 +53,11 @@ pub(crate) struct Upload {
 }
 
 impl Upload {
-    /// Starts the writer thread for a new blob of `client`. `alive` is held
-    /// by the thread until it ends, so shutdown can wait for it.
+    /// Starts the writer for a new blob of `client`. `alive` is held by the
+    /// writer until it ends, so shutdown can wait for it.
     ///
     /// # Errors
-    /// When the thread cannot be started.
+    /// When called outside a tokio runtime.
     pub(crate) fn start(
         blobs: std::sync::Arc<dyn BlobStore>,
         client: ClientId,
@@ -69,15 +69,16 @@ impl Upload {
         // is large enough for its packets), the writer drops them instead.
         let (give_back, returned) = std::sync::mpsc::sync_channel(POOL);
         let started = Instant::now();
-        std::thread::Builder::new()
-            .name("upload-writer".into())
-            .spawn(move || {
-                let _alive = alive;
-                if let Some(result) = write_all(&*blobs, client, rx, &give_back, started) {
-                    let _ = outcome_tx.send(result);
-                }
-            })
-            .map_err(|e| StorageError::Worker(format!("cannot start a writer thread: {e}")))?;
+        // A thread of the runtime's blocking pool: a run of small files
+        // reuses one instead of starting a thread per file.
+        let runtime = tokio::runtime::Handle::try_current()
+            .map_err(|e| StorageError::Worker(format!("cannot start a writer: {e}")))?;
+        runtime.spawn_blocking(move || {
+            let _alive = alive;
+            if let Some(result) = write_all(&*blobs, client, rx, &give_back, started) {
+                let _ = outcome_tx.send(result);
+            }
+        });
         Ok(Self {
             tx,
             outcome,
