@@ -69,6 +69,10 @@ struct Cli {
     /// Concurrent clients
     #[arg(long, value_name = "N")]
     clients: Option<u64>,
+    /// Also back up the small files with this many client processes at
+    /// once, each given a share of the folders (0: not)
+    #[arg(long, default_value_t = 4, value_name = "N")]
+    small_procs: u64,
     /// Folder holding release builds of backup-server and backup-client
     /// [default: this executable's folder]
     #[arg(long, value_name = "DIR")]
@@ -309,6 +313,9 @@ impl Bench {
             if let Some(tree) = &expected_small {
                 let expected = Expected::Tree(Box::new(tree.clone()));
                 self.ours_one(mode, &tool, "small", &small, &expected)?;
+                if cli.small_procs > 1 {
+                    self.small_split(mode, &tool, &small, cli.small_procs)?;
+                }
             }
             if !cli.skip.contains(&Scenario::Concurrent) {
                 self.concurrent(mode, &tool)?;
@@ -443,6 +450,68 @@ impl Bench {
         Ok(())
     }
 
+    /// The small files backed up by `procs` client processes at once (one
+    /// identity, a share of the folders each): what backing up over several
+    /// connections would give, the fsyncs of one connection overlapping
+    /// those of the others.
+    fn small_split(&mut self, mode: Mode, tool: &str, src: &Path, procs: u64) -> Result<()> {
+        let dir = self.work.join(format!("ours-{}-small-split", mode.name()));
+        let log = self
+            .logs
+            .join(format!("ours-{}-small-split.log", mode.name()));
+        let server = Server::start(
+            &self.bins,
+            self.caps,
+            mode,
+            &dir.join("server"),
+            &self
+                .logs
+                .join(format!("server-{}-small-split.log", mode.name())),
+        )?;
+        let client = Client::register(&self.bins, &server, &dir.join("client"), "bench")?;
+        let mut folders: Vec<PathBuf> = fs::read_dir(src)?
+            .map(|e| e.map(|e| e.path()))
+            .collect::<Result<_, _>>()?;
+        folders.sort();
+        let share = folders
+            .len()
+            .div_ceil(usize::try_from(procs).unwrap_or(1).max(1));
+        let (files, bytes) = size_of(src)?;
+        say(&format!("small: backup by {procs} processes ({tool})"));
+        let phase = server.phase()?;
+        let started = Instant::now();
+        let running: Vec<Running> = folders
+            .chunks(share.max(1))
+            .map(|part| {
+                let paths: Vec<&Path> = part.iter().map(PathBuf::as_path).collect();
+                measure::spawn(&client.backup_cmd(&paths), &log)
+            })
+            .collect::<Result<_>>()?;
+        let costs = wait_all(running);
+        let wall = started.elapsed().as_secs_f64();
+        let srv = server.end(phase)?;
+        server.stop();
+        let costs: Vec<Cost> = costs.into_iter().collect::<Result<_>>()?;
+        let mut row = Row::new(
+            "small",
+            &format!("{tool} {procs} procs"),
+            "backup",
+            bytes,
+            files,
+            wall,
+        );
+        row.client_cpu_s = Some(costs.iter().map(|c| c.cpu_s).sum());
+        row.client_rss_mib = costs.iter().map(|c| mib(c.rss_kib)).reduce(f64::max);
+        row.server_cpu_s = Some(srv.cpu_s);
+        row.server_rss_mib = Some(mib(srv.peak_rss_kib));
+        row.note = format!(
+            "{procs} client processes, one identity, {share} folders each (names are relative to each folder); client CPU summed"
+        );
+        self.rows.push(row);
+        fs::remove_dir_all(&dir)?;
+        Ok(())
+    }
+
     /// Many clients backing up at once; every file then restored and
     /// checked.
     fn concurrent(&mut self, mode: Mode, tool: &str) -> Result<()> {
@@ -487,19 +556,7 @@ impl Bench {
             .zip(&files)
             .map(|(c, (p, _))| measure::spawn(&c.backup_cmd(&[p]), &c.log()))
             .collect::<Result<_>>()?;
-        let costs: Vec<Result<Cost>> = std::thread::scope(|s| {
-            let handles: Vec<_> = running
-                .into_iter()
-                .map(|r| s.spawn(move || r.wait()))
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| {
-                    h.join()
-                        .unwrap_or_else(|_| Err(anyhow::anyhow!("a waiter panicked")))
-                })
-                .collect()
-        });
+        let costs = wait_all(running);
         let wall = started.elapsed().as_secs_f64();
         let srv = server.end(phase)?;
         let failed = costs.iter().filter(|c| c.is_err()).count();
@@ -634,6 +691,24 @@ fn join_note(a: &str, b: &str) -> String {
     } else {
         format!("{a}; {b}")
     }
+}
+
+/// Waits for every command, each on its own thread so that each wall time
+/// ends when its command does.
+fn wait_all(running: Vec<Running>) -> Vec<Result<Cost>> {
+    std::thread::scope(|s| {
+        let handles: Vec<_> = running
+            .into_iter()
+            .map(|r| s.spawn(move || r.wait()))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("a waiter panicked")))
+            })
+            .collect()
+    })
 }
 
 /// Files and bytes under `path` (a file or a folder).

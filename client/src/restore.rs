@@ -40,7 +40,11 @@ const PIPELINE_FROM: u64 = 4 * 1024 * 1024;
 const WRITE_QUEUE: usize = 2;
 /// Bytes written between background syncs of a large file, so that the
 /// final sync only has the tail left to write back.
-const EARLY_SYNC_BYTES: u64 = 64 * 1024 * 1024;
+const EARLY_SYNC_BYTES: u64 = if cfg!(test) {
+    1024 * 1024
+} else {
+    64 * 1024 * 1024
+};
 
 /// Why a server name cannot be a path.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -685,6 +689,37 @@ mod tests {
             } else {
                 assert!(names.is_empty(), "{names:?}");
                 assert_eq!(result.unwrap_err().exit_code(), 5);
+            }
+        }
+    }
+
+    #[test]
+    fn writes_a_large_file_through_the_writer_thread_with_early_syncs() {
+        let key = AesKey::from_bytes([5; 32]);
+        let len = usize::try_from(PIPELINE_FROM + 3 * EARLY_SYNC_BYTES).unwrap() + 17;
+        let plain: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+        let ct = encrypt_all(&key, &plain);
+        for (cksum, good) in [(Cksum::of(&plain), true), (Cksum::of(&plain) ^ 1, false)] {
+            let dir = tempfile::tempdir().unwrap();
+            let dest = Destination::inside(dir.path(), b"f").unwrap();
+            let folder = dest.prepare("f", false).unwrap();
+            let mut file =
+                RestoreFile::create(&dest, &folder, begin(&plain, cksum), &key, false).unwrap();
+            assert!(file.writer.is_some());
+            for chunk in ct.chunks(256 * 1024 + 48) {
+                file.feed(chunk).unwrap();
+            }
+            let result = file.finish();
+            assert_eq!(result.is_ok(), good);
+            let names: Vec<_> = std::fs::read_dir(dir.path())
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .collect();
+            if good {
+                assert_eq!(names, ["f"]);
+                assert!(std::fs::read(dir.path().join("f")).unwrap() == plain);
+            } else {
+                assert!(names.is_empty(), "{names:?}");
             }
         }
     }
