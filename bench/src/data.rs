@@ -146,7 +146,7 @@ pub fn verify(root: &Path, src: &Path, expected: &Expected) -> Result<()> {
         }
         Expected::Tree(tree) => {
             let got = digest_tree(&found)?;
-            if got != **tree {
+            if got != *tree {
                 let missing = tree.keys().filter(|k| !got.contains_key(*k)).count();
                 bail!(
                     "{} differs from the source: {} files restored, {} expected, {missing} missing",
@@ -163,7 +163,7 @@ pub fn verify(root: &Path, src: &Path, expected: &Expected) -> Result<()> {
 /// What a restore must give back.
 pub enum Expected {
     File(Sha),
-    Tree(Box<BTreeMap<PathBuf, Sha>>),
+    Tree(BTreeMap<PathBuf, Sha>),
 }
 
 #[cfg(test)]
@@ -180,7 +180,7 @@ mod tests {
         let restored = dir.path().join("r/some/prefix/small");
         fs::create_dir_all(restored.parent().unwrap()).unwrap();
         copy_tree(&src, &restored);
-        let expected = Expected::Tree(Box::new(tree));
+        let expected = Expected::Tree(tree);
         verify(&dir.path().join("r"), &src, &expected).unwrap();
         fs::write(restored.join("d001/f00001"), b"changed").unwrap();
         assert!(verify(&dir.path().join("r"), &src, &expected).is_err());

@@ -311,7 +311,7 @@ impl Bench {
                 self.ours_one(mode, &tool, "large", &large, &Expected::File(sha))?;
             }
             if let Some(tree) = &expected_small {
-                let expected = Expected::Tree(Box::new(tree.clone()));
+                let expected = Expected::Tree(tree.clone());
                 self.ours_one(mode, &tool, "small", &small, &expected)?;
                 if cli.small_procs > 1 {
                     self.small_split(mode, &tool, &small, cli.small_procs)?;
@@ -330,7 +330,7 @@ impl Bench {
             sets.push(("large", large.clone(), Expected::File(sha)));
         }
         if let Some(tree) = expected_small {
-            sets.push(("small", small.clone(), Expected::Tree(Box::new(tree))));
+            sets.push(("small", small.clone(), Expected::Tree(tree)));
         }
         self.compare(&tools, &sets)
     }
