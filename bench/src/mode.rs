@@ -65,9 +65,7 @@ impl Capabilities {
         let client_help = help(client);
         Self {
             server_legacy_listen: help(server).contains("--legacy-listen"),
-            client_legacy_flag: client_help
-                .split_whitespace()
-                .any(|w| w == "--legacy" || w.starts_with("--legacy ")),
+            client_legacy_flag: client_help.split_whitespace().any(|w| w == "--legacy"),
         }
     }
 }
