@@ -32,6 +32,19 @@ const PART_SUFFIX: &str = ".part";
 /// The most bytes of the file's name used in a temporary name, so the
 /// temporary name stays within the 255-byte limit of common file systems.
 const PART_NAME_MAX: usize = 100;
+/// Files at least this large are written by a thread of their own while the
+/// next packets are decrypted, and written back to disk as they arrive;
+/// smaller ones are written inline.
+const PIPELINE_FROM: u64 = 4 * 1024 * 1024;
+/// Plaintext chunks waiting for the writer thread.
+const WRITE_QUEUE: usize = 2;
+/// Bytes written between background syncs of a large file, so that the
+/// final sync only has the tail left to write back.
+const EARLY_SYNC_BYTES: u64 = if cfg!(test) {
+    1024 * 1024
+} else {
+    64 * 1024 * 1024
+};
 
 /// Why a server name cannot be a path.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -264,6 +277,8 @@ pub struct RestoreFile {
     decryptor: Option<CbcDecryptor>,
     cksum: Cksum,
     plain: BytesMut,
+    /// The writer thread of a large file; `None`: written inline.
+    writer: Option<Writer>,
 }
 
 impl std::fmt::Debug for RestoreFile {
@@ -302,6 +317,16 @@ impl RestoreFile {
                 reason: io_reason(&e),
             })?;
         let decryptor = Some(CbcDecryptor::with_iv(key, &begin.iv));
+        let writer = if begin.size >= PIPELINE_FROM {
+            let started = tmp.as_file().try_clone().and_then(Writer::start);
+            Some(started.map_err(|e| Error::RestorePath {
+                path: target.clone(),
+                name: name.clone(),
+                reason: io_reason(&e),
+            })?)
+        } else {
+            None
+        };
         Ok(Self {
             name,
             target,
@@ -311,6 +336,7 @@ impl RestoreFile {
             decryptor,
             cksum: Cksum::new(),
             plain: BytesMut::new(),
+            writer,
         })
     }
 
@@ -347,11 +373,21 @@ impl RestoreFile {
             )));
         }
         self.cksum.update(&self.plain);
-        if let Err(e) = self.tmp.as_file_mut().write_all(&self.plain) {
-            return Err(self.write_error(&e));
+        if self.plain.is_empty() {
+            return Ok(());
         }
-        self.plain.clear();
-        Ok(())
+        let written = match self.writer.as_mut() {
+            Some(writer) => {
+                let next = writer.spare().unwrap_or_default();
+                writer.send(std::mem::replace(&mut self.plain, next))
+            }
+            None => {
+                let written = self.tmp.as_file_mut().write_all(&self.plain);
+                self.plain.clear();
+                written
+            }
+        };
+        written.map_err(|e| self.write_error(&e))
     }
 
     /// Decrypts `ciphertext` and appends the plaintext to the temporary file.
@@ -397,6 +433,11 @@ impl RestoreFile {
                 self.begin.cksum
             )));
         }
+        if let Some(mut writer) = self.writer.take() {
+            if let Err(e) = writer.join() {
+                return Err(self.write_error(&e));
+            }
+        }
         if let Err(e) = self.tmp.as_file().sync_all() {
             return Err(self.write_error(&e));
         }
@@ -426,6 +467,120 @@ impl RestoreFile {
         }
         Ok(cksum)
     }
+}
+
+/// The writer thread of one large restore: plaintext chunks in through a
+/// bounded channel (so a slow disk slows the connection, and memory stays a
+/// few chunks), emptied buffers back for reuse. Every
+/// [`EARLY_SYNC_BYTES`] it asks a second thread to sync what is written,
+/// so writeback overlaps the transfer instead of all happening at the end.
+/// Dropped without [`join`](Self::join), it stops after the chunks queued.
+struct Writer {
+    tx: Option<std::sync::mpsc::SyncSender<BytesMut>>,
+    spare: std::sync::mpsc::Receiver<BytesMut>,
+    done: Option<std::thread::JoinHandle<std::io::Result<()>>>,
+}
+
+impl Writer {
+    fn start(file: std::fs::File) -> std::io::Result<Self> {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<BytesMut>(WRITE_QUEUE);
+        let (give_back, spare) = std::sync::mpsc::sync_channel(WRITE_QUEUE + 1);
+        let done = std::thread::Builder::new()
+            .name("restore-writer".into())
+            .spawn(move || write_loop(file, &rx, &give_back))?;
+        Ok(Self {
+            tx: Some(tx),
+            spare,
+            done: Some(done),
+        })
+    }
+
+    /// An emptied buffer, if the writer has one to give back.
+    fn spare(&self) -> Option<BytesMut> {
+        self.spare.try_recv().ok()
+    }
+
+    /// Queues `chunk`; waits while the writer is [`WRITE_QUEUE`] chunks
+    /// behind. Fails with the writer's error when it stopped.
+    fn send(&mut self, chunk: BytesMut) -> std::io::Result<()> {
+        if self.tx.as_ref().is_some_and(|tx| tx.send(chunk).is_ok()) {
+            return Ok(());
+        }
+        Err(match self.join() {
+            Err(e) => e,
+            Ok(()) => std::io::Error::other("the writer stopped"),
+        })
+    }
+
+    /// Waits until every chunk is written and the background syncs are
+    /// done; the writer's error, if any.
+    fn join(&mut self) -> std::io::Result<()> {
+        self.tx = None;
+        match self.done.take() {
+            Some(done) => done
+                .join()
+                .unwrap_or_else(|_| Err(std::io::Error::other("the writer panicked"))),
+            None => Err(std::io::Error::other("the writer stopped")),
+        }
+    }
+}
+
+/// The writer thread: writes each chunk, asks for a background sync every
+/// [`EARLY_SYNC_BYTES`], and waits for the syncs before it ends (a failed
+/// sync fails the restore: it may have dropped data the final sync would
+/// not see).
+fn write_loop(
+    mut file: std::fs::File,
+    rx: &std::sync::mpsc::Receiver<BytesMut>,
+    give_back: &std::sync::mpsc::SyncSender<BytesMut>,
+) -> std::io::Result<()> {
+    type Syncer = (
+        std::sync::mpsc::SyncSender<()>,
+        std::thread::JoinHandle<std::io::Result<()>>,
+    );
+    let mut syncer: Option<Syncer> = None;
+    let mut unsynced = 0u64;
+    let mut written = Ok(());
+    for mut chunk in rx {
+        if let Err(e) = file.write_all(&chunk) {
+            written = Err(e);
+            break;
+        }
+        unsynced += chunk.len() as u64;
+        if unsynced >= EARLY_SYNC_BYTES {
+            unsynced = 0;
+            if syncer.is_none() {
+                let second = file.try_clone()?;
+                let (ask, asked) = std::sync::mpsc::sync_channel::<()>(1);
+                let thread = std::thread::Builder::new()
+                    .name("restore-sync".into())
+                    .spawn(move || {
+                        for () in asked {
+                            second.sync_data()?;
+                        }
+                        Ok(())
+                    })?;
+                syncer = Some((ask, thread));
+            }
+            if let Some((ask, _)) = &syncer {
+                // Full: a sync is already due and will cover these bytes.
+                let _ = ask.try_send(());
+            }
+        }
+        chunk.clear();
+        // A full channel means the buffer is not wanted: drop it.
+        let _ = give_back.try_send(chunk);
+    }
+    let synced = match syncer {
+        Some((ask, thread)) => {
+            drop(ask);
+            thread
+                .join()
+                .unwrap_or_else(|_| Err(std::io::Error::other("the sync thread panicked")))
+        }
+        None => Ok(()),
+    };
+    written.and(synced)
 }
 
 #[cfg(test)]
@@ -534,6 +689,37 @@ mod tests {
             } else {
                 assert!(names.is_empty(), "{names:?}");
                 assert_eq!(result.unwrap_err().exit_code(), 5);
+            }
+        }
+    }
+
+    #[test]
+    fn writes_a_large_file_through_the_writer_thread_with_early_syncs() {
+        let key = AesKey::from_bytes([5; 32]);
+        let len = usize::try_from(PIPELINE_FROM + 3 * EARLY_SYNC_BYTES).unwrap() + 17;
+        let plain: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+        let ct = encrypt_all(&key, &plain);
+        for (cksum, good) in [(Cksum::of(&plain), true), (Cksum::of(&plain) ^ 1, false)] {
+            let dir = tempfile::tempdir().unwrap();
+            let dest = Destination::inside(dir.path(), b"f").unwrap();
+            let folder = dest.prepare("f", false).unwrap();
+            let mut file =
+                RestoreFile::create(&dest, &folder, begin(&plain, cksum), &key, false).unwrap();
+            assert!(file.writer.is_some());
+            for chunk in ct.chunks(256 * 1024 + 48) {
+                file.feed(chunk).unwrap();
+            }
+            let result = file.finish();
+            assert_eq!(result.is_ok(), good);
+            let names: Vec<_> = std::fs::read_dir(dir.path())
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .collect();
+            if good {
+                assert_eq!(names, ["f"]);
+                assert!(std::fs::read(dir.path().join("f")).unwrap() == plain);
+            } else {
+                assert!(names.is_empty(), "{names:?}");
             }
         }
     }

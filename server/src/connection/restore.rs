@@ -64,15 +64,16 @@ pub(crate) fn start(
     alive: mpsc::Sender<()>,
 ) -> Result<mpsc::Receiver<Result<Bytes, RestoreError>>, StorageError> {
     let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
-    std::thread::Builder::new()
-        .name("restore-reader".into())
-        .spawn(move || {
-            let _alive = alive;
-            if let Err(e) = read_all(&*blobs, &version, cipher, packet, &tx) {
-                let _ = tx.blocking_send(Err(e));
-            }
-        })
-        .map_err(|e| StorageError::Worker(format!("cannot start a reader thread: {e}")))?;
+    // A thread of the runtime's blocking pool: a run of small files reuses
+    // one instead of starting a thread per file.
+    let runtime = tokio::runtime::Handle::try_current()
+        .map_err(|e| StorageError::Worker(format!("cannot start a reader: {e}")))?;
+    runtime.spawn_blocking(move || {
+        let _alive = alive;
+        if let Err(e) = read_all(&*blobs, &version, cipher, packet, &tx) {
+            let _ = tx.blocking_send(Err(e));
+        }
+    });
     Ok(rx)
 }
 
@@ -94,7 +95,7 @@ fn fill(reader: &mut dyn Read, buf: &mut [u8], blob: &str) -> Result<usize, Stor
 /// Reads, checks and encrypts; returns early (without error) when the
 /// connection stopped listening. SHA-256 runs on a second thread beside
 /// the encryption (CBC encryption is serial, and the two together would
-/// halve the rate of one core).
+/// halve the rate of one core), except for a blob of less than a packet.
 fn read_all(
     blobs: &dyn BlobStore,
     version: &VersionRecord,
@@ -104,45 +105,57 @@ fn read_all(
 ) -> Result<(), RestoreError> {
     let reader = blobs.open(&version.blob)?;
     let (to_hasher, chunks) = std::sync::mpsc::sync_channel::<Bytes>(QUEUE_DEPTH);
-    std::thread::scope(|scope| {
-        let hasher = scope.spawn(move || {
-            let mut sha = Sha256::new();
-            for chunk in chunks {
-                sha.update(&chunk);
-            }
-            sha
-        });
+    let (outcome, sha) = if version.size < packet as u64 {
+        // One chunk: a hashing thread would cost more than it saves. The
+        // channel holds that chunk until it is hashed here.
         let outcome = encrypt_all(reader, version, cipher, packet, tx, to_hasher);
-        let sha = hasher
-            .join()
-            .map_err(|_| StorageError::Worker("the hashing thread failed".into()))?;
-        let (total, out, held) = match outcome? {
-            Some(done) => done,
-            None => return Ok(()),
-        };
-        let digest: [u8; 32] = sha.finalize().into();
-        if total != version.size || digest != version.sha256 {
-            return Err(RestoreError::Damaged {
-                blob: version.blob.0.clone(),
-                size: version.size,
-                found: format!("{total} bytes, {}", hex::encode(digest)),
-            });
+        let mut sha = Sha256::new();
+        for chunk in chunks.try_iter() {
+            sha.update(&chunk);
         }
-        let mut out = out;
-        let mut held = held;
-        while !out.is_empty() {
-            let p = out.split_to(packet.min(out.len())).freeze();
-            if let Some(prev) = held.replace(p) {
-                if tx.blocking_send(Ok(prev)).is_err() {
-                    return Ok(());
+        (outcome, sha)
+    } else {
+        std::thread::scope(|scope| {
+            let hasher = scope.spawn(move || {
+                let mut sha = Sha256::new();
+                for chunk in chunks {
+                    sha.update(&chunk);
                 }
+                sha
+            });
+            let outcome = encrypt_all(reader, version, cipher, packet, tx, to_hasher);
+            let sha = hasher
+                .join()
+                .map_err(|_| StorageError::Worker("the hashing thread failed".into()));
+            sha.map(|sha| (outcome, sha))
+        })?
+    };
+    let (total, out, held) = match outcome? {
+        Some(done) => done,
+        None => return Ok(()),
+    };
+    let digest: [u8; 32] = sha.finalize().into();
+    if total != version.size || digest != version.sha256 {
+        return Err(RestoreError::Damaged {
+            blob: version.blob.0.clone(),
+            size: version.size,
+            found: format!("{total} bytes, {}", hex::encode(digest)),
+        });
+    }
+    let mut out = out;
+    let mut held = held;
+    while !out.is_empty() {
+        let p = out.split_to(packet.min(out.len())).freeze();
+        if let Some(prev) = held.replace(p) {
+            if tx.blocking_send(Ok(prev)).is_err() {
+                return Ok(());
             }
         }
-        if let Some(last) = held {
-            let _ = tx.blocking_send(Ok(last));
-        }
-        Ok(())
-    })
+    }
+    if let Some(last) = held {
+        let _ = tx.blocking_send(Ok(last));
+    }
+    Ok(())
 }
 
 /// What [`encrypt_all`] leaves for after the check: the bytes read, the
@@ -161,12 +174,22 @@ fn encrypt_all(
     to_hasher: std::sync::mpsc::SyncSender<Bytes>,
 ) -> Result<Option<Tail>, RestoreError> {
     let mut total = 0u64;
-    let mut out = BytesMut::with_capacity(packet + protocol::crypto::BLOCK);
+    // Buffers are sized by what is left to read (plus one byte, to notice a
+    // blob longer than recorded), so a small file does not cost a packet's
+    // worth of fresh memory.
+    let left = |total: u64| {
+        usize::try_from(version.size.saturating_sub(total))
+            .unwrap_or(usize::MAX)
+            .saturating_add(1)
+            .min(packet)
+    };
+    let mut out = BytesMut::with_capacity(left(0) + protocol::crypto::BLOCK);
     // The newest complete packet, sent only once a later one exists or the
     // blob has been verified.
     let mut held: Option<Bytes> = None;
     loop {
-        let mut plain = BytesMut::zeroed(packet);
+        let want = left(total);
+        let mut plain = BytesMut::zeroed(want);
         let n = fill(&mut *reader, &mut plain, &version.blob.0)?;
         plain.truncate(n);
         let chunk = plain.freeze();
@@ -190,7 +213,7 @@ fn encrypt_all(
                 }
             }
         }
-        if n < packet {
+        if n < want {
             break;
         }
     }

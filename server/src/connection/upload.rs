@@ -1,5 +1,5 @@
-//! The writer of one upload: a dedicated thread fed through a bounded
-//! channel.
+//! The writer of one upload: a thread of the blocking pool fed through a
+//! bounded channel.
 //!
 //! The connection task decrypts and checksums each packet (in the session
 //! machine) and hands the plaintext here; the thread hashes it with SHA-256
@@ -8,8 +8,10 @@
 //! reading, and TCP pushes back on the client: memory per upload stays a
 //! small multiple of the packet limit. Small packets are gathered into
 //! batches of [`BATCH`] bytes so that the per-message cost stays negligible.
-//! Written buffers come back to the connection for reuse, so a long upload
-//! does not allocate (and page-fault) a fresh buffer per packet.
+//! Written buffers go to a pool shared by every upload and are reused for
+//! the next packets, so a long upload does not allocate (and page-fault) a
+//! fresh buffer per packet; the pool is shared, not per upload, so that
+//! many connections waiting their turn do not each hold spare buffers.
 
 use std::time::Instant;
 
@@ -21,11 +23,30 @@ use tokio::sync::{mpsc, oneshot};
 use crate::storage::{BlobStore, StagedBlob, StorageError};
 
 /// Batches in flight between the connection task and the writer thread.
-pub(crate) const QUEUE_DEPTH: usize = 2;
+pub(crate) const QUEUE_DEPTH: usize = 1;
 /// Plaintext gathered before a batch is handed to the writer.
 pub(crate) const BATCH: usize = 256 * 1024;
-/// Written buffers kept for reuse.
-const POOL: usize = QUEUE_DEPTH + 1;
+/// Written buffers kept for reuse, across all uploads.
+const POOL: usize = 8;
+
+/// Written buffers waiting to be reused by any upload.
+static SPARES: std::sync::Mutex<Vec<BytesMut>> = std::sync::Mutex::new(Vec::new());
+
+fn spares() -> std::sync::MutexGuard<'static, Vec<BytesMut>> {
+    // A panic while holding the lock leaves a valid Vec.
+    SPARES
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Keeps `buf` for reuse if the pool has room; drops it otherwise.
+fn give_back(mut buf: BytesMut) {
+    buf.clear();
+    let mut pool = spares();
+    if pool.len() < POOL {
+        pool.push(buf);
+    }
+}
 
 enum Chunk {
     Data(BytesMut),
@@ -47,17 +68,14 @@ pub(crate) struct Upload {
     tx: mpsc::Sender<Chunk>,
     outcome: oneshot::Receiver<Result<Staged, StorageError>>,
     batch: BytesMut,
-    /// Buffers the writer is done with.
-    returned: std::sync::mpsc::Receiver<BytesMut>,
-    pool: Vec<BytesMut>,
 }
 
 impl Upload {
-    /// Starts the writer thread for a new blob of `client`. `alive` is held
-    /// by the thread until it ends, so shutdown can wait for it.
+    /// Starts the writer for a new blob of `client`. `alive` is held by the
+    /// writer until it ends, so shutdown can wait for it.
     ///
     /// # Errors
-    /// When the thread cannot be started.
+    /// When called outside a tokio runtime.
     pub(crate) fn start(
         blobs: std::sync::Arc<dyn BlobStore>,
         client: ClientId,
@@ -65,38 +83,29 @@ impl Upload {
     ) -> Result<Self, StorageError> {
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
         let (outcome_tx, outcome) = oneshot::channel();
-        // Bounded: when the connection does not take buffers back (e.g. none
-        // is large enough for its packets), the writer drops them instead.
-        let (give_back, returned) = std::sync::mpsc::sync_channel(POOL);
         let started = Instant::now();
-        std::thread::Builder::new()
-            .name("upload-writer".into())
-            .spawn(move || {
-                let _alive = alive;
-                if let Some(result) = write_all(&*blobs, client, rx, &give_back, started) {
-                    let _ = outcome_tx.send(result);
-                }
-            })
-            .map_err(|e| StorageError::Worker(format!("cannot start a writer thread: {e}")))?;
+        // A thread of the runtime's blocking pool: a run of small files
+        // reuses one instead of starting a thread per file.
+        let runtime = tokio::runtime::Handle::try_current()
+            .map_err(|e| StorageError::Worker(format!("cannot start a writer: {e}")))?;
+        runtime.spawn_blocking(move || {
+            let _alive = alive;
+            if let Some(result) = write_all(&*blobs, client, rx, started) {
+                let _ = outcome_tx.send(result);
+            }
+        });
         Ok(Self {
             tx,
             outcome,
             batch: BytesMut::new(),
-            returned,
-            pool: Vec::new(),
         })
     }
 
-    /// A buffer of at least `capacity` bytes the writer is done with, if any.
+    /// A written buffer of at least `capacity` bytes, if the pool has one.
     pub(crate) fn spare(&mut self, capacity: usize) -> Option<BytesMut> {
-        while self.pool.len() < POOL {
-            match self.returned.try_recv() {
-                Ok(buf) => self.pool.push(buf),
-                Err(_) => break,
-            }
-        }
-        let i = self.pool.iter().position(|b| b.capacity() >= capacity)?;
-        Some(self.pool.swap_remove(i))
+        let mut pool = spares();
+        let i = pool.iter().position(|b| b.capacity() >= capacity)?;
+        Some(pool.swap_remove(i))
     }
 
     async fn send(&mut self, chunk: Chunk) -> Result<(), StorageError> {
@@ -160,7 +169,6 @@ fn write_all(
     blobs: &dyn BlobStore,
     client: ClientId,
     mut rx: mpsc::Receiver<Chunk>,
-    give_back: &std::sync::mpsc::SyncSender<BytesMut>,
     started: Instant,
 ) -> Option<Result<Staged, StorageError>> {
     let mut writer = match blobs.create(client) {
@@ -177,8 +185,7 @@ fn write_all(
                 if let Err(e) = writer.write(&bytes) {
                     return Some(Err(e));
                 }
-                // A full channel means the buffer is not wanted: drop it.
-                let _ = give_back.try_send(bytes);
+                give_back(bytes);
             }
             Chunk::Finish => {
                 return Some(writer.finish().map(|blob| Staged {

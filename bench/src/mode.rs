@@ -1,0 +1,179 @@
+//! How the server and the client are wired for each transport: the one
+//! place that decides their flags.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Command;
+
+use anyhow::{bail, Result};
+
+/// `--mode` on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ModeArg {
+    Legacy,
+    Secure,
+    Both,
+}
+
+impl ModeArg {
+    pub fn modes(self) -> Vec<Mode> {
+        match self {
+            Self::Legacy => vec![Mode::Legacy],
+            Self::Secure => vec![Mode::Secure],
+            Self::Both => vec![Mode::Legacy, Mode::Secure],
+        }
+    }
+}
+
+/// The transport one measurement uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// The legacy protocol, version 3, in the clear (AES-256-CBC inside).
+    Legacy,
+    /// The TLS 1.3 transport.
+    Secure,
+}
+
+impl Mode {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Legacy => "legacy",
+            Self::Secure => "secure",
+        }
+    }
+}
+
+/// What the binaries at hand understand, read from their `--help`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Capabilities {
+    /// The server has `--legacy-listen` (plain legacy on its own listener,
+    /// TLS on the main one).
+    pub server_legacy_listen: bool,
+    /// The client has the global `--legacy` flag.
+    pub client_legacy_flag: bool,
+}
+
+impl Capabilities {
+    pub fn probe(server: &Path, client: &Path) -> Self {
+        let help = |bin: &Path| {
+            Command::new(bin)
+                .arg("--help")
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default()
+        };
+        let client_help = help(client);
+        Self {
+            server_legacy_listen: help(server).contains("--legacy-listen"),
+            client_legacy_flag: client_help.split_whitespace().any(|w| w == "--legacy"),
+        }
+    }
+}
+
+/// Flags for one server and its clients.
+#[derive(Debug, Clone)]
+pub struct Wiring {
+    pub server_args: Vec<String>,
+    /// Global client flags (before the command).
+    pub client_args: Vec<String>,
+    /// Where clients connect.
+    pub client_addr: SocketAddr,
+}
+
+impl Mode {
+    /// The flags for a server on 127.0.0.1 with two free ports: `main` (the
+    /// server's main listener) and `spare` (a second listener if the mode
+    /// needs one).
+    ///
+    /// # Errors
+    /// When the binaries cannot run this mode.
+    pub fn wiring(self, caps: Capabilities, main: u16, spare: u16) -> Result<Wiring> {
+        let at = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
+        match self {
+            Self::Legacy if caps.server_legacy_listen => {
+                // Binaries with the TLS transport: plain legacy only on the
+                // listener named by --legacy-listen, TLS on the main one.
+                let mut client_args = Vec::new();
+                if caps.client_legacy_flag {
+                    client_args.push("--legacy".to_owned());
+                }
+                Ok(Wiring {
+                    server_args: vec![
+                        "--listen".into(),
+                        at(spare).to_string(),
+                        "--legacy-listen".into(),
+                        at(main).to_string(),
+                    ],
+                    client_args,
+                    client_addr: at(main),
+                })
+            }
+            // Legacy-only binaries: the main listener speaks legacy, and the
+            // client needs no flag.
+            Self::Legacy => Ok(Wiring {
+                server_args: vec!["--listen".into(), at(main).to_string()],
+                client_args: Vec::new(),
+                client_addr: at(main),
+            }),
+            Self::Secure => secure_wiring(caps, at(main)),
+        }
+    }
+}
+
+/// SECURE MODE: the flags for the TLS transport. The server serves TLS on
+/// its main listener; the client speaks TLS by default and pins the
+/// server's certificate fingerprint at `register` (trust on first use), so
+/// no extra client flag is needed. Confirm these against the binaries'
+/// `--help` when the TLS transport lands, and add any flag it requires here
+/// (for example a certificate directory under the data directory).
+fn secure_wiring(caps: Capabilities, addr: SocketAddr) -> Result<Wiring> {
+    if !caps.server_legacy_listen {
+        bail!("these binaries speak only the legacy protocol: secure mode is not available");
+    }
+    Ok(Wiring {
+        server_args: vec!["--listen".into(), addr.to_string()],
+        client_args: Vec::new(),
+        client_addr: addr,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn legacy_only_binaries_need_no_flags() {
+        let w = Mode::Legacy
+            .wiring(Capabilities::default(), 4000, 4001)
+            .unwrap();
+        assert_eq!(w.server_args, ["--listen", "127.0.0.1:4000"]);
+        assert!(w.client_args.is_empty());
+        assert_eq!(w.client_addr.port(), 4000);
+        assert!(Mode::Secure
+            .wiring(Capabilities::default(), 4000, 4001)
+            .is_err());
+    }
+
+    #[test]
+    fn legacy_uses_the_legacy_listener_when_tls_is_the_default() {
+        let caps = Capabilities {
+            server_legacy_listen: true,
+            client_legacy_flag: true,
+        };
+        let w = Mode::Legacy.wiring(caps, 4000, 4001).unwrap();
+        assert_eq!(
+            w.server_args,
+            [
+                "--listen",
+                "127.0.0.1:4001",
+                "--legacy-listen",
+                "127.0.0.1:4000"
+            ]
+        );
+        assert_eq!(w.client_args, ["--legacy"]);
+        assert_eq!(w.client_addr.port(), 4000);
+        let s = Mode::Secure.wiring(caps, 4000, 4001).unwrap();
+        assert_eq!(s.server_args, ["--listen", "127.0.0.1:4000"]);
+        assert!(s.client_args.is_empty());
+    }
+}

@@ -1,0 +1,262 @@
+//! The results: one row per measurement, printed as a table and written as
+//! JSON or CSV.
+
+use std::fmt::Write as _;
+
+use serde::Serialize;
+
+/// MB/s is decimal: 10^6 bytes per second.
+pub const MB: f64 = 1e6;
+pub const MIB: f64 = 1024.0 * 1024.0;
+
+/// One measurement.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Row {
+    /// "large", "small", "concurrent" or "limit".
+    pub scenario: String,
+    /// "ours/legacy", "scp", "rsync", "borg", "restic", or the limit's name.
+    pub tool: String,
+    /// "backup", "restore", or what a limit measures.
+    pub op: String,
+    pub bytes: u64,
+    pub files: u64,
+    pub wall_s: f64,
+    pub mb_s: f64,
+    pub files_s: Option<f64>,
+    pub client_cpu_s: Option<f64>,
+    pub client_rss_mib: Option<f64>,
+    pub server_cpu_s: Option<f64>,
+    pub server_rss_mib: Option<f64>,
+    /// Concurrent clients: the median and 99th percentile time per client.
+    pub p50_s: Option<f64>,
+    pub p99_s: Option<f64>,
+    /// Our MB/s over the lower physical limit (large file rows).
+    pub of_limit: Option<f64>,
+    /// This tool's wall time over ours for the same work (> 1: ours is
+    /// faster).
+    pub vs_ours: Option<f64>,
+    pub note: String,
+}
+
+impl Row {
+    pub fn new(scenario: &str, tool: &str, op: &str, bytes: u64, files: u64, wall_s: f64) -> Self {
+        let per_s = |x: f64| if wall_s > 0.0 { x / wall_s } else { 0.0 };
+        Self {
+            scenario: scenario.into(),
+            tool: tool.into(),
+            op: op.into(),
+            bytes,
+            files,
+            wall_s,
+            mb_s: per_s(bytes as f64 / MB),
+            files_s: (files > 1).then(|| per_s(files as f64)),
+            ..Self::default()
+        }
+    }
+}
+
+/// Everything one run produced.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub date: String,
+    pub machine: Machine,
+    pub command: String,
+    pub rows: Vec<Row>,
+    pub skipped: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Machine {
+    pub cpu_model: String,
+    pub cpus: usize,
+    pub kernel: String,
+    pub load_before: String,
+    pub load_after: String,
+}
+
+fn opt(v: Option<f64>, digits: usize) -> String {
+    v.map_or_else(|| "-".into(), |x| format!("{x:.digits$}"))
+}
+
+fn size(bytes: u64) -> String {
+    let b = bytes as f64;
+    if b >= 1024.0 * MIB {
+        format!("{:.2} GiB", b / (1024.0 * MIB))
+    } else if b >= MIB {
+        format!("{:.0} MiB", b / MIB)
+    } else {
+        format!("{:.0} KiB", b / 1024.0)
+    }
+}
+
+const HEADER: [&str; 16] = [
+    "scenario",
+    "tool",
+    "op",
+    "size",
+    "files",
+    "wall s",
+    "MB/s",
+    "files/s",
+    "cli CPU s",
+    "cli RSS MiB",
+    "srv CPU s",
+    "srv RSS MiB",
+    "p50 s",
+    "p99 s",
+    "of limit",
+    "tool/ours",
+];
+
+fn cells(r: &Row) -> [String; 16] {
+    [
+        r.scenario.clone(),
+        r.tool.clone(),
+        r.op.clone(),
+        size(r.bytes),
+        r.files.to_string(),
+        format!("{:.2}", r.wall_s),
+        format!("{:.0}", r.mb_s),
+        opt(r.files_s, 0),
+        opt(r.client_cpu_s, 2),
+        opt(r.client_rss_mib, 1),
+        opt(r.server_cpu_s, 2),
+        opt(r.server_rss_mib, 1),
+        opt(r.p50_s, 2),
+        opt(r.p99_s, 2),
+        opt(r.of_limit, 2),
+        opt(r.vs_ours, 2),
+    ]
+}
+
+impl Report {
+    /// A Markdown table (readable as plain text too), notes below it.
+    pub fn table(&self) -> String {
+        let rows: Vec<[String; 16]> = self.rows.iter().map(cells).collect();
+        let mut out = String::new();
+        let _ = writeln!(out, "| {} |", HEADER.join(" | "));
+        let _ = writeln!(
+            out,
+            "|{}",
+            HEADER
+                .iter()
+                .enumerate()
+                .map(|(i, _)| if i < 3 { "---|" } else { "---:|" })
+                .collect::<String>()
+        );
+        for r in &rows {
+            let _ = writeln!(out, "| {} |", r.join(" | "));
+        }
+        let notes: Vec<String> = self
+            .rows
+            .iter()
+            .filter(|r| !r.note.is_empty())
+            .map(|r| format!("- {} {} {}: {}", r.scenario, r.tool, r.op, r.note))
+            .collect();
+        if !notes.is_empty() {
+            out.push('\n');
+            for n in notes {
+                let _ = writeln!(out, "{n}");
+            }
+        }
+        for s in &self.skipped {
+            let _ = writeln!(out, "- skipped: {s}");
+        }
+        out
+    }
+
+    /// The rows as CSV, with a header line.
+    pub fn csv(&self) -> String {
+        let mut out = String::from(
+            "scenario,tool,op,bytes,files,wall_s,mb_s,files_s,client_cpu_s,client_rss_mib,\
+             server_cpu_s,server_rss_mib,p50_s,p99_s,of_limit,vs_ours,note\n",
+        );
+        let o = |v: Option<f64>| v.map(|x| format!("{x:.4}")).unwrap_or_default();
+        for r in &self.rows {
+            let _ = writeln!(
+                out,
+                "{},{},{},{},{},{:.4},{:.2},{},{},{},{},{},{},{},{},{},{}",
+                csv_field(&r.scenario),
+                csv_field(&r.tool),
+                csv_field(&r.op),
+                r.bytes,
+                r.files,
+                r.wall_s,
+                r.mb_s,
+                o(r.files_s),
+                o(r.client_cpu_s),
+                o(r.client_rss_mib),
+                o(r.server_cpu_s),
+                o(r.server_rss_mib),
+                o(r.p50_s),
+                o(r.p99_s),
+                o(r.of_limit),
+                o(r.vs_ours),
+                csv_field(&r.note)
+            );
+        }
+        out
+    }
+}
+
+fn csv_field(s: &str) -> String {
+    if s.contains([',', '"', '\n']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report() -> Report {
+        let mut r = Row::new("large", "ours/legacy", "backup", 1 << 30, 1, 2.0);
+        r.note = "a, \"quoted\" note".into();
+        r.of_limit = Some(0.9);
+        Report {
+            date: "d".into(),
+            machine: Machine {
+                cpu_model: "c".into(),
+                cpus: 2,
+                kernel: "k".into(),
+                load_before: String::new(),
+                load_after: String::new(),
+            },
+            command: "backup-bench".into(),
+            rows: vec![r, Row::new("small", "rsync", "backup", 4096 * 10, 10, 0.5)],
+            skipped: vec!["borg: not installed".into()],
+        }
+    }
+
+    #[test]
+    fn rates_come_from_bytes_files_and_time() {
+        let r = Row::new("small", "x", "backup", 40_000_000, 10_000, 4.0);
+        assert_eq!(r.mb_s, 10.0);
+        assert_eq!(r.files_s, Some(2500.0));
+        assert_eq!(Row::new("large", "x", "backup", 5, 1, 1.0).files_s, None);
+    }
+
+    #[test]
+    fn csv_quotes_fields_and_has_one_line_per_row() {
+        let csv = report().csv();
+        let lines: Vec<&str> = csv.lines().collect();
+        assert_eq!(lines.len(), 3);
+        assert!(lines[1].starts_with("large,ours/legacy,backup,1073741824,1,2.0000,536.87,"));
+        assert!(lines[1].ends_with(",\"a, \"\"quoted\"\" note\""));
+        assert_eq!(
+            lines[0].split(',').count(),
+            lines[2].split(',').count(),
+            "{csv}"
+        );
+    }
+
+    #[test]
+    fn table_has_a_line_per_row_and_the_notes() {
+        let t = report().table();
+        assert!(t.contains("| large | ours/legacy | backup | 1.00 GiB | 1 | 2.00 | 537 |"));
+        assert!(t.contains("| 0.90 |"));
+        assert!(t.contains("- skipped: borg: not installed"));
+    }
+}
