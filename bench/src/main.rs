@@ -50,8 +50,9 @@ struct Cli {
     /// Transport to measure ours with
     #[arg(long, value_enum, default_value = "legacy")]
     mode: ModeArg,
-    /// Size of the large file in GiB (4 runs the largest file the legacy
-    /// protocol carries, 4 GiB less 17 bytes)
+    /// Size of the large file in GiB (with the legacy mode, at most the
+    /// largest file the legacy protocol carries, 4 GiB less 17 bytes;
+    /// `--mode secure` takes larger ones)
     #[arg(long, default_value_t = 1, value_name = "GIB")]
     large_gib: u64,
     /// A small smoke run: 64 MiB, 500 small files, 10 clients of 1 MiB
@@ -116,7 +117,13 @@ impl Plan {
             }
         } else {
             Self {
-                large: (cli.large_gib.max(1) << 30).min(LEGACY_MAX_FILE),
+                // Only the legacy fields stop at 4 GiB; secure mode alone
+                // takes any size.
+                large: (cli.large_gib.max(1) << 30).min(if cli.mode == ModeArg::Secure {
+                    u64::MAX
+                } else {
+                    LEGACY_MAX_FILE
+                }),
                 small_files: 10_000,
                 small_folders: 100,
                 small_size: 4096,

@@ -120,12 +120,9 @@ impl Mode {
     }
 }
 
-/// SECURE MODE: the flags for the TLS transport. The server serves TLS on
-/// its main listener; the client speaks TLS by default and pins the
-/// server's certificate fingerprint at `register` (trust on first use), so
-/// no extra client flag is needed. Confirm these against the binaries'
-/// `--help` when the TLS transport lands, and add any flag it requires here
-/// (for example a certificate directory under the data directory).
+/// Secure mode: the server serves TLS 1.3 on its main listener; the client
+/// speaks it by default and pins the server's certificate fingerprint at its
+/// first registration (trust on first use), so no extra flag is needed.
 fn secure_wiring(caps: Capabilities, addr: SocketAddr) -> Result<Wiring> {
     if !caps.server_legacy_listen {
         bail!("these binaries speak only the legacy protocol: secure mode is not available");
