@@ -15,14 +15,16 @@
 //! Durability: content goes to a temporary blob that is flushed and synced
 //! before the server answers 1603; on "CRC ok" the blob is renamed into
 //! place and its directory synced, and only then is the version row
-//! inserted. A crash at any point leaves the previous version or the new
-//! one; a blob without a row (crash between rename and insert) and leftover
+//! inserted (uploads committing at the same moment share the folder sync
+//! and the SQLite transaction). A crash at any point leaves the previous
+//! version or the new one; a blob without a row (crash between rename and insert) and leftover
 //! temporaries are removed by [`Storage::recover`] on the next start.
 //!
 //! A client's file name is only ever a label in the metadata: blob keys are
 //! generated, so nothing a client sends can name a path.
 
 pub mod fs;
+mod group;
 pub mod sqlite;
 
 use std::io::Read;
@@ -50,6 +52,9 @@ pub enum StorageError {
     Corrupt(String),
     #[error("storage worker failed: {0}")]
     Worker(String),
+    /// A commit shared with other uploads failed as a whole.
+    #[error("group commit failed: {0}")]
+    Batch(String),
 }
 
 impl StorageError {
@@ -261,6 +266,20 @@ pub trait MetaStore: Send + Sync + 'static {
         retention: &Retention,
     ) -> Result<Vec<BlobKey>, StorageError>;
 
+    /// [`MetaStore::add_version`] for each member of `batch`, in order, with
+    /// one result each. A backend may make them durable together (one
+    /// transaction for all); a member that fails leaves the others alone.
+    /// The default records them one at a time.
+    fn add_versions(
+        &self,
+        batch: &[(NewVersion, Retention)],
+    ) -> Vec<Result<Vec<BlobKey>, StorageError>> {
+        batch
+            .iter()
+            .map(|(version, retention)| self.add_version(version, retention))
+            .collect()
+    }
+
     /// Up to `limit` versions of client `id`, ordered by (name bytes,
     /// version), skipping the first `offset`: every version, or only the
     /// newest of each name.
@@ -374,7 +393,9 @@ pub trait BlobWriter: Send {
 /// Durable content waiting for the client's verdict. Dropping it discards
 /// the content.
 pub trait StagedBlob: Send {
-    /// Makes the content visible under a fresh key, durably.
+    /// Makes the content visible under a fresh key. The key itself is
+    /// durable once [`BlobStore::sync_published`] has covered it (so that
+    /// many blobs published together share one sync).
     ///
     /// # Errors
     /// On an I/O failure; the content is discarded then.
@@ -403,6 +424,13 @@ pub trait BlobStore: Send + Sync + 'static {
     /// # Errors
     /// When the key is not one of this store's or the blob cannot be opened.
     fn open(&self, key: &BlobKey) -> Result<Box<dyn Read + Send>, StorageError>;
+
+    /// Makes the blobs just published under `keys` durable under those
+    /// keys.
+    ///
+    /// # Errors
+    /// When a key is not one of this store's or the sync fails.
+    fn sync_published(&self, keys: &[BlobKey]) -> Result<(), StorageError>;
 
     /// Removes a committed blob (no error if it is already gone).
     ///
@@ -441,6 +469,7 @@ pub struct RecoveryReport {
 pub struct Storage {
     meta: Arc<dyn MetaStore>,
     blobs: Arc<dyn BlobStore>,
+    commits: Arc<group::GroupCommit>,
 }
 
 impl std::fmt::Debug for Storage {
@@ -455,7 +484,11 @@ impl Storage {
 
     /// Storage over any pair of backends.
     pub fn new(meta: Arc<dyn MetaStore>, blobs: Arc<dyn BlobStore>) -> Self {
-        Self { meta, blobs }
+        Self {
+            meta,
+            blobs,
+            commits: Arc::default(),
+        }
     }
 
     /// The default backends under `data_dir` (created if missing): SQLite
@@ -488,6 +521,8 @@ impl Storage {
     /// Publishes `staged` and records it as the latest version of its file,
     /// then applies `retention` to that name (not for an append-only
     /// client). Dropped blobs are deleted after the new version is recorded.
+    /// Commits that arrive together (from several connections) share their
+    /// syncs: see the `group` module.
     ///
     /// # Errors
     /// When publishing or recording fails; the new content is then removed
@@ -495,21 +530,18 @@ impl Storage {
     pub fn commit(
         &self,
         staged: Box<dyn StagedBlob>,
-        mut version: NewVersion,
+        version: NewVersion,
         retention: &Retention,
     ) -> Result<BlobKey, StorageError> {
-        let key = staged.publish()?;
-        version.blob = key.clone();
-        match self.meta.add_version(&version, retention) {
-            Ok(superseded) => {
-                self.delete_blobs(superseded.iter());
-                Ok(key)
-            }
-            Err(e) => {
-                if let Err(del) = self.blobs.delete(&key) {
-                    tracing::warn!(blob = %key, cause = %del, "could not delete an unrecorded blob");
-                }
-                Err(e)
+        self.commits.commit(self, staged, version, *retention)
+    }
+
+    /// Deletes published blobs that will not be recorded; a failure leaves
+    /// an orphan that the next start-up removes, so it is only logged.
+    fn delete_unrecorded<'a>(&self, keys: impl Iterator<Item = &'a BlobKey>) {
+        for key in keys {
+            if let Err(e) = self.blobs.delete(key) {
+                tracing::warn!(blob = %key, cause = %e, "could not delete an unrecorded blob");
             }
         }
     }

@@ -162,6 +162,17 @@ impl BlobStore for FsBlobStore {
         Ok(Box::new(file))
     }
 
+    fn sync_published(&self, keys: &[BlobKey]) -> Result<(), StorageError> {
+        let mut folders = std::collections::BTreeSet::new();
+        for key in keys {
+            let path = self.path_of(key)?;
+            if let Some(folder) = path.parent() {
+                folders.insert(folder.to_owned());
+            }
+        }
+        folders.iter().try_for_each(|folder| sync_dir(folder))
+    }
+
     fn delete(&self, key: &BlobKey) -> Result<(), StorageError> {
         let path = self.path_of(key)?;
         match fs::remove_file(&path) {
@@ -350,7 +361,6 @@ impl StagedBlob for FsStaged {
             let _ = fs::remove_file(&tmp);
             return Err(StorageError::io("rename", &tmp, e));
         }
-        sync_dir(&blobs)?;
         Ok(BlobKey(format!(
             "{CLIENTS_DIR}/{}/{BLOBS_DIR}/{blob}",
             self.client.to_hex()
@@ -400,6 +410,7 @@ mod tests {
             "nothing is visible before publish"
         );
         let key = staged.publish().unwrap();
+        store.sync_published(std::slice::from_ref(&key)).unwrap();
         let mut content = String::new();
         store
             .open(&key)

@@ -299,7 +299,7 @@ fn u64_to_sql(n: u64) -> i64 {
 /// Removes the versions of one file (given newest first) that `retention`
 /// does not keep; returns them.
 fn apply_retention(
-    tx: &rusqlite::Transaction<'_>,
+    tx: &Connection,
     newest_first: Vec<VersionRecord>,
     retention: &Retention,
     now: SystemTime,
@@ -312,6 +312,54 @@ fn apply_retention(
         }
     }
     Ok(dropped)
+}
+
+/// Inserts version `v` (and its file row if new) and applies `retention`
+/// to its name, inside the caller's transaction; returns the blobs of the
+/// versions dropped.
+fn insert_version(
+    conn: &Connection,
+    v: &NewVersion,
+    retention: &Retention,
+) -> Result<Vec<BlobKey>, StorageError> {
+    let client = &v.client.0[..];
+    conn.prepare_cached(
+        "INSERT INTO files (client_id, name) VALUES (?1, ?2) ON CONFLICT (client_id, name) DO NOTHING",
+    )?
+    .execute(params![client, v.file.as_bytes()])?;
+    let file_id: i64 = conn
+        .prepare_cached("SELECT id FROM files WHERE client_id = ?1 AND name = ?2")?
+        .query_row(params![client, v.file.as_bytes()], |r| r.get(0))?;
+    conn.prepare_cached(
+        "INSERT INTO versions (file_id, blob, size, content_size, cksum, sha256, verified, stored_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, 1, ?7)",
+    )?
+    .execute(params![
+            file_id,
+            v.blob.0,
+            size_to_sql(v.size)?,
+            size_to_sql(v.content_size)?,
+            i64::from(v.cksum),
+            &v.sha256[..],
+            to_ms(v.stored_at)
+        ])?;
+    let superseded = if retention.keeps_everything() || is_append_only(conn, v.client)? {
+        Vec::new()
+    } else {
+        let versions =
+            query_versions(conn, "WHERE v.file_id = ?1 ORDER BY v.id DESC", &[&file_id])?;
+        apply_retention(conn, versions, retention, v.stored_at)?
+    };
+    conn.prepare_cached("UPDATE clients SET last_seen = ?2 WHERE id = ?1")?
+        .execute(params![client, to_ms(v.stored_at)])?;
+    Ok(superseded.into_iter().map(|v| v.blob).collect())
+}
+
+/// The result of every member of a batch whose transaction failed.
+fn batch_failed<T>(n: usize, cause: &StorageError) -> Vec<Result<T, StorageError>> {
+    (0..n)
+        .map(|_| Err(StorageError::Batch(cause.to_string())))
+        .collect()
 }
 
 fn is_append_only(conn: &Connection, id: ClientId) -> Result<bool, StorageError> {
@@ -414,42 +462,36 @@ impl MetaStore for SqliteMetaStore {
     ) -> Result<Vec<BlobKey>, StorageError> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
-        let client = &v.client.0[..];
-        tx.execute(
-            "INSERT INTO files (client_id, name) VALUES (?1, ?2) ON CONFLICT (client_id, name) DO NOTHING",
-            params![client, v.file.as_bytes()],
-        )?;
-        let file_id: i64 = tx.query_row(
-            "SELECT id FROM files WHERE client_id = ?1 AND name = ?2",
-            params![client, v.file.as_bytes()],
-            |r| r.get(0),
-        )?;
-        tx.execute(
-            "INSERT INTO versions (file_id, blob, size, content_size, cksum, sha256, verified, stored_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, 1, ?7)",
-            params![
-                file_id,
-                v.blob.0,
-                size_to_sql(v.size)?,
-                size_to_sql(v.content_size)?,
-                i64::from(v.cksum),
-                &v.sha256[..],
-                to_ms(v.stored_at)
-            ],
-        )?;
-        let superseded = if retention.keeps_everything() || is_append_only(&tx, v.client)? {
-            Vec::new()
-        } else {
-            let versions =
-                query_versions(&tx, "WHERE v.file_id = ?1 ORDER BY v.id DESC", &[&file_id])?;
-            apply_retention(&tx, versions, retention, v.stored_at)?
-        };
-        tx.execute(
-            "UPDATE clients SET last_seen = ?2 WHERE id = ?1",
-            params![client, to_ms(v.stored_at)],
-        )?;
+        let superseded = insert_version(&tx, v, retention)?;
         tx.commit()?;
-        Ok(superseded.into_iter().map(|v| v.blob).collect())
+        Ok(superseded)
+    }
+
+    /// One transaction (so one WAL sync) for the whole batch; each version
+    /// in a savepoint of its own, so that one that fails is rolled back
+    /// alone.
+    fn add_versions(
+        &self,
+        batch: &[(NewVersion, Retention)],
+    ) -> Vec<Result<Vec<BlobKey>, StorageError>> {
+        let mut conn = self.conn();
+        let mut tx = match conn.transaction() {
+            Ok(tx) => tx,
+            Err(e) => return batch_failed(batch.len(), &e.into()),
+        };
+        let mut results = Vec::with_capacity(batch.len());
+        for (v, retention) in batch {
+            let one = tx.savepoint().map_err(StorageError::from).and_then(|sp| {
+                let superseded = insert_version(&sp, v, retention)?;
+                sp.commit()?;
+                Ok(superseded)
+            });
+            results.push(one);
+        }
+        match tx.commit() {
+            Ok(()) => results,
+            Err(e) => batch_failed(batch.len(), &e.into()),
+        }
     }
 
     fn list(
@@ -751,6 +793,36 @@ mod tests {
             .add_version(&version(ClientId([5; 16]), "f", "b", 1), &last(1))
             .is_err());
         assert!(db.all_versions().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_batch_records_each_member_alone_and_one_failure_spoils_no_other() {
+        let dir = tempfile::tempdir().unwrap();
+        let (db, id) = open_with_client(&dir);
+        let stranger = ClientId([9; 16]);
+        let batch = vec![
+            (version(id, "f", "b1", 1), last(1)),
+            // No such client: the foreign key fails this member only.
+            (version(stranger, "g", "b2", 2), last(1)),
+            (version(id, "f", "b3", 3), last(1)),
+            // The blob key is taken: fails alone as well.
+            (version(id, "h", "b3", 4), last(1)),
+        ];
+        let results = db.add_versions(&batch);
+        assert_eq!(results.len(), 4);
+        assert!(results[0].as_ref().unwrap().is_empty());
+        assert!(results[1].is_err());
+        assert_eq!(
+            results[2].as_ref().unwrap(),
+            &vec![BlobKey("b1".into())],
+            "retention within the batch drops the earlier member"
+        );
+        assert!(results[3].is_err());
+        let rows: Vec<_> = db.all_versions().unwrap();
+        assert_eq!(rows.len(), 1, "{rows:?}");
+        assert_eq!(rows[0].blob, BlobKey("b3".into()));
+        assert_eq!(rows[0].size, 3);
+        assert!(db.add_versions(&[]).is_empty());
     }
 
     fn open_with_client(dir: &tempfile::TempDir) -> (SqliteMetaStore, ClientId) {
