@@ -116,6 +116,11 @@ pub struct GlobalArgs {
     #[arg(long, global = true, value_name = "SHA256:HEX", value_parser = parse_fingerprint_arg)]
     pub server_fingerprint: Option<protocol::secure::Fingerprint>,
 
+    /// Files sent at once by a backup, each over a connection of its own
+    /// (1 to 16) [default: 4]
+    #[arg(long, global = true, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=i64::from(settings::MAX_CONNECTIONS)))]
+    pub connections: Option<u16>,
+
     /// Print nothing but errors
     #[arg(short, long, global = true)]
     pub quiet: bool,
@@ -270,6 +275,7 @@ impl GlobalArgs {
             timeout: self.timeout,
             legacy: self.legacy,
             server_fingerprint: self.server_fingerprint,
+            connections: self.connections,
         }
     }
 

@@ -633,14 +633,18 @@ impl Client {
         }
     }
 
-    /// Backs up `items` over one connection: reconnects (or registers, see
-    /// below), then sends and verifies each file in turn.
+    /// Backs up `items`: reconnects (or registers, see below), then sends
+    /// and verifies each file in turn, over up to `options.connections`
+    /// connections at once (the further ones reconnect with the same
+    /// identity once the first is keyed; one that cannot be opened leaves
+    /// its share to the others).
     ///
     /// Without a stored identity the client registers as `register_as`, or
     /// fails with [`Error::NotRegistered`] when that is `None`. Files that
     /// cannot be planned (too large) are failed before anything is sent.
-    /// A failure of one file does not stop the others unless it ends the
-    /// connection; the files not tried are then [`Outcome::NotAttempted`].
+    /// A failure of one file does not stop the others; a connection that
+    /// fails takes no more files, and files no connection could take are
+    /// [`Outcome::NotAttempted`].
     ///
     /// # Errors
     /// When the connection or the key exchange fails before any file is
@@ -671,43 +675,121 @@ impl Client {
             report.files.push(file);
             plans.push(plan);
         }
-        let todo: Vec<usize> = (0..items.len())
-            .filter(|&i| plans.get(i).is_some_and(Option::is_some))
+        let todo: Vec<(&BackupItem, &UploadPlan, usize)> = items
+            .iter()
+            .zip(&plans)
+            .enumerate()
+            .filter_map(|(i, (item, plan))| plan.as_ref().map(|p| (item, p, i)))
             .collect();
         if todo.is_empty() {
             report.elapsed = started.elapsed();
             return Ok(report);
         }
-        let mut keyed = self.connect(register_as).await?;
+        let keyed = self.connect(register_as).await?;
         report.name = Some(keyed.identity.name.to_string());
         report.client_id = Some(keyed.identity.client_id);
         report.registered = keyed.registered;
-        let total: u64 = todo
-            .iter()
-            .filter_map(|&i| items.get(i))
-            .map(|i| i.size)
-            .sum();
+        let total: u64 = todo.iter().map(|(item, _, _)| item.size).sum();
         self.feedback.start(todo.len(), total);
-        for i in todo {
-            let (Some(item), Some(Some(plan)), Some(file)) =
-                (items.get(i), plans.get(i), report.files.get_mut(i))
-            else {
-                continue;
-            };
+        let queue = Queue {
+            todo: &todo,
+            next: std::cell::Cell::new(0),
+        };
+        let extra = usize::from(self.options.connections.max(1))
+            .min(todo.len())
+            .saturating_sub(1);
+        // One task drives every connection: the work per file is I/O and
+        // the server's syncs, which is what several connections overlap.
+        let mut workers = vec![futures::future::Either::Left(
+            self.send_queued(keyed, &queue),
+        )];
+        for n in 0..extra {
+            workers.push(futures::future::Either::Right(
+                self.open_and_send_queued(n + 2, &queue),
+            ));
+        }
+        for (i, file) in futures::future::join_all(workers)
+            .await
+            .into_iter()
+            .flatten()
+        {
+            if let Some(slot) = report.files.get_mut(i) {
+                *slot = file;
+            }
+        }
+        self.feedback.done();
+        report.elapsed = started.elapsed();
+        Ok(report)
+    }
+
+    /// Opens connection number `number` of a backup and sends files from
+    /// `queue` over it; if it cannot be opened, the others take its share.
+    async fn open_and_send_queued(
+        &self,
+        number: usize,
+        queue: &Queue<'_>,
+    ) -> Vec<(usize, FileReport)> {
+        if queue.is_empty() {
+            return Vec::new();
+        }
+        match self.reconnect_existing().await {
+            Ok(keyed) => self.send_queued(keyed, queue).await,
+            Err(e) => {
+                self.feedback.notice(&format!(
+                    "could not open connection {number} to {} ({e}); going on with fewer",
+                    self.options.server
+                ));
+                Vec::new()
+            }
+        }
+    }
+
+    /// Sends files from `queue` over `keyed` until the queue is empty or
+    /// the connection fails; returns the report of each file it took, by
+    /// index.
+    async fn send_queued(&self, mut keyed: Keyed, queue: &Queue<'_>) -> Vec<(usize, FileReport)> {
+        let mut done = Vec::new();
+        while let Some((item, plan, i)) = queue.take() {
             let result = self.upload(&mut keyed, item, plan).await;
             let stop = matches!(&result, Err(e) if !e.connection_usable);
-            file.outcome = match result {
-                Ok((attempts, cksum)) => Outcome::Stored { attempts, cksum },
-                Err(e) => Outcome::Failed(e.error),
+            let file = FileReport {
+                path: item.path.clone(),
+                name: item.name.to_string_lossy(),
+                size: item.size,
+                outcome: match result {
+                    Ok((attempts, cksum)) => Outcome::Stored { attempts, cksum },
+                    Err(e) => Outcome::Failed(e.error),
+                },
             };
-            self.feedback.finished(file);
+            self.feedback.finished(&file);
+            done.push((i, file));
             if stop {
                 break;
             }
         }
-        self.feedback.done();
         keyed.conn.close().await;
-        report.elapsed = started.elapsed();
-        Ok(report)
+        done
+    }
+}
+
+/// The files of a backup not yet taken by a connection. The connections
+/// run on one task, so a `Cell` is enough.
+struct Queue<'a> {
+    todo: &'a [(&'a BackupItem, &'a UploadPlan, usize)],
+    next: std::cell::Cell<usize>,
+}
+
+impl<'a> Queue<'a> {
+    fn take(&self) -> Option<(&'a BackupItem, &'a UploadPlan, usize)> {
+        let next = self.next.get();
+        let found = self.todo.get(next).copied();
+        if found.is_some() {
+            self.next.set(next + 1);
+        }
+        found
+    }
+
+    fn is_empty(&self) -> bool {
+        self.next.get() >= self.todo.len()
     }
 }

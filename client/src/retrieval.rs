@@ -12,7 +12,8 @@
 //! plain blocking writes on the client's single-threaded runtime, which has
 //! nothing else to do meanwhile.
 
-use std::collections::{HashMap, HashSet};
+use std::cell::RefCell;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -182,6 +183,10 @@ impl From<Error> for RestoreFailure {
     }
 }
 
+/// A file to restore: its name, the version (0: the newest) and where it
+/// goes.
+type RestoreJob = (FileName, u64, Result<Destination, Error>);
+
 impl Client {
     async fn open_retrieval(&self) -> Result<Retrieving, Error> {
         Ok(Retrieving {
@@ -335,7 +340,7 @@ impl Client {
         version: u64,
         dest: &Destination,
         overwrite: bool,
-        cleaned: &mut HashSet<PathBuf>,
+        cleaned: &RefCell<HashSet<PathBuf>>,
     ) -> Result<(RestoreBegin, u32), RestoreFailure> {
         let name = file.to_string_lossy();
         let local = |error| RestoreFailure {
@@ -343,7 +348,7 @@ impl Client {
             connection_usable: true,
         };
         let dir = dest.prepare(&name, overwrite).map_err(local)?;
-        let removed = remove_stale_parts(&dir, cleaned);
+        let removed = remove_stale_parts(&dir, &mut cleaned.borrow_mut());
         if removed > 0 {
             self.feedback().notice(&format!(
                 "removed {removed} unfinished restore file{} left in {}",
@@ -411,46 +416,119 @@ impl Client {
         Ok((begin, cksum))
     }
 
+    /// Restores `jobs` over `first` and, when there are several, up to
+    /// `options.connections - 1` more connections opened alongside; every
+    /// connection is closed at the end. Entries go into `report` in the
+    /// order of `jobs`. A connection that fails takes no more jobs; jobs no
+    /// connection could take are [`RestoreOutcome::NotAttempted`].
     async fn restore_files(
         &self,
-        r: &mut Retrieving,
+        first: Retrieving,
         report: &mut RestoreReport,
-        jobs: Vec<(FileName, u64, Result<Destination, Error>)>,
+        jobs: Vec<RestoreJob>,
         overwrite: bool,
     ) {
-        let mut cleaned = HashSet::new();
-        let mut stopped = false;
-        for (file, version, dest) in jobs {
-            let name = file.to_string_lossy();
-            let mut entry = RestoredFile {
-                name: name.clone(),
+        let count = jobs.len();
+        let queue = RefCell::new(jobs.into_iter().enumerate().collect::<VecDeque<_>>());
+        let cleaned = RefCell::new(HashSet::new());
+        let extra = usize::from(self.options().connections.max(1))
+            .min(count)
+            .saturating_sub(1);
+        let (queue_ref, cleaned_ref) = (&queue, &cleaned);
+        let mut workers = vec![futures::future::Either::Left(self.restore_queued(
+            first,
+            queue_ref,
+            cleaned_ref,
+            overwrite,
+        ))];
+        for n in 0..extra {
+            let (queue, cleaned) = (queue_ref, cleaned_ref);
+            workers.push(futures::future::Either::Right(async move {
+                if queue.borrow().is_empty() {
+                    return Vec::new();
+                }
+                match self.open_retrieval().await {
+                    Ok(r) => self.restore_queued(r, queue, cleaned, overwrite).await,
+                    Err(e) => {
+                        self.feedback().notice(&format!(
+                            "could not open connection {} to {} ({e}); going on with fewer",
+                            n + 2,
+                            self.options().server
+                        ));
+                        Vec::new()
+                    }
+                }
+            }));
+        }
+        let mut done: Vec<(usize, RestoredFile)> = futures::future::join_all(workers)
+            .await
+            .into_iter()
+            .flatten()
+            .collect();
+        for (i, (file, version, dest)) in queue.take() {
+            let entry = RestoredFile {
+                name: file.to_string_lossy(),
                 version,
                 size: 0,
                 path: dest.as_ref().ok().map(Destination::path),
                 outcome: RestoreOutcome::NotAttempted,
             };
-            if !stopped {
-                entry.outcome = match dest {
-                    Err(e) => RestoreOutcome::Failed(e),
-                    Ok(dest) => match self
-                        .restore_on(r, &file, version, &dest, overwrite, &mut cleaned)
-                        .await
-                    {
-                        Ok((begin, cksum)) => {
-                            entry.version = begin.version;
-                            entry.size = begin.size;
-                            RestoreOutcome::Restored { cksum }
-                        }
-                        Err(failure) => {
-                            stopped = !failure.connection_usable;
-                            RestoreOutcome::Failed(failure.error)
-                        }
-                    },
-                };
-            }
             self.feedback().restored(&entry);
-            report.files.push(entry);
+            done.push((i, entry));
         }
+        done.sort_by_key(|(i, _)| *i);
+        report
+            .files
+            .extend(done.into_iter().map(|(_, entry)| entry));
+    }
+
+    /// Restores jobs from `queue` over `r` until the queue is empty or the
+    /// connection fails, then closes it; returns each entry with its index.
+    async fn restore_queued(
+        &self,
+        mut r: Retrieving,
+        queue: &RefCell<VecDeque<(usize, RestoreJob)>>,
+        cleaned: &RefCell<HashSet<PathBuf>>,
+        overwrite: bool,
+    ) -> Vec<(usize, RestoredFile)> {
+        let mut done = Vec::new();
+        loop {
+            let Some((i, (file, version, dest))) = queue.borrow_mut().pop_front() else {
+                break;
+            };
+            let mut entry = RestoredFile {
+                name: file.to_string_lossy(),
+                version,
+                size: 0,
+                path: dest.as_ref().ok().map(Destination::path),
+                outcome: RestoreOutcome::NotAttempted,
+            };
+            let mut stop = false;
+            entry.outcome = match dest {
+                Err(e) => RestoreOutcome::Failed(e),
+                Ok(dest) => match self
+                    .restore_on(&mut r, &file, version, &dest, overwrite, cleaned)
+                    .await
+                {
+                    Ok((begin, cksum)) => {
+                        entry.version = begin.version;
+                        entry.size = begin.size;
+                        RestoreOutcome::Restored { cksum }
+                    }
+                    Err(failure) => {
+                        stop = !failure.connection_usable;
+                        RestoreOutcome::Failed(failure.error)
+                    }
+                },
+            };
+            self.feedback().restored(&entry);
+            done.push((i, entry));
+            if stop {
+                break;
+            }
+        }
+        r.keyed.conn.close().await;
+        done
     }
 
     /// Restores version `version` (0: the newest) of `file`: into `to` when
@@ -478,17 +556,16 @@ impl Client {
             server: self.options().server.clone(),
             ..RestoreReport::default()
         };
-        let mut r = self.open_retrieval().await?;
+        let r = self.open_retrieval().await?;
         self.feedback().start(1, 0);
         self.restore_files(
-            &mut r,
+            r,
             &mut report,
             vec![(file.clone(), version, dest)],
             overwrite,
         )
         .await;
         self.feedback().done();
-        r.keyed.conn.close().await;
         report.elapsed = started.elapsed();
         Ok(report)
     }
@@ -536,10 +613,8 @@ impl Client {
             .collect();
         self.feedback()
             .start(entries.len(), entries.iter().map(|e| e.size).sum());
-        self.restore_files(&mut r, &mut report, jobs, overwrite)
-            .await;
+        self.restore_files(r, &mut report, jobs, overwrite).await;
         self.feedback().done();
-        r.keyed.conn.close().await;
         report.elapsed = started.elapsed();
         Ok(report)
     }

@@ -26,6 +26,12 @@ pub const DEFAULT_PACKET_SIZE: usize = 1024 * 1024;
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long to wait for a connection to be accepted.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections a backup of several files uses at once, by default: enough
+/// for the server to commit several files per sync (its group commit)
+/// while one file is on the wire and another is being synced.
+pub const DEFAULT_CONNECTIONS: u16 = 4;
+/// The most connections one run opens.
+pub const MAX_CONNECTIONS: u16 = 16;
 
 /// The user's configuration directory for this client:
 /// `$XDG_CONFIG_HOME/backup-client`, else `$HOME/.config/backup-client`.
@@ -50,6 +56,7 @@ pub fn default_config_dir() -> Option<PathBuf> {
 /// packet-size = 1048576   # fixes the packet size (for legacy servers)
 /// codes = 1025            # or 825
 /// timeout = 60            # seconds
+/// connections = 4         # files sent at once (1 to 16)
 /// ```
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
@@ -67,6 +74,9 @@ pub struct ConfigFile {
     /// Speak the legacy protocol to this server (as `--legacy`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub legacy: Option<bool>,
+    /// Connections a backup uses at once (as `--connections`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub connections: Option<u16>,
 }
 
 impl ConfigFile {
@@ -224,6 +234,9 @@ pub struct Options {
     /// The server's certificate fingerprint given up front
     /// (`--server-fingerprint`); otherwise the pin in `known_servers`.
     pub server_fingerprint: Option<protocol::secure::Fingerprint>,
+    /// Connections a backup of several files uses at once (1 to
+    /// [`MAX_CONNECTIONS`]); each file still goes over one of them, whole.
+    pub connections: u16,
 }
 
 impl Options {
@@ -237,6 +250,7 @@ impl Options {
             connect_timeout: CONNECT_TIMEOUT,
             legacy: false,
             server_fingerprint: None,
+            connections: DEFAULT_CONNECTIONS,
         }
     }
 
@@ -262,6 +276,8 @@ pub struct Overrides {
     pub legacy: bool,
     /// `--server-fingerprint`.
     pub server_fingerprint: Option<protocol::secure::Fingerprint>,
+    /// `--connections`.
+    pub connections: Option<u16>,
 }
 
 /// Combines flags, a legacy `transfer.info` server, and `config.toml` into
@@ -296,6 +312,15 @@ pub fn resolve(
     }
     options.legacy = flags.legacy || file.legacy.unwrap_or(false);
     options.server_fingerprint = flags.server_fingerprint;
+    if let Some(n) = flags.connections.or(file.connections) {
+        if !(1..=MAX_CONNECTIONS).contains(&n) {
+            return Err(Error::Config {
+                path: config_path.to_owned(),
+                detail: format!("connections = {n}: use 1 to {MAX_CONNECTIONS}"),
+            });
+        }
+        options.connections = n;
+    }
     Ok(options)
 }
 
@@ -380,6 +405,31 @@ mod tests {
         assert!(matches!(none, Err(Error::NoServer { .. })));
         let default = resolve(&flags, None, &ConfigFile::default(), path).unwrap();
         assert_eq!(default.packet_size, PacketSize::Auto(DEFAULT_PACKET_SIZE));
+        assert_eq!(default.connections, DEFAULT_CONNECTIONS);
+        let eight = ConfigFile {
+            server: Some("file:1".into()),
+            connections: Some(8),
+            ..Default::default()
+        };
+        assert_eq!(
+            resolve(&Overrides::default(), None, &eight, path)
+                .unwrap()
+                .connections,
+            8
+        );
+        let one = Overrides {
+            connections: Some(1),
+            ..Default::default()
+        };
+        assert_eq!(resolve(&one, None, &eight, path).unwrap().connections, 1);
+        for bad in [0, MAX_CONNECTIONS + 1] {
+            let file = ConfigFile {
+                connections: Some(bad),
+                ..eight.clone()
+            };
+            let err = resolve(&Overrides::default(), None, &file, path).unwrap_err();
+            assert!(err.to_string().contains("connections"), "{err}");
+        }
     }
 
     #[test]

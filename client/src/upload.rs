@@ -12,6 +12,11 @@
 //! Each attempt reads the file once; the cksum is computed on that same pass,
 //! so it always describes the bytes sent. Memory held is a few packets:
 //! `READ_AHEAD` plaintext buffers and `PIPELINE_DEPTH` packets.
+//!
+//! A file of at most [`SMALL_FILE`] bytes skips the pipeline: one task of
+//! the blocking pool reads, checksums and encrypts it whole, and the async
+//! side sends the packets. For a run of small files, the hand-overs between
+//! three threads would cost more than the work.
 
 use std::fs::File;
 use std::io::Read;
@@ -31,6 +36,10 @@ use crate::feedback::Feedback;
 const PIPELINE_DEPTH: usize = 4;
 /// Plaintext buffers in circulation between the reader and the encryptor.
 const READ_AHEAD: usize = 3;
+
+/// Files up to this size are read and encrypted in one go (see the module
+/// documentation); the memory held is about twice this.
+pub const SMALL_FILE: u64 = 1024 * 1024;
 
 /// What the encryptor hands to the async side.
 enum Piece {
@@ -179,6 +188,71 @@ fn encrypt_stage(
     }
 }
 
+/// Reads, checksums and encrypts a whole small file: its packets and the
+/// cksum of its plaintext.
+fn encrypt_whole(job: &Job) -> Result<(Vec<RequestFrame>, u32), Error> {
+    let size = job.plan.orig_size;
+    let read_err = |e: std::io::Error| Error::ReadFile {
+        path: job.path.clone(),
+        reason: io_reason(&e),
+    };
+    let mut file = File::open(&job.path).map_err(read_err)?;
+    let mut plain = vec![0u8; usize::try_from(size).unwrap_or(usize::MAX)];
+    let got = read_full(&mut file, &mut plain).map_err(read_err)?;
+    if got as u64 != size {
+        return Err(Error::FileChanged {
+            path: job.path.clone(),
+            expected: size,
+            got: got as u64,
+        });
+    }
+    let mut encryptor = CbcEncryptor::new(&job.key);
+    let mut packets = Packetizer::new(job.plan.clone(), job.client_id, job.numbering);
+    encryptor.update(&plain, packets.buffer());
+    encryptor.finish(packets.buffer());
+    let mut frames = Vec::new();
+    while let Some(frame) = packets.next_full() {
+        frames.push(frame);
+    }
+    let last = packets.last().ok_or_else(|| {
+        Error::Internal(format!(
+            "the ciphertext of {} does not fit its plan",
+            job.path.display()
+        ))
+    })?;
+    frames.push(last);
+    Ok((frames, Cksum::of(&plain)))
+}
+
+/// [`send_file`] for a file of at most [`SMALL_FILE`] bytes.
+async fn send_small(
+    conn: &mut Connection,
+    job: Job,
+    feedback: &dyn Feedback,
+) -> Result<u32, AttemptError> {
+    let doing = format!("sending {}", job.path.display());
+    let size = job.plan.orig_size;
+    let (frames, cksum) = tokio::task::spawn_blocking(move || encrypt_whole(&job))
+        .await
+        .map_err(|e| Error::Internal(format!("the reader stopped: {e}")))
+        .and_then(|r| r)
+        .map_err(|error| AttemptError {
+            error,
+            // Nothing was sent.
+            connection_usable: true,
+        })?;
+    for frame in &frames {
+        conn.send(frame, &doing)
+            .await
+            .map_err(|error| AttemptError {
+                error,
+                connection_usable: false,
+            })?;
+    }
+    feedback.progress(size);
+    Ok(cksum)
+}
+
 /// Sends every packet of one attempt at `path` and returns the cksum of the
 /// plaintext sent.
 ///
@@ -193,6 +267,16 @@ pub async fn send_file(
     numbering: Numbering,
     feedback: &dyn Feedback,
 ) -> Result<u32, AttemptError> {
+    if plan.orig_size <= SMALL_FILE {
+        let job = Job {
+            path: path.to_owned(),
+            plan: plan.clone(),
+            key,
+            client_id,
+            numbering,
+        };
+        return send_small(conn, job, feedback).await;
+    }
     let (tx, mut rx) = mpsc::channel(PIPELINE_DEPTH);
     let (plain_tx, plain_rx) = sync::sync_channel(READ_AHEAD);
     let (pool_tx, pool_rx) = sync::sync_channel(READ_AHEAD);

@@ -47,7 +47,7 @@ use crate::storage::{
     BlobKey, Deletion, NewVersion, Registration, Retention, Storage, StorageError, VersionRecord,
 };
 use deadline::Deadline;
-use upload::{Staged, Upload};
+use upload::{Staged, StagedContent, Upload};
 
 /// Initial read buffer: large reads keep the syscall count low.
 const READ_BUFFER: usize = 128 * 1024;
@@ -458,6 +458,7 @@ where
                         self.shared.storage.blobs_arc(),
                         client_id,
                         self.shared.alive.clone(),
+                        start.orig_size,
                     ) {
                         Ok(upload) => self.upload = Some(upload),
                         Err(e) => return self.storage_failure(e).await,
@@ -492,7 +493,7 @@ where
                     return Err(SessionError::NoPendingAction.into());
                 };
                 let Staged {
-                    blob,
+                    content,
                     sha256,
                     size: written,
                     started,
@@ -519,7 +520,10 @@ where
                     self.shared.config.retention
                 };
                 if let Err(e) = self
-                    .blocking(move |s| s.commit(blob, version, &retention))
+                    .blocking(move |s| match content {
+                        StagedContent::Blob(blob) => s.commit(blob, version, &retention),
+                        StagedContent::Inline(bytes) => s.commit_inline(bytes, version, &retention),
+                    })
                     .await
                 {
                     return self.storage_failure(e).await;
@@ -661,7 +665,7 @@ where
             file: file.clone(),
         };
         let mut packets = match restore::start(
-            self.shared.storage.blobs_arc(),
+            self.shared.storage.clone(),
             version,
             cipher,
             packet,

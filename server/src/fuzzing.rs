@@ -176,8 +176,7 @@ fn check(h: &Harness) {
         let mut blob = h
             .shared
             .storage
-            .blobs()
-            .open(&v.blob)
+            .open_blob(&v.blob)
             .unwrap_or_else(|e| panic!("version {} has no blob: {e}", v.version));
         let len = std::io::copy(&mut blob, &mut std::io::sink()).unwrap();
         assert_eq!(

@@ -76,7 +76,7 @@ impl ScrubReport {
 /// Checks one version's blob: streams it through SHA-256 and the cksum.
 /// Returns the finding and the bytes read.
 fn check(storage: &Storage, v: &VersionRecord, buf: &mut [u8]) -> (Finding, u64) {
-    let mut reader = match storage.blobs().open(&v.blob) {
+    let mut reader = match storage.open_blob(&v.blob) {
         Ok(r) => r,
         Err(StorageError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
             return (Finding::Missing, 0)

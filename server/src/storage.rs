@@ -35,6 +35,13 @@ use std::time::{Duration, SystemTime};
 use protocol::message::PublicKeyField;
 use protocol::{ClientId, FileName, UserName};
 
+/// Files of at most this many bytes are kept in the metadata database, in
+/// the same transaction as their version row, instead of as a file of their
+/// own: a small file then costs no file creation, no sync of its own and no
+/// folder sync, only its share of a group commit. SQLite reads and writes
+/// blobs of this size faster than a file system does.
+pub const INLINE_MAX: u64 = 64 * 1024;
+
 /// Why a storage operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
@@ -71,6 +78,23 @@ impl StorageError {
 /// file system store it is a path relative to the data directory.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct BlobKey(pub String);
+
+impl BlobKey {
+    /// Prefix of the keys of content kept in the metadata.
+    const INLINE_PREFIX: &'static str = "inline/";
+
+    /// A fresh key for content kept in the metadata.
+    pub fn new_inline() -> Self {
+        let bytes: [u8; 16] = rand::random();
+        Self(format!("{}{}", Self::INLINE_PREFIX, hex::encode(bytes)))
+    }
+
+    /// Whether the content under this key is kept in the metadata (a small
+    /// file) rather than in the [`BlobStore`].
+    pub fn is_inline(&self) -> bool {
+        self.0.starts_with(Self::INLINE_PREFIX)
+    }
+}
 
 impl std::fmt::Display for BlobKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -184,6 +208,17 @@ pub struct NewVersion {
     pub stored_at: SystemTime,
 }
 
+/// A version to record together with others
+/// ([`MetaStore::add_versions`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PendingVersion {
+    pub version: NewVersion,
+    pub retention: Retention,
+    /// The content itself, for a small file kept in the metadata under
+    /// `version.blob` (an inline key).
+    pub inline: Option<Vec<u8>>,
+}
+
 /// One committed version of a file.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VersionRecord {
@@ -267,18 +302,30 @@ pub trait MetaStore: Send + Sync + 'static {
     ) -> Result<Vec<BlobKey>, StorageError>;
 
     /// [`MetaStore::add_version`] for each member of `batch`, in order, with
-    /// one result each. A backend may make them durable together (one
-    /// transaction for all); a member that fails leaves the others alone.
-    /// The default records them one at a time.
-    fn add_versions(
-        &self,
-        batch: &[(NewVersion, Retention)],
-    ) -> Vec<Result<Vec<BlobKey>, StorageError>> {
-        batch
-            .iter()
-            .map(|(version, retention)| self.add_version(version, retention))
-            .collect()
-    }
+    /// one result each, storing the inline content of those that carry it
+    /// with their row. All are made durable together (one transaction); a
+    /// member that fails leaves the others alone.
+    fn add_versions(&self, batch: &[PendingVersion]) -> Vec<Result<Vec<BlobKey>, StorageError>>;
+
+    /// The content stored under inline key `blob`, if any. Content goes
+    /// when its version row goes.
+    ///
+    /// # Errors
+    /// On a backend failure.
+    fn inline_content(&self, blob: &BlobKey) -> Result<Option<Vec<u8>>, StorageError>;
+
+    /// Every inline key with the length of its content (for
+    /// [`Storage::recover`]).
+    ///
+    /// # Errors
+    /// On a backend failure.
+    fn inline_blobs(&self) -> Result<Vec<(BlobKey, u64)>, StorageError>;
+
+    /// Removes the content under inline key `blob` (no error if none).
+    ///
+    /// # Errors
+    /// On a backend failure.
+    fn delete_inline(&self, blob: &BlobKey) -> Result<(), StorageError>;
 
     /// Up to `limit` versions of client `id`, ordered by (name bytes,
     /// version), skipping the first `offset`: every version, or only the
@@ -533,14 +580,59 @@ impl Storage {
         version: NewVersion,
         retention: &Retention,
     ) -> Result<BlobKey, StorageError> {
-        self.commits.commit(self, staged, version, *retention)
+        self.commits
+            .commit(self, group::Content::Blob(staged), version, *retention)
+    }
+
+    /// [`Storage::commit`] for a small file (at most [`INLINE_MAX`] bytes)
+    /// whose content is kept in the metadata with its row.
+    ///
+    /// # Errors
+    /// When recording fails; nothing is stored then.
+    pub fn commit_inline(
+        &self,
+        content: Vec<u8>,
+        version: NewVersion,
+        retention: &Retention,
+    ) -> Result<BlobKey, StorageError> {
+        self.commits
+            .commit(self, group::Content::Inline(content), version, *retention)
+    }
+
+    /// Opens the content of a committed version, wherever it is kept.
+    ///
+    /// # Errors
+    /// When the key is unknown or the content cannot be opened.
+    pub fn open_blob(&self, key: &BlobKey) -> Result<Box<dyn Read + Send>, StorageError> {
+        if key.is_inline() {
+            let content = self
+                .meta
+                .inline_content(key)?
+                .ok_or_else(|| StorageError::Io {
+                    op: "open",
+                    path: key.0.clone().into(),
+                    source: std::io::ErrorKind::NotFound.into(),
+                })?;
+            return Ok(Box::new(std::io::Cursor::new(content)));
+        }
+        self.blobs.open(key)
+    }
+
+    /// Removes content whose row is gone (or never came): inline content
+    /// from the metadata, anything else from the blob store.
+    fn delete_blob(&self, key: &BlobKey) -> Result<(), StorageError> {
+        if key.is_inline() {
+            self.meta.delete_inline(key)
+        } else {
+            self.blobs.delete(key)
+        }
     }
 
     /// Deletes published blobs that will not be recorded; a failure leaves
     /// an orphan that the next start-up removes, so it is only logged.
     fn delete_unrecorded<'a>(&self, keys: impl Iterator<Item = &'a BlobKey>) {
         for key in keys {
-            if let Err(e) = self.blobs.delete(key) {
+            if let Err(e) = self.delete_blob(key) {
                 tracing::warn!(blob = %key, cause = %e, "could not delete an unrecorded blob");
             }
         }
@@ -550,7 +642,7 @@ impl Storage {
     /// the next start-up removes, so it is only logged.
     fn delete_blobs<'a>(&self, keys: impl Iterator<Item = &'a BlobKey>) {
         for key in keys {
-            if let Err(e) = self.blobs.delete(key) {
+            if let Err(e) = self.delete_blob(key) {
                 tracing::warn!(blob = %key, cause = %e, "could not delete a blob whose version is gone");
             }
         }
@@ -616,8 +708,7 @@ impl Storage {
             return Ok(None);
         };
         let mut out = Vec::new();
-        self.blobs
-            .open(&v.blob)?
+        self.open_blob(&v.blob)?
             .read_to_end(&mut out)
             .map_err(|e| StorageError::io("read", Path::new(&v.blob.0), e))?;
         Ok(Some(out))
@@ -632,8 +723,11 @@ impl Storage {
     /// On a backend failure.
     pub fn recover(&self) -> Result<RecoveryReport, StorageError> {
         let inventory = self.blobs.recover()?;
-        let on_disk: std::collections::HashMap<BlobKey, u64> =
-            inventory.blobs.into_iter().collect();
+        let on_disk: std::collections::HashMap<BlobKey, u64> = inventory
+            .blobs
+            .into_iter()
+            .chain(self.meta.inline_blobs()?)
+            .collect();
         let rows = self.meta.all_versions()?;
         let mut recorded = std::collections::HashSet::new();
         let mut broken = Vec::new();
@@ -660,7 +754,7 @@ impl Storage {
         };
         let mut removed_orphans = 0;
         for key in on_disk.keys().filter(|k| !recorded.contains(*k)) {
-            self.blobs.delete(key)?;
+            self.delete_blob(key)?;
             removed_orphans += 1;
         }
         Ok(RecoveryReport {

@@ -11,14 +11,13 @@
 //! before the client holds a complete (and so verifiable) file.
 
 use std::io::Read;
-use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use protocol::crypto::CbcEncryptor;
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 
-use crate::storage::{BlobStore, StorageError, VersionRecord};
+use crate::storage::{Storage, StorageError, VersionRecord};
 
 /// Packets in flight between the reader thread and the connection task.
 pub(crate) const QUEUE_DEPTH: usize = 2;
@@ -57,7 +56,7 @@ pub(crate) fn packet_len(max_packet_content: usize) -> usize {
 /// # Errors
 /// When the thread cannot be started.
 pub(crate) fn start(
-    blobs: Arc<dyn BlobStore>,
+    storage: Storage,
     version: VersionRecord,
     cipher: CbcEncryptor,
     packet: usize,
@@ -70,7 +69,7 @@ pub(crate) fn start(
         .map_err(|e| StorageError::Worker(format!("cannot start a reader: {e}")))?;
     runtime.spawn_blocking(move || {
         let _alive = alive;
-        if let Err(e) = read_all(&*blobs, &version, cipher, packet, &tx) {
+        if let Err(e) = read_all(&storage, &version, cipher, packet, &tx) {
             let _ = tx.blocking_send(Err(e));
         }
     });
@@ -97,13 +96,13 @@ fn fill(reader: &mut dyn Read, buf: &mut [u8], blob: &str) -> Result<usize, Stor
 /// the encryption (CBC encryption is serial, and the two together would
 /// halve the rate of one core), except for a blob of less than a packet.
 fn read_all(
-    blobs: &dyn BlobStore,
+    storage: &Storage,
     version: &VersionRecord,
     cipher: CbcEncryptor,
     packet: usize,
     tx: &mpsc::Sender<Result<Bytes, RestoreError>>,
 ) -> Result<(), RestoreError> {
-    let reader = blobs.open(&version.blob)?;
+    let reader = storage.open_blob(&version.blob)?;
     let (to_hasher, chunks) = std::sync::mpsc::sync_channel::<Bytes>(QUEUE_DEPTH);
     let (outcome, sha) = if version.size < packet as u64 {
         // One chunk: a hashing thread would cost more than it saves. The

@@ -12,6 +12,12 @@
 //! the next packets, so a long upload does not allocate (and page-fault) a
 //! fresh buffer per packet; the pool is shared, not per upload, so that
 //! many connections waiting their turn do not each hold spare buffers.
+//!
+//! A file of at most [`INLINE_MAX`] bytes takes none of that: it is
+//! gathered in memory and committed into the metadata with its row (see
+//! [`Storage::commit_inline`](crate::storage::Storage::commit_inline)). One
+//! that turns out larger than it said moves to a writer thread at that
+//! point.
 
 use std::time::Instant;
 
@@ -20,7 +26,7 @@ use protocol::ClientId;
 use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::storage::{BlobStore, StagedBlob, StorageError};
+use crate::storage::{BlobStore, StagedBlob, StorageError, INLINE_MAX};
 
 /// Batches in flight between the connection task and the writer thread.
 pub(crate) const QUEUE_DEPTH: usize = 1;
@@ -53,37 +59,149 @@ enum Chunk {
     Finish,
 }
 
-/// Content written and synced, awaiting the client's verdict. Dropping it
-/// removes the temporary.
+/// Where the content of a finished upload is.
+pub(crate) enum StagedContent {
+    /// A synced temporary of the blob store.
+    Blob(Box<dyn StagedBlob>),
+    /// A small file, in memory until it is committed with its row.
+    Inline(Vec<u8>),
+}
+
+/// Content written (and, in the blob store, synced), awaiting the client's
+/// verdict. Dropping it removes the temporary.
 pub(crate) struct Staged {
-    pub(crate) blob: Box<dyn StagedBlob>,
+    pub(crate) content: StagedContent,
     pub(crate) sha256: [u8; 32],
     pub(crate) size: u64,
     pub(crate) started: Instant,
 }
 
 /// An upload in progress. Dropping it without [`finish`](Self::finish)
-/// makes the writer discard the temporary.
+/// discards what was written.
 pub(crate) struct Upload {
+    inner: Inner,
+    started: Instant,
+}
+
+enum Inner {
+    /// Gathered in memory (a small file); what a spill to a writer needs.
+    Memory {
+        content: Vec<u8>,
+        blobs: std::sync::Arc<dyn BlobStore>,
+        client: ClientId,
+        alive: mpsc::Sender<()>,
+    },
+    Streamed(Streamed),
+}
+
+impl Upload {
+    /// Starts an upload of `expected` bytes for `client`: in memory when
+    /// that is at most [`INLINE_MAX`], else with a writer for a new blob.
+    /// `alive` is held by the writer until it ends, so shutdown can wait
+    /// for it.
+    ///
+    /// # Errors
+    /// When a writer is needed and cannot be started.
+    pub(crate) fn start(
+        blobs: std::sync::Arc<dyn BlobStore>,
+        client: ClientId,
+        alive: mpsc::Sender<()>,
+        expected: u64,
+    ) -> Result<Self, StorageError> {
+        let started = Instant::now();
+        let inner = if expected <= INLINE_MAX {
+            Inner::Memory {
+                content: Vec::with_capacity(usize::try_from(expected).unwrap_or(0)),
+                blobs,
+                client,
+                alive,
+            }
+        } else {
+            Inner::Streamed(Streamed::start(blobs, client, alive, started)?)
+        };
+        Ok(Self { inner, started })
+    }
+
+    /// A written buffer of at least `capacity` bytes, if the pool has one
+    /// (only for uploads that go to a writer).
+    pub(crate) fn spare(&mut self, capacity: usize) -> Option<BytesMut> {
+        match &mut self.inner {
+            Inner::Memory { .. } => None,
+            Inner::Streamed(s) => s.spare(capacity),
+        }
+    }
+
+    /// Takes `plaintext`; see [`Streamed::write`].
+    ///
+    /// # Errors
+    /// When the writer failed.
+    pub(crate) async fn write(&mut self, plaintext: BytesMut) -> Result<(), StorageError> {
+        match &mut self.inner {
+            Inner::Memory {
+                content,
+                blobs,
+                client,
+                alive,
+            } => {
+                if (content.len() + plaintext.len()) as u64 <= INLINE_MAX {
+                    content.extend_from_slice(&plaintext);
+                    return Ok(());
+                }
+                // More than the file said it had: on to a writer.
+                let mut streamed = Streamed::start(
+                    std::sync::Arc::clone(blobs),
+                    *client,
+                    alive.clone(),
+                    self.started,
+                )?;
+                streamed.write(BytesMut::from(&content[..])).await?;
+                streamed.write(plaintext).await?;
+                self.inner = Inner::Streamed(streamed);
+                Ok(())
+            }
+            Inner::Streamed(s) => s.write(plaintext).await,
+        }
+    }
+
+    /// Returns the finished content: a synced temporary, or the bytes of a
+    /// small file.
+    ///
+    /// # Errors
+    /// When the writer failed.
+    pub(crate) async fn finish(self) -> Result<Staged, StorageError> {
+        match self.inner {
+            Inner::Memory { content, .. } => Ok(Staged {
+                sha256: Sha256::digest(&content).into(),
+                size: content.len() as u64,
+                content: StagedContent::Inline(content),
+                started: self.started,
+            }),
+            Inner::Streamed(s) => s.finish().await,
+        }
+    }
+}
+
+/// An upload going to a writer thread. Dropping it without
+/// [`finish`](Self::finish) makes the writer discard the temporary.
+struct Streamed {
     tx: mpsc::Sender<Chunk>,
     outcome: oneshot::Receiver<Result<Staged, StorageError>>,
     batch: BytesMut,
 }
 
-impl Upload {
-    /// Starts the writer for a new blob of `client`. `alive` is held by the
-    /// writer until it ends, so shutdown can wait for it.
+impl Streamed {
+    /// Starts the writer for a new blob of `client`.
     ///
     /// # Errors
     /// When called outside a tokio runtime.
-    pub(crate) fn start(
+    fn start(
         blobs: std::sync::Arc<dyn BlobStore>,
         client: ClientId,
         alive: mpsc::Sender<()>,
+        started: Instant,
     ) -> Result<Self, StorageError> {
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
         let (outcome_tx, outcome) = oneshot::channel();
-        let started = Instant::now();
         // A thread of the runtime's blocking pool: a run of small files
         // reuses one instead of starting a thread per file.
         let runtime = tokio::runtime::Handle::try_current()
@@ -102,7 +220,7 @@ impl Upload {
     }
 
     /// A written buffer of at least `capacity` bytes, if the pool has one.
-    pub(crate) fn spare(&mut self, capacity: usize) -> Option<BytesMut> {
+    fn spare(&mut self, capacity: usize) -> Option<BytesMut> {
         let mut pool = spares();
         let i = pool.iter().position(|b| b.capacity() >= capacity)?;
         Some(pool.swap_remove(i))
@@ -125,7 +243,7 @@ impl Upload {
     ///
     /// # Errors
     /// When the writer failed.
-    pub(crate) async fn write(&mut self, plaintext: BytesMut) -> Result<(), StorageError> {
+    async fn write(&mut self, plaintext: BytesMut) -> Result<(), StorageError> {
         if self.batch.is_empty() && plaintext.len() >= BATCH {
             return self.send(Chunk::Data(plaintext)).await;
         }
@@ -150,7 +268,7 @@ impl Upload {
     ///
     /// # Errors
     /// When the writer failed.
-    pub(crate) async fn finish(mut self) -> Result<Staged, StorageError> {
+    async fn finish(mut self) -> Result<Staged, StorageError> {
         if !self.batch.is_empty() {
             let rest = self.batch.split();
             self.send(Chunk::Data(rest)).await?;
@@ -189,7 +307,7 @@ fn write_all(
             }
             Chunk::Finish => {
                 return Some(writer.finish().map(|blob| Staged {
-                    blob,
+                    content: StagedContent::Blob(blob),
                     sha256: sha.finalize().into(),
                     size,
                     started,

@@ -18,12 +18,20 @@
 use std::collections::HashMap;
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 
-use super::{BlobKey, NewVersion, Retention, StagedBlob, Storage, StorageError};
+use super::{BlobKey, NewVersion, PendingVersion, Retention, StagedBlob, Storage, StorageError};
+
+/// What an upload wrote.
+pub(super) enum Content {
+    /// A staged blob of the blob store.
+    Blob(Box<dyn StagedBlob>),
+    /// A small file, to keep in the metadata with its row.
+    Inline(Vec<u8>),
+}
 
 /// One upload waiting to be committed.
 struct Job {
     ticket: u64,
-    staged: Box<dyn StagedBlob>,
+    content: Content,
     version: NewVersion,
     retention: Retention,
 }
@@ -60,7 +68,7 @@ impl GroupCommit {
     pub(super) fn commit(
         &self,
         storage: &Storage,
-        staged: Box<dyn StagedBlob>,
+        content: Content,
         version: NewVersion,
         retention: Retention,
     ) -> Result<BlobKey, StorageError> {
@@ -69,7 +77,7 @@ impl GroupCommit {
         queue.next_ticket += 1;
         queue.pending.push(Job {
             ticket,
-            staged,
+            content,
             version,
             retention,
         });
@@ -129,49 +137,76 @@ impl Drop for Leadership<'_> {
 /// Publishes, syncs and records one batch; a result per job.
 fn commit_batch(storage: &Storage, batch: Vec<Job>) -> Vec<(u64, Result<BlobKey, StorageError>)> {
     let mut results = Vec::with_capacity(batch.len());
-    let mut published = Vec::with_capacity(batch.len());
+    let mut pending = Vec::with_capacity(batch.len());
+    let mut tickets: Vec<u64> = Vec::with_capacity(batch.len());
     for job in batch {
         let Job {
             ticket,
-            staged,
+            content,
             mut version,
             retention,
         } = job;
-        match staged.publish() {
-            Ok(key) => {
-                version.blob = key;
-                published.push((ticket, version, retention));
+        let inline = match content {
+            Content::Blob(staged) => match staged.publish() {
+                Ok(key) => {
+                    version.blob = key;
+                    None
+                }
+                Err(e) => {
+                    results.push((ticket, Err(e)));
+                    continue;
+                }
+            },
+            Content::Inline(bytes) => {
+                version.blob = BlobKey::new_inline();
+                Some(bytes)
             }
-            Err(e) => results.push((ticket, Err(e))),
+        };
+        tickets.push(ticket);
+        pending.push(PendingVersion {
+            version,
+            retention,
+            inline,
+        });
+    }
+    if pending.is_empty() {
+        return results;
+    }
+    let published: Vec<BlobKey> = pending
+        .iter()
+        .filter(|p| p.inline.is_none())
+        .map(|p| p.version.blob.clone())
+        .collect();
+    if let Err(e) = storage.blobs().sync_published(&published) {
+        // The published blobs may not survive a crash: fail them (small
+        // files in the batch do not depend on the sync).
+        let cause = e.to_string();
+        storage.delete_unrecorded(published.iter());
+        let (inline, failed): (Vec<_>, Vec<_>) = tickets
+            .into_iter()
+            .zip(pending)
+            .partition(|(_, p)| p.inline.is_some());
+        results.extend(
+            failed
+                .into_iter()
+                .map(|(ticket, _)| (ticket, Err(StorageError::Batch(cause.clone())))),
+        );
+        (tickets, pending) = inline.into_iter().unzip();
+        if pending.is_empty() {
+            return results;
         }
     }
-    if published.is_empty() {
-        return results;
-    }
-    let keys: Vec<BlobKey> = published.iter().map(|(_, v, _)| v.blob.clone()).collect();
-    if let Err(e) = storage.blobs().sync_published(&keys) {
-        let cause = e.to_string();
-        storage.delete_unrecorded(keys.iter());
-        results.extend(
-            published
-                .into_iter()
-                .map(|(ticket, _, _)| (ticket, Err(StorageError::Batch(cause.clone())))),
-        );
-        return results;
-    }
-    let (tickets, rows): (Vec<u64>, Vec<(NewVersion, Retention)>) = published
-        .into_iter()
-        .map(|(ticket, version, retention)| (ticket, (version, retention)))
-        .unzip();
-    let recorded = storage.meta().add_versions(&rows);
-    for ((ticket, (version, _)), outcome) in tickets.into_iter().zip(rows).zip(recorded) {
+    let recorded = storage.meta().add_versions(&pending);
+    for ((ticket, p), outcome) in tickets.into_iter().zip(pending).zip(recorded) {
         match outcome {
             Ok(superseded) => {
                 storage.delete_blobs(superseded.iter());
-                results.push((ticket, Ok(version.blob)));
+                results.push((ticket, Ok(p.version.blob)));
             }
             Err(e) => {
-                storage.delete_unrecorded(std::iter::once(&version.blob));
+                if p.inline.is_none() {
+                    storage.delete_unrecorded(std::iter::once(&p.version.blob));
+                }
                 results.push((ticket, Err(e)));
             }
         }
@@ -211,8 +246,7 @@ mod tests {
     fn read(storage: &Storage, key: &BlobKey) -> Vec<u8> {
         let mut out = Vec::new();
         storage
-            .blobs()
-            .open(key)
+            .open_blob(key)
             .unwrap()
             .read_to_end(&mut out)
             .unwrap();
@@ -241,14 +275,19 @@ mod tests {
                         .map(|r| {
                             let name = format!("t{t}/r{r}");
                             let content = name.repeat(t + 1).into_bytes();
-                            let staged = stage(&storage, id, &content);
-                            let key = storage
-                                .commit(
-                                    staged,
-                                    new_version(id, &name, &content),
-                                    &Retention::KEEP_ALL,
-                                )
-                                .unwrap();
+                            let version = new_version(id, &name, &content);
+                            // Half of them small files kept with their row.
+                            let key = if r % 2 == 0 {
+                                storage
+                                    .commit_inline(content.clone(), version, &Retention::KEEP_ALL)
+                                    .unwrap()
+                            } else {
+                                let staged = stage(&storage, id, &content);
+                                storage
+                                    .commit(staged, version, &Retention::KEEP_ALL)
+                                    .unwrap()
+                            };
+                            assert_eq!(key.is_inline(), r % 2 == 0);
                             (name, content, key)
                         })
                         .collect::<Vec<_>>()
@@ -292,28 +331,43 @@ mod tests {
         let jobs = vec![
             Job {
                 ticket: 1,
-                staged: stage(&storage, known, b"kept"),
+                content: Content::Blob(stage(&storage, known, b"kept")),
                 version: new_version(known, "a", b"kept"),
                 retention: Retention::KEEP_ALL,
             },
             Job {
                 ticket: 2,
-                staged: stage(&storage, unknown, b"refused"),
+                content: Content::Blob(stage(&storage, unknown, b"refused")),
                 version: new_version(unknown, "b", b"refused"),
+                retention: Retention::KEEP_ALL,
+            },
+            Job {
+                ticket: 3,
+                content: Content::Inline(b"small".to_vec()),
+                version: new_version(known, "c", b"small"),
+                retention: Retention::KEEP_ALL,
+            },
+            Job {
+                ticket: 4,
+                content: Content::Inline(b"small, refused".to_vec()),
+                version: new_version(unknown, "d", b"small, refused"),
                 retention: Retention::KEEP_ALL,
             },
         ];
         let mut results = commit_batch(&storage, jobs);
         results.sort_by_key(|r| r.0);
-        let [(1, Ok(key)), (2, Err(_))] = results.as_slice() else {
+        let [(1, Ok(key)), (2, Err(_)), (3, Ok(small)), (4, Err(_))] = results.as_slice() else {
             panic!("unexpected results {results:?}");
         };
         assert_eq!(read(&storage, key), b"kept");
+        assert!(small.is_inline() && !key.is_inline());
+        assert_eq!(read(&storage, small), b"small");
+        assert_eq!(storage.meta().inline_blobs().unwrap().len(), 1);
         let report = storage.recover().unwrap();
         assert_eq!(
             report.removed_orphans, 0,
             "the refused member's blob was removed at once"
         );
-        assert_eq!(storage.meta().all_versions().unwrap().len(), 1);
+        assert_eq!(storage.meta().all_versions().unwrap().len(), 2);
     }
 }

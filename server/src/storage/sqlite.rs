@@ -27,12 +27,12 @@ use protocol::{ClientId, FileName, UserName};
 use rusqlite::{params, Connection, OptionalExtension, Row};
 
 use super::{
-    BlobKey, ClientRecord, ClientSummary, Deletion, MetaStore, NewVersion, Registration, Retention,
-    StorageError, VersionRecord,
+    BlobKey, ClientRecord, ClientSummary, Deletion, MetaStore, NewVersion, PendingVersion,
+    Registration, Retention, StorageError, VersionRecord,
 };
 
 /// The schema version this code writes (`PRAGMA user_version`).
-pub const SCHEMA_VERSION: i64 = 3;
+pub const SCHEMA_VERSION: i64 = 4;
 
 /// From schema version 1 to 2.
 const MIGRATE_1_TO_2: &str =
@@ -41,6 +41,24 @@ const MIGRATE_1_TO_2: &str =
 /// From schema version 2 to 3: the key bound at a secure-mode registration.
 const MIGRATE_2_TO_3: &str = "ALTER TABLE clients ADD COLUMN secure_key BLOB \
      CHECK (secure_key IS NULL OR length(secure_key) BETWEEN 1 AND 1100);";
+
+/// From schema version 3 to 4: small files kept in the database.
+const MIGRATE_3_TO_4: &str = INLINE_SCHEMA;
+
+/// Content of small versions, stored with their row (see
+/// [`crate::storage::INLINE_MAX`]); a version's content goes when its row
+/// does.
+const INLINE_SCHEMA: &str = "
+CREATE TABLE inline_blobs (
+    id       INTEGER PRIMARY KEY,
+    blob     TEXT NOT NULL UNIQUE,
+    content  BLOB NOT NULL
+);
+CREATE TRIGGER versions_drop_inline AFTER DELETE ON versions
+BEGIN
+    DELETE FROM inline_blobs WHERE blob = OLD.blob;
+END;
+";
 
 const SCHEMA: &str = "
 CREATE TABLE clients (
@@ -234,15 +252,19 @@ impl SqliteMetaStore {
             0 => {
                 let tx = conn.transaction()?;
                 tx.execute_batch(SCHEMA)?;
+                tx.execute_batch(INLINE_SCHEMA)?;
                 tx.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}"))?;
                 tx.commit()?;
             }
-            1 | 2 => {
+            1..=3 => {
                 let tx = conn.transaction()?;
                 if version == 1 {
                     tx.execute_batch(MIGRATE_1_TO_2)?;
                 }
-                tx.execute_batch(MIGRATE_2_TO_3)?;
+                if version <= 2 {
+                    tx.execute_batch(MIGRATE_2_TO_3)?;
+                }
+                tx.execute_batch(MIGRATE_3_TO_4)?;
                 tx.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}"))?;
                 tx.commit()?;
             }
@@ -470,19 +492,20 @@ impl MetaStore for SqliteMetaStore {
     /// One transaction (so one WAL sync) for the whole batch; each version
     /// in a savepoint of its own, so that one that fails is rolled back
     /// alone.
-    fn add_versions(
-        &self,
-        batch: &[(NewVersion, Retention)],
-    ) -> Vec<Result<Vec<BlobKey>, StorageError>> {
+    fn add_versions(&self, batch: &[PendingVersion]) -> Vec<Result<Vec<BlobKey>, StorageError>> {
         let mut conn = self.conn();
         let mut tx = match conn.transaction() {
             Ok(tx) => tx,
             Err(e) => return batch_failed(batch.len(), &e.into()),
         };
         let mut results = Vec::with_capacity(batch.len());
-        for (v, retention) in batch {
+        for pending in batch {
             let one = tx.savepoint().map_err(StorageError::from).and_then(|sp| {
-                let superseded = insert_version(&sp, v, retention)?;
+                if let Some(content) = &pending.inline {
+                    sp.prepare_cached("INSERT INTO inline_blobs (blob, content) VALUES (?1, ?2)")?
+                        .execute(params![pending.version.blob.0, content])?;
+                }
+                let superseded = insert_version(&sp, &pending.version, &pending.retention)?;
                 sp.commit()?;
                 Ok(superseded)
             });
@@ -668,6 +691,31 @@ impl MetaStore for SqliteMetaStore {
         self.query_versions("ORDER BY v.id", &[])
     }
 
+    fn inline_content(&self, blob: &BlobKey) -> Result<Option<Vec<u8>>, StorageError> {
+        Ok(self
+            .conn()
+            .prepare_cached("SELECT content FROM inline_blobs WHERE blob = ?1")?
+            .query_row([&blob.0], |r| r.get(0))
+            .optional()?)
+    }
+
+    fn inline_blobs(&self) -> Result<Vec<(BlobKey, u64)>, StorageError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare("SELECT blob, length(content) FROM inline_blobs")?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
+        rows.map(|r| {
+            let (blob, len) = r?;
+            Ok((BlobKey(blob), u64::try_from(len).unwrap_or(0)))
+        })
+        .collect()
+    }
+
+    fn delete_inline(&self, blob: &BlobKey) -> Result<(), StorageError> {
+        self.conn()
+            .execute("DELETE FROM inline_blobs WHERE blob = ?1", [&blob.0])?;
+        Ok(())
+    }
+
     fn forget_blobs(&self, blobs: &[BlobKey]) -> Result<usize, StorageError> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
@@ -800,16 +848,22 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (db, id) = open_with_client(&dir);
         let stranger = ClientId([9; 16]);
+        let pending = |version: NewVersion, inline: Option<&[u8]>| PendingVersion {
+            version,
+            retention: last(1),
+            inline: inline.map(<[u8]>::to_vec),
+        };
         let batch = vec![
-            (version(id, "f", "b1", 1), last(1)),
+            pending(version(id, "f", "b1", 2), Some(b"v1")),
             // No such client: the foreign key fails this member only.
-            (version(stranger, "g", "b2", 2), last(1)),
-            (version(id, "f", "b3", 3), last(1)),
+            pending(version(stranger, "g", "b2", 2), Some(b"v2")),
+            pending(version(id, "f", "b3", 2), Some(b"v3")),
             // The blob key is taken: fails alone as well.
-            (version(id, "h", "b3", 4), last(1)),
+            pending(version(id, "h", "b3", 4), Some(b"v4")),
+            pending(version(id, "i", "b5", 5), None),
         ];
         let results = db.add_versions(&batch);
-        assert_eq!(results.len(), 4);
+        assert_eq!(results.len(), 5);
         assert!(results[0].as_ref().unwrap().is_empty());
         assert!(results[1].is_err());
         assert_eq!(
@@ -818,11 +872,20 @@ mod tests {
             "retention within the batch drops the earlier member"
         );
         assert!(results[3].is_err());
+        assert!(results[4].as_ref().unwrap().is_empty());
         let rows: Vec<_> = db.all_versions().unwrap();
-        assert_eq!(rows.len(), 1, "{rows:?}");
-        assert_eq!(rows[0].blob, BlobKey("b3".into()));
-        assert_eq!(rows[0].size, 3);
+        let blobs: Vec<_> = rows.iter().map(|r| r.blob.0.as_str()).collect();
+        assert_eq!(blobs, ["b3", "b5"], "{rows:?}");
+        let content = |b: &str| db.inline_content(&BlobKey(b.into())).unwrap();
+        assert_eq!(content("b1"), None, "content goes with its dropped row");
+        assert_eq!(content("b2"), None, "a failed member leaves no content");
+        assert_eq!(content("b3").as_deref(), Some(&b"v3"[..]));
+        assert_eq!(content("b5"), None);
+        assert_eq!(db.inline_blobs().unwrap(), vec![(BlobKey("b3".into()), 2)]);
         assert!(db.add_versions(&[]).is_empty());
+        db.delete_file(id, &FileName::try_from("f").unwrap(), false)
+            .unwrap();
+        assert_eq!(content("b3"), None, "deleting the file drops its content");
     }
 
     fn open_with_client(dir: &tempfile::TempDir) -> (SqliteMetaStore, ClientId) {

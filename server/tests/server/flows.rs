@@ -330,7 +330,7 @@ async fn keeps_every_version_by_default_and_only_the_newest_n_when_configured() 
         .iter()
         .map(|v| {
             let mut out = Vec::new();
-            std::io::Read::read_to_end(&mut meta.blobs().open(&v.blob).unwrap(), &mut out).unwrap();
+            std::io::Read::read_to_end(&mut meta.open_blob(&v.blob).unwrap(), &mut out).unwrap();
             out
         })
         .collect();
