@@ -516,8 +516,10 @@ pub fn assert_only_database_and_blobs(data: &Path) {
     }
 }
 
-/// Asserts that every version row has its blob with the recorded size and
-/// SHA-256, and every blob has a row.
+/// Asserts that every version row has its content (a blob on disk, or for
+/// a small file inline content in the database) with the recorded size,
+/// SHA-256 and cksum, and that every blob and every inline content has a
+/// row.
 pub fn assert_metadata_matches_disk(data: &Path) {
     let storage = Storage::open_local(data).unwrap();
     let rows = storage.meta().all_versions().unwrap();
@@ -526,11 +528,34 @@ pub fn assert_metadata_matches_disk(data: &Path) {
         .filter(|p| p.starts_with("clients"))
         .collect();
     blobs.sort();
-    let mut recorded: Vec<PathBuf> = rows.iter().map(|r| PathBuf::from(&r.blob.0)).collect();
+    let mut recorded: Vec<PathBuf> = rows
+        .iter()
+        .filter(|r| !r.blob.is_inline())
+        .map(|r| PathBuf::from(&r.blob.0))
+        .collect();
     recorded.sort();
     assert_eq!(blobs, recorded, "blobs on disk and version rows differ");
+    let mut inline: Vec<String> = storage
+        .meta()
+        .inline_blobs()
+        .unwrap()
+        .into_iter()
+        .map(|(k, _)| k.0)
+        .collect();
+    inline.sort();
+    let mut inline_rows: Vec<String> = rows
+        .iter()
+        .filter(|r| r.blob.is_inline())
+        .map(|r| r.blob.0.clone())
+        .collect();
+    inline_rows.sort();
+    assert_eq!(
+        inline, inline_rows,
+        "inline contents and version rows differ"
+    );
     for r in &rows {
-        let content = std::fs::read(data.join(&r.blob.0)).unwrap();
+        let mut content = Vec::new();
+        std::io::Read::read_to_end(&mut storage.open_blob(&r.blob).unwrap(), &mut content).unwrap();
         assert_eq!(content.len() as u64, r.size, "size of {}", r.blob);
         assert_eq!(
             <[u8; 32]>::from(Sha256::digest(&content)),

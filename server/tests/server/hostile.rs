@@ -126,12 +126,20 @@ async fn keeps_hostile_names_inside_the_clients_folder() {
             .unwrap(),
         b"trudy's"
     );
-    // Each client's blobs are in its own folder.
+    // Small files are kept in the database; each client's other blobs are
+    // in its own folder.
     for v in storage.meta().all_versions().unwrap() {
-        assert!(
+        assert_eq!(
+            v.blob.is_inline(),
+            v.size <= server::storage::INLINE_MAX,
+            "{}",
             v.blob
-                .0
-                .starts_with(&format!("clients/{}/blobs/", v.client.to_hex())),
+        );
+        assert!(
+            v.blob.is_inline()
+                || v.blob
+                    .0
+                    .starts_with(&format!("clients/{}/blobs/", v.client.to_hex())),
             "{}",
             v.blob
         );

@@ -197,7 +197,8 @@ async fn shutdown_cuts_a_stalled_upload_after_the_grace_period_and_leaves_nothin
         c.numbering,
         &c.aes,
         &file("kept"),
-        &random_bytes(50_000, 4),
+        // Larger than a small file, so that it goes to a temporary.
+        &random_bytes(100_000, 4),
         10_000,
     );
     c.peer.send(frames[0].clone()).await;

@@ -1,5 +1,6 @@
-//! `backup-server scrub` finds a flipped byte and a missing blob, and
-//! passes a healthy store, also beside a running server.
+//! `backup-server scrub` finds a flipped byte and a missing blob (in files
+//! and in small files kept in the database), and passes a healthy store,
+//! also beside a running server.
 
 use protocol::Numbering;
 use server::storage::Storage;
@@ -29,7 +30,8 @@ async fn scrub_reports_rotted_and_missing_blobs_with_a_failing_status() {
     drop((a, b));
     assert!(server.terminate().success());
 
-    // One byte flipped in the big file, the old version of small.txt gone.
+    // One byte flipped in the big file and in the newest small.txt (kept in
+    // the database), the old version of small.txt gone.
     let storage = Storage::open_local(&data).unwrap();
     let rows = storage.meta().all_versions().unwrap();
     let big = rows
@@ -40,22 +42,37 @@ async fn scrub_reports_rotted_and_missing_blobs_with_a_failing_status() {
     let mut bytes = std::fs::read(&path).unwrap();
     bytes[1_234_567] ^= 0x04;
     std::fs::write(&path, &bytes).unwrap();
-    let old_small = rows
-        .iter()
-        .find(|r| r.file.as_bytes() == b"small.txt")
-        .unwrap();
-    std::fs::remove_file(data.join(&old_small.blob.0)).unwrap();
+    let mut small = rows.iter().filter(|r| r.file.as_bytes() == b"small.txt");
+    let (old_small, new_small) = (small.next().unwrap(), small.next().unwrap());
+    assert!(old_small.version < new_small.version);
+    assert!(old_small.blob.is_inline() && new_small.blob.is_inline());
     drop(storage);
+    let db = rusqlite::Connection::open(data.join(Storage::DATABASE)).unwrap();
+    let gone = db
+        .execute(
+            "DELETE FROM inline_blobs WHERE blob = ?1",
+            [&old_small.blob.0],
+        )
+        .unwrap();
+    let flipped = db
+        .execute(
+            "UPDATE inline_blobs SET content = ?2 WHERE blob = ?1",
+            rusqlite::params![new_small.blob.0, b"its second versioN".to_vec()],
+        )
+        .unwrap();
+    assert_eq!((gone, flipped), (1, 1));
+    drop(db);
 
     let (code, out, err) = admin_command("scrub", &data, &[]);
     assert_eq!(code, 1, "{out}\n{err}");
     let rotted: Vec<&str> = out.lines().filter(|l| l.starts_with("ROTTED")).collect();
-    assert_eq!(rotted.len(), 1, "{out}");
+    assert_eq!(rotted.len(), 2, "{out}");
     assert!(rotted[0].contains("big.bin"), "{out}");
     assert!(rotted[0].contains(&hex::encode(big.sha256)), "{out}");
+    assert!(rotted[1].contains("small.txt"), "{out}");
     let missing: Vec<&str> = out.lines().filter(|l| l.starts_with("MISSING")).collect();
     assert_eq!(missing.len(), 1, "{out}");
     assert!(missing[0].contains("small.txt"), "{out}");
-    assert!(out.contains("3 ok, 2 damaged"), "{out}");
-    assert!(err.contains("2 stored versions are damaged"), "{err}");
+    assert!(out.contains("2 ok, 3 damaged"), "{out}");
+    assert!(err.contains("3 stored versions are damaged"), "{err}");
 }
