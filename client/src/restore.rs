@@ -404,7 +404,10 @@ impl RestoreFile {
 
     /// Checks the padding, the size and the cksum, syncs the file and moves
     /// it into place (replacing an existing file only when overwriting).
-    /// Returns the cksum. On error the temporary file is removed.
+    /// Returns the cksum. On error the temporary file is removed. The new
+    /// name is durable once its folder is synced ([`sync_dirs`], once per
+    /// folder at the end of a run): a crash before that can lose the name,
+    /// never leave a torn file under it.
     ///
     /// # Errors
     /// [`Error::RestoreVerification`] when the content is not what the
@@ -460,13 +463,22 @@ impl RestoreFile {
                 }
             });
         }
-        if let Some(dir) = self.target.parent() {
-            if let Ok(d) = std::fs::File::open(dir) {
-                let _ = d.sync_all();
-            }
-        }
         Ok(cksum)
     }
+}
+
+/// Syncs each folder of `dirs`, making the names of the files restored
+/// into them durable. Returns the folders that could not be synced, with
+/// why.
+pub fn sync_dirs<'a>(dirs: impl IntoIterator<Item = &'a PathBuf>) -> Vec<(PathBuf, String)> {
+    dirs.into_iter()
+        .filter_map(|dir| {
+            std::fs::File::open(dir)
+                .and_then(|d| d.sync_all())
+                .err()
+                .map(|e| (dir.clone(), io_reason(&e)))
+        })
+        .collect()
 }
 
 /// The writer thread of one large restore: plaintext chunks in through a

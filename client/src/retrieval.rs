@@ -25,7 +25,7 @@ use serde_json::{json, Value};
 use crate::engine::{Client, Keyed};
 use crate::error::{Error, ErrorKind};
 use crate::report::error_json;
-use crate::restore::{remove_stale_parts, Destination, RestoreFile};
+use crate::restore::{remove_stale_parts, sync_dirs, Destination, RestoreFile};
 
 /// The most entries a listing may have, so a server cannot make the client
 /// collect without end.
@@ -380,7 +380,16 @@ impl Client {
         let key = r.keyed.session.aes_key().cloned().ok_or_else(|| {
             RestoreFailure::from(Error::Internal("no session key before a restore".into()))
         })?;
-        let mut out = RestoreFile::create(dest, &dir, begin.clone(), &key, overwrite)?;
+        // Creating and syncing files blocks: on the blocking pool, so that
+        // the other connections of a run go on meanwhile.
+        let mut out = {
+            let (dest, dir, begin) = (dest.clone(), dir.clone(), begin.clone());
+            tokio::task::spawn_blocking(move || {
+                RestoreFile::create(&dest, &dir, begin, &key, overwrite)
+            })
+            .await
+            .map_err(|e| Error::Internal(format!("creating the file stopped: {e}")))??
+        };
         let mut remaining = begin.content_size;
         while remaining > 0 {
             let response = r.keyed.conn.recv(&doing).await?;
@@ -412,7 +421,10 @@ impl Client {
         }
         // Everything announced arrived: the connection is usable whatever
         // the verdict on the content.
-        let cksum = out.finish().map_err(local)?;
+        let cksum = tokio::task::spawn_blocking(move || out.finish())
+            .await
+            .map_err(|e| Error::Internal(format!("finishing the file stopped: {e}")))?
+            .map_err(local)?;
         Ok((begin, cksum))
     }
 
@@ -475,6 +487,17 @@ impl Client {
             };
             self.feedback().restored(&entry);
             done.push((i, entry));
+        }
+        // Every folder a file went into is in `cleaned`: one sync each.
+        let dirs = cleaned.take();
+        let failed = tokio::task::spawn_blocking(move || sync_dirs(&dirs))
+            .await
+            .unwrap_or_default();
+        for (dir, reason) in failed {
+            self.feedback().notice(&format!(
+                "could not sync the folder {} ({reason}); a crash now could lose the names of files restored into it",
+                dir.display()
+            ));
         }
         done.sort_by_key(|(i, _)| *i);
         report

@@ -248,6 +248,135 @@ async fn backs_up_a_directory_tree_under_relative_names() {
     }
 }
 
+/// A byte-level TCP forwarder to `upstream` that counts the connections it
+/// relays (TLS passes through untouched).
+async fn counting_forwarder(
+    upstream: SocketAddr,
+) -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = count.clone();
+    tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = listener.accept().await {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                if let Ok(mut outbound) = tokio::net::TcpStream::connect(upstream).await {
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                }
+            });
+        }
+    });
+    (addr, count)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backs_up_and_restores_many_files_over_several_connections() {
+    let server = TestServer::start().await;
+    let (forwarder, connections) = counting_forwarder(server.addr).await;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("many");
+    // Small files (kept in the server's database) and larger ones (kept as
+    // files), with the larger ones spread through the list.
+    let sources: Vec<(String, Vec<u8>)> = (0..40u32)
+        .map(|i| {
+            let rel = format!("d{}/f{i:02}", i % 5);
+            let len = if i % 7 == 3 {
+                100_000 + i as usize
+            } else {
+                (i as usize * 997) % 5000
+            };
+            let data = write_file(&root.join(&rel), len, 100 + i);
+            (rel, data)
+        })
+        .collect();
+    let identity = dir.path().join("identity");
+    let c = client(&server.server(), &identity);
+    c.register(name("many"), false).await.unwrap();
+    let mut options = c.options().clone();
+    options.server = forwarder.to_string();
+    options.server_fingerprint = Some(server.fingerprint);
+    options.connections = 4;
+    let c = Client::new(options, IdentityStore::new(&identity));
+    let listed = items(&[root]);
+    let expected_order: Vec<String> = listed.iter().map(|i| i.name.to_string_lossy()).collect();
+    let report = c.backup(listed, None).await.unwrap();
+    assert_eq!(report.exit_code(), 0, "{:?}", report.first_error());
+    let order: Vec<&str> = report.files.iter().map(|f| f.name.as_str()).collect();
+    assert_eq!(
+        order, expected_order,
+        "the report keeps the order of the files"
+    );
+    assert!(report
+        .files
+        .iter()
+        .all(|f| matches!(f.outcome, Outcome::Stored { .. })));
+    assert_eq!(
+        connections.load(std::sync::atomic::Ordering::SeqCst),
+        4,
+        "one connection, then three more"
+    );
+    for (rel, data) in &sources {
+        assert_eq!(
+            &server.stored(report.client_id.unwrap(), rel).unwrap(),
+            data,
+            "{rel}"
+        );
+    }
+    let out = dir.path().join("restored");
+    std::fs::create_dir(&out).unwrap();
+    let restored = c.restore_all(&out, false).await.unwrap();
+    assert_eq!(restored.exit_code(), 0);
+    assert_eq!(restored.files.len(), sources.len());
+    assert_eq!(connections.load(std::sync::atomic::Ordering::SeqCst), 8);
+    for (rel, data) in &sources {
+        assert_eq!(&std::fs::read(out.join(rel)).unwrap(), data, "{rel}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_at_capacity_gets_the_whole_backup_over_one_connection() {
+    let server = TestServer::start_configured(|_| {}, |c| c.max_connections = 1).await;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("few");
+    let sources: Vec<(String, Vec<u8>)> = (0..12u32)
+        .map(|i| {
+            let rel = format!("f{i}");
+            (
+                rel.clone(),
+                write_file(&root.join(&rel), 3000 + i as usize, 200 + i),
+            )
+        })
+        .collect();
+    /// Keeps the notices of a run.
+    #[derive(Default)]
+    struct Notices(std::sync::Mutex<Vec<String>>);
+    impl client::feedback::Feedback for Notices {
+        fn notice(&self, message: &str) {
+            self.0.lock().unwrap().push(message.to_owned());
+        }
+    }
+    let notices = std::sync::Arc::new(Notices::default());
+    let c = client(&server.server(), &dir.path().join("identity"));
+    let mut options = c.options().clone();
+    options.connections = 4;
+    let c = Client::new(options, c.store().clone()).with_feedback(notices.clone());
+    let report = c.backup(items(&[root]), Some(&name("few"))).await.unwrap();
+    assert_eq!(report.exit_code(), 0, "{:?}", report.first_error());
+    let said = notices.0.lock().unwrap().clone();
+    assert!(
+        said.iter().any(|n| n.contains("going on with fewer")),
+        "the refused connections are reported: {said:?}"
+    );
+    for (rel, data) in &sources {
+        assert_eq!(
+            &server.stored(report.client_id.unwrap(), rel).unwrap(),
+            data,
+            "{rel}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stores_empty_one_block_and_packet_boundary_files() {
     let server = TestServer::start().await;
@@ -619,7 +748,7 @@ fn assert_stored_equals(server: &TestServer, client: ClientId, name: &str, sourc
         .latest(client, &FileName::try_from(name).unwrap())
         .unwrap()
         .expect("stored");
-    let mut stored = storage.blobs().open(&version.blob).unwrap();
+    let mut stored = storage.open_blob(&version.blob).unwrap();
     let mut original = std::fs::File::open(source).unwrap();
     let (mut a, mut b) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
     loop {

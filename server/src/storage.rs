@@ -74,6 +74,19 @@ impl StorageError {
     }
 }
 
+/// 32 lower-case hex digits that sort by creation time: 16 of nanoseconds
+/// since the epoch, then 16 random. Keys made this way land next to each
+/// other in the database's key indexes, so a commit of many files writes a
+/// few index pages instead of one per file; the random half keeps them
+/// unique and unguessable.
+pub(crate) fn ordered_hex() -> String {
+    let nanos = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+    let random: [u8; 8] = rand::random();
+    format!("{nanos:016x}{}", hex::encode(random))
+}
+
 /// Where a committed blob lives, opaque outside its [`BlobStore`]. For the
 /// file system store it is a path relative to the data directory.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -85,8 +98,7 @@ impl BlobKey {
 
     /// A fresh key for content kept in the metadata.
     pub fn new_inline() -> Self {
-        let bytes: [u8; 16] = rand::random();
-        Self(format!("{}{}", Self::INLINE_PREFIX, hex::encode(bytes)))
+        Self(format!("{}{}", Self::INLINE_PREFIX, ordered_hex()))
     }
 
     /// Whether the content under this key is kept in the metadata (a small
@@ -768,6 +780,27 @@ impl Storage {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn new_keys_are_unique_hex_that_sorts_by_time() {
+        let keys: Vec<String> = (0..1000).map(|_| ordered_hex()).collect();
+        for k in &keys {
+            assert_eq!(k.len(), 32, "{k}");
+            assert!(k
+                .bytes()
+                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
+        }
+        let unique: std::collections::HashSet<_> = keys.iter().collect();
+        assert_eq!(unique.len(), keys.len());
+        let times: Vec<&str> = keys.iter().map(|k| &k[..16]).collect();
+        assert!(
+            times.windows(2).all(|w| w[0] <= w[1]),
+            "the time half does not go back"
+        );
+        let inline = BlobKey::new_inline();
+        assert!(inline.is_inline() && inline.0.len() == "inline/".len() + 32);
+        assert!(!BlobKey(format!("clients/{}/blobs/{}", ordered_hex(), ordered_hex())).is_inline());
+    }
 
     #[test]
     fn retention_keeps_the_newest_and_whatever_either_rule_keeps() {

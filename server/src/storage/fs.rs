@@ -43,6 +43,11 @@ fn random_hex() -> String {
     hex::encode(bytes)
 }
 
+/// A blob name: ordered by time, see [`super::ordered_hex`].
+fn blob_hex() -> String {
+    super::ordered_hex()
+}
+
 fn is_hex32(s: &str) -> bool {
     s.len() == 32
         && s.bytes()
@@ -354,7 +359,7 @@ impl StagedBlob for FsStaged {
             .path
             .take()
             .ok_or_else(|| StorageError::Worker("published twice".into()))?;
-        let blob = random_hex();
+        let blob = blob_hex();
         let blobs = self.client_dir.join(BLOBS_DIR);
         let dest = blobs.join(&blob);
         if let Err(e) = fs::rename(&tmp, &dest) {
