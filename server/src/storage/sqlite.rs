@@ -1,17 +1,19 @@
 //! Metadata in SQLite (bundled), in WAL mode with full synchronous commits.
 //!
-//! Schema version 2 (version 1 lacked `clients.append_only`; it is added on
-//! open):
+//! Schema version 4 (opening an older database brings it up: version 2
+//! added `clients.append_only`, 3 `clients.secure_key`, 4 `inline_blobs`):
 //!
 //! ```sql
 //! clients  (id BLOB(16) PK, name BLOB UNIQUE, public_key BLOB(160) NULL,
 //!           registered INTEGER, last_seen INTEGER,            -- times in unix ms
-//!           append_only INTEGER DEFAULT 0)
+//!           append_only INTEGER DEFAULT 0, secure_key BLOB NULL)
 //! files    (id INTEGER PK, client_id -> clients, name BLOB,   -- name exactly as sent
 //!           UNIQUE (client_id, name))
 //! versions (id INTEGER PK, file_id -> files, blob TEXT UNIQUE, size INTEGER,
 //!           content_size INTEGER, cksum INTEGER, sha256 BLOB(32),
 //!           verified INTEGER, stored_at INTEGER)
+//! inline_blobs (id INTEGER PK, blob TEXT UNIQUE, content BLOB)  -- small files;
+//!           a trigger deletes the content with its versions row
 //! latest_versions  -- view: the newest version of each file
 //! ```
 //!
