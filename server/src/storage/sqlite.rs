@@ -235,6 +235,37 @@ impl std::fmt::Debug for SqliteMetaStore {
     }
 }
 
+/// Creates the database file (empty: SQLite takes it as a new database)
+/// readable by its owner only, or takes group and other access away from
+/// an existing one and its WAL files: it holds the content of small files.
+/// SQLite creates the WAL files with the database file's mode.
+fn restrict_to_owner(path: &Path) -> Result<(), StorageError> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(path)
+            .map_err(|e| StorageError::io("create", path, e))?;
+        for suffix in ["", "-wal", "-shm"] {
+            let mut name = path.as_os_str().to_owned();
+            name.push(suffix);
+            let file = Path::new(&name);
+            let Ok(meta) = std::fs::metadata(file) else {
+                continue;
+            };
+            if meta.permissions().mode() & 0o077 != 0 {
+                std::fs::set_permissions(file, std::fs::Permissions::from_mode(0o600))
+                    .map_err(|e| StorageError::io("restrict", file, e))?;
+            }
+        }
+    }
+    Ok(())
+}
+
 impl SqliteMetaStore {
     /// Opens (creating if needed) the database at `path` and brings its
     /// schema up to date.
@@ -242,6 +273,7 @@ impl SqliteMetaStore {
     /// # Errors
     /// When the database cannot be opened, or has a newer schema.
     pub fn open(path: &Path) -> Result<Self, StorageError> {
+        restrict_to_owner(path)?;
         let mut conn = Connection::open(path)?;
         conn.busy_timeout(Duration::from_secs(5))?;
         let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
@@ -752,6 +784,33 @@ mod tests {
             keep_last: Some(n),
             keep_within: None,
         }
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn the_database_and_its_wal_are_for_the_owner_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.db");
+        let db = SqliteMetaStore::open(&path).unwrap();
+        db.register(
+            ClientId([1; 16]),
+            &UserName::try_from("o").unwrap(),
+            SystemTime::now(),
+        )
+        .unwrap();
+        assert_eq!(mode(&path), 0o600);
+        assert_eq!(mode(&dir.path().join("m.db-wal")), 0o600);
+        drop(db);
+        // An older database made with the default mode is restricted on open.
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let db = SqliteMetaStore::open(&path).unwrap();
+        assert_eq!(mode(&path), 0o600);
+        assert!(
+            db.client(ClientId([1; 16])).unwrap().is_some(),
+            "rows survive"
+        );
     }
 
     #[test]
