@@ -51,7 +51,15 @@ pub struct Capabilities {
     pub server_legacy_listen: bool,
     /// The client has the global `--legacy` flag.
     pub client_legacy_flag: bool,
+    /// The client has the global `--connections` flag.
+    pub client_connections_flag: bool,
 }
+
+/// Connections a legacy-mode client of ours is given: the client uses one
+/// by default with `--legacy` (a legacy server may not take several
+/// sessions of one client at once), our server takes several, as in secure
+/// mode by default.
+pub const LEGACY_CONNECTIONS: &str = "4";
 
 impl Capabilities {
     pub fn probe(server: &Path, client: &Path) -> Self {
@@ -66,6 +74,7 @@ impl Capabilities {
         Self {
             server_legacy_listen: help(server).contains("--legacy-listen"),
             client_legacy_flag: client_help.split_whitespace().any(|w| w == "--legacy"),
+            client_connections_flag: client_help.contains("--connections"),
         }
     }
 }
@@ -96,6 +105,9 @@ impl Mode {
                 let mut client_args = Vec::new();
                 if caps.client_legacy_flag {
                     client_args.push("--legacy".to_owned());
+                }
+                if caps.client_connections_flag {
+                    client_args.extend(["--connections".to_owned(), LEGACY_CONNECTIONS.to_owned()]);
                 }
                 Ok(Wiring {
                     server_args: vec![
@@ -156,6 +168,7 @@ mod tests {
         let caps = Capabilities {
             server_legacy_listen: true,
             client_legacy_flag: true,
+            client_connections_flag: true,
         };
         let w = Mode::Legacy.wiring(caps, 4000, 4001).unwrap();
         assert_eq!(
@@ -167,7 +180,7 @@ mod tests {
                 "127.0.0.1:4000"
             ]
         );
-        assert_eq!(w.client_args, ["--legacy"]);
+        assert_eq!(w.client_args, ["--legacy", "--connections", "4"]);
         assert_eq!(w.client_addr.port(), 4000);
         let s = Mode::Secure.wiring(caps, 4000, 4001).unwrap();
         assert_eq!(s.server_args, ["--listen", "127.0.0.1:4000"]);

@@ -116,8 +116,8 @@ pub struct GlobalArgs {
     #[arg(long, global = true, value_name = "SHA256:HEX", value_parser = parse_fingerprint_arg)]
     pub server_fingerprint: Option<protocol::secure::Fingerprint>,
 
-    /// Files sent at once by a backup, each over a connection of its own
-    /// (1 to 16) [default: 4]
+    /// Files backed up or restored at once, each over a connection of its
+    /// own (1 to 16) [default: 4; with --legacy, 1]
     #[arg(long, global = true, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=i64::from(settings::MAX_CONNECTIONS)))]
     pub connections: Option<u16>,
 

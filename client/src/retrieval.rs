@@ -8,9 +8,13 @@
 //!
 //! A restore decrypts each 1642 packet as it arrives and writes the
 //! plaintext to the temporary file at once (see [`crate::restore`]), so
-//! memory stays at about one packet whatever the file size. The writes are
-//! plain blocking writes on the client's single-threaded runtime, which has
-//! nothing else to do meanwhile.
+//! memory stays at about one packet whatever the file size. A restore of
+//! several files runs over several connections at once (`--connections`),
+//! all driven by one task: creating a file and the final sync and rename
+//! run on the blocking pool, so that the other connections go on
+//! meanwhile; the writes of a file under 4 MiB (and the folder preparation)
+//! are plain blocking calls on that task, short enough not to matter. A
+//! larger file is written by a thread of its own.
 
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet, VecDeque};

@@ -26,7 +26,8 @@ pub const DEFAULT_PACKET_SIZE: usize = 1024 * 1024;
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long to wait for a connection to be accepted.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// Connections a backup of several files uses at once, by default: enough
+/// Connections a backup or restore of several files uses at once, by
+/// default in secure mode (with `--legacy`, 1 unless set): enough
 /// for the server to commit several files per sync (its group commit)
 /// while one file is on the wire and another is being synced.
 pub const DEFAULT_CONNECTIONS: u16 = 4;
@@ -74,7 +75,7 @@ pub struct ConfigFile {
     /// Speak the legacy protocol to this server (as `--legacy`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub legacy: Option<bool>,
-    /// Connections a backup uses at once (as `--connections`).
+    /// Connections a backup or restore uses at once (as `--connections`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub connections: Option<u16>,
 }
@@ -234,7 +235,7 @@ pub struct Options {
     /// The server's certificate fingerprint given up front
     /// (`--server-fingerprint`); otherwise the pin in `known_servers`.
     pub server_fingerprint: Option<protocol::secure::Fingerprint>,
-    /// Connections a backup of several files uses at once (1 to
+    /// Connections a backup or restore of several files uses at once (1 to
     /// [`MAX_CONNECTIONS`]); each file still goes over one of them, whole.
     pub connections: u16,
 }
@@ -311,6 +312,11 @@ pub fn resolve(
         options.timeout = Duration::from_secs(secs.max(1));
     }
     options.legacy = flags.legacy || file.legacy.unwrap_or(false);
+    if options.legacy {
+        // A legacy server may keep one session per client: one connection
+        // unless asked for more.
+        options.connections = 1;
+    }
     options.server_fingerprint = flags.server_fingerprint;
     if let Some(n) = flags.connections.or(file.connections) {
         if !(1..=MAX_CONNECTIONS).contains(&n) {
@@ -406,6 +412,18 @@ mod tests {
         let default = resolve(&flags, None, &ConfigFile::default(), path).unwrap();
         assert_eq!(default.packet_size, PacketSize::Auto(DEFAULT_PACKET_SIZE));
         assert_eq!(default.connections, DEFAULT_CONNECTIONS);
+        let legacy = Overrides {
+            legacy: true,
+            ..flags.clone()
+        };
+        let o = resolve(&legacy, None, &ConfigFile::default(), path).unwrap();
+        assert_eq!(o.connections, 1, "one connection to a legacy server");
+        let legacy_four = Overrides {
+            connections: Some(4),
+            ..legacy
+        };
+        let o = resolve(&legacy_four, None, &ConfigFile::default(), path).unwrap();
+        assert_eq!(o.connections, 4, "unless asked for more");
         let eight = ConfigFile {
             server: Some("file:1".into()),
             connections: Some(8),

@@ -13,7 +13,9 @@
 //! [`Storage::commit`] and the start-up [`Storage::recover`].
 //!
 //! Durability: content goes to a temporary blob that is flushed and synced
-//! before the server answers 1603; on "CRC ok" the blob is renamed into
+//! before the server answers 1603 (a file of at most [`INLINE_MAX`] bytes
+//! stays in memory instead, and is inserted with its row); on "CRC ok" the
+//! blob is renamed into
 //! place and its directory synced, and only then is the version row
 //! inserted (uploads committing at the same moment share the folder sync
 //! and the SQLite transaction). A crash at any point leaves the previous
@@ -485,11 +487,9 @@ pub trait BlobStore: Send + Sync + 'static {
     fn open(&self, key: &BlobKey) -> Result<Box<dyn Read + Send>, StorageError>;
 
     /// Makes the blobs just published under `keys` durable under those
-    /// keys.
-    ///
-    /// # Errors
-    /// When a key is not one of this store's or the sync fails.
-    fn sync_published(&self, keys: &[BlobKey]) -> Result<(), StorageError>;
+    /// keys; a result for each key, in order (an error when the key is not
+    /// one of this store's or the sync that covers it failed).
+    fn sync_published(&self, keys: &[BlobKey]) -> Vec<Result<(), StorageError>>;
 
     /// Removes a committed blob (no error if it is already gone).
     ///
@@ -642,8 +642,9 @@ impl Storage {
 
     /// Deletes published blobs that will not be recorded; a failure leaves
     /// an orphan that the next start-up removes, so it is only logged.
+    /// (Inline content is written with its row or not at all.)
     fn delete_unrecorded<'a>(&self, keys: impl Iterator<Item = &'a BlobKey>) {
-        for key in keys {
+        for key in keys.filter(|k| !k.is_inline()) {
             if let Err(e) = self.delete_blob(key) {
                 tracing::warn!(blob = %key, cause = %e, "could not delete an unrecorded blob");
             }
@@ -651,9 +652,10 @@ impl Storage {
     }
 
     /// Deletes blobs whose rows are gone; a failure leaves an orphan that
-    /// the next start-up removes, so it is only logged.
+    /// the next start-up removes, so it is only logged. (Inline content went
+    /// with its row.)
     fn delete_blobs<'a>(&self, keys: impl Iterator<Item = &'a BlobKey>) {
-        for key in keys {
+        for key in keys.filter(|k| !k.is_inline()) {
             if let Err(e) = self.delete_blob(key) {
                 tracing::warn!(blob = %key, cause = %e, "could not delete a blob whose version is gone");
             }
@@ -782,7 +784,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn new_keys_are_unique_hex_that_sorts_by_time() {
+    fn new_keys_are_unique_hex_led_by_the_time() {
         let keys: Vec<String> = (0..1000).map(|_| ordered_hex()).collect();
         for k in &keys {
             assert_eq!(k.len(), 32, "{k}");
@@ -792,10 +794,15 @@ mod tests {
         }
         let unique: std::collections::HashSet<_> = keys.iter().collect();
         assert_eq!(unique.len(), keys.len());
-        let times: Vec<&str> = keys.iter().map(|k| &k[..16]).collect();
+        // The first half is the time the key was made, in nanoseconds.
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos();
+        let made = u128::from_str_radix(&keys[0][..16], 16).unwrap();
         assert!(
-            times.windows(2).all(|w| w[0] <= w[1]),
-            "the time half does not go back"
+            now.abs_diff(made) < 3_600 * 1_000_000_000,
+            "{made} against {now}"
         );
         let inline = BlobKey::new_inline();
         assert!(inline.is_inline() && inline.0.len() == "inline/".len() + 32);

@@ -167,15 +167,20 @@ impl BlobStore for FsBlobStore {
         Ok(Box::new(file))
     }
 
-    fn sync_published(&self, keys: &[BlobKey]) -> Result<(), StorageError> {
-        let mut folders = std::collections::BTreeSet::new();
-        for key in keys {
-            let path = self.path_of(key)?;
-            if let Some(folder) = path.parent() {
-                folders.insert(folder.to_owned());
-            }
-        }
-        folders.iter().try_for_each(|folder| sync_dir(folder))
+    fn sync_published(&self, keys: &[BlobKey]) -> Vec<Result<(), StorageError>> {
+        // One sync per folder; each key gets the outcome of its folder's.
+        let mut synced: std::collections::HashMap<PathBuf, Result<(), String>> =
+            std::collections::HashMap::new();
+        keys.iter()
+            .map(|key| {
+                let path = self.path_of(key)?;
+                let folder = path.parent().unwrap_or(&self.root).to_owned();
+                let outcome = synced
+                    .entry(folder)
+                    .or_insert_with_key(|folder| sync_dir(folder).map_err(|e| e.to_string()));
+                outcome.clone().map_err(StorageError::Batch)
+            })
+            .collect()
     }
 
     fn delete(&self, key: &BlobKey) -> Result<(), StorageError> {
@@ -415,7 +420,8 @@ mod tests {
             "nothing is visible before publish"
         );
         let key = staged.publish().unwrap();
-        store.sync_published(std::slice::from_ref(&key)).unwrap();
+        let synced = store.sync_published(std::slice::from_ref(&key));
+        assert!(matches!(synced.as_slice(), [Ok(())]), "{synced:?}");
         let mut content = String::new();
         store
             .open(&key)

@@ -11,9 +11,9 @@
 //! waits on a timer, so a lone upload commits as soon as before.
 //!
 //! Each member of a batch still succeeds or fails on its own: a blob that
-//! cannot be published or a row that cannot be inserted fails only its
-//! upload. A failed folder sync or transaction fails every member, whose
-//! blobs are then removed.
+//! cannot be published, whose folder cannot be synced, or whose row cannot
+//! be inserted fails only its upload (and its blob is removed). Only a
+//! transaction that fails as a whole fails every member.
 
 use std::collections::HashMap;
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
@@ -172,26 +172,37 @@ fn commit_batch(storage: &Storage, batch: Vec<Job>) -> Vec<(u64, Result<BlobKey,
     if pending.is_empty() {
         return results;
     }
-    let published: Vec<BlobKey> = pending
+    // One sync per folder for every blob of the batch; a member whose
+    // folder could not be synced may lose its name in a crash: it fails,
+    // and its blob is removed. The others go on.
+    let published: Vec<(usize, BlobKey)> = pending
         .iter()
-        .filter(|p| p.inline.is_none())
-        .map(|p| p.version.blob.clone())
+        .enumerate()
+        .filter(|(_, p)| p.inline.is_none())
+        .map(|(i, p)| (i, p.version.blob.clone()))
         .collect();
-    if let Err(e) = storage.blobs().sync_published(&published) {
-        // The published blobs may not survive a crash: fail them (small
-        // files in the batch do not depend on the sync).
-        let cause = e.to_string();
-        storage.delete_unrecorded(published.iter());
-        let (inline, failed): (Vec<_>, Vec<_>) = tickets
-            .into_iter()
-            .zip(pending)
-            .partition(|(_, p)| p.inline.is_some());
-        results.extend(
-            failed
-                .into_iter()
-                .map(|(ticket, _)| (ticket, Err(StorageError::Batch(cause.clone())))),
-        );
-        (tickets, pending) = inline.into_iter().unzip();
+    let keys: Vec<BlobKey> = published.iter().map(|(_, k)| k.clone()).collect();
+    let synced = storage.blobs().sync_published(&keys);
+    let mut unsynced: HashMap<usize, StorageError> = HashMap::new();
+    for ((i, key), outcome) in published.iter().zip(synced) {
+        if let Err(e) = outcome {
+            storage.delete_unrecorded(std::iter::once(key));
+            unsynced.insert(*i, e);
+        }
+    }
+    if !unsynced.is_empty() {
+        let mut kept_tickets = Vec::with_capacity(tickets.len());
+        let mut kept = Vec::with_capacity(pending.len());
+        for (i, (ticket, p)) in tickets.into_iter().zip(pending).enumerate() {
+            match unsynced.remove(&i) {
+                Some(e) => results.push((ticket, Err(e))),
+                None => {
+                    kept_tickets.push(ticket);
+                    kept.push(p);
+                }
+            }
+        }
+        (tickets, pending) = (kept_tickets, kept);
         if pending.is_empty() {
             return results;
         }
@@ -217,7 +228,7 @@ fn commit_batch(storage: &Storage, batch: Vec<Job>) -> Vec<(u64, Result<BlobKey,
 #[cfg(test)]
 mod tests {
     use std::io::Read;
-    use std::sync::{Arc, Barrier};
+    use std::sync::{Arc, Barrier, Condvar, Mutex};
     use std::time::SystemTime;
 
     use protocol::{ClientId, FileName, UserName};
@@ -312,6 +323,189 @@ mod tests {
         assert_eq!(keys.len(), committed.len(), "every commit has its own blob");
         let report = storage.recover().unwrap();
         assert_eq!(report, super::super::RecoveryReport::default());
+    }
+
+    /// The file system store, with a gate that holds the first sync until
+    /// released, a count of syncs, and keys whose sync fails.
+    struct Gated {
+        inner: crate::storage::fs::FsBlobStore,
+        syncs: std::sync::atomic::AtomicUsize,
+        gate: Mutex<bool>,
+        opened: Condvar,
+        failing: Mutex<Vec<BlobKey>>,
+    }
+
+    impl crate::storage::BlobStore for Gated {
+        fn create(
+            &self,
+            client: ClientId,
+        ) -> Result<Box<dyn crate::storage::BlobWriter>, StorageError> {
+            self.inner.create(client)
+        }
+        fn sync_published(&self, keys: &[BlobKey]) -> Vec<Result<(), StorageError>> {
+            if self.syncs.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+                let mut open = self.gate.lock().unwrap();
+                while !*open {
+                    open = self.opened.wait(open).unwrap();
+                }
+            }
+            let failing = self.failing.lock().unwrap();
+            self.inner
+                .sync_published(keys)
+                .into_iter()
+                .zip(keys)
+                .map(|(r, k)| {
+                    if failing.contains(k) {
+                        Err(StorageError::Batch("injected".into()))
+                    } else {
+                        r
+                    }
+                })
+                .collect()
+        }
+        fn open(&self, key: &BlobKey) -> Result<Box<dyn Read + Send>, StorageError> {
+            self.inner.open(key)
+        }
+        fn delete(&self, key: &BlobKey) -> Result<(), StorageError> {
+            self.inner.delete(key)
+        }
+        fn remove_client(&self, client: ClientId) -> Result<(), StorageError> {
+            self.inner.remove_client(client)
+        }
+        fn recover(&self) -> Result<crate::storage::BlobInventory, StorageError> {
+            self.inner.recover()
+        }
+    }
+
+    #[test]
+    fn commits_queued_behind_a_running_one_share_one_sync_and_one_transaction() {
+        let dir = tempfile::tempdir().unwrap();
+        let gated = Arc::new(Gated {
+            inner: crate::storage::fs::FsBlobStore::open(dir.path()).unwrap(),
+            syncs: std::sync::atomic::AtomicUsize::new(0),
+            gate: Mutex::new(false),
+            opened: Condvar::new(),
+            failing: Mutex::new(Vec::new()),
+        });
+        let meta = crate::storage::sqlite::SqliteMetaStore::open(&dir.path().join("m.db")).unwrap();
+        let storage = Storage::new(Arc::new(meta), gated.clone());
+        let id = ClientId([6; 16]);
+        storage
+            .meta()
+            .register(id, &UserName::try_from("gus").unwrap(), SystemTime::now())
+            .unwrap();
+        let commit = |storage: Storage, n: usize| {
+            std::thread::spawn(move || {
+                let name = format!("f{n}");
+                let content = name.repeat(100).into_bytes();
+                let version = new_version(id, &name, &content);
+                let result = if n % 3 == 2 {
+                    storage.commit_inline(content.clone(), version, &Retention::KEEP_ALL)
+                } else {
+                    let staged = stage(&storage, id, &content);
+                    storage.commit(staged, version, &Retention::KEEP_ALL)
+                };
+                (name, content, result)
+            })
+        };
+        // The first commit leads and stops in its sync; eight more queue
+        // behind it.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let first = commit(storage.clone(), 0);
+        while gated.syncs.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the first commit never synced"
+            );
+            std::thread::yield_now();
+        }
+        let queued: Vec<_> = (1..=8).map(|n| commit(storage.clone(), n)).collect();
+        while storage.commits.lock().pending.len() < 8 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the commits never queued"
+            );
+            std::thread::yield_now();
+        }
+        *gated.gate.lock().unwrap() = true;
+        gated.opened.notify_all();
+        let mut outcomes = vec![first.join().unwrap()];
+        outcomes.extend(queued.into_iter().map(|t| t.join().unwrap()));
+        assert_eq!(
+            gated.syncs.load(std::sync::atomic::Ordering::SeqCst),
+            2,
+            "the eight queued commits shared one sync"
+        );
+        for (name, content, result) in &outcomes {
+            let key = result.as_ref().unwrap();
+            assert_eq!(&read(&storage, key), content, "{name}");
+        }
+        assert_eq!(storage.meta().all_versions().unwrap().len(), 9);
+    }
+
+    #[test]
+    fn a_member_whose_folder_sync_fails_fails_alone_and_leaves_no_blob() {
+        let dir = tempfile::tempdir().unwrap();
+        let gated = Arc::new(Gated {
+            inner: crate::storage::fs::FsBlobStore::open(dir.path()).unwrap(),
+            // Already past the gate.
+            syncs: std::sync::atomic::AtomicUsize::new(1),
+            gate: Mutex::new(true),
+            opened: Condvar::new(),
+            failing: Mutex::new(Vec::new()),
+        });
+        let meta = crate::storage::sqlite::SqliteMetaStore::open(&dir.path().join("m.db")).unwrap();
+        let storage = Storage::new(Arc::new(meta), gated.clone());
+        let (a, b) = (ClientId([7; 16]), ClientId([8; 16]));
+        for (id, name) in [(a, "ann"), (b, "bob")] {
+            storage
+                .meta()
+                .register(id, &UserName::try_from(name).unwrap(), SystemTime::now())
+                .unwrap();
+        }
+        // Publish b's blob first to learn its key, then fail its sync.
+        let probe = stage(&storage, b, b"probe").publish().unwrap();
+        *gated.failing.lock().unwrap() = vec![probe.clone()];
+        struct Published(Option<BlobKey>);
+        impl StagedBlob for Published {
+            fn publish(mut self: Box<Self>) -> Result<BlobKey, StorageError> {
+                self.0
+                    .take()
+                    .ok_or_else(|| StorageError::Worker("twice".into()))
+            }
+        }
+        let jobs = vec![
+            Job {
+                ticket: 1,
+                content: Content::Blob(stage(&storage, a, b"ann's")),
+                version: new_version(a, "x", b"ann's"),
+                retention: Retention::KEEP_ALL,
+            },
+            Job {
+                ticket: 2,
+                content: Content::Blob(Box::new(Published(Some(probe.clone())))),
+                version: new_version(b, "y", b"probe"),
+                retention: Retention::KEEP_ALL,
+            },
+            Job {
+                ticket: 3,
+                content: Content::Inline(b"small".to_vec()),
+                version: new_version(b, "z", b"small"),
+                retention: Retention::KEEP_ALL,
+            },
+        ];
+        let mut results = commit_batch(&storage, jobs);
+        results.sort_by_key(|r| r.0);
+        let [(1, Ok(kept)), (2, Err(_)), (3, Ok(small))] = results.as_slice() else {
+            panic!("unexpected results {results:?}");
+        };
+        assert_eq!(read(&storage, kept), b"ann's");
+        assert_eq!(read(&storage, small), b"small");
+        assert!(
+            storage.blobs().open(&probe).is_err(),
+            "the unsynced blob is gone"
+        );
+        assert_eq!(storage.meta().all_versions().unwrap().len(), 2);
     }
 
     #[test]

@@ -280,7 +280,11 @@ impl SqliteMetaStore {
         if !mode.eq_ignore_ascii_case("wal") {
             tracing::warn!(mode, "SQLite refused WAL mode");
         }
-        conn.execute_batch("PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;")?;
+        // secure_delete: the content of a small file that is deleted or
+        // pruned is overwritten, not left in free pages.
+        conn.execute_batch(
+            "PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON; PRAGMA secure_delete = ON;",
+        )?;
         let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
         match version {
             0 => {
@@ -525,7 +529,8 @@ impl MetaStore for SqliteMetaStore {
 
     /// One transaction (so one WAL sync) for the whole batch; each version
     /// in a savepoint of its own, so that one that fails is rolled back
-    /// alone.
+    /// alone, unless its error rolled back the whole transaction (then
+    /// every member fails).
     fn add_versions(&self, batch: &[PendingVersion]) -> Vec<Result<Vec<BlobKey>, StorageError>> {
         let mut conn = self.conn();
         let mut tx = match conn.transaction() {
@@ -543,6 +548,15 @@ impl MetaStore for SqliteMetaStore {
                 sp.commit()?;
                 Ok(superseded)
             });
+            if let Err(e) = &one {
+                // Some errors (a full disk, I/O) make SQLite roll back the
+                // whole transaction, not just the savepoint: then nothing
+                // of the batch is recorded, and going on would start (and
+                // commit) a new transaction behind our back.
+                if tx.is_autocommit() {
+                    return batch_failed(batch.len(), e);
+                }
+            }
             results.push(one);
         }
         match tx.commit() {
@@ -947,6 +961,53 @@ mod tests {
         db.delete_file(id, &FileName::try_from("f").unwrap(), false)
             .unwrap();
         assert_eq!(content("b3"), None, "deleting the file drops its content");
+    }
+
+    #[test]
+    fn a_full_database_records_exactly_the_members_it_reports_as_recorded() {
+        let dir = tempfile::tempdir().unwrap();
+        let (db, id) = open_with_client(&dir);
+        let pages: i64 = db
+            .conn()
+            .query_row("PRAGMA page_count", [], |r| r.get(0))
+            .unwrap();
+        // Room for a few 40 KiB contents, not for twenty.
+        db.conn()
+            .query_row(
+                &format!("PRAGMA max_page_count = {}", pages + 40),
+                [],
+                |_| Ok(()),
+            )
+            .unwrap();
+        let batch: Vec<PendingVersion> = (0..20u8)
+            .map(|i| {
+                let blob = format!("inline/{i:02}");
+                PendingVersion {
+                    version: version(id, &format!("f{i}"), &blob, 40_000),
+                    retention: Retention::KEEP_ALL,
+                    inline: Some(vec![i; 40_000]),
+                }
+            })
+            .collect();
+        let results = db.add_versions(&batch);
+        assert_eq!(results.len(), batch.len());
+        assert!(results.iter().any(Result::is_err), "the database filled up");
+        let recorded: std::collections::HashSet<String> = db
+            .all_versions()
+            .unwrap()
+            .into_iter()
+            .map(|v| v.blob.0)
+            .collect();
+        for (p, r) in batch.iter().zip(&results) {
+            let key = &p.version.blob;
+            assert_eq!(recorded.contains(&key.0), r.is_ok(), "{key}: {r:?}");
+            assert_eq!(
+                db.inline_content(key).unwrap().is_some(),
+                r.is_ok(),
+                "{key}"
+            );
+        }
+        assert!(db.conn().is_autocommit(), "no transaction left open");
     }
 
     fn open_with_client(dir: &tempfile::TempDir) -> (SqliteMetaStore, ClientId) {
