@@ -156,7 +156,13 @@ async fn worker(
         let abandon = job % 7 == 6;
         loop {
             seed += 1;
-            let size = rng.gen_range(0..1_500_000);
+            // A third are small files, which the server keeps in its
+            // database; the rest go to blob files.
+            let size = if job % 3 == 0 {
+                rng.gen_range(0..=server::storage::INLINE_MAX as usize)
+            } else {
+                rng.gen_range(0..1_500_000)
+            };
             let content = random_bytes(size, seed);
             match attempt(&mut c, &file_name, &content, abandon, &ledger).await {
                 Attempt::Acked => {
