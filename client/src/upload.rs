@@ -267,14 +267,14 @@ pub async fn send_file(
     numbering: Numbering,
     feedback: &dyn Feedback,
 ) -> Result<u32, AttemptError> {
+    let job = Job {
+        path: path.to_owned(),
+        plan: plan.clone(),
+        key,
+        client_id,
+        numbering,
+    };
     if plan.orig_size <= SMALL_FILE {
-        let job = Job {
-            path: path.to_owned(),
-            plan: plan.clone(),
-            key,
-            client_id,
-            numbering,
-        };
         return send_small(conn, job, feedback).await;
     }
     let (tx, mut rx) = mpsc::channel(PIPELINE_DEPTH);
@@ -290,13 +290,6 @@ pub async fn send_file(
     let reader_path = path.to_owned();
     let reader =
         tokio::task::spawn_blocking(move || read_stage(&reader_path, size, &pool_rx, &plain_tx));
-    let job = Job {
-        path: path.to_owned(),
-        plan: plan.clone(),
-        key,
-        client_id,
-        numbering,
-    };
     let encryptor = tokio::task::spawn_blocking(move || {
         if let Err(e) = encrypt_stage(&job, &plain_rx, &pool_tx, &tx) {
             let _ = tx.blocking_send(Err(e));
