@@ -43,10 +43,25 @@ pub enum CodecError {
 /// How much to reserve at most in one step while a declared payload arrives.
 const RESERVE_STEP: usize = 64 * 1024;
 
-/// Reserves room for at most [`RESERVE_STEP`] more bytes toward `needed`.
+/// Makes room toward `needed` bytes in `src`: at most [`RESERVE_STEP`] more
+/// at a time while less than half has arrived, then exactly the rest.
+/// (`BytesMut::reserve` grows by doubling, so stepping up to a 1 MiB packet
+/// would end in a 2 MiB buffer per connection; a buffer of exactly the
+/// packet's size is made instead, copying the half that arrived, so a
+/// peer that declares a size and stops never costs more than twice what
+/// it sent.)
 fn reserve_toward(src: &mut BytesMut, needed: usize) {
     let missing = needed.saturating_sub(src.len());
-    src.reserve(missing.min(RESERVE_STEP));
+    if src.capacity() - src.len() >= missing {
+        return;
+    }
+    if missing <= src.len() {
+        let mut exact = BytesMut::with_capacity(needed);
+        exact.extend_from_slice(src);
+        *src = exact;
+    } else {
+        src.reserve(missing.min(RESERVE_STEP));
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -299,4 +314,49 @@ impl Encoder<&RequestFrame> for ClientCodec {
 /// Whether `code` is one a legacy response decoder knows.
 pub fn is_known_response(code: ResponseCode) -> bool {
     Response::payload_bounds(code, &Limits::default(), Dialect::Legacy).is_some()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Feeds `needed` bytes the way `FramedRead` does (into spare room,
+    /// 16 KiB per read), calling `reserve_toward` before each read;
+    /// returns the capacity seen at each step and the bytes held then.
+    fn grow(needed: usize) -> Vec<(usize, usize)> {
+        let mut src = BytesMut::new();
+        let mut seen = Vec::new();
+        while src.len() < needed {
+            reserve_toward(&mut src, needed);
+            if src.capacity() == src.len() {
+                src.reserve(1);
+            }
+            let room = (src.capacity() - src.len())
+                .min(16 * 1024)
+                .min(needed - src.len());
+            src.extend_from_slice(&vec![7u8; room]);
+            seen.push((src.capacity(), src.len()));
+        }
+        seen
+    }
+
+    #[test]
+    fn a_packet_ends_in_a_buffer_of_its_own_size_not_double() {
+        let needed = 1024 * 1024 + 290;
+        let seen = grow(needed);
+        let peak = seen.iter().map(|(cap, _)| *cap).max().unwrap();
+        assert!(peak >= needed);
+        assert!(
+            peak < needed + RESERVE_STEP,
+            "peak capacity {peak} for {needed} bytes"
+        );
+        // A peer that stops at any point holds at most about twice what
+        // it sent.
+        for (cap, len) in seen {
+            assert!(
+                cap <= 2 * len + 2 * RESERVE_STEP,
+                "{cap} bytes held after {len} arrived"
+            );
+        }
+    }
 }
