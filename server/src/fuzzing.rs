@@ -171,8 +171,15 @@ fn check(h: &Harness) {
             path.display()
         );
     }
-    // Every version row has its blob, of the recorded size.
-    for v in h.shared.storage.meta().all_versions().unwrap() {
+    // Every version row has its content (a blob file, or a small file's
+    // row in the database), of the recorded size; no content in the
+    // database without its row.
+    let rows = h.shared.storage.meta().all_versions().unwrap();
+    let keys: std::collections::HashSet<&str> = rows.iter().map(|v| v.blob.0.as_str()).collect();
+    for (key, _) in h.shared.storage.meta().inline_blobs().unwrap() {
+        assert!(keys.contains(key.0.as_str()), "content {key} has no row");
+    }
+    for v in &rows {
         let mut blob = h
             .shared
             .storage
