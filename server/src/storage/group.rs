@@ -377,18 +377,25 @@ mod tests {
         }
     }
 
-    #[test]
-    fn commits_queued_behind_a_running_one_share_one_sync_and_one_transaction() {
-        let dir = tempfile::tempdir().unwrap();
+    /// Storage under `dir` over a [`Gated`] blob store whose first sync
+    /// waits for the gate (unless `open`).
+    fn gated_storage(dir: &std::path::Path, open: bool) -> (Arc<Gated>, Storage) {
         let gated = Arc::new(Gated {
-            inner: crate::storage::fs::FsBlobStore::open(dir.path()).unwrap(),
-            syncs: std::sync::atomic::AtomicUsize::new(0),
-            gate: Mutex::new(false),
+            inner: crate::storage::fs::FsBlobStore::open(dir).unwrap(),
+            syncs: std::sync::atomic::AtomicUsize::new(usize::from(open)),
+            gate: Mutex::new(open),
             opened: Condvar::new(),
             failing: Mutex::new(Vec::new()),
         });
-        let meta = crate::storage::sqlite::SqliteMetaStore::open(&dir.path().join("m.db")).unwrap();
+        let meta = crate::storage::sqlite::SqliteMetaStore::open(&dir.join("m.db")).unwrap();
         let storage = Storage::new(Arc::new(meta), gated.clone());
+        (gated, storage)
+    }
+
+    #[test]
+    fn commits_queued_behind_a_running_one_share_one_sync_and_one_transaction() {
+        let dir = tempfile::tempdir().unwrap();
+        let (gated, storage) = gated_storage(dir.path(), false);
         let id = ClientId([6; 16]);
         storage
             .meta()
@@ -446,16 +453,7 @@ mod tests {
     #[test]
     fn a_member_whose_folder_sync_fails_fails_alone_and_leaves_no_blob() {
         let dir = tempfile::tempdir().unwrap();
-        let gated = Arc::new(Gated {
-            inner: crate::storage::fs::FsBlobStore::open(dir.path()).unwrap(),
-            // Already past the gate.
-            syncs: std::sync::atomic::AtomicUsize::new(1),
-            gate: Mutex::new(true),
-            opened: Condvar::new(),
-            failing: Mutex::new(Vec::new()),
-        });
-        let meta = crate::storage::sqlite::SqliteMetaStore::open(&dir.path().join("m.db")).unwrap();
-        let storage = Storage::new(Arc::new(meta), gated.clone());
+        let (gated, storage) = gated_storage(dir.path(), true);
         let (a, b) = (ClientId([7; 16]), ClientId([8; 16]));
         for (id, name) in [(a, "ann"), (b, "bob")] {
             storage
