@@ -377,6 +377,16 @@ mod tests {
         }
     }
 
+    /// Job `ticket`, kept under every retention rule.
+    fn job(ticket: u64, content: Content, version: NewVersion) -> Job {
+        Job {
+            ticket,
+            content,
+            version,
+            retention: Retention::KEEP_ALL,
+        }
+    }
+
     /// Storage under `dir` over a [`Gated`] blob store whose first sync
     /// waits for the gate (unless `open`).
     fn gated_storage(dir: &std::path::Path, open: bool) -> (Arc<Gated>, Storage) {
@@ -473,24 +483,21 @@ mod tests {
             }
         }
         let jobs = vec![
-            Job {
-                ticket: 1,
-                content: Content::Blob(stage(&storage, a, b"ann's")),
-                version: new_version(a, "x", b"ann's"),
-                retention: Retention::KEEP_ALL,
-            },
-            Job {
-                ticket: 2,
-                content: Content::Blob(Box::new(Published(Some(probe.clone())))),
-                version: new_version(b, "y", b"probe"),
-                retention: Retention::KEEP_ALL,
-            },
-            Job {
-                ticket: 3,
-                content: Content::Inline(b"small".to_vec()),
-                version: new_version(b, "z", b"small"),
-                retention: Retention::KEEP_ALL,
-            },
+            job(
+                1,
+                Content::Blob(stage(&storage, a, b"ann's")),
+                new_version(a, "x", b"ann's"),
+            ),
+            job(
+                2,
+                Content::Blob(Box::new(Published(Some(probe.clone())))),
+                new_version(b, "y", b"probe"),
+            ),
+            job(
+                3,
+                Content::Inline(b"small".to_vec()),
+                new_version(b, "z", b"small"),
+            ),
         ];
         let mut results = commit_batch(&storage, jobs);
         results.sort_by_key(|r| r.0);
@@ -521,30 +528,26 @@ mod tests {
             )
             .unwrap();
         let jobs = vec![
-            Job {
-                ticket: 1,
-                content: Content::Blob(stage(&storage, known, b"kept")),
-                version: new_version(known, "a", b"kept"),
-                retention: Retention::KEEP_ALL,
-            },
-            Job {
-                ticket: 2,
-                content: Content::Blob(stage(&storage, unknown, b"refused")),
-                version: new_version(unknown, "b", b"refused"),
-                retention: Retention::KEEP_ALL,
-            },
-            Job {
-                ticket: 3,
-                content: Content::Inline(b"small".to_vec()),
-                version: new_version(known, "c", b"small"),
-                retention: Retention::KEEP_ALL,
-            },
-            Job {
-                ticket: 4,
-                content: Content::Inline(b"small, refused".to_vec()),
-                version: new_version(unknown, "d", b"small, refused"),
-                retention: Retention::KEEP_ALL,
-            },
+            job(
+                1,
+                Content::Blob(stage(&storage, known, b"kept")),
+                new_version(known, "a", b"kept"),
+            ),
+            job(
+                2,
+                Content::Blob(stage(&storage, unknown, b"refused")),
+                new_version(unknown, "b", b"refused"),
+            ),
+            job(
+                3,
+                Content::Inline(b"small".to_vec()),
+                new_version(known, "c", b"small"),
+            ),
+            job(
+                4,
+                Content::Inline(b"small, refused".to_vec()),
+                new_version(unknown, "d", b"small, refused"),
+            ),
         ];
         let mut results = commit_batch(&storage, jobs);
         results.sort_by_key(|r| r.0);
