@@ -4,7 +4,8 @@
 //! Responses are decoded by `protocol::ClientCodec`. Requests are encoded
 //! here so that a file packet's content goes from its buffer to the socket
 //! without another copy: the 290 bytes of headers and the content are written
-//! with one vectored write.
+//! with one vectored write, then flushed (a request is on the wire before we
+//! wait for its answer).
 
 use std::time::Duration;
 
@@ -19,6 +20,9 @@ use tokio_util::codec::FramedRead;
 use crate::error::{io_reason, Error};
 use crate::settings::Options;
 use crate::tls::Trust;
+
+/// How often a long wait for an answer is logged (debug level).
+const WAIT_NOTICE: Duration = Duration::from_secs(5);
 
 type Reader = Box<dyn AsyncRead + Send + Unpin>;
 type Writer = Box<dyn AsyncWrite + Send + Unpin>;
@@ -241,10 +245,21 @@ impl Connection {
                 bytes::Bytes::new()
             }
         };
-        tracing::trace!(code = %header.code, len = header.payload_len, "request");
         let mut buf = (&self.head[..]).chain(content);
-        match tokio::time::timeout(self.timeout, self.writer.write_all_buf(&mut buf)).await {
-            Ok(Ok(())) => Ok(()),
+        // The flush is what puts the whole request on the wire: over TLS a
+        // write may end with its last records still in the TLS buffer (the
+        // socket was full), and they would stay there while we wait for the
+        // answer to this very request.
+        let writer = &mut self.writer;
+        let sent = async move {
+            writer.write_all_buf(&mut buf).await?;
+            writer.flush().await
+        };
+        match tokio::time::timeout(self.timeout, sent).await {
+            Ok(Ok(())) => {
+                tracing::trace!(code = %header.code, len = header.payload_len, "request sent and flushed");
+                Ok(())
+            }
             Ok(Err(e)) => Err(self.lost(doing, &e)),
             Err(_) => Err(self.timed_out(doing)),
         }
@@ -278,7 +293,24 @@ impl Connection {
     /// As [`recv`](Self::recv).
     pub async fn recv_within(&mut self, extra: Duration, doing: &str) -> Result<Response, Error> {
         let limit = self.timeout.saturating_add(extra);
-        match tokio::time::timeout(limit, self.reader.next()).await {
+        let reader = &mut self.reader;
+        let waited = async move {
+            // A wait that outlasts a few seconds says so at debug level, so a
+            // stalled exchange can be told apart from a slow server.
+            let started = tokio::time::Instant::now();
+            loop {
+                match tokio::time::timeout(WAIT_NOTICE, reader.next()).await {
+                    Ok(next) => return next,
+                    Err(_) => tracing::debug!(
+                        doing,
+                        waited_secs = started.elapsed().as_secs(),
+                        buffered = reader.read_buffer().len(),
+                        "still waiting for the server's answer; our last request was sent and flushed"
+                    ),
+                }
+            }
+        };
+        match tokio::time::timeout(limit, waited).await {
             Ok(Some(Ok(response))) => {
                 tracing::trace!(code = %response.code(), "response");
                 Ok(response)
@@ -304,5 +336,110 @@ impl Connection {
     /// stream after our last request) and drops the connection.
     pub async fn close(mut self) {
         let _ = tokio::time::timeout(Duration::from_secs(2), self.writer.shutdown()).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use protocol::message::{FilePacket, PacketHead};
+    use protocol::{ClientId, FileName, Numbering, ServerCodec};
+    use tokio_util::codec::FramedRead as Framed;
+
+    /// A TLS connection over a pipe that holds only `capacity` bytes, the
+    /// server side reading requests with the server's codec.
+    async fn tls_pair(
+        capacity: usize,
+    ) -> (
+        Connection,
+        tokio::task::JoinHandle<Vec<RequestFrame>>,
+        tempfile::TempDir,
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let (identity, _) = server::identity::ServerIdentity::load_or_create(dir.path()).unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(identity.tls_config().unwrap());
+        let (client_io, server_io) = tokio::io::duplex(capacity);
+        let server = tokio::spawn(async move {
+            let tls = acceptor.accept(server_io).await.unwrap();
+            let codec = ServerCodec::with_dialect(
+                Limits::default().for_dialect(Dialect::Secure),
+                Dialect::Secure,
+            );
+            let mut requests = Framed::new(tls, codec);
+            let mut got = Vec::new();
+            while let Some(Ok(frame)) = requests.next().await {
+                got.push(frame);
+            }
+            got
+        });
+        let (config, _) = crate::tls::client_config(Trust::Pinned(identity.fingerprint())).unwrap();
+        let name = rustls::pki_types::ServerName::try_from(crate::tls::SERVER_NAME).unwrap();
+        let tls = tokio_rustls::TlsConnector::from(config)
+            .connect(name, client_io)
+            .await
+            .unwrap();
+        let (read, write) = tokio::io::split(tls);
+        let mut options = Options::new("pipe");
+        options.timeout = Duration::from_secs(1);
+        let conn = Connection::build(
+            "pipe".into(),
+            &options,
+            Dialect::Secure,
+            Box::new(read),
+            Box::new(write),
+        );
+        (conn, server, dir)
+    }
+
+    fn packet(len: usize) -> RequestFrame {
+        let content_size = len as u64;
+        RequestFrame {
+            client_id: ClientId([7; 16]),
+            numbering: Numbering::Modern,
+            request: Request::SendFile(FilePacket {
+                head: PacketHead {
+                    content_size,
+                    orig_size: content_size - 1,
+                    packet: 1,
+                    total: 1,
+                    file: FileName::try_from("f.bin").unwrap(),
+                },
+                content: Bytes::from(vec![0x5a; len]),
+            }),
+        }
+    }
+
+    /// The stall of secure-mode uploads: a request written while the
+    /// socket was full ended with its last TLS records in the TLS buffer,
+    /// and nothing sent them while the client waited for the answer. Over
+    /// a pipe of 64 bytes every request ends that way; the server must
+    /// still receive each one whole while the client only waits.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_sent_request_reaches_the_server_whole_while_the_client_waits() {
+        let (mut conn, server, _dir) = tls_pair(64).await;
+        for len in [16, 4096, 100_000] {
+            conn.send(&packet(len), "testing").await.unwrap();
+        }
+        // Waiting for an answer never writes: whatever is not on the wire
+        // by now stays where it is.
+        let waited = conn.recv_within(Duration::ZERO, "waiting").await;
+        assert!(
+            matches!(waited, Err(Error::Timeout { .. })),
+            "no answer is sent: {waited:?}"
+        );
+        drop(conn);
+        let got = tokio::time::timeout(Duration::from_secs(5), server)
+            .await
+            .expect("the server's reader ends")
+            .unwrap();
+        let sizes: Vec<usize> = got
+            .iter()
+            .map(|f| match &f.request {
+                Request::SendFile(p) => p.content.len(),
+                other => panic!("unexpected {other:?}"),
+            })
+            .collect();
+        assert_eq!(sizes, vec![16, 4096, 100_000]);
     }
 }

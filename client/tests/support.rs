@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod fake_server;
+pub mod processes;
 pub mod real_server;
 pub mod relay;
 

@@ -103,6 +103,15 @@ impl ServerCodec {
         self.dialect
     }
 
+    /// The header of the request whose payload is still arriving, if any:
+    /// what a connection waiting for the rest of a request is waiting for.
+    pub fn partial(&self) -> Option<&RequestHeader> {
+        match &self.state {
+            DecodeState::Head => None,
+            DecodeState::Data(header) => Some(header),
+        }
+    }
+
     fn check_head(&self, header: &RequestHeader) -> Result<(), CodecError> {
         if header.version != self.dialect.version() {
             return Err(CodecError::Version {

@@ -49,6 +49,16 @@ pub struct Config {
     pub reply_to_crc_retry: bool,
     /// Connections served at once; past it a client gets 1607 and is closed.
     pub max_connections: usize,
+    /// Connections of one source (IPv4 address, IPv6 /64) at once; one
+    /// more is closed at once.
+    pub max_per_source: usize,
+    /// Connections not yet authenticated, from every source together; past
+    /// it a newcomer evicts one of the source holding the most
+    /// (`server/src/admission.rs`).
+    pub max_unauthenticated: usize,
+    /// How long a new connection has for the TLS handshake and its first
+    /// whole request.
+    pub handshake_timeout: Duration,
     /// How long a connection may sit between requests.
     pub idle_timeout: Duration,
     /// How long one request may take to arrive once its first byte has.
@@ -67,6 +77,9 @@ pub struct Config {
 
 impl Config {
     pub const DEFAULT_MAX_CONNECTIONS: usize = 256;
+    pub const DEFAULT_MAX_PER_SOURCE: usize = 16;
+    pub const DEFAULT_MAX_UNAUTHENTICATED: usize = 64;
+    pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
     pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(120);
     pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
     pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -79,6 +92,9 @@ impl Config {
             limits: Limits::default(),
             reply_to_crc_retry: true,
             max_connections: Self::DEFAULT_MAX_CONNECTIONS,
+            max_per_source: Self::DEFAULT_MAX_PER_SOURCE,
+            max_unauthenticated: Self::DEFAULT_MAX_UNAUTHENTICATED,
+            handshake_timeout: Self::DEFAULT_HANDSHAKE_TIMEOUT,
             idle_timeout: Self::DEFAULT_IDLE_TIMEOUT,
             request_timeout: Self::DEFAULT_REQUEST_TIMEOUT,
             shutdown_grace: Self::DEFAULT_SHUTDOWN_GRACE,
@@ -291,6 +307,31 @@ pub fn load(
             });
         }
         config.max_connections = n;
+    }
+    for (key, value, field) in [
+        (
+            "max_per_source",
+            args.max_per_source.or(file.max_per_source),
+            &mut config.max_per_source,
+        ),
+        (
+            "max_unauthenticated",
+            args.max_unauthenticated.or(file.max_unauthenticated),
+            &mut config.max_unauthenticated,
+        ),
+    ] {
+        if let Some(n) = value {
+            if n == 0 {
+                return Err(ConfigError::Invalid {
+                    key,
+                    reason: "must be at least 1".into(),
+                });
+            }
+            *field = n;
+        }
+    }
+    if let Some(s) = args.handshake_timeout.or(file.handshake_timeout_secs) {
+        config.handshake_timeout = secs("handshake_timeout", s)?;
     }
     if let Some(s) = args.idle_timeout.or(file.idle_timeout_secs) {
         config.idle_timeout = secs("idle_timeout", s)?;

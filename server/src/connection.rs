@@ -42,6 +42,7 @@ use tokio_util::codec::{FramedRead, FramedWrite};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, info_span, warn, Instrument, Span};
 
+use crate::admission::Ticket;
 use crate::config::Config;
 use crate::storage::{
     BlobKey, Deletion, NewVersion, Registration, Retention, Storage, StorageError, VersionRecord,
@@ -56,6 +57,9 @@ const READ_BUFFER: usize = 128 * 1024;
 pub(crate) const LINGER: Duration = Duration::from_secs(1);
 /// Bytes a closing connection discards at most while lingering.
 const LINGER_BYTES: usize = 4 * 1024 * 1024;
+/// How often a connection waiting for the rest of a request says so (debug
+/// level), so that a stalled exchange shows which side waits for what.
+const WAIT_NOTICE: Duration = Duration::from_secs(5);
 
 /// What every connection shares.
 pub(crate) struct Shared {
@@ -108,6 +112,8 @@ enum Next {
     Frame(Box<RequestFrame>),
     Eof,
     Shutdown,
+    /// Another connection took this unauthenticated one's slot.
+    Evicted,
 }
 
 /// Which protocol a connection speaks.
@@ -128,30 +134,57 @@ struct Connection<R, W> {
     staged: Option<Staged>,
     shared: Arc<Shared>,
     span: Span,
+    ticket: Ticket,
 }
 
 /// Serves one accepted connection on the legacy listener to its end.
-pub(crate) async fn serve_legacy(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
+pub(crate) async fn serve_legacy(
+    stream: TcpStream,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    ticket: Ticket,
+) {
     if let Err(e) = stream.set_nodelay(true) {
         debug!(cause = %e, "could not disable Nagle's algorithm");
     }
     let (read, write) = stream.into_split();
-    serve(read, write, peer, shared, Security::Legacy).await;
+    let first_by = tokio::time::Instant::now() + shared.config.handshake_timeout;
+    serve(
+        read,
+        write,
+        peer,
+        shared,
+        Security::Legacy,
+        ticket,
+        first_by,
+    )
+    .await;
 }
 
 /// Serves one accepted connection on the secure listener to its end: the
-/// TLS handshake (within the request timeout), then the session.
+/// TLS handshake and the first request (within the handshake timeout), then
+/// the session.
 pub(crate) async fn serve_secure(
     stream: TcpStream,
     peer: SocketAddr,
     shared: Arc<Shared>,
     acceptor: TlsAcceptor,
+    ticket: Ticket,
 ) {
     if let Err(e) = stream.set_nodelay(true) {
         debug!(cause = %e, "could not disable Nagle's algorithm");
     }
-    let limit = shared.config.request_timeout;
-    let tls = match tokio::time::timeout(limit, acceptor.accept(stream)).await {
+    let limit = shared.config.handshake_timeout;
+    let first_by = tokio::time::Instant::now() + limit;
+    let evicted = ticket.evicted().clone();
+    let handshake = tokio::select! {
+        () = evicted.cancelled() => {
+            debug!(%peer, "evicted during the TLS handshake: the unauthenticated budget is full");
+            return;
+        }
+        handshake = tokio::time::timeout_at(first_by, acceptor.accept(stream)) => handshake,
+    };
+    let tls = match handshake {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
             info!(%peer, cause = %e, "TLS handshake failed");
@@ -172,18 +205,30 @@ pub(crate) async fn serve_secure(
         return;
     }
     let (read, write) = tokio::io::split(tls);
-    serve(read, write, peer, shared, Security::Secure(binding)).await;
+    serve(
+        read,
+        write,
+        peer,
+        shared,
+        Security::Secure(binding),
+        ticket,
+        first_by,
+    )
+    .await;
 }
 
-/// Serves one connection, already past any TLS handshake, to its end.
-/// Never panics on peer input; every ending is logged in the connection's
-/// span.
+/// Serves one connection, already past any TLS handshake, to its end; its
+/// first whole request must be in by `first_by`. Until it authenticates,
+/// the connection ends as soon as its ticket is evicted. Never panics on
+/// peer input; every ending is logged in the connection's span.
 pub(crate) async fn serve<R, W>(
     read: R,
     write: W,
     peer: SocketAddr,
     shared: Arc<Shared>,
     security: Security,
+    ticket: Ticket,
+    first_by: tokio::time::Instant,
 ) where
     R: AsyncRead + Unpin + Send,
     W: AsyncWrite + Unpin + Send,
@@ -196,11 +241,21 @@ pub(crate) async fn serve<R, W>(
     let inner = span.clone();
     async move {
         debug!("accepted");
-        let mut conn = Connection::new(read, write, shared, inner, security);
-        let result = conn.run().await;
+        let evicted = ticket.evicted().clone();
+        let mut conn = Connection::new(read, write, shared, inner, security, ticket);
+        conn.reader.get_mut().first_request_by(first_by);
+        // Eviction comes only before authentication, when nothing is being
+        // uploaded: dropping the session there loses nothing.
+        let result = tokio::select! {
+            result = conn.run() => result,
+            () = evicted.cancelled() => Ok(Next::Evicted),
+        };
         let abandoned = conn.upload.is_some() || conn.staged.is_some();
         match &result {
             Ok(Next::Shutdown) => info!("closed for shutdown"),
+            Ok(Next::Evicted) => {
+                debug!("evicted before authenticating: the unauthenticated budget is full")
+            }
             Ok(_) if abandoned => {
                 info!("peer closed the connection in the middle of an upload; discarded")
             }
@@ -221,7 +276,14 @@ where
     R: AsyncRead + Unpin + Send,
     W: AsyncWrite + Unpin + Send,
 {
-    fn new(read: R, write: W, shared: Arc<Shared>, span: Span, security: Security) -> Self {
+    fn new(
+        read: R,
+        write: W,
+        shared: Arc<Shared>,
+        span: Span,
+        security: Security,
+        ticket: Ticket,
+    ) -> Self {
         let config = &shared.config;
         let session_config = ServerConfig {
             reply_to_crc_retry: config.reply_to_crc_retry,
@@ -249,6 +311,7 @@ where
             staged: None,
             shared,
             span,
+            ticket,
         }
     }
 
@@ -257,9 +320,13 @@ where
         loop {
             match self.next_frame().await? {
                 Next::Frame(frame) => {
+                    self.reader.get_mut().first_request_done();
                     let header = frame.header();
                     let span = tracing::debug_span!("request", code = %header.code, len = header.payload_len);
                     self.dispatch(*frame).instrument(span).await?;
+                    if !self.ticket.is_authenticated() && self.session.authenticated() {
+                        self.ticket.authenticated();
+                    }
                 }
                 end => return Ok(end),
             }
@@ -274,6 +341,8 @@ where
         let buffered = !self.reader.read_buffer().is_empty();
         self.reader.get_mut().arm(buffered);
         let shutdown = self.shared.shutdown.clone();
+        let started = tokio::time::Instant::now();
+        let mut notice = tokio::time::interval_at(started + WAIT_NOTICE, WAIT_NOTICE);
         loop {
             let closable =
                 !self.reader.get_ref().in_request() && !self.session.has_uncommitted_upload();
@@ -290,7 +359,35 @@ where
                     Some(Ok(frame)) => Ok(Next::Frame(Box::new(frame))),
                     Some(Err(e)) => Err(Ended::Read(e)),
                 },
+                _ = notice.tick() => self.waiting_notice(started),
             }
+        }
+    }
+
+    /// Says at debug level what a connection that has waited a while is
+    /// waiting for: the rest of a request (how much of it is in), or the
+    /// next one.
+    fn waiting_notice(&self, started: tokio::time::Instant) {
+        let waited_secs = started.elapsed().as_secs();
+        let buffered = self.reader.read_buffer().len();
+        match self.reader.decoder().partial() {
+            Some(header) => debug!(
+                waited_secs,
+                code = %header.code,
+                payload_len = header.payload_len,
+                received = buffered,
+                "waiting for the rest of a request"
+            ),
+            None if self.reader.get_ref().in_request() => debug!(
+                waited_secs,
+                received = buffered,
+                "waiting for the rest of a request header"
+            ),
+            // Once per wait: an idle client is the normal case.
+            None if started.elapsed() < 2 * WAIT_NOTICE => {
+                debug!(waited_secs, "waiting for the next request")
+            }
+            None => {}
         }
     }
 

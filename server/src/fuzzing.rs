@@ -32,6 +32,7 @@ use rand::SeedableRng;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::admission::{Admission, AdmissionLimits};
 use crate::config::Config;
 use crate::connection::{self, Security, Shared};
 use crate::storage::Storage;
@@ -129,7 +130,25 @@ fn serve_input(data: &[u8]) -> Vec<u8> {
     let mut output = Vec::new();
     h.runtime.block_on(async {
         let reader: &[u8] = &input;
-        connection::serve(reader, &mut output, peer, shared, security).await;
+        let admission = Admission::new(AdmissionLimits {
+            max_connections: 1,
+            max_per_source: 1,
+            max_unauthenticated: 1,
+        });
+        let admitted = admission
+            .admit(peer.ip(), &mut rand::rngs::OsRng)
+            .expect("the only connection is admitted");
+        let first_by = tokio::time::Instant::now() + shared.config.handshake_timeout;
+        connection::serve(
+            reader,
+            &mut output,
+            peer,
+            shared,
+            security,
+            admitted.ticket,
+            first_by,
+        )
+        .await;
         // Writer threads remove or publish their files on their own time:
         // wait for every one of them before looking at the directory.
         let mut waited = Duration::ZERO;

@@ -29,6 +29,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
 pub mod admin;
+mod admission;
 pub mod config;
 mod connection;
 #[cfg(feature = "fuzzing")]

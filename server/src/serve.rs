@@ -1,13 +1,14 @@
-//! The accept loops of both listeners, the connection cap and graceful
-//! shutdown.
+//! The accept loops of both listeners, admission (the connection caps,
+//! `admission.rs`) and graceful shutdown.
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::SinkExt;
 use protocol::{Response, ServerCodec};
+use rand::SeedableRng;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Semaphore};
@@ -16,6 +17,7 @@ use tokio_util::codec::FramedWrite;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn, Instrument};
 
+use crate::admission::{Admission, AdmissionLimits, Admitted, Refusal};
 use crate::config::Config;
 use crate::connection::{self, Shared, LINGER};
 use crate::identity::{IdentityError, ServerIdentity};
@@ -26,6 +28,71 @@ use crate::storage::{Storage, StorageError};
 const MAX_REFUSALS: usize = 64;
 /// How long to wait for upload writer threads after the last connection.
 const WRITER_DRAIN: Duration = Duration::from_secs(10);
+/// Refusals and evictions logged one by one per [`REFUSAL_WINDOW`]; the
+/// rest are counted and summed up in one line, so a flood cannot fill the
+/// log.
+const REFUSALS_LOGGED: u32 = 5;
+const REFUSAL_WINDOW: Duration = Duration::from_secs(10);
+
+/// The log of refused and evicted connections, rate-limited.
+struct RefusalLog {
+    window_start: Instant,
+    logged: u32,
+    suppressed: u64,
+}
+
+impl RefusalLog {
+    fn new() -> Self {
+        Self {
+            window_start: Instant::now(),
+            logged: 0,
+            suppressed: 0,
+        }
+    }
+
+    /// Whether this refusal gets a line of its own.
+    fn admit_line(&mut self) -> bool {
+        let now = Instant::now();
+        if now.duration_since(self.window_start) >= REFUSAL_WINDOW {
+            if self.suppressed > 0 {
+                warn!(
+                    count = self.suppressed,
+                    secs = REFUSAL_WINDOW.as_secs(),
+                    "more connections refused or evicted than logged"
+                );
+            }
+            self.window_start = now;
+            self.logged = 0;
+            self.suppressed = 0;
+        }
+        if self.logged < REFUSALS_LOGGED {
+            self.logged += 1;
+            true
+        } else {
+            self.suppressed += 1;
+            false
+        }
+    }
+
+    fn refused(&mut self, peer: SocketAddr, refusal: Refusal, limits: AdmissionLimits) {
+        if self.admit_line() {
+            warn!(
+                %peer,
+                reason = refusal.reason(),
+                max_connections = limits.max_connections,
+                max_per_source = limits.max_per_source,
+                max_unauthenticated = limits.max_unauthenticated,
+                "connection refused"
+            );
+        }
+    }
+
+    fn evicted(&mut self, peer: SocketAddr, source: crate::admission::Source) {
+        if self.admit_line() {
+            info!(%peer, evicted_from = %source, "unauthenticated budget full: evicted a connection of the source holding the most");
+        }
+    }
+}
 
 /// Why the server could not run.
 #[derive(Debug, thiserror::Error)]
@@ -167,7 +234,12 @@ pub async fn run_with_storage(
     }
     let token = CancellationToken::new();
     let (alive, mut writers_done) = mpsc::channel::<()>(1);
-    let max = config.max_connections.max(1);
+    let admission = Admission::new(AdmissionLimits {
+        max_connections: config.max_connections,
+        max_per_source: config.max_per_source,
+        max_unauthenticated: config.max_unauthenticated,
+    });
+    let limits = admission.limits();
     let grace = config.shutdown_grace;
     let shared = Arc::new(Shared {
         config,
@@ -175,12 +247,18 @@ pub async fn run_with_storage(
         shutdown: token.clone(),
         alive,
     });
-    let permits = Arc::new(Semaphore::new(max));
     let refusals = Arc::new(Semaphore::new(MAX_REFUSALS));
+    let mut refusal_log = RefusalLog::new();
+    let mut rng = rand::rngs::StdRng::from_entropy();
     let mut tasks = JoinSet::new();
     let mut backoff = Duration::from_millis(10);
     tokio::pin!(shutdown);
-    debug!(max_connections = max, "accepting");
+    debug!(
+        max_connections = limits.max_connections,
+        max_per_source = limits.max_per_source,
+        max_unauthenticated = limits.max_unauthenticated,
+        "accepting"
+    );
 
     loop {
         let accepted = tokio::select! {
@@ -196,26 +274,35 @@ pub async fn run_with_storage(
             match accepted {
                 Ok((stream, peer, secure)) => {
                     backoff = Duration::from_millis(10);
-                    match Arc::clone(&permits).try_acquire_owned() {
-                        Ok(permit) => {
+                    match admission.admit(peer.ip(), &mut rng) {
+                        Ok(Admitted { ticket, evicted }) => {
+                            if let Some(source) = evicted {
+                                refusal_log.evicted(peer, source);
+                            }
                             let shared = Arc::clone(&shared);
                             let acceptor = acceptor.clone().filter(|_| secure);
                             tasks.spawn(async move {
                                 match acceptor {
                                     Some(acceptor) => {
-                                        connection::serve_secure(stream, peer, shared, acceptor)
-                                            .await
+                                        connection::serve_secure(
+                                            stream, peer, shared, acceptor, ticket,
+                                        )
+                                        .await
                                     }
-                                    None => connection::serve_legacy(stream, peer, shared).await,
+                                    None => {
+                                        connection::serve_legacy(stream, peer, shared, ticket).await
+                                    }
                                 }
-                                drop(permit);
                             });
                         }
-                        Err(_) => {
-                            warn!(%peer, max_connections = max, "connection refused: at capacity");
-                            // A TLS client cannot read a plain answer: it
-                            // is closed without one.
-                            if secure {
+                        Err(refusal) => {
+                            refusal_log.refused(peer, refusal, limits);
+                            // A legacy client at capacity is told so with
+                            // 1607, as before. A TLS client cannot read a
+                            // plain answer, and a source over its limits
+                            // gets nothing that costs the server: both are
+                            // closed at once.
+                            if secure || refusal != Refusal::AtCapacity {
                                 drop(stream);
                             } else if let Ok(slot) = Arc::clone(&refusals).try_acquire_owned() {
                                 tasks.spawn(async move {

@@ -145,7 +145,8 @@ pub struct Args {
     pub data_dir: Option<PathBuf>,
 
     /// TOML file with any of the settings below (keys: listen, legacy_listen, port,
-    /// data_dir, max_connections, idle_timeout_secs, request_timeout_secs,
+    /// data_dir, max_connections, max_per_source, max_unauthenticated,
+    /// handshake_timeout_secs, idle_timeout_secs, request_timeout_secs,
     /// shutdown_grace_secs, silent_crc_retry, keep_last, keep_within,
     /// append_only, max_packet_bytes, max_file_bytes).
     #[arg(long, env = "BACKUP_SERVER_CONFIG", value_name = "FILE")]
@@ -155,6 +156,23 @@ pub struct Args {
     /// [default: 256].
     #[arg(long, env = "BACKUP_SERVER_MAX_CONNECTIONS", value_name = "N")]
     pub max_connections: Option<usize>,
+
+    /// Connections from one source address (an IPv6 /64) at once; one more
+    /// is closed at once [default: 16].
+    #[arg(long, env = "BACKUP_SERVER_MAX_PER_SOURCE", value_name = "N")]
+    pub max_per_source: Option<usize>,
+
+    /// Connections that have not authenticated yet (TLS handshake and
+    /// proof, or the legacy key exchange), from all sources together; when
+    /// full, a newcomer evicts one of the source holding the most
+    /// [default: 64].
+    #[arg(long, env = "BACKUP_SERVER_MAX_UNAUTHENTICATED", value_name = "N")]
+    pub max_unauthenticated: Option<usize>,
+
+    /// Seconds a new connection has for the TLS handshake and its first
+    /// whole request [default: 10].
+    #[arg(long, env = "BACKUP_SERVER_HANDSHAKE_TIMEOUT", value_name = "SECS")]
+    pub handshake_timeout: Option<u64>,
 
     /// Seconds a connection may stay silent between requests [default: 120].
     #[arg(long, env = "BACKUP_SERVER_IDLE_TIMEOUT", value_name = "SECS")]

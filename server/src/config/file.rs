@@ -13,6 +13,9 @@ use super::ConfigError;
 /// listen = "0.0.0.0:1256"
 /// data_dir = "/var/lib/backup-server"
 /// max_connections = 256
+/// max_per_source = 16
+/// max_unauthenticated = 64
+/// handshake_timeout_secs = 10
 /// idle_timeout_secs = 120
 /// request_timeout_secs = 60
 /// shutdown_grace_secs = 10
@@ -31,6 +34,9 @@ pub struct FileConfig {
     pub port: Option<u16>,
     pub data_dir: Option<PathBuf>,
     pub max_connections: Option<usize>,
+    pub max_per_source: Option<usize>,
+    pub max_unauthenticated: Option<usize>,
+    pub handshake_timeout_secs: Option<u64>,
     pub idle_timeout_secs: Option<u64>,
     pub request_timeout_secs: Option<u64>,
     pub shutdown_grace_secs: Option<u64>,

@@ -5,6 +5,9 @@
 //! within the request timeout, however the bytes trickle in. A timeout
 //! surfaces as an [`io::ErrorKind::TimedOut`] read error, which ends the
 //! stream like any other read error.
+//!
+//! A new connection also has a hard deadline for its first whole request
+//! (the handshake deadline), which neither timeout extends.
 
 use std::future::Future;
 use std::io;
@@ -24,6 +27,8 @@ pub(crate) struct Deadline<R> {
     idle: Duration,
     request: Duration,
     in_request: bool,
+    /// Until the first request is in: when it must be.
+    first: Option<Instant>,
 }
 
 impl<R> Deadline<R> {
@@ -35,7 +40,30 @@ impl<R> Deadline<R> {
             idle,
             request,
             in_request: false,
+            first: None,
         }
+    }
+
+    /// The first whole request must have arrived by `at`, however the
+    /// other timeouts run; [`first_request_done`](Self::first_request_done)
+    /// lifts it.
+    pub(crate) fn first_request_by(&mut self, at: Instant) {
+        self.first = Some(at);
+        let target = self.sleep.deadline().min(at);
+        self.sleep.as_mut().reset(target);
+    }
+
+    /// The first request arrived: only the idle and request timeouts apply.
+    pub(crate) fn first_request_done(&mut self) {
+        self.first = None;
+    }
+
+    fn reset(&mut self, limit: Duration) {
+        let mut target = Instant::now() + limit;
+        if let Some(first) = self.first {
+            target = target.min(first);
+        }
+        self.sleep.as_mut().reset(target);
     }
 
     /// Starts the clock for the next request: the request timeout if some
@@ -47,7 +75,7 @@ impl<R> Deadline<R> {
         } else {
             self.idle
         };
-        self.sleep.as_mut().reset(Instant::now() + limit);
+        self.reset(limit);
     }
 
     /// The wrapped reader.
@@ -74,14 +102,17 @@ impl<R: AsyncRead + Unpin> AsyncRead for Deadline<R> {
             Poll::Ready(Ok(())) => {
                 if buf.filled().len() > before && !this.in_request {
                     this.in_request = true;
-                    this.sleep.as_mut().reset(Instant::now() + this.request);
+                    let limit = this.request;
+                    this.reset(limit);
                 }
                 Poll::Ready(Ok(()))
             }
             Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
             Poll::Pending => match this.sleep.as_mut().poll(cx) {
                 Poll::Ready(()) => {
-                    let what = if this.in_request {
+                    let what = if this.first.is_some_and(|at| Instant::now() >= at) {
+                        "no whole first request within the handshake deadline".to_owned()
+                    } else if this.in_request {
                         format!("request not completed within {:?}", this.request)
                     } else {
                         format!("idle for {:?}", this.idle)
@@ -123,6 +154,48 @@ mod tests {
         assert_eq!(err.kind(), io::ErrorKind::TimedOut);
         assert!(err.to_string().contains("request"));
         assert_eq!(start.elapsed().as_secs(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_first_request_must_be_whole_by_the_handshake_deadline() {
+        let (mut tx, rx) = tokio::io::duplex(64);
+        let mut r = Deadline::new(rx, Duration::from_secs(100), Duration::from_secs(60));
+        let start = Instant::now();
+        r.first_request_by(start + Duration::from_secs(3));
+        r.arm(false);
+        // A byte every 0.7 s would keep the idle and request clocks happy.
+        let trickle = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(700)).await;
+                if tx.write_all(b"x").await.is_err() {
+                    break;
+                }
+            }
+        });
+        let mut buf = [0u8; 8];
+        let err = loop {
+            if let Err(e) = r.read(&mut buf).await {
+                break e;
+            }
+        };
+        trickle.abort();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert!(err.to_string().contains("handshake deadline"), "{err}");
+        assert_eq!(start.elapsed().as_secs(), 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn after_the_first_request_the_idle_timeout_applies_again() {
+        let (_tx, rx) = tokio::io::duplex(64);
+        let mut r = Deadline::new(rx, Duration::from_secs(30), Duration::from_secs(60));
+        let start = Instant::now();
+        r.first_request_by(start + Duration::from_secs(3));
+        r.first_request_done();
+        r.arm(false);
+        let mut buf = [0u8; 8];
+        let err = r.read(&mut buf).await.unwrap_err();
+        assert!(err.to_string().contains("idle"), "{err}");
+        assert_eq!(start.elapsed().as_secs(), 30);
     }
 
     #[tokio::test(start_paused = true)]

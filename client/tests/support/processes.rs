@@ -1,0 +1,139 @@
+//! The real binaries as processes: `backup-server` on a temporary data
+//! directory (stopped when dropped, its memory readable from /proc), and
+//! `backup-client` with a private configuration directory.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// The `backup-server` binary of this build: beside `backup-client`, built
+/// on demand when only the client's tests were compiled.
+pub fn server_binary() -> PathBuf {
+    let client = Path::new(env!("CARGO_BIN_EXE_backup-client"));
+    let server = client.with_file_name("backup-server");
+    if !server.exists() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = std::process::Command::new(cargo);
+        cmd.args(["build", "-p", "backup-server", "--bin", "backup-server"]);
+        if client
+            .parent()
+            .is_some_and(|dir| dir.file_name() == Some("release".as_ref()))
+        {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().expect("cargo runs");
+        assert!(status.success(), "building backup-server failed");
+    }
+    server
+}
+
+/// A free port on 127.0.0.1 (bound, then released for the server to take).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `backup-server` serving secure mode (and the legacy listener) on
+/// 127.0.0.1, killed when dropped.
+pub struct ServerProcess {
+    pub addr: SocketAddr,
+    pub legacy_addr: SocketAddr,
+    pub data: tempfile::TempDir,
+    child: std::process::Child,
+    log: PathBuf,
+}
+
+impl ServerProcess {
+    /// Starts the server with `extra` flags and waits until both listeners
+    /// accept.
+    pub fn start(extra: &[&str]) -> Self {
+        let data = tempfile::tempdir().unwrap();
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let legacy_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let log = data.path().join("server.log");
+        let child = std::process::Command::new(server_binary())
+            .args(["--listen", &addr.to_string()])
+            .args(["--legacy-listen", &legacy_addr.to_string()])
+            .arg("--data-dir")
+            .arg(data.path().join("data"))
+            .args(extra)
+            .env("RUST_LOG", "debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let server = Self {
+            addr,
+            legacy_addr,
+            data,
+            child,
+            log,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for target in [addr, legacy_addr] {
+            while std::net::TcpStream::connect(target).is_err() {
+                assert!(
+                    Instant::now() < deadline,
+                    "the server did not listen on {target}: {}",
+                    server.log()
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        server
+    }
+
+    /// What the server logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The server's resident memory now and at its peak, in KiB.
+    pub fn memory_kib(&self) -> (u64, u64) {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default();
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|rest| rest.split_whitespace().next())
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0)
+        };
+        (field("VmRSS:"), field("VmHWM:"))
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs `backup-client` with `args`, its configuration in `config`, for at
+/// most `limit`.
+pub async fn run_client(config: &Path, args: &[&str], limit: Duration) -> Output {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_backup-client"));
+    cmd.arg("--config-dir")
+        .arg(config)
+        .args(args)
+        .env_remove("BACKUP_CLIENT_DIR")
+        .env("RUST_LOG", "debug")
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    tokio::time::timeout(limit, cmd.output())
+        .await
+        .expect("the client did not finish in time")
+        .unwrap()
+}
+
+/// A client run's stderr, for assertion messages.
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
