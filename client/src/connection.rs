@@ -122,11 +122,27 @@ impl Connection {
                             pinned_in: secure.pinned_in.clone(),
                         }
                     }
+                    // Closed at once: a server at its connection limits
+                    // drops newcomers before or during the handshake.
+                    _ if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::UnexpectedEof
+                            | std::io::ErrorKind::ConnectionReset
+                            | std::io::ErrorKind::ConnectionAborted
+                            | std::io::ErrorKind::BrokenPipe
+                    ) =>
+                    {
+                        Error::Closed {
+                            server,
+                            doing: "in the TLS handshake (it may be at its connection limits)"
+                                .into(),
+                        }
+                    }
                     _ => Error::Tls {
                         server,
                         reason: io_reason(&e),
                     },
-                })
+                });
             }
             Err(_) => {
                 return Err(Error::ConnectTimeout {

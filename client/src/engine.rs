@@ -25,6 +25,24 @@ use crate::upload::{self, AttemptError};
 /// up (`docs/PROTOCOL.md` §6: "resends the same request up to 3 times").
 pub const SERVER_ERROR_RETRIES: u8 = 3;
 
+/// Tries at opening a connection (and reconnecting on it) while the server
+/// refuses or drops it at once, as a server at its connection limits does
+/// to newcomers (`docs/SECURITY.md`, "Denial of service").
+pub const OPEN_ATTEMPTS: u32 = 5;
+/// The pause after the first such failure; each next one doubles, with up
+/// to half again at random so that clients turned away together do not
+/// come back together.
+const OPEN_BACKOFF: Duration = Duration::from_millis(200);
+
+/// Whether `e` is a connection refused or dropped before anything was
+/// done on it: worth another try after a pause.
+fn refused_at_open(e: &Error) -> bool {
+    matches!(
+        e,
+        Error::Connect { .. } | Error::Closed { .. } | Error::ConnectionLost { .. }
+    )
+}
+
 /// A backup client bound to a server and an identity store.
 pub struct Client {
     options: Options,
@@ -213,10 +231,68 @@ impl Client {
         }
     }
 
-    /// Opens a connection secured as [`Client::security`] says.
+    /// Opens a connection secured as [`Client::security`] says, trying
+    /// again while the server refuses or drops it at once.
     async fn open(&self, registering: bool) -> Result<Connection, Error> {
         let secure = self.security(registering)?;
-        Connection::open(&self.options, secure.as_ref()).await
+        self.with_backoff(|| Connection::open(&self.options, secure.as_ref()))
+            .await
+    }
+
+    /// Runs `attempt` up to [`OPEN_ATTEMPTS`] times while it fails with a
+    /// connection refused or dropped at once, pausing between tries; any
+    /// other outcome is returned as it is. Only for steps that can be
+    /// repeated safely (opening, reconnecting, proving).
+    async fn with_backoff<T, F, Fut>(&self, mut attempt: F) -> Result<T, Error>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, Error>>,
+    {
+        let mut pause = OPEN_BACKOFF;
+        let mut tries = 1;
+        loop {
+            match attempt().await {
+                Err(e) if tries < OPEN_ATTEMPTS && refused_at_open(&e) => {
+                    let jitter = rand::Rng::gen_range(
+                        &mut rand::thread_rng(),
+                        0..=pause.as_millis() as u64 / 2,
+                    );
+                    let wait = pause + Duration::from_millis(jitter);
+                    tracing::debug!(cause = %e, try_ = tries, wait_ms = wait.as_millis() as u64, "connection refused or dropped; trying again");
+                    tokio::time::sleep(wait).await;
+                    pause *= 2;
+                    tries += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Opens a connection and reconnects as `identity` on it, proving the
+    /// key in secure mode; the whole step is tried again while the server
+    /// drops the connection at once.
+    async fn open_reconnected(
+        &self,
+        identity: &Identity,
+    ) -> Result<(Connection, ClientSession, ClientEvent), Error> {
+        let secure = self.security(false)?;
+        self.with_backoff(|| async {
+            let mut conn = Connection::open(&self.options, secure.as_ref()).await?;
+            let mut session = self.new_session(
+                &conn,
+                identity.name.clone(),
+                identity.key.clone(),
+                Some(identity.client_id),
+            );
+            let doing = format!("reconnecting as \"{}\"", identity.name);
+            let frame = session.reconnect_request();
+            let event = self
+                .exchange(&mut conn, &mut session, &frame, &doing)
+                .await?;
+            let event = self.prove(&mut conn, &mut session, event).await?;
+            Ok((conn, session, event))
+        })
+        .await
     }
 
     /// A session for `conn`, in its dialect.
@@ -361,8 +437,10 @@ impl Client {
                 dir: self.store.dir().to_owned(),
             })?;
             self.store.ensure_writable()?;
+            // The key first: a connection that has not registered yet is
+            // one a busy server may drop.
+            let key = generate_key(self.options.dialect()).await?;
             let mut conn = self.open(true).await?;
-            let key = generate_key(conn.dialect()).await?;
             let mut session = self.new_session(&conn, name.clone(), key, None);
             let identity = self.register_on(&mut conn, &mut session, name).await?;
             return Ok(Keyed {
@@ -372,19 +450,13 @@ impl Client {
                 registered: true,
             });
         };
-        let mut conn = self.open(false).await?;
+        let (mut conn, mut session, event) = self.open_reconnected(&stored).await?;
         let Identity {
             name,
             client_id,
             key,
         } = stored;
-        let mut session = self.new_session(&conn, name.clone(), key.clone(), Some(client_id));
-        let doing = format!("reconnecting as \"{name}\"");
-        let frame = session.reconnect_request();
-        let event = self
-            .exchange(&mut conn, &mut session, &frame, &doing)
-            .await?;
-        match self.prove(&mut conn, &mut session, event).await? {
+        match event {
             ClientEvent::KeyReady => {
                 self.remember_server(&conn)?;
                 let identity = Identity {
@@ -413,7 +485,7 @@ impl Client {
                     registered: true,
                 })
             }
-            other => Err(self.unexpected(&other, &doing)),
+            other => Err(self.unexpected(&other, &format!("reconnecting as \"{name}\""))),
         }
     }
 
@@ -421,21 +493,16 @@ impl Client {
     /// ever registering: a server that does not know this client holds
     /// nothing of it, and registering anew would replace the key files.
     pub(crate) async fn reconnect_existing(&self) -> Result<Keyed, Error> {
+        let stored = self.store.load()?.ok_or_else(|| Error::NotRegistered {
+            dir: self.store.dir().to_owned(),
+        })?;
+        let (conn, session, event) = self.open_reconnected(&stored).await?;
         let Identity {
             name,
             client_id,
             key,
-        } = self.store.load()?.ok_or_else(|| Error::NotRegistered {
-            dir: self.store.dir().to_owned(),
-        })?;
-        let mut conn = self.open(false).await?;
-        let mut session = self.new_session(&conn, name.clone(), key.clone(), Some(client_id));
+        } = stored;
         let doing = format!("reconnecting as \"{name}\"");
-        let frame = session.reconnect_request();
-        let event = self
-            .exchange(&mut conn, &mut session, &frame, &doing)
-            .await?;
-        let event = self.prove(&mut conn, &mut session, event).await?;
         if matches!(event, ClientEvent::KeyReady) {
             self.remember_server(&conn)?;
         }

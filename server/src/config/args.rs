@@ -31,7 +31,7 @@ pub struct Cli {
 #[derive(Debug, Clone, clap::Subcommand)]
 pub enum Command {
     /// Serve clients (the default).
-    Serve(Args),
+    Serve(Box<Args>),
     /// List clients: id, name, append-only, files, versions, bytes, last seen.
     Clients {
         #[command(flatten)]
