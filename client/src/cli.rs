@@ -50,7 +50,8 @@ Exit status:
      retrieval not supported, client unknown to the server, history kept
      append-only)
   5  verification failed (checksums differed on all 4 attempts; a restored
-     file's size, padding or checksum was not what the server announced)
+     file's size, padding or checksum was not what the server announced;
+     the server found its copy of a file to restore damaged)
   6  local file error (a file to back up, an identity or configuration
      file, or a restored file cannot be read or written; a name from the
      server that cannot be restored safely; a file that exists, without
@@ -174,7 +175,8 @@ Exit status:
   4  rejected by the server (retrieval not supported, client unknown to the
      server)
   5  verification failed (a restored file's size, padding or checksum was not
-     what the server announced)
+     what the server announced, or the server found its copy damaged: its
+     operator should run `backup-server scrub`)
   6  local file error (a file cannot be written, a name cannot be restored
      safely, a file exists and --overwrite was not given)
   7  not found: the server holds no such file or version

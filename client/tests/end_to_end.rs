@@ -1039,6 +1039,164 @@ async fn delete_is_refused_when_the_server_keeps_history_append_only() {
     assert_eq!(c.list(true).await.unwrap().len(), 1, "nothing was removed");
 }
 
+/// Flips one byte of the stored content of `name`: in its blob file, or in
+/// the `inline_blobs` row of a small file.
+fn damage_stored(server: &TestServer, name: &str) {
+    let data = server.data.path();
+    let storage = Storage::open_local(data).unwrap();
+    let rows = storage.meta().all_versions().unwrap();
+    let row = rows.iter().find(|r| r.file.as_bytes() == name.as_bytes());
+    let blob = row.unwrap().blob.clone();
+    drop(storage);
+    if blob.is_inline() {
+        let db = rusqlite::Connection::open(data.join(Storage::DATABASE)).unwrap();
+        let mut content: Vec<u8> = db
+            .query_row(
+                "SELECT content FROM inline_blobs WHERE blob = ?1",
+                [&blob.0],
+                |row| row.get(0),
+            )
+            .unwrap();
+        let middle = content.len() / 2;
+        content[middle] ^= 0x20;
+        let changed = db
+            .execute(
+                "UPDATE inline_blobs SET content = ?2 WHERE blob = ?1",
+                rusqlite::params![blob.0, content],
+            )
+            .unwrap();
+        assert_eq!(changed, 1);
+    } else {
+        let path = data.join(&blob.0);
+        let mut bytes = std::fs::read(&path).unwrap();
+        let middle = bytes.len() / 2;
+        bytes[middle] ^= 0x20;
+        std::fs::write(&path, &bytes).unwrap();
+    }
+}
+
+/// Every file name in `dir`, sorted.
+fn names_in(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_reports_a_damaged_server_copy_with_exit_status_5_and_writes_nothing() {
+    let server = TestServer::start().await;
+    let addr = server.server();
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("home");
+    let cfg = dir.path().join("cfg");
+    let cfg_arg = cfg.to_str().unwrap();
+    let src = dir.path().join("src");
+    // A blob file (over 64 KiB), a small file kept in the database, and a
+    // healthy file.
+    write_file(&src.join("big.bin"), 300_000, 1);
+    write_file(&src.join("small.txt"), 2_000, 2);
+    let healthy = write_file(&src.join("ok.txt"), 3_000, 3);
+    let out = run_binary(
+        dir.path(),
+        &home,
+        &[
+            "--config-dir",
+            cfg_arg,
+            "register",
+            "--server",
+            &addr,
+            "--name",
+            "dora",
+        ],
+    )
+    .await;
+    assert_success(&out);
+    let out = run_binary(
+        dir.path(),
+        &home,
+        &["--config-dir", cfg_arg, "backup", "src"],
+    )
+    .await;
+    assert_success(&out);
+    damage_stored(&server, "big.bin");
+    damage_stored(&server, "small.txt");
+
+    for name in ["big.bin", "small.txt"] {
+        let to = dir.path().join(format!("one-{name}"));
+        std::fs::create_dir(&to).unwrap();
+        let out = run_binary(
+            dir.path(),
+            &home,
+            &[
+                "--config-dir",
+                cfg_arg,
+                "restore",
+                name,
+                "--to",
+                to.to_str().unwrap(),
+            ],
+        )
+        .await;
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(5), "{name}: {err}");
+        assert!(
+            err.contains(&format!("the server's copy of {name} (version ")),
+            "{err}"
+        );
+        assert!(err.contains("is damaged"), "{err}");
+        assert!(err.contains("`backup-server scrub`"), "{err}");
+        assert!(!err.contains("disk space"), "{err}");
+        assert!(
+            names_in(&to).is_empty(),
+            "nothing, not even a part file: {:?}",
+            names_in(&to)
+        );
+    }
+
+    // Restoring everything over one connection: the damaged files fail
+    // alone, the healthy one between them is restored.
+    let target = dir.path().join("all");
+    std::fs::create_dir(&target).unwrap();
+    let out = run_binary(
+        dir.path(),
+        &home,
+        &[
+            "--config-dir",
+            cfg_arg,
+            "restore",
+            "--all",
+            "--to",
+            target.to_str().unwrap(),
+            "--connections",
+            "1",
+            "--json",
+        ],
+    )
+    .await;
+    assert_eq!(
+        out.status.code(),
+        Some(5),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary = json_of(&out);
+    assert_eq!(summary["restored_files"], serde_json::json!(1), "{summary}");
+    assert_eq!(summary["failed_files"], serde_json::json!(2), "{summary}");
+    for file in summary["files"].as_array().unwrap() {
+        if file["name"] == "ok.txt" {
+            assert_eq!(file["status"], "restored", "{summary}");
+        } else {
+            assert_eq!(file["status"], "failed", "{summary}");
+            assert_eq!(file["error"]["kind"], "verification_failed", "{summary}");
+        }
+    }
+    assert_eq!(names_in(&target), ["ok.txt"]);
+    assert_eq!(std::fs::read(target.join("ok.txt")).unwrap(), healthy);
+}
+
 async fn measure_restore(mib: usize) -> (f64, u64) {
     let server = TestServer::start().await;
     let dir = tempfile::tempdir().unwrap();
