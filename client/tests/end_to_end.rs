@@ -1197,6 +1197,127 @@ async fn binary_reports_a_damaged_server_copy_with_exit_status_5_and_writes_noth
     assert_eq!(std::fs::read(target.join("ok.txt")).unwrap(), healthy);
 }
 
+/// The names `list` shows, through the binary.
+async fn listed_names(cwd: &Path, home: &Path, cfg: &str) -> Vec<String> {
+    let out = run_binary(cwd, home, &["--config-dir", cfg, "list", "--json"]).await;
+    assert_success(&out);
+    json_of(&out)["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["name"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_skips_links_in_a_folder_unless_asked_to_follow_links_to_files() {
+    let server = TestServer::start().await;
+    let addr = server.server();
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("home");
+    let cfg = dir.path().join("cfg");
+    let cfg_arg = cfg.to_str().unwrap();
+    let src = dir.path().join("src");
+    write_file(&src.join("own.txt"), 1_000, 1);
+    let outside = write_file(&dir.path().join("outside.txt"), 2_000, 2);
+    write_file(&dir.path().join("elsewhere/secret.txt"), 3_000, 3);
+    std::os::unix::fs::symlink(dir.path().join("outside.txt"), src.join("link.txt")).unwrap();
+    std::os::unix::fs::symlink(dir.path().join("elsewhere"), src.join("dirlink")).unwrap();
+    let out = run_binary(
+        dir.path(),
+        &home,
+        &[
+            "--config-dir",
+            cfg_arg,
+            "register",
+            "--server",
+            &addr,
+            "--name",
+            "lin",
+        ],
+    )
+    .await;
+    assert_success(&out);
+
+    // By default: both links skipped, each named in a note, and nothing
+    // from outside the folder stored.
+    let out = run_binary(
+        dir.path(),
+        &home,
+        &["--config-dir", cfg_arg, "backup", "src"],
+    )
+    .await;
+    assert_success(&out);
+    let err = String::from_utf8_lossy(&out.stderr);
+    let note = |link: &str| {
+        err.lines()
+            .find(|l| l.starts_with("note: skipped ") && l.contains(link))
+            .unwrap_or_else(|| panic!("no note for {link}: {err}"))
+            .to_owned()
+    };
+    assert!(note("link.txt").contains("--follow-symlinks"), "{err}");
+    assert!(note("dirlink").contains("directory"), "{err}");
+    let summary = String::from_utf8_lossy(&out.stdout);
+    assert!(summary.contains("2 entries skipped"), "{summary}");
+    assert_eq!(listed_names(dir.path(), &home, cfg_arg).await, ["own.txt"]);
+
+    // Following links to files: the file outside is stored under the
+    // link's name; the link to a directory is still skipped.
+    let out = run_binary(
+        dir.path(),
+        &home,
+        &[
+            "--config-dir",
+            cfg_arg,
+            "backup",
+            "src",
+            "--follow-symlinks",
+            "--json",
+        ],
+    )
+    .await;
+    assert_success(&out);
+    let report = json_of(&out);
+    assert_eq!(report["stored_files"], serde_json::json!(2), "{report}");
+    assert_eq!(report["skipped_entries"], serde_json::json!(1), "{report}");
+    assert_eq!(
+        report["skipped"][0]["reason"],
+        serde_json::json!("symlink_to_directory"),
+        "{report}"
+    );
+    assert!(
+        report["skipped"][0]["path"]
+            .as_str()
+            .unwrap()
+            .ends_with("dirlink"),
+        "{report}"
+    );
+    assert_eq!(
+        listed_names(dir.path(), &home, cfg_arg).await,
+        ["link.txt", "own.txt"]
+    );
+    let back = dir.path().join("back");
+    std::fs::create_dir(&back).unwrap();
+    let out = run_binary(
+        dir.path(),
+        &home,
+        &[
+            "--config-dir",
+            cfg_arg,
+            "restore",
+            "link.txt",
+            "--to",
+            back.to_str().unwrap(),
+        ],
+    )
+    .await;
+    assert_success(&out);
+    let restored = back.join("link.txt");
+    assert!(!restored.is_symlink());
+    assert_eq!(std::fs::read(&restored).unwrap(), outside);
+}
+
 async fn measure_restore(mib: usize) -> (f64, u64) {
     let server = TestServer::start().await;
     let dir = tempfile::tempdir().unwrap();
