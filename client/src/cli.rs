@@ -50,7 +50,8 @@ Exit status:
      retrieval not supported, client unknown to the server, history kept
      append-only)
   5  verification failed (checksums differed on all 4 attempts; a restored
-     file's size, padding or checksum was not what the server announced)
+     file's size, padding or checksum was not what the server announced;
+     the server found its copy of a file to restore damaged)
   6  local file error (a file to back up, an identity or configuration
      file, or a restored file cannot be read or written; a name from the
      server that cannot be restored safely; a file that exists, without
@@ -174,7 +175,8 @@ Exit status:
   4  rejected by the server (retrieval not supported, client unknown to the
      server)
   5  verification failed (a restored file's size, padding or checksum was not
-     what the server announced)
+     what the server announced, or the server found its copy damaged: its
+     operator should run `backup-server scrub`)
   6  local file error (a file cannot be written, a name cannot be restored
      safely, a file exists and --overwrite was not given)
   7  not found: the server holds no such file or version
@@ -244,9 +246,16 @@ pub struct RegisterArgs {
 pub struct BackupArgs {
     /// Files and directories to back up. A file is stored under its own
     /// name; a file inside a directory under its path relative to that
-    /// directory, with / separators
+    /// directory, with / separators. A PATH that is a symbolic link is
+    /// followed
     #[arg(required = true, value_name = "PATH")]
     pub paths: Vec<PathBuf>,
+
+    /// Back up the file a symbolic link inside a directory points to, under
+    /// the link's name [default: such links are skipped, each with a note].
+    /// Links to directories inside a directory are never followed
+    #[arg(long)]
+    pub follow_symlinks: bool,
 }
 
 fn parse_size_arg(text: &str) -> Result<u64, String> {
@@ -349,12 +358,27 @@ pub async fn run(cli: Cli, cwd: &Path) -> u8 {
         Some(Command::Register(args)) => register(&cli.global, args, cwd, &console).await,
         Some(Command::Backup(args)) => {
             let paths: Vec<PathBuf> = args.paths.iter().map(|p| cwd.join(p)).collect();
-            backup(&cli.global, paths, cwd, false, &console).await
+            let links = if args.follow_symlinks {
+                files::Links::FollowToFiles
+            } else {
+                files::Links::Skip
+            };
+            backup(&cli.global, paths, links, cwd, false, &console).await
         }
         Some(Command::List(args)) => list(&cli.global, args, cwd, &console).await,
         Some(Command::Restore(args)) => restore(&cli.global, args, cwd, &console).await,
         Some(Command::Delete(args)) => delete(&cli.global, args, cwd, &console).await,
-        None => backup(&cli.global, Vec::new(), cwd, true, &console).await,
+        None => {
+            backup(
+                &cli.global,
+                Vec::new(),
+                files::Links::Skip,
+                cwd,
+                true,
+                &console,
+            )
+            .await
+        }
     };
     console.done();
     match result {
@@ -437,6 +461,7 @@ async fn register(
 async fn backup(
     global: &GlobalArgs,
     paths: Vec<PathBuf>,
+    links: files::Links,
     cwd: &Path,
     legacy_folder: bool,
     console: &Arc<Console>,
@@ -472,11 +497,12 @@ async fn backup(
             ));
         }
     }
-    let collected = files::collect(&paths);
+    let collected = files::collect_with(&paths, links);
     for skipped in &collected.skipped {
         console.notice(&format!(
-            "skipped {}: not a regular file or directory",
-            skipped.display()
+            "skipped {}: {}",
+            skipped.path.display(),
+            skipped.reason.describe()
         ));
     }
     let feedback: Arc<dyn Feedback> = console.clone();
@@ -489,6 +515,7 @@ async fn backup(
     } else {
         client.backup(collected.items, register_as.as_ref()).await?
     };
+    report.skipped = collected.skipped;
     // Paths that could not even be listed are failures of the run too.
     for error in collected.errors {
         let path = match &error {
@@ -714,16 +741,21 @@ fn summarize(report: &Report, global: &GlobalArgs, console: &Console) {
     let total = report.files.len();
     let bytes = indicatif::HumanBytes(report.stored_bytes());
     let secs = report.elapsed.as_secs_f64();
+    let skipped = match report.skipped.len() {
+        0 => String::new(),
+        1 => "; 1 entry skipped, see the note above".to_owned(),
+        n => format!("; {n} entries skipped, see the notes above"),
+    };
     if report.ok() {
         console.say(&format!(
-            "{stored} file{} stored and verified on {} ({bytes} in {secs:.1} s, {:.1} MB/s)",
+            "{stored} file{} stored and verified on {} ({bytes} in {secs:.1} s, {:.1} MB/s){skipped}",
             if stored == 1 { "" } else { "s" },
             report.server,
             report.megabytes_per_second()
         ));
     } else {
         console.say(&format!(
-            "{stored} of {total} files stored and verified on {}; see the errors above",
+            "{stored} of {total} files stored and verified on {}; see the errors above{skipped}",
             report.server
         ));
     }
@@ -805,6 +837,22 @@ mod tests {
         assert_eq!(utc_time(0), "1970-01-01 00:00:00");
         assert_eq!(utc_time(951_782_400), "2000-02-29 00:00:00");
         assert_eq!(utc_time(1_795_777_438), "2026-11-27 11:03:58");
+    }
+
+    #[test]
+    fn backup_skips_links_unless_follow_symlinks_is_given() {
+        let follows = |args: &[&str]| match Cli::try_parse_from(args).unwrap().command {
+            Some(Command::Backup(b)) => b.follow_symlinks,
+            other => panic!("{other:?}"),
+        };
+        assert!(!follows(&["backup-client", "backup", "dir"]));
+        assert!(follows(&[
+            "backup-client",
+            "backup",
+            "dir",
+            "--follow-symlinks"
+        ]));
+        assert!(Cli::try_parse_from(["backup-client", "list", "--follow-symlinks"]).is_err());
     }
 
     #[test]

@@ -24,7 +24,8 @@ pub enum ErrorKind {
     /// server errors, a key it holds that does not match ours).
     Rejected,
     /// Exit status 5: the server's checksum did not match ours on every
-    /// attempt; the file was not stored.
+    /// attempt, so the file was not stored; or a restored file did not
+    /// verify, or the server found its stored copy damaged.
     Verification,
     /// Exit status 6: a local file (one to back up, or an identity or
     /// configuration file) could not be read or written, or a restored file
@@ -153,6 +154,11 @@ pub enum Error {
 
     #[error("{name} was not restored: {detail}; the server may hold a damaged copy, try again or restore another version")]
     RestoreVerification { name: String, detail: String },
+    /// The server found its stored copy does not match its recorded size
+    /// and SHA-256 (or could not read it) in the middle of a restore, and
+    /// answered 1607 in place of the last packet (`docs/PROTOCOL.md` §11.3).
+    #[error("the server's copy of {name} (version {version}) is damaged or unreadable; nothing was written; the server's operator should run `backup-server scrub`")]
+    DamagedOnServer { name: String, version: u64 },
 
     // --- not found -------------------------------------------------------------
     #[error("the server at {server} holds no {what}; run `backup-client list --versions` to see what it holds")]
@@ -266,7 +272,9 @@ impl Error {
             | Refused { .. } => ErrorKind::Rejected,
             NotFound { .. } => ErrorKind::NotFound,
             Protocol { .. } | Internal(_) => ErrorKind::Other,
-            Verification { .. } | RestoreVerification { .. } => ErrorKind::Verification,
+            Verification { .. } | RestoreVerification { .. } | DamagedOnServer { .. } => {
+                ErrorKind::Verification
+            }
             ReadFile { .. }
             | FileChanged { .. }
             | TooLarge { .. }
@@ -395,6 +403,15 @@ mod tests {
         assert!(e.to_string().starts_with("a/b.txt was not stored"));
         assert_eq!(e.exit_code(), 5);
         assert!(!e.ends_connection());
+        let e = Error::DamagedOnServer {
+            name: "notes.txt".into(),
+            version: 7,
+        };
+        let text = e.to_string();
+        assert!(text.contains("notes.txt (version 7) is damaged"), "{text}");
+        assert!(text.contains("backup-server scrub"), "{text}");
+        assert!(!text.contains("disk space"), "{text}");
+        assert_eq!(e.exit_code(), 5);
         assert!(Error::NameTaken {
             server: "s:1".into(),
             name: "bob".into()

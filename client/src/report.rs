@@ -7,6 +7,7 @@ use protocol::ClientId;
 use serde_json::{json, Value};
 
 use crate::error::Error;
+use crate::files::Skipped;
 
 /// What became of one file.
 #[derive(Debug)]
@@ -58,6 +59,9 @@ pub struct Report {
     /// Whether the client registered (anew) during the run.
     pub registered: bool,
     pub files: Vec<FileReport>,
+    /// Entries inside the folders backed up that were skipped by policy
+    /// (symbolic links, sockets...); they do not make the run fail.
+    pub skipped: Vec<Skipped>,
     pub elapsed: Duration,
 }
 
@@ -128,6 +132,11 @@ impl Report {
                 v
             })
             .collect();
+        let skipped: Vec<Value> = self
+            .skipped
+            .iter()
+            .map(|s| json!({ "path": s.path.display().to_string(), "reason": s.reason.as_str() }))
+            .collect();
         json!({
             "ok": self.ok(),
             "exit_code": self.exit_code(),
@@ -139,6 +148,8 @@ impl Report {
             "stored_files": self.files.iter().filter(|f| f.is_stored()).count(),
             "failed_files": self.files.iter().filter(|f| !f.is_stored()).count(),
             "stored_bytes": self.stored_bytes(),
+            "skipped": skipped,
+            "skipped_entries": self.skipped.len(),
             "seconds": self.elapsed.as_secs_f64(),
             "mb_per_s": self.megabytes_per_second(),
         })
@@ -197,5 +208,27 @@ mod tests {
         assert_eq!(v["files"][1]["error"]["kind"], json!("verification_failed"));
         assert_eq!(v["files"][2]["error"]["exit_code"], json!(6));
         assert_eq!(v["stored_bytes"], json!(10));
+    }
+
+    #[test]
+    fn skipped_links_are_listed_in_json_and_do_not_fail_the_run() {
+        let mut r = Report::default();
+        r.files.push(file(
+            "a",
+            Outcome::Stored {
+                attempts: 1,
+                cksum: 7,
+            },
+        ));
+        r.skipped.push(Skipped {
+            path: PathBuf::from("dir/link"),
+            reason: crate::files::SkipReason::LinkToFile,
+        });
+        assert_eq!(r.exit_code(), 0);
+        let v = r.to_json();
+        assert_eq!(v["ok"], json!(true));
+        assert_eq!(v["skipped_entries"], json!(1));
+        assert_eq!(v["skipped"][0]["path"], json!("dir/link"));
+        assert_eq!(v["skipped"][0]["reason"], json!("symlink_to_file"));
     }
 }

@@ -412,13 +412,17 @@ impl Client {
                     self.feedback().progress(out.written() - before);
                     remaining = left;
                 }
+                // A 1607 after the 1641 is the server finding its stored
+                // copy damaged; it closes the connection (§11.3). The part
+                // file is removed when `out` is dropped.
                 ClientEvent::ServerError => {
-                    return Err(Error::ServerFailed {
-                        server: self.options().server.clone(),
-                        request: doing,
-                        times: 1,
-                    }
-                    .into())
+                    return Err(RestoreFailure {
+                        error: Error::DamagedOnServer {
+                            name,
+                            version: begin.version,
+                        },
+                        connection_usable: false,
+                    })
                 }
                 other => return Err(self.unexpected(&other, &doing).into()),
             }
@@ -511,6 +515,8 @@ impl Client {
 
     /// Restores jobs from `queue` over `r` until the queue is empty or the
     /// connection fails, then closes it; returns each entry with its index.
+    /// After a file the server found damaged (which ends the connection) it
+    /// goes on over a new connection.
     async fn restore_queued(
         &self,
         mut r: Retrieving,
@@ -531,6 +537,7 @@ impl Client {
                 outcome: RestoreOutcome::NotAttempted,
             };
             let mut stop = false;
+            let mut reconnect = false;
             entry.outcome = match dest {
                 Err(e) => RestoreOutcome::Failed(e),
                 Ok(dest) => match self
@@ -543,7 +550,12 @@ impl Client {
                         RestoreOutcome::Restored { cksum }
                     }
                     Err(failure) => {
-                        stop = !failure.connection_usable;
+                        // A damaged copy is a fault of that file alone: the
+                        // server closed the connection, but the next file
+                        // may be restored over a new one.
+                        reconnect = !failure.connection_usable
+                            && matches!(failure.error, Error::DamagedOnServer { .. });
+                        stop = !failure.connection_usable && !reconnect;
                         RestoreOutcome::Failed(failure.error)
                     }
                 },
@@ -552,6 +564,19 @@ impl Client {
             done.push((i, entry));
             if stop {
                 break;
+            }
+            if reconnect && !queue.borrow().is_empty() {
+                r.keyed.conn.close().await;
+                match self.open_retrieval().await {
+                    Ok(fresh) => r = fresh,
+                    Err(e) => {
+                        self.feedback().notice(&format!(
+                            "could not reconnect to {} after a damaged file ({e}); its connection takes no more files",
+                            self.options().server
+                        ));
+                        return done;
+                    }
+                }
             }
         }
         r.keyed.conn.close().await;

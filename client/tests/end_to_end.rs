@@ -1039,6 +1039,285 @@ async fn delete_is_refused_when_the_server_keeps_history_append_only() {
     assert_eq!(c.list(true).await.unwrap().len(), 1, "nothing was removed");
 }
 
+/// Flips one byte of the stored content of `name`: in its blob file, or in
+/// the `inline_blobs` row of a small file.
+fn damage_stored(server: &TestServer, name: &str) {
+    let data = server.data.path();
+    let storage = Storage::open_local(data).unwrap();
+    let rows = storage.meta().all_versions().unwrap();
+    let row = rows.iter().find(|r| r.file.as_bytes() == name.as_bytes());
+    let blob = row.unwrap().blob.clone();
+    drop(storage);
+    if blob.is_inline() {
+        let db = rusqlite::Connection::open(data.join(Storage::DATABASE)).unwrap();
+        let mut content: Vec<u8> = db
+            .query_row(
+                "SELECT content FROM inline_blobs WHERE blob = ?1",
+                [&blob.0],
+                |row| row.get(0),
+            )
+            .unwrap();
+        let middle = content.len() / 2;
+        content[middle] ^= 0x20;
+        let changed = db
+            .execute(
+                "UPDATE inline_blobs SET content = ?2 WHERE blob = ?1",
+                rusqlite::params![blob.0, content],
+            )
+            .unwrap();
+        assert_eq!(changed, 1);
+    } else {
+        let path = data.join(&blob.0);
+        let mut bytes = std::fs::read(&path).unwrap();
+        let middle = bytes.len() / 2;
+        bytes[middle] ^= 0x20;
+        std::fs::write(&path, &bytes).unwrap();
+    }
+}
+
+/// Every file name in `dir`, sorted.
+fn names_in(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_reports_a_damaged_server_copy_with_exit_status_5_and_writes_nothing() {
+    let server = TestServer::start().await;
+    let addr = server.server();
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("home");
+    let cfg = dir.path().join("cfg");
+    let cfg_arg = cfg.to_str().unwrap();
+    let src = dir.path().join("src");
+    // A blob file (over 64 KiB), a small file kept in the database, and a
+    // healthy file.
+    write_file(&src.join("big.bin"), 300_000, 1);
+    write_file(&src.join("small.txt"), 2_000, 2);
+    let healthy = write_file(&src.join("ok.txt"), 3_000, 3);
+    let out = run_binary(
+        dir.path(),
+        &home,
+        &[
+            "--config-dir",
+            cfg_arg,
+            "register",
+            "--server",
+            &addr,
+            "--name",
+            "dora",
+        ],
+    )
+    .await;
+    assert_success(&out);
+    let out = run_binary(
+        dir.path(),
+        &home,
+        &["--config-dir", cfg_arg, "backup", "src"],
+    )
+    .await;
+    assert_success(&out);
+    damage_stored(&server, "big.bin");
+    damage_stored(&server, "small.txt");
+
+    for name in ["big.bin", "small.txt"] {
+        let to = dir.path().join(format!("one-{name}"));
+        std::fs::create_dir(&to).unwrap();
+        let out = run_binary(
+            dir.path(),
+            &home,
+            &[
+                "--config-dir",
+                cfg_arg,
+                "restore",
+                name,
+                "--to",
+                to.to_str().unwrap(),
+            ],
+        )
+        .await;
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(5), "{name}: {err}");
+        assert!(
+            err.contains(&format!("the server's copy of {name} (version ")),
+            "{err}"
+        );
+        assert!(err.contains("is damaged"), "{err}");
+        assert!(err.contains("`backup-server scrub`"), "{err}");
+        assert!(!err.contains("disk space"), "{err}");
+        assert!(
+            names_in(&to).is_empty(),
+            "nothing, not even a part file: {:?}",
+            names_in(&to)
+        );
+    }
+
+    // Restoring everything over one connection: the damaged files fail
+    // alone, the healthy one between them is restored.
+    let target = dir.path().join("all");
+    std::fs::create_dir(&target).unwrap();
+    let out = run_binary(
+        dir.path(),
+        &home,
+        &[
+            "--config-dir",
+            cfg_arg,
+            "restore",
+            "--all",
+            "--to",
+            target.to_str().unwrap(),
+            "--connections",
+            "1",
+            "--json",
+        ],
+    )
+    .await;
+    assert_eq!(
+        out.status.code(),
+        Some(5),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary = json_of(&out);
+    assert_eq!(summary["restored_files"], serde_json::json!(1), "{summary}");
+    assert_eq!(summary["failed_files"], serde_json::json!(2), "{summary}");
+    for file in summary["files"].as_array().unwrap() {
+        if file["name"] == "ok.txt" {
+            assert_eq!(file["status"], "restored", "{summary}");
+        } else {
+            assert_eq!(file["status"], "failed", "{summary}");
+            assert_eq!(file["error"]["kind"], "verification_failed", "{summary}");
+        }
+    }
+    assert_eq!(names_in(&target), ["ok.txt"]);
+    assert_eq!(std::fs::read(target.join("ok.txt")).unwrap(), healthy);
+}
+
+/// The names `list` shows, through the binary.
+async fn listed_names(cwd: &Path, home: &Path, cfg: &str) -> Vec<String> {
+    let out = run_binary(cwd, home, &["--config-dir", cfg, "list", "--json"]).await;
+    assert_success(&out);
+    json_of(&out)["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["name"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_skips_links_in_a_folder_unless_asked_to_follow_links_to_files() {
+    let server = TestServer::start().await;
+    let addr = server.server();
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("home");
+    let cfg = dir.path().join("cfg");
+    let cfg_arg = cfg.to_str().unwrap();
+    let src = dir.path().join("src");
+    write_file(&src.join("own.txt"), 1_000, 1);
+    let outside = write_file(&dir.path().join("outside.txt"), 2_000, 2);
+    write_file(&dir.path().join("elsewhere/secret.txt"), 3_000, 3);
+    std::os::unix::fs::symlink(dir.path().join("outside.txt"), src.join("link.txt")).unwrap();
+    std::os::unix::fs::symlink(dir.path().join("elsewhere"), src.join("dirlink")).unwrap();
+    let out = run_binary(
+        dir.path(),
+        &home,
+        &[
+            "--config-dir",
+            cfg_arg,
+            "register",
+            "--server",
+            &addr,
+            "--name",
+            "lin",
+        ],
+    )
+    .await;
+    assert_success(&out);
+
+    // By default: both links skipped, each named in a note, and nothing
+    // from outside the folder stored.
+    let out = run_binary(
+        dir.path(),
+        &home,
+        &["--config-dir", cfg_arg, "backup", "src"],
+    )
+    .await;
+    assert_success(&out);
+    let err = String::from_utf8_lossy(&out.stderr);
+    let note = |link: &str| {
+        err.lines()
+            .find(|l| l.starts_with("note: skipped ") && l.contains(link))
+            .unwrap_or_else(|| panic!("no note for {link}: {err}"))
+            .to_owned()
+    };
+    assert!(note("link.txt").contains("--follow-symlinks"), "{err}");
+    assert!(note("dirlink").contains("directory"), "{err}");
+    let summary = String::from_utf8_lossy(&out.stdout);
+    assert!(summary.contains("2 entries skipped"), "{summary}");
+    assert_eq!(listed_names(dir.path(), &home, cfg_arg).await, ["own.txt"]);
+
+    // Following links to files: the file outside is stored under the
+    // link's name; the link to a directory is still skipped.
+    let out = run_binary(
+        dir.path(),
+        &home,
+        &[
+            "--config-dir",
+            cfg_arg,
+            "backup",
+            "src",
+            "--follow-symlinks",
+            "--json",
+        ],
+    )
+    .await;
+    assert_success(&out);
+    let report = json_of(&out);
+    assert_eq!(report["stored_files"], serde_json::json!(2), "{report}");
+    assert_eq!(report["skipped_entries"], serde_json::json!(1), "{report}");
+    assert_eq!(
+        report["skipped"][0]["reason"],
+        serde_json::json!("symlink_to_directory"),
+        "{report}"
+    );
+    assert!(
+        report["skipped"][0]["path"]
+            .as_str()
+            .unwrap()
+            .ends_with("dirlink"),
+        "{report}"
+    );
+    assert_eq!(
+        listed_names(dir.path(), &home, cfg_arg).await,
+        ["link.txt", "own.txt"]
+    );
+    let back = dir.path().join("back");
+    std::fs::create_dir(&back).unwrap();
+    let out = run_binary(
+        dir.path(),
+        &home,
+        &[
+            "--config-dir",
+            cfg_arg,
+            "restore",
+            "link.txt",
+            "--to",
+            back.to_str().unwrap(),
+        ],
+    )
+    .await;
+    assert_success(&out);
+    let restored = back.join("link.txt");
+    assert!(!restored.is_symlink());
+    assert_eq!(std::fs::read(&restored).unwrap(), outside);
+}
+
 async fn measure_restore(mib: usize) -> (f64, u64) {
     let server = TestServer::start().await;
     let dir = tempfile::tempdir().unwrap();

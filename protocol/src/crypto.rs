@@ -23,6 +23,10 @@ pub const LEGACY_RSA_BITS: usize = 1024;
 pub const LEGACY_RSA_EXPONENT: u32 = 17;
 /// The smallest modulus we accept from a peer.
 pub const MIN_RSA_BITS: usize = 1024;
+/// The largest modulus we accept from a peer: the `rsa` crate refuses to
+/// build a public key over 4096 bits (`RsaPublicKey::MAX_SIZE`), which
+/// bounds the cost of the public-key operations a peer's key can ask for.
+pub const MAX_RSA_BITS: usize = RsaPublicKey::MAX_SIZE;
 
 type Aes256CbcEnc = cbc::Encryptor<aes::Aes256>;
 type Aes256CbcDec = cbc::Decryptor<aes::Aes256>;
@@ -36,6 +40,8 @@ pub enum CryptoError {
     PublicKey(String),
     #[error("RSA modulus of {0} bits is below the {MIN_RSA_BITS}-bit minimum")]
     WeakKey(usize),
+    #[error("RSA modulus of {0} bits is above the {MAX_RSA_BITS}-bit maximum")]
+    KeyTooLarge(usize),
     #[error("public key DER is {0} bytes; the field holds {PUBLIC_KEY_FIELD_LEN}")]
     PublicKeyTooLong(usize),
     #[error("private key: {0}")]
@@ -188,11 +194,11 @@ pub fn public_key_field(key: &RsaPublicKey) -> Result<PublicKeyField, CryptoErro
 
 /// Parses the 160-byte public-key field: a DER SubjectPublicKeyInfo whose own
 /// length header says where it ends (bytes after it are ignored), holding an
-/// RSA key of at least [`MIN_RSA_BITS`] bits.
+/// RSA key of [`MIN_RSA_BITS`] to [`MAX_RSA_BITS`] bits.
 ///
 /// # Errors
 /// When the field does not frame a DER SEQUENCE, the key is not RSA, or it is
-/// too small.
+/// too small or too large.
 pub fn parse_public_key(field: &PublicKeyField) -> Result<RsaPublicKey, CryptoError> {
     parse_public_key_der(&field.0)
 }
@@ -225,13 +231,33 @@ pub fn parse_public_key_der(f: &[u8]) -> Result<RsaPublicKey, CryptoError> {
     let der = f
         .get(..header + body)
         .ok_or(CryptoError::PublicKeyFraming)?;
+    // The rsa crate refuses a key over its maximum with a bare "malformed";
+    // measure the modulus first so that the refusal says why.
+    if let Some(bits) = modulus_bits(der).filter(|&bits| bits > MAX_RSA_BITS) {
+        return Err(CryptoError::KeyTooLarge(bits));
+    }
     let key = RsaPublicKey::from_public_key_der(der)
         .map_err(|e| CryptoError::PublicKey(e.to_string()))?;
-    let bits = key.size() * 8;
+    // The modulus's own size: `size()` is in whole bytes, which would let a
+    // key of 1017 to 1023 bits pass as 1024.
+    let bits = key.n().bits();
     if bits < MIN_RSA_BITS {
         return Err(CryptoError::WeakKey(bits));
     }
     Ok(key)
+}
+
+/// The size in bits of the modulus of the RSA SubjectPublicKeyInfo `der`,
+/// without building the key; `None` when it does not decode as one.
+fn modulus_bits(der: &[u8]) -> Option<usize> {
+    use rsa::pkcs8::der::Decode;
+    let info = rsa::pkcs8::SubjectPublicKeyInfoRef::from_der(der).ok()?;
+    let key = rsa::pkcs1::RsaPublicKey::from_der(info.subject_public_key.as_bytes()?).ok()?;
+    // The integer's bytes without leading zeros.
+    let modulus = key.modulus.as_bytes();
+    let top = *modulus.first()?;
+    let top_bits = 8 - usize::try_from(top.leading_zeros()).ok()?;
+    Some((modulus.len() - 1) * 8 + top_bits)
 }
 
 /// The X.509 SubjectPublicKeyInfo DER of `key`, any size.
@@ -556,6 +582,49 @@ mod tests {
             parse_public_key(&PublicKeyField(f)),
             Err(CryptoError::PublicKeyFraming)
         ));
+    }
+
+    /// The DER of an RSA public key whose modulus is `2^(bits-1) + 1`:
+    /// exactly `bits` bits. Not a product of two primes, which parsing does
+    /// not look at, so no key has to be generated.
+    fn public_key_der_of_bits(bits: usize) -> Vec<u8> {
+        let n = (BigUint::from(1u8) << (bits - 1)) + 1u8;
+        let key = RsaPublicKey::new_with_max_size(n, BigUint::from(65537u32), 16384).unwrap();
+        public_key_der(&key).unwrap()
+    }
+
+    #[test]
+    fn accepts_public_keys_of_1024_to_4096_bits() {
+        for bits in [MIN_RSA_BITS, 3072, MAX_RSA_BITS] {
+            let key = parse_public_key_der(&public_key_der_of_bits(bits)).unwrap();
+            assert_eq!(key.n().bits(), bits);
+        }
+        assert_eq!(MAX_RSA_BITS, 4096);
+    }
+
+    #[test]
+    fn rejects_public_keys_over_4096_bits_by_their_size() {
+        for bits in [MAX_RSA_BITS + 1, 8192] {
+            let der = public_key_der_of_bits(bits);
+            let err = parse_public_key_der(&der).unwrap_err();
+            assert!(
+                matches!(err, CryptoError::KeyTooLarge(b) if b == bits),
+                "{err}"
+            );
+            assert!(
+                err.to_string().contains("above the 4096-bit maximum"),
+                "{err}"
+            );
+        }
+        // An 8192-bit key fits a secure registration's key field, so the
+        // refusal is the parser's, not the framing's.
+        assert!(public_key_der_of_bits(8192).len() <= crate::secure::MAX_PUBLIC_KEY_DER);
+    }
+
+    #[test]
+    fn rejects_public_keys_under_1024_bits_by_their_size() {
+        let err = parse_public_key_der(&public_key_der_of_bits(MIN_RSA_BITS - 1)).unwrap_err();
+        assert!(matches!(err, CryptoError::WeakKey(1023)), "{err}");
     }
 
     #[test]

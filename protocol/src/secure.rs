@@ -42,7 +42,8 @@ pub const SECURE_RSA_BITS: usize = 3072;
 /// prove it; it cannot register a new one this small.)
 pub const MIN_SECURE_REGISTER_BITS: usize = 3072;
 /// The longest public key (SubjectPublicKeyInfo DER) a registration may
-/// carry: enough for an 8192-bit RSA key.
+/// carry. The field has room for an 8192-bit key, but a key over
+/// [`crate::crypto::MAX_RSA_BITS`] (4096) is refused when it is parsed.
 pub const MAX_PUBLIC_KEY_DER: usize = 1100;
 /// Public exponent of new secure-mode keys.
 pub const SECURE_RSA_EXPONENT: u32 = 65537;

@@ -386,7 +386,8 @@ impl ServerSession {
                 }
                 let public = crypto::parse_public_key_der(&key)
                     .map_err(|e| SessionError::PublicKey(e.to_string()))?;
-                let bits = rsa::traits::PublicKeyParts::size(&public) * 8;
+                // The modulus's own size, not its length in whole bytes.
+                let bits = rsa::traits::PublicKeyParts::n(&public).bits();
                 if bits < MIN_SECURE_REGISTER_BITS {
                     return Err(SessionError::PublicKey(format!(
                         "{bits}-bit key; secure registration needs at least {MIN_SECURE_REGISTER_BITS} bits"
@@ -815,6 +816,51 @@ mod tests {
     use crate::message::PacketHead;
     use bytes::Bytes;
     use rand::SeedableRng;
+
+    /// A secure registration (1025) carrying an RSA public key whose
+    /// modulus has exactly `bits` bits (not a real key pair: parsing and the
+    /// size checks do not look at the factors).
+    fn register_key_of_bits(bits: usize) -> Result<Action, SessionError> {
+        let n = (rsa::BigUint::from(1u8) << (bits - 1)) + 1u8;
+        let public =
+            RsaPublicKey::new_with_max_size(n, rsa::BigUint::from(65537u32), 16384).unwrap();
+        let key = crypto::public_key_der(&public).unwrap();
+        let mut s = ServerSession::secure(ServerConfig::default(), [7; 32]);
+        let frame = RequestFrame {
+            client_id: ClientId::default(),
+            numbering: Numbering::Modern,
+            request: Request::RegisterKey {
+                name: UserName::try_from("k").unwrap(),
+                key: key.into(),
+            },
+        };
+        s.handle(frame, &mut rand::rngs::StdRng::seed_from_u64(3))
+    }
+
+    #[test]
+    fn accepts_secure_registration_keys_of_3072_to_4096_bits() {
+        for bits in [3072, 4096] {
+            let action = register_key_of_bits(bits);
+            assert!(matches!(action, Ok(Action::Register { .. })), "{bits}");
+        }
+    }
+
+    #[test]
+    fn rejects_secure_registration_keys_under_3072_or_over_4096_bits() {
+        for (bits, why) in [
+            (
+                3071,
+                "3071-bit key; secure registration needs at least 3072 bits",
+            ),
+            (4097, "4097 bits is above the 4096-bit maximum"),
+            (8192, "8192 bits is above the 4096-bit maximum"),
+        ] {
+            let Err(err) = register_key_of_bits(bits) else {
+                panic!("a {bits}-bit key was accepted");
+            };
+            assert!(err.to_string().contains(why), "{bits}: {err}");
+        }
+    }
 
     fn keyed() -> (ServerSession, ClientId, AesKey, rand::rngs::StdRng) {
         let mut rng = rand::rngs::StdRng::seed_from_u64(1);
