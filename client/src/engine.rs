@@ -235,15 +235,17 @@ impl Client {
     /// again while the server refuses or drops it at once.
     async fn open(&self, registering: bool) -> Result<Connection, Error> {
         let secure = self.security(registering)?;
-        self.with_backoff(|| Connection::open(&self.options, secure.as_ref()))
-            .await
+        self.with_backoff(OPEN_ATTEMPTS, || {
+            Connection::open(&self.options, secure.as_ref())
+        })
+        .await
     }
 
     /// Runs `attempt` up to [`OPEN_ATTEMPTS`] times while it fails with a
     /// connection refused or dropped at once, pausing between tries; any
     /// other outcome is returned as it is. Only for steps that can be
     /// repeated safely (opening, reconnecting, proving).
-    async fn with_backoff<T, F, Fut>(&self, mut attempt: F) -> Result<T, Error>
+    async fn with_backoff<T, F, Fut>(&self, attempts: u32, mut attempt: F) -> Result<T, Error>
     where
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Result<T, Error>>,
@@ -252,7 +254,7 @@ impl Client {
         let mut tries = 1;
         loop {
             match attempt().await {
-                Err(e) if tries < OPEN_ATTEMPTS && refused_at_open(&e) => {
+                Err(e) if tries < attempts && refused_at_open(&e) => {
                     let jitter = rand::Rng::gen_range(
                         &mut rand::thread_rng(),
                         0..=pause.as_millis() as u64 / 2,
@@ -269,14 +271,15 @@ impl Client {
     }
 
     /// Opens a connection and reconnects as `identity` on it, proving the
-    /// key in secure mode; the whole step is tried again while the server
-    /// drops the connection at once.
+    /// key in secure mode; the whole step is tried up to `attempts` times
+    /// while the server drops the connection at once.
     async fn open_reconnected(
         &self,
         identity: &Identity,
+        attempts: u32,
     ) -> Result<(Connection, ClientSession, ClientEvent), Error> {
         let secure = self.security(false)?;
-        self.with_backoff(|| async {
+        self.with_backoff(attempts, || async {
             let mut conn = Connection::open(&self.options, secure.as_ref()).await?;
             let mut session = self.new_session(
                 &conn,
@@ -450,7 +453,7 @@ impl Client {
                 registered: true,
             });
         };
-        let (mut conn, mut session, event) = self.open_reconnected(&stored).await?;
+        let (mut conn, mut session, event) = self.open_reconnected(&stored, OPEN_ATTEMPTS).await?;
         let Identity {
             name,
             client_id,
@@ -493,10 +496,21 @@ impl Client {
     /// ever registering: a server that does not know this client holds
     /// nothing of it, and registering anew would replace the key files.
     pub(crate) async fn reconnect_existing(&self) -> Result<Keyed, Error> {
+        self.reconnect_tried(OPEN_ATTEMPTS).await
+    }
+
+    /// As [`reconnect_existing`](Self::reconnect_existing), tried once: for
+    /// a connection beyond the first of a run, which goes on without it
+    /// when a busy server turns it away.
+    pub(crate) async fn reconnect_extra(&self) -> Result<Keyed, Error> {
+        self.reconnect_tried(1).await
+    }
+
+    async fn reconnect_tried(&self, attempts: u32) -> Result<Keyed, Error> {
         let stored = self.store.load()?.ok_or_else(|| Error::NotRegistered {
             dir: self.store.dir().to_owned(),
         })?;
-        let (conn, session, event) = self.open_reconnected(&stored).await?;
+        let (conn, session, event) = self.open_reconnected(&stored, attempts).await?;
         let Identity {
             name,
             client_id,
@@ -799,7 +813,7 @@ impl Client {
         if queue.is_empty() {
             return Vec::new();
         }
-        match self.reconnect_existing().await {
+        match self.reconnect_extra().await {
             Ok(keyed) => self.send_queued(keyed, queue).await,
             Err(e) => {
                 self.feedback.notice(&format!(

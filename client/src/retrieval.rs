@@ -199,6 +199,15 @@ impl Client {
         })
     }
 
+    /// As [`open_retrieval`](Self::open_retrieval), for a connection beyond
+    /// the first: tried once, since the run goes on without it.
+    async fn open_extra_retrieval(&self) -> Result<Retrieving, Error> {
+        Ok(Retrieving {
+            keyed: self.reconnect_extra().await?,
+            answered: false,
+        })
+    }
+
     /// Sends a retrieval request once and interprets the answer. A 1607, or
     /// the connection closing, in answer to the first retrieval request of
     /// the connection means the server does not know retrieval.
@@ -467,7 +476,7 @@ impl Client {
                 if queue.borrow().is_empty() {
                     return Vec::new();
                 }
-                match self.open_retrieval().await {
+                match self.open_extra_retrieval().await {
                     Ok(r) => self.restore_queued(r, queue, cleaned, overwrite).await,
                     Err(e) => {
                         self.feedback().notice(&format!(
