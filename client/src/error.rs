@@ -120,7 +120,7 @@ pub enum Error {
     },
     #[error("the server at {server} sent a session key that this client's private key cannot open, so it holds another public key for client {client_id}; register anew with `backup-client register --force`")]
     KeyMismatch { server: String, client_id: String },
-    #[error("the server at {server} did not accept this client's proof of its key for client {client_id}: the key in {dir} is not the one registered under that id (or someone is relaying the connection); if the server was reset, register anew with `backup-client register --force`")]
+    #[error("the server at {server} refused this client's proof of its key for client {client_id}: the key in {dir} is not the one registered under that id, or someone is relaying or altering the connection; if the server was reset, register anew with `backup-client register --force`")]
     ProofRejected {
         server: String,
         client_id: String,

@@ -2,9 +2,11 @@
 //! files this client stored.
 //!
 //! Every operation reconnects with the stored identity (it never registers)
-//! and sends retrieval requests once: a legacy server answers them with 1607
-//! or closes the connection, which is reported as
-//! [`Error::RetrievalUnsupported`] and not retried.
+//! and sends retrieval requests once. On the legacy listener the first of
+//! them on each connection is the proof of our key (1250, §11.5), never sent
+//! on a plain backup: a legacy server answers it with 1607 or closes the
+//! connection, which is reported as [`Error::RetrievalUnsupported`] and not
+//! retried; a 1651 is [`Error::ProofRejected`].
 //!
 //! A restore decrypts each 1642 packet as it arrives and writes the
 //! plaintext to the temporary file at once (see [`crate::restore`]), so
@@ -168,7 +170,8 @@ pub fn entry_json(e: &ListEntry) -> Value {
 /// A keyed connection used for retrieval.
 struct Retrieving {
     keyed: Keyed,
-    /// Whether the server answered a retrieval request on this connection.
+    /// Whether the server answered a retrieval request (or the proof that
+    /// comes before them) on this connection.
     answered: bool,
 }
 
@@ -192,11 +195,37 @@ impl From<Error> for RestoreFailure {
 type RestoreJob = (FileName, u64, Result<Destination, Error>);
 
 impl Client {
+    /// Reconnects for retrieval; on the legacy listener, proves our key
+    /// first (`docs/PROTOCOL.md` §11.5), once for the connection.
     async fn open_retrieval(&self) -> Result<Retrieving, Error> {
-        Ok(Retrieving {
+        let mut r = Retrieving {
             keyed: self.reconnect_existing().await?,
             answered: false,
-        })
+        };
+        match self.prove_for_retrieval(&mut r).await {
+            Ok(()) => Ok(r),
+            Err(e) => {
+                r.keyed.conn.close().await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn prove_for_retrieval(&self, r: &mut Retrieving) -> Result<(), Error> {
+        let client_id = r.keyed.identity.client_id;
+        let Some(frame) = r
+            .keyed
+            .session
+            .retrieval_proof_request()
+            .map_err(|e| self.session_error(e, Some(client_id)))?
+        else {
+            return Ok(());
+        };
+        let doing = "proving our key before retrieval";
+        match self.retrieve(r, &frame, doing).await? {
+            ClientEvent::RetrievalAllowed => Ok(()),
+            other => Err(self.unexpected(&other, doing)),
+        }
     }
 
     /// As [`open_retrieval`](Self::open_retrieval), for a connection beyond
@@ -210,7 +239,8 @@ impl Client {
 
     /// Sends a retrieval request once and interprets the answer. A 1607, or
     /// the connection closing, in answer to the first retrieval request of
-    /// the connection means the server does not know retrieval.
+    /// the connection (on the legacy listener, the proof) means the server
+    /// does not know retrieval.
     async fn retrieve(
         &self,
         r: &mut Retrieving,

@@ -361,13 +361,99 @@ async fn reports_a_legacy_server_as_not_supporting_retrieval() {
             assert_eq!(out.status.code(), Some(4), "{args:?}: {err}");
             assert!(err.contains("does not support retrieval"), "{err}");
             assert!(err.contains(&server.server()), "{err}");
-            let retrieval = server.codes()[before..]
+            // The proof of key is the first retrieval request, and the
+            // only one: a legacy server refuses it.
+            let retrieval: Vec<u16> = server.codes()[before..]
                 .iter()
-                .filter(|&&c| (1240..=1242).contains(&c))
-                .count();
-            assert_eq!(retrieval, 1, "sent once, never retried ({args:?})");
+                .copied()
+                .filter(|&c| (1240..=1242).contains(&c) || c == 1250)
+                .collect();
+            assert_eq!(retrieval, [1250], "sent once, never retried ({args:?})");
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proves_its_key_once_per_connection_before_the_first_retrieval_request() {
+    let mut stored = Stored {
+        page_size: 100,
+        ..Stored::default()
+    };
+    for i in 0..250 {
+        stored.add(&format!("f{i:03}"), vec![1; i % 7]);
+    }
+    let (server, dir) = setup(Some(stored), false).await;
+    let mut options = Options::new(server.server());
+    options.legacy = true;
+    options.timeout = STEP;
+    options.connections = 3;
+    let c = Client::new(options, IdentityStore::new(dir.path().join("id")));
+    // One connection, three pages: one proof, right after the key exchange.
+    let before = server.codes().len();
+    assert_eq!(c.list(false).await.unwrap().len(), 250);
+    assert_eq!(
+        server.codes()[before..],
+        [1027, 1250, 1240, 1240, 1240],
+        "the proof comes once, before the first page"
+    );
+    // Several connections: each proves once, before its first request.
+    let before = server.codes().len();
+    let report = c.restore_all(&dir.path().join("out"), false).await.unwrap();
+    assert!(report.ok(), "{:?}", report.files);
+    let codes = server.codes()[before..].to_vec();
+    assert!(count(&codes, 1027) >= 1);
+    assert_eq!(count(&codes, 1250), count(&codes, 1027), "{codes:?}");
+    assert_eq!(count(&codes, 1241), 250);
+    // A plain backup never sends it.
+    let before = server.codes().len();
+    let path = dir.path().join("plain.txt");
+    std::fs::write(&path, b"plain").unwrap();
+    let report = c
+        .backup(client::files::collect(&[path]).items, None)
+        .await
+        .unwrap();
+    assert_eq!(report.exit_code(), 0);
+    assert_eq!(server.codes()[before..], [1027, 1028, 1029]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reports_a_refused_proof_of_key_with_exit_status_4_and_retrieves_nothing() {
+    let mut stored = Stored::default();
+    stored.add("x", b"secret".to_vec());
+    let server = FakeServer::start(Quirks {
+        retrieval: Some(stored),
+        refuse_proof: true,
+        ..Quirks::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let ids = dir.path().join("id");
+    client(&server.server(), &ids)
+        .register(UserName::try_from("rita").unwrap(), false)
+        .await
+        .unwrap();
+    for args in [
+        &["list"][..],
+        &["restore", "--all", "--to", "out"],
+        &["restore", "x"],
+        &["delete", "x"],
+    ] {
+        let out = run(&server, dir.path(), &ids, args).await;
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(4), "{args:?}: {err}");
+        assert!(
+            err.contains("refused this client's proof of its key"),
+            "{args:?}: {err}"
+        );
+    }
+    let codes = server.codes();
+    assert_eq!(count(&codes, 1250), 4);
+    assert!(
+        !codes.iter().any(|c| (1240..=1242).contains(c)),
+        "{codes:?}"
+    );
+    assert!(!dir.path().join("x").exists());
+    assert!(!dir.path().join("out/x").exists());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -677,7 +677,10 @@ struct FakeStorage {
 /// answers as the input says. The session never panics; every storage action
 /// it asks for is answerable; the 1603 cksum is the cksum of exactly the
 /// plaintext it handed to storage; an honest upload's plaintext is exactly
-/// the file; a commit carries the cksum the client confirmed.
+/// the file; a commit carries the cksum the client confirmed; a proof is
+/// accepted only when it is the one derived from the key the client holds,
+/// and no retrieval is served before it (a retrieval refused for that is
+/// answered 1651, `docs/PROTOCOL.md` §11.5).
 pub fn server_session(data: &[u8]) {
     let mut input = Input::new(data);
     let config = ServerConfig {
@@ -699,6 +702,7 @@ pub fn server_session(data: &[u8]) {
     let mut upload: Option<(Upload, usize, bool)> = None;
     let mut last_1603: Option<(FileName, u32)> = None;
     let mut uploaded_plain: Option<Vec<u8>> = None;
+    let mut proved = false;
     let numbering = if input.bool() {
         Numbering::Classic
     } else {
@@ -715,7 +719,7 @@ pub fn server_session(data: &[u8]) {
             1 => ClientId([input.u8(); 16]),
             _ => assigned.unwrap_or(known_id),
         };
-        let request = match input.u8() % 10 {
+        let request = match input.u8() % 11 {
             0 => Request::Register { name },
             1 => {
                 let key = match (input.u8() % 4, &key_field) {
@@ -756,6 +760,21 @@ pub fn server_session(data: &[u8]) {
             8 => Request::CrcAbort {
                 file: file_name(&mut input),
             },
+            10 => {
+                let proof = match (input.u8() % 4, &aes) {
+                    (0, _) | (_, None) => {
+                        let mut proof = [0u8; 32];
+                        for (to, from) in proof.iter_mut().zip(input.bytes(32)) {
+                            *to = *from;
+                        }
+                        proof
+                    }
+                    (_, Some(key)) => {
+                        crate::secure::legacy_retrieval_proof(key, assigned.unwrap_or(known_id))
+                    }
+                };
+                Request::Prove { proof }
+            }
             _ => Request::Retrieval(match input.u8() % 3 {
                 0 => RetrievalRequest::List {
                     flags: ListFlags(input.u8()),
@@ -775,21 +794,49 @@ pub fn server_session(data: &[u8]) {
             _ => None,
         };
         let is_file = matches!(request, Request::SendFile(_));
+        let proof = match &request {
+            Request::Prove { proof } => Some(*proof),
+            _ => None,
+        };
         let frame = RequestFrame {
             client_id: header_id,
             numbering,
             request,
         };
-        let Ok(action) = session.handle(frame, &mut rng) else {
-            // The shell answers 1607 and ends the connection.
-            return;
+        let action = match session.handle(frame, &mut rng) {
+            Ok(action) => action,
+            Err(e) => {
+                if retrieval.is_some() && !proved {
+                    assert_eq!(
+                        e.answer(),
+                        Response::NotAuthenticated,
+                        "retrieval before the proof must be answered 1651"
+                    );
+                }
+                // The shell answers and ends the connection.
+                return;
+            }
         };
         if !is_file {
             upload = None;
         }
         match action {
+            Action::Reply(Response::Authenticated { client_id }) => {
+                assert!(!proved, "a second proof accepted");
+                let Some(key) = aes.as_ref() else {
+                    panic!("a proof accepted before the client has a key");
+                };
+                assert_eq!(
+                    proof,
+                    Some(crate::secure::legacy_retrieval_proof(key, client_id)),
+                    "accepted a proof that is not the client's"
+                );
+                assert_eq!(Some(client_id), assigned, "proof for another client");
+                proved = true;
+            }
             Action::Reply(_) => {}
             Action::Retrieve { client_id, request } => {
+                assert!(proved, "retrieval served before the proof");
                 assert_eq!(Some(client_id), assigned, "retrieval for another client");
                 assert_eq!(Some(request), retrieval, "retrieval request changed");
                 // A restore is encrypted under the key the client holds.

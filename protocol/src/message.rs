@@ -67,8 +67,9 @@ pub enum Request {
     CrcAbort { file: FileName },
     /// 1240..=1242: list, restore or delete (`docs/PROTOCOL.md` §11).
     Retrieval(RetrievalRequest),
-    /// 1250, secure mode only: the proof of possession of the client's
-    /// private key (§12.4).
+    /// 1250: the proof of possession of the client's private key; in
+    /// secure mode after the key exchange (§12.4), on the legacy listener
+    /// before retrieval (§11.5).
     Prove { proof: [u8; PROOF_LEN] },
 }
 
@@ -173,8 +174,7 @@ impl Request {
                 let n = NAME_FIELD_LEN + PUBLIC_KEY_FIELD_LEN;
                 (n, n)
             }
-            RequestKind::Prove if secure => (PROOF_LEN, PROOF_LEN),
-            RequestKind::Prove => return None,
+            RequestKind::Prove => (PROOF_LEN, PROOF_LEN),
             RequestKind::SendFile => {
                 let head = PacketHead::len_in(dialect);
                 (head, head.saturating_add(limits.max_packet_content))
@@ -313,7 +313,7 @@ impl Request {
         let wrong = PayloadError::NotInDialect { code, dialect };
         match (self, dialect) {
             (Request::Register { .. } | Request::PublicKey { .. }, Dialect::Secure)
-            | (Request::RegisterKey { .. } | Request::Prove { .. }, Dialect::Legacy) => Err(wrong),
+            | (Request::RegisterKey { .. }, Dialect::Legacy) => Err(wrong),
             (Request::RegisterKey { key, .. }, _)
                 if key.is_empty() || key.len() > MAX_PUBLIC_KEY_DER =>
             {
@@ -515,11 +515,12 @@ pub enum Response {
     GeneralError,
     /// 1640..=1645: answers to retrieval requests (`docs/PROTOCOL.md` §11).
     Retrieval(RetrievalResponse),
-    /// 1650, secure mode only: the proof was accepted; every request of
-    /// this client may follow.
+    /// 1650: the proof was accepted; every request of this client may
+    /// follow (secure mode, §12.4), or its retrieval requests (legacy
+    /// listener, §11.5).
     Authenticated { client_id: ClientId },
-    /// 1651, secure mode only: the proof was wrong, or a request needed one
-    /// that was not given. The server closes the connection.
+    /// 1651: the proof was wrong, or a request needed one that was not
+    /// given. The server closes the connection.
     NotAuthenticated,
 }
 
@@ -555,8 +556,8 @@ impl Response {
     ) -> Option<(usize, usize)> {
         let secure = dialect == Dialect::Secure;
         Some(match code {
-            ResponseCode::AUTHENTICATED if secure => (16, 16),
-            ResponseCode::NOT_AUTHENTICATED if secure => (0, 0),
+            ResponseCode::AUTHENTICATED => (16, 16),
+            ResponseCode::NOT_AUTHENTICATED => (0, 0),
             ResponseCode::FILE_RECEIVED if secure => {
                 (SECURE_FILE_RECEIVED_LEN, SECURE_FILE_RECEIVED_LEN)
             }
@@ -683,15 +684,9 @@ impl Response {
     /// fit the dialect's fields; what an encoder checks before writing.
     ///
     /// # Errors
-    /// When the response is of secure mode only or a value does not fit.
+    /// When a value does not fit the dialect's field.
     pub fn check_dialect(&self, dialect: Dialect) -> Result<(), PayloadError> {
         match (self, dialect) {
-            (Response::Authenticated { .. } | Response::NotAuthenticated, Dialect::Legacy) => {
-                Err(PayloadError::NotInDialect {
-                    code: self.code().0,
-                    dialect,
-                })
-            }
             (Response::FileReceived { content_size, .. }, Dialect::Legacy)
                 if *content_size > u64::from(u32::MAX) =>
             {

@@ -17,6 +17,16 @@
 //! The binding is unique to one TLS connection, so a proof relayed or
 //! replayed on another connection does not verify; the secret can only be
 //! read with the client's private key, so a proof cannot be made without it.
+//!
+//! The legacy listener has no TLS, but retrieval there needs a proof too
+//! (`docs/PROTOCOL.md` §11.5). Its input is the session's AES key, which the
+//! server draws afresh for every connection and sends wrapped to the
+//! client's key (1602 / 1605), so it plays the part of a server nonce:
+//!
+//! ```text
+//! proof_key = HKDF-SHA-256(ikm = session AES key, salt = none, info = "backup v3 retrieval proof key")
+//! proof     = HMAC-SHA-256(proof_key, "backup v3 retrieval proof" || client id)
+//! ```
 
 use hmac::{Hmac, Mac};
 use rand::{CryptoRng, RngCore};
@@ -51,6 +61,8 @@ pub const SECURE_RSA_EXPONENT: u32 = 65537;
 const PROOF_KEY_INFO: &[u8] = b"backup v4 proof key";
 const CONTENT_KEY_INFO: &[u8] = b"backup v4 content key";
 const PROOF_CONTEXT: &[u8] = b"backup v4 proof";
+const LEGACY_PROOF_KEY_INFO: &[u8] = b"backup v3 retrieval proof key";
+const LEGACY_PROOF_CONTEXT: &[u8] = b"backup v3 retrieval proof";
 
 /// The channel binding of one TLS connection (its exporter value).
 pub type Binding = [u8; BINDING_LEN];
@@ -156,10 +168,7 @@ impl SessionSecret {
     }
 
     fn expand(&self, info: &[u8]) -> zeroize::Zeroizing<[u8; 32]> {
-        let mut out = zeroize::Zeroizing::new([0u8; 32]);
-        // Expand fails only past 255 blocks (8160 bytes); 32 bytes never do.
-        let _ = hkdf::Hkdf::<Sha256>::new(None, &self.0).expand(info, out.as_mut());
-        out
+        expand(&self.0, info)
     }
 
     /// The AES-256 key of the session's content (uploads and restores).
@@ -179,15 +188,56 @@ impl SessionSecret {
     }
 
     fn mac(&self, client_id: ClientId, binding: &Binding) -> Hmac<Sha256> {
-        let key = self.expand(PROOF_KEY_INFO);
-        // HMAC takes keys of any length; this cannot fail.
-        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(key.as_ref())
-            .unwrap_or_else(|_| <Hmac<Sha256> as Mac>::new(&Default::default()));
+        let mut mac = keyed_mac(&self.expand(PROOF_KEY_INFO));
         mac.update(PROOF_CONTEXT);
         mac.update(&client_id.0);
         mac.update(binding);
         mac
     }
+}
+
+/// HKDF-SHA-256 of `ikm` without salt, expanded to 32 bytes for `info`.
+fn expand(ikm: &[u8], info: &[u8]) -> zeroize::Zeroizing<[u8; 32]> {
+    let mut out = zeroize::Zeroizing::new([0u8; 32]);
+    // Expand fails only past 255 blocks (8160 bytes); 32 bytes never do.
+    let _ = hkdf::Hkdf::<Sha256>::new(None, ikm).expand(info, out.as_mut());
+    out
+}
+
+/// HMAC-SHA-256 under `key`, ready for its message.
+fn keyed_mac(key: &[u8; 32]) -> Hmac<Sha256> {
+    // HMAC takes keys of any length; this cannot fail.
+    <Hmac<Sha256> as Mac>::new_from_slice(key)
+        .unwrap_or_else(|_| <Hmac<Sha256> as Mac>::new(&Default::default()))
+}
+
+fn legacy_mac(session_key: &AesKey, client_id: ClientId) -> Hmac<Sha256> {
+    let mut mac = keyed_mac(&expand(session_key.as_bytes(), LEGACY_PROOF_KEY_INFO));
+    mac.update(LEGACY_PROOF_CONTEXT);
+    mac.update(&client_id.0);
+    mac
+}
+
+/// The proof a legacy (version 3) client sends before retrieval
+/// (`docs/PROTOCOL.md` §11.5): derived from the connection's AES key, which
+/// only the holder of the client's private key can unwrap.
+pub fn legacy_retrieval_proof(session_key: &AesKey, client_id: ClientId) -> [u8; PROOF_LEN] {
+    legacy_mac(session_key, client_id)
+        .finalize()
+        .into_bytes()
+        .into()
+}
+
+/// Whether `proof` is [`legacy_retrieval_proof`] of `session_key` and
+/// `client_id`. Compared in constant time.
+pub fn verify_legacy_retrieval_proof(
+    session_key: &AesKey,
+    client_id: ClientId,
+    proof: &[u8],
+) -> bool {
+    legacy_mac(session_key, client_id)
+        .verify_slice(proof)
+        .is_ok()
 }
 
 #[cfg(test)]
@@ -228,6 +278,38 @@ mod tests {
         let mut flipped = proof;
         flipped[0] ^= 1;
         assert!(!secret.verify(id, &binding, &flipped));
+    }
+
+    #[test]
+    fn legacy_proof_verifies_only_for_its_session_key_and_client() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(10);
+        let key = AesKey::random(&mut rng);
+        let other = AesKey::random(&mut rng);
+        let id = ClientId([1; 16]);
+        let proof = legacy_retrieval_proof(&key, id);
+        assert!(verify_legacy_retrieval_proof(&key, id, &proof));
+        assert!(!verify_legacy_retrieval_proof(&other, id, &proof));
+        assert!(!verify_legacy_retrieval_proof(
+            &key,
+            ClientId([3; 16]),
+            &proof
+        ));
+        assert!(!verify_legacy_retrieval_proof(&key, id, &proof[..31]));
+        let mut flipped = proof;
+        flipped[31] ^= 0x80;
+        assert!(!verify_legacy_retrieval_proof(&key, id, &flipped));
+    }
+
+    #[test]
+    fn legacy_proof_is_neither_the_key_nor_a_secure_mode_proof() {
+        let key = AesKey::from_bytes([7; 32]);
+        let id = ClientId([2; 16]);
+        let proof = legacy_retrieval_proof(&key, id);
+        assert_ne!(&proof, key.as_bytes());
+        // The same 32 bytes as a secure-mode secret, with an all-zero
+        // binding, give another proof: the labels keep the two apart.
+        let secret = SessionSecret([7; 32]);
+        assert_ne!(proof, secret.proof(id, &[0; 32]));
     }
 
     #[test]

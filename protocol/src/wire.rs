@@ -71,7 +71,8 @@ pub enum RequestKind {
     Restore,
     /// Delete a file's versions (1242, retrieval extension).
     Delete,
-    /// Prove possession of the client's private key (1250, secure mode only).
+    /// Prove possession of the client's private key (1250; secure mode, and
+    /// retrieval on the legacy listener).
     Prove,
 }
 

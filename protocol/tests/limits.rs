@@ -27,7 +27,7 @@ use tokio_util::codec::{Decoder, Encoder};
 /// little slack, nothing sized by the declaration.
 const SMALL: usize = 1024;
 
-const KINDS: [RequestKind; 10] = [
+const KINDS: [RequestKind; 11] = [
     RequestKind::Register,
     RequestKind::PublicKey,
     RequestKind::Reconnect,
@@ -38,6 +38,7 @@ const KINDS: [RequestKind; 10] = [
     RequestKind::List,
     RequestKind::Restore,
     RequestKind::Delete,
+    RequestKind::Prove,
 ];
 
 fn file(name: &str) -> FileName {
@@ -189,7 +190,7 @@ fn rejects_a_4_gib_declared_payload_of_every_request_from_the_header_alone() {
 
 #[test]
 fn rejects_a_4_gib_declared_payload_of_every_response_from_the_header_alone() {
-    for code in (1600..=1607).chain(1640..=1645) {
+    for code in (1600..=1607).chain(1640..=1645).chain(1650..=1651) {
         let mut buf = response_header(ResponseCode(code), u32::MAX);
         assert_eq!(buf.len(), RESPONSE_HEADER_LEN);
         let err = ClientCodec::default().decode(&mut buf).unwrap_err();

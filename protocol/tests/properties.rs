@@ -97,6 +97,8 @@ fn request(max_content: usize) -> impl Strategy<Value = Request> {
         file_name().prop_map(|file| Request::CrcRetry { file }),
         file_name().prop_map(|file| Request::CrcAbort { file }),
         retrieval_request().prop_map(Request::Retrieval),
+        // The proof before retrieval on the legacy listener (§11.5).
+        any::<[u8; 32]>().prop_map(|proof| Request::Prove { proof }),
     ]
 }
 
@@ -114,9 +116,10 @@ fn retrieval_request() -> impl Strategy<Value = RetrievalRequest> {
 
 fn request_frame(max_content: usize) -> impl Strategy<Value = RequestFrame> {
     (client_id(), numbering(), request(max_content)).prop_map(|(client_id, numbering, request)| {
-        // The retrieval extension has one numbering, which decodes as modern.
+        // The retrieval extension and the proof have one numbering, which
+        // decodes as modern.
         let numbering = match request {
-            Request::Retrieval(_) => Numbering::Modern,
+            Request::Retrieval(_) | Request::Prove { .. } => Numbering::Modern,
             _ => numbering,
         };
         RequestFrame {
@@ -212,6 +215,8 @@ fn response() -> impl Strategy<Value = Response> {
             .prop_map(|client_id| Response::ReconnectRejected { client_id }),
         Just(Response::GeneralError),
         retrieval_response().prop_map(Response::Retrieval),
+        client_id().prop_map(|client_id| Response::Authenticated { client_id }),
+        Just(Response::NotAuthenticated),
     ]
 }
 
@@ -271,8 +276,6 @@ fn secure_response() -> impl Strategy<Value = Response> {
                 cksum,
             }
         ),
-        client_id().prop_map(|client_id| Response::Authenticated { client_id }),
-        Just(Response::NotAuthenticated),
         response(),
     ]
     .prop_filter("registration answers differ in version 4", |r| {
@@ -674,6 +677,7 @@ fn request_codes() -> Vec<u16> {
         RequestKind::List,
         RequestKind::Restore,
         RequestKind::Delete,
+        RequestKind::Prove,
     ];
     let mut codes: Vec<u16> = [Numbering::Modern, Numbering::Classic]
         .iter()
@@ -686,7 +690,8 @@ fn request_codes() -> Vec<u16> {
 fn response_codes() -> Vec<u16> {
     (1600..=1607)
         .chain(1640..=1645)
-        .chain([0, 1608, 1646, u16::MAX])
+        .chain(1650..=1651)
+        .chain([0, 1608, 1646, 1652, u16::MAX])
         .collect()
 }
 

@@ -444,7 +444,24 @@ where
                 }
             }
         }
-        let action = self.session.handle(frame, &mut self.rng)?;
+        let header_id = frame.client_id;
+        let action = match self.session.handle(frame, &mut self.rng) {
+            Ok(action) => action,
+            Err(e) => {
+                // A missing or wrong proof (secure mode, or retrieval on the
+                // legacy listener, docs/PROTOCOL.md §11.5) is answered 1651.
+                match e {
+                    SessionError::ProofRejected => {
+                        info!(client_id = %header_id, "proof of the client's key refused");
+                    }
+                    SessionError::NotAuthenticated(request) => {
+                        info!(client_id = %header_id, ?request, "refused: the client has not proved its key");
+                    }
+                    _ => {}
+                }
+                return Err(e.into());
+            }
+        };
         match action {
             Action::Reply(response) => {
                 if let Response::Authenticated { client_id } = response {

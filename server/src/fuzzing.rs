@@ -5,12 +5,15 @@
 //! and upload writer threads, with the connection's bytes coming from
 //! memory instead of a socket. The first byte picks how:
 //!
-//! - `% 3 == 0`: the rest as a legacy (version 3) byte stream;
-//! - `% 3 == 1`: a legacy stream that first reconnects as a registered
-//!   client (so the session is keyed and uploads, verdicts and retrieval
-//!   requests reach storage), then the rest;
-//! - `% 3 == 2`: the rest as a secure-mode (version 4) stream, past a TLS
-//!   handshake that is not part of the input.
+//! - `% 4 == 0`: the rest as a legacy (version 3) byte stream;
+//! - `% 4 == 1`: a legacy stream that first reconnects as a registered
+//!   client and proves its key (`docs/PROTOCOL.md` §11.5; the proof is
+//!   computed from the 1605 the server sends), so that uploads, verdicts
+//!   and retrieval requests reach storage, then the rest;
+//! - `% 4 == 2`: the rest as a secure-mode (version 4) stream, past a TLS
+//!   handshake that is not part of the input;
+//! - `% 4 == 3`: as 1 without the proof: uploads reach storage, retrieval
+//!   requests are refused (1651).
 //!
 //! After each input, with every writer thread finished: no panic, nothing in
 //! the data directory but the database, blobs under `clients/<hex>/blobs/`
@@ -27,9 +30,12 @@ use std::time::{Duration, SystemTime};
 
 use bytes::BytesMut;
 use protocol::crypto::{public_key_field, PrivateKey};
-use protocol::{ClientId, Numbering, Request, RequestFrame, UserName};
+use protocol::secure::legacy_retrieval_proof;
+use protocol::{ClientCodec, ClientId, Numbering, Request, RequestFrame, Response, UserName};
 use rand::SeedableRng;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
+use tokio_util::codec::Decoder;
 use tokio_util::sync::CancellationToken;
 
 use crate::admission::{Admission, AdmissionLimits};
@@ -42,8 +48,9 @@ struct Harness {
     root: PathBuf,
     data: PathBuf,
     shared: Arc<Shared>,
-    /// The keyed client that mode 1 reconnects as.
+    /// The keyed client that modes 1 and 3 reconnect as, and its key.
     client: (ClientId, UserName),
+    key: PrivateKey,
     _alive: mpsc::Receiver<()>,
 }
 
@@ -93,6 +100,7 @@ fn harness() -> &'static Harness {
             data,
             shared,
             client: (id, name),
+            key,
             _alive: receiver,
         }
     })
@@ -110,26 +118,26 @@ fn serve_input(data: &[u8]) -> Vec<u8> {
         return Vec::new();
     };
     let peer: SocketAddr = "127.0.0.1:9".parse().unwrap();
-    let mut input = BytesMut::new();
-    let security = match mode % 3 {
-        0 => Security::Legacy,
-        1 => {
+    let mut first = BytesMut::new();
+    let (security, prove) = match mode % 4 {
+        0 => (Security::Legacy, false),
+        2 => (Security::Secure([7; 32]), false),
+        m => {
             let (id, name) = &h.client;
             RequestFrame {
                 client_id: *id,
                 numbering: Numbering::Modern,
                 request: Request::Reconnect { name: name.clone() },
             }
-            .encode(&mut input);
-            Security::Legacy
+            .encode(&mut first);
+            (Security::Legacy, m == 1)
         }
-        _ => Security::Secure([7; 32]),
     };
-    input.extend_from_slice(rest);
     let shared = Arc::clone(&h.shared);
     let mut output = Vec::new();
     h.runtime.block_on(async {
-        let reader: &[u8] = &input;
+        let (ours, theirs) = tokio::io::duplex(64 * 1024);
+        let (read, write) = tokio::io::split(theirs);
         let admission = Admission::new(AdmissionLimits {
             max_connections: 1,
             max_per_source: 1,
@@ -139,16 +147,33 @@ fn serve_input(data: &[u8]) -> Vec<u8> {
             .admit(peer.ip(), &mut rand::rngs::OsRng)
             .expect("the only connection is admitted");
         let first_by = tokio::time::Instant::now() + shared.config.handshake_timeout;
-        connection::serve(
-            reader,
-            &mut output,
+        let server = tokio::spawn(connection::serve(
+            read,
+            write,
             peer,
             shared,
             security,
             admitted.ticket,
             first_by,
-        )
-        .await;
+        ));
+        let (mut from_server, mut to_server) = tokio::io::split(ours);
+        let _ = to_server.write_all(&first).await;
+        if prove {
+            if let Some(proof) = proof_after_reconnect(h, &mut from_server, &mut output).await {
+                let _ = to_server.write_all(&proof).await;
+            }
+        }
+        // The rest of the input, while the answers are read: neither side
+        // may wait for the other with a full buffer.
+        let send = async {
+            let _ = to_server.write_all(rest).await;
+            let _ = to_server.shutdown().await;
+        };
+        let receive = async {
+            let _ = from_server.read_to_end(&mut output).await;
+        };
+        tokio::join!(send, receive);
+        server.await.unwrap();
         // Writer threads remove or publish their files on their own time:
         // wait for every one of them before looking at the directory.
         let mut waited = Duration::ZERO;
@@ -163,6 +188,49 @@ fn serve_input(data: &[u8]) -> Vec<u8> {
     });
     check(h);
     output
+}
+
+/// Reads the answer to the reconnect (kept in `output`) and returns the
+/// encoded proof of the harness client's key for this connection, or `None`
+/// when the answer is not a 1605 with a key that unwraps.
+async fn proof_after_reconnect(
+    h: &Harness,
+    from_server: &mut (impl tokio::io::AsyncRead + Unpin),
+    output: &mut Vec<u8>,
+) -> Option<BytesMut> {
+    let mut codec = ClientCodec::default();
+    let mut buf = BytesMut::new();
+    let response = loop {
+        if let Ok(Some(response)) = codec.decode(&mut buf) {
+            break response;
+        }
+        let mut chunk = [0u8; 4096];
+        let n = from_server.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        output.extend_from_slice(&chunk[..n]);
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let Response::Reconnected {
+        client_id,
+        wrapped_key,
+    } = response
+    else {
+        return None;
+    };
+    let mut blinding = rand::rngs::StdRng::seed_from_u64(0);
+    let key = h.key.unwrap_aes_key(&mut blinding, &wrapped_key).ok()?;
+    let mut out = BytesMut::new();
+    RequestFrame {
+        client_id,
+        numbering: Numbering::Modern,
+        request: Request::Prove {
+            proof: legacy_retrieval_proof(&key, client_id),
+        },
+    }
+    .encode(&mut out);
+    Some(out)
 }
 
 fn check(h: &Harness) {
@@ -238,19 +306,29 @@ mod tests {
     use super::*;
 
     #[test]
+    fn committed_seeds_run_clean_through_the_harness() {
+        let seeds = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/seeds/live_server");
+        let mut count = 0;
+        for entry in std::fs::read_dir(&seeds).unwrap() {
+            live_server(&std::fs::read(entry.unwrap().path()).unwrap());
+            count += 1;
+        }
+        assert!(count > 0, "no seeds in {}", seeds.display());
+    }
+
+    #[test]
     fn serves_every_mode_and_keeps_the_invariants() {
-        for first in 0u8..3 {
+        for first in 0u8..4 {
             live_server(&[first]);
             live_server(&[first, 1, 2, 3]);
             let mut garbage = vec![first];
             garbage.extend(std::iter::repeat_n(0xffu8, 600));
             live_server(&garbage);
         }
-        // A keyed session sending a packet of random ciphertext and a
-        // verdict: storage is reached, the invariants still hold.
+        // A keyed session sending a packet of random ciphertext, a verdict
+        // and a list: storage is reached, the invariants still hold.
         let (id, _) = harness().client.clone();
         let mut input = BytesMut::new();
-        input.extend_from_slice(&[1]);
         let file = protocol::FileName::try_from("f").unwrap();
         RequestFrame {
             client_id: id,
@@ -282,17 +360,27 @@ mod tests {
             }),
         }
         .encode(&mut input);
-        let output = serve_input(&input);
-        // The reconnect keyed the session and the upload reached storage:
-        // 1605, 1603, then 1607 (random ciphertext has bad padding) or 1604.
-        use tokio_util::codec::Decoder;
-        let mut codec = protocol::ClientCodec::default();
-        let mut buf = BytesMut::from(&output[..]);
-        let mut codes = Vec::new();
-        while let Ok(Some(r)) = codec.decode(&mut buf) {
-            codes.push(r.code().0);
-        }
-        assert_eq!(codes.first(), Some(&1605), "{codes:?}");
-        assert_eq!(codes.get(1), Some(&1603), "{codes:?}");
+        let codes_of = |mode: u8| {
+            let mut with_mode = BytesMut::from(&[mode][..]);
+            with_mode.extend_from_slice(&input);
+            let output = serve_input(&with_mode);
+            let mut codec = protocol::ClientCodec::default();
+            let mut buf = BytesMut::from(&output[..]);
+            let mut codes = Vec::new();
+            while let Ok(Some(r)) = codec.decode(&mut buf) {
+                codes.push(r.code().0);
+            }
+            codes
+        };
+        // Mode 1: the reconnect keyed the session, the proof was accepted,
+        // the upload reached storage (1603, then 1607 since random
+        // ciphertext has bad padding, or 1604) and so did the list (1640).
+        let codes = codes_of(1);
+        assert_eq!(codes.get(..3), Some(&[1605, 1650, 1603][..]), "{codes:?}");
+        assert_eq!(codes.last(), Some(&1640), "{codes:?}");
+        // Mode 3: the same without the proof; the list is refused.
+        let codes = codes_of(3);
+        assert_eq!(codes.get(..2), Some(&[1605, 1603][..]), "{codes:?}");
+        assert_eq!(codes.last(), Some(&1651), "{codes:?}");
     }
 }

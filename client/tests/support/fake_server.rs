@@ -32,10 +32,15 @@ pub struct Quirks {
     /// Send 1606 with an empty payload.
     pub reject_without_id: bool,
     /// Answer retrieval requests from this store; without one, answer them
-    /// with 1607 like a legacy server.
+    /// (and the proof of key that comes first, 1250) with 1607 like a
+    /// legacy server.
     pub retrieval: Option<Stored>,
-    /// Close the connection on a retrieval request (another legacy habit).
+    /// Close the connection on a retrieval request or a proof (another
+    /// legacy habit).
     pub close_on_retrieval: bool,
+    /// Answer every proof of key with 1651 and close, as a server does that
+    /// finds the proof wrong.
+    pub refuse_proof: bool,
 }
 
 /// What the fake holds for retrieval (shared by every client).
@@ -210,10 +215,30 @@ async fn serve(stream: TcpStream, state: Arc<Mutex<State>>) {
             }
             continue;
         }
+        if kind == RequestKind::Prove {
+            let (close, stored, refuse) = {
+                let s = state.lock().unwrap();
+                let q = &s.quirks;
+                (q.close_on_retrieval, q.retrieval.is_some(), q.refuse_proof)
+            };
+            if close {
+                return;
+            }
+            let answer = match (stored, refuse) {
+                // A legacy server knows no 1250.
+                (false, _) => Some(Response::GeneralError),
+                (true, true) => Some(Response::NotAuthenticated),
+                (true, false) => None,
+            };
+            if let Some(answer) = answer {
+                let _ = framed.send(answer).await;
+                return;
+            }
+        }
         let action = match session.handle(frame, &mut rng) {
             Ok(a) => a,
-            Err(_) => {
-                let _ = framed.send(Response::GeneralError).await;
+            Err(e) => {
+                let _ = framed.send(e.answer()).await;
                 return;
             }
         };

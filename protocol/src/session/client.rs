@@ -13,7 +13,10 @@
 //! [`ClientEvent::Prove`] with the proof to send, and the 1650 that accepts
 //! it becomes [`ClientEvent::KeyReady`].
 //!
-//! Retrieval (`docs/PROTOCOL.md` §11): [`ClientSession::list_request`],
+//! Retrieval (`docs/PROTOCOL.md` §11): on the legacy listener,
+//! [`ClientSession::retrieval_proof_request`] first proves our key (§11.5),
+//! and the 1650 that accepts it becomes [`ClientEvent::RetrievalAllowed`];
+//! then [`ClientSession::list_request`],
 //! [`ClientSession::restore_request`] and [`ClientSession::delete_request`]
 //! build the requests; the answers become [`ClientEvent::ListPage`],
 //! [`ClientEvent::RestoreBegin`] then [`ClientEvent::RestoreData`] until the
@@ -31,7 +34,7 @@ use crate::name::{FileName, UserName};
 use crate::retrieval::{
     ListEntry, ListFlags, RefusalReason, RestoreBegin, RetrievalRequest, RetrievalResponse,
 };
-use crate::secure::{Binding, SessionSecret};
+use crate::secure::{legacy_retrieval_proof, Binding, SessionSecret};
 use crate::session::MAX_SEND_ATTEMPTS;
 use crate::wire::{ClientId, Dialect, Numbering, ResponseCode};
 
@@ -63,6 +66,8 @@ pub enum ClientError {
     RestoreOverrun { content_size: u64, extra: u64 },
     #[error("the server did not accept our proof of key (1651)")]
     ProofRejected,
+    #[error("a proof of our key needs the session's AES key, and none was exchanged")]
+    NotKeyed,
 }
 
 /// What a response meant.
@@ -78,6 +83,10 @@ pub enum ClientEvent {
     /// Secure mode, 1602/1605: the secret arrived; send `reply`, the proof
     /// of our key (1250). The 1650 that accepts it is [`ClientEvent::KeyReady`].
     Prove { reply: RequestFrame },
+    /// Legacy, 1650: the server accepted our proof before retrieval
+    /// ([`ClientSession::retrieval_proof_request`]); retrieval requests may
+    /// follow on this connection.
+    RetrievalAllowed,
     /// 1606: the server does not know us (or has no key): register anew.
     MustRegister,
     /// 1603 answered: send `reply` (1029, 1030 or 1031).
@@ -138,6 +147,8 @@ enum Expect {
     Reconnected,
     /// Secure mode: the 1650 that accepts our proof.
     Authenticated,
+    /// Legacy: the 1650 that accepts our proof before retrieval.
+    RetrievalProof,
     /// The 1603 of an upload; `ack_allowed` after a "CRC wrong, will resend".
     FileReceived {
         file: FileName,
@@ -164,7 +175,8 @@ impl Expect {
     fn is_retrieval(&self) -> bool {
         matches!(
             self,
-            Expect::ListPage
+            Expect::RetrievalProof
+                | Expect::ListPage
                 | Expect::RestoreBegin { .. }
                 | Expect::RestoreData { .. }
                 | Expect::Deleted
@@ -338,6 +350,27 @@ impl ClientSession {
         };
     }
 
+    /// Legacy: "prove" (1250), the proof of our key that retrieval needs on
+    /// the legacy listener (`docs/PROTOCOL.md` §11.5), derived from this
+    /// connection's AES key. `None` in secure mode, whose proof came with the
+    /// key exchange. Send it once per connection, before the first retrieval
+    /// request, and never on a plain backup: a deployed version 3 server
+    /// answers 1607 to it.
+    ///
+    /// # Errors
+    /// [`ClientError::NotKeyed`] before the key exchange.
+    pub fn retrieval_proof_request(&mut self) -> Result<Option<RequestFrame>, ClientError> {
+        if self.dialect == Dialect::Secure {
+            return Ok(None);
+        }
+        let (Some(key), Some(client_id)) = (self.aes.as_ref(), self.client_id) else {
+            return Err(ClientError::NotKeyed);
+        };
+        let proof = legacy_retrieval_proof(key, client_id);
+        self.expect = Expect::RetrievalProof;
+        Ok(Some(self.frame(Request::Prove { proof })))
+    }
+
     /// "List" (1240): a page of this client's files from `cursor` (0: the
     /// first page), the newest version of each name or, with
     /// [`ListFlags::ALL_VERSIONS`], every version.
@@ -450,6 +483,11 @@ impl ClientSession {
                 Err(ClientError::ProofRejected)
             }
             (Expect::Authenticated, _) => Err(unexpected("1650")),
+            (Expect::RetrievalProof, Response::Authenticated { client_id }) => {
+                self.check_id(*client_id)?;
+                Ok(ClientEvent::RetrievalAllowed)
+            }
+            (Expect::RetrievalProof, _) => Err(unexpected("1650 or 1651")),
             (Expect::Registered, Response::RegistrationFailed) => Ok(ClientEvent::NameTaken),
             (Expect::Registered, _) => Err(unexpected("1600 or 1601")),
             (
@@ -1323,5 +1361,86 @@ mod tests {
         assert_eq!(plan.orig_size, size);
         assert_eq!(plan.content_size, size + 16);
         assert_eq!(plan.total, 5 * 1024 + 1);
+    }
+
+    #[test]
+    fn sends_a_legacy_proof_of_the_session_key_and_takes_1650_as_retrieval_allowed() {
+        let mut rng = StdRng::seed_from_u64(20);
+        let mut s = keyed_session(&mut rng);
+        let frame = s.retrieval_proof_request().unwrap().unwrap();
+        assert_eq!(frame.header().code.0, 1250);
+        assert_eq!(frame.client_id, ID);
+        let Request::Prove { proof } = frame.request else {
+            panic!("not a proof: {frame:?}")
+        };
+        assert!(crate::secure::verify_legacy_retrieval_proof(
+            &AesKey::from_bytes([5; 32]),
+            ID,
+            &proof
+        ));
+        assert!(matches!(
+            s.handle(Response::Authenticated { client_id: ID }, &mut rng),
+            Ok(ClientEvent::RetrievalAllowed)
+        ));
+        assert!(s.aes_key().is_some(), "the session key stays usable");
+    }
+
+    #[test]
+    fn rejects_a_legacy_proof_request_before_the_key_exchange() {
+        let mut rng = StdRng::seed_from_u64(21);
+        let key = PrivateKey::generate_legacy(&mut rng).unwrap();
+        let mut s = ClientSession::new(
+            UserName::try_from("bob").unwrap(),
+            key,
+            Some(ID),
+            Numbering::Modern,
+        );
+        assert!(matches!(
+            s.retrieval_proof_request(),
+            Err(ClientError::NotKeyed)
+        ));
+    }
+
+    #[test]
+    fn takes_1607_to_the_legacy_proof_as_a_server_error_not_to_repeat() {
+        let mut rng = StdRng::seed_from_u64(22);
+        let mut s = keyed_session(&mut rng);
+        s.retrieval_proof_request().unwrap().unwrap();
+        assert!(matches!(
+            s.handle(Response::GeneralError, &mut rng),
+            Ok(ClientEvent::ServerError)
+        ));
+        assert!(matches!(
+            s.handle(Response::Authenticated { client_id: ID }, &mut rng),
+            Err(ClientError::Idle)
+        ));
+    }
+
+    #[test]
+    fn rejects_1651_or_another_answer_to_the_legacy_proof() {
+        let mut rng = StdRng::seed_from_u64(23);
+        let mut s = keyed_session(&mut rng);
+        s.retrieval_proof_request().unwrap().unwrap();
+        assert!(matches!(
+            s.handle(Response::NotAuthenticated, &mut rng),
+            Err(ClientError::ProofRejected)
+        ));
+        let mut s = keyed_session(&mut rng);
+        s.retrieval_proof_request().unwrap().unwrap();
+        assert!(matches!(
+            s.handle(Response::Ack { client_id: ID }, &mut rng),
+            Err(ClientError::Unexpected { .. })
+        ));
+        let mut s = keyed_session(&mut rng);
+        s.retrieval_proof_request().unwrap().unwrap();
+        assert!(matches!(
+            s.handle(
+                Response::Authenticated {
+                    client_id: ClientId([9; 16])
+                },
+                &mut rng
+            ),
+            Err(ClientError::ClientIdMismatch { .. })
+        ));
     }
 }

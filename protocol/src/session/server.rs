@@ -8,11 +8,18 @@
 //! AwaitingVerdict --CrcOk--> [Action::Commit] --> Keyed
 //! AwaitingVerdict --CrcRetry--> [Action::Discard] --> Keyed (a resend follows)
 //! AwaitingVerdict --CrcAbort--> [Action::Discard] --> Keyed
+//! Keyed --Prove (valid, derived from the session's AES key)--> 1650 --> Keyed, retrieval allowed
+//! Keyed --Prove (invalid)--> 1651, connection closed
+//! not proven --List / Restore / Delete--> 1651, connection closed
 //! ```
 //!
+//! On the legacy listener a reconnect proves nothing (the id and name travel
+//! in the clear), so retrieval waits for the proof of `docs/PROTOCOL.md`
+//! §11.5; uploads do not, as deployed version 3 clients never send it.
+//!
 //! Any request that does not fit the state is a [`SessionError`]: the shell
-//! answers [`SessionError::answer`] (1607, or 1651 in secure mode when a proof
-//! is missing or wrong) and ends the connection.
+//! answers [`SessionError::answer`] (1607, or 1651 when a proof is missing or
+//! wrong) and ends the connection.
 //!
 //! Secure mode (`docs/PROTOCOL.md` §12), built with [`ServerSession::secure`]:
 //!
@@ -36,7 +43,9 @@ use crate::message::{FilePacket, PublicKeyField, Request, RequestFrame, Response
 use crate::name::{FileName, UserName};
 use crate::reassembly::{Reassembler, ReassemblyError};
 use crate::retrieval::RetrievalRequest;
-use crate::secure::{Binding, SessionSecret, MIN_SECURE_REGISTER_BITS};
+use crate::secure::{
+    verify_legacy_retrieval_proof, Binding, SessionSecret, MIN_SECURE_REGISTER_BITS,
+};
 use crate::session::MAX_SEND_ATTEMPTS;
 
 /// The most file names one session may have with attempts outstanding
@@ -93,7 +102,8 @@ pub enum SessionError {
 
 impl SessionError {
     /// The answer the peer gets before the connection closes: 1651 for a
-    /// missing or wrong proof in secure mode, 1607 for everything else.
+    /// missing or wrong proof (secure mode, or retrieval on the legacy
+    /// listener), 1607 for everything else.
     pub fn answer(&self) -> Response {
         match self {
             SessionError::NotAuthenticated(_) | SessionError::ProofRejected => {
@@ -211,15 +221,16 @@ struct Received {
     intact: bool,
 }
 
-/// Where a secure session stands with the client's proof of possession.
+/// Where a session stands with the client's proof of possession.
 enum Proof {
-    /// Legacy: there is no proof.
+    /// Legacy, no proof accepted yet: uploads are served once keyed,
+    /// retrieval is not (§11.5).
     Legacy,
     /// No secret sent yet.
     Unsent,
     /// The wrapped secret was sent; the proof is due.
     Awaiting(SessionSecret),
-    /// The proof was accepted.
+    /// The proof was accepted (in either dialect).
     Proven,
 }
 
@@ -304,10 +315,16 @@ impl ServerSession {
         self.dialect
     }
 
-    /// Whether the client may make file and retrieval requests: always in
-    /// legacy mode once keyed, in secure mode once its proof was accepted.
+    /// Whether the client may make file requests: in legacy mode once
+    /// keyed, in secure mode once its proof was accepted.
     pub fn authenticated(&self) -> bool {
         matches!(self.proof, Proof::Legacy | Proof::Proven) && self.key.is_some()
+    }
+
+    /// Whether the client may make retrieval requests: in either mode once
+    /// its proof was accepted.
+    pub fn may_retrieve(&self) -> bool {
+        matches!(self.proof, Proof::Proven) && self.key.is_some()
     }
 
     /// The numbering the client used first (for logs).
@@ -342,7 +359,7 @@ impl ServerSession {
     ///
     /// # Errors
     /// When the request breaks the protocol in the current state. The shell
-    /// answers 1607 and closes the connection.
+    /// answers [`SessionError::answer`] and closes the connection.
     pub fn handle<R: rand::CryptoRng + rand::RngCore>(
         &mut self,
         frame: RequestFrame,
@@ -358,6 +375,17 @@ impl ServerSession {
             && !matches!(
                 kind,
                 RequestKind::Register | RequestKind::Reconnect | RequestKind::Prove
+            )
+            && !matches!(self.proof, Proof::Proven)
+        {
+            return Err(SessionError::NotAuthenticated(kind));
+        }
+        // Legacy: a reconnect proves nothing, so retrieval waits for the
+        // proof (§11.5).
+        if !secure
+            && matches!(
+                kind,
+                RequestKind::List | RequestKind::Restore | RequestKind::Delete
             )
             && !matches!(self.proof, Proof::Proven)
         {
@@ -406,6 +434,10 @@ impl ServerSession {
                 })
             }
             Request::Register { .. } | Request::RegisterKey { .. } => Err(self.unexpected(kind)),
+            Request::Prove { proof } if !secure => {
+                let client_id = self.bound(kind, frame.client_id)?;
+                self.prove_legacy(kind, client_id, &proof)
+            }
             Request::Prove { proof } => {
                 let client_id = self.bound(kind, frame.client_id)?;
                 if !matches!(self.proof, Proof::Awaiting(_)) {
@@ -508,6 +540,27 @@ impl ServerSession {
                 Ok(Action::Retrieve { client_id, request })
             }
         }
+    }
+
+    /// Legacy: checks the proof derived from the session's AES key
+    /// (§11.5). Due once keyed, at most once, and not during an upload.
+    fn prove_legacy(
+        &mut self,
+        kind: RequestKind,
+        client_id: ClientId,
+        proof: &[u8],
+    ) -> Result<Action, SessionError> {
+        let Some(key) = self.key.as_ref() else {
+            return Err(self.unexpected(kind));
+        };
+        if !matches!(self.proof, Proof::Legacy) || self.has_uncommitted_upload() {
+            return Err(self.unexpected(kind));
+        }
+        if !verify_legacy_retrieval_proof(key, client_id, proof) {
+            return Err(SessionError::ProofRejected);
+        }
+        self.proof = Proof::Proven;
+        Ok(Action::Reply(Response::Authenticated { client_id }))
     }
 
     /// A CBC encryptor under the session's AES key with the given IV, for
@@ -1047,5 +1100,181 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    fn frame_of(client_id: ClientId, request: Request) -> RequestFrame {
+        RequestFrame {
+            client_id,
+            numbering: Numbering::Modern,
+            request,
+        }
+    }
+
+    fn retrieval_requests() -> [Request; 3] {
+        let file = FileName::try_from("f").unwrap();
+        [
+            Request::Retrieval(RetrievalRequest::List {
+                flags: crate::retrieval::ListFlags::ALL_VERSIONS,
+                cursor: 0,
+            }),
+            Request::Retrieval(RetrievalRequest::Restore {
+                version: 0,
+                file: file.clone(),
+            }),
+            Request::Retrieval(RetrievalRequest::Delete { file }),
+        ]
+    }
+
+    #[test]
+    fn rejects_legacy_retrieval_before_a_proof_with_1651() {
+        let (mut s, id, _, mut rng) = keyed();
+        for request in retrieval_requests() {
+            let kind = request.kind();
+            let err = s.handle(frame_of(id, request), &mut rng).unwrap_err();
+            assert_eq!(err, SessionError::NotAuthenticated(kind));
+            assert_eq!(err.answer(), Response::NotAuthenticated);
+        }
+        assert!(!s.may_retrieve());
+    }
+
+    #[test]
+    fn rejects_legacy_retrieval_after_a_reconnect_that_proved_nothing() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(4);
+        let private = PrivateKey::generate_legacy(&mut rng).unwrap();
+        let mut s = ServerSession::new(ServerConfig::default());
+        let id = ClientId([9; 16]);
+        let name = UserName::try_from("u").unwrap();
+        s.handle(
+            frame_of(id, Request::Reconnect { name: name.clone() }),
+            &mut rng,
+        )
+        .unwrap();
+        let known = KnownClient {
+            name,
+            public_key: Some(public_key_field(&private.public_key()).unwrap()),
+            secure_key: None,
+        };
+        assert!(matches!(
+            s.looked_up(Some(known), &mut rng).unwrap(),
+            Response::Reconnected { .. }
+        ));
+        for request in retrieval_requests() {
+            let err = s.handle(frame_of(id, request), &mut rng).unwrap_err();
+            assert_eq!(err.answer(), Response::NotAuthenticated);
+        }
+    }
+
+    #[test]
+    fn rejects_a_wrong_legacy_proof_with_1651() {
+        let (_, id, aes, _) = keyed();
+        let other_key = AesKey::from_bytes([0xa5; 32]);
+        let wrong = [
+            [0u8; 32],
+            [0xa5; 32],
+            // Right key, another client's id.
+            crate::secure::legacy_retrieval_proof(&aes, ClientId([0x77; 16])),
+            // Another connection's key (a replayed proof).
+            crate::secure::legacy_retrieval_proof(&other_key, id),
+        ];
+        for proof in wrong {
+            let (mut s, id, _, mut rng) = keyed();
+            let err = s
+                .handle(frame_of(id, Request::Prove { proof }), &mut rng)
+                .unwrap_err();
+            assert_eq!(err, SessionError::ProofRejected);
+            assert_eq!(err.answer(), Response::NotAuthenticated);
+            assert!(!s.may_retrieve());
+        }
+    }
+
+    #[test]
+    fn accepts_the_legacy_proof_of_the_session_key_then_serves_retrieval() {
+        let (mut s, id, aes, mut rng) = keyed();
+        let proof = crate::secure::legacy_retrieval_proof(&aes, id);
+        let action = s
+            .handle(frame_of(id, Request::Prove { proof }), &mut rng)
+            .unwrap();
+        assert!(
+            matches!(action, Action::Reply(Response::Authenticated { client_id }) if client_id == id)
+        );
+        assert!(s.may_retrieve());
+        for request in retrieval_requests() {
+            let action = s.handle(frame_of(id, request.clone()), &mut rng).unwrap();
+            assert!(
+                matches!(&action, Action::Retrieve { client_id, request: r } if *client_id == id && Request::Retrieval(r.clone()) == request),
+                "{action:?}"
+            );
+        }
+        // Once is enough: a second proof is out of place.
+        let err = s
+            .handle(frame_of(id, Request::Prove { proof }), &mut rng)
+            .unwrap_err();
+        assert!(matches!(
+            err,
+            SessionError::Unexpected {
+                request: RequestKind::Prove,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn rejects_a_legacy_proof_before_the_key_exchange() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        let mut s = ServerSession::new(ServerConfig::default());
+        let proof = [1u8; 32];
+        let err = s
+            .handle(
+                frame_of(ClientId([1; 16]), Request::Prove { proof }),
+                &mut rng,
+            )
+            .unwrap_err();
+        assert_eq!(err.answer(), Response::GeneralError);
+        let name = UserName::try_from("u").unwrap();
+        let Action::Register { client_id, .. } = s
+            .handle(
+                frame_of(ClientId::default(), Request::Register { name }),
+                &mut rng,
+            )
+            .unwrap()
+        else {
+            panic!("register")
+        };
+        s.registered(RegisterOutcome::Created, &mut rng).unwrap();
+        let err = s
+            .handle(frame_of(client_id, Request::Prove { proof }), &mut rng)
+            .unwrap_err();
+        assert!(matches!(
+            err,
+            SessionError::Unexpected {
+                request: RequestKind::Prove,
+                ..
+            }
+        ));
+        assert_eq!(err.answer(), Response::GeneralError);
+    }
+
+    #[test]
+    fn accepts_legacy_uploads_without_a_proof() {
+        let (mut s, id, aes, mut rng) = keyed();
+        let ct = encrypt_all(&aes, b"abc");
+        let Action::Write { done, .. } = s.handle(packet(id, &ct, 1, 1, 16, 3), &mut rng).unwrap()
+        else {
+            panic!("write")
+        };
+        assert!(matches!(done, Some(Response::FileReceived { .. })));
+        let action = s
+            .handle(
+                frame_of(
+                    id,
+                    Request::CrcOk {
+                        file: FileName::try_from("f").unwrap(),
+                    },
+                ),
+                &mut rng,
+            )
+            .unwrap();
+        assert!(matches!(action, Action::Commit { size: 3, .. }));
+        assert!(s.authenticated() && !s.may_retrieve());
     }
 }

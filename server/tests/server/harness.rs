@@ -426,6 +426,18 @@ impl Client {
         }
     }
 
+    /// Proves the key (1250) as retrieval on the legacy listener needs
+    /// (`docs/PROTOCOL.md` §11.5); panics unless the server answers 1650.
+    pub async fn prove(&mut self) {
+        let proof = protocol::secure::legacy_retrieval_proof(&self.aes, self.id);
+        let frame = self.frame(Request::Prove { proof });
+        self.peer.send(frame).await;
+        match self.peer.recv().await {
+            Response::Authenticated { client_id } => assert_eq!(client_id, self.id),
+            other => panic!("proof of {}: {other:?}", self.name),
+        }
+    }
+
     /// Sends every packet of `content`; returns the answer to the last one.
     pub async fn send_file(&mut self, name: &FileName, content: &[u8], packet: usize) -> Response {
         for p in packets(self.id, self.numbering, &self.aes, name, content, packet) {

@@ -24,6 +24,14 @@ use crate::harness::{
     Client, Peer, TestServer,
 };
 
+/// Registers `name` with Alice's key and proves it, so that retrieval
+/// requests are served on the legacy listener (`docs/PROTOCOL.md` §11.5).
+async fn registered(addr: std::net::SocketAddr, name: &str) -> Client {
+    let mut c = Client::register(addr, name, &alice_key(), Numbering::Modern).await;
+    c.prove().await;
+    c
+}
+
 fn retrieval(r: RetrievalResponse) -> Response {
     Response::Retrieval(r)
 }
@@ -120,7 +128,7 @@ fn names(entries: &[ListEntry]) -> Vec<(String, u64)> {
 async fn lists_and_restores_every_version_of_a_changed_file() {
     let data = tempfile::tempdir().unwrap();
     let server = TestServer::start(config(data.path())).await;
-    let mut c = Client::register(server.addr, "rita", &alice_key(), Numbering::Modern).await;
+    let mut c = registered(server.addr, "rita").await;
     let v1 = random_bytes(50_000, 1);
     let v2 = random_bytes(60_001, 2);
     c.store("b/doc", &v1, 4096).await;
@@ -168,7 +176,7 @@ async fn lists_and_restores_every_version_of_a_changed_file() {
 async fn answers_1644_for_an_unknown_name_or_version() {
     let data = tempfile::tempdir().unwrap();
     let server = TestServer::start(config(data.path())).await;
-    let mut c = Client::register(server.addr, "sam", &alice_key(), Numbering::Modern).await;
+    let mut c = registered(server.addr, "sam").await;
     c.store("x", b"1", 64).await;
     c.store("y", b"2", 64).await;
     let (all, _) = list(&mut c, ListFlags::ALL_VERSIONS).await;
@@ -190,8 +198,8 @@ async fn answers_1644_for_an_unknown_name_or_version() {
 async fn keeps_each_clients_files_to_itself() {
     let data = tempfile::tempdir().unwrap();
     let server = TestServer::start(config(data.path())).await;
-    let mut alice = Client::register(server.addr, "alice", &alice_key(), Numbering::Modern).await;
-    let mut bob = Client::register(server.addr, "bob", &alice_key(), Numbering::Modern).await;
+    let mut alice = registered(server.addr, "alice").await;
+    let mut bob = registered(server.addr, "bob").await;
     alice.store("secret", b"alice's", 64).await;
     let (mine, _) = list(&mut alice, ListFlags::ALL_VERSIONS).await;
     let (theirs, pages) = list(&mut bob, ListFlags::ALL_VERSIONS).await;
@@ -225,7 +233,7 @@ async fn keeps_each_clients_files_to_itself() {
 async fn deletes_every_version_of_a_name() {
     let data = tempfile::tempdir().unwrap();
     let server = TestServer::start(config(data.path())).await;
-    let mut c = Client::register(server.addr, "tom", &alice_key(), Numbering::Modern).await;
+    let mut c = registered(server.addr, "tom").await;
     c.store("gone", b"one", 64).await;
     c.store("gone", b"two", 64).await;
     c.store("kept", b"three", 64).await;
@@ -257,7 +265,7 @@ async fn refuses_delete_under_append_only_and_keeps_versions() {
     cfg.append_only = true;
     cfg.retention.keep_last = Some(1);
     let server = TestServer::start(cfg).await;
-    let mut c = Client::register(server.addr, "uma", &alice_key(), Numbering::Modern).await;
+    let mut c = registered(server.addr, "uma").await;
     c.store("f", b"v1", 64).await;
     c.store("f", b"v2", 64).await;
     let refused = retrieval(RetrievalResponse::Refused {
@@ -273,6 +281,7 @@ async fn refuses_delete_under_append_only_and_keeps_versions() {
     let mut c = Client::reconnect(server.addr, c.id, "uma", &alice_key(), Numbering::Modern)
         .await
         .unwrap();
+    c.prove().await;
     let storage = Storage::open_local(data.path()).unwrap();
     let mut out = Vec::new();
     admin::set_append_only(&storage, "uma", true, &mut out).unwrap();
@@ -294,7 +303,7 @@ async fn keeps_only_the_newest_with_keep_last_1_at_commit() {
     let mut cfg = config(data.path());
     cfg.retention.keep_last = Some(1);
     let server = TestServer::start(cfg).await;
-    let mut c = Client::register(server.addr, "vic", &alice_key(), Numbering::Modern).await;
+    let mut c = registered(server.addr, "vic").await;
     for v in 0..3u8 {
         c.store("n", &[v; 40], 64).await;
     }
@@ -309,7 +318,7 @@ async fn keeps_only_the_newest_with_keep_last_1_at_commit() {
 async fn prune_never_removes_the_newest_version() {
     let data = tempfile::tempdir().unwrap();
     let server = TestServer::start(config(data.path())).await;
-    let mut c = Client::register(server.addr, "wes", &alice_key(), Numbering::Modern).await;
+    let mut c = registered(server.addr, "wes").await;
     for v in 0..3u8 {
         c.store("many", &[v; 10], 64).await;
     }
@@ -348,7 +357,7 @@ async fn prune_never_removes_the_newest_version() {
 async fn pages_a_list_of_more_than_256_versions() {
     let data = tempfile::tempdir().unwrap();
     let server = TestServer::start(config(data.path())).await;
-    let mut c = Client::register(server.addr, "xan", &alice_key(), Numbering::Modern).await;
+    let mut c = registered(server.addr, "xan").await;
     let count = MAX_LIST_ENTRIES + 44;
     for i in 0..count {
         // Names in reverse so that the order is the server's doing.
@@ -371,7 +380,7 @@ async fn pages_a_list_of_more_than_256_versions() {
 async fn restores_a_file_of_several_packets_and_an_empty_file() {
     let data = tempfile::tempdir().unwrap();
     let server = TestServer::start(config(data.path())).await;
-    let mut c = Client::register(server.addr, "yul", &alice_key(), Numbering::Modern).await;
+    let mut c = registered(server.addr, "yul").await;
     let big = random_bytes(3 * 1024 * 1024 + 5, 9);
     c.store("big", &big, 64 * 1024).await;
     c.store("empty", b"", 16).await;
@@ -391,7 +400,7 @@ async fn keeps_restore_packets_within_a_lower_packet_limit() {
     let mut cfg = config(data.path());
     cfg.limits.max_packet_content = 1000;
     let server = TestServer::start(cfg).await;
-    let mut c = Client::register(server.addr, "zed", &alice_key(), Numbering::Modern).await;
+    let mut c = registered(server.addr, "zed").await;
     let content = random_bytes(10_000, 3);
     c.store("f", &content, 992).await;
     let (_, got, packets) = restore(&mut c, "f", 0).await.unwrap();
@@ -404,7 +413,7 @@ async fn keeps_restore_packets_within_a_lower_packet_limit() {
 async fn closes_before_the_last_packet_when_a_blob_is_damaged() {
     let data = tempfile::tempdir().unwrap();
     let server = TestServer::start(config(data.path())).await;
-    let mut c = Client::register(server.addr, "ada", &alice_key(), Numbering::Modern).await;
+    let mut c = registered(server.addr, "ada").await;
     let content = random_bytes(2 * 1024 * 1024 + 100, 4);
     c.store("f", &content, 64 * 1024).await;
     let storage = Storage::open_local(data.path()).unwrap();
@@ -445,10 +454,11 @@ async fn closes_before_the_last_packet_when_a_blob_is_damaged() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn answers_1607_and_closes_on_retrieval_before_key_exchange() {
+async fn answers_1651_and_closes_on_retrieval_before_the_proof_of_key() {
     let data = tempfile::tempdir().unwrap();
     let server = TestServer::start(config(data.path())).await;
-    for request in [
+    let owner = Client::register(server.addr, "nell", &alice_key(), Numbering::Modern).await;
+    let requests = [
         RetrievalRequest::List {
             flags: ListFlags::LATEST,
             cursor: 0,
@@ -458,16 +468,46 @@ async fn answers_1607_and_closes_on_retrieval_before_key_exchange() {
             file: file("f"),
         },
         RetrievalRequest::Delete { file: file("f") },
-    ] {
+    ];
+    for request in requests {
+        // Before any key exchange.
         let mut peer = Peer::connect(server.addr).await;
         peer.send(RequestFrame {
             client_id: ClientId([7; 16]),
             numbering: Numbering::Modern,
-            request: Request::Retrieval(request),
+            request: Request::Retrieval(request.clone()),
         })
         .await;
-        peer.expect_1607_and_close().await;
+        assert_eq!(peer.closed().await, vec![Response::NotAuthenticated]);
+        // After a reconnect, which proves nothing on this listener.
+        let mut c = Client::reconnect(
+            server.addr,
+            owner.id,
+            "nell",
+            &alice_key(),
+            Numbering::Modern,
+        )
+        .await
+        .unwrap();
+        c.peer.send(c.frame(Request::Retrieval(request))).await;
+        assert_eq!(c.peer.closed().await, vec![Response::NotAuthenticated]);
+        assert_logged(c.peer.local_addr(), "has not proved its key").await;
     }
+    // A wrong proof: 1651, closed, and logged.
+    let mut c = Client::reconnect(
+        server.addr,
+        owner.id,
+        "nell",
+        &alice_key(),
+        Numbering::Modern,
+    )
+    .await
+    .unwrap();
+    c.peer
+        .send(c.frame(Request::Prove { proof: [0x5a; 32] }))
+        .await;
+    assert_eq!(c.peer.closed().await, vec![Response::NotAuthenticated]);
+    assert_logged(c.peer.local_addr(), "proof of the client's key refused").await;
     server.stop().await.unwrap();
 }
 
@@ -475,8 +515,8 @@ async fn answers_1607_and_closes_on_retrieval_before_key_exchange() {
 async fn operator_commands_report_and_change_the_data() {
     let data = tempfile::tempdir().unwrap();
     let server = TestServer::start(config(data.path())).await;
-    let mut c = Client::register(server.addr, "otto", &alice_key(), Numbering::Modern).await;
-    let mut d = Client::register(server.addr, "other", &alice_key(), Numbering::Modern).await;
+    let mut c = registered(server.addr, "otto").await;
+    let mut d = registered(server.addr, "other").await;
     c.store("a.txt", b"hello", 64).await;
     c.store("a.txt", b"hello!", 64).await;
     c.store("b.txt", b"x", 64).await;
@@ -537,7 +577,7 @@ async fn binary_runs_operator_commands_beside_a_running_server() {
     let data = tempfile::tempdir().unwrap();
     let dir = data.path().join("data");
     let server = Binary::start(&dir, &[]);
-    let mut c = Client::register(server.addr, "pia", &alice_key(), Numbering::Modern).await;
+    let mut c = registered(server.addr, "pia").await;
     c.store("doc", b"first", 64).await;
     c.store("doc", b"second", 64).await;
     let d = dir.to_str().unwrap();
@@ -587,7 +627,7 @@ async fn measures_a_1_gib_restore() {
     let data = tempfile::tempdir().unwrap();
     let dir = data.path().join("data");
     let server = Binary::start(&dir, &[]);
-    let mut c = Client::register(server.addr, "big", &alice_key(), Numbering::Modern).await;
+    let mut c = registered(server.addr, "big").await;
     let storage = Storage::open_local(&dir).unwrap();
     let block = random_bytes(1 << 20, 5);
     let mut w = storage.blobs().create(c.id).unwrap();
