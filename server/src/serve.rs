@@ -170,6 +170,7 @@ pub async fn run_with_storage(
     let max = config.max_connections.max(1);
     let grace = config.shutdown_grace;
     let shared = Arc::new(Shared {
+        registrations: connection::RegisterLimiter::from_config(&config),
         config,
         storage,
         shutdown: token.clone(),
