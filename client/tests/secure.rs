@@ -585,12 +585,18 @@ async fn a_name_registered_without_a_proof_is_free_after_the_grace_period_and_a_
         panic!("no 1602");
     };
     drop(squatter);
-    let early = tempfile::tempdir().unwrap();
-    assert!(
-        client(server.addr, early.path())
-            .register(name("wanted"), false)
-            .await
-            .is_err(),
+    let mut early = secure_connect(server.addr).await.unwrap();
+    assert_eq!(
+        early
+            .ask(
+                ClientId::default(),
+                Request::RegisterKey {
+                    name: name("wanted"),
+                    key: Bytes::from(der.clone()),
+                },
+            )
+            .await,
+        Some(Response::RegistrationFailed),
         "taken within the grace period"
     );
 

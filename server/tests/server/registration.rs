@@ -117,13 +117,13 @@ async fn frees_a_name_whose_key_exchange_never_completed_after_the_grace_period(
     cfg.registration_grace = grace;
     let server = TestServer::start(cfg).await;
 
+    let prompt = Client::register(server.addr, "prompt", &alice_key(), Numbering::Modern).await;
     // Registers, then goes quiet before sending its public key (1026).
     let mut tardy = Peer::connect(server.addr).await;
     let stale_id = match register(&mut tardy, "tardy").await {
         Response::Registered { client_id } => client_id,
         other => panic!("{other:?}"),
     };
-    let prompt = Client::register(server.addr, "prompt", &alice_key(), Numbering::Modern).await;
 
     // Within the grace period the name is taken.
     let (answer, _) = register_once(server.addr, "tardy").await;
