@@ -194,8 +194,14 @@ impl RegisterLimiter {
             if self.refilled(bucket, now) >= self.capacity {
                 return false;
             }
-            let full_at = bucket.at + (self.capacity - bucket.credit);
-            earliest = Some(earliest.map_or(full_at, |e| e.min(full_at)));
+            // (No bound from a bucket that refills beyond what an Instant
+            // can hold: it never does.)
+            if let Some(full_at) = bucket
+                .at
+                .checked_add(self.capacity.saturating_sub(bucket.credit))
+            {
+                earliest = Some(earliest.map_or(full_at, |e| e.min(full_at)));
+            }
             true
         });
         table.no_sweep_before = earliest;
