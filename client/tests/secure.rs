@@ -645,6 +645,70 @@ async fn a_name_registered_without_a_proof_is_free_after_the_grace_period_and_a_
     assert!(storage.meta().client(stale).unwrap().is_none());
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secure_registrations_share_the_per_address_limit_with_the_legacy_listener() {
+    let data = tempfile::tempdir().unwrap();
+    let ids = tempfile::tempdir().unwrap();
+    let server = Server::start_configured(data.path(), None, |c| {
+        c.registrations_per_minute = 1;
+        c.registration_burst = 2;
+    })
+    .await;
+    let first = client(server.addr, ids.path());
+    first.register(name("first"), false).await.unwrap();
+    let der = protocol::crypto::public_key_der(
+        &IdentityStore::new(ids.path())
+            .load()
+            .unwrap()
+            .unwrap()
+            .key
+            .public_key(),
+    )
+    .unwrap();
+    let register_key = |n: &str| Request::RegisterKey {
+        name: name(n),
+        key: Bytes::from(der.clone()),
+    };
+    let mut raw = secure_connect(server.addr).await.unwrap();
+    assert!(matches!(
+        raw.ask(ClientId::default(), register_key("second")).await,
+        Some(Response::KeyAccepted { .. })
+    ));
+    // The burst of two is used: refused over TLS...
+    let mut raw = secure_connect(server.addr).await.unwrap();
+    assert_eq!(
+        raw.ask(ClientId::default(), register_key("third")).await,
+        Some(Response::RegistrationFailed)
+    );
+    // ...and on the legacy listener, from the same address.
+    let mut legacy = Framed::new(
+        TcpStream::connect(server.legacy_addr).await.unwrap(),
+        ClientCodec::default(),
+    );
+    legacy
+        .send(RequestFrame {
+            client_id: ClientId::default(),
+            numbering: Numbering::Modern,
+            request: Request::Register {
+                name: name("fourth"),
+            },
+        })
+        .await
+        .unwrap();
+    let answer = tokio::time::timeout(STEP, legacy.next()).await.unwrap();
+    assert!(
+        matches!(answer, Some(Ok(Response::RegistrationFailed))),
+        "{answer:?}"
+    );
+    // The registered client reconnects and backs up as often as it likes.
+    let path = ids.path().join("a.txt");
+    for round in 0..3 {
+        write_file(&path, 1_000, round);
+        assert_eq!(back_up(&first, &path).await.exit_code(), 0, "round {round}");
+    }
+    server.stop().await;
+}
+
 // ------------------------------------- an attacker who knows id and name
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
