@@ -46,6 +46,15 @@ struct Server {
 impl Server {
     /// Starts on `data`, on `addr` if given (a restart keeps its address).
     async fn start(data: &Path, addr: Option<SocketAddr>) -> Self {
+        Self::start_configured(data, addr, |_| {}).await
+    }
+
+    /// As [`Server::start`], with `configure` applied to the defaults.
+    async fn start_configured(
+        data: &Path,
+        addr: Option<SocketAddr>,
+        configure: impl FnOnce(&mut server::Config),
+    ) -> Self {
         let listener = TcpListener::bind(addr.unwrap_or_else(|| "127.0.0.1:0".parse().unwrap()))
             .await
             .unwrap();
@@ -55,6 +64,7 @@ impl Server {
         let (identity, _) = ServerIdentity::load_or_create(data).unwrap();
         let mut config = server::Config::new(data);
         config.shutdown_grace = Duration::from_secs(2);
+        configure(&mut config);
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(server::run(
             server::Listeners::both(listener, legacy),
@@ -535,6 +545,168 @@ async fn a_replayed_proof_is_refused() {
         Some(Response::NotAuthenticated)
     );
     second.assert_closed().await;
+}
+
+// ------------------------------------------------- registration abuse
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_name_registered_without_a_proof_is_free_after_the_grace_period_and_a_proved_one_never_is(
+) {
+    let data = tempfile::tempdir().unwrap();
+    let grace = Duration::from_secs(1);
+    let server =
+        Server::start_configured(data.path(), None, |c| c.registration_grace = grace).await;
+    let proved_dir = tempfile::tempdir().unwrap();
+    client(server.addr, proved_dir.path())
+        .register(name("proved"), false)
+        .await
+        .unwrap();
+    let key = IdentityStore::new(proved_dir.path())
+        .load()
+        .unwrap()
+        .unwrap()
+        .key;
+    let der = protocol::crypto::public_key_der(&key.public_key()).unwrap();
+
+    // Registers with its key (1602), then never proves it (no 1250).
+    let mut squatter = secure_connect(server.addr).await.unwrap();
+    let Some(Response::KeyAccepted {
+        client_id: stale, ..
+    }) = squatter
+        .ask(
+            ClientId::default(),
+            Request::RegisterKey {
+                name: name("wanted"),
+                key: Bytes::from(der.clone()),
+            },
+        )
+        .await
+    else {
+        panic!("no 1602");
+    };
+    drop(squatter);
+    let mut early = secure_connect(server.addr).await.unwrap();
+    assert_eq!(
+        early
+            .ask(
+                ClientId::default(),
+                Request::RegisterKey {
+                    name: name("wanted"),
+                    key: Bytes::from(der.clone()),
+                },
+            )
+            .await,
+        Some(Response::RegistrationFailed),
+        "taken within the grace period"
+    );
+
+    tokio::time::sleep(grace + Duration::from_millis(200)).await;
+    let owner = tempfile::tempdir().unwrap();
+    client(server.addr, owner.path())
+        .register(name("wanted"), false)
+        .await
+        .unwrap();
+    let owner_id = IdentityStore::new(owner.path())
+        .load()
+        .unwrap()
+        .unwrap()
+        .client_id;
+    assert_ne!(owner_id, stale);
+    // The proved client keeps its name.
+    let mut raw = secure_connect(server.addr).await.unwrap();
+    assert_eq!(
+        raw.ask(
+            ClientId::default(),
+            Request::RegisterKey {
+                name: name("proved"),
+                key: Bytes::from(der),
+            },
+        )
+        .await,
+        Some(Response::RegistrationFailed)
+    );
+    server.stop().await;
+
+    let storage = Storage::open_local(data.path()).unwrap();
+    let clients = storage.meta().clients().unwrap();
+    let holder = |n: &str| {
+        clients
+            .iter()
+            .find(|c| c.client.name == name(n))
+            .map(|c| c.client.clone())
+            .unwrap()
+    };
+    assert_eq!(holder("wanted").id, owner_id);
+    assert!(
+        holder("wanted").completed_at.is_some(),
+        "the proof was recorded"
+    );
+    assert!(holder("proved").completed_at.is_some());
+    assert!(storage.meta().client(stale).unwrap().is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secure_registrations_share_the_per_address_limit_with_the_legacy_listener() {
+    let data = tempfile::tempdir().unwrap();
+    let ids = tempfile::tempdir().unwrap();
+    let server = Server::start_configured(data.path(), None, |c| {
+        c.registrations_per_minute = 1;
+        c.registration_burst = 2;
+    })
+    .await;
+    let first = client(server.addr, ids.path());
+    first.register(name("first"), false).await.unwrap();
+    let der = protocol::crypto::public_key_der(
+        &IdentityStore::new(ids.path())
+            .load()
+            .unwrap()
+            .unwrap()
+            .key
+            .public_key(),
+    )
+    .unwrap();
+    let register_key = |n: &str| Request::RegisterKey {
+        name: name(n),
+        key: Bytes::from(der.clone()),
+    };
+    let mut raw = secure_connect(server.addr).await.unwrap();
+    assert!(matches!(
+        raw.ask(ClientId::default(), register_key("second")).await,
+        Some(Response::KeyAccepted { .. })
+    ));
+    // The burst of two is used: refused over TLS...
+    let mut raw = secure_connect(server.addr).await.unwrap();
+    assert_eq!(
+        raw.ask(ClientId::default(), register_key("third")).await,
+        Some(Response::RegistrationFailed)
+    );
+    // ...and on the legacy listener, from the same address.
+    let mut legacy = Framed::new(
+        TcpStream::connect(server.legacy_addr).await.unwrap(),
+        ClientCodec::default(),
+    );
+    legacy
+        .send(RequestFrame {
+            client_id: ClientId::default(),
+            numbering: Numbering::Modern,
+            request: Request::Register {
+                name: name("fourth"),
+            },
+        })
+        .await
+        .unwrap();
+    let answer = tokio::time::timeout(STEP, legacy.next()).await.unwrap();
+    assert!(
+        matches!(answer, Some(Ok(Response::RegistrationFailed))),
+        "{answer:?}"
+    );
+    // The registered client reconnects and backs up as often as it likes.
+    let path = ids.path().join("a.txt");
+    for round in 0..3 {
+        write_file(&path, 1_000, round);
+        assert_eq!(back_up(&first, &path).await.exit_code(), 0, "round {round}");
+    }
+    server.stop().await;
 }
 
 // ------------------------------------- an attacker who knows id and name

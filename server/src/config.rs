@@ -73,6 +73,16 @@ pub struct Config {
     /// Every client's history is append-only: no deletes, and no retention
     /// at commit (only the operator's `prune` removes versions).
     pub append_only: bool,
+    /// Registrations (1025) each source address (IPv4, or IPv6 /64) may
+    /// make per minute once its burst is used; one more is answered 1601.
+    pub registrations_per_minute: u32,
+    /// Registrations a source may make at once before the rate applies.
+    pub registration_burst: u32,
+    /// How long a name registered by a client that never completed its
+    /// key exchange (legacy: no public key stored; secure mode: no proof)
+    /// stays taken; after it, a new registration of the name replaces
+    /// that client (`docs/PROTOCOL.md` §6.1).
+    pub registration_grace: Duration,
 }
 
 impl Config {
@@ -83,6 +93,18 @@ impl Config {
     pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(120);
     pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
     pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+    /// A person registers a host once; ten a minute leaves room for a
+    /// script that sets up a few machines, and is 50 times below what a
+    /// flood from one address achieved before the limit.
+    pub const DEFAULT_REGISTRATIONS_PER_MINUTE: u32 = 10;
+    pub const DEFAULT_REGISTRATION_BURST: u32 = 10;
+    /// A live client completes its key exchange right after registering
+    /// (the next request), and a connection that stalls is cut after the
+    /// idle timeout (120 s) or the request timeout (60 s); ten minutes is
+    /// well past both, so no client that is still registering loses its
+    /// name, while one that crashed (or a squatter) holds it ten minutes
+    /// at most.
+    pub const DEFAULT_REGISTRATION_GRACE: Duration = Duration::from_secs(600);
 
     /// A configuration with data under `data_dir` and every other field at
     /// its default.
@@ -100,6 +122,9 @@ impl Config {
             shutdown_grace: Self::DEFAULT_SHUTDOWN_GRACE,
             retention: Retention::KEEP_ALL,
             append_only: false,
+            registrations_per_minute: Self::DEFAULT_REGISTRATIONS_PER_MINUTE,
+            registration_burst: Self::DEFAULT_REGISTRATION_BURST,
+            registration_grace: Self::DEFAULT_REGISTRATION_GRACE,
         }
     }
 }
@@ -235,6 +260,16 @@ pub fn load_admin(
     Ok((data_dir, file))
 }
 
+fn at_least_one(key: &'static str, value: u32) -> Result<u32, ConfigError> {
+    if value == 0 {
+        return Err(ConfigError::Invalid {
+            key,
+            reason: "must be at least 1".into(),
+        });
+    }
+    Ok(value)
+}
+
 fn secs(key: &'static str, value: u64) -> Result<Duration, ConfigError> {
     if value == 0 {
         return Err(ConfigError::Invalid {
@@ -365,6 +400,26 @@ pub fn load(
             });
         }
         config.limits.max_file_size = n;
+    }
+    if let Some(n) = args
+        .registrations_per_minute
+        .or(file.registrations_per_minute)
+    {
+        config.registrations_per_minute = at_least_one("registrations_per_minute", n)?;
+    }
+    if let Some(n) = args.registration_burst.or(file.registration_burst) {
+        config.registration_burst = at_least_one("registration_burst", n)?;
+    }
+    if let Some(s) = args.registration_grace.or(file.registration_grace_secs) {
+        config.registration_grace = secs("registration_grace", s)?;
+    }
+    let slowest = config.idle_timeout + config.request_timeout;
+    if config.registration_grace < slowest {
+        warnings.push(format!(
+            "registration_grace ({}s) is shorter than idle_timeout + request_timeout ({}s): a slow client may lose its name while it is still registering",
+            config.registration_grace.as_secs(),
+            slowest.as_secs()
+        ));
     }
     let legacy_listen = args.legacy_listen.or(file.legacy_listen);
     if legacy_listen == Some(listen) && listen.port() != 0 {
@@ -530,6 +585,63 @@ mod tests {
         let s = load(&parse(&["--keep-versions", "4"]), dir.path(), no_env).unwrap();
         assert_eq!(s.config.retention.keep_last, Some(4));
         assert!(load(&parse(&["--keep-last", "0"]), dir.path(), no_env).is_err());
+    }
+
+    #[test]
+    fn reads_registration_limits_from_flags_then_file_and_rejects_zero() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = load(&parse(&[]), dir.path(), no_env).unwrap();
+        assert_eq!(s.config.registrations_per_minute, 10);
+        assert_eq!(s.config.registration_burst, 10);
+        assert_eq!(s.config.registration_grace, Duration::from_secs(600));
+        let toml = dir.path().join("server.toml");
+        std::fs::write(
+            &toml,
+            "registrations_per_minute = 3\nregistration_burst = 5\nregistration_grace_secs = 900\n",
+        )
+        .unwrap();
+        let cfg = toml.to_str().unwrap();
+        let s = load(&parse(&["--config", cfg]), dir.path(), no_env).unwrap();
+        assert_eq!(s.config.registrations_per_minute, 3);
+        assert_eq!(s.config.registration_burst, 5);
+        assert_eq!(s.config.registration_grace, Duration::from_secs(900));
+        let s = load(
+            &parse(&[
+                "--config",
+                cfg,
+                "--registrations-per-minute",
+                "4",
+                "--registration-burst",
+                "1",
+                "--registration-grace",
+                "200",
+            ]),
+            dir.path(),
+            no_env,
+        )
+        .unwrap();
+        assert_eq!(s.config.registrations_per_minute, 4);
+        assert_eq!(s.config.registration_burst, 1);
+        assert_eq!(s.config.registration_grace, Duration::from_secs(200));
+        assert!(s.warnings.iter().all(|w| !w.contains("registration_grace")));
+        for (flag, key) in [
+            ("--registrations-per-minute", "registrations_per_minute"),
+            ("--registration-burst", "registration_burst"),
+            ("--registration-grace", "registration_grace"),
+        ] {
+            match load(&parse(&[flag, "0"]), dir.path(), no_env) {
+                Err(ConfigError::Invalid { key: k, .. }) => assert_eq!(k, key),
+                other => panic!("{flag} 0: {other:?}"),
+            }
+        }
+        // A grace shorter than a slow registration may take is allowed,
+        // with a warning.
+        let s = load(&parse(&["--registration-grace", "30"]), dir.path(), no_env).unwrap();
+        assert!(
+            s.warnings.iter().any(|w| w.contains("registration_grace")),
+            "{:?}",
+            s.warnings
+        );
     }
 
     #[test]

@@ -15,6 +15,7 @@
 //! stream, so that it can be driven in memory too.
 
 mod deadline;
+mod register_limit;
 mod restore;
 mod upload;
 
@@ -31,7 +32,9 @@ use protocol::session::server::{
     Action, KnownClient, RegisterOutcome, ServerConfig, ServerSession, SessionError,
 };
 use protocol::wire::RequestKind;
-use protocol::{ClientId, CodecError, Dialect, Request, RequestFrame, Response, ServerCodec};
+use protocol::{
+    ClientId, CodecError, Dialect, Request, RequestFrame, Response, ServerCodec, UserName,
+};
 use rand::rngs::{OsRng, StdRng};
 use rand::{RngCore, SeedableRng};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -48,6 +51,8 @@ use crate::storage::{
     BlobKey, Deletion, NewVersion, Registration, Retention, Storage, StorageError, VersionRecord,
 };
 use deadline::Deadline;
+pub(crate) use register_limit::RegisterLimiter;
+use register_limit::{Refusal, Verdict};
 use upload::{Staged, StagedContent, Upload};
 
 /// Initial read buffer: large reads keep the syscall count low.
@@ -68,6 +73,8 @@ pub(crate) struct Shared {
     pub(crate) shutdown: CancellationToken,
     /// Held (cloned) by every writer thread, so shutdown can wait for them.
     pub(crate) alive: mpsc::Sender<()>,
+    /// The per-source limit on registrations.
+    pub(crate) registrations: RegisterLimiter,
 }
 
 /// Why a connection ended other than by the peer closing it or shutdown.
@@ -85,6 +92,8 @@ enum Ended {
     WriteTimeout(Duration),
     #[error("restore stopped: {0}")]
     Restore(restore::RestoreError),
+    #[error("client proved its key, but its registration was replaced meanwhile")]
+    Replaced,
 }
 
 impl Ended {
@@ -102,7 +111,7 @@ impl Ended {
                 None
             }
             Ended::Session(e) => Some(e.answer()),
-            Ended::Read(_) | Ended::Restore(_) => Some(Response::GeneralError),
+            Ended::Read(_) | Ended::Restore(_) | Ended::Replaced => Some(Response::GeneralError),
         }
     }
 }
@@ -133,6 +142,8 @@ struct Connection<R, W> {
     upload: Option<Upload>,
     staged: Option<Staged>,
     shared: Arc<Shared>,
+    /// Whom registrations are counted against.
+    peer: SocketAddr,
     span: Span,
     ticket: Ticket,
 }
@@ -242,7 +253,7 @@ pub(crate) async fn serve<R, W>(
     async move {
         debug!("accepted");
         let evicted = ticket.evicted().clone();
-        let mut conn = Connection::new(read, write, shared, inner, security, ticket);
+        let mut conn = Connection::new(read, write, shared, peer, inner, security, ticket);
         conn.reader.get_mut().first_request_by(first_by);
         // Eviction comes only before authentication, when nothing is being
         // uploaded: dropping the session there loses nothing.
@@ -280,6 +291,7 @@ where
         read: R,
         write: W,
         shared: Arc<Shared>,
+        peer: SocketAddr,
         span: Span,
         security: Security,
         ticket: Ticket,
@@ -310,6 +322,7 @@ where
             upload: None,
             staged: None,
             shared,
+            peer,
             span,
             ticket,
         }
@@ -466,6 +479,7 @@ where
             Action::Reply(response) => {
                 if let Response::Authenticated { client_id } = response {
                     self.bind_client(client_id);
+                    self.record_completion(client_id).await?;
                     info!("client proved its key");
                 }
                 self.reply(&response).await
@@ -475,38 +489,7 @@ where
                 client_id,
                 name,
                 secure_key,
-            } => {
-                let n = name.clone();
-                let outcome = match self
-                    .blocking(move |s| match secure_key {
-                        None => s.meta().register(client_id, &n, SystemTime::now()),
-                        Some(key) => {
-                            s.meta()
-                                .register_with_key(client_id, &n, &key, SystemTime::now())
-                        }
-                    })
-                    .await
-                {
-                    Ok(Registration::Created) => RegisterOutcome::Created,
-                    Ok(Registration::NameTaken) => RegisterOutcome::NameTaken,
-                    Err(e) => {
-                        error!(cause = %e, "registration failed");
-                        RegisterOutcome::Failed
-                    }
-                };
-                let response = self.session.registered(outcome, &mut self.rng)?;
-                match outcome {
-                    RegisterOutcome::Created => {
-                        self.bind_client(client_id);
-                        info!(name = ?name, "registered");
-                    }
-                    RegisterOutcome::NameTaken => {
-                        info!(name = ?name, "registration refused: name taken")
-                    }
-                    RegisterOutcome::Failed => {}
-                }
-                self.reply(&response).await
-            }
+            } => self.register(client_id, name, secure_key).await,
             Action::StoreKey { client_id, key, .. } => {
                 let stored = match self
                     .blocking(move |s| s.meta().set_public_key(client_id, &key, SystemTime::now()))
@@ -749,6 +732,97 @@ where
                     Err(e) => return self.retrieval_failure(e).await,
                 };
                 self.reply(&Response::Retrieval(response)).await
+            }
+        }
+    }
+
+    /// Carries out a registration (legacy 1025, secure-mode 1025 with a
+    /// key): the per-source rate limit first, then storage, where a name
+    /// whose client never completed may be taken over after the grace
+    /// period (`docs/PROTOCOL.md` §6.1, §12.3).
+    async fn register(
+        &mut self,
+        client_id: ClientId,
+        name: UserName,
+        secure_key: Option<bytes::Bytes>,
+    ) -> Result<(), Ended> {
+        // Over the limit: "registration failed" (1601), which every
+        // client understands, without touching storage (§6.1).
+        if let Verdict::Refused { why, log } = self
+            .shared
+            .registrations
+            .check(self.peer.ip(), Instant::now())
+        {
+            if log {
+                match why {
+                    Refusal::OverRate => {
+                        info!(name = ?name, "registration refused: over the rate limit for this address (further refusals for it are not logged for a minute)")
+                    }
+                    Refusal::TableFull => {
+                        warn!(name = ?name, "registration refused: too many addresses registering at once (further refusals are not logged for a minute)")
+                    }
+                }
+            }
+            let response = self
+                .session
+                .registered(RegisterOutcome::NameTaken, &mut self.rng)?;
+            return self.reply(&response).await;
+        }
+        let n = name.clone();
+        let grace = self.shared.config.registration_grace;
+        let registration = self
+            .blocking(move |s| {
+                s.meta().register_client(
+                    client_id,
+                    &n,
+                    secure_key.as_deref(),
+                    SystemTime::now(),
+                    Some(grace),
+                )
+            })
+            .await;
+        let outcome = match &registration {
+            Ok(Registration::Created | Registration::Replaced { .. }) => RegisterOutcome::Created,
+            Ok(Registration::NameTaken) => RegisterOutcome::NameTaken,
+            Err(e) => {
+                error!(cause = %e, "registration failed");
+                RegisterOutcome::Failed
+            }
+        };
+        let response = self.session.registered(outcome, &mut self.rng)?;
+        match registration {
+            Ok(Registration::Created) => {
+                self.bind_client(client_id);
+                info!(name = ?name, "registered");
+            }
+            Ok(Registration::Replaced { stale }) => {
+                self.bind_client(client_id);
+                info!(name = ?name, %stale, "registered in place of a client that never completed its registration");
+            }
+            Ok(Registration::NameTaken) => {
+                info!(name = ?name, "registration refused: name taken")
+            }
+            Err(_) => {}
+        }
+        self.reply(&response).await
+    }
+
+    /// Records that `client_id` completed its registration by proving its
+    /// key, before the 1650 goes out: from then on its name is never
+    /// registrable again (§12.3). A storage failure, or a registration
+    /// replaced meanwhile (the grace period ran out while the client was
+    /// connected), is answered 1607 and ends the connection.
+    async fn record_completion(&mut self, client_id: ClientId) -> Result<(), Ended> {
+        match self
+            .blocking(move |s| s.meta().complete(client_id, SystemTime::now()))
+            .await
+        {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(Ended::Replaced),
+            Err(e) => {
+                error!(cause = %e, "recording the completed registration failed");
+                self.reply(&Response::GeneralError).await?;
+                Err(Ended::Storage(e))
             }
         }
     }

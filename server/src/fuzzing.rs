@@ -83,8 +83,13 @@ fn harness() -> &'static Harness {
         // Short deadlines: an input that stalls ends quickly.
         config.idle_timeout = Duration::from_millis(200);
         config.request_timeout = Duration::from_millis(200);
+        // Every input comes from one address: a limit would leave the
+        // registration path unexplored after the first few inputs.
+        config.registrations_per_minute = u32::MAX;
+        config.registration_burst = u32::MAX;
         let (alive, receiver) = mpsc::channel(1);
         let shared = Arc::new(Shared {
+            registrations: connection::RegisterLimiter::from_config(&config),
             config,
             storage,
             shutdown: CancellationToken::new(),

@@ -242,6 +242,7 @@ pub async fn run_with_storage(
     let limits = admission.limits();
     let grace = config.shutdown_grace;
     let shared = Arc::new(Shared {
+        registrations: connection::RegisterLimiter::from_config(&config),
         config,
         storage,
         shutdown: token.clone(),

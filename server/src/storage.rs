@@ -130,6 +130,10 @@ pub struct ClientRecord {
     /// The public key (SubjectPublicKeyInfo DER) bound at a secure-mode
     /// registration; such a client is never served on the legacy listener.
     pub secure_key: Option<Vec<u8>>,
+    /// When the client completed its registration: stored its public key
+    /// (legacy) or first proved its key (secure mode). Until then, and
+    /// once the grace period is over, its name may be registered anew.
+    pub completed_at: Option<SystemTime>,
 }
 
 /// A client with the totals of what it stores (operator listings).
@@ -202,6 +206,11 @@ pub enum Deletion {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Registration {
     Created,
+    /// Created, in place of client `stale`, which had registered the name
+    /// but never completed, longer ago than the grace period.
+    Replaced {
+        stale: ClientId,
+    },
     NameTaken,
 }
 
@@ -253,7 +262,28 @@ pub struct VersionRecord {
 
 /// Clients and file versions.
 pub trait MetaStore: Send + Sync + 'static {
-    /// Creates client `id` named `name`, unless the name is taken.
+    /// Creates client `id` named `name` (bound to `secure_key` for a
+    /// secure-mode registration), unless the name is taken. With a `grace`,
+    /// a name whose client never completed its registration
+    /// ([`ClientRecord::completed_at`]), registered at least `grace` before
+    /// `now` and holding no file, is not taken: that client is removed and
+    /// the new one created in one transaction, so of two registrations
+    /// racing for a stale name exactly one wins (`docs/PROTOCOL.md` §6.1).
+    ///
+    /// # Errors
+    /// On a backend failure (including an id collision); nothing changes
+    /// then.
+    fn register_client(
+        &self,
+        id: ClientId,
+        name: &UserName,
+        secure_key: Option<&[u8]>,
+        now: SystemTime,
+        grace: Option<std::time::Duration>,
+    ) -> Result<Registration, StorageError>;
+
+    /// Creates client `id` named `name`, unless the name is taken (by any
+    /// client, complete or not).
     ///
     /// # Errors
     /// On a backend failure (including an id collision).
@@ -262,7 +292,9 @@ pub trait MetaStore: Send + Sync + 'static {
         id: ClientId,
         name: &UserName,
         now: SystemTime,
-    ) -> Result<Registration, StorageError>;
+    ) -> Result<Registration, StorageError> {
+        self.register_client(id, name, None, now, None)
+    }
 
     /// Creates client `id` named `name` bound to `secure_key` (a secure-mode
     /// registration), unless the name is taken; the same transaction as
@@ -276,10 +308,20 @@ pub trait MetaStore: Send + Sync + 'static {
         name: &UserName,
         secure_key: &[u8],
         now: SystemTime,
-    ) -> Result<Registration, StorageError>;
+    ) -> Result<Registration, StorageError> {
+        self.register_client(id, name, Some(secure_key), now, None)
+    }
 
-    /// Stores the public key of client `id`; `false` if there is no such
-    /// client.
+    /// Records that client `id` completed its registration (a secure-mode
+    /// client proved its key), unless it already had; `false` if there is
+    /// no such client.
+    ///
+    /// # Errors
+    /// On a backend failure.
+    fn complete(&self, id: ClientId, now: SystemTime) -> Result<bool, StorageError>;
+
+    /// Stores the public key of client `id`, which completes its
+    /// registration; `false` if there is no such client.
     ///
     /// # Errors
     /// On a backend failure.

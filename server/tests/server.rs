@@ -29,6 +29,8 @@ mod lifecycle;
 mod malformed;
 #[path = "server/perf.rs"]
 mod perf;
+#[path = "server/registration.rs"]
+mod registration;
 #[path = "server/retrieval.rs"]
 mod retrieval;
 #[path = "server/scrub.rs"]

@@ -148,7 +148,8 @@ pub struct Args {
     /// data_dir, max_connections, max_per_source, max_unauthenticated,
     /// handshake_timeout_secs, idle_timeout_secs, request_timeout_secs,
     /// shutdown_grace_secs, silent_crc_retry, keep_last, keep_within,
-    /// append_only, max_packet_bytes, max_file_bytes).
+    /// append_only, registrations_per_minute, registration_burst,
+    /// registration_grace_secs, max_packet_bytes, max_file_bytes).
     #[arg(long, env = "BACKUP_SERVER_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
 
@@ -220,6 +221,24 @@ pub struct Args {
     /// and retention is not applied at commit; only `prune` removes versions.
     #[arg(long, env = "BACKUP_SERVER_APPEND_ONLY")]
     pub append_only: bool,
+
+    /// Registrations each source address (IPv4, or IPv6 /64) may make per
+    /// minute once its burst is used; one more is answered 1601
+    /// "registration failed". Reconnects are never limited [default: 10].
+    #[arg(long, env = "BACKUP_SERVER_REGISTRATIONS_PER_MINUTE", value_name = "N")]
+    pub registrations_per_minute: Option<u32>,
+
+    /// Registrations a source address may make at once before
+    /// `--registrations-per-minute` applies [default: 10].
+    #[arg(long, env = "BACKUP_SERVER_REGISTRATION_BURST", value_name = "N")]
+    pub registration_burst: Option<u32>,
+
+    /// Seconds a name stays taken by a client that registered but never
+    /// completed its key exchange (no public key stored, or in secure mode
+    /// no proof); after them the name can be registered again and that
+    /// client is removed [default: 600].
+    #[arg(long, env = "BACKUP_SERVER_REGISTRATION_GRACE", value_name = "SECS")]
+    pub registration_grace: Option<u64>,
 
     /// Largest ciphertext slice one send-file packet may carry; bounds the
     /// memory of each connection [default: 1114112].

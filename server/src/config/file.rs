@@ -23,6 +23,9 @@ use super::ConfigError;
 /// keep_last = 10            # unset: keep every version
 /// keep_within = "30d"       # unset: no age rule
 /// append_only = false
+/// registrations_per_minute = 10   # per source address (IPv6: per /64)
+/// registration_burst = 10
+/// registration_grace_secs = 600   # a never-completed registration holds its name this long
 /// max_packet_bytes = 1114112
 /// max_file_bytes = 4294967295
 /// ```
@@ -46,6 +49,9 @@ pub struct FileConfig {
     pub keep_last: Option<u32>,
     pub keep_within: Option<String>,
     pub append_only: Option<bool>,
+    pub registrations_per_minute: Option<u32>,
+    pub registration_burst: Option<u32>,
+    pub registration_grace_secs: Option<u64>,
     pub max_packet_bytes: Option<usize>,
     pub max_file_bytes: Option<u64>,
 }

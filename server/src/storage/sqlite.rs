@@ -1,12 +1,14 @@
 //! Metadata in SQLite (bundled), in WAL mode with full synchronous commits.
 //!
-//! Schema version 4 (opening an older database brings it up: version 2
-//! added `clients.append_only`, 3 `clients.secure_key`, 4 `inline_blobs`):
+//! Schema version 5 (opening an older database brings it up: version 2
+//! added `clients.append_only`, 3 `clients.secure_key`, 4 `inline_blobs`,
+//! 5 `clients.completed_at`):
 //!
 //! ```sql
 //! clients  (id BLOB(16) PK, name BLOB UNIQUE, public_key BLOB(160) NULL,
 //!           registered INTEGER, last_seen INTEGER,            -- times in unix ms
-//!           append_only INTEGER DEFAULT 0, secure_key BLOB NULL)
+//!           append_only INTEGER DEFAULT 0, secure_key BLOB NULL,
+//!           completed_at INTEGER NULL)  -- key stored (legacy) or proved (secure)
 //! files    (id INTEGER PK, client_id -> clients, name BLOB,   -- name exactly as sent
 //!           UNIQUE (client_id, name))
 //! versions (id INTEGER PK, file_id -> files, blob TEXT UNIQUE, size INTEGER,
@@ -34,7 +36,7 @@ use super::{
 };
 
 /// The schema version this code writes (`PRAGMA user_version`).
-pub const SCHEMA_VERSION: i64 = 4;
+pub const SCHEMA_VERSION: i64 = 5;
 
 /// From schema version 1 to 2.
 const MIGRATE_1_TO_2: &str =
@@ -46,6 +48,20 @@ const MIGRATE_2_TO_3: &str = "ALTER TABLE clients ADD COLUMN secure_key BLOB \
 
 /// From schema version 3 to 4: small files kept in the database.
 const MIGRATE_3_TO_4: &str = INLINE_SCHEMA;
+
+/// From schema version 4 to 5: when a client completed its registration.
+/// Conservative: a client that could ever have been served is complete, so
+/// that no upgrade makes an existing client's name registrable again. A
+/// legacy client with a public key has completed; a secure-mode client
+/// may have proved its key (that was not recorded), so every one counts as
+/// complete; as does any client with a file. What is left, a legacy
+/// registration that never stored a key, could never reconnect or upload.
+const MIGRATE_4_TO_5: &str = "
+ALTER TABLE clients ADD COLUMN completed_at INTEGER;
+UPDATE clients SET completed_at = max(registered, last_seen)
+    WHERE public_key IS NOT NULL OR secure_key IS NOT NULL
+       OR EXISTS (SELECT 1 FROM files WHERE files.client_id = clients.id);
+";
 
 /// Content of small versions, stored with their row (see
 /// [`crate::storage::INLINE_MAX`]); a version's content goes when its row
@@ -70,7 +86,8 @@ CREATE TABLE clients (
     registered  INTEGER NOT NULL,
     last_seen   INTEGER NOT NULL,
     append_only INTEGER NOT NULL DEFAULT 0,
-    secure_key  BLOB CHECK (secure_key IS NULL OR length(secure_key) BETWEEN 1 AND 1100)
+    secure_key  BLOB CHECK (secure_key IS NULL OR length(secure_key) BETWEEN 1 AND 1100),
+    completed_at INTEGER
 );
 CREATE TABLE files (
     id         INTEGER PRIMARY KEY,
@@ -185,9 +202,18 @@ struct RawClient {
     last_seen: i64,
     append_only: bool,
     secure_key: Option<Vec<u8>>,
+    completed_at: Option<i64>,
 }
 
+/// The columns [`RawClient::read`] reads, in order.
+const CLIENT_COLUMNS: &str =
+    "id, name, public_key, registered, last_seen, append_only, secure_key, completed_at";
+
 impl RawClient {
+    /// Columns read after the client's own, in a query that selects
+    /// [`CLIENT_COLUMNS`] first.
+    const NEXT: usize = 8;
+
     fn read(r: &Row<'_>) -> rusqlite::Result<Self> {
         Ok(Self {
             id: r.get(0)?,
@@ -197,6 +223,7 @@ impl RawClient {
             last_seen: r.get(4)?,
             append_only: r.get(5)?,
             secure_key: r.get(6)?,
+            completed_at: r.get(7)?,
         })
     }
 
@@ -219,6 +246,7 @@ impl RawClient {
             last_seen: from_ms(self.last_seen),
             append_only: self.append_only,
             secure_key: self.secure_key,
+            completed_at: self.completed_at.map(from_ms),
         })
     }
 }
@@ -294,7 +322,7 @@ impl SqliteMetaStore {
                 tx.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}"))?;
                 tx.commit()?;
             }
-            1..=3 => {
+            1..=4 => {
                 let tx = conn.transaction()?;
                 if version == 1 {
                     tx.execute_batch(MIGRATE_1_TO_2)?;
@@ -302,7 +330,10 @@ impl SqliteMetaStore {
                 if version <= 2 {
                     tx.execute_batch(MIGRATE_2_TO_3)?;
                 }
-                tx.execute_batch(MIGRATE_3_TO_4)?;
+                if version <= 3 {
+                    tx.execute_batch(MIGRATE_3_TO_4)?;
+                }
+                tx.execute_batch(MIGRATE_4_TO_5)?;
                 tx.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}"))?;
                 tx.commit()?;
             }
@@ -433,53 +464,76 @@ fn is_append_only(conn: &Connection, id: ClientId) -> Result<bool, StorageError>
         .unwrap_or(false))
 }
 
-impl SqliteMetaStore {
-    /// Inserts a client unless its name is taken, in one transaction.
-    fn insert_client(
+/// Whether a client that registered at `registered` (unix ms) and never
+/// completed is stale at `now` (unix ms) after `grace`: a clock that went
+/// back makes nothing stale.
+fn stale(registered: i64, now: i64, grace: Duration) -> bool {
+    let grace = i64::try_from(grace.as_millis()).unwrap_or(i64::MAX);
+    now.checked_sub(registered).is_some_and(|age| age >= grace)
+}
+
+impl MetaStore for SqliteMetaStore {
+    fn register_client(
         &self,
         id: ClientId,
         name: &UserName,
         secure_key: Option<&[u8]>,
         now: SystemTime,
+        grace: Option<Duration>,
     ) -> Result<Registration, StorageError> {
-        let mut conn = self.conn();
-        let tx = conn.transaction()?;
-        let taken: bool = tx.query_row(
-            "SELECT EXISTS (SELECT 1 FROM clients WHERE name = ?1)",
-            [name.as_bytes()],
-            |r| r.get(0),
-        )?;
-        if taken {
-            return Ok(Registration::NameTaken);
-        }
         let now = to_ms(now);
+        let mut conn = self.conn();
+        // Immediate: the check and the write happen under the write lock,
+        // also against an operator command in another process.
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let holder: Option<(Vec<u8>, Option<i64>, i64, bool)> = tx
+            .query_row(
+                "SELECT id, completed_at, registered,
+                        EXISTS (SELECT 1 FROM files WHERE files.client_id = clients.id)
+                 FROM clients WHERE name = ?1",
+                [name.as_bytes()],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+            )
+            .optional()?;
+        let outcome = match holder {
+            None => Registration::Created,
+            Some((stale_id, None, registered, false))
+                if grace.is_some_and(|g| stale(registered, now, g)) =>
+            {
+                tx.execute("DELETE FROM clients WHERE id = ?1", [&stale_id])?;
+                Registration::Replaced {
+                    stale: client_id(&stale_id)?,
+                }
+            }
+            Some(_) => return Ok(Registration::NameTaken),
+        };
         tx.execute(
             "INSERT INTO clients (id, name, public_key, registered, last_seen, secure_key) VALUES (?1, ?2, NULL, ?3, ?3, ?4)",
             params![&id.0[..], name.as_bytes(), now, secure_key],
         )?;
         tx.commit()?;
-        Ok(Registration::Created)
-    }
-}
-
-impl MetaStore for SqliteMetaStore {
-    fn register(
-        &self,
-        id: ClientId,
-        name: &UserName,
-        now: SystemTime,
-    ) -> Result<Registration, StorageError> {
-        self.insert_client(id, name, None, now)
+        Ok(outcome)
     }
 
-    fn register_with_key(
-        &self,
-        id: ClientId,
-        name: &UserName,
-        secure_key: &[u8],
-        now: SystemTime,
-    ) -> Result<Registration, StorageError> {
-        self.insert_client(id, name, Some(secure_key), now)
+    fn complete(&self, id: ClientId, now: SystemTime) -> Result<bool, StorageError> {
+        let conn = self.conn();
+        // Read first: completing a client that already has is no write
+        // (and no sync) at each of its later authentications.
+        let completed: Option<bool> = conn
+            .prepare_cached("SELECT completed_at IS NOT NULL FROM clients WHERE id = ?1")?
+            .query_row([&id.0[..]], |r| r.get(0))
+            .optional()?;
+        match completed {
+            None => Ok(false),
+            Some(true) => Ok(true),
+            Some(false) => {
+                conn.execute(
+                    "UPDATE clients SET completed_at = ?2 WHERE id = ?1",
+                    params![&id.0[..], to_ms(now)],
+                )?;
+                Ok(true)
+            }
+        }
     }
 
     fn set_public_key(
@@ -489,7 +543,9 @@ impl MetaStore for SqliteMetaStore {
         now: SystemTime,
     ) -> Result<bool, StorageError> {
         let n = self.conn().execute(
-            "UPDATE clients SET public_key = ?2, last_seen = ?3 WHERE id = ?1",
+            "UPDATE clients SET public_key = ?2, last_seen = ?3,
+                    completed_at = coalesce(completed_at, ?3)
+             WHERE id = ?1",
             params![&id.0[..], &key.0[..], to_ms(now)],
         )?;
         Ok(n > 0)
@@ -499,7 +555,7 @@ impl MetaStore for SqliteMetaStore {
         let row: Option<RawClient> = self
             .conn()
             .query_row(
-                "SELECT id, name, public_key, registered, last_seen, append_only, secure_key FROM clients WHERE id = ?1",
+                &format!("SELECT {CLIENT_COLUMNS} FROM clients WHERE id = ?1"),
                 [&id.0[..]],
                 RawClient::read,
             )
@@ -641,6 +697,7 @@ impl MetaStore for SqliteMetaStore {
         let conn = self.conn();
         let mut stmt = conn.prepare(
             "SELECT c.id, c.name, c.public_key, c.registered, c.last_seen, c.append_only, c.secure_key,
+                    c.completed_at,
                     (SELECT count(DISTINCT f.id) FROM files f JOIN versions v ON v.file_id = f.id
                       WHERE f.client_id = c.id),
                     (SELECT count(*) FROM files f JOIN versions v ON v.file_id = f.id
@@ -652,9 +709,9 @@ impl MetaStore for SqliteMetaStore {
         let rows = stmt.query_map([], |r| {
             Ok((
                 RawClient::read(r)?,
-                r.get::<_, i64>(7)?,
-                r.get::<_, i64>(8)?,
-                r.get::<_, i64>(9)?,
+                r.get::<_, i64>(RawClient::NEXT)?,
+                r.get::<_, i64>(RawClient::NEXT + 1)?,
+                r.get::<_, i64>(RawClient::NEXT + 2)?,
             ))
         })?;
         rows.map(|row| {
@@ -1025,7 +1082,7 @@ mod tests {
         {
             let conn = Connection::open(&path).unwrap();
             let v1 = SCHEMA.replace(
-                "last_seen   INTEGER NOT NULL,\n    append_only INTEGER NOT NULL DEFAULT 0,\n    secure_key  BLOB CHECK (secure_key IS NULL OR length(secure_key) BETWEEN 1 AND 1100)",
+                "last_seen   INTEGER NOT NULL,\n    append_only INTEGER NOT NULL DEFAULT 0,\n    secure_key  BLOB CHECK (secure_key IS NULL OR length(secure_key) BETWEEN 1 AND 1100),\n    completed_at INTEGER",
                 "last_seen   INTEGER NOT NULL",
             );
             assert_ne!(v1, SCHEMA);
@@ -1047,6 +1104,278 @@ mod tests {
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .unwrap();
         assert_eq!(version, SCHEMA_VERSION);
+    }
+
+    const GRACE: Duration = Duration::from_secs(600);
+
+    fn name(text: &str) -> UserName {
+        UserName::try_from(text).unwrap()
+    }
+
+    /// Registers `name` as `id` at `at` with the grace period.
+    fn register_at(
+        db: &SqliteMetaStore,
+        id: u8,
+        name: &UserName,
+        secure_key: Option<&[u8]>,
+        at: SystemTime,
+    ) -> Registration {
+        db.register_client(ClientId([id; 16]), name, secure_key, at, Some(GRACE))
+            .unwrap()
+    }
+
+    #[test]
+    fn a_never_completed_legacy_name_is_taken_within_the_grace_and_replaced_after_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = SqliteMetaStore::open(&dir.path().join("m.db")).unwrap();
+        let t = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let lost = name("lost");
+        assert_eq!(register_at(&db, 1, &lost, None, t), Registration::Created);
+        assert_eq!(
+            db.client(ClientId([1; 16])).unwrap().unwrap().completed_at,
+            None
+        );
+        let just_before = t + GRACE - Duration::from_millis(1);
+        assert_eq!(
+            register_at(&db, 2, &lost, None, just_before),
+            Registration::NameTaken
+        );
+        assert_eq!(
+            register_at(&db, 2, &lost, None, t + GRACE),
+            Registration::Replaced {
+                stale: ClientId([1; 16])
+            }
+        );
+        assert!(db.client(ClientId([1; 16])).unwrap().is_none());
+        let new = db.client(ClientId([2; 16])).unwrap().unwrap();
+        assert_eq!((new.name, new.registered), (lost.clone(), t + GRACE));
+        // The new registration has a grace period of its own.
+        assert_eq!(
+            register_at(&db, 3, &lost, None, t + GRACE + Duration::from_secs(1)),
+            Registration::NameTaken
+        );
+        // A clock that went back makes nothing stale.
+        assert_eq!(
+            register_at(&db, 4, &name("early"), None, t),
+            Registration::Created
+        );
+        assert_eq!(
+            register_at(&db, 5, &name("early"), None, t - 2 * GRACE),
+            Registration::NameTaken
+        );
+    }
+
+    #[test]
+    fn a_never_proved_secure_name_is_replaced_after_the_grace() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = SqliteMetaStore::open(&dir.path().join("m.db")).unwrap();
+        let t = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let n = name("unproved");
+        assert_eq!(
+            register_at(&db, 1, &n, Some(b"first key"), t),
+            Registration::Created
+        );
+        assert_eq!(
+            register_at(&db, 2, &n, Some(b"other key"), t + GRACE / 2),
+            Registration::NameTaken
+        );
+        assert_eq!(
+            register_at(&db, 2, &n, Some(b"other key"), t + GRACE),
+            Registration::Replaced {
+                stale: ClientId([1; 16])
+            }
+        );
+        let new = db.client(ClientId([2; 16])).unwrap().unwrap();
+        assert_eq!(new.secure_key.as_deref(), Some(&b"other key"[..]));
+        assert_eq!(new.completed_at, None);
+        // The replaced client's proof, arriving late, completes nothing.
+        assert!(!db.complete(ClientId([1; 16]), t + GRACE).unwrap());
+    }
+
+    #[test]
+    fn completed_clients_are_never_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = SqliteMetaStore::open(&dir.path().join("m.db")).unwrap();
+        let t = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let much_later = t + 1000 * GRACE;
+        // Legacy: the public key completes.
+        assert_eq!(
+            register_at(&db, 1, &name("keyed"), None, t),
+            Registration::Created
+        );
+        assert!(db
+            .set_public_key(ClientId([1; 16]), &PublicKeyField([9; 160]), t)
+            .unwrap());
+        // Secure mode: the proof completes, once; a later proof keeps the
+        // first time.
+        assert_eq!(
+            register_at(&db, 2, &name("proved"), Some(b"key"), t),
+            Registration::Created
+        );
+        assert!(db.complete(ClientId([2; 16]), t).unwrap());
+        assert!(db.complete(ClientId([2; 16]), much_later).unwrap());
+        assert!(
+            !db.complete(ClientId([7; 16]), t).unwrap(),
+            "no such client"
+        );
+        for (id, n) in [(1u8, "keyed"), (2, "proved")] {
+            assert_eq!(
+                db.client(ClientId([id; 16])).unwrap().unwrap().completed_at,
+                Some(t),
+                "{n}"
+            );
+            assert_eq!(
+                register_at(&db, 9, &name(n), None, much_later),
+                Registration::NameTaken,
+                "{n}"
+            );
+        }
+        // Without a grace (operator tools, tests), no name is ever free.
+        assert_eq!(
+            register_at(&db, 3, &name("plain"), None, t),
+            Registration::Created
+        );
+        assert_eq!(
+            db.register(ClientId([4; 16]), &name("plain"), much_later)
+                .unwrap(),
+            Registration::NameTaken
+        );
+    }
+
+    #[test]
+    fn an_incomplete_client_with_files_is_never_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = SqliteMetaStore::open(&dir.path().join("m.db")).unwrap();
+        let t = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        register_at(&db, 1, &name("odd"), None, t);
+        // Not reachable through the protocol (uploads need the key
+        // exchange), but never lose a file to a replacement.
+        db.add_version(
+            &version(ClientId([1; 16]), "f", "b1", 1),
+            &Retention::KEEP_ALL,
+        )
+        .unwrap();
+        assert_eq!(
+            register_at(&db, 2, &name("odd"), None, t + 10 * GRACE),
+            Registration::NameTaken
+        );
+        assert_eq!(db.all_versions().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn racing_registrations_of_a_stale_name_have_exactly_one_winner() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.db");
+        // Two stores on one file: two connections, as two processes would
+        // have, so the transaction itself must make the replacement atomic.
+        let stores = [
+            std::sync::Arc::new(SqliteMetaStore::open(&path).unwrap()),
+            std::sync::Arc::new(SqliteMetaStore::open(&path).unwrap()),
+        ];
+        let t = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        for round in 0..20u8 {
+            let n = name(&format!("contested-{round}"));
+            register_at(&stores[0], 0, &n, None, t);
+            let start = std::sync::Arc::new(std::sync::Barrier::new(4));
+            let racers: Vec<_> = (0..4u8)
+                .map(|i| {
+                    let db = std::sync::Arc::clone(&stores[usize::from(i % 2)]);
+                    let (n, start) = (n.clone(), std::sync::Arc::clone(&start));
+                    std::thread::spawn(move || {
+                        let id = round * 8 + i + 1;
+                        start.wait();
+                        (
+                            ClientId([id; 16]),
+                            register_at(&db, id, &n, None, t + GRACE),
+                        )
+                    })
+                })
+                .collect();
+            let outcomes: Vec<_> = racers.into_iter().map(|r| r.join().unwrap()).collect();
+            let winners: Vec<ClientId> = outcomes
+                .iter()
+                .filter(|(_, o)| *o != Registration::NameTaken)
+                .map(|(id, _)| *id)
+                .collect();
+            assert_eq!(winners.len(), 1, "round {round}: {outcomes:?}");
+            let holders: Vec<ClientId> = stores[1]
+                .clients()
+                .unwrap()
+                .into_iter()
+                .filter(|c| c.client.name == n)
+                .map(|c| c.client.id)
+                .collect();
+            assert_eq!(holders, winners, "round {round}");
+            assert!(
+                stores[0].client(ClientId([0; 16])).unwrap().is_none(),
+                "round {round}: the stale client is gone"
+            );
+            stores[0].remove_client(winners[0]).unwrap();
+        }
+    }
+
+    #[test]
+    fn migrates_a_version_4_database_without_freeing_any_usable_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.db");
+        {
+            let conn = Connection::open(&path).unwrap();
+            let v4 = SCHEMA.replace(
+                "BETWEEN 1 AND 1100),\n    completed_at INTEGER",
+                "BETWEEN 1 AND 1100)",
+            );
+            assert_ne!(v4, SCHEMA);
+            conn.execute_batch(&v4).unwrap();
+            conn.execute_batch(INLINE_SCHEMA).unwrap();
+            conn.execute_batch("PRAGMA user_version = 4").unwrap();
+            let insert = |id: u8, name: &str, key: Option<&[u8]>, secure: Option<&[u8]>| {
+                conn.execute(
+                    "INSERT INTO clients (id, name, public_key, registered, last_seen, secure_key)
+                     VALUES (?1, ?2, ?3, 1000, 5000, ?4)",
+                    params![&[id; 16][..], name.as_bytes(), key, secure],
+                )
+                .unwrap();
+            };
+            insert(1, "legacy-keyed", Some(&[9; 160]), None);
+            insert(2, "legacy-keyless", None, None);
+            insert(3, "secure", None, Some(b"der"));
+            insert(4, "keyless-with-files", None, None);
+            conn.execute(
+                "INSERT INTO files (client_id, name) VALUES (?1, x'66')",
+                [&[4u8; 16][..]],
+            )
+            .unwrap();
+        }
+        let db = SqliteMetaStore::open(&path).unwrap();
+        let version: i64 = db
+            .conn()
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+        let completed = |id: u8| db.client(ClientId([id; 16])).unwrap().unwrap().completed_at;
+        let seen = Some(UNIX_EPOCH + Duration::from_millis(5000));
+        assert_eq!(completed(1), seen);
+        assert_eq!(
+            completed(2),
+            None,
+            "never stored a key: could never reconnect"
+        );
+        assert_eq!(completed(3), seen, "may have proved its key");
+        assert_eq!(completed(4), seen);
+        let now = SystemTime::now();
+        for (n, outcome) in [
+            ("legacy-keyed", Registration::NameTaken),
+            ("secure", Registration::NameTaken),
+            ("keyless-with-files", Registration::NameTaken),
+            (
+                "legacy-keyless",
+                Registration::Replaced {
+                    stale: ClientId([2; 16]),
+                },
+            ),
+        ] {
+            assert_eq!(register_at(&db, 8, &name(n), None, now), outcome, "{n}");
+        }
     }
 
     #[test]

@@ -129,14 +129,21 @@ pub async fn assert_logged(local: SocketAddr, cause: &str) {
 
 // ---------------------------------------------------------------- server
 
-/// A test configuration: defaults with short grace and timeouts.
+/// A test configuration: defaults with short grace and timeouts, and no
+/// practical limit on registrations (every test registers from
+/// 127.0.0.1; the limit has its own tests in `registration`).
 pub fn config(data: &Path) -> Config {
     let mut c = Config::new(data);
     c.shutdown_grace = Duration::from_secs(3);
     c.request_timeout = Duration::from_secs(10);
     c.idle_timeout = Duration::from_secs(30);
+    c.registrations_per_minute = UNLIMITED_REGISTRATIONS;
+    c.registration_burst = UNLIMITED_REGISTRATIONS;
     c
 }
+
+/// A registration limit no test reaches.
+pub const UNLIMITED_REGISTRATIONS: u32 = 1_000_000;
 
 /// The library server running on 127.0.0.1:0 in this runtime.
 pub struct TestServer {
@@ -799,6 +806,16 @@ pub fn server_command(data: &Path, extra: &[&str], launch: Launch) -> std::proce
     .args(extra)
     .env_clear()
     .env("RUST_LOG", "info")
+    // Every test registers from 127.0.0.1: no practical limit, unless a
+    // test's own flags set one (flags win over the environment).
+    .env(
+        "BACKUP_SERVER_REGISTRATIONS_PER_MINUTE",
+        UNLIMITED_REGISTRATIONS.to_string(),
+    )
+    .env(
+        "BACKUP_SERVER_REGISTRATION_BURST",
+        UNLIMITED_REGISTRATIONS.to_string(),
+    )
     .current_dir(data.parent().unwrap_or(data));
     cmd
 }
