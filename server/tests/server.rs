@@ -9,6 +9,8 @@
 #[path = "server/harness.rs"]
 mod harness;
 
+#[path = "server/admission.rs"]
+mod admission;
 #[path = "server/concurrency.rs"]
 mod concurrency;
 #[path = "server/crash.rs"]

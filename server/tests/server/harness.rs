@@ -130,20 +130,30 @@ pub async fn assert_logged(local: SocketAddr, cause: &str) {
 // ---------------------------------------------------------------- server
 
 /// A test configuration: defaults with short grace and timeouts, and no
-/// practical limit on registrations (every test registers from
-/// 127.0.0.1; the limit has its own tests in `registration`).
+/// practical limit on registrations or connections per source (every test
+/// connects from 127.0.0.1; those limits have their own tests in
+/// `registration` and `admission`). The handshake deadline is past the
+/// idle and request timeouts, so each of those is what cuts a silent or
+/// slow first request.
 pub fn config(data: &Path) -> Config {
     let mut c = Config::new(data);
     c.shutdown_grace = Duration::from_secs(3);
     c.request_timeout = Duration::from_secs(10);
     c.idle_timeout = Duration::from_secs(30);
+    c.handshake_timeout = Duration::from_secs(LENIENT_HANDSHAKE_SECS);
     c.registrations_per_minute = UNLIMITED_REGISTRATIONS;
     c.registration_burst = UNLIMITED_REGISTRATIONS;
+    c.max_per_source = UNLIMITED_CONNECTIONS;
+    c.max_unauthenticated = UNLIMITED_CONNECTIONS;
     c
 }
 
 /// A registration limit no test reaches.
 pub const UNLIMITED_REGISTRATIONS: u32 = 1_000_000;
+/// A per-source or unauthenticated connection limit no test reaches.
+pub const UNLIMITED_CONNECTIONS: usize = 1_000_000;
+/// A handshake deadline past every test's idle and request timeouts.
+pub const LENIENT_HANDSHAKE_SECS: u64 = 120;
 
 /// The library server running on 127.0.0.1:0 in this runtime.
 pub struct TestServer {
@@ -223,6 +233,20 @@ pub struct Peer {
 impl Peer {
     pub async fn connect(addr: SocketAddr) -> Self {
         let stream = tokio::time::timeout(STEP, TcpStream::connect(addr))
+            .await
+            .unwrap()
+            .unwrap();
+        Self {
+            framed: Framed::new(stream, ClientCodec::default()),
+        }
+    }
+
+    /// As [`connect`](Self::connect), from the local address `source`
+    /// (another address of 127.0.0.0/8, for the per-source limits).
+    pub async fn connect_from(addr: SocketAddr, source: std::net::IpAddr) -> Self {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(SocketAddr::new(source, 0)).unwrap();
+        let stream = tokio::time::timeout(STEP, socket.connect(addr))
             .await
             .unwrap()
             .unwrap();
@@ -815,6 +839,18 @@ pub fn server_command(data: &Path, extra: &[&str], launch: Launch) -> std::proce
     .env(
         "BACKUP_SERVER_REGISTRATION_BURST",
         UNLIMITED_REGISTRATIONS.to_string(),
+    )
+    .env(
+        "BACKUP_SERVER_MAX_PER_SOURCE",
+        UNLIMITED_CONNECTIONS.to_string(),
+    )
+    .env(
+        "BACKUP_SERVER_MAX_UNAUTHENTICATED",
+        UNLIMITED_CONNECTIONS.to_string(),
+    )
+    .env(
+        "BACKUP_SERVER_HANDSHAKE_TIMEOUT",
+        LENIENT_HANDSHAKE_SECS.to_string(),
     )
     .current_dir(data.parent().unwrap_or(data));
     cmd
