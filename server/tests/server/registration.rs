@@ -190,3 +190,32 @@ async fn frees_a_name_whose_key_exchange_never_completed_after_the_grace_period(
     assert!(tardy.client.completed_at.is_some());
     assert!(storage.meta().client(stale_id).unwrap().is_none());
 }
+
+/// The same two rules through the real binary and its flags.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_limits_registrations_and_frees_stale_names_as_configured() {
+    let data = tempfile::tempdir().unwrap();
+    let server = crate::harness::Binary::start(
+        &data.path().join("data"),
+        &[
+            "--registrations-per-minute",
+            "1",
+            "--registration-burst",
+            "3",
+            "--registration-grace",
+            "1",
+        ],
+    );
+    let keeper = Client::register(server.addr, "keeper", &alice_key(), Numbering::Modern).await;
+    drop(keeper);
+    let (first, _) = register_once(server.addr, "stale").await;
+    assert!(matches!(first, Response::Registered { .. }), "{first:?}");
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    // Never completed, and the grace is over: the name is free again.
+    let (again, _) = register_once(server.addr, "stale").await;
+    assert!(matches!(again, Response::Registered { .. }), "{again:?}");
+    // The burst of three is spent.
+    let (over, _) = register_once(server.addr, "one-too-many").await;
+    assert_eq!(over, Response::RegistrationFailed);
+    assert!(server.logged("over the rate limit"));
+}
