@@ -198,11 +198,13 @@ pub(crate) async fn serve_secure(
     let tls = match handshake {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
-            info!(%peer, cause = %e, "TLS handshake failed");
+            // Debug level: anyone can open connections that fail their
+            // handshake as fast as they like, and each would be a line.
+            debug!(%peer, cause = %e, "TLS handshake failed");
             return;
         }
         Err(_) => {
-            info!(%peer, "TLS handshake not completed within {limit:?}");
+            debug!(%peer, "TLS handshake not completed within {limit:?}");
             return;
         }
     };
