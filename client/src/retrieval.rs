@@ -198,8 +198,21 @@ impl Client {
     /// Reconnects for retrieval; on the legacy listener, proves our key
     /// first (`docs/PROTOCOL.md` §11.5), once for the connection.
     async fn open_retrieval(&self) -> Result<Retrieving, Error> {
+        let keyed = self.reconnect_existing().await?;
+        self.ready_for_retrieval(keyed).await
+    }
+
+    /// As [`open_retrieval`](Self::open_retrieval), for a connection beyond
+    /// the first: tried once, since the run goes on without it.
+    async fn open_extra_retrieval(&self) -> Result<Retrieving, Error> {
+        let keyed = self.reconnect_extra().await?;
+        self.ready_for_retrieval(keyed).await
+    }
+
+    /// Proves our key on `keyed` where retrieval needs it.
+    async fn ready_for_retrieval(&self, keyed: Keyed) -> Result<Retrieving, Error> {
         let mut r = Retrieving {
-            keyed: self.reconnect_existing().await?,
+            keyed,
             answered: false,
         };
         match self.prove_for_retrieval(&mut r).await {
@@ -226,15 +239,6 @@ impl Client {
             ClientEvent::RetrievalAllowed => Ok(()),
             other => Err(self.unexpected(&other, doing)),
         }
-    }
-
-    /// As [`open_retrieval`](Self::open_retrieval), for a connection beyond
-    /// the first: tried once, since the run goes on without it.
-    async fn open_extra_retrieval(&self) -> Result<Retrieving, Error> {
-        Ok(Retrieving {
-            keyed: self.reconnect_extra().await?,
-            answered: false,
-        })
     }
 
     /// Sends a retrieval request once and interprets the answer. A 1607, or
