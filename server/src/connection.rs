@@ -24,19 +24,19 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures::{SinkExt, StreamExt};
-use protocol::retrieval::{
-    ListEntry, RefusalReason, RestoreBegin, RetrievalRequest, RetrievalResponse, MAX_LIST_ENTRIES,
-};
+use protocol::restore::{FoundVersion, RestoreSender};
+use protocol::retrieval::{ListEntry, RetrievalResponse};
 use protocol::secure::{Binding, BINDING_LEN, EXPORTER_LABEL};
 use protocol::session::server::{
-    Action, KnownClient, RegisterOutcome, ServerConfig, ServerSession, SessionError,
+    Action, DeleteOutcome, KnownClient, RegisterOutcome, RestoreStart, ServerConfig, ServerSession,
+    SessionError,
 };
 use protocol::wire::RequestKind;
 use protocol::{
-    ClientId, CodecError, Dialect, Request, RequestFrame, Response, ServerCodec, UserName,
+    ClientId, CodecError, Dialect, FileName, Request, RequestFrame, Response, ServerCodec, UserName,
 };
-use rand::rngs::{OsRng, StdRng};
-use rand::{RngCore, SeedableRng};
+use rand::rngs::StdRng;
+use rand::SeedableRng;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
@@ -94,6 +94,10 @@ enum Ended {
     Restore(restore::RestoreError),
     #[error("client proved its key, but its registration was replaced meanwhile")]
     Replaced,
+    #[error("restore framing: {0}")]
+    Framing(protocol::restore::RestoreSendError),
+    #[error("BUG: the connection handler broke an invariant: {0}")]
+    Invariant(&'static str),
 }
 
 impl Ended {
@@ -111,7 +115,11 @@ impl Ended {
                 None
             }
             Ended::Session(e) => Some(e.answer()),
-            Ended::Read(_) | Ended::Restore(_) | Ended::Replaced => Some(Response::GeneralError),
+            Ended::Read(_)
+            | Ended::Restore(_)
+            | Ended::Replaced
+            | Ended::Framing(_)
+            | Ended::Invariant(_) => Some(Response::GeneralError),
         }
     }
 }
@@ -300,6 +308,7 @@ where
         let session_config = ServerConfig {
             reply_to_crc_retry: config.reply_to_crc_retry,
             limits: config.limits,
+            ..ServerConfig::default()
         };
         let (dialect, session) = match security {
             Security::Legacy => (Dialect::Legacy, ServerSession::new(session_config)),
@@ -484,7 +493,18 @@ where
                 }
                 self.reply(&response).await
             }
-            Action::Retrieve { client_id, request } => self.retrieve(client_id, request).await,
+            Action::List {
+                client_id,
+                all_versions,
+                skip,
+                limit,
+            } => self.list(client_id, all_versions, skip, limit).await,
+            Action::FindVersion {
+                client_id,
+                file,
+                version,
+            } => self.find_version(client_id, file, version).await,
+            Action::Delete { client_id, file } => self.delete(client_id, file).await,
             Action::Register {
                 client_id,
                 name,
@@ -652,88 +672,100 @@ where
         }
     }
 
-    /// Answers a retrieval request (`docs/PROTOCOL.md` §11). A storage
-    /// failure is answered 1607 and ends the connection.
-    async fn retrieve(
+    /// Lists a page of the client's versions (`docs/PROTOCOL.md` §11.2):
+    /// the session sets the page and the cursor. A storage failure is
+    /// answered 1607 and ends the connection.
+    async fn list(
         &mut self,
         client_id: ClientId,
-        request: RetrievalRequest,
+        all_versions: bool,
+        skip: u64,
+        limit: usize,
     ) -> Result<(), Ended> {
-        match request {
-            RetrievalRequest::List { flags, cursor } => {
-                let all = flags.all_versions();
-                let page = MAX_LIST_ENTRIES;
-                let found = self
-                    .blocking(move |s| s.meta().list(client_id, all, cursor, page + 1))
-                    .await;
-                let mut versions = match found {
-                    Ok(v) => v,
-                    Err(e) => return self.retrieval_failure(e).await,
-                };
-                let more = versions.len() > page;
-                versions.truncate(page);
-                let next_cursor = if more {
-                    cursor.saturating_add(page as u64)
-                } else {
-                    0
-                };
-                let entries: Vec<ListEntry> = versions.into_iter().map(list_entry).collect();
-                debug!(
-                    all_versions = all,
-                    cursor,
-                    entries = entries.len(),
-                    next_cursor,
-                    "list"
-                );
-                self.reply(&Response::Retrieval(RetrievalResponse::ListPage {
-                    next_cursor,
-                    entries,
-                }))
-                .await
+        let found = self
+            .blocking(move |s| s.meta().list(client_id, all_versions, skip, limit))
+            .await;
+        let versions = match found {
+            Ok(v) => v,
+            Err(e) => return self.retrieval_failure(e).await,
+        };
+        let response = self
+            .session
+            .listed(versions.into_iter().map(list_entry).collect())?;
+        if let Response::Retrieval(RetrievalResponse::ListPage {
+            next_cursor,
+            entries,
+        }) = &response
+        {
+            debug!(
+                all_versions,
+                cursor = skip,
+                entries = entries.len(),
+                next_cursor,
+                "list"
+            );
+        }
+        self.reply(&response).await
+    }
+
+    /// Finds the version to restore (§11.3) and sends it, or 1644.
+    async fn find_version(
+        &mut self,
+        client_id: ClientId,
+        file: FileName,
+        version: u64,
+    ) -> Result<(), Ended> {
+        let f = file.clone();
+        let found = self
+            .blocking(move |s| s.meta().find_version(client_id, &f, version))
+            .await;
+        let record = match found {
+            Ok(found) => found,
+            Err(e) => return self.retrieval_failure(e).await,
+        };
+        let wanted = record.as_ref().map(|v| FoundVersion {
+            version: u64::try_from(v.version).unwrap_or_default(),
+            size: v.size,
+            cksum: v.cksum,
+            file: v.file.clone(),
+        });
+        match (self.session.found_version(wanted, &mut self.rng)?, record) {
+            (RestoreStart::Send(sender), Some(record)) => self.restore(sender, record).await,
+            (RestoreStart::Answer(answer), _) => {
+                info!(file = ?file, version, "restore: no such file or version");
+                self.reply(&answer).await
             }
-            RetrievalRequest::Restore { version, file } => {
-                let f = file.clone();
-                let found = self
-                    .blocking(move |s| s.meta().find_version(client_id, &f, version))
-                    .await;
-                match found {
-                    Ok(Some(v)) => self.restore(v).await,
-                    Ok(None) => {
-                        info!(file = ?file, version, "restore: no such file or version");
-                        self.reply(&Response::Retrieval(RetrievalResponse::NotFound))
-                            .await
-                    }
-                    Err(e) => self.retrieval_failure(e).await,
-                }
-            }
-            RetrievalRequest::Delete { file } => {
-                let f = file.clone();
-                let append_only = self.shared.config.append_only;
-                let outcome = self
-                    .blocking(move |s| s.delete_file(client_id, &f, append_only))
-                    .await;
-                let response = match outcome {
-                    Ok(Deletion::Deleted(removed)) => {
-                        info!(file = ?file, versions = removed.len(), "deleted");
-                        RetrievalResponse::Deleted {
-                            versions: u32::try_from(removed.len()).unwrap_or(u32::MAX),
-                        }
-                    }
-                    Ok(Deletion::NotFound) => {
-                        info!(file = ?file, "delete: no such file");
-                        RetrievalResponse::NotFound
-                    }
-                    Ok(Deletion::Refused) => {
-                        info!(file = ?file, "delete refused: append-only");
-                        RetrievalResponse::Refused {
-                            reason: RefusalReason::APPEND_ONLY,
-                        }
-                    }
-                    Err(e) => return self.retrieval_failure(e).await,
-                };
-                self.reply(&Response::Retrieval(response)).await
+            (RestoreStart::Send(_), None) => {
+                Err(Ended::Invariant("a restore sender without a version"))
             }
         }
+    }
+
+    /// Deletes every version of `file` unless the server is append-only
+    /// (§11.4); the session words the answer.
+    async fn delete(&mut self, client_id: ClientId, file: FileName) -> Result<(), Ended> {
+        let f = file.clone();
+        let append_only = self.shared.config.append_only;
+        let outcome = self
+            .blocking(move |s| s.delete_file(client_id, &f, append_only))
+            .await;
+        let outcome = match outcome {
+            Ok(Deletion::Deleted(removed)) => {
+                info!(file = ?file, versions = removed.len(), "deleted");
+                DeleteOutcome::Deleted(u32::try_from(removed.len()).unwrap_or(u32::MAX))
+            }
+            Ok(Deletion::NotFound) => {
+                info!(file = ?file, "delete: no such file");
+                DeleteOutcome::NotFound
+            }
+            Ok(Deletion::Refused) => {
+                info!(file = ?file, "delete refused: append-only");
+                DeleteOutcome::Refused
+            }
+            Err(e) => return self.retrieval_failure(e).await,
+        };
+        let response = self.session.deleted(outcome)?;
+        self.reply(&response).await
     }
 
     /// Carries out a registration (legacy 1025, secure-mode 1025 with a
@@ -829,48 +861,43 @@ where
 
     async fn retrieval_failure(&mut self, e: StorageError) -> Result<(), Ended> {
         error!(cause = %e, "retrieval failed in storage");
-        self.reply(&Response::GeneralError).await?;
+        let response = self.session.storage_failed();
+        self.reply(&response).await?;
         Err(Ended::Storage(e))
     }
 
-    /// Sends one version: 1641, then its ciphertext under a fresh IV in
-    /// 1642 packets streamed from the reader thread.
-    async fn restore(&mut self, version: VersionRecord) -> Result<(), Ended> {
-        let mut iv = [0u8; protocol::crypto::BLOCK];
-        OsRng.fill_bytes(&mut iv);
-        let Some(cipher) = self.session.restore_cipher(&iv) else {
-            return Err(SessionError::NoPendingAction.into());
+    /// Sends one version: the sender's 1641, then its ciphertext (under the
+    /// sender's fresh IV) in 1642 packets streamed from the reader thread.
+    async fn restore(
+        &mut self,
+        mut sender: Box<RestoreSender>,
+        version: VersionRecord,
+    ) -> Result<(), Ended> {
+        let Some(cipher) = sender.take_cipher() else {
+            return Err(Ended::Invariant("a restore sender without its cipher"));
         };
-        let packet = restore::packet_len(self.shared.config.limits.max_packet_content);
         let started = Instant::now();
         let (file, number, size) = (version.file.clone(), version.version, version.size);
-        let begin = RestoreBegin {
-            version: u64::try_from(number).unwrap_or_default(),
-            size,
-            content_size: protocol::crypto::pkcs7_len(size),
-            cksum: version.cksum,
-            iv,
-            file: file.clone(),
-        };
         let mut packets = match restore::start(
             self.shared.storage.clone(),
             version,
             cipher,
-            packet,
+            sender.packet_len(),
             self.shared.alive.clone(),
         ) {
             Ok(rx) => rx,
-            Err(e) => return self.retrieval_failure(e).await,
+            Err(e) => {
+                error!(cause = %e, "retrieval failed in storage");
+                self.reply(&Response::GeneralError).await?;
+                return Err(Ended::Storage(e));
+            }
         };
-        self.reply(&Response::Retrieval(RetrievalResponse::RestoreBegin(begin)))
-            .await?;
+        self.reply(&sender.begin()).await?;
         while let Some(next) = packets.recv().await {
             match next {
                 Ok(content) => {
-                    self.reply(&Response::Retrieval(RetrievalResponse::RestoreData {
-                        content,
-                    }))
-                    .await?;
+                    let packet = sender.ciphertext(content).map_err(Ended::Framing)?;
+                    self.reply(&packet).await?;
                 }
                 Err(e) => {
                     error!(file = ?file, version = number, cause = %e, "RESTORE ABORTED: stored content is damaged or unreadable; closing the connection");
@@ -878,6 +905,7 @@ where
                 }
             }
         }
+        sender.finish().map_err(Ended::Framing)?;
         let secs = started.elapsed().as_secs_f64();
         let mb_per_s = size as f64 / 1e6 / secs.max(1e-6);
         info!(file = ?file, version = number, size, secs = format_args!("{secs:.3}"), mb_per_s = format_args!("{mb_per_s:.1}"), "restore sent");
