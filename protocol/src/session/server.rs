@@ -270,6 +270,7 @@ enum Pending {
 }
 
 struct Receiving {
+    file: FileName,
     decryptor: CbcDecryptor,
     cksum: Cksum,
 }
@@ -785,6 +786,7 @@ impl ServerSession {
             }
             let key = self.key.as_ref().ok_or(SessionError::NoPendingAction)?;
             self.receiving = Some(Receiving {
+                file: file.clone(),
                 decryptor: CbcDecryptor::new(key),
                 cksum: Cksum::new(),
             });
@@ -815,6 +817,7 @@ impl ServerSession {
         let Receiving {
             decryptor,
             mut cksum,
+            ..
         } = self.receiving.take().ok_or(SessionError::NoPendingAction)?;
         self.spare = None;
         let before = plaintext.len();
@@ -984,13 +987,20 @@ impl ServerSession {
 
     /// Reports that storage failed while carrying out a write, commit or
     /// retrieval: the upload or request is forgotten and the answer is 1607.
-    /// The session stays usable.
+    /// The session stays usable, and an upload attempt so cut short does
+    /// not count toward [`MAX_SEND_ATTEMPTS`], as the client counts it.
     pub fn storage_failed(&mut self) -> Response {
         self.spare = None;
         self.pending = None;
         self.reassembler.reset();
-        self.receiving = None;
-        self.received = None;
+        let cut = match (self.receiving.take(), self.received.take()) {
+            (Some(receiving), _) => Some(receiving.file),
+            (None, Some(received)) => Some(received.file),
+            (None, None) => None,
+        };
+        if let Some(count) = cut.and_then(|file| self.attempts.get_mut(&file)) {
+            *count = count.saturating_sub(1);
+        }
         Response::GeneralError
     }
 
@@ -1129,6 +1139,26 @@ mod tests {
                 content: Bytes::copy_from_slice(&ct[start..end]),
             }),
         }
+    }
+
+    #[test]
+    fn does_not_count_an_attempt_cut_short_by_a_storage_failure() {
+        let (mut s, id, aes, mut rng) = keyed();
+        let ct = encrypt_all(&aes, b"abc");
+        // Storage fails at the end of every attempt: none counts.
+        for _ in 0..2 * MAX_SEND_ATTEMPTS {
+            let action = s.handle(packet(id, &ct, 1, 1, 16, 3), &mut rng).unwrap();
+            assert!(matches!(action, Action::Write { done: Some(_), .. }));
+            assert_eq!(s.storage_failed(), Response::GeneralError);
+        }
+        let action = s.handle(packet(id, &ct, 1, 1, 16, 3), &mut rng).unwrap();
+        assert!(matches!(
+            action,
+            Action::Write {
+                start: Some(FileStart { attempt: 1, .. }),
+                ..
+            }
+        ));
     }
 
     #[test]
