@@ -1,3 +1,4 @@
+// Over 600 lines: one harness per fuzz target, each self-contained beside the fake storage it drives.
 //! Harnesses for the cargo-fuzz targets in `fuzz/`.
 //!
 //! Each function takes arbitrary bytes, must never panic on its own account,

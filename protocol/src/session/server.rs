@@ -1,4 +1,4 @@
-//! (Over 600 lines: the whole server state machine, upload and retrieval, in one place.)
+// Over 600 lines: one state machine (binding, upload, proofs, retrieval) whose states must be read together.
 //! The server side of a session.
 //!
 //! ```text
