@@ -1,3 +1,4 @@
+// Over 600 lines: one harness per fuzz target, each self-contained beside the fake storage it drives.
 //! Harnesses for the cargo-fuzz targets in `fuzz/`.
 //!
 //! Each function takes arbitrary bytes, must never panic on its own account,
@@ -21,8 +22,13 @@ use crate::limits::Limits;
 use crate::message::{FilePacket, PacketHead, PublicKeyField, Request, RequestFrame, Response};
 use crate::name::{FileName, UserName, NAME_FIELD_LEN};
 use crate::reassembly::Reassembler;
-use crate::retrieval::{ListFlags, RetrievalRequest};
-use crate::session::server::{Action, KnownClient, RegisterOutcome, ServerConfig, ServerSession};
+use crate::restore::FoundVersion;
+use crate::retrieval::{
+    ListEntry, ListFlags, RetrievalRequest, RetrievalResponse, MAX_LIST_ENTRIES,
+};
+use crate::session::server::{
+    Action, DeleteOutcome, KnownClient, RegisterOutcome, RestoreStart, ServerConfig, ServerSession,
+};
 use crate::wire::{ClientId, Dialect, Numbering, REQUEST_HEADER_LEN, RESPONSE_HEADER_LEN};
 
 /// Small limits, so that the fuzzer reaches every limit with short inputs.
@@ -686,6 +692,7 @@ pub fn server_session(data: &[u8]) {
     let config = ServerConfig {
         reply_to_crc_retry: input.bool(),
         limits: limits(),
+        ..ServerConfig::default()
     };
     let mut session = ServerSession::new(config);
     let mut rng = rand::rngs::StdRng::seed_from_u64(u64::from(input.u16()));
@@ -835,28 +842,120 @@ pub fn server_session(data: &[u8]) {
                 proved = true;
             }
             Action::Reply(_) => {}
-            Action::Retrieve { client_id, request } => {
+            Action::List {
+                client_id,
+                skip,
+                limit,
+                ..
+            } => {
                 assert!(proved, "retrieval served before the proof");
                 assert_eq!(Some(client_id), assigned, "retrieval for another client");
-                assert_eq!(Some(request), retrieval, "retrieval request changed");
-                // A restore is encrypted under the key the client holds.
-                let iv = [input.u8(); crypto::BLOCK];
-                let Some(mut cipher) = session.restore_cipher(&iv) else {
-                    panic!("no restore cipher after a key exchange");
+                assert!(
+                    matches!(retrieval, Some(RetrievalRequest::List { cursor, .. }) if cursor == skip),
+                    "list request changed"
+                );
+                assert!(
+                    (2..=MAX_LIST_ENTRIES + 1).contains(&limit),
+                    "page over the limit"
+                );
+                if input.u8() % 8 == 0 {
+                    assert_eq!(session.storage_failed(), Response::GeneralError);
+                    continue;
+                }
+                let found = usize::from(input.u16()) % (limit + 1);
+                let entries = (0..found)
+                    .map(|i| ListEntry {
+                        version: i as u64,
+                        size: 0,
+                        stored_at: 0,
+                        cksum: 0,
+                        file: file_name(&mut input),
+                    })
+                    .collect();
+                let Ok(Response::Retrieval(RetrievalResponse::ListPage {
+                    next_cursor,
+                    entries,
+                })) = session.listed(entries)
+                else {
+                    panic!("a list not answered with a page");
                 };
+                let more = found == limit;
+                assert_eq!(entries.len(), found.min(limit - 1), "page size");
+                assert_eq!(
+                    next_cursor,
+                    if more {
+                        skip.saturating_add(limit as u64 - 1)
+                    } else {
+                        0
+                    },
+                    "next cursor"
+                );
+            }
+            Action::Delete { client_id, file } => {
+                assert!(proved, "retrieval served before the proof");
+                assert_eq!(Some(client_id), assigned, "retrieval for another client");
+                assert_eq!(
+                    retrieval,
+                    Some(RetrievalRequest::Delete { file }),
+                    "delete request changed"
+                );
+                let outcome = match input.u8() % 3 {
+                    0 => DeleteOutcome::NotFound,
+                    1 => DeleteOutcome::Refused,
+                    _ => DeleteOutcome::Deleted(u32::from(input.u8()) + 1),
+                };
+                assert!(session.deleted(outcome).is_ok());
+            }
+            Action::FindVersion {
+                client_id,
+                file,
+                version,
+            } => {
+                assert!(proved, "retrieval served before the proof");
+                assert_eq!(Some(client_id), assigned, "retrieval for another client");
+                assert_eq!(
+                    retrieval,
+                    Some(RetrievalRequest::Restore {
+                        version,
+                        file: file.clone()
+                    }),
+                    "restore request changed"
+                );
+                let sample = input.bytes(64).to_vec();
+                let found = (!input.bool()).then(|| FoundVersion {
+                    version: 1,
+                    size: sample.len() as u64,
+                    cksum: Cksum::of(&sample),
+                    file,
+                });
+                let Ok(start) = session.found_version(found, &mut rng) else {
+                    panic!("a pending restore refused its outcome");
+                };
+                let RestoreStart::Send(mut sender) = start else {
+                    continue;
+                };
+                // A restore is encrypted under the key the client holds.
                 let Some(key) = aes.as_ref() else {
                     panic!("retrieval allowed before the client has a key");
                 };
-                let sample = input.bytes(64).to_vec();
+                let iv = sender.header().iv;
+                let mut packets = Vec::new();
+                for chunk in sample.chunks(usize::from(input.u8() % 32) + 1) {
+                    packets.extend(sender.plaintext(chunk).unwrap_or_default());
+                }
+                packets.extend(sender.finish().unwrap_or_default());
                 let mut ct = BytesMut::new();
-                cipher.update(&sample, &mut ct);
-                cipher.finish(&mut ct);
+                for p in packets {
+                    if let Response::Retrieval(RetrievalResponse::RestoreData { content }) = p {
+                        ct.extend_from_slice(&content);
+                    }
+                }
                 let mut plain = BytesMut::new();
                 let mut decryptor = CbcDecryptor::with_iv(key, &iv);
                 decryptor.update(&ct, &mut plain);
                 assert!(
                     decryptor.finish(&mut plain).is_ok() && plain[..] == sample[..],
-                    "restore cipher is not the client's key"
+                    "restore not encrypted under the client's key"
                 );
             }
             Action::Register {

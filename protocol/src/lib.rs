@@ -33,6 +33,7 @@ pub mod limits;
 pub mod message;
 pub mod name;
 pub mod reassembly;
+pub mod restore;
 pub mod retrieval;
 pub mod secure;
 pub mod session;

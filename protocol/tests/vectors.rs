@@ -764,7 +764,9 @@ fn replay(session: &Session) -> (Vec<Response>, FakeStorage) {
             .unwrap_or_else(|e| panic!("{}: request {i}: {e}", session.name));
         match action {
             Action::Reply(r) => out.push(r),
-            Action::Retrieve { .. } => panic!("{}: no retrieval in a legacy session", session.name),
+            Action::List { .. } | Action::FindVersion { .. } | Action::Delete { .. } => {
+                panic!("{}: no retrieval in a legacy session", session.name)
+            }
             Action::Register {
                 client_id, name, ..
             } => {

@@ -1,5 +1,7 @@
 //! One client connection: read requests, drive the session machine, carry
-//! out its actions, answer.
+//! out its actions, answer. This module holds the lifecycle (accept, run
+//! loop, close) and the dispatch; each request kind's handler is in
+//! [`cmd`], the protocol rules in the session.
 //!
 //! Reading and decoding happen on the connection's task through a
 //! `FramedRead` with the [`ServerCodec`]; decryption and the cksum happen in
@@ -14,6 +16,7 @@
 //! session built for the dialect. It is generic over the two halves of the
 //! stream, so that it can be driven in memory too.
 
+mod cmd;
 mod deadline;
 mod register_limit;
 mod restore;
@@ -21,22 +24,14 @@ mod upload;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
-use protocol::retrieval::{
-    ListEntry, RefusalReason, RestoreBegin, RetrievalRequest, RetrievalResponse, MAX_LIST_ENTRIES,
-};
 use protocol::secure::{Binding, BINDING_LEN, EXPORTER_LABEL};
-use protocol::session::server::{
-    Action, KnownClient, RegisterOutcome, ServerConfig, ServerSession, SessionError,
-};
-use protocol::wire::RequestKind;
-use protocol::{
-    ClientId, CodecError, Dialect, Request, RequestFrame, Response, ServerCodec, UserName,
-};
-use rand::rngs::{OsRng, StdRng};
-use rand::{RngCore, SeedableRng};
+use protocol::session::server::{Action, ServerConfig, ServerSession, SessionError};
+use protocol::{ClientId, CodecError, Dialect, RequestFrame, Response, ServerCodec};
+use rand::rngs::StdRng;
+use rand::SeedableRng;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
@@ -47,13 +42,10 @@ use tracing::{debug, error, info, info_span, warn, Instrument, Span};
 
 use crate::admission::Ticket;
 use crate::config::Config;
-use crate::storage::{
-    BlobKey, Deletion, NewVersion, Registration, Retention, Storage, StorageError, VersionRecord,
-};
+use crate::storage::{Storage, StorageError};
 use deadline::Deadline;
 pub(crate) use register_limit::RegisterLimiter;
-use register_limit::{Refusal, Verdict};
-use upload::{Staged, StagedContent, Upload};
+use upload::{Staged, Upload};
 
 /// Initial read buffer: large reads keep the syscall count low.
 const READ_BUFFER: usize = 128 * 1024;
@@ -83,7 +75,7 @@ enum Ended {
     #[error("{0}")]
     Read(CodecError),
     #[error("protocol violation: {0}")]
-    Session(#[from] SessionError),
+    Session(SessionError),
     #[error("storage failed: {0}")]
     Storage(StorageError),
     #[error("could not write a response: {0}")]
@@ -94,6 +86,23 @@ enum Ended {
     Restore(restore::RestoreError),
     #[error("client proved its key, but its registration was replaced meanwhile")]
     Replaced,
+    #[error("restore framing: {0}")]
+    Framing(protocol::restore::RestoreSendError),
+    #[error("BUG: the connection handler broke an invariant: {0}")]
+    Invariant(&'static str),
+}
+
+impl From<SessionError> for Ended {
+    /// An outcome reported with no action pending is the shell's bug, not
+    /// the peer's.
+    fn from(e: SessionError) -> Self {
+        match e {
+            SessionError::NoPendingAction => {
+                Ended::Invariant("an outcome reported while no action was pending")
+            }
+            e => Ended::Session(e),
+        }
+    }
 }
 
 impl Ended {
@@ -111,7 +120,11 @@ impl Ended {
                 None
             }
             Ended::Session(e) => Some(e.answer()),
-            Ended::Read(_) | Ended::Restore(_) | Ended::Replaced => Some(Response::GeneralError),
+            Ended::Read(_)
+            | Ended::Restore(_)
+            | Ended::Replaced
+            | Ended::Framing(_)
+            | Ended::Invariant(_) => Some(Response::GeneralError),
         }
     }
 }
@@ -273,6 +286,7 @@ pub(crate) async fn serve<R, W>(
                 info!("peer closed the connection in the middle of an upload; discarded")
             }
             Ok(_) => debug!("closed by peer"),
+            Err(e @ Ended::Invariant(_)) => error!(cause = %e, "connection ended by a bug"),
             Err(e) => warn!(cause = %e, "connection ended"),
         }
         conn.discard_upload().await;
@@ -302,6 +316,7 @@ where
         let session_config = ServerConfig {
             reply_to_crc_retry: config.reply_to_crc_retry,
             limits: config.limits,
+            ..ServerConfig::default()
         };
         let (dialect, session) = match security {
             Security::Legacy => (Dialect::Legacy, ServerSession::new(session_config)),
@@ -433,32 +448,16 @@ where
         }
     }
 
-    /// Answers a storage failure with 1607 and ends the connection: the
-    /// session has forgotten the upload, so the client cannot carry on.
-    async fn storage_failure(&mut self, e: StorageError) -> Result<(), Ended> {
-        let response = self.session.storage_failed();
-        self.reply(&response).await?;
-        Err(Ended::Storage(e))
-    }
-
     fn bind_client(&self, client_id: ClientId) {
         self.span
             .record("client_id", tracing::field::display(client_id));
     }
 
+    /// Hands a request to the session, then its action to the handler for
+    /// the request kind (`cmd/*.rs`).
     async fn dispatch(&mut self, frame: RequestFrame) -> Result<(), Ended> {
         let kind = frame.request.kind();
-        // Large packets go to the writer as they are: hand one of its used
-        // buffers back for this packet's plaintext. (Small ones are copied
-        // into a batch, whose buffers are recycled by the upload itself.)
-        if let (Request::SendFile(packet), Some(upload)) = (&frame.request, self.upload.as_mut()) {
-            let needed = packet.content.len() + protocol::crypto::BLOCK;
-            if needed > upload::BATCH {
-                if let Some(buf) = upload.spare(needed) {
-                    self.session.recycle(buf);
-                }
-            }
-        }
+        self.offer_spare(&frame);
         let header_id = frame.client_id;
         let action = match self.session.handle(frame, &mut self.rng) {
             Ok(action) => action,
@@ -478,412 +477,43 @@ where
             }
         };
         match action {
-            Action::Reply(response) => {
-                if let Response::Authenticated { client_id } = response {
-                    self.bind_client(client_id);
-                    self.record_completion(client_id).await?;
-                    info!("client proved its key");
-                }
-                self.reply(&response).await
+            Action::Reply(response @ Response::Authenticated { client_id }) => {
+                self.proved(client_id, response).await
             }
-            Action::Retrieve { client_id, request } => self.retrieve(client_id, request).await,
+            Action::Reply(response) => self.reply(&response).await,
             Action::Register {
                 client_id,
                 name,
                 secure_key,
             } => self.register(client_id, name, secure_key).await,
-            Action::StoreKey { client_id, key, .. } => {
-                let stored = match self
-                    .blocking(move |s| s.meta().set_public_key(client_id, &key, SystemTime::now()))
-                    .await
-                {
-                    Ok(true) => true,
-                    Ok(false) => {
-                        error!("client is not in the metadata; public key not stored");
-                        false
-                    }
-                    Err(e) => {
-                        error!(cause = %e, "storing the public key failed");
-                        false
-                    }
-                };
-                let response = self.session.key_stored(stored, &mut self.rng)?;
-                if matches!(response, Response::KeyAccepted { .. }) {
-                    info!("public key stored; session key sent");
-                }
-                self.reply(&response).await
-            }
-            Action::LookupClient { client_id, name } => {
-                let found = match self.blocking(move |s| s.meta().client(client_id)).await {
-                    Ok(found) => found,
-                    Err(e) => {
-                        error!(cause = %e, "client lookup failed");
-                        let response = self.session.storage_failed();
-                        return self.reply(&response).await;
-                    }
-                };
-                let known = found.map(|c| KnownClient {
-                    name: c.name,
-                    public_key: c.public_key,
-                    secure_key: c.secure_key.map(bytes::Bytes::from),
-                });
-                let response = self.session.looked_up(known, &mut self.rng)?;
-                if matches!(response, Response::Reconnected { .. }) {
-                    self.bind_client(client_id);
-                    info!(name = ?name, "reconnected; session key sent");
-                    let storage = self.shared.storage.clone();
-                    tokio::task::spawn_blocking(move || {
-                        if let Err(e) = storage.meta().touch(client_id, SystemTime::now()) {
-                            warn!(cause = %e, "could not update last seen");
-                        }
-                    });
-                } else {
-                    info!(%client_id, name = ?name, "reconnect refused: unknown id, other name or no public key");
-                }
-                self.reply(&response).await
-            }
+            Action::StoreKey { client_id, key, .. } => self.store_key(client_id, key).await,
+            Action::LookupClient { client_id, name } => self.reconnect(client_id, name).await,
             Action::Write {
                 start,
                 plaintext,
                 done,
-            } => {
-                if let Some(start) = start {
-                    let Some((client_id, _)) = self.session.client() else {
-                        return Err(SessionError::NoPendingAction.into());
-                    };
-                    debug!(file = ?start.file, orig_size = start.orig_size, attempt = start.attempt, "upload started");
-                    self.discard_upload().await;
-                    match Upload::start(
-                        self.shared.storage.blobs_arc(),
-                        client_id,
-                        self.shared.alive.clone(),
-                        start.orig_size,
-                    ) {
-                        Ok(upload) => self.upload = Some(upload),
-                        Err(e) => return self.storage_failure(e).await,
-                    }
-                }
-                let Some(upload) = self.upload.as_mut() else {
-                    return Err(SessionError::NoPendingAction.into());
-                };
-                if let Err(e) = upload.write(plaintext).await {
-                    return self.storage_failure(e).await;
-                }
-                let Some(done) = done else {
-                    return Ok(());
-                };
-                let Some(upload) = self.upload.take() else {
-                    return Err(SessionError::NoPendingAction.into());
-                };
-                match upload.finish().await {
-                    Ok(staged) => self.staged = Some(staged),
-                    Err(e) => return self.storage_failure(e).await,
-                }
-                self.reply(&done).await
-            }
+            } => self.write(start, plaintext, done).await,
             Action::Commit {
                 client_id,
                 file,
                 size,
                 cksum,
                 reply,
-            } => {
-                let Some(staged) = self.staged.take() else {
-                    return Err(SessionError::NoPendingAction.into());
-                };
-                let Staged {
-                    content,
-                    sha256,
-                    size: written,
-                    started,
-                } = staged;
-                if written != size {
-                    let e = StorageError::Corrupt(format!(
-                        "wrote {written} bytes but the session counted {size}"
-                    ));
-                    return self.storage_failure(e).await;
-                }
-                let version = NewVersion {
-                    client: client_id,
-                    file: file.clone(),
-                    blob: BlobKey(String::new()),
-                    size,
-                    content_size: protocol::crypto::pkcs7_len(size),
-                    cksum,
-                    sha256,
-                    stored_at: SystemTime::now(),
-                };
-                let retention = if self.shared.config.append_only {
-                    Retention::KEEP_ALL
-                } else {
-                    self.shared.config.retention
-                };
-                if let Err(e) = self
-                    .blocking(move |s| match content {
-                        StagedContent::Blob(blob) => s.commit(blob, version, &retention),
-                        StagedContent::Inline(bytes) => s.commit_inline(bytes, version, &retention),
-                    })
-                    .await
-                {
-                    return self.storage_failure(e).await;
-                }
-                let secs = started.elapsed().as_secs_f64();
-                let mb_per_s = size as f64 / 1e6 / secs.max(1e-6);
-                info!(file = ?file, size, cksum, secs = format_args!("{secs:.3}"), mb_per_s = format_args!("{mb_per_s:.1}"), "upload committed");
-                self.reply(&reply).await
-            }
-            Action::Discard { reply } => {
-                self.discard_upload().await;
-                match (kind, &reply) {
-                    (_, Some(Response::GeneralError)) => {
-                        warn!("client confirmed a cksum for content whose padding or size was wrong; discarded")
-                    }
-                    (RequestKind::CrcRetry, _) => info!(
-                        "client reported a cksum mismatch; attempt discarded, a resend follows"
-                    ),
-                    (RequestKind::CrcAbort, _) => {
-                        warn!("client gave up after repeated cksum mismatches; nothing committed")
-                    }
-                    _ => info!("upload discarded"),
-                }
-                match reply {
-                    Some(response) => self.reply(&response).await,
-                    None => Ok(()),
-                }
-            }
+            } => self.commit(client_id, file, size, cksum, reply).await,
+            Action::Discard { reply } => self.discard(kind, reply).await,
+            Action::List {
+                client_id,
+                all_versions,
+                skip,
+                limit,
+            } => self.list(client_id, all_versions, skip, limit).await,
+            Action::FindVersion {
+                client_id,
+                file,
+                version,
+            } => self.find_version(client_id, file, version).await,
+            Action::Delete { client_id, file } => self.delete(client_id, file).await,
         }
-    }
-
-    /// Answers a retrieval request (`docs/PROTOCOL.md` §11). A storage
-    /// failure is answered 1607 and ends the connection.
-    async fn retrieve(
-        &mut self,
-        client_id: ClientId,
-        request: RetrievalRequest,
-    ) -> Result<(), Ended> {
-        match request {
-            RetrievalRequest::List { flags, cursor } => {
-                let all = flags.all_versions();
-                let page = MAX_LIST_ENTRIES;
-                let found = self
-                    .blocking(move |s| s.meta().list(client_id, all, cursor, page + 1))
-                    .await;
-                let mut versions = match found {
-                    Ok(v) => v,
-                    Err(e) => return self.retrieval_failure(e).await,
-                };
-                let more = versions.len() > page;
-                versions.truncate(page);
-                let next_cursor = if more {
-                    cursor.saturating_add(page as u64)
-                } else {
-                    0
-                };
-                let entries: Vec<ListEntry> = versions.into_iter().map(list_entry).collect();
-                debug!(
-                    all_versions = all,
-                    cursor,
-                    entries = entries.len(),
-                    next_cursor,
-                    "list"
-                );
-                self.reply(&Response::Retrieval(RetrievalResponse::ListPage {
-                    next_cursor,
-                    entries,
-                }))
-                .await
-            }
-            RetrievalRequest::Restore { version, file } => {
-                let f = file.clone();
-                let found = self
-                    .blocking(move |s| s.meta().find_version(client_id, &f, version))
-                    .await;
-                match found {
-                    Ok(Some(v)) => self.restore(v).await,
-                    Ok(None) => {
-                        info!(file = ?file, version, "restore: no such file or version");
-                        self.reply(&Response::Retrieval(RetrievalResponse::NotFound))
-                            .await
-                    }
-                    Err(e) => self.retrieval_failure(e).await,
-                }
-            }
-            RetrievalRequest::Delete { file } => {
-                let f = file.clone();
-                let append_only = self.shared.config.append_only;
-                let outcome = self
-                    .blocking(move |s| s.delete_file(client_id, &f, append_only))
-                    .await;
-                let response = match outcome {
-                    Ok(Deletion::Deleted(removed)) => {
-                        info!(file = ?file, versions = removed.len(), "deleted");
-                        RetrievalResponse::Deleted {
-                            versions: u32::try_from(removed.len()).unwrap_or(u32::MAX),
-                        }
-                    }
-                    Ok(Deletion::NotFound) => {
-                        info!(file = ?file, "delete: no such file");
-                        RetrievalResponse::NotFound
-                    }
-                    Ok(Deletion::Refused) => {
-                        info!(file = ?file, "delete refused: append-only");
-                        RetrievalResponse::Refused {
-                            reason: RefusalReason::APPEND_ONLY,
-                        }
-                    }
-                    Err(e) => return self.retrieval_failure(e).await,
-                };
-                self.reply(&Response::Retrieval(response)).await
-            }
-        }
-    }
-
-    /// Carries out a registration (legacy 1025, secure-mode 1025 with a
-    /// key): the per-source rate limit first, then storage, where a name
-    /// whose client never completed may be taken over after the grace
-    /// period (`docs/PROTOCOL.md` §6.1, §12.3).
-    async fn register(
-        &mut self,
-        client_id: ClientId,
-        name: UserName,
-        secure_key: Option<bytes::Bytes>,
-    ) -> Result<(), Ended> {
-        // Over the limit: "registration failed" (1601), which every
-        // client understands, without touching storage (§6.1).
-        if let Verdict::Refused { why, log } = self
-            .shared
-            .registrations
-            .check(self.peer.ip(), Instant::now())
-        {
-            if log {
-                match why {
-                    Refusal::OverRate => {
-                        info!(name = ?name, "registration refused: over the rate limit for this address (further refusals for it are not logged for a minute)")
-                    }
-                    Refusal::TableFull => {
-                        warn!(name = ?name, "registration refused: too many addresses registering at once (further refusals are not logged for a minute)")
-                    }
-                }
-            }
-            let response = self
-                .session
-                .registered(RegisterOutcome::NameTaken, &mut self.rng)?;
-            return self.reply(&response).await;
-        }
-        let n = name.clone();
-        let grace = self.shared.config.registration_grace;
-        let registration = self
-            .blocking(move |s| {
-                s.meta().register_client(
-                    client_id,
-                    &n,
-                    secure_key.as_deref(),
-                    SystemTime::now(),
-                    Some(grace),
-                )
-            })
-            .await;
-        let outcome = match &registration {
-            Ok(Registration::Created | Registration::Replaced { .. }) => RegisterOutcome::Created,
-            Ok(Registration::NameTaken) => RegisterOutcome::NameTaken,
-            Err(e) => {
-                error!(cause = %e, "registration failed");
-                RegisterOutcome::Failed
-            }
-        };
-        let response = self.session.registered(outcome, &mut self.rng)?;
-        match registration {
-            Ok(Registration::Created) => {
-                self.bind_client(client_id);
-                info!(name = ?name, "registered");
-            }
-            Ok(Registration::Replaced { stale }) => {
-                self.bind_client(client_id);
-                info!(name = ?name, %stale, "registered in place of a client that never completed its registration");
-            }
-            Ok(Registration::NameTaken) => {
-                info!(name = ?name, "registration refused: name taken")
-            }
-            Err(_) => {}
-        }
-        self.reply(&response).await
-    }
-
-    /// Records that `client_id` completed its registration by proving its
-    /// key, before the 1650 goes out: from then on its name is never
-    /// registrable again (§12.3). A storage failure, or a registration
-    /// replaced meanwhile (the grace period ran out while the client was
-    /// connected), is answered 1607 and ends the connection.
-    async fn record_completion(&mut self, client_id: ClientId) -> Result<(), Ended> {
-        match self
-            .blocking(move |s| s.meta().complete(client_id, SystemTime::now()))
-            .await
-        {
-            Ok(true) => Ok(()),
-            Ok(false) => Err(Ended::Replaced),
-            Err(e) => {
-                error!(cause = %e, "recording the completed registration failed");
-                self.reply(&Response::GeneralError).await?;
-                Err(Ended::Storage(e))
-            }
-        }
-    }
-
-    async fn retrieval_failure(&mut self, e: StorageError) -> Result<(), Ended> {
-        error!(cause = %e, "retrieval failed in storage");
-        self.reply(&Response::GeneralError).await?;
-        Err(Ended::Storage(e))
-    }
-
-    /// Sends one version: 1641, then its ciphertext under a fresh IV in
-    /// 1642 packets streamed from the reader thread.
-    async fn restore(&mut self, version: VersionRecord) -> Result<(), Ended> {
-        let mut iv = [0u8; protocol::crypto::BLOCK];
-        OsRng.fill_bytes(&mut iv);
-        let Some(cipher) = self.session.restore_cipher(&iv) else {
-            return Err(SessionError::NoPendingAction.into());
-        };
-        let packet = restore::packet_len(self.shared.config.limits.max_packet_content);
-        let started = Instant::now();
-        let (file, number, size) = (version.file.clone(), version.version, version.size);
-        let begin = RestoreBegin {
-            version: u64::try_from(number).unwrap_or_default(),
-            size,
-            content_size: protocol::crypto::pkcs7_len(size),
-            cksum: version.cksum,
-            iv,
-            file: file.clone(),
-        };
-        let mut packets = match restore::start(
-            self.shared.storage.clone(),
-            version,
-            cipher,
-            packet,
-            self.shared.alive.clone(),
-        ) {
-            Ok(rx) => rx,
-            Err(e) => return self.retrieval_failure(e).await,
-        };
-        self.reply(&Response::Retrieval(RetrievalResponse::RestoreBegin(begin)))
-            .await?;
-        while let Some(next) = packets.recv().await {
-            match next {
-                Ok(content) => {
-                    self.reply(&Response::Retrieval(RetrievalResponse::RestoreData {
-                        content,
-                    }))
-                    .await?;
-                }
-                Err(e) => {
-                    error!(file = ?file, version = number, cause = %e, "RESTORE ABORTED: stored content is damaged or unreadable; closing the connection");
-                    return Err(Ended::Restore(e));
-                }
-            }
-        }
-        let secs = started.elapsed().as_secs_f64();
-        let mb_per_s = size as f64 / 1e6 / secs.max(1e-6);
-        info!(file = ?file, version = number, size, secs = format_args!("{secs:.3}"), mb_per_s = format_args!("{mb_per_s:.1}"), "restore sent");
-        Ok(())
     }
 
     /// Drops any upload in progress (its writer removes the temporary) and
@@ -909,21 +539,6 @@ where
         let _ = tokio::time::timeout(LINGER, write.shutdown()).await;
         let mut read = reader.into_inner().into_inner();
         linger(&mut read).await;
-    }
-}
-
-/// A version as a list entry.
-fn list_entry(v: VersionRecord) -> ListEntry {
-    ListEntry {
-        version: u64::try_from(v.version).unwrap_or_default(),
-        size: v.size,
-        stored_at: v
-            .stored_at
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or_default(),
-        cksum: v.cksum,
-        file: v.file,
     }
 }
 

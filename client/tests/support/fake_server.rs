@@ -6,14 +6,13 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures::{SinkExt, StreamExt};
 use protocol::message::PublicKeyField;
-use protocol::retrieval::{
-    ListEntry, RefusalReason, RestoreBegin, RetrievalRequest, RetrievalResponse,
-};
+use protocol::restore::FoundVersion;
+use protocol::retrieval::{ListEntry, RetrievalResponse};
 use protocol::session::server::{
-    Action, KnownClient, RegisterOutcome, ServerConfig, ServerSession,
+    Action, DeleteOutcome, KnownClient, RegisterOutcome, RestoreStart, ServerConfig, ServerSession,
 };
 use protocol::wire::RequestKind;
 use protocol::{Cksum, ClientId, FileName, Request, Response, ServerCodec, UserName};
@@ -187,10 +186,21 @@ fn take_quirk(counter: &mut u32) -> bool {
 }
 
 async fn serve(stream: TcpStream, state: Arc<Mutex<State>>) {
-    let silent = state.lock().unwrap().quirks.silent_after_crc_retry;
+    let (silent, page, packet) = {
+        let s = state.lock().unwrap();
+        let stored = s.quirks.retrieval.as_ref();
+        (
+            s.quirks.silent_after_crc_retry,
+            stored.map(|r| r.page_size),
+            stored.map(|r| r.packet),
+        )
+    };
+    let defaults = ServerConfig::default();
     let config = ServerConfig {
         reply_to_crc_retry: !silent,
-        ..ServerConfig::default()
+        list_page: page.unwrap_or(defaults.list_page),
+        restore_packet: packet.unwrap_or(defaults.restore_packet),
+        ..defaults
     };
     let mut session = ServerSession::new(config);
     let mut framed = Framed::new(stream, ServerCodec::default());
@@ -244,7 +254,7 @@ async fn serve(stream: TcpStream, state: Arc<Mutex<State>>) {
         };
         let reply = match action {
             Action::Reply(r) => Some(r),
-            Action::Retrieve { request, .. } => {
+            Action::List { .. } | Action::FindVersion { .. } | Action::Delete { .. } => {
                 let (close, stored) = {
                     let s = state.lock().unwrap();
                     (s.quirks.close_on_retrieval, s.quirks.retrieval.is_some())
@@ -253,10 +263,10 @@ async fn serve(stream: TcpStream, state: Arc<Mutex<State>>) {
                     return;
                 }
                 if !stored {
-                    // A legacy server knows no retrieval codes.
-                    Some(Response::GeneralError)
+                    // A legacy server knows no retrieval codes (and goes on).
+                    Some(session.storage_failed())
                 } else {
-                    for r in retrieve(&state, &session, request) {
+                    for r in retrieve(&state, &mut session, &mut rng, action) {
                         // A 1607 after restore data marks a cut: hang up.
                         if r == Response::GeneralError {
                             return;
@@ -357,22 +367,29 @@ async fn serve(stream: TcpStream, state: Arc<Mutex<State>>) {
     }
 }
 
-/// The answers to one retrieval request.
+/// The answers to one retrieval action: storage is the fake's, the rules
+/// (paging, the restore header and packets, the delete answers) are the
+/// session's; quirks bend the answers afterwards.
 fn retrieve(
     state: &Arc<Mutex<State>>,
-    session: &ServerSession,
-    request: RetrievalRequest,
+    session: &mut ServerSession,
+    rng: &mut rand::rngs::OsRng,
+    action: Action,
 ) -> Vec<Response> {
     let mut s = state.lock().unwrap();
     let Some(stored) = s.quirks.retrieval.as_mut() else {
         return vec![Response::GeneralError];
     };
-    let wrap = |r| Response::Retrieval(r);
-    match request {
-        RetrievalRequest::List { flags, cursor } => {
+    match action {
+        Action::List {
+            all_versions,
+            skip,
+            limit,
+            ..
+        } => {
             let mut all = stored.versions.clone();
             all.sort_by(|a, b| (a.name.as_bytes(), a.version).cmp(&(b.name.as_bytes(), b.version)));
-            if !flags.all_versions() {
+            if !all_versions {
                 let mut latest: Vec<StoredVersion> = Vec::new();
                 for v in all {
                     match latest.last_mut() {
@@ -382,10 +399,10 @@ fn retrieve(
                 }
                 all = latest;
             }
-            let start = usize::try_from(cursor).unwrap();
-            let end = (start + stored.page_size).min(all.len());
-            let entries = all[start..end]
+            let entries = all
                 .iter()
+                .skip(usize::try_from(skip).unwrap())
+                .take(limit)
                 .map(|v| ListEntry {
                     version: v.version,
                     size: v.content.len() as u64,
@@ -394,19 +411,16 @@ fn retrieve(
                     file: FileName::try_from(v.name.as_str()).unwrap(),
                 })
                 .collect();
-            let next_cursor = if stored.stuck_cursor {
-                cursor.max(1)
-            } else if end < all.len() {
-                end as u64
-            } else {
-                0
-            };
-            vec![wrap(RetrievalResponse::ListPage {
-                next_cursor,
-                entries,
-            })]
+            let mut page = session.listed(entries).unwrap();
+            if let Response::Retrieval(RetrievalResponse::ListPage { next_cursor, .. }) = &mut page
+            {
+                if stored.stuck_cursor {
+                    *next_cursor = skip.max(1);
+                }
+            }
+            vec![page]
         }
-        RetrievalRequest::Restore { version, file } => {
+        Action::FindVersion { file, version, .. } => {
             let found = stored
                 .versions
                 .iter()
@@ -414,35 +428,30 @@ fn retrieve(
                 .filter(|v| version == 0 || v.version == version)
                 .max_by_key(|v| v.version)
                 .cloned();
-            let Some(v) = found else {
-                return vec![wrap(RetrievalResponse::NotFound)];
-            };
-            let iv: [u8; 16] = rand::random();
-            let mut enc = session.restore_cipher(&iv).unwrap();
-            let mut ct = BytesMut::new();
-            enc.update(&v.content, &mut ct);
-            enc.finish(&mut ct);
-            if stored.corrupt_last_block {
-                let last = ct.len() - 1;
-                ct[last] ^= 0x40;
-            }
-            let mut cksum = Cksum::of(&v.content);
-            if stored.wrong_cksum {
-                cksum ^= 1;
-            }
-            let mut out = vec![wrap(RetrievalResponse::RestoreBegin(RestoreBegin {
+            let announced = found.as_ref().map(|v| FoundVersion {
                 version: v.version,
                 size: v.content.len() as u64,
-                content_size: ct.len() as u64,
-                cksum,
-                iv,
+                cksum: Cksum::of(&v.content) ^ u32::from(stored.wrong_cksum),
                 file,
-            }))];
-            let ct = ct.freeze();
-            for chunk in ct.chunks(stored.packet) {
-                out.push(wrap(RetrievalResponse::RestoreData {
-                    content: Bytes::copy_from_slice(chunk),
-                }));
+            });
+            let mut sender = match session.found_version(announced, rng).unwrap() {
+                RestoreStart::Answer(answer) => return vec![answer],
+                RestoreStart::Send(sender) => sender,
+            };
+            let content = found.map(|v| v.content).unwrap_or_default();
+            let mut out = vec![sender.begin()];
+            out.extend(sender.plaintext(&content).unwrap());
+            out.extend(sender.finish().unwrap());
+            if stored.corrupt_last_block {
+                if let Some(Response::Retrieval(RetrievalResponse::RestoreData { content })) =
+                    out.last_mut()
+                {
+                    let mut flipped = content.to_vec();
+                    if let Some(last) = flipped.last_mut() {
+                        *last ^= 0x40;
+                    }
+                    *content = Bytes::from(flipped);
+                }
             }
             if stored.cut_restore {
                 out.truncate(2);
@@ -451,22 +460,21 @@ fn retrieve(
             }
             out
         }
-        RetrievalRequest::Delete { file } => {
-            if stored.append_only {
-                return vec![wrap(RetrievalResponse::Refused {
-                    reason: RefusalReason::APPEND_ONLY,
-                })];
-            }
-            let before = stored.versions.len();
-            stored
-                .versions
-                .retain(|v| v.name.as_bytes() != file.as_bytes());
-            let versions = (before - stored.versions.len()) as u32;
-            if versions == 0 {
-                vec![wrap(RetrievalResponse::NotFound)]
+        Action::Delete { file, .. } => {
+            let outcome = if stored.append_only {
+                DeleteOutcome::Refused
             } else {
-                vec![wrap(RetrievalResponse::Deleted { versions })]
-            }
+                let before = stored.versions.len();
+                stored
+                    .versions
+                    .retain(|v| v.name.as_bytes() != file.as_bytes());
+                match (before - stored.versions.len()) as u32 {
+                    0 => DeleteOutcome::NotFound,
+                    n => DeleteOutcome::Deleted(n),
+                }
+            };
+            vec![session.deleted(outcome).unwrap()]
         }
+        _ => Vec::new(),
     }
 }

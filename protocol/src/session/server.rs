@@ -1,3 +1,4 @@
+// Over 600 lines: one state machine (binding, upload, proofs, retrieval) whose states must be read together.
 //! The server side of a session.
 //!
 //! ```text
@@ -32,6 +33,14 @@
 //!
 //! In secure mode no file, verdict or retrieval request is served before the
 //! proof is accepted.
+//!
+//! Retrieval (`docs/PROTOCOL.md` §11), once allowed:
+//!
+//! ```text
+//! List --> [Action::List] --listed--> 1640 (a page; next_cursor 0 on the last)
+//! Restore --> [Action::FindVersion] --found_version--> 1644, or a RestoreSender (1641, 1642...)
+//! Delete --> [Action::Delete] --deleted--> 1643 / 1644 / 1645
+//! ```
 
 use bytes::BytesMut;
 use rsa::RsaPublicKey;
@@ -42,7 +51,10 @@ use crate::limits::Limits;
 use crate::message::{FilePacket, PublicKeyField, Request, RequestFrame, Response};
 use crate::name::{FileName, UserName};
 use crate::reassembly::{Reassembler, ReassemblyError};
-use crate::retrieval::RetrievalRequest;
+use crate::restore::{self, FoundVersion, RestoreSender};
+use crate::retrieval::{
+    ListEntry, RefusalReason, RetrievalRequest, RetrievalResponse, MAX_LIST_ENTRIES,
+};
 use crate::secure::{
     verify_legacy_retrieval_proof, Binding, SessionSecret, MIN_SECURE_REGISTER_BITS,
 };
@@ -61,6 +73,12 @@ pub struct ServerConfig {
     pub reply_to_crc_retry: bool,
     /// Limits on packets, files and names.
     pub limits: Limits,
+    /// Entries per list page: [`MAX_LIST_ENTRIES`] (§11.2); smaller only in
+    /// tests, never more.
+    pub list_page: usize,
+    /// Ciphertext bytes per 1642 packet, before the packet limit and the
+    /// block alignment of [`restore::packet_len`].
+    pub restore_packet: usize,
 }
 
 impl Default for ServerConfig {
@@ -68,6 +86,8 @@ impl Default for ServerConfig {
         Self {
             reply_to_crc_retry: true,
             limits: Limits::default(),
+            list_page: MAX_LIST_ENTRIES,
+            restore_packet: restore::PACKET,
         }
     }
 }
@@ -164,13 +184,49 @@ pub enum Action {
     },
     /// Drop the temporary file, then send `reply` if any.
     Discard { reply: Option<Response> },
-    /// A retrieval request (list, restore, delete) of the keyed client
-    /// `client_id`: the shell answers it from storage. A restore's content is
-    /// encrypted with [`ServerSession::restore_cipher`].
-    Retrieve {
+    /// List request (1240): fetch at most `limit` versions of `client_id`
+    /// in list order (name, then version), skipping the first `skip`; only
+    /// the latest of each name unless `all_versions`. Then call
+    /// [`ServerSession::listed`] (or [`ServerSession::storage_failed`]).
+    List {
         client_id: ClientId,
-        request: RetrievalRequest,
+        all_versions: bool,
+        skip: u64,
+        limit: usize,
     },
+    /// Restore request (1241): find `version` of `file` (0: the latest),
+    /// then call [`ServerSession::found_version`] (or
+    /// [`ServerSession::storage_failed`]).
+    FindVersion {
+        client_id: ClientId,
+        file: FileName,
+        version: u64,
+    },
+    /// Delete request (1242): delete every version of `file` unless the
+    /// store is append-only, then call [`ServerSession::deleted`] (or
+    /// [`ServerSession::storage_failed`]).
+    Delete { client_id: ClientId, file: FileName },
+}
+
+/// What storage did with a delete request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeleteOutcome {
+    /// This many versions were removed (at least one).
+    Deleted(u32),
+    /// No version of that name.
+    NotFound,
+    /// The store is append-only.
+    Refused,
+}
+
+/// The answer to a restore request.
+#[derive(Debug)]
+pub enum RestoreStart {
+    /// Nothing to send but this (1644).
+    Answer(Response),
+    /// Send [`RestoreSender::begin`], then the content through the sender
+    /// (boxed: it holds the cipher's key schedule).
+    Send(Box<RestoreSender>),
 }
 
 /// What storage said about a registration.
@@ -205,9 +261,16 @@ enum Pending {
         client_id: ClientId,
         name: UserName,
     },
+    List {
+        cursor: u64,
+        page: usize,
+    },
+    FindVersion,
+    Delete,
 }
 
 struct Receiving {
+    file: FileName,
     decryptor: CbcDecryptor,
     cksum: Cksum,
 }
@@ -537,7 +600,7 @@ impl ServerSession {
                 if self.key.is_none() || self.has_uncommitted_upload() {
                     return Err(self.unexpected(kind));
                 }
-                Ok(Action::Retrieve { client_id, request })
+                Ok(self.retrieval(client_id, request))
             }
         }
     }
@@ -563,12 +626,105 @@ impl ServerSession {
         Ok(Action::Reply(Response::Authenticated { client_id }))
     }
 
-    /// A CBC encryptor under the session's AES key with the given IV, for
-    /// the content of a restore; `None` before the key exchange.
-    pub fn restore_cipher(&self, iv: &[u8; crypto::BLOCK]) -> Option<crypto::CbcEncryptor> {
-        self.key
-            .as_ref()
-            .map(|key| crypto::CbcEncryptor::with_iv(key, iv))
+    /// The storage action for an allowed retrieval request. A list asks
+    /// for one entry more than a page, so that the answer can say whether
+    /// another page follows (§11.2).
+    fn retrieval(&mut self, client_id: ClientId, request: RetrievalRequest) -> Action {
+        match request {
+            RetrievalRequest::List { flags, cursor } => {
+                let page = self.config.list_page.clamp(1, MAX_LIST_ENTRIES);
+                self.pending = Some(Pending::List { cursor, page });
+                Action::List {
+                    client_id,
+                    all_versions: flags.all_versions(),
+                    skip: cursor,
+                    limit: page + 1,
+                }
+            }
+            RetrievalRequest::Restore { version, file } => {
+                self.pending = Some(Pending::FindVersion);
+                Action::FindVersion {
+                    client_id,
+                    file,
+                    version,
+                }
+            }
+            RetrievalRequest::Delete { file } => {
+                self.pending = Some(Pending::Delete);
+                Action::Delete { client_id, file }
+            }
+        }
+    }
+
+    /// Reports the versions [`Action::List`] found and returns the page
+    /// (1640): at most a page of them, with the cursor of the next page
+    /// (the entries returned so far), or 0 when this page is the last
+    /// (§11.2).
+    ///
+    /// # Errors
+    /// When no list was pending.
+    pub fn listed(&mut self, mut entries: Vec<ListEntry>) -> Result<Response, SessionError> {
+        let Some(Pending::List { cursor, page }) = self.pending.take() else {
+            return Err(SessionError::NoPendingAction);
+        };
+        let more = entries.len() > page;
+        entries.truncate(page);
+        let next_cursor = if more {
+            cursor.saturating_add(page as u64)
+        } else {
+            0
+        };
+        Ok(Response::Retrieval(RetrievalResponse::ListPage {
+            next_cursor,
+            entries,
+        }))
+    }
+
+    /// Reports the version [`Action::FindVersion`] found: `None` is
+    /// answered 1644; a version is sent by the returned [`RestoreSender`],
+    /// under the session key with a fresh IV from `rng` (§11.3).
+    ///
+    /// # Errors
+    /// When no restore was pending.
+    pub fn found_version<R: rand::CryptoRng + rand::RngCore>(
+        &mut self,
+        found: Option<FoundVersion>,
+        rng: &mut R,
+    ) -> Result<RestoreStart, SessionError> {
+        let Some(Pending::FindVersion) = self.pending.take() else {
+            return Err(SessionError::NoPendingAction);
+        };
+        let Some(found) = found else {
+            return Ok(RestoreStart::Answer(Response::Retrieval(
+                RetrievalResponse::NotFound,
+            )));
+        };
+        let key = self.key.as_ref().ok_or(SessionError::NoPendingAction)?;
+        let packet = restore::packet_len(
+            self.config.restore_packet,
+            self.config.limits.max_packet_content,
+        );
+        Ok(RestoreStart::Send(Box::new(RestoreSender::new(
+            key, found, packet, rng,
+        ))))
+    }
+
+    /// Reports what [`Action::Delete`] did and returns the answer: 1643
+    /// with the count, 1644, or 1645 (append-only).
+    ///
+    /// # Errors
+    /// When no delete was pending.
+    pub fn deleted(&mut self, outcome: DeleteOutcome) -> Result<Response, SessionError> {
+        let Some(Pending::Delete) = self.pending.take() else {
+            return Err(SessionError::NoPendingAction);
+        };
+        Ok(Response::Retrieval(match outcome {
+            DeleteOutcome::Deleted(versions) => RetrievalResponse::Deleted { versions },
+            DeleteOutcome::NotFound => RetrievalResponse::NotFound,
+            DeleteOutcome::Refused => RetrievalResponse::Refused {
+                reason: RefusalReason::APPEND_ONLY,
+            },
+        }))
     }
 
     fn bound(&self, kind: RequestKind, header_id: ClientId) -> Result<ClientId, SessionError> {
@@ -630,6 +786,7 @@ impl ServerSession {
             }
             let key = self.key.as_ref().ok_or(SessionError::NoPendingAction)?;
             self.receiving = Some(Receiving {
+                file: file.clone(),
                 decryptor: CbcDecryptor::new(key),
                 cksum: Cksum::new(),
             });
@@ -660,6 +817,7 @@ impl ServerSession {
         let Receiving {
             decryptor,
             mut cksum,
+            ..
         } = self.receiving.take().ok_or(SessionError::NoPendingAction)?;
         self.spare = None;
         let before = plaintext.len();
@@ -827,14 +985,22 @@ impl ServerSession {
         }
     }
 
-    /// Reports that storage failed while carrying out a write or commit: the
-    /// upload is forgotten and the answer is 1607. The session stays usable.
+    /// Reports that storage failed while carrying out a write, commit or
+    /// retrieval: the upload or request is forgotten and the answer is 1607.
+    /// The session stays usable, and an upload attempt so cut short does
+    /// not count toward [`MAX_SEND_ATTEMPTS`], as the client counts it.
     pub fn storage_failed(&mut self) -> Response {
         self.spare = None;
         self.pending = None;
         self.reassembler.reset();
-        self.receiving = None;
-        self.received = None;
+        let cut = match (self.receiving.take(), self.received.take()) {
+            (Some(receiving), _) => Some(receiving.file),
+            (None, Some(received)) => Some(received.file),
+            (None, None) => None,
+        };
+        if let Some(count) = cut.and_then(|file| self.attempts.get_mut(&file)) {
+            *count = count.saturating_sub(1);
+        }
         Response::GeneralError
     }
 
@@ -973,6 +1139,26 @@ mod tests {
                 content: Bytes::copy_from_slice(&ct[start..end]),
             }),
         }
+    }
+
+    #[test]
+    fn does_not_count_an_attempt_cut_short_by_a_storage_failure() {
+        let (mut s, id, aes, mut rng) = keyed();
+        let ct = encrypt_all(&aes, b"abc");
+        // Storage fails at the end of every attempt: none counts.
+        for _ in 0..2 * MAX_SEND_ATTEMPTS {
+            let action = s.handle(packet(id, &ct, 1, 1, 16, 3), &mut rng).unwrap();
+            assert!(matches!(action, Action::Write { done: Some(_), .. }));
+            assert_eq!(s.storage_failed(), Response::GeneralError);
+        }
+        let action = s.handle(packet(id, &ct, 1, 1, 16, 3), &mut rng).unwrap();
+        assert!(matches!(
+            action,
+            Action::Write {
+                start: Some(FileStart { attempt: 1, .. }),
+                ..
+            }
+        ));
     }
 
     #[test]
@@ -1201,9 +1387,21 @@ mod tests {
         for request in retrieval_requests() {
             let action = s.handle(frame_of(id, request.clone()), &mut rng).unwrap();
             assert!(
-                matches!(&action, Action::Retrieve { client_id, request: r } if *client_id == id && Request::Retrieval(r.clone()) == request),
+                matches!(
+                    (&action, &request),
+                    (Action::List { client_id, .. }, Request::Retrieval(RetrievalRequest::List { .. }))
+                    | (Action::FindVersion { client_id, .. }, Request::Retrieval(RetrievalRequest::Restore { .. }))
+                    | (Action::Delete { client_id, .. }, Request::Retrieval(RetrievalRequest::Delete { .. }))
+                    if *client_id == id
+                ),
                 "{action:?}"
             );
+            // The outcome must be reported before the next request.
+            match action {
+                Action::List { .. } => drop(s.listed(Vec::new()).unwrap()),
+                Action::FindVersion { .. } => drop(s.found_version(None, &mut rng).unwrap()),
+                _ => drop(s.deleted(DeleteOutcome::NotFound).unwrap()),
+            }
         }
         // Once is enough: a second proof is out of place.
         let err = s
@@ -1276,5 +1474,161 @@ mod tests {
             .unwrap();
         assert!(matches!(action, Action::Commit { size: 3, .. }));
         assert!(s.authenticated() && !s.may_retrieve());
+    }
+
+    fn proven(config: ServerConfig) -> (ServerSession, ClientId, AesKey, rand::rngs::StdRng) {
+        let (s, id, aes, mut rng) = keyed();
+        let mut s = ServerSession { config, ..s };
+        let proof = crate::secure::legacy_retrieval_proof(&aes, id);
+        s.handle(frame_of(id, Request::Prove { proof }), &mut rng)
+            .unwrap();
+        (s, id, aes, rng)
+    }
+
+    fn entries(n: usize) -> Vec<ListEntry> {
+        (0..n)
+            .map(|i| ListEntry {
+                version: i as u64 + 1,
+                size: 0,
+                stored_at: 0,
+                cksum: 0,
+                file: FileName::try_from(format!("f{i}").as_str()).unwrap(),
+            })
+            .collect()
+    }
+
+    fn list(
+        s: &mut ServerSession,
+        id: ClientId,
+        cursor: u64,
+        rng: &mut rand::rngs::StdRng,
+        found: usize,
+    ) -> (u64, usize, Action) {
+        let request = Request::Retrieval(RetrievalRequest::List {
+            flags: crate::retrieval::ListFlags::LATEST,
+            cursor,
+        });
+        let action = s.handle(frame_of(id, request), rng).unwrap();
+        let Response::Retrieval(RetrievalResponse::ListPage {
+            next_cursor,
+            entries: page,
+        }) = s.listed(entries(found)).unwrap()
+        else {
+            panic!("not a list page");
+        };
+        (next_cursor, page.len(), action)
+    }
+
+    #[test]
+    fn pages_a_list_by_max_list_entries_with_the_cursor_of_entries_returned() {
+        let (mut s, id, _, mut rng) = proven(ServerConfig::default());
+        // Storage is asked for one more than a page.
+        let (next, len, action) = list(&mut s, id, 0, &mut rng, MAX_LIST_ENTRIES + 1);
+        assert!(
+            matches!(action, Action::List { skip: 0, limit, .. } if limit == MAX_LIST_ENTRIES + 1)
+        );
+        assert_eq!((next, len), (MAX_LIST_ENTRIES as u64, MAX_LIST_ENTRIES));
+        // Exactly a page left: the last page, next_cursor 0.
+        let (next, len, action) = list(&mut s, id, next, &mut rng, MAX_LIST_ENTRIES);
+        assert!(matches!(action, Action::List { skip, .. } if skip == MAX_LIST_ENTRIES as u64));
+        assert_eq!((next, len), (0, MAX_LIST_ENTRIES));
+        let (next, len, _) = list(&mut s, id, 0, &mut rng, 0);
+        assert_eq!((next, len), (0, 0));
+    }
+
+    #[test]
+    fn never_pages_past_max_list_entries_whatever_the_config() {
+        let config = ServerConfig {
+            list_page: 10_000,
+            ..ServerConfig::default()
+        };
+        let (mut s, id, _, mut rng) = proven(config);
+        let (next, len, _) = list(&mut s, id, 7, &mut rng, 10_000);
+        assert_eq!((next, len), (7 + MAX_LIST_ENTRIES as u64, MAX_LIST_ENTRIES));
+    }
+
+    #[test]
+    fn rejects_an_outcome_that_was_not_asked_for_and_a_request_while_one_is_due() {
+        let (mut s, id, _, mut rng) = proven(ServerConfig::default());
+        assert_eq!(
+            s.listed(Vec::new()).unwrap_err(),
+            SessionError::NoPendingAction
+        );
+        assert_eq!(
+            s.deleted(DeleteOutcome::NotFound).unwrap_err(),
+            SessionError::NoPendingAction
+        );
+        assert!(s.found_version(None, &mut rng).is_err());
+        let delete = Request::Retrieval(RetrievalRequest::Delete {
+            file: FileName::try_from("a").unwrap(),
+        });
+        s.handle(frame_of(id, delete.clone()), &mut rng).unwrap();
+        assert!(s.handle(frame_of(id, delete), &mut rng).is_err());
+    }
+
+    #[test]
+    fn answers_delete_outcomes_and_a_missing_version() {
+        let (mut s, id, _, mut rng) = proven(ServerConfig::default());
+        let file = FileName::try_from("a").unwrap();
+        for (outcome, answer) in [
+            (
+                DeleteOutcome::Deleted(3),
+                RetrievalResponse::Deleted { versions: 3 },
+            ),
+            (DeleteOutcome::NotFound, RetrievalResponse::NotFound),
+            (
+                DeleteOutcome::Refused,
+                RetrievalResponse::Refused {
+                    reason: RefusalReason::APPEND_ONLY,
+                },
+            ),
+        ] {
+            let delete = Request::Retrieval(RetrievalRequest::Delete { file: file.clone() });
+            s.handle(frame_of(id, delete), &mut rng).unwrap();
+            assert_eq!(s.deleted(outcome).unwrap(), Response::Retrieval(answer));
+        }
+        let restore = Request::Retrieval(RetrievalRequest::Restore { version: 0, file });
+        s.handle(frame_of(id, restore), &mut rng).unwrap();
+        assert!(matches!(
+            s.found_version(None, &mut rng).unwrap(),
+            RestoreStart::Answer(Response::Retrieval(RetrievalResponse::NotFound))
+        ));
+    }
+
+    #[test]
+    fn restores_under_the_session_key_after_a_storage_failure_cleared_the_request() {
+        let (mut s, id, aes, mut rng) = proven(ServerConfig::default());
+        let file = FileName::try_from("a").unwrap();
+        let restore = Request::Retrieval(RetrievalRequest::Restore {
+            version: 0,
+            file: file.clone(),
+        });
+        s.handle(frame_of(id, restore.clone()), &mut rng).unwrap();
+        assert_eq!(s.storage_failed(), Response::GeneralError);
+        s.handle(frame_of(id, restore), &mut rng).unwrap();
+        let found = FoundVersion {
+            version: 2,
+            size: 5,
+            cksum: 1,
+            file,
+        };
+        let RestoreStart::Send(mut sender) = s.found_version(Some(found), &mut rng).unwrap() else {
+            panic!("no sender");
+        };
+        let mut packets = sender.plaintext(b"hello").unwrap();
+        let iv = sender.header().iv;
+        packets.extend(sender.finish().unwrap());
+        let mut ct = Vec::new();
+        for p in packets {
+            let Response::Retrieval(RetrievalResponse::RestoreData { content }) = p else {
+                panic!("not a 1642");
+            };
+            ct.extend_from_slice(&content);
+        }
+        let mut dec = crate::crypto::CbcDecryptor::with_iv(&aes, &iv);
+        let mut out = BytesMut::new();
+        dec.update(&ct, &mut out);
+        dec.finish(&mut out).unwrap();
+        assert_eq!(&out[..], b"hello");
     }
 }

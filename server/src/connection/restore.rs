@@ -21,9 +21,6 @@ use crate::storage::{Storage, StorageError, VersionRecord};
 
 /// Packets in flight between the reader thread and the connection task.
 pub(crate) const QUEUE_DEPTH: usize = 2;
-/// Ciphertext carried by one 1642 packet, unless the packet limit is lower.
-pub(crate) const PACKET: usize = 1024 * 1024;
-
 /// Why a restore stopped early.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum RestoreError {
@@ -35,18 +32,6 @@ pub(crate) enum RestoreError {
         size: u64,
         found: String,
     },
-}
-
-/// The packet size for a packet limit of `max_packet_content`: [`PACKET`],
-/// or the largest multiple of the AES block under the limit.
-pub(crate) fn packet_len(max_packet_content: usize) -> usize {
-    let block = protocol::crypto::BLOCK;
-    let limited = PACKET.min(max_packet_content);
-    if limited >= block {
-        limited - limited % block
-    } else {
-        limited.max(1)
-    }
 }
 
 /// Starts reading `version`; the receiver yields its ciphertext in packets
@@ -219,18 +204,4 @@ fn encrypt_all(
     drop(to_hasher);
     cipher.finish(&mut out);
     Ok(Some((total, out, held)))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn packet_len_is_block_aligned_and_within_the_limit() {
-        assert_eq!(packet_len(usize::MAX), PACKET);
-        assert_eq!(packet_len(1_114_112), PACKET);
-        assert_eq!(packet_len(1000), 992);
-        assert_eq!(packet_len(16), 16);
-        assert_eq!(packet_len(5), 5);
-    }
 }

@@ -1,0 +1,172 @@
+//! A file's packets (1028), then the client's cksum verdict (1029 commit,
+//! 1030 resend, 1031 give up) (`docs/PROTOCOL.md` §7, §8): the session
+//! decrypts and checks; the plaintext goes to the upload's writer thread
+//! ([`upload`](crate::connection::upload)); a confirmed file is committed.
+
+use std::time::SystemTime;
+
+use bytes::BytesMut;
+use protocol::session::server::FileStart;
+use protocol::wire::RequestKind;
+use protocol::{ClientId, FileName, Request, RequestFrame, Response};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tracing::{debug, info, warn};
+
+use crate::connection::upload::{self, Staged, StagedContent, Upload};
+use crate::connection::{Connection, Ended};
+use crate::storage::{BlobKey, NewVersion, Retention, StorageError};
+
+impl<R, W> Connection<R, W>
+where
+    R: AsyncRead + Unpin + Send,
+    W: AsyncWrite + Unpin + Send,
+{
+    /// Large packets go to the writer as they are: hand one of its used
+    /// buffers back for this packet's plaintext. (Small ones are copied
+    /// into a batch, whose buffers are recycled by the upload itself.)
+    pub(in crate::connection) fn offer_spare(&mut self, frame: &RequestFrame) {
+        if let (Request::SendFile(packet), Some(upload)) = (&frame.request, self.upload.as_mut()) {
+            let needed = packet.content.len() + protocol::crypto::BLOCK;
+            if needed > upload::BATCH {
+                if let Some(buf) = upload.spare(needed) {
+                    self.session.recycle(buf);
+                }
+            }
+        }
+    }
+
+    /// Carries out [`protocol::session::server::Action::Write`]: opens the
+    /// upload on its first packet, writes, and on the last makes it durable
+    /// and sends the 1603.
+    pub(in crate::connection) async fn write(
+        &mut self,
+        start: Option<FileStart>,
+        plaintext: BytesMut,
+        done: Option<Response>,
+    ) -> Result<(), Ended> {
+        if let Some(start) = start {
+            let Some((client_id, _)) = self.session.client() else {
+                return Err(Ended::Invariant(
+                    "an upload started before the client is bound",
+                ));
+            };
+            debug!(file = ?start.file, orig_size = start.orig_size, attempt = start.attempt, "upload started");
+            self.discard_upload().await;
+            match Upload::start(
+                self.shared.storage.blobs_arc(),
+                client_id,
+                self.shared.alive.clone(),
+                start.orig_size,
+            ) {
+                Ok(upload) => self.upload = Some(upload),
+                Err(e) => return self.storage_failure(e).await,
+            }
+        }
+        let Some(upload) = self.upload.as_mut() else {
+            return Err(Ended::Invariant("file content without an upload"));
+        };
+        if let Err(e) = upload.write(plaintext).await {
+            return self.storage_failure(e).await;
+        }
+        let Some(done) = done else {
+            return Ok(());
+        };
+        let Some(upload) = self.upload.take() else {
+            return Err(Ended::Invariant("an upload finished twice"));
+        };
+        match upload.finish().await {
+            Ok(staged) => self.staged = Some(staged),
+            Err(e) => return self.storage_failure(e).await,
+        }
+        self.reply(&done).await
+    }
+
+    /// Carries out [`protocol::session::server::Action::Commit`]: the staged
+    /// content becomes the stored version of `file`, then `reply` (1604).
+    pub(in crate::connection) async fn commit(
+        &mut self,
+        client_id: ClientId,
+        file: FileName,
+        size: u64,
+        cksum: u32,
+        reply: Response,
+    ) -> Result<(), Ended> {
+        let Some(staged) = self.staged.take() else {
+            return Err(Ended::Invariant("a commit without staged content"));
+        };
+        let Staged {
+            content,
+            sha256,
+            size: written,
+            started,
+        } = staged;
+        if written != size {
+            let e = StorageError::Corrupt(format!(
+                "wrote {written} bytes but the session counted {size}"
+            ));
+            return self.storage_failure(e).await;
+        }
+        let version = NewVersion {
+            client: client_id,
+            file: file.clone(),
+            blob: BlobKey(String::new()),
+            size,
+            content_size: protocol::crypto::pkcs7_len(size),
+            cksum,
+            sha256,
+            stored_at: SystemTime::now(),
+        };
+        let retention = if self.shared.config.append_only {
+            Retention::KEEP_ALL
+        } else {
+            self.shared.config.retention
+        };
+        if let Err(e) = self
+            .blocking(move |s| match content {
+                StagedContent::Blob(blob) => s.commit(blob, version, &retention),
+                StagedContent::Inline(bytes) => s.commit_inline(bytes, version, &retention),
+            })
+            .await
+        {
+            return self.storage_failure(e).await;
+        }
+        let secs = started.elapsed().as_secs_f64();
+        let mb_per_s = size as f64 / 1e6 / secs.max(1e-6);
+        info!(file = ?file, size, cksum, secs = format_args!("{secs:.3}"), mb_per_s = format_args!("{mb_per_s:.1}"), "upload committed");
+        self.reply(&reply).await
+    }
+
+    /// Carries out [`protocol::session::server::Action::Discard`] for the
+    /// verdict `kind`: the staged content is dropped, then `reply` if any.
+    pub(in crate::connection) async fn discard(
+        &mut self,
+        kind: RequestKind,
+        reply: Option<Response>,
+    ) -> Result<(), Ended> {
+        self.discard_upload().await;
+        match (kind, &reply) {
+            (_, Some(Response::GeneralError)) => {
+                warn!("client confirmed a cksum for content whose padding or size was wrong; discarded")
+            }
+            (RequestKind::CrcRetry, _) => {
+                info!("client reported a cksum mismatch; attempt discarded, a resend follows")
+            }
+            (RequestKind::CrcAbort, _) => {
+                warn!("client gave up after repeated cksum mismatches; nothing committed")
+            }
+            _ => info!("upload discarded"),
+        }
+        match reply {
+            Some(response) => self.reply(&response).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Answers a storage failure with 1607 and ends the connection: the
+    /// session has forgotten the upload, so the client cannot carry on.
+    async fn storage_failure(&mut self, e: StorageError) -> Result<(), Ended> {
+        let response = self.session.storage_failed();
+        self.reply(&response).await?;
+        Err(Ended::Storage(e))
+    }
+}
