@@ -78,9 +78,7 @@ impl ScrubReport {
 fn check(storage: &Storage, v: &VersionRecord, buf: &mut [u8]) -> (Finding, u64) {
     let mut reader = match storage.open_blob(&v.blob) {
         Ok(r) => r,
-        Err(StorageError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
-            return (Finding::Missing, 0)
-        }
+        Err(StorageError::NotFound { .. }) => return (Finding::Missing, 0),
         Err(e) => return (Finding::Unreadable(e.to_string()), 0),
     };
     let mut sha = Sha256::new();

@@ -44,21 +44,57 @@ use protocol::{ClientId, FileName, UserName};
 /// blobs of this size faster than a file system does.
 pub const INLINE_MAX: u64 = 64 * 1024;
 
-/// Why a storage operation failed.
+/// A backend's own error, kept as the source of a [`StorageError`] for the
+/// log; nothing outside the backend looks into it.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Why a storage operation failed, in terms every backend can map onto
+/// (a local directory and SQLite today; an object store or PostgreSQL
+/// later). The backend's own error stays attached as the source, for the
+/// log; the peer only ever gets a generic error answer.
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
-    #[error("database: {0}")]
-    Db(#[from] rusqlite::Error),
-    #[error("{op} {path}: {source}")]
+    /// Reading or writing failed (disk, network, database engine).
+    #[error("{op} {what}: {source}")]
     Io {
         op: &'static str,
-        path: std::path::PathBuf,
-        source: std::io::Error,
+        what: String,
+        #[source]
+        source: BoxError,
     },
-    #[error("invalid blob key {0:?}")]
-    BadKey(String),
+    /// What was asked for is not there (a blob, inline content).
+    #[error("{op} {what}: not found")]
+    NotFound { op: &'static str, what: String },
+    /// The backend is out of space or over its quota.
+    #[error("{op} {what}: storage is full: {source}")]
+    Full {
+        op: &'static str,
+        what: String,
+        #[source]
+        source: BoxError,
+    },
+    /// The backend is busy, locked or unreachable for now; the same
+    /// operation may succeed later.
+    #[error("{op}: storage unavailable: {source}")]
+    Unavailable {
+        op: &'static str,
+        #[source]
+        source: BoxError,
+    },
+    /// A uniqueness or concurrency rule refused the change (another writer
+    /// got there first); nothing changed.
+    #[error("{op}: conflict: {source}")]
+    Conflict {
+        op: &'static str,
+        #[source]
+        source: BoxError,
+    },
+    /// Stored data contradicts itself or the schema.
     #[error("metadata is inconsistent: {0}")]
     Corrupt(String),
+    /// A key that is not one of this store's.
+    #[error("invalid blob key {0:?}")]
+    BadKey(String),
     #[error("storage worker failed: {0}")]
     Worker(String),
     /// A commit shared with other uploads failed as a whole.
@@ -67,13 +103,35 @@ pub enum StorageError {
 }
 
 impl StorageError {
+    /// Maps a failed file system operation on `path`: a missing file is
+    /// [`NotFound`](Self::NotFound), a full disk or quota
+    /// [`Full`](Self::Full), anything else [`Io`](Self::Io).
     pub(crate) fn io(op: &'static str, path: &Path, source: std::io::Error) -> Self {
+        let what = path.display().to_string();
+        if source.kind() == std::io::ErrorKind::NotFound {
+            return Self::NotFound { op, what };
+        }
+        if is_full(&source) {
+            return Self::Full {
+                op,
+                what,
+                source: source.into(),
+            };
+        }
         Self::Io {
             op,
-            path: path.to_owned(),
-            source,
+            what,
+            source: source.into(),
         }
     }
+}
+
+/// Whether an I/O error means "no space left" or "over quota".
+fn is_full(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+    )
 }
 
 /// 32 lower-case hex digits that sort by creation time: 16 of nanoseconds
@@ -662,10 +720,9 @@ impl Storage {
             let content = self
                 .meta
                 .inline_content(key)?
-                .ok_or_else(|| StorageError::Io {
+                .ok_or_else(|| StorageError::NotFound {
                     op: "open",
-                    path: key.0.clone().into(),
-                    source: std::io::ErrorKind::NotFound.into(),
+                    what: key.0.clone(),
                 })?;
             return Ok(Box::new(std::io::Cursor::new(content)));
         }
@@ -849,6 +906,19 @@ mod tests {
         let inline = BlobKey::new_inline();
         assert!(inline.is_inline() && inline.0.len() == "inline/".len() + 32);
         assert!(!BlobKey(format!("clients/{}/blobs/{}", ordered_hex(), ordered_hex())).is_inline());
+    }
+
+    #[test]
+    fn maps_file_system_errors_onto_neutral_kinds() {
+        let path = Path::new("clients/x");
+        let missing = StorageError::io("open", path, std::io::ErrorKind::NotFound.into());
+        assert!(matches!(missing, StorageError::NotFound { op: "open", .. }));
+        let full = StorageError::io("write", path, std::io::ErrorKind::StorageFull.into());
+        assert!(matches!(full, StorageError::Full { .. }));
+        let other = StorageError::io("write", path, std::io::ErrorKind::PermissionDenied.into());
+        assert!(matches!(other, StorageError::Io { .. }));
+        assert!(std::error::Error::source(&other).is_some());
+        assert_eq!(other.to_string(), "write clients/x: permission denied");
     }
 
     #[test]

@@ -116,6 +116,48 @@ CREATE VIEW latest_versions AS
 const VERSION_COLUMNS: &str =
     "v.id, f.client_id, f.name, v.blob, v.size, v.content_size, v.cksum, v.sha256, v.verified, v.stored_at";
 
+/// SQLite's errors in the neutral terms of [`StorageError`]; the original
+/// stays attached as the source. This is what lets `?` work on `rusqlite`
+/// calls inside this backend without the interface naming `rusqlite`.
+impl From<rusqlite::Error> for StorageError {
+    fn from(e: rusqlite::Error) -> Self {
+        use rusqlite::ErrorCode;
+        const OP: &str = "database";
+        match &e {
+            rusqlite::Error::QueryReturnedNoRows => Self::NotFound {
+                op: OP,
+                what: "row".into(),
+            },
+            rusqlite::Error::FromSqlConversionFailure(..)
+            | rusqlite::Error::InvalidColumnType(..)
+            | rusqlite::Error::IntegralValueOutOfRange(..) => Self::Corrupt(e.to_string()),
+            _ => match e.sqlite_error_code() {
+                Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) => Self::Unavailable {
+                    op: OP,
+                    source: e.into(),
+                },
+                Some(ErrorCode::ConstraintViolation) => Self::Conflict {
+                    op: OP,
+                    source: e.into(),
+                },
+                Some(ErrorCode::DiskFull) => Self::Full {
+                    op: OP,
+                    what: "metadata".into(),
+                    source: e.into(),
+                },
+                Some(ErrorCode::DatabaseCorrupt | ErrorCode::NotADatabase) => {
+                    Self::Corrupt(e.to_string())
+                }
+                _ => Self::Io {
+                    op: OP,
+                    what: "metadata".into(),
+                    source: e.into(),
+                },
+            },
+        }
+    }
+}
+
 fn to_ms(t: SystemTime) -> i64 {
     t.duration_since(UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
@@ -848,6 +890,55 @@ mod tests {
             sha256: [3; 32],
             stored_at: SystemTime::now(),
         }
+    }
+
+    #[test]
+    fn maps_sqlite_errors_onto_neutral_kinds() {
+        let conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch("CREATE TABLE t (k INTEGER UNIQUE); INSERT INTO t VALUES (1);")
+            .unwrap();
+        let dup = conn.execute("INSERT INTO t VALUES (1)", []).unwrap_err();
+        assert!(matches!(
+            StorageError::from(dup),
+            StorageError::Conflict { .. }
+        ));
+        let none = conn
+            .query_row("SELECT k FROM t WHERE k = 2", [], |r| r.get::<_, i64>(0))
+            .unwrap_err();
+        assert!(matches!(
+            StorageError::from(none),
+            StorageError::NotFound { .. }
+        ));
+        let wrong = conn
+            .query_row("SELECT 'text'", [], |r| r.get::<_, i64>(0))
+            .unwrap_err();
+        assert!(matches!(
+            StorageError::from(wrong),
+            StorageError::Corrupt(_)
+        ));
+        let bad = conn.execute("NOT SQL", []).unwrap_err();
+        let mapped = StorageError::from(bad);
+        assert!(matches!(mapped, StorageError::Io { .. }), "{mapped:?}");
+        assert!(
+            std::error::Error::source(&mapped).is_some(),
+            "the backend error is kept"
+        );
+    }
+
+    #[test]
+    fn a_second_writer_meets_unavailable_not_a_backend_type() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.db");
+        let a = Connection::open(&path).unwrap();
+        a.execute_batch("CREATE TABLE t (k INTEGER); BEGIN IMMEDIATE; INSERT INTO t VALUES (1);")
+            .unwrap();
+        let b = Connection::open(&path).unwrap();
+        b.busy_timeout(Duration::ZERO).unwrap();
+        let busy = b.execute("INSERT INTO t VALUES (2)", []).unwrap_err();
+        assert!(matches!(
+            StorageError::from(busy),
+            StorageError::Unavailable { .. }
+        ));
     }
 
     fn last(n: u32) -> Retention {
