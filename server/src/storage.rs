@@ -27,15 +27,18 @@
 
 pub mod fs;
 mod group;
+mod retention;
 pub mod sqlite;
 
 use std::io::Read;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use protocol::message::PublicKeyField;
 use protocol::{ClientId, FileName, UserName};
+
+pub use retention::{versions_to_remove, Retention, VersionStamp};
 
 /// Files of at most this many bytes are kept in the metadata database, in
 /// the same transaction as their version row, instead of as a file of their
@@ -203,50 +206,6 @@ pub struct ClientSummary {
     pub versions: u64,
     /// Plaintext bytes over every version.
     pub bytes: u64,
-}
-
-/// Which versions of a name to keep. A version is kept if it is the newest
-/// of its name, or if any rule that is set keeps it; with no rule set,
-/// everything is kept (the default).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Retention {
-    /// Keep the N newest versions (N >= 1).
-    pub keep_last: Option<u32>,
-    /// Keep versions stored within this long of now.
-    pub keep_within: Option<Duration>,
-}
-
-impl Retention {
-    /// No rule: every version stays.
-    pub const KEEP_ALL: Self = Self {
-        keep_last: None,
-        keep_within: None,
-    };
-
-    /// Whether no rule is set, so nothing is ever removed.
-    pub fn keeps_everything(&self) -> bool {
-        self.keep_last.is_none() && self.keep_within.is_none()
-    }
-
-    /// Whether the version at `index` among its name's versions (0: the
-    /// newest), stored at `stored_at`, is kept at time `now`. The newest
-    /// version is always kept.
-    pub fn keeps(&self, index: usize, stored_at: SystemTime, now: SystemTime) -> bool {
-        if index == 0 || self.keeps_everything() {
-            return true;
-        }
-        let by_count = self
-            .keep_last
-            .is_some_and(|n| index < usize::try_from(n).unwrap_or(usize::MAX));
-        // A version stored "in the future" (clock change) counts as recent.
-        let by_age = self
-            .keep_within
-            .is_some_and(|d| match now.duration_since(stored_at) {
-                Ok(age) => age <= d,
-                Err(_) => true,
-            });
-        by_count || by_age
-    }
 }
 
 /// The outcome of [`MetaStore::delete_file`].
@@ -919,39 +878,5 @@ mod tests {
         assert!(matches!(other, StorageError::Io { .. }));
         assert!(std::error::Error::source(&other).is_some());
         assert_eq!(other.to_string(), "write clients/x: permission denied");
-    }
-
-    #[test]
-    fn retention_keeps_the_newest_and_whatever_either_rule_keeps() {
-        let now = SystemTime::now();
-        let hour = Duration::from_secs(3600);
-        let old = now - 48 * hour;
-        let recent = now - hour;
-        assert!(Retention::KEEP_ALL.keeps(100, old, now));
-        let last2 = Retention {
-            keep_last: Some(2),
-            keep_within: None,
-        };
-        assert!(last2.keeps(0, old, now));
-        assert!(last2.keeps(1, old, now));
-        assert!(!last2.keeps(2, recent, now));
-        let day = Retention {
-            keep_last: None,
-            keep_within: Some(24 * hour),
-        };
-        assert!(day.keeps(0, old, now), "the newest always stays");
-        assert!(day.keeps(5, recent, now));
-        assert!(!day.keeps(1, old, now));
-        assert!(
-            day.keeps(1, now + hour, now),
-            "a future time counts as recent"
-        );
-        let both = Retention {
-            keep_last: Some(2),
-            keep_within: Some(24 * hour),
-        };
-        assert!(both.keeps(1, old, now));
-        assert!(both.keeps(7, recent, now));
-        assert!(!both.keeps(2, old, now));
     }
 }

@@ -30,6 +30,7 @@ use protocol::message::{PublicKeyField, PUBLIC_KEY_FIELD_LEN};
 use protocol::{ClientId, FileName, UserName};
 use rusqlite::{params, Connection, OptionalExtension, Row};
 
+use super::{versions_to_remove, VersionStamp};
 use super::{
     BlobKey, ClientRecord, ClientSummary, Deletion, MetaStore, NewVersion, PendingVersion,
     Registration, Retention, StorageError, VersionRecord,
@@ -429,17 +430,26 @@ fn u64_to_sql(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
 
-/// Removes the versions of one file (given newest first) that `retention`
-/// does not keep; returns them.
+/// Removes the versions of one file that [`versions_to_remove`] selects;
+/// returns them.
 fn apply_retention(
     tx: &Connection,
-    newest_first: Vec<VersionRecord>,
+    versions: Vec<VersionRecord>,
     retention: &Retention,
+    append_only: bool,
     now: SystemTime,
 ) -> Result<Vec<VersionRecord>, StorageError> {
-    let mut dropped = Vec::new();
-    for (i, v) in newest_first.into_iter().enumerate() {
-        if !retention.keeps(i, v.stored_at, now) {
+    let stamps: Vec<VersionStamp> = versions
+        .iter()
+        .map(|v| VersionStamp {
+            number: v.version,
+            stored_at: v.stored_at,
+        })
+        .collect();
+    let doomed = versions_to_remove(&stamps, retention, append_only, now);
+    let mut dropped = Vec::with_capacity(doomed.len());
+    for v in versions {
+        if doomed.binary_search(&v.version).is_ok() {
             tx.execute("DELETE FROM versions WHERE id = ?1", [v.version])?;
             dropped.push(v);
         }
@@ -476,12 +486,14 @@ fn insert_version(
             &v.sha256[..],
             to_ms(v.stored_at)
         ])?;
-    let superseded = if retention.keeps_everything() || is_append_only(conn, v.client)? {
+    // (The append-only flag is only looked up when a rule could remove.)
+    let superseded = if retention.keeps_everything() {
         Vec::new()
     } else {
+        let append_only = is_append_only(conn, v.client)?;
         let versions =
             query_versions(conn, "WHERE v.file_id = ?1 ORDER BY v.id DESC", &[&file_id])?;
-        apply_retention(conn, versions, retention, v.stored_at)?
+        apply_retention(conn, versions, retention, append_only, v.stored_at)?
     };
     conn.prepare_cached("UPDATE clients SET last_seen = ?2 WHERE id = ?1")?
         .execute(params![client, to_ms(v.stored_at)])?;
@@ -788,16 +800,18 @@ impl MetaStore for SqliteMetaStore {
                 .first()
                 .is_some_and(|g| g.client == v.client && g.file == v.file);
             if !same {
+                // An operator's prune reaches append-only clients too.
                 removed.extend(apply_retention(
                     &tx,
                     std::mem::take(&mut group),
                     retention,
+                    false,
                     now,
                 )?);
             }
             group.push(v);
         }
-        removed.extend(apply_retention(&tx, group, retention, now)?);
+        removed.extend(apply_retention(&tx, group, retention, false, now)?);
         tx.commit()?;
         Ok(removed)
     }
