@@ -889,7 +889,7 @@ where
     async fn discard_upload(&mut self) {
         self.upload = None;
         if let Some(staged) = self.staged.take() {
-            let _ = tokio::task::spawn_blocking(move || drop(staged)).await;
+            let _ = tokio::task::spawn_blocking(move || staged.abort()).await;
         }
     }
 

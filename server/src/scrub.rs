@@ -200,7 +200,7 @@ mod tests {
     use std::time::SystemTime;
 
     fn store(storage: &Storage, client: ClientId, name: &str, content: &[u8]) -> VersionRecord {
-        let mut w = storage.blobs().create(client).unwrap();
+        let mut w = storage.blobs().begin_write(client).unwrap();
         w.write(content).unwrap();
         let staged = w.finish().unwrap();
         let file = FileName::try_from(name).unwrap();

@@ -25,8 +25,10 @@
 //! A client's file name is only ever a label in the metadata: blob keys are
 //! generated, so nothing a client sends can name a path.
 
+mod blob;
 pub mod fs;
 mod group;
+pub mod memory;
 mod retention;
 pub mod sqlite;
 
@@ -38,6 +40,7 @@ use std::time::SystemTime;
 use protocol::message::PublicKeyField;
 use protocol::{ClientId, FileName, UserName};
 
+pub use blob::{BlobInventory, BlobStore, BlobWriter, StagedBlob};
 pub use retention::{versions_to_remove, Retention, VersionStamp};
 
 /// Files of at most this many bytes are kept in the metadata database, in
@@ -492,83 +495,6 @@ pub trait MetaStore: Send + Sync + 'static {
     /// # Errors
     /// On a backend failure.
     fn forget_blobs(&self, blobs: &[BlobKey]) -> Result<usize, StorageError>;
-}
-
-/// Content being written: invisible until published.
-pub trait BlobWriter: Send {
-    /// Appends `bytes`.
-    ///
-    /// # Errors
-    /// On an I/O failure; the blob is then unusable.
-    fn write(&mut self, bytes: &[u8]) -> Result<(), StorageError>;
-
-    /// Makes everything written durable (still invisible). Dropping a
-    /// writer without finishing discards it.
-    ///
-    /// # Errors
-    /// On an I/O failure.
-    fn finish(self: Box<Self>) -> Result<Box<dyn StagedBlob>, StorageError>;
-}
-
-/// Durable content waiting for the client's verdict. Dropping it discards
-/// the content.
-pub trait StagedBlob: Send {
-    /// Makes the content visible under a fresh key. The key itself is
-    /// durable once [`BlobStore::sync_published`] has covered it (so that
-    /// many blobs published together share one sync).
-    ///
-    /// # Errors
-    /// On an I/O failure; the content is discarded then.
-    fn publish(self: Box<Self>) -> Result<BlobKey, StorageError>;
-}
-
-/// What [`BlobStore::recover`] found.
-#[derive(Debug, Default, Clone)]
-pub struct BlobInventory {
-    /// Committed-looking blobs with their sizes.
-    pub blobs: Vec<(BlobKey, u64)>,
-    /// Temporaries of interrupted uploads that were removed.
-    pub removed_temporaries: usize,
-}
-
-/// File contents, per client.
-pub trait BlobStore: Send + Sync + 'static {
-    /// Starts a new blob for `client`.
-    ///
-    /// # Errors
-    /// On an I/O failure.
-    fn create(&self, client: ClientId) -> Result<Box<dyn BlobWriter>, StorageError>;
-
-    /// Reads a committed blob.
-    ///
-    /// # Errors
-    /// When the key is not one of this store's or the blob cannot be opened.
-    fn open(&self, key: &BlobKey) -> Result<Box<dyn Read + Send>, StorageError>;
-
-    /// Makes the blobs just published under `keys` durable under those
-    /// keys; a result for each key, in order (an error when the key is not
-    /// one of this store's or the sync that covers it failed).
-    fn sync_published(&self, keys: &[BlobKey]) -> Vec<Result<(), StorageError>>;
-
-    /// Removes a committed blob (no error if it is already gone).
-    ///
-    /// # Errors
-    /// When the key is not one of this store's or removal fails.
-    fn delete(&self, key: &BlobKey) -> Result<(), StorageError>;
-
-    /// Removes everything stored for `client`, temporaries included (no
-    /// error if there is nothing).
-    ///
-    /// # Errors
-    /// On an I/O failure.
-    fn remove_client(&self, client: ClientId) -> Result<(), StorageError>;
-
-    /// At start-up, with no upload in progress: removes every temporary and
-    /// lists the committed blobs.
-    ///
-    /// # Errors
-    /// On an I/O failure.
-    fn recover(&self) -> Result<BlobInventory, StorageError>;
 }
 
 /// What [`Storage::recover`] repaired.

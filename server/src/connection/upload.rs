@@ -68,12 +68,25 @@ pub(crate) enum StagedContent {
 }
 
 /// Content written (and, in the blob store, synced), awaiting the client's
-/// verdict. Dropping it removes the temporary.
+/// verdict: committed, or [aborted](Self::abort).
 pub(crate) struct Staged {
     pub(crate) content: StagedContent,
     pub(crate) sha256: [u8; 32],
     pub(crate) size: u64,
     pub(crate) started: Instant,
+}
+
+impl Staged {
+    /// Discards the content (blocking: call from the blocking pool). A
+    /// failure leaves a temporary for the next start-up to remove, so it
+    /// is only logged.
+    pub(crate) fn abort(self) {
+        if let StagedContent::Blob(blob) = self.content {
+            if let Err(e) = blob.abort() {
+                tracing::warn!(cause = %e, "could not discard a staged upload");
+            }
+        }
+    }
 }
 
 /// An upload in progress. Dropping it without [`finish`](Self::finish)
@@ -281,26 +294,36 @@ impl Streamed {
 }
 
 /// The writer thread's loop. `None` when the upload was abandoned (the
-/// channel closed before `Finish`): the temporary is removed as the writer
-/// drops.
+/// channel closed before `Finish`): the writer is aborted then, as it is
+/// when a write fails.
 fn write_all(
     blobs: &dyn BlobStore,
     client: ClientId,
     mut rx: mpsc::Receiver<Chunk>,
     started: Instant,
 ) -> Option<Result<Staged, StorageError>> {
-    let mut writer = match blobs.create(client) {
+    let mut writer = match blobs.begin_write(client) {
         Ok(w) => w,
         Err(e) => return Some(Err(e)),
     };
     let mut sha = Sha256::new();
     let mut size = 0u64;
+    let abort = |writer: Box<dyn crate::storage::BlobWriter>| {
+        if let Err(e) = writer.abort() {
+            tracing::warn!(cause = %e, "could not discard an unfinished upload");
+        }
+    };
     loop {
-        match rx.blocking_recv()? {
+        let Some(chunk) = rx.blocking_recv() else {
+            abort(writer);
+            return None;
+        };
+        match chunk {
             Chunk::Data(bytes) => {
                 sha.update(&bytes);
                 size += bytes.len() as u64;
                 if let Err(e) = writer.write(&bytes) {
+                    abort(writer);
                     return Some(Err(e));
                 }
                 give_back(bytes);
