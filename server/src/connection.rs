@@ -17,7 +17,6 @@
 mod deadline;
 mod register_limit;
 mod restore;
-mod upload;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -47,13 +46,11 @@ use tracing::{debug, error, info, info_span, warn, Instrument, Span};
 
 use crate::admission::Ticket;
 use crate::config::Config;
-use crate::storage::{
-    BlobKey, Deletion, NewVersion, Registration, Retention, Storage, StorageError, VersionRecord,
-};
+use crate::storage::ingest::{self as upload, Staged, Upload};
+use crate::storage::{Deletion, Registration, Storage, StorageError, UploadCommit, VersionRecord};
 use deadline::Deadline;
 pub(crate) use register_limit::RegisterLimiter;
 use register_limit::{Refusal, Verdict};
-use upload::{Staged, StagedContent, Upload};
 
 /// Initial read buffer: large reads keep the syscall count low.
 const READ_BUFFER: usize = 128 * 1024;
@@ -551,11 +548,10 @@ where
                     };
                     debug!(file = ?start.file, orig_size = start.orig_size, attempt = start.attempt, "upload started");
                     self.discard_upload().await;
-                    match Upload::start(
-                        self.shared.storage.blobs_arc(),
+                    match self.shared.storage.begin_upload(
                         client_id,
-                        self.shared.alive.clone(),
                         start.orig_size,
+                        self.shared.alive.clone(),
                     ) {
                         Ok(upload) => self.upload = Some(upload),
                         Err(e) => return self.storage_failure(e).await,
@@ -589,38 +585,15 @@ where
                 let Some(staged) = self.staged.take() else {
                     return Err(SessionError::NoPendingAction.into());
                 };
-                let Staged {
-                    content,
-                    sha256,
-                    size: written,
-                    started,
-                } = staged;
-                if written != size {
-                    let e = StorageError::Corrupt(format!(
-                        "wrote {written} bytes but the session counted {size}"
-                    ));
-                    return self.storage_failure(e).await;
-                }
-                let version = NewVersion {
+                let started = staged.started;
+                let commit = UploadCommit {
                     client: client_id,
                     file: file.clone(),
-                    blob: BlobKey(String::new()),
                     size,
-                    content_size: protocol::crypto::pkcs7_len(size),
                     cksum,
-                    sha256,
-                    stored_at: SystemTime::now(),
-                };
-                let retention = if self.shared.config.append_only {
-                    Retention::KEEP_ALL
-                } else {
-                    self.shared.config.retention
                 };
                 if let Err(e) = self
-                    .blocking(move |s| match content {
-                        StagedContent::Blob(blob) => s.commit(blob, version, &retention),
-                        StagedContent::Inline(bytes) => s.commit_inline(bytes, version, &retention),
-                    })
+                    .blocking(move |s| s.commit_upload(staged, commit))
                     .await
                 {
                     return self.storage_failure(e).await;

@@ -28,6 +28,7 @@
 mod blob;
 pub mod fs;
 mod group;
+pub(crate) mod ingest;
 pub mod memory;
 mod retention;
 pub mod sqlite;
@@ -41,6 +42,7 @@ use protocol::message::PublicKeyField;
 use protocol::{ClientId, FileName, UserName};
 
 pub use blob::{BlobInventory, BlobStore, BlobWriter, StagedBlob};
+pub use ingest::{CommitPolicy, UploadCommit};
 pub use retention::{versions_to_remove, Retention, VersionStamp};
 
 /// Files of at most this many bytes are kept in the metadata database, in
@@ -514,6 +516,7 @@ pub struct Storage {
     meta: Arc<dyn MetaStore>,
     blobs: Arc<dyn BlobStore>,
     commits: Arc<group::GroupCommit>,
+    policy: CommitPolicy,
 }
 
 impl std::fmt::Debug for Storage {
@@ -532,7 +535,16 @@ impl Storage {
             meta,
             blobs,
             commits: Arc::default(),
+            policy: CommitPolicy::default(),
         }
+    }
+
+    /// The same storage, committing uploads under `policy` (see
+    /// [`Storage::commit_upload`]); the default keeps everything.
+    #[must_use]
+    pub fn with_policy(mut self, policy: CommitPolicy) -> Self {
+        self.policy = policy;
+        self
     }
 
     /// The default backends under `data_dir` (created if missing): SQLite
