@@ -507,6 +507,32 @@ fn batch_failed<T>(n: usize, cause: &StorageError) -> Vec<Result<T, StorageError
         .collect()
 }
 
+impl SqliteMetaStore {
+    /// Runs `sql` (a page of `(key, size)` by key, with `?1` the key to
+    /// start after and `?2` the limit).
+    fn keys_after(
+        &self,
+        sql: &str,
+        after: Option<&BlobKey>,
+        limit: usize,
+    ) -> Result<Vec<(BlobKey, u64)>, StorageError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(sql)?;
+        // Every key sorts after the empty string.
+        let after = after.map_or("", |k| k.0.as_str());
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = stmt.query_map(params![after, limit], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))
+        })?;
+        rows.map(|r| {
+            let (blob, size) = r?;
+            let size = u64::try_from(size).map_err(|_| corrupt("negative size"))?;
+            Ok((BlobKey(blob), size))
+        })
+        .collect()
+    }
+}
+
 fn is_append_only(conn: &Connection, id: ClientId) -> Result<bool, StorageError> {
     Ok(conn
         .query_row(
@@ -869,6 +895,31 @@ impl MetaStore for SqliteMetaStore {
             Ok((BlobKey(blob), u64::try_from(len).unwrap_or(0)))
         })
         .collect()
+    }
+
+    fn recorded_blobs(
+        &self,
+        after: Option<&BlobKey>,
+        limit: usize,
+    ) -> Result<Vec<(BlobKey, u64)>, StorageError> {
+        // `blob` is UNIQUE, so its index serves this in key order.
+        self.keys_after(
+            "SELECT blob, size FROM versions WHERE blob > ?1 ORDER BY blob LIMIT ?2",
+            after,
+            limit,
+        )
+    }
+
+    fn inline_blobs_after(
+        &self,
+        after: Option<&BlobKey>,
+        limit: usize,
+    ) -> Result<Vec<(BlobKey, u64)>, StorageError> {
+        self.keys_after(
+            "SELECT blob, length(content) FROM inline_blobs WHERE blob > ?1 ORDER BY blob LIMIT ?2",
+            after,
+            limit,
+        )
     }
 
     fn delete_inline(&self, blob: &BlobKey) -> Result<(), StorageError> {
