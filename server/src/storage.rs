@@ -8,9 +8,13 @@
 //!   `<data>/clients/<client-hex>/blobs/<random-hex>`, written through
 //!   `<data>/clients/<client-hex>/tmp/`.
 //!
-//! Both are blocking; the async shell calls them from blocking threads.
-//! [`Storage`] ties them together with the two operations that need both:
-//! [`Storage::commit`] and the start-up [`Storage::recover`].
+//! Both are blocking, on purpose (the reasons and the cost for an object
+//! store are in `server/README.md`, "Sync or async"); the async shell calls
+//! them from blocking threads. [`Storage`] ties them together: ingest and
+//! commit ([`Storage::begin_upload`], [`Storage::commit_upload`], see the
+//! `ingest` module), reads, deletes, and the start-up [`Storage::recover`].
+//! The blob interface (explicit abort, the durability barrier) is
+//! described in the `blob` module.
 //!
 //! Durability: content goes to a temporary blob that is flushed and synced
 //! before the server answers 1603 (a file of at most [`INLINE_MAX`] bytes
