@@ -20,7 +20,6 @@ mod cmd;
 mod deadline;
 mod register_limit;
 mod restore;
-mod upload;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -42,10 +41,10 @@ use tracing::{debug, error, info, info_span, warn, Instrument, Span};
 
 use crate::admission::Ticket;
 use crate::config::Config;
+use crate::storage::ingest::{Staged, Upload};
 use crate::storage::{Storage, StorageError};
 use deadline::Deadline;
 pub(crate) use register_limit::RegisterLimiter;
-use upload::{Staged, Upload};
 
 /// Initial read buffer: large reads keep the syscall count low.
 const READ_BUFFER: usize = 128 * 1024;
@@ -521,7 +520,7 @@ where
     async fn discard_upload(&mut self) {
         self.upload = None;
         if let Some(staged) = self.staged.take() {
-            let _ = tokio::task::spawn_blocking(move || drop(staged)).await;
+            let _ = tokio::task::spawn_blocking(move || staged.abort()).await;
         }
     }
 

@@ -78,9 +78,7 @@ impl ScrubReport {
 fn check(storage: &Storage, v: &VersionRecord, buf: &mut [u8]) -> (Finding, u64) {
     let mut reader = match storage.open_blob(&v.blob) {
         Ok(r) => r,
-        Err(StorageError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
-            return (Finding::Missing, 0)
-        }
+        Err(StorageError::NotFound { .. }) => return (Finding::Missing, 0),
         Err(e) => return (Finding::Unreadable(e.to_string()), 0),
     };
     let mut sha = Sha256::new();
@@ -202,7 +200,7 @@ mod tests {
     use std::time::SystemTime;
 
     fn store(storage: &Storage, client: ClientId, name: &str, content: &[u8]) -> VersionRecord {
-        let mut w = storage.blobs().create(client).unwrap();
+        let mut w = storage.blobs().begin_write(client).unwrap();
         w.write(content).unwrap();
         let staged = w.finish().unwrap();
         let file = FileName::try_from(name).unwrap();

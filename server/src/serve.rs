@@ -243,8 +243,11 @@ pub async fn run_with_storage(
     let grace = config.shutdown_grace;
     let shared = Arc::new(Shared {
         registrations: connection::RegisterLimiter::from_config(&config),
+        storage: storage.with_policy(crate::storage::CommitPolicy {
+            retention: config.retention,
+            append_only: config.append_only,
+        }),
         config,
-        storage,
         shutdown: token.clone(),
         alive,
     });

@@ -8,9 +8,13 @@
 //!   `<data>/clients/<client-hex>/blobs/<random-hex>`, written through
 //!   `<data>/clients/<client-hex>/tmp/`.
 //!
-//! Both are blocking; the async shell calls them from blocking threads.
-//! [`Storage`] ties them together with the two operations that need both:
-//! [`Storage::commit`] and the start-up [`Storage::recover`].
+//! Both are blocking, on purpose (the reasons and the cost for an object
+//! store are in `server/README.md`, "Sync or async"); the async shell calls
+//! them from blocking threads. [`Storage`] ties them together: ingest and
+//! commit ([`Storage::begin_upload`], [`Storage::commit_upload`], see the
+//! `ingest` module), reads, deletes, and the start-up [`Storage::recover`].
+//! The blob interface (explicit abort, the durability barrier) is
+//! described in the `blob` module.
 //!
 //! Durability: content goes to a temporary blob that is flushed and synced
 //! before the server answers 1603 (a file of at most [`INLINE_MAX`] bytes
@@ -25,17 +29,29 @@
 //! A client's file name is only ever a label in the metadata: blob keys are
 //! generated, so nothing a client sends can name a path.
 
+mod blob;
 pub mod fs;
 mod group;
+pub(crate) mod ingest;
+pub mod memory;
+mod meta;
+mod retention;
 pub mod sqlite;
 
 use std::io::Read;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
-use protocol::message::PublicKeyField;
-use protocol::{ClientId, FileName, UserName};
+use protocol::{ClientId, FileName};
+
+pub use blob::{BlobInventory, BlobStore, BlobWriter, StagedBlob};
+pub use ingest::{CommitPolicy, UploadCommit};
+pub use meta::{
+    ClientRecord, ClientSummary, Deletion, MetaStore, NewVersion, PendingVersion, Registration,
+    VersionRecord,
+};
+pub use retention::{versions_to_remove, Retention, VersionStamp};
 
 /// Files of at most this many bytes are kept in the metadata database, in
 /// the same transaction as their version row, instead of as a file of their
@@ -44,21 +60,57 @@ use protocol::{ClientId, FileName, UserName};
 /// blobs of this size faster than a file system does.
 pub const INLINE_MAX: u64 = 64 * 1024;
 
-/// Why a storage operation failed.
+/// A backend's own error, kept as the source of a [`StorageError`] for the
+/// log; nothing outside the backend looks into it.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Why a storage operation failed, in terms every backend can map onto
+/// (a local directory and SQLite today; an object store or PostgreSQL
+/// later). The backend's own error stays attached as the source, for the
+/// log; the peer only ever gets a generic error answer.
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
-    #[error("database: {0}")]
-    Db(#[from] rusqlite::Error),
-    #[error("{op} {path}: {source}")]
+    /// Reading or writing failed (disk, network, database engine).
+    #[error("{op} {what}: {source}")]
     Io {
         op: &'static str,
-        path: std::path::PathBuf,
-        source: std::io::Error,
+        what: String,
+        #[source]
+        source: BoxError,
     },
-    #[error("invalid blob key {0:?}")]
-    BadKey(String),
+    /// What was asked for is not there (a blob, inline content).
+    #[error("{op} {what}: not found")]
+    NotFound { op: &'static str, what: String },
+    /// The backend is out of space or over its quota.
+    #[error("{op} {what}: storage is full: {source}")]
+    Full {
+        op: &'static str,
+        what: String,
+        #[source]
+        source: BoxError,
+    },
+    /// The backend is busy, locked or unreachable for now; the same
+    /// operation may succeed later.
+    #[error("{op}: storage unavailable: {source}")]
+    Unavailable {
+        op: &'static str,
+        #[source]
+        source: BoxError,
+    },
+    /// A uniqueness or concurrency rule refused the change (another writer
+    /// got there first); nothing changed.
+    #[error("{op}: conflict: {source}")]
+    Conflict {
+        op: &'static str,
+        #[source]
+        source: BoxError,
+    },
+    /// Stored data contradicts itself or the schema.
     #[error("metadata is inconsistent: {0}")]
     Corrupt(String),
+    /// A key that is not one of this store's.
+    #[error("invalid blob key {0:?}")]
+    BadKey(String),
     #[error("storage worker failed: {0}")]
     Worker(String),
     /// A commit shared with other uploads failed as a whole.
@@ -67,13 +119,35 @@ pub enum StorageError {
 }
 
 impl StorageError {
+    /// Maps a failed file system operation on `path`: a missing file is
+    /// [`NotFound`](Self::NotFound), a full disk or quota
+    /// [`Full`](Self::Full), anything else [`Io`](Self::Io).
     pub(crate) fn io(op: &'static str, path: &Path, source: std::io::Error) -> Self {
+        let what = path.display().to_string();
+        if source.kind() == std::io::ErrorKind::NotFound {
+            return Self::NotFound { op, what };
+        }
+        if is_full(&source) {
+            return Self::Full {
+                op,
+                what,
+                source: source.into(),
+            };
+        }
         Self::Io {
             op,
-            path: path.to_owned(),
-            source,
+            what,
+            source: source.into(),
         }
     }
+}
+
+/// Whether an I/O error means "no space left" or "over quota".
+fn is_full(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+    )
 }
 
 /// 32 lower-case hex digits that sort by creation time: 16 of nanoseconds
@@ -116,443 +190,8 @@ impl std::fmt::Display for BlobKey {
     }
 }
 
-/// A client as the metadata knows it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ClientRecord {
-    pub id: ClientId,
-    pub name: UserName,
-    pub public_key: Option<PublicKeyField>,
-    pub registered: SystemTime,
-    pub last_seen: SystemTime,
-    /// The operator made this client's history append-only: it may add
-    /// versions but never delete them, and retention skips it at commit.
-    pub append_only: bool,
-    /// The public key (SubjectPublicKeyInfo DER) bound at a secure-mode
-    /// registration; such a client is never served on the legacy listener.
-    pub secure_key: Option<Vec<u8>>,
-    /// When the client completed its registration: stored its public key
-    /// (legacy) or first proved its key (secure mode). Until then, and
-    /// once the grace period is over, its name may be registered anew.
-    pub completed_at: Option<SystemTime>,
-}
-
-/// A client with the totals of what it stores (operator listings).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ClientSummary {
-    pub client: ClientRecord,
-    /// Names with at least one version.
-    pub files: u64,
-    pub versions: u64,
-    /// Plaintext bytes over every version.
-    pub bytes: u64,
-}
-
-/// Which versions of a name to keep. A version is kept if it is the newest
-/// of its name, or if any rule that is set keeps it; with no rule set,
-/// everything is kept (the default).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Retention {
-    /// Keep the N newest versions (N >= 1).
-    pub keep_last: Option<u32>,
-    /// Keep versions stored within this long of now.
-    pub keep_within: Option<Duration>,
-}
-
-impl Retention {
-    /// No rule: every version stays.
-    pub const KEEP_ALL: Self = Self {
-        keep_last: None,
-        keep_within: None,
-    };
-
-    /// Whether no rule is set, so nothing is ever removed.
-    pub fn keeps_everything(&self) -> bool {
-        self.keep_last.is_none() && self.keep_within.is_none()
-    }
-
-    /// Whether the version at `index` among its name's versions (0: the
-    /// newest), stored at `stored_at`, is kept at time `now`. The newest
-    /// version is always kept.
-    pub fn keeps(&self, index: usize, stored_at: SystemTime, now: SystemTime) -> bool {
-        if index == 0 || self.keeps_everything() {
-            return true;
-        }
-        let by_count = self
-            .keep_last
-            .is_some_and(|n| index < usize::try_from(n).unwrap_or(usize::MAX));
-        // A version stored "in the future" (clock change) counts as recent.
-        let by_age = self
-            .keep_within
-            .is_some_and(|d| match now.duration_since(stored_at) {
-                Ok(age) => age <= d,
-                Err(_) => true,
-            });
-        by_count || by_age
-    }
-}
-
-/// The outcome of [`MetaStore::delete_file`].
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Deletion {
-    /// The client has no version of that name.
-    NotFound,
-    /// Append-only applies: nothing was removed.
-    Refused,
-    /// These versions were removed; their blobs are for the caller to delete.
-    Deleted(Vec<VersionRecord>),
-}
-
-/// The outcome of [`MetaStore::register`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Registration {
-    Created,
-    /// Created, in place of client `stale`, which had registered the name
-    /// but never completed, longer ago than the grace period.
-    Replaced {
-        stale: ClientId,
-    },
-    NameTaken,
-}
-
-/// A committed upload to record.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct NewVersion {
-    pub client: ClientId,
-    /// The name exactly as the client sent it.
-    pub file: FileName,
-    pub blob: BlobKey,
-    /// Plaintext bytes.
-    pub size: u64,
-    /// Ciphertext bytes as sent (the legacy "content size").
-    pub content_size: u64,
-    /// POSIX cksum of the plaintext, as confirmed by the client.
-    pub cksum: u32,
-    pub sha256: [u8; 32],
-    pub stored_at: SystemTime,
-}
-
-/// A version to record together with others
-/// ([`MetaStore::add_versions`]).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PendingVersion {
-    pub version: NewVersion,
-    pub retention: Retention,
-    /// The content itself, for a small file kept in the metadata under
-    /// `version.blob` (an inline key).
-    pub inline: Option<Vec<u8>>,
-}
-
-/// One committed version of a file.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct VersionRecord {
-    /// Increases with every commit, across all files.
-    pub version: i64,
-    pub client: ClientId,
-    pub file: FileName,
-    pub blob: BlobKey,
-    pub size: u64,
-    pub content_size: u64,
-    pub cksum: u32,
-    pub sha256: [u8; 32],
-    /// The client confirmed the cksum (always true for a committed version;
-    /// kept for the legacy `files.Verified` column).
-    pub verified: bool,
-    pub stored_at: SystemTime,
-}
-
-/// Clients and file versions.
-pub trait MetaStore: Send + Sync + 'static {
-    /// Creates client `id` named `name` (bound to `secure_key` for a
-    /// secure-mode registration), unless the name is taken. With a `grace`,
-    /// a name whose client never completed its registration
-    /// ([`ClientRecord::completed_at`]), registered at least `grace` before
-    /// `now` and holding no file, is not taken: that client is removed and
-    /// the new one created in one transaction, so of two registrations
-    /// racing for a stale name exactly one wins (`docs/PROTOCOL.md` §6.1).
-    ///
-    /// # Errors
-    /// On a backend failure (including an id collision); nothing changes
-    /// then.
-    fn register_client(
-        &self,
-        id: ClientId,
-        name: &UserName,
-        secure_key: Option<&[u8]>,
-        now: SystemTime,
-        grace: Option<std::time::Duration>,
-    ) -> Result<Registration, StorageError>;
-
-    /// Creates client `id` named `name`, unless the name is taken (by any
-    /// client, complete or not).
-    ///
-    /// # Errors
-    /// On a backend failure (including an id collision).
-    fn register(
-        &self,
-        id: ClientId,
-        name: &UserName,
-        now: SystemTime,
-    ) -> Result<Registration, StorageError> {
-        self.register_client(id, name, None, now, None)
-    }
-
-    /// Creates client `id` named `name` bound to `secure_key` (a secure-mode
-    /// registration), unless the name is taken; the same transaction as
-    /// [`MetaStore::register`].
-    ///
-    /// # Errors
-    /// On a backend failure (including an id collision).
-    fn register_with_key(
-        &self,
-        id: ClientId,
-        name: &UserName,
-        secure_key: &[u8],
-        now: SystemTime,
-    ) -> Result<Registration, StorageError> {
-        self.register_client(id, name, Some(secure_key), now, None)
-    }
-
-    /// Records that client `id` completed its registration (a secure-mode
-    /// client proved its key), unless it already had; `false` if there is
-    /// no such client.
-    ///
-    /// # Errors
-    /// On a backend failure.
-    fn complete(&self, id: ClientId, now: SystemTime) -> Result<bool, StorageError>;
-
-    /// Stores the public key of client `id`, which completes its
-    /// registration; `false` if there is no such client.
-    ///
-    /// # Errors
-    /// On a backend failure.
-    fn set_public_key(
-        &self,
-        id: ClientId,
-        key: &PublicKeyField,
-        now: SystemTime,
-    ) -> Result<bool, StorageError>;
-
-    /// Client `id`, if known.
-    ///
-    /// # Errors
-    /// On a backend failure or an unreadable row.
-    fn client(&self, id: ClientId) -> Result<Option<ClientRecord>, StorageError>;
-
-    /// Updates the last-seen time of client `id`.
-    ///
-    /// # Errors
-    /// On a backend failure.
-    fn touch(&self, id: ClientId, now: SystemTime) -> Result<(), StorageError>;
-
-    /// Records a committed version as the file's latest, atomically, and
-    /// drops the versions of that name `retention` does not keep, unless the
-    /// client is append-only. Returns the blobs of the dropped versions, for
-    /// the caller to delete.
-    ///
-    /// # Errors
-    /// On a backend failure; nothing is recorded then.
-    fn add_version(
-        &self,
-        version: &NewVersion,
-        retention: &Retention,
-    ) -> Result<Vec<BlobKey>, StorageError>;
-
-    /// [`MetaStore::add_version`] for each member of `batch`, in order, with
-    /// one result each, storing the inline content of those that carry it
-    /// with their row. All are made durable together (one transaction); a
-    /// member that fails leaves the others alone.
-    fn add_versions(&self, batch: &[PendingVersion]) -> Vec<Result<Vec<BlobKey>, StorageError>>;
-
-    /// The content stored under inline key `blob`, if any. Content goes
-    /// when its version row goes.
-    ///
-    /// # Errors
-    /// On a backend failure.
-    fn inline_content(&self, blob: &BlobKey) -> Result<Option<Vec<u8>>, StorageError>;
-
-    /// Every inline key with the length of its content (for
-    /// [`Storage::recover`]).
-    ///
-    /// # Errors
-    /// On a backend failure.
-    fn inline_blobs(&self) -> Result<Vec<(BlobKey, u64)>, StorageError>;
-
-    /// Removes the content under inline key `blob` (no error if none).
-    ///
-    /// # Errors
-    /// On a backend failure.
-    fn delete_inline(&self, blob: &BlobKey) -> Result<(), StorageError>;
-
-    /// Up to `limit` versions of client `id`, ordered by (name bytes,
-    /// version), skipping the first `offset`: every version, or only the
-    /// newest of each name.
-    ///
-    /// # Errors
-    /// On a backend failure or an unreadable row.
-    fn list(
-        &self,
-        id: ClientId,
-        all_versions: bool,
-        offset: u64,
-        limit: usize,
-    ) -> Result<Vec<VersionRecord>, StorageError>;
-
-    /// Version `version` of `file` of client `id` (0: the newest).
-    ///
-    /// # Errors
-    /// On a backend failure or an unreadable row.
-    fn find_version(
-        &self,
-        id: ClientId,
-        file: &FileName,
-        version: u64,
-    ) -> Result<Option<VersionRecord>, StorageError>;
-
-    /// Removes every version of `file` of client `id`, unless `append_only`
-    /// is set or the client is append-only.
-    ///
-    /// # Errors
-    /// On a backend failure; nothing is removed then.
-    fn delete_file(
-        &self,
-        id: ClientId,
-        file: &FileName,
-        append_only: bool,
-    ) -> Result<Deletion, StorageError>;
-
-    /// Sets the append-only flag of client `id`; `false` if there is no
-    /// such client.
-    ///
-    /// # Errors
-    /// On a backend failure.
-    fn set_append_only(&self, id: ClientId, on: bool) -> Result<bool, StorageError>;
-
-    /// Every client with its totals, by name.
-    ///
-    /// # Errors
-    /// On a backend failure or an unreadable row.
-    fn clients(&self) -> Result<Vec<ClientSummary>, StorageError>;
-
-    /// Applies `retention` at `now` to every name of every client
-    /// (append-only ones included) and returns what it removed.
-    ///
-    /// # Errors
-    /// On a backend failure; nothing is removed then.
-    fn prune(
-        &self,
-        retention: &Retention,
-        now: SystemTime,
-    ) -> Result<Vec<VersionRecord>, StorageError>;
-
-    /// Removes client `id` with all its files and versions; `None` if
-    /// there is no such client, else the removed versions.
-    ///
-    /// # Errors
-    /// On a backend failure; nothing is removed then.
-    fn remove_client(&self, id: ClientId) -> Result<Option<Vec<VersionRecord>>, StorageError>;
-
-    /// The latest version of `file` of client `id`.
-    ///
-    /// # Errors
-    /// On a backend failure or an unreadable row.
-    fn latest(&self, id: ClientId, file: &FileName) -> Result<Option<VersionRecord>, StorageError>;
-
-    /// Every version of `file` of client `id`, oldest first.
-    ///
-    /// # Errors
-    /// On a backend failure or an unreadable row.
-    fn versions(&self, id: ClientId, file: &FileName) -> Result<Vec<VersionRecord>, StorageError>;
-
-    /// Every version of every file, for reconciliation with the blobs.
-    ///
-    /// # Errors
-    /// On a backend failure or an unreadable row.
-    fn all_versions(&self) -> Result<Vec<VersionRecord>, StorageError>;
-
-    /// Forgets the versions stored in `blobs` (their content is lost).
-    /// Returns how many were forgotten.
-    ///
-    /// # Errors
-    /// On a backend failure.
-    fn forget_blobs(&self, blobs: &[BlobKey]) -> Result<usize, StorageError>;
-}
-
-/// Content being written: invisible until published.
-pub trait BlobWriter: Send {
-    /// Appends `bytes`.
-    ///
-    /// # Errors
-    /// On an I/O failure; the blob is then unusable.
-    fn write(&mut self, bytes: &[u8]) -> Result<(), StorageError>;
-
-    /// Makes everything written durable (still invisible). Dropping a
-    /// writer without finishing discards it.
-    ///
-    /// # Errors
-    /// On an I/O failure.
-    fn finish(self: Box<Self>) -> Result<Box<dyn StagedBlob>, StorageError>;
-}
-
-/// Durable content waiting for the client's verdict. Dropping it discards
-/// the content.
-pub trait StagedBlob: Send {
-    /// Makes the content visible under a fresh key. The key itself is
-    /// durable once [`BlobStore::sync_published`] has covered it (so that
-    /// many blobs published together share one sync).
-    ///
-    /// # Errors
-    /// On an I/O failure; the content is discarded then.
-    fn publish(self: Box<Self>) -> Result<BlobKey, StorageError>;
-}
-
-/// What [`BlobStore::recover`] found.
-#[derive(Debug, Default, Clone)]
-pub struct BlobInventory {
-    /// Committed-looking blobs with their sizes.
-    pub blobs: Vec<(BlobKey, u64)>,
-    /// Temporaries of interrupted uploads that were removed.
-    pub removed_temporaries: usize,
-}
-
-/// File contents, per client.
-pub trait BlobStore: Send + Sync + 'static {
-    /// Starts a new blob for `client`.
-    ///
-    /// # Errors
-    /// On an I/O failure.
-    fn create(&self, client: ClientId) -> Result<Box<dyn BlobWriter>, StorageError>;
-
-    /// Reads a committed blob.
-    ///
-    /// # Errors
-    /// When the key is not one of this store's or the blob cannot be opened.
-    fn open(&self, key: &BlobKey) -> Result<Box<dyn Read + Send>, StorageError>;
-
-    /// Makes the blobs just published under `keys` durable under those
-    /// keys; a result for each key, in order (an error when the key is not
-    /// one of this store's or the sync that covers it failed).
-    fn sync_published(&self, keys: &[BlobKey]) -> Vec<Result<(), StorageError>>;
-
-    /// Removes a committed blob (no error if it is already gone).
-    ///
-    /// # Errors
-    /// When the key is not one of this store's or removal fails.
-    fn delete(&self, key: &BlobKey) -> Result<(), StorageError>;
-
-    /// Removes everything stored for `client`, temporaries included (no
-    /// error if there is nothing).
-    ///
-    /// # Errors
-    /// On an I/O failure.
-    fn remove_client(&self, client: ClientId) -> Result<(), StorageError>;
-
-    /// At start-up, with no upload in progress: removes every temporary and
-    /// lists the committed blobs.
-    ///
-    /// # Errors
-    /// On an I/O failure.
-    fn recover(&self) -> Result<BlobInventory, StorageError>;
-}
+/// Rows read at a time by [`Storage::recover`].
+const RECOVERY_PAGE: usize = 1000;
 
 /// What [`Storage::recover`] repaired.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -571,6 +210,7 @@ pub struct Storage {
     meta: Arc<dyn MetaStore>,
     blobs: Arc<dyn BlobStore>,
     commits: Arc<group::GroupCommit>,
+    policy: CommitPolicy,
 }
 
 impl std::fmt::Debug for Storage {
@@ -589,7 +229,16 @@ impl Storage {
             meta,
             blobs,
             commits: Arc::default(),
+            policy: CommitPolicy::default(),
         }
+    }
+
+    /// The same storage, committing uploads under `policy` (see
+    /// [`Storage::commit_upload`]); the default keeps everything.
+    #[must_use]
+    pub fn with_policy(mut self, policy: CommitPolicy) -> Self {
+        self.policy = policy;
+        self
     }
 
     /// The default backends under `data_dir` (created if missing): SQLite
@@ -662,10 +311,9 @@ impl Storage {
             let content = self
                 .meta
                 .inline_content(key)?
-                .ok_or_else(|| StorageError::Io {
+                .ok_or_else(|| StorageError::NotFound {
                     op: "open",
-                    path: key.0.clone().into(),
-                    source: std::io::ErrorKind::NotFound.into(),
+                    what: key.0.clone(),
                 })?;
             return Ok(Box::new(std::io::Cursor::new(content)));
         }
@@ -778,38 +426,65 @@ impl Storage {
     /// # Errors
     /// On a backend failure.
     pub fn recover(&self) -> Result<RecoveryReport, StorageError> {
+        self.recover_in_pages(RECOVERY_PAGE)
+    }
+
+    /// [`Storage::recover`], reading rows `page` at a time by key. What is
+    /// held is the blob store's inventory (key and size of each blob, with
+    /// a bit for "recorded") and one page of rows, never every row.
+    fn recover_in_pages(&self, page: usize) -> Result<RecoveryReport, StorageError> {
         let inventory = self.blobs.recover()?;
-        let on_disk: std::collections::HashMap<BlobKey, u64> = inventory
-            .blobs
-            .into_iter()
-            .chain(self.meta.inline_blobs()?)
-            .collect();
-        let rows = self.meta.all_versions()?;
-        let mut recorded = std::collections::HashSet::new();
-        let mut broken = Vec::new();
-        for row in rows {
-            match on_disk.get(&row.blob) {
-                Some(&size) if size == row.size => {
-                    recorded.insert(row.blob);
-                }
-                found => {
-                    tracing::warn!(
-                        blob = %row.blob,
-                        expected = row.size,
-                        found = ?found,
-                        "version row without its blob; forgetting it"
-                    );
-                    broken.push(row.blob);
+        let mut on_disk = inventory.blobs;
+        let mut after: Option<BlobKey> = None;
+        loop {
+            let inline = self.meta.inline_blobs_after(after.as_ref(), page)?;
+            let Some((last, _)) = inline.last() else {
+                break;
+            };
+            after = Some(last.clone());
+            on_disk.extend(inline);
+        }
+        on_disk.sort_unstable();
+        let mut recorded = vec![false; on_disk.len()];
+        let mut forgotten_versions = 0;
+        let mut after: Option<BlobKey> = None;
+        loop {
+            let rows = self.meta.recorded_blobs(after.as_ref(), page)?;
+            let Some((last, _)) = rows.last() else {
+                break;
+            };
+            after = Some(last.clone());
+            let mut broken = Vec::new();
+            for (blob, size) in rows {
+                let found = on_disk
+                    .binary_search_by(|(k, _)| k.cmp(&blob))
+                    .ok()
+                    .and_then(|i| Some((i, on_disk.get(i)?.1)));
+                match found {
+                    Some((i, found)) if found == size => {
+                        if let Some(seen) = recorded.get_mut(i) {
+                            *seen = true;
+                        }
+                    }
+                    found => {
+                        tracing::warn!(
+                            blob = %blob,
+                            expected = size,
+                            found = ?found.map(|(_, n)| n),
+                            "version row without its blob; forgetting it"
+                        );
+                        broken.push(blob);
+                    }
                 }
             }
+            // Rows after `after` are untouched, so the next page is the
+            // same whether or not these are forgotten first.
+            if !broken.is_empty() {
+                forgotten_versions += self.meta.forget_blobs(&broken)?;
+            }
         }
-        let forgotten_versions = if broken.is_empty() {
-            0
-        } else {
-            self.meta.forget_blobs(&broken)?
-        };
         let mut removed_orphans = 0;
-        for key in on_disk.keys().filter(|k| !recorded.contains(*k)) {
+        for ((key, _), _) in on_disk.iter().zip(&recorded).filter(|(_, r)| !**r) {
             self.delete_blob(key)?;
             removed_orphans += 1;
         }
@@ -824,6 +499,7 @@ impl Storage {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use protocol::UserName;
 
     #[test]
     fn new_keys_are_unique_hex_led_by_the_time() {
@@ -852,36 +528,95 @@ mod tests {
     }
 
     #[test]
-    fn retention_keeps_the_newest_and_whatever_either_rule_keeps() {
-        let now = SystemTime::now();
-        let hour = Duration::from_secs(3600);
-        let old = now - 48 * hour;
-        let recent = now - hour;
-        assert!(Retention::KEEP_ALL.keeps(100, old, now));
-        let last2 = Retention {
-            keep_last: Some(2),
-            keep_within: None,
+    fn recovery_in_small_pages_forgets_broken_rows_and_removes_orphans() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::open_local(dir.path()).unwrap();
+        let id = ClientId([6; 16]);
+        storage
+            .meta()
+            .register(id, &UserName::try_from("ann").unwrap(), SystemTime::now())
+            .unwrap();
+        let version = |name: &str, size: u64| NewVersion {
+            client: id,
+            file: FileName::try_from(name).unwrap(),
+            blob: BlobKey(String::new()),
+            size,
+            content_size: protocol::crypto::pkcs7_len(size),
+            cksum: 0,
+            sha256: [0; 32],
+            stored_at: SystemTime::now(),
         };
-        assert!(last2.keeps(0, old, now));
-        assert!(last2.keeps(1, old, now));
-        assert!(!last2.keeps(2, recent, now));
-        let day = Retention {
-            keep_last: None,
-            keep_within: Some(24 * hour),
+        let staged = |content: &[u8]| {
+            let mut w = storage.blobs().begin_write(id).unwrap();
+            w.write(content).unwrap();
+            w.finish().unwrap()
         };
-        assert!(day.keeps(0, old, now), "the newest always stays");
-        assert!(day.keeps(5, recent, now));
-        assert!(!day.keeps(1, old, now));
-        assert!(
-            day.keeps(1, now + hour, now),
-            "a future time counts as recent"
+        let mut blobs = Vec::new();
+        for i in 0..7u8 {
+            let content = vec![i; 10 + usize::from(i)];
+            let key = storage
+                .commit(
+                    staged(&content),
+                    version(&format!("b{i}"), content.len() as u64),
+                    &Retention::KEEP_ALL,
+                )
+                .unwrap();
+            blobs.push(key);
+        }
+        for i in 0..5u8 {
+            storage
+                .commit_inline(
+                    vec![i; 3],
+                    version(&format!("i{i}"), 3),
+                    &Retention::KEEP_ALL,
+                )
+                .unwrap();
+        }
+        // Three orphans (published, never recorded), two missing blobs,
+        // one of the wrong size.
+        for content in [&b"o1"[..], b"o2", b"o3"] {
+            staged(content).publish().unwrap();
+        }
+        let fs = fs::FsBlobStore::open(dir.path()).unwrap();
+        std::fs::remove_file(fs.path_of(&blobs[1]).unwrap()).unwrap();
+        std::fs::remove_file(fs.path_of(&blobs[4]).unwrap()).unwrap();
+        std::fs::write(fs.path_of(&blobs[6]).unwrap(), b"short").unwrap();
+        // A staged temporary left behind, as by a crash.
+        std::mem::forget(staged(b"tmp"));
+
+        let report = storage.recover_in_pages(2).unwrap();
+        assert_eq!(
+            report,
+            RecoveryReport {
+                removed_temporaries: 1,
+                // The three, and the short blob whose row was forgotten.
+                removed_orphans: 4,
+                forgotten_versions: 3,
+            }
         );
-        let both = Retention {
-            keep_last: Some(2),
-            keep_within: Some(24 * hour),
-        };
-        assert!(both.keeps(1, old, now));
-        assert!(both.keeps(7, recent, now));
-        assert!(!both.keeps(2, old, now));
+        let rows = storage.meta().all_versions().unwrap();
+        assert_eq!(rows.len(), 7 + 5 - 3);
+        for row in rows {
+            let content = storage.read_latest(id, &row.file).unwrap().unwrap();
+            assert_eq!(content.len() as u64, row.size, "{}", row.file);
+        }
+        assert_eq!(
+            storage.recover_in_pages(1).unwrap(),
+            RecoveryReport::default(),
+            "a second pass finds nothing"
+        );
+    }
+
+    #[test]
+    fn maps_file_system_errors_onto_neutral_kinds() {
+        let path = Path::new("clients/x");
+        let missing = StorageError::io("open", path, std::io::ErrorKind::NotFound.into());
+        assert!(matches!(missing, StorageError::NotFound { op: "open", .. }));
+        let full = StorageError::io("write", path, std::io::ErrorKind::StorageFull.into());
+        assert!(matches!(full, StorageError::Full { .. }));
+        let other = StorageError::io("write", path, std::io::ErrorKind::PermissionDenied.into());
+        assert!(matches!(other, StorageError::Io { .. }));
+        assert!(std::error::Error::source(&other).is_some());
+        assert_eq!(other.to_string(), "write clients/x: permission denied");
     }
 }

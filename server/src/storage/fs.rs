@@ -136,7 +136,7 @@ impl FsBlobStore {
 }
 
 impl BlobStore for FsBlobStore {
-    fn create(&self, client: ClientId) -> Result<Box<dyn BlobWriter>, StorageError> {
+    fn begin_write(&self, client: ClientId) -> Result<Box<dyn BlobWriter>, StorageError> {
         let dir = self.ensure_client_dirs(client)?;
         let path = dir
             .join(TMP_DIR)
@@ -167,7 +167,20 @@ impl BlobStore for FsBlobStore {
         Ok(Box::new(file))
     }
 
-    fn sync_published(&self, keys: &[BlobKey]) -> Vec<Result<(), StorageError>> {
+    fn open_range(
+        &self,
+        key: &BlobKey,
+        range: std::ops::Range<u64>,
+    ) -> Result<Box<dyn Read + Send>, StorageError> {
+        use std::io::{Seek, SeekFrom};
+        let path = self.path_of(key)?;
+        let mut file = File::open(&path).map_err(|e| StorageError::io("open", &path, e))?;
+        file.seek(SeekFrom::Start(range.start))
+            .map_err(|e| StorageError::io("seek", &path, e))?;
+        Ok(Box::new(file.take(range.end.saturating_sub(range.start))))
+    }
+
+    fn barrier(&self, keys: &[BlobKey]) -> Vec<Result<(), StorageError>> {
         // One sync per folder; each key gets the outcome of its folder's.
         let mut synced: std::collections::HashMap<PathBuf, Result<(), String>> =
             std::collections::HashMap::new();
@@ -334,11 +347,38 @@ impl BlobWriter for FsWriter {
         file.sync_all()
             .map_err(|e| StorageError::io("sync", &self.path, e))?;
         drop(file);
+        // The final name is chosen now, close to the commit, so that keys
+        // committed together sort together (see `ordered_hex`).
+        let blob = blob_hex();
+        let key = BlobKey(format!(
+            "{CLIENTS_DIR}/{}/{BLOBS_DIR}/{blob}",
+            self.client.to_hex()
+        ));
         Ok(Box::new(FsStaged {
             path: Some(std::mem::take(&mut self.path)),
-            client_dir: std::mem::take(&mut self.client_dir),
-            client: self.client,
+            dest: self.client_dir.join(BLOBS_DIR).join(blob),
+            key,
         }))
+    }
+
+    fn abort(mut self: Box<Self>) -> Result<(), StorageError> {
+        if let Some(syncer) = self.syncer.take() {
+            // The content goes anyway: a failed sync does not matter.
+            let _ = syncer.join();
+        }
+        if self.file.take().is_some() {
+            remove_temporary(&self.path)?;
+        }
+        Ok(())
+    }
+}
+
+/// Removes a temporary that will not be published (no error if gone).
+fn remove_temporary(path: &Path) -> Result<(), StorageError> {
+    match fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(StorageError::io("remove", path, e)),
     }
 }
 
@@ -352,29 +392,35 @@ impl Drop for FsWriter {
 
 /// A synced temporary awaiting publication.
 struct FsStaged {
-    /// `None` once published.
+    /// `None` once published or aborted.
     path: Option<PathBuf>,
-    client_dir: PathBuf,
-    client: ClientId,
+    /// Where publishing renames it to.
+    dest: PathBuf,
+    key: BlobKey,
 }
 
 impl StagedBlob for FsStaged {
+    fn key(&self) -> &BlobKey {
+        &self.key
+    }
+
     fn publish(mut self: Box<Self>) -> Result<BlobKey, StorageError> {
         let tmp = self
             .path
             .take()
             .ok_or_else(|| StorageError::Worker("published twice".into()))?;
-        let blob = blob_hex();
-        let blobs = self.client_dir.join(BLOBS_DIR);
-        let dest = blobs.join(&blob);
-        if let Err(e) = fs::rename(&tmp, &dest) {
+        if let Err(e) = fs::rename(&tmp, &self.dest) {
             let _ = fs::remove_file(&tmp);
             return Err(StorageError::io("rename", &tmp, e));
         }
-        Ok(BlobKey(format!(
-            "{CLIENTS_DIR}/{}/{BLOBS_DIR}/{blob}",
-            self.client.to_hex()
-        )))
+        Ok(self.key.clone())
+    }
+
+    fn abort(mut self: Box<Self>) -> Result<(), StorageError> {
+        match self.path.take() {
+            Some(path) => remove_temporary(&path),
+            None => Ok(()),
+        }
     }
 }
 
@@ -411,7 +457,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = FsBlobStore::open(dir.path()).unwrap();
         let id = ClientId([0xab; 16]);
-        let mut w = store.create(id).unwrap();
+        let mut w = store.begin_write(id).unwrap();
         w.write(b"hello ").unwrap();
         w.write(b"world").unwrap();
         let staged = w.finish().unwrap();
@@ -420,7 +466,7 @@ mod tests {
             "nothing is visible before publish"
         );
         let key = staged.publish().unwrap();
-        let synced = store.sync_published(std::slice::from_ref(&key));
+        let synced = store.barrier(std::slice::from_ref(&key));
         assert!(matches!(synced.as_slice(), [Ok(())]), "{synced:?}");
         let mut content = String::new();
         store
@@ -443,7 +489,7 @@ mod tests {
     fn syncs_large_blobs_early_and_keeps_every_byte() {
         let dir = tempfile::tempdir().unwrap();
         let store = FsBlobStore::open(dir.path()).unwrap();
-        let mut w = store.create(ClientId([3; 16])).unwrap();
+        let mut w = store.begin_write(ClientId([3; 16])).unwrap();
         let mut expected = Vec::new();
         for i in 0..40u8 {
             let chunk = vec![i; 100_000];
@@ -461,23 +507,68 @@ mod tests {
     fn dropping_a_writer_or_staged_blob_leaves_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let store = FsBlobStore::open(dir.path()).unwrap();
-        let mut w = store.create(ClientId([1; 16])).unwrap();
+        let mut w = store.begin_write(ClientId([1; 16])).unwrap();
         w.write(b"abc").unwrap();
         drop(w);
-        let mut w = store.create(ClientId([1; 16])).unwrap();
+        let mut w = store.begin_write(ClientId([1; 16])).unwrap();
         w.write(b"abc").unwrap();
         drop(w.finish().unwrap());
         assert!(files_under(dir.path()).is_empty());
     }
 
     #[test]
+    fn aborting_a_writer_or_staged_blob_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FsBlobStore::open(dir.path()).unwrap();
+        let mut w = store.begin_write(ClientId([1; 16])).unwrap();
+        w.write(b"abc").unwrap();
+        w.abort().unwrap();
+        let mut w = store.begin_write(ClientId([1; 16])).unwrap();
+        w.write(&vec![7; 3 * EARLY_SYNC_BYTES as usize]).unwrap();
+        w.abort().unwrap();
+        let mut w = store.begin_write(ClientId([1; 16])).unwrap();
+        w.write(b"abc").unwrap();
+        let staged = w.finish().unwrap();
+        let key = staged.key().clone();
+        staged.abort().unwrap();
+        assert!(files_under(dir.path()).is_empty());
+        assert!(matches!(
+            store.open(&key),
+            Err(StorageError::NotFound { .. })
+        ));
+    }
+
+    #[test]
+    fn finish_names_the_final_key_and_ranges_read_part_of_a_blob() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FsBlobStore::open(dir.path()).unwrap();
+        let mut w = store.begin_write(ClientId([4; 16])).unwrap();
+        w.write(b"0123456789").unwrap();
+        let staged = w.finish().unwrap();
+        let named = staged.key().clone();
+        assert_eq!(staged.publish().unwrap(), named);
+        let read = |range| {
+            let mut out = Vec::new();
+            store
+                .open_range(&named, range)
+                .unwrap()
+                .read_to_end(&mut out)
+                .unwrap();
+            out
+        };
+        assert_eq!(read(2..5), b"234");
+        assert_eq!(read(8..20), b"89");
+        assert_eq!(read(12..20), b"");
+    }
+
+    #[test]
     fn recover_removes_temporaries_and_lists_blobs() {
         let dir = tempfile::tempdir().unwrap();
         let store = FsBlobStore::open(dir.path()).unwrap();
-        let mut w = store.create(ClientId([2; 16])).unwrap();
+        let mut w = store.begin_write(ClientId([2; 16])).unwrap();
         w.write(b"12345").unwrap();
         let key = w.finish().unwrap().publish().unwrap();
-        let mut pending = store.create(ClientId([2; 16])).unwrap();
+        let mut pending = store.begin_write(ClientId([2; 16])).unwrap();
         pending.write(b"half").unwrap();
         // A crash: the writer is never dropped.
         std::mem::forget(pending);

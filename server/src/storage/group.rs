@@ -5,7 +5,7 @@
 //! WAL sync). Paid one upload at a time, those two syncs bound a server
 //! taking many small files over several connections. Here the first
 //! committer to find no commit running becomes the leader: it takes every
-//! commit queued so far, publishes the blobs, syncs each folder once and
+//! commit queued so far, publishes the blobs, syncs each folder once (the blob store's barrier) and
 //! records every row in one transaction, then hands each waiter its own
 //! result. Those who queued while it worked form the next batch. Nothing
 //! waits on a timer, so a lone upload commits as soon as before.
@@ -182,7 +182,7 @@ fn commit_batch(storage: &Storage, batch: Vec<Job>) -> Vec<(u64, Result<BlobKey,
         .map(|(i, p)| (i, p.version.blob.clone()))
         .collect();
     let keys: Vec<BlobKey> = published.iter().map(|(_, k)| k.clone()).collect();
-    let synced = storage.blobs().sync_published(&keys);
+    let synced = storage.blobs().barrier(&keys);
     let mut unsynced: HashMap<usize, StorageError> = HashMap::new();
     for ((i, key), outcome) in published.iter().zip(synced) {
         if let Err(e) = outcome {
@@ -249,7 +249,7 @@ mod tests {
     }
 
     fn stage(storage: &Storage, client: ClientId, content: &[u8]) -> Box<dyn StagedBlob> {
-        let mut w = storage.blobs().create(client).unwrap();
+        let mut w = storage.blobs().begin_write(client).unwrap();
         w.write(content).unwrap();
         w.finish().unwrap()
     }
@@ -336,13 +336,13 @@ mod tests {
     }
 
     impl crate::storage::BlobStore for Gated {
-        fn create(
+        fn begin_write(
             &self,
             client: ClientId,
         ) -> Result<Box<dyn crate::storage::BlobWriter>, StorageError> {
-            self.inner.create(client)
+            self.inner.begin_write(client)
         }
-        fn sync_published(&self, keys: &[BlobKey]) -> Vec<Result<(), StorageError>> {
+        fn barrier(&self, keys: &[BlobKey]) -> Vec<Result<(), StorageError>> {
             if self.syncs.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
                 let mut open = self.gate.lock().unwrap();
                 while !*open {
@@ -351,7 +351,7 @@ mod tests {
             }
             let failing = self.failing.lock().unwrap();
             self.inner
-                .sync_published(keys)
+                .barrier(keys)
                 .into_iter()
                 .zip(keys)
                 .map(|(r, k)| {
@@ -474,12 +474,16 @@ mod tests {
         // Publish b's blob first to learn its key, then fail its sync.
         let probe = stage(&storage, b, b"probe").publish().unwrap();
         *gated.failing.lock().unwrap() = vec![probe.clone()];
-        struct Published(Option<BlobKey>);
+        struct Published(BlobKey);
         impl StagedBlob for Published {
-            fn publish(mut self: Box<Self>) -> Result<BlobKey, StorageError> {
-                self.0
-                    .take()
-                    .ok_or_else(|| StorageError::Worker("twice".into()))
+            fn key(&self) -> &BlobKey {
+                &self.0
+            }
+            fn publish(self: Box<Self>) -> Result<BlobKey, StorageError> {
+                Ok(self.0)
+            }
+            fn abort(self: Box<Self>) -> Result<(), StorageError> {
+                Ok(())
             }
         }
         let jobs = vec![
@@ -490,7 +494,7 @@ mod tests {
             ),
             job(
                 2,
-                Content::Blob(Box::new(Published(Some(probe.clone())))),
+                Content::Blob(Box::new(Published(probe.clone()))),
                 new_version(b, "y", b"probe"),
             ),
             job(

@@ -30,226 +30,20 @@ use protocol::message::{PublicKeyField, PUBLIC_KEY_FIELD_LEN};
 use protocol::{ClientId, FileName, UserName};
 use rusqlite::{params, Connection, OptionalExtension, Row};
 
+use super::{versions_to_remove, VersionStamp};
 use super::{
     BlobKey, ClientRecord, ClientSummary, Deletion, MetaStore, NewVersion, PendingVersion,
     Registration, Retention, StorageError, VersionRecord,
 };
 
-/// The schema version this code writes (`PRAGMA user_version`).
-pub const SCHEMA_VERSION: i64 = 5;
+mod rows;
+mod schema;
+mod write;
 
-/// From schema version 1 to 2.
-const MIGRATE_1_TO_2: &str =
-    "ALTER TABLE clients ADD COLUMN append_only INTEGER NOT NULL DEFAULT 0;";
-
-/// From schema version 2 to 3: the key bound at a secure-mode registration.
-const MIGRATE_2_TO_3: &str = "ALTER TABLE clients ADD COLUMN secure_key BLOB \
-     CHECK (secure_key IS NULL OR length(secure_key) BETWEEN 1 AND 1100);";
-
-/// From schema version 3 to 4: small files kept in the database.
-const MIGRATE_3_TO_4: &str = INLINE_SCHEMA;
-
-/// From schema version 4 to 5: when a client completed its registration.
-/// Conservative: a client that could ever have been served is complete, so
-/// that no upgrade makes an existing client's name registrable again. A
-/// legacy client with a public key has completed; a secure-mode client
-/// may have proved its key (that was not recorded), so every one counts as
-/// complete; as does any client with a file. What is left, a legacy
-/// registration that never stored a key, could never reconnect or upload.
-const MIGRATE_4_TO_5: &str = "
-ALTER TABLE clients ADD COLUMN completed_at INTEGER;
-UPDATE clients SET completed_at = max(registered, last_seen)
-    WHERE public_key IS NOT NULL OR secure_key IS NOT NULL
-       OR EXISTS (SELECT 1 FROM files WHERE files.client_id = clients.id);
-";
-
-/// Content of small versions, stored with their row (see
-/// [`crate::storage::INLINE_MAX`]); a version's content goes when its row
-/// does.
-const INLINE_SCHEMA: &str = "
-CREATE TABLE inline_blobs (
-    id       INTEGER PRIMARY KEY,
-    blob     TEXT NOT NULL UNIQUE,
-    content  BLOB NOT NULL
-);
-CREATE TRIGGER versions_drop_inline AFTER DELETE ON versions
-BEGIN
-    DELETE FROM inline_blobs WHERE blob = OLD.blob;
-END;
-";
-
-const SCHEMA: &str = "
-CREATE TABLE clients (
-    id          BLOB PRIMARY KEY CHECK (length(id) = 16),
-    name        BLOB NOT NULL UNIQUE,
-    public_key  BLOB CHECK (public_key IS NULL OR length(public_key) = 160),
-    registered  INTEGER NOT NULL,
-    last_seen   INTEGER NOT NULL,
-    append_only INTEGER NOT NULL DEFAULT 0,
-    secure_key  BLOB CHECK (secure_key IS NULL OR length(secure_key) BETWEEN 1 AND 1100),
-    completed_at INTEGER
-);
-CREATE TABLE files (
-    id         INTEGER PRIMARY KEY,
-    client_id  BLOB NOT NULL REFERENCES clients (id),
-    name       BLOB NOT NULL,
-    UNIQUE (client_id, name)
-);
-CREATE TABLE versions (
-    id            INTEGER PRIMARY KEY,
-    file_id       INTEGER NOT NULL REFERENCES files (id),
-    blob          TEXT NOT NULL UNIQUE,
-    size          INTEGER NOT NULL,
-    content_size  INTEGER NOT NULL,
-    cksum         INTEGER NOT NULL,
-    sha256        BLOB NOT NULL CHECK (length(sha256) = 32),
-    verified      INTEGER NOT NULL DEFAULT 1,
-    stored_at     INTEGER NOT NULL
-);
-CREATE INDEX versions_by_file ON versions (file_id, id);
-CREATE VIEW latest_versions AS
-    SELECT f.client_id, f.name, v.*
-    FROM versions v JOIN files f ON f.id = v.file_id
-    WHERE v.id = (SELECT max(id) FROM versions WHERE file_id = v.file_id);
-";
-
-const VERSION_COLUMNS: &str =
-    "v.id, f.client_id, f.name, v.blob, v.size, v.content_size, v.cksum, v.sha256, v.verified, v.stored_at";
-
-fn to_ms(t: SystemTime) -> i64 {
-    t.duration_since(UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
-}
-
-fn from_ms(ms: i64) -> SystemTime {
-    UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap_or(0))
-}
-
-fn size_to_sql(n: u64) -> Result<i64, StorageError> {
-    i64::try_from(n)
-        .map_err(|_| StorageError::Corrupt(format!("size {n} does not fit the database")))
-}
-
-fn corrupt(what: &str) -> StorageError {
-    StorageError::Corrupt(what.to_owned())
-}
-
-fn client_id(bytes: &[u8]) -> Result<ClientId, StorageError> {
-    bytes
-        .try_into()
-        .map(ClientId)
-        .map_err(|_| corrupt("a client id is not 16 bytes"))
-}
-
-/// A versions row as read, before validation.
-struct RawVersion {
-    id: i64,
-    client: Vec<u8>,
-    name: Vec<u8>,
-    blob: String,
-    size: i64,
-    content_size: i64,
-    cksum: i64,
-    sha256: Vec<u8>,
-    verified: bool,
-    stored_at: i64,
-}
-
-impl RawVersion {
-    fn read(row: &Row<'_>) -> rusqlite::Result<Self> {
-        Ok(Self {
-            id: row.get(0)?,
-            client: row.get(1)?,
-            name: row.get(2)?,
-            blob: row.get(3)?,
-            size: row.get(4)?,
-            content_size: row.get(5)?,
-            cksum: row.get(6)?,
-            sha256: row.get(7)?,
-            verified: row.get(8)?,
-            stored_at: row.get(9)?,
-        })
-    }
-
-    fn into_record(self) -> Result<VersionRecord, StorageError> {
-        Ok(VersionRecord {
-            version: self.id,
-            client: client_id(&self.client)?,
-            file: FileName::new(self.name).map_err(|_| corrupt("a file name is invalid"))?,
-            blob: BlobKey(self.blob),
-            size: u64::try_from(self.size).map_err(|_| corrupt("a size is negative"))?,
-            content_size: u64::try_from(self.content_size)
-                .map_err(|_| corrupt("a size is negative"))?,
-            cksum: u32::try_from(self.cksum).map_err(|_| corrupt("a cksum is out of range"))?,
-            sha256: self
-                .sha256
-                .as_slice()
-                .try_into()
-                .map_err(|_| corrupt("a SHA-256 is not 32 bytes"))?,
-            verified: self.verified,
-            stored_at: from_ms(self.stored_at),
-        })
-    }
-}
-
-/// A clients row as read, before validation.
-struct RawClient {
-    id: Vec<u8>,
-    name: Vec<u8>,
-    key: Option<Vec<u8>>,
-    registered: i64,
-    last_seen: i64,
-    append_only: bool,
-    secure_key: Option<Vec<u8>>,
-    completed_at: Option<i64>,
-}
-
-/// The columns [`RawClient::read`] reads, in order.
-const CLIENT_COLUMNS: &str =
-    "id, name, public_key, registered, last_seen, append_only, secure_key, completed_at";
-
-impl RawClient {
-    /// Columns read after the client's own, in a query that selects
-    /// [`CLIENT_COLUMNS`] first.
-    const NEXT: usize = 8;
-
-    fn read(r: &Row<'_>) -> rusqlite::Result<Self> {
-        Ok(Self {
-            id: r.get(0)?,
-            name: r.get(1)?,
-            key: r.get(2)?,
-            registered: r.get(3)?,
-            last_seen: r.get(4)?,
-            append_only: r.get(5)?,
-            secure_key: r.get(6)?,
-            completed_at: r.get(7)?,
-        })
-    }
-
-    fn into_record(self) -> Result<ClientRecord, StorageError> {
-        let public_key = match self.key {
-            None => None,
-            Some(k) => {
-                let field: [u8; PUBLIC_KEY_FIELD_LEN] = k
-                    .as_slice()
-                    .try_into()
-                    .map_err(|_| corrupt("a public key is not 160 bytes"))?;
-                Some(PublicKeyField(field))
-            }
-        };
-        Ok(ClientRecord {
-            id: client_id(&self.id)?,
-            name: UserName::new(self.name).map_err(|_| corrupt("a client name is invalid"))?,
-            public_key,
-            registered: from_ms(self.registered),
-            last_seen: from_ms(self.last_seen),
-            append_only: self.append_only,
-            secure_key: self.secure_key,
-            completed_at: self.completed_at.map(from_ms),
-        })
-    }
-}
+use rows::*;
+pub use schema::SCHEMA_VERSION;
+use schema::*;
+use write::*;
 
 /// Metadata in one SQLite database, shared behind a mutex: every call is
 /// short, and the server makes them from blocking threads.
@@ -366,91 +160,30 @@ impl SqliteMetaStore {
     }
 }
 
-fn query_versions(
-    conn: &Connection,
-    filter: &str,
-    params: &[&dyn rusqlite::ToSql],
-) -> Result<Vec<VersionRecord>, StorageError> {
-    let sql = format!(
-        "SELECT {VERSION_COLUMNS} FROM versions v JOIN files f ON f.id = v.file_id {filter}"
-    );
-    let mut stmt = conn.prepare_cached(&sql)?;
-    let rows = stmt.query_map(params, RawVersion::read)?;
-    rows.map(|r| {
-        r.map_err(StorageError::from)
-            .and_then(RawVersion::into_record)
-    })
-    .collect()
-}
-
-fn u64_to_sql(n: u64) -> i64 {
-    i64::try_from(n).unwrap_or(i64::MAX)
-}
-
-/// Removes the versions of one file (given newest first) that `retention`
-/// does not keep; returns them.
-fn apply_retention(
-    tx: &Connection,
-    newest_first: Vec<VersionRecord>,
-    retention: &Retention,
-    now: SystemTime,
-) -> Result<Vec<VersionRecord>, StorageError> {
-    let mut dropped = Vec::new();
-    for (i, v) in newest_first.into_iter().enumerate() {
-        if !retention.keeps(i, v.stored_at, now) {
-            tx.execute("DELETE FROM versions WHERE id = ?1", [v.version])?;
-            dropped.push(v);
-        }
-    }
-    Ok(dropped)
-}
-
-/// Inserts version `v` (and its file row if new) and applies `retention`
-/// to its name, inside the caller's transaction; returns the blobs of the
-/// versions dropped.
-fn insert_version(
-    conn: &Connection,
-    v: &NewVersion,
-    retention: &Retention,
-) -> Result<Vec<BlobKey>, StorageError> {
-    let client = &v.client.0[..];
-    conn.prepare_cached(
-        "INSERT INTO files (client_id, name) VALUES (?1, ?2) ON CONFLICT (client_id, name) DO NOTHING",
-    )?
-    .execute(params![client, v.file.as_bytes()])?;
-    let file_id: i64 = conn
-        .prepare_cached("SELECT id FROM files WHERE client_id = ?1 AND name = ?2")?
-        .query_row(params![client, v.file.as_bytes()], |r| r.get(0))?;
-    conn.prepare_cached(
-        "INSERT INTO versions (file_id, blob, size, content_size, cksum, sha256, verified, stored_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, 1, ?7)",
-    )?
-    .execute(params![
-            file_id,
-            v.blob.0,
-            size_to_sql(v.size)?,
-            size_to_sql(v.content_size)?,
-            i64::from(v.cksum),
-            &v.sha256[..],
-            to_ms(v.stored_at)
-        ])?;
-    let superseded = if retention.keeps_everything() || is_append_only(conn, v.client)? {
-        Vec::new()
-    } else {
-        let versions =
-            query_versions(conn, "WHERE v.file_id = ?1 ORDER BY v.id DESC", &[&file_id])?;
-        apply_retention(conn, versions, retention, v.stored_at)?
-    };
-    conn.prepare_cached("UPDATE clients SET last_seen = ?2 WHERE id = ?1")?
-        .execute(params![client, to_ms(v.stored_at)])?;
-    Ok(superseded.into_iter().map(|v| v.blob).collect())
-}
-
-/// The result of every member of a batch whose transaction failed.
-fn batch_failed<T>(n: usize, cause: &StorageError) -> Vec<Result<T, StorageError>> {
-    (0..n)
-        .map(|_| Err(StorageError::Batch(cause.to_string())))
+impl SqliteMetaStore {
+    /// Runs `sql` (a page of `(key, size)` by key, with `?1` the key to
+    /// start after and `?2` the limit).
+    fn keys_after(
+        &self,
+        sql: &str,
+        after: Option<&BlobKey>,
+        limit: usize,
+    ) -> Result<Vec<(BlobKey, u64)>, StorageError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(sql)?;
+        // Every key sorts after the empty string.
+        let after = after.map_or("", |k| k.0.as_str());
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = stmt.query_map(params![after, limit], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))
+        })?;
+        rows.map(|r| {
+            let (blob, size) = r?;
+            let size = u64::try_from(size).map_err(|_| corrupt("negative size"))?;
+            Ok((BlobKey(blob), size))
+        })
         .collect()
+    }
 }
 
 fn is_append_only(conn: &Connection, id: ClientId) -> Result<bool, StorageError> {
@@ -746,16 +479,18 @@ impl MetaStore for SqliteMetaStore {
                 .first()
                 .is_some_and(|g| g.client == v.client && g.file == v.file);
             if !same {
+                // An operator's prune reaches append-only clients too.
                 removed.extend(apply_retention(
                     &tx,
                     std::mem::take(&mut group),
                     retention,
+                    false,
                     now,
                 )?);
             }
             group.push(v);
         }
-        removed.extend(apply_retention(&tx, group, retention, now)?);
+        removed.extend(apply_retention(&tx, group, retention, false, now)?);
         tx.commit()?;
         Ok(removed)
     }
@@ -815,6 +550,31 @@ impl MetaStore for SqliteMetaStore {
         .collect()
     }
 
+    fn recorded_blobs(
+        &self,
+        after: Option<&BlobKey>,
+        limit: usize,
+    ) -> Result<Vec<(BlobKey, u64)>, StorageError> {
+        // `blob` is UNIQUE, so its index serves this in key order.
+        self.keys_after(
+            "SELECT blob, size FROM versions WHERE blob > ?1 ORDER BY blob LIMIT ?2",
+            after,
+            limit,
+        )
+    }
+
+    fn inline_blobs_after(
+        &self,
+        after: Option<&BlobKey>,
+        limit: usize,
+    ) -> Result<Vec<(BlobKey, u64)>, StorageError> {
+        self.keys_after(
+            "SELECT blob, length(content) FROM inline_blobs WHERE blob > ?1 ORDER BY blob LIMIT ?2",
+            after,
+            limit,
+        )
+    }
+
     fn delete_inline(&self, blob: &BlobKey) -> Result<(), StorageError> {
         self.conn()
             .execute("DELETE FROM inline_blobs WHERE blob = ?1", [&blob.0])?;
@@ -848,6 +608,55 @@ mod tests {
             sha256: [3; 32],
             stored_at: SystemTime::now(),
         }
+    }
+
+    #[test]
+    fn maps_sqlite_errors_onto_neutral_kinds() {
+        let conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch("CREATE TABLE t (k INTEGER UNIQUE); INSERT INTO t VALUES (1);")
+            .unwrap();
+        let dup = conn.execute("INSERT INTO t VALUES (1)", []).unwrap_err();
+        assert!(matches!(
+            StorageError::from(dup),
+            StorageError::Conflict { .. }
+        ));
+        let none = conn
+            .query_row("SELECT k FROM t WHERE k = 2", [], |r| r.get::<_, i64>(0))
+            .unwrap_err();
+        assert!(matches!(
+            StorageError::from(none),
+            StorageError::NotFound { .. }
+        ));
+        let wrong = conn
+            .query_row("SELECT 'text'", [], |r| r.get::<_, i64>(0))
+            .unwrap_err();
+        assert!(matches!(
+            StorageError::from(wrong),
+            StorageError::Corrupt(_)
+        ));
+        let bad = conn.execute("NOT SQL", []).unwrap_err();
+        let mapped = StorageError::from(bad);
+        assert!(matches!(mapped, StorageError::Io { .. }), "{mapped:?}");
+        assert!(
+            std::error::Error::source(&mapped).is_some(),
+            "the backend error is kept"
+        );
+    }
+
+    #[test]
+    fn a_second_writer_meets_unavailable_not_a_backend_type() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.db");
+        let a = Connection::open(&path).unwrap();
+        a.execute_batch("CREATE TABLE t (k INTEGER); BEGIN IMMEDIATE; INSERT INTO t VALUES (1);")
+            .unwrap();
+        let b = Connection::open(&path).unwrap();
+        b.busy_timeout(Duration::ZERO).unwrap();
+        let busy = b.execute("INSERT INTO t VALUES (2)", []).unwrap_err();
+        assert!(matches!(
+            StorageError::from(busy),
+            StorageError::Unavailable { .. }
+        ));
     }
 
     fn last(n: u32) -> Retention {

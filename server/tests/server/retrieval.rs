@@ -630,7 +630,7 @@ async fn measures_a_1_gib_restore() {
     let mut c = registered(server.addr, "big").await;
     let storage = Storage::open_local(&dir).unwrap();
     let block = random_bytes(1 << 20, 5);
-    let mut w = storage.blobs().create(c.id).unwrap();
+    let mut w = storage.blobs().begin_write(c.id).unwrap();
     let mut sha = Sha256::new();
     let mut cksum = Cksum::new();
     let mut left = size;

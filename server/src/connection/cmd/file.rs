@@ -1,9 +1,7 @@
 //! A file's packets (1028), then the client's cksum verdict (1029 commit,
 //! 1030 resend, 1031 give up) (`docs/PROTOCOL.md` §7, §8): the session
 //! decrypts and checks; the plaintext goes to the upload's writer thread
-//! ([`upload`](crate::connection::upload)); a confirmed file is committed.
-
-use std::time::SystemTime;
+//! ([`upload`](crate::storage::ingest)); a confirmed file is committed.
 
 use bytes::BytesMut;
 use protocol::session::server::FileStart;
@@ -12,9 +10,9 @@ use protocol::{ClientId, FileName, Request, RequestFrame, Response};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::{debug, info, warn};
 
-use crate::connection::upload::{self, Staged, StagedContent, Upload};
 use crate::connection::{Connection, Ended};
-use crate::storage::{BlobKey, NewVersion, Retention, StorageError};
+use crate::storage::ingest as upload;
+use crate::storage::{StorageError, UploadCommit};
 
 impl<R, W> Connection<R, W>
 where
@@ -52,11 +50,10 @@ where
             };
             debug!(file = ?start.file, orig_size = start.orig_size, attempt = start.attempt, "upload started");
             self.discard_upload().await;
-            match Upload::start(
-                self.shared.storage.blobs_arc(),
+            match self.shared.storage.begin_upload(
                 client_id,
-                self.shared.alive.clone(),
                 start.orig_size,
+                self.shared.alive.clone(),
             ) {
                 Ok(upload) => self.upload = Some(upload),
                 Err(e) => return self.storage_failure(e).await,
@@ -94,38 +91,17 @@ where
         let Some(staged) = self.staged.take() else {
             return Err(Ended::Invariant("a commit without staged content"));
         };
-        let Staged {
-            content,
-            sha256,
-            size: written,
-            started,
-        } = staged;
-        if written != size {
-            let e = StorageError::Corrupt(format!(
-                "wrote {written} bytes but the session counted {size}"
-            ));
-            return self.storage_failure(e).await;
-        }
-        let version = NewVersion {
+        // Storage checks the size, chooses blob or inline and applies
+        // the retention policy (`Storage::commit_upload`).
+        let started = staged.started;
+        let commit = UploadCommit {
             client: client_id,
             file: file.clone(),
-            blob: BlobKey(String::new()),
             size,
-            content_size: protocol::crypto::pkcs7_len(size),
             cksum,
-            sha256,
-            stored_at: SystemTime::now(),
-        };
-        let retention = if self.shared.config.append_only {
-            Retention::KEEP_ALL
-        } else {
-            self.shared.config.retention
         };
         if let Err(e) = self
-            .blocking(move |s| match content {
-                StagedContent::Blob(blob) => s.commit(blob, version, &retention),
-                StagedContent::Inline(bytes) => s.commit_inline(bytes, version, &retention),
-            })
+            .blocking(move |s| s.commit_upload(staged, commit))
             .await
         {
             return self.storage_failure(e).await;

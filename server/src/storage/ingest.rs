@@ -1,4 +1,13 @@
-//! The writer of one upload: a thread of the blocking pool fed through a
+//! Ingest: how an upload's content gets into storage, and how it is
+//! committed.
+//!
+//! [`Storage::begin_upload`] starts an [`Upload`]; [`Upload::finish`] gives
+//! [`Staged`] content awaiting the client's verdict; on "CRC ok"
+//! [`Storage::commit_upload`] records it (choosing blob or inline, and the
+//! retention to apply) and otherwise [`Staged::abort`] discards it. The
+//! connection handler only calls these.
+//!
+//! The writer of one upload is a thread of the blocking pool fed through a
 //! bounded channel.
 //!
 //! The connection task decrypts and checksums each packet (in the session
@@ -15,23 +24,115 @@
 //!
 //! A file of at most [`INLINE_MAX`] bytes takes none of that: it is
 //! gathered in memory and committed into the metadata with its row (see
-//! [`Storage::commit_inline`](crate::storage::Storage::commit_inline)). One
+//! [`Storage::commit_inline`]). One
 //! that turns out larger than it said moves to a writer thread at that
 //! point.
 
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 use bytes::BytesMut;
-use protocol::ClientId;
+use protocol::{ClientId, FileName};
 use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::storage::{BlobStore, StagedBlob, StorageError, INLINE_MAX};
+use super::{
+    BlobKey, BlobStore, NewVersion, Retention, StagedBlob, Storage, StorageError, INLINE_MAX,
+};
+
+/// What a commit applies: the server's retention rules, or none at all
+/// when the whole server is append-only (a client's own append-only flag
+/// is applied by the metadata backend, see
+/// [`versions_to_remove`](super::versions_to_remove)).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CommitPolicy {
+    pub retention: Retention,
+    /// Every client is append-only: nothing is removed at commit.
+    pub append_only: bool,
+}
+
+impl CommitPolicy {
+    /// The retention a commit applies.
+    pub fn retention(&self) -> Retention {
+        if self.append_only {
+            Retention::KEEP_ALL
+        } else {
+            self.retention
+        }
+    }
+}
+
+/// What the session confirmed of an upload it commits.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UploadCommit {
+    pub client: ClientId,
+    /// The name exactly as the client sent it.
+    pub file: FileName,
+    /// Plaintext bytes as the session counted them.
+    pub size: u64,
+    /// POSIX cksum of the plaintext, as confirmed by the client.
+    pub cksum: u32,
+}
+
+impl Storage {
+    /// Starts an upload of `declared_size` bytes for `client`: kept in
+    /// memory when that is at most [`INLINE_MAX`], else streamed to a new
+    /// blob by a writer thread. `alive` is held by the writer until it
+    /// ends, so shutdown can wait for it.
+    ///
+    /// # Errors
+    /// When a writer is needed and cannot be started.
+    pub fn begin_upload(
+        &self,
+        client: ClientId,
+        declared_size: u64,
+        alive: mpsc::Sender<()>,
+    ) -> Result<Upload, StorageError> {
+        Upload::start(self.blobs_arc(), client, alive, declared_size)
+    }
+
+    /// Records `staged` as the latest version of its file (blocking): a
+    /// small file into the metadata with its row, anything else published
+    /// as a blob; then applies this storage's [`CommitPolicy`].
+    ///
+    /// # Errors
+    /// When the content written is not the size the session counted (it is
+    /// discarded then), or when publishing or recording fails; the previous
+    /// version stays the latest.
+    pub fn commit_upload(
+        &self,
+        staged: Staged,
+        commit: UploadCommit,
+    ) -> Result<BlobKey, StorageError> {
+        if staged.size != commit.size {
+            let e = StorageError::Corrupt(format!(
+                "wrote {} bytes but the session counted {}",
+                staged.size, commit.size
+            ));
+            staged.abort();
+            return Err(e);
+        }
+        let version = NewVersion {
+            client: commit.client,
+            file: commit.file,
+            blob: BlobKey(String::new()),
+            size: commit.size,
+            content_size: protocol::crypto::pkcs7_len(commit.size),
+            cksum: commit.cksum,
+            sha256: staged.sha256,
+            stored_at: SystemTime::now(),
+        };
+        let retention = self.policy.retention();
+        match staged.content {
+            StagedContent::Blob(blob) => self.commit(blob, version, &retention),
+            StagedContent::Inline(bytes) => self.commit_inline(bytes, version, &retention),
+        }
+    }
+}
 
 /// Batches in flight between the connection task and the writer thread.
-pub(crate) const QUEUE_DEPTH: usize = 1;
+pub const QUEUE_DEPTH: usize = 1;
 /// Plaintext gathered before a batch is handed to the writer.
-pub(crate) const BATCH: usize = 256 * 1024;
+pub const BATCH: usize = 256 * 1024;
 /// Written buffers kept for reuse, across all uploads.
 const POOL: usize = 8;
 
@@ -60,7 +161,7 @@ enum Chunk {
 }
 
 /// Where the content of a finished upload is.
-pub(crate) enum StagedContent {
+pub enum StagedContent {
     /// A synced temporary of the blob store.
     Blob(Box<dyn StagedBlob>),
     /// A small file, in memory until it is committed with its row.
@@ -68,17 +169,30 @@ pub(crate) enum StagedContent {
 }
 
 /// Content written (and, in the blob store, synced), awaiting the client's
-/// verdict. Dropping it removes the temporary.
-pub(crate) struct Staged {
-    pub(crate) content: StagedContent,
-    pub(crate) sha256: [u8; 32],
-    pub(crate) size: u64,
-    pub(crate) started: Instant,
+/// verdict: committed, or [aborted](Self::abort).
+pub struct Staged {
+    pub content: StagedContent,
+    pub sha256: [u8; 32],
+    pub size: u64,
+    pub started: Instant,
+}
+
+impl Staged {
+    /// Discards the content (blocking: call from the blocking pool). A
+    /// failure leaves a temporary for the next start-up to remove, so it
+    /// is only logged.
+    pub fn abort(self) {
+        if let StagedContent::Blob(blob) = self.content {
+            if let Err(e) = blob.abort() {
+                tracing::warn!(cause = %e, "could not discard a staged upload");
+            }
+        }
+    }
 }
 
 /// An upload in progress. Dropping it without [`finish`](Self::finish)
 /// discards what was written.
-pub(crate) struct Upload {
+pub struct Upload {
     inner: Inner,
     started: Instant,
 }
@@ -102,7 +216,7 @@ impl Upload {
     ///
     /// # Errors
     /// When a writer is needed and cannot be started.
-    pub(crate) fn start(
+    pub fn start(
         blobs: std::sync::Arc<dyn BlobStore>,
         client: ClientId,
         alive: mpsc::Sender<()>,
@@ -124,7 +238,7 @@ impl Upload {
 
     /// A written buffer of at least `capacity` bytes, if the pool has one
     /// (only for uploads that go to a writer).
-    pub(crate) fn spare(&mut self, capacity: usize) -> Option<BytesMut> {
+    pub fn spare(&mut self, capacity: usize) -> Option<BytesMut> {
         match &mut self.inner {
             Inner::Memory { .. } => None,
             Inner::Streamed(s) => s.spare(capacity),
@@ -135,7 +249,7 @@ impl Upload {
     ///
     /// # Errors
     /// When the writer failed.
-    pub(crate) async fn write(&mut self, plaintext: BytesMut) -> Result<(), StorageError> {
+    pub async fn write(&mut self, plaintext: BytesMut) -> Result<(), StorageError> {
         match &mut self.inner {
             Inner::Memory {
                 content,
@@ -168,7 +282,7 @@ impl Upload {
     ///
     /// # Errors
     /// When the writer failed.
-    pub(crate) async fn finish(self) -> Result<Staged, StorageError> {
+    pub async fn finish(self) -> Result<Staged, StorageError> {
         match self.inner {
             Inner::Memory { content, .. } => Ok(Staged {
                 sha256: Sha256::digest(&content).into(),
@@ -281,26 +395,36 @@ impl Streamed {
 }
 
 /// The writer thread's loop. `None` when the upload was abandoned (the
-/// channel closed before `Finish`): the temporary is removed as the writer
-/// drops.
+/// channel closed before `Finish`): the writer is aborted then, as it is
+/// when a write fails.
 fn write_all(
     blobs: &dyn BlobStore,
     client: ClientId,
     mut rx: mpsc::Receiver<Chunk>,
     started: Instant,
 ) -> Option<Result<Staged, StorageError>> {
-    let mut writer = match blobs.create(client) {
+    let mut writer = match blobs.begin_write(client) {
         Ok(w) => w,
         Err(e) => return Some(Err(e)),
     };
     let mut sha = Sha256::new();
     let mut size = 0u64;
+    let abort = |writer: Box<dyn crate::storage::BlobWriter>| {
+        if let Err(e) = writer.abort() {
+            tracing::warn!(cause = %e, "could not discard an unfinished upload");
+        }
+    };
     loop {
-        match rx.blocking_recv()? {
+        let Some(chunk) = rx.blocking_recv() else {
+            abort(writer);
+            return None;
+        };
+        match chunk {
             Chunk::Data(bytes) => {
                 sha.update(&bytes);
                 size += bytes.len() as u64;
                 if let Err(e) = writer.write(&bytes) {
+                    abort(writer);
                     return Some(Err(e));
                 }
                 give_back(bytes);
@@ -313,6 +437,108 @@ fn write_all(
                     started,
                 }))
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use protocol::UserName;
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    /// Uploads `content` (ingest, then commit) as `file` of `client`.
+    fn upload(
+        storage: &Storage,
+        client: ClientId,
+        file: &str,
+        content: &[u8],
+        counted: u64,
+    ) -> Result<BlobKey, StorageError> {
+        let (alive, _) = mpsc::channel(1);
+        let staged = runtime().block_on(async {
+            let mut upload = storage
+                .begin_upload(client, content.len() as u64, alive)
+                .unwrap();
+            upload.write(BytesMut::from(content)).await.unwrap();
+            upload.finish().await.unwrap()
+        });
+        storage.commit_upload(
+            staged,
+            UploadCommit {
+                client,
+                file: FileName::try_from(file).unwrap(),
+                size: counted,
+                cksum: 0,
+            },
+        )
+    }
+
+    fn storage(dir: &std::path::Path, policy: CommitPolicy) -> (Storage, ClientId) {
+        let storage = Storage::open_local(dir).unwrap().with_policy(policy);
+        let id = ClientId([5; 16]);
+        storage
+            .meta()
+            .register(id, &UserName::try_from("ann").unwrap(), SystemTime::now())
+            .unwrap();
+        (storage, id)
+    }
+
+    #[test]
+    fn commits_small_files_inline_and_large_ones_as_blobs() {
+        let dir = tempfile::tempdir().unwrap();
+        let (storage, id) = storage(dir.path(), CommitPolicy::default());
+        let small = upload(&storage, id, "s", b"small", 5).unwrap();
+        assert!(small.is_inline());
+        let big = vec![9u8; usize::try_from(INLINE_MAX).unwrap() + 1];
+        let key = upload(&storage, id, "b", &big, big.len() as u64).unwrap();
+        assert!(!key.is_inline());
+        let file = FileName::try_from("b").unwrap();
+        assert_eq!(storage.read_latest(id, &file).unwrap().unwrap(), big);
+        let v = storage.meta().latest(id, &file).unwrap().unwrap();
+        assert_eq!(v.sha256, <[u8; 32]>::from(Sha256::digest(&big)));
+    }
+
+    #[test]
+    fn rejects_content_of_another_size_than_the_session_counted_and_keeps_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (storage, id) = storage(dir.path(), CommitPolicy::default());
+        let big = vec![1u8; usize::try_from(INLINE_MAX).unwrap() + 10];
+        let e = upload(&storage, id, "b", &big, 3).unwrap_err();
+        assert!(matches!(e, StorageError::Corrupt(_)), "{e}");
+        assert!(storage.meta().all_versions().unwrap().is_empty());
+        let report = storage.recover().unwrap();
+        assert_eq!(report.removed_temporaries, 0, "the temporary was aborted");
+    }
+
+    #[test]
+    fn applies_retention_at_commit_unless_the_server_is_append_only() {
+        let keep_one = Retention {
+            keep_last: Some(1),
+            keep_within: None,
+        };
+        for (append_only, kept) in [(false, 1), (true, 3)] {
+            let dir = tempfile::tempdir().unwrap();
+            let policy = CommitPolicy {
+                retention: keep_one,
+                append_only,
+            };
+            let (storage, id) = storage(dir.path(), policy);
+            for content in [&b"one"[..], b"two", b"three"] {
+                upload(&storage, id, "f", content, content.len() as u64).unwrap();
+            }
+            let file = FileName::try_from("f").unwrap();
+            assert_eq!(
+                storage.meta().versions(id, &file).unwrap().len(),
+                kept,
+                "append-only {append_only}"
+            );
         }
     }
 }

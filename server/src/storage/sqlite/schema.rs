@@ -1,0 +1,79 @@
+//! The schema and its migrations (see the parent module for the layout).
+
+/// The schema version this code writes (`PRAGMA user_version`).
+pub const SCHEMA_VERSION: i64 = 5;
+
+/// From schema version 1 to 2.
+pub(super) const MIGRATE_1_TO_2: &str =
+    "ALTER TABLE clients ADD COLUMN append_only INTEGER NOT NULL DEFAULT 0;";
+
+/// From schema version 2 to 3: the key bound at a secure-mode registration.
+pub(super) const MIGRATE_2_TO_3: &str = "ALTER TABLE clients ADD COLUMN secure_key BLOB \
+     CHECK (secure_key IS NULL OR length(secure_key) BETWEEN 1 AND 1100);";
+
+/// From schema version 3 to 4: small files kept in the database.
+pub(super) const MIGRATE_3_TO_4: &str = INLINE_SCHEMA;
+
+/// From schema version 4 to 5: when a client completed its registration.
+/// Conservative: a client that could ever have been served is complete, so
+/// that no upgrade makes an existing client's name registrable again. A
+/// legacy client with a public key has completed; a secure-mode client
+/// may have proved its key (that was not recorded), so every one counts as
+/// complete; as does any client with a file. What is left, a legacy
+/// registration that never stored a key, could never reconnect or upload.
+pub(super) const MIGRATE_4_TO_5: &str = "
+ALTER TABLE clients ADD COLUMN completed_at INTEGER;
+UPDATE clients SET completed_at = max(registered, last_seen)
+    WHERE public_key IS NOT NULL OR secure_key IS NOT NULL
+       OR EXISTS (SELECT 1 FROM files WHERE files.client_id = clients.id);
+";
+
+/// Content of small versions, stored with their row (see
+/// [`crate::storage::INLINE_MAX`]); a version's content goes when its row
+/// does.
+pub(super) const INLINE_SCHEMA: &str = "
+CREATE TABLE inline_blobs (
+    id       INTEGER PRIMARY KEY,
+    blob     TEXT NOT NULL UNIQUE,
+    content  BLOB NOT NULL
+);
+CREATE TRIGGER versions_drop_inline AFTER DELETE ON versions
+BEGIN
+    DELETE FROM inline_blobs WHERE blob = OLD.blob;
+END;
+";
+
+pub(super) const SCHEMA: &str = "
+CREATE TABLE clients (
+    id          BLOB PRIMARY KEY CHECK (length(id) = 16),
+    name        BLOB NOT NULL UNIQUE,
+    public_key  BLOB CHECK (public_key IS NULL OR length(public_key) = 160),
+    registered  INTEGER NOT NULL,
+    last_seen   INTEGER NOT NULL,
+    append_only INTEGER NOT NULL DEFAULT 0,
+    secure_key  BLOB CHECK (secure_key IS NULL OR length(secure_key) BETWEEN 1 AND 1100),
+    completed_at INTEGER
+);
+CREATE TABLE files (
+    id         INTEGER PRIMARY KEY,
+    client_id  BLOB NOT NULL REFERENCES clients (id),
+    name       BLOB NOT NULL,
+    UNIQUE (client_id, name)
+);
+CREATE TABLE versions (
+    id            INTEGER PRIMARY KEY,
+    file_id       INTEGER NOT NULL REFERENCES files (id),
+    blob          TEXT NOT NULL UNIQUE,
+    size          INTEGER NOT NULL,
+    content_size  INTEGER NOT NULL,
+    cksum         INTEGER NOT NULL,
+    sha256        BLOB NOT NULL CHECK (length(sha256) = 32),
+    verified      INTEGER NOT NULL DEFAULT 1,
+    stored_at     INTEGER NOT NULL
+);
+CREATE INDEX versions_by_file ON versions (file_id, id);
+CREATE VIEW latest_versions AS
+    SELECT f.client_id, f.name, v.*
+    FROM versions v JOIN files f ON f.id = v.file_id
+    WHERE v.id = (SELECT max(id) FROM versions WHERE file_id = v.file_id);
+";
