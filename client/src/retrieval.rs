@@ -229,12 +229,21 @@ impl Client {
     }
 
     /// As [`open_retrieval`](Self::open_retrieval), for a connection beyond
-    /// the first: tried once, since the run goes on without it.
+    /// the first: tried once, since the run goes on without it. It proves
+    /// our key as the first does: the legacy listener asks it of every
+    /// connection (§11.5).
     async fn open_extra_retrieval(&self) -> Result<Retrieving, Error> {
-        Ok(Retrieving {
+        let mut r = Retrieving {
             keyed: self.reconnect_extra().await?,
             answered: false,
-        })
+        };
+        match self.prove_for_retrieval(&mut r).await {
+            Ok(()) => Ok(r),
+            Err(e) => {
+                r.keyed.conn.close().await;
+                Err(e)
+            }
+        }
     }
 
     /// Sends a retrieval request once and interprets the answer. A 1607, or
