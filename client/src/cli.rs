@@ -12,8 +12,7 @@ use crate::feedback::{Console, Feedback, Verbosity};
 use crate::files;
 use crate::identity::{IdentityStore, ME_INFO};
 use crate::legacy::{TransferInfo, TRANSFER_INFO};
-use crate::report::{error_json, FileReport, Outcome, Report};
-use crate::retrieval::{entry_json, RestoreOutcome};
+use crate::report::{entry_json, error_json, FileReport, Outcome, Report, RestoreOutcome};
 use crate::settings::{self, ConfigFile, Overrides, CONFIG_FILE, ENV_CONFIG_DIR};
 
 const ABOUT: &str = "Back up files to a server speaking the legacy version 3 backup protocol";
