@@ -6,9 +6,9 @@ use std::time::{Duration, Instant};
 
 use protocol::crypto::PrivateKey;
 use protocol::session::client::{
-    ClientError, ClientEvent, ClientSession, PlanError, UploadPlan, Verdict,
+    ClientError, ClientEvent, ClientSession, PlanError, ServerErrorStep, UploadPlan, Verdict,
 };
-use protocol::session::MAX_SEND_ATTEMPTS;
+use protocol::session::{MAX_SEND_ATTEMPTS, SERVER_ERROR_RESENDS};
 use protocol::{Limits, RequestFrame, Response, UserName};
 
 use crate::connection::{Connection, Secure};
@@ -20,10 +20,6 @@ use crate::report::{FileReport, Outcome, Report};
 use crate::settings::{Options, PacketSize};
 use crate::tls::{KnownServers, Trust};
 use crate::upload::{self, AttemptError};
-
-/// How many times a request answered with 1607 is sent again before giving
-/// up (`docs/PROTOCOL.md` §6: "resends the same request up to 3 times").
-pub const SERVER_ERROR_RETRIES: u8 = 3;
 
 /// Tries at opening a connection (and reconnecting on it) while the server
 /// refuses or drops it at once, as a server at its connection limits does
@@ -144,7 +140,8 @@ impl Client {
     }
 
     /// Sends `frame` and returns what the answer meant, sending it again
-    /// (up to [`SERVER_ERROR_RETRIES`] times) while the server answers 1607.
+    /// while the server answers 1607 and the session says so
+    /// ([`ServerErrorStep::Resend`], up to [`SERVER_ERROR_RESENDS`] times).
     async fn exchange(
         &self,
         conn: &mut Connection,
@@ -152,7 +149,6 @@ impl Client {
         frame: &RequestFrame,
         doing: &str,
     ) -> Result<ClientEvent, Error> {
-        let mut failures = 0u8;
         let give_up = |failures: u8| Error::ServerFailed {
             server: self.options.server.clone(),
             request: doing.to_owned(),
@@ -163,28 +159,27 @@ impl Client {
             let response = match conn.recv(doing).await {
                 Ok(r) => r,
                 // A server that answered 1607 and then hung up has failed.
-                Err(e) if failures > 0 && e.kind() == ErrorKind::Unreachable => {
-                    return Err(give_up(failures))
+                Err(e) if session.server_errors() > 0 && e.kind() == ErrorKind::Unreachable => {
+                    return Err(give_up(session.server_errors()))
                 }
                 Err(e) => return Err(e),
             };
             match session.handle(response, &mut rand::rngs::OsRng) {
-                Ok(ClientEvent::ServerError) => {
-                    failures += 1;
-                    if failures > SERVER_ERROR_RETRIES {
-                        return Err(give_up(failures));
-                    }
+                Ok(ClientEvent::ServerError(ServerErrorStep::Resend { resend })) => {
                     self.feedback.notice(&format!(
-                        "the server at {} responded with an error while {doing}; retrying ({failures} of {SERVER_ERROR_RETRIES})",
+                        "the server at {} responded with an error while {doing}; retrying ({resend} of {SERVER_ERROR_RESENDS})",
                         self.options.server
                     ));
                     match conn.send(frame, doing).await {
                         Ok(()) => {}
                         Err(e) if e.kind() == ErrorKind::Unreachable => {
-                            return Err(give_up(failures))
+                            return Err(give_up(resend))
                         }
                         Err(e) => return Err(e),
                     }
+                }
+                Ok(ClientEvent::ServerError(ServerErrorStep::GiveUp { times })) => {
+                    return Err(give_up(times))
                 }
                 Ok(event) => return Ok(event),
                 Err(e) => return Err(self.session_error(e, session.client_id())),
@@ -603,7 +598,6 @@ impl Client {
             ))
         })?;
         session.begin_file();
-        let mut server_errors = 0u8;
         loop {
             let attempt = session.attempts() + 1;
             self.feedback.attempt(item, attempt);
@@ -613,7 +607,7 @@ impl Client {
                 plan,
                 key.clone(),
                 identity.client_id,
-                self.options.numbering,
+                session.numbering(),
                 self.feedback.as_ref(),
             )
             .await;
@@ -623,6 +617,7 @@ impl Client {
                     // The server may have said why before it hung up.
                     let said_error =
                         matches!(conn.pending_response().await, Some(Response::GeneralError));
+                    let server_errors = session.server_errors();
                     if server_errors > 0 || said_error {
                         return Err(fatal(Error::ServerFailed {
                             server,
@@ -696,18 +691,17 @@ impl Client {
                         other => Err(fatal(self.unexpected(&other, &doing))),
                     };
                 }
-                ClientEvent::ServerError => {
-                    server_errors += 1;
-                    if server_errors > SERVER_ERROR_RETRIES {
-                        return Err(fatal(Error::ServerFailed {
-                            server,
-                            request: format!("sending {path}"),
-                            times: server_errors,
-                        }));
-                    }
+                ClientEvent::ServerError(ServerErrorStep::Resend { resend }) => {
                     self.feedback.notice(&format!(
-                        "the server at {server} responded with an error to {path}; sending it again ({server_errors} of {SERVER_ERROR_RETRIES})"
+                        "the server at {server} responded with an error to {path}; sending it again ({resend} of {SERVER_ERROR_RESENDS})"
                     ));
+                }
+                ClientEvent::ServerError(ServerErrorStep::GiveUp { times }) => {
+                    return Err(fatal(Error::ServerFailed {
+                        server,
+                        request: format!("sending {path}"),
+                        times,
+                    }));
                 }
                 other => return Err(fatal(self.unexpected(&other, &doing))),
             }

@@ -39,9 +39,6 @@ pub const MAX_LISTED: usize = 1 << 22;
 /// A keyed connection used for retrieval.
 struct Retrieving {
     keyed: Keyed,
-    /// Whether the server answered a retrieval request (or the proof that
-    /// comes before them) on this connection.
-    answered: bool,
 }
 
 /// A failure of one restore, and whether the connection can go on.
@@ -69,7 +66,6 @@ impl Client {
     async fn open_retrieval(&self) -> Result<Retrieving, Error> {
         let mut r = Retrieving {
             keyed: self.reconnect_existing().await?,
-            answered: false,
         };
         match self.prove_for_retrieval(&mut r).await {
             Ok(()) => Ok(r),
@@ -104,7 +100,6 @@ impl Client {
     async fn open_extra_retrieval(&self) -> Result<Retrieving, Error> {
         let mut r = Retrieving {
             keyed: self.reconnect_extra().await?,
-            answered: false,
         };
         match self.prove_for_retrieval(&mut r).await {
             Ok(()) => Ok(r),
@@ -118,7 +113,7 @@ impl Client {
     /// Sends a retrieval request once and interprets the answer. A 1607, or
     /// the connection closing, in answer to the first retrieval request of
     /// the connection (on the legacy listener, the proof) means the server
-    /// does not know retrieval.
+    /// does not know retrieval: the session says when that is.
     async fn retrieve(
         &self,
         r: &mut Retrieving,
@@ -129,7 +124,6 @@ impl Client {
         let unsupported = || Error::RetrievalUnsupported {
             server: server.clone(),
         };
-        let first = !r.answered;
         let sent = r.keyed.conn.send(frame, doing).await;
         let response = match sent {
             Ok(()) => r.keyed.conn.recv(doing).await,
@@ -137,7 +131,9 @@ impl Client {
         };
         let response = match response {
             Ok(response) => response,
-            Err(Error::Closed { .. } | Error::ConnectionLost { .. }) if first => {
+            Err(Error::Closed { .. } | Error::ConnectionLost { .. })
+                if r.keyed.session.awaits_first_retrieval_answer() =>
+            {
                 return Err(unsupported())
             }
             Err(e) => return Err(e),
@@ -148,16 +144,13 @@ impl Client {
             .handle(response, &mut rand::rngs::OsRng)
             .map_err(|e| self.session_error(e, Some(r.keyed.identity.client_id)))?;
         match event {
-            ClientEvent::ServerError if first => Err(unsupported()),
-            ClientEvent::ServerError => Err(Error::ServerFailed {
+            ClientEvent::RetrievalUnsupported => Err(unsupported()),
+            ClientEvent::ServerError(step) => Err(Error::ServerFailed {
                 server,
                 request: doing.to_owned(),
-                times: 1,
+                times: step.times(),
             }),
-            event => {
-                r.answered = true;
-                Ok(event)
-            }
+            event => Ok(event),
         }
     }
 
@@ -332,7 +325,7 @@ impl Client {
                 // A 1607 after the 1641 is the server finding its stored
                 // copy damaged; it closes the connection (§11.3). The part
                 // file is removed when `out` is dropped.
-                ClientEvent::ServerError => {
+                ClientEvent::ServerError(_) => {
                     return Err(RestoreFailure {
                         error: Error::DamagedOnServer {
                             name,

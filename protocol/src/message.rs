@@ -434,8 +434,26 @@ impl RequestFrame {
     /// See [`Request::check_dialect`].
     pub fn encode_in(&self, dialect: Dialect, out: &mut BytesMut) {
         out.reserve(crate::wire::REQUEST_HEADER_LEN + self.request.payload_len(dialect));
+        let content = self.encode_head_in(dialect, out);
+        out.extend_from_slice(&content);
+    }
+
+    /// Appends the request to `out` in `dialect` except for a file packet's
+    /// content, which is returned (empty for every other request) to be
+    /// written right after `out` without a copy. `out` followed by the
+    /// returned bytes is exactly what [`encode_in`](Self::encode_in) writes.
+    pub fn encode_head_in(&self, dialect: Dialect, out: &mut BytesMut) -> Bytes {
         self.header_in(dialect).write(out);
-        self.request.write_payload(out, dialect);
+        match &self.request {
+            Request::SendFile(packet) => {
+                packet.head.write(out, dialect);
+                packet.content.clone()
+            }
+            other => {
+                other.write_payload(out, dialect);
+                Bytes::new()
+            }
+        }
     }
 
     /// Appends the whole request in the legacy dialect.

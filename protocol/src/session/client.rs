@@ -21,9 +21,17 @@
 //! build the requests; the answers become [`ClientEvent::ListPage`],
 //! [`ClientEvent::RestoreBegin`] then [`ClientEvent::RestoreData`] until the
 //! announced ciphertext arrived, [`ClientEvent::Deleted`],
-//! [`ClientEvent::NotFound`] or [`ClientEvent::Refused`]. A 1607 to them is
-//! [`ClientEvent::ServerError`] and ends the request (a legacy server gives
-//! no other answer).
+//! [`ClientEvent::NotFound`] or [`ClientEvent::Refused`].
+//!
+//! A 1607 (`docs/PROTOCOL.md` §6.4, §6.5) is decided here, not in the
+//! shells: the session counts the 1607s of the request awaiting its answer
+//! and says [`ServerErrorStep::Resend`] (send it again as it was) up to
+//! [`SERVER_ERROR_RESENDS`] times, then [`ServerErrorStep::GiveUp`]. A 1607
+//! to a retrieval request is never repeated (a legacy server gives no other
+//! answer): to the first of a connection (on the legacy listener, the
+//! proof) it is [`ClientEvent::RetrievalUnsupported`], as is the connection
+//! closing then ([`ClientSession::awaits_first_retrieval_answer`]); to a
+//! later one it gives up at once.
 
 use bytes::Bytes;
 
@@ -34,7 +42,7 @@ use crate::retrieval::{
     ListEntry, ListFlags, RefusalReason, RestoreBegin, RetrievalRequest, RetrievalResponse,
 };
 use crate::secure::{legacy_retrieval_proof, Binding, SessionSecret};
-use crate::session::MAX_SEND_ATTEMPTS;
+use crate::session::{MAX_SEND_ATTEMPTS, SERVER_ERROR_RESENDS};
 use crate::wire::{ClientId, Dialect, Numbering, ResponseCode};
 
 pub use crate::upload::{Packetizer, PlanError, UploadPlan};
@@ -100,13 +108,17 @@ pub enum ClientEvent {
     RetryAcknowledged,
     /// 1604 to "CRC ok" or "CRC wrong 4th time": the file is finished.
     Done,
-    /// 1607: the server failed. The session still expects the answer to the
-    /// last request, so the caller may repeat it as it was; an upload attempt
-    /// answered with 1607 does not count toward [`MAX_SEND_ATTEMPTS`].
-    /// Retrieval requests are the exception: a legacy server answers them
-    /// with 1607 every time, so after a 1607 the session expects nothing
-    /// more for them and they should not be repeated.
-    ServerError,
+    /// 1607: the server failed; what to do is in the step. On
+    /// [`ServerErrorStep::Resend`] the session still expects the answer to
+    /// the last request, which the caller sends again as it was (an upload
+    /// attempt answered with 1607 does not count toward
+    /// [`MAX_SEND_ATTEMPTS`]); on [`ServerErrorStep::GiveUp`] the request
+    /// is over.
+    ServerError(ServerErrorStep),
+    /// 1607 to the first retrieval request of the connection (on the legacy
+    /// listener, the proof before retrieval): the server does not know
+    /// retrieval (`docs/PROTOCOL.md` §11). Not to be repeated.
+    RetrievalUnsupported,
     /// 1640: a page of the listing; ask again with `next_cursor` unless it
     /// is 0 ([`ClientSession::list_request`]).
     ListPage {
@@ -126,6 +138,26 @@ pub enum ClientEvent {
     NotFound,
     /// 1645: the server refused the request.
     Refused(RefusalReason),
+}
+
+/// What to do after a 1607 (`docs/PROTOCOL.md` §6.5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ServerErrorStep {
+    /// Send the last request again as it was: resend `resend` of at most
+    /// [`SERVER_ERROR_RESENDS`].
+    Resend { resend: u8 },
+    /// The request was answered 1607 `times` times: give up on it.
+    GiveUp { times: u8 },
+}
+
+impl ServerErrorStep {
+    /// The 1607s of the request so far.
+    pub fn times(self) -> u8 {
+        match self {
+            Self::Resend { resend } => resend,
+            Self::GiveUp { times } => times,
+        }
+    }
 }
 
 /// The outcome of comparing the server's cksum with ours.
@@ -199,6 +231,12 @@ pub struct ClientSession {
     aes: Option<AesKey>,
     expect: Expect,
     attempts: u8,
+    /// 1607s answered to the request awaiting its answer (an upload counts
+    /// as one request from [`ClientSession::begin_file`] to its verdict).
+    server_errors: u8,
+    /// Whether a retrieval request (or the proof before them) was answered
+    /// on this connection.
+    retrieval_answered: bool,
     /// What to send as the header id before one is assigned.
     unregistered_id: ClientId,
 }
@@ -234,6 +272,8 @@ impl ClientSession {
             aes: None,
             expect: Expect::Idle,
             attempts: 0,
+            server_errors: 0,
+            retrieval_answered: false,
             unregistered_id: ClientId::default(),
         }
     }
@@ -256,6 +296,11 @@ impl ClientSession {
     /// The dialect of this session.
     pub fn dialect(&self) -> Dialect {
         self.dialect
+    }
+
+    /// The request numbering of this session (always 1025 in secure mode).
+    pub fn numbering(&self) -> Numbering {
+        self.numbering
     }
 
     /// The id the server assigned, once known.
@@ -286,6 +331,25 @@ impl ClientSession {
         }
     }
 
+    /// A new request, whose 1607s are counted afresh.
+    fn request(&mut self, request: Request) -> RequestFrame {
+        self.server_errors = 0;
+        self.frame(request)
+    }
+
+    /// The 1607s answered so far to the request awaiting its answer.
+    pub fn server_errors(&self) -> u8 {
+        self.server_errors
+    }
+
+    /// Whether the request awaiting its answer is the first retrieval
+    /// request of the connection (on the legacy listener, the proof), so
+    /// that the connection closing now means that the server does not know
+    /// retrieval, as a 1607 would (`docs/PROTOCOL.md` §11).
+    pub fn awaits_first_retrieval_answer(&self) -> bool {
+        self.expect.is_retrieval() && !self.retrieval_answered
+    }
+
     /// "Register" (1025/825). Forgets any previous id. In secure mode the
     /// request carries the public key.
     ///
@@ -304,13 +368,13 @@ impl ClientSession {
             },
         };
         self.expect = Expect::Registered;
-        Ok(self.frame(request))
+        Ok(self.request(request))
     }
 
     /// "Reconnect" (1027/827) as the id given at construction.
     pub fn reconnect_request(&mut self) -> RequestFrame {
         self.expect = Expect::Reconnected;
-        self.frame(Request::Reconnect {
+        self.request(Request::Reconnect {
             name: self.name.clone(),
         })
     }
@@ -322,15 +386,17 @@ impl ClientSession {
     pub fn public_key_request(&mut self) -> Result<RequestFrame, ClientError> {
         let key = crate::crypto::public_key_field(&self.key.public_key())?;
         self.expect = Expect::KeyAccepted;
-        Ok(self.frame(Request::PublicKey {
+        Ok(self.request(Request::PublicKey {
             name: self.name.clone(),
             key,
         }))
     }
 
-    /// Starts an upload attempt: resets the attempt count for a new file.
+    /// Starts an upload: resets the attempt count (and the count of 1607s)
+    /// for a new file.
     pub fn begin_file(&mut self) {
         self.attempts = 0;
+        self.server_errors = 0;
     }
 
     /// Attempts made at the current file whose cksum was (or is being) judged.
@@ -369,7 +435,7 @@ impl ClientSession {
         };
         let proof = legacy_retrieval_proof(key, client_id);
         self.expect = Expect::RetrievalProof;
-        Ok(Some(self.frame(Request::Prove { proof })))
+        Ok(Some(self.request(Request::Prove { proof })))
     }
 
     /// "List" (1240): a page of this client's files from `cursor` (0: the
@@ -377,13 +443,13 @@ impl ClientSession {
     /// [`ListFlags::ALL_VERSIONS`], every version.
     pub fn list_request(&mut self, flags: ListFlags, cursor: u64) -> RequestFrame {
         self.expect = Expect::ListPage;
-        self.frame(Request::Retrieval(RetrievalRequest::List { flags, cursor }))
+        self.request(Request::Retrieval(RetrievalRequest::List { flags, cursor }))
     }
 
     /// "Restore" (1241): version `version` (0: the newest) of `file`.
     pub fn restore_request(&mut self, version: u64, file: FileName) -> RequestFrame {
         self.expect = Expect::RestoreBegin { file: file.clone() };
-        self.frame(Request::Retrieval(RetrievalRequest::Restore {
+        self.request(Request::Retrieval(RetrievalRequest::Restore {
             version,
             file,
         }))
@@ -392,7 +458,7 @@ impl ClientSession {
     /// "Delete" (1242): every version of `file`.
     pub fn delete_request(&mut self, file: FileName) -> RequestFrame {
         self.expect = Expect::Deleted;
-        self.frame(Request::Retrieval(RetrievalRequest::Delete { file }))
+        self.request(Request::Retrieval(RetrievalRequest::Delete { file }))
     }
 
     /// Whether a restore's data is still due.
@@ -420,20 +486,52 @@ impl ClientSession {
         rng: &mut R,
     ) -> Result<ClientEvent, ClientError> {
         let expect = std::mem::replace(&mut self.expect, Expect::Idle);
-        if response == Response::GeneralError && expect.is_retrieval() {
+        if response == Response::GeneralError && !matches!(expect, Expect::Idle) {
+            return Ok(self.server_error(expect));
+        }
+        let retrieval = expect.is_retrieval();
+        let event = self.interpret(expect, response, rng)?;
+        self.retrieval_answered |= retrieval;
+        Ok(event)
+    }
+
+    /// A 1607 in answer to the request that expected `expect`
+    /// (`docs/PROTOCOL.md` §6.4, §6.5, §11).
+    fn server_error(&mut self, expect: Expect) -> ClientEvent {
+        self.server_errors = self.server_errors.saturating_add(1);
+        if expect.is_retrieval() {
             // Not repeated: a server without retrieval always answers so,
             // and one that fails in the middle of a restore has ended it.
-            return Ok(ClientEvent::ServerError);
-        }
-        if response == Response::GeneralError && !matches!(expect, Expect::Idle) {
-            if matches!(expect, Expect::FileReceived { .. }) {
-                // The server failed to take the file: that attempt says
-                // nothing about the cksum, so it is not counted.
-                self.attempts = self.attempts.saturating_sub(1);
+            if !self.retrieval_answered {
+                return ClientEvent::RetrievalUnsupported;
             }
-            self.expect = expect;
-            return Ok(ClientEvent::ServerError);
+            return ClientEvent::ServerError(ServerErrorStep::GiveUp {
+                times: self.server_errors,
+            });
         }
+        if matches!(expect, Expect::FileReceived { .. }) {
+            // The server failed to take the file: that attempt says
+            // nothing about the cksum, so it is not counted.
+            self.attempts = self.attempts.saturating_sub(1);
+        }
+        if self.server_errors > SERVER_ERROR_RESENDS {
+            return ClientEvent::ServerError(ServerErrorStep::GiveUp {
+                times: self.server_errors,
+            });
+        }
+        self.expect = expect;
+        ClientEvent::ServerError(ServerErrorStep::Resend {
+            resend: self.server_errors,
+        })
+    }
+
+    /// Interprets a response other than a 1607 to a pending request.
+    fn interpret<R: rand::CryptoRng + rand::RngCore>(
+        &mut self,
+        expect: Expect,
+        response: Response,
+        rng: &mut R,
+    ) -> Result<ClientEvent, ClientError> {
         let unexpected = |expected| ClientError::Unexpected {
             expected,
             got: response.code(),
@@ -467,7 +565,7 @@ impl ClientSession {
                 self.proving = Some(secret.content_key());
                 self.expect = Expect::Authenticated;
                 Ok(ClientEvent::Prove {
-                    reply: self.frame(Request::Prove { proof }),
+                    reply: self.request(Request::Prove { proof }),
                 })
             }
             (Expect::Authenticated, Response::Authenticated { client_id }) => {
@@ -574,10 +672,13 @@ impl ClientSession {
                     self.expect = Expect::Ack;
                     (Verdict::GiveUp, Request::CrcAbort { file })
                 };
-                Ok(ClientEvent::Verdict {
-                    verdict,
-                    reply: self.frame(request),
-                })
+                // "CRC wrong, will resend" goes on with the upload, whose
+                // 1607s count on; the other verdicts are new requests.
+                let reply = match verdict {
+                    Verdict::Retry { .. } => self.frame(request),
+                    Verdict::Match | Verdict::GiveUp => self.request(request),
+                };
+                Ok(ClientEvent::Verdict { verdict, reply })
             }
             (Expect::FileReceived { .. }, _) => Err(unexpected("1603")),
             (Expect::Ack, Response::Ack { client_id }) => {
@@ -800,7 +901,9 @@ mod tests {
         s.file_sent(&plan, 42);
         assert!(matches!(
             s.handle(Response::GeneralError, &mut rng),
-            Ok(ClientEvent::ServerError)
+            Ok(ClientEvent::ServerError(ServerErrorStep::Resend {
+                resend: 1
+            }))
         ));
         assert_eq!(s.attempts(), 0);
         for attempt in 1..MAX_SEND_ATTEMPTS {
@@ -831,7 +934,9 @@ mod tests {
         assert_eq!(frame.header().code.0, 827);
         assert!(matches!(
             s.handle(Response::GeneralError, &mut rng),
-            Ok(ClientEvent::ServerError)
+            Ok(ClientEvent::ServerError(ServerErrorStep::Resend {
+                resend: 1
+            }))
         ));
         let event = s
             .handle(Response::ReconnectRejected { client_id: None }, &mut rng)
@@ -1037,7 +1142,7 @@ mod tests {
         s.list_request(ListFlags::LATEST, 0);
         assert!(matches!(
             s.handle(Response::GeneralError, &mut rng),
-            Ok(ClientEvent::ServerError)
+            Ok(ClientEvent::RetrievalUnsupported)
         ));
         let page = retrieval(RetrievalResponse::ListPage {
             next_cursor: 0,
@@ -1053,7 +1158,9 @@ mod tests {
         .unwrap();
         assert!(matches!(
             s.handle(Response::GeneralError, &mut rng),
-            Ok(ClientEvent::ServerError)
+            Ok(ClientEvent::ServerError(ServerErrorStep::GiveUp {
+                times: 1
+            }))
         ));
         assert!(!s.restoring());
     }
@@ -1097,13 +1204,13 @@ mod tests {
     }
 
     #[test]
-    fn takes_1607_to_the_legacy_proof_as_a_server_error_not_to_repeat() {
+    fn takes_1607_to_the_legacy_proof_as_retrieval_unsupported_not_to_repeat() {
         let mut rng = StdRng::seed_from_u64(22);
         let mut s = keyed_session(&mut rng);
         s.retrieval_proof_request().unwrap().unwrap();
         assert!(matches!(
             s.handle(Response::GeneralError, &mut rng),
-            Ok(ClientEvent::ServerError)
+            Ok(ClientEvent::RetrievalUnsupported)
         ));
         assert!(matches!(
             s.handle(Response::Authenticated { client_id: ID }, &mut rng),
@@ -1137,5 +1244,122 @@ mod tests {
             ),
             Err(ClientError::ClientIdMismatch { .. })
         ));
+    }
+
+    #[test]
+    fn resends_a_request_answered_1607_three_times_then_gives_up() {
+        let mut rng = StdRng::seed_from_u64(30);
+        let key = PrivateKey::generate_legacy(&mut rng).unwrap();
+        let mut s = ClientSession::new(
+            UserName::try_from("bob").unwrap(),
+            key,
+            Some(ID),
+            Numbering::Modern,
+        );
+        s.reconnect_request();
+        for resend in 1..=SERVER_ERROR_RESENDS {
+            assert!(matches!(
+                s.handle(Response::GeneralError, &mut rng),
+                Ok(ClientEvent::ServerError(ServerErrorStep::Resend { resend: r })) if r == resend
+            ));
+            assert_eq!(s.server_errors(), resend);
+        }
+        assert!(matches!(
+            s.handle(Response::GeneralError, &mut rng),
+            Ok(ClientEvent::ServerError(ServerErrorStep::GiveUp {
+                times: 4
+            }))
+        ));
+        // The request is over: nothing more is expected for it.
+        assert!(matches!(
+            s.handle(Response::ReconnectRejected { client_id: None }, &mut rng),
+            Err(ClientError::Idle)
+        ));
+        // A new request counts afresh.
+        s.reconnect_request();
+        assert_eq!(s.server_errors(), 0);
+        assert!(matches!(
+            s.handle(Response::GeneralError, &mut rng),
+            Ok(ClientEvent::ServerError(ServerErrorStep::Resend {
+                resend: 1
+            }))
+        ));
+    }
+
+    #[test]
+    fn counts_the_1607s_of_an_upload_across_its_attempts_and_afresh_for_its_verdict() {
+        let mut rng = StdRng::seed_from_u64(31);
+        let mut s = keyed_session(&mut rng);
+        let plan = UploadPlan::new(name(), 100, 64, 1 << 20).unwrap();
+        s.begin_file();
+        s.file_sent(&plan, 42);
+        assert!(matches!(
+            s.handle(Response::GeneralError, &mut rng),
+            Ok(ClientEvent::ServerError(ServerErrorStep::Resend {
+                resend: 1
+            }))
+        ));
+        // A mismatch ("CRC wrong, will resend") goes on with the same upload.
+        s.file_sent(&plan, 42);
+        let (v, _) = verdict(s.handle(received(0, &plan), &mut rng).unwrap());
+        assert_eq!(v, Verdict::Retry { attempt: 1 });
+        s.file_sent(&plan, 42);
+        assert!(matches!(
+            s.handle(Response::GeneralError, &mut rng),
+            Ok(ClientEvent::ServerError(ServerErrorStep::Resend {
+                resend: 2
+            }))
+        ));
+        // The match's "CRC ok" is a new request.
+        s.file_sent(&plan, 42);
+        let (v, kind) = verdict(s.handle(received(42, &plan), &mut rng).unwrap());
+        assert_eq!((v, kind), (Verdict::Match, RequestKind::CrcOk));
+        assert_eq!(s.server_errors(), 0);
+        // The next file starts afresh too.
+        s.begin_file();
+        assert_eq!(s.server_errors(), 0);
+    }
+
+    #[test]
+    fn takes_1607_to_a_later_retrieval_request_as_giving_up_at_once() {
+        let mut rng = StdRng::seed_from_u64(32);
+        let mut s = keyed_session(&mut rng);
+        s.list_request(ListFlags::LATEST, 0);
+        assert!(s.awaits_first_retrieval_answer());
+        let page = retrieval(RetrievalResponse::ListPage {
+            next_cursor: 0,
+            entries: vec![],
+        });
+        assert!(matches!(
+            s.handle(page, &mut rng),
+            Ok(ClientEvent::ListPage { .. })
+        ));
+        s.delete_request(name());
+        assert!(
+            !s.awaits_first_retrieval_answer(),
+            "the server answered a retrieval request on this connection"
+        );
+        assert!(matches!(
+            s.handle(Response::GeneralError, &mut rng),
+            Ok(ClientEvent::ServerError(ServerErrorStep::GiveUp {
+                times: 1
+            }))
+        ));
+        assert!(!s.awaits_first_retrieval_answer(), "nothing is awaited");
+    }
+
+    #[test]
+    fn awaits_the_first_retrieval_answer_only_for_a_retrieval_request() {
+        let mut rng = StdRng::seed_from_u64(33);
+        let mut s = keyed_session(&mut rng);
+        assert!(!s.awaits_first_retrieval_answer(), "idle");
+        s.retrieval_proof_request().unwrap().unwrap();
+        assert!(s.awaits_first_retrieval_answer());
+        assert!(matches!(
+            s.handle(Response::Authenticated { client_id: ID }, &mut rng),
+            Ok(ClientEvent::RetrievalAllowed)
+        ));
+        s.restore_request(0, name());
+        assert!(!s.awaits_first_retrieval_answer(), "the proof was answered");
     }
 }
