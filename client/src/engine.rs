@@ -13,13 +13,14 @@ use protocol::{Limits, RequestFrame, Response, UserName};
 
 use crate::connection::{Connection, Secure};
 use crate::error::{Error, ErrorKind};
+use crate::fanout::{fan_out, ItemFailure, Queue};
 use crate::feedback::{Feedback, Silent};
 use crate::files::BackupItem;
 use crate::identity::{Identity, IdentityStore};
 use crate::report::{FileReport, Outcome, Report};
 use crate::settings::{Options, PacketSize};
 use crate::tls::{KnownServers, Trust};
-use crate::upload::{self, AttemptError};
+use crate::upload;
 
 /// Tries at opening a connection (and reconnecting on it) while the server
 /// refuses or drops it at once, as a server at its connection limits does
@@ -579,11 +580,8 @@ impl Client {
         keyed: &mut Keyed,
         item: &BackupItem,
         plan: &UploadPlan,
-    ) -> Result<(u8, u32), AttemptError> {
-        let fatal = |error: Error| AttemptError {
-            error,
-            connection_usable: false,
-        };
+    ) -> Result<(u8, u32), ItemFailure> {
+        let fatal = ItemFailure::from;
         let server = self.options.server.clone();
         let path = item.path.display().to_string();
         let Keyed {
@@ -680,7 +678,7 @@ impl Client {
                         .await
                         .map_err(fatal)?
                     {
-                        ClientEvent::Done => Err(AttemptError {
+                        ClientEvent::Done => Err(ItemFailure {
                             error: Error::Verification {
                                 path: item.path.clone(),
                                 server,
@@ -766,28 +764,18 @@ impl Client {
         report.registered = keyed.registered;
         let total: u64 = todo.iter().map(|(item, _, _)| item.size).sum();
         self.feedback.start(todo.len(), total);
-        let queue = Queue {
-            todo: &todo,
-            next: std::cell::Cell::new(0),
-        };
-        let extra = usize::from(self.options.connections.max(1))
-            .min(todo.len())
-            .saturating_sub(1);
-        // One task drives every connection: the work per file is I/O and
-        // the server's syncs, which is what several connections overlap.
-        let mut workers = vec![futures::future::Either::Left(
-            self.send_queued(keyed, &queue),
-        )];
-        for n in 0..extra {
-            workers.push(futures::future::Either::Right(
-                self.open_and_send_queued(n + 2, &queue),
-            ));
-        }
-        for (i, file) in futures::future::join_all(workers)
-            .await
-            .into_iter()
-            .flatten()
-        {
+        let queue = Queue::new(todo);
+        let done = fan_out(
+            self.feedback.as_ref(),
+            &self.options.server,
+            self.options.connections,
+            &queue,
+            keyed,
+            || self.reconnect_extra(),
+            |keyed| self.send_queued(keyed, &queue),
+        )
+        .await;
+        for (i, file) in done {
             if let Some(slot) = report.files.get_mut(i) {
                 *slot = file;
             }
@@ -797,34 +785,16 @@ impl Client {
         Ok(report)
     }
 
-    /// Opens connection number `number` of a backup and sends files from
-    /// `queue` over it; if it cannot be opened, the others take its share.
-    async fn open_and_send_queued(
-        &self,
-        number: usize,
-        queue: &Queue<'_>,
-    ) -> Vec<(usize, FileReport)> {
-        if queue.is_empty() {
-            return Vec::new();
-        }
-        match self.reconnect_extra().await {
-            Ok(keyed) => self.send_queued(keyed, queue).await,
-            Err(e) => {
-                self.feedback.notice(&format!(
-                    "could not open connection {number} to {} ({e}); going on with fewer",
-                    self.options.server
-                ));
-                Vec::new()
-            }
-        }
-    }
-
     /// Sends files from `queue` over `keyed` until the queue is empty or
     /// the connection fails; returns the report of each file it took, by
-    /// index.
-    async fn send_queued(&self, mut keyed: Keyed, queue: &Queue<'_>) -> Vec<(usize, FileReport)> {
+    /// its index in the run's report.
+    async fn send_queued(
+        &self,
+        mut keyed: Keyed,
+        queue: &BackupQueue<'_>,
+    ) -> Vec<(usize, FileReport)> {
         let mut done = Vec::new();
-        while let Some((item, plan, i)) = queue.take() {
+        while let Some((_, (item, plan, i))) = queue.take() {
             let result = self.upload(&mut keyed, item, plan).await;
             let stop = matches!(&result, Err(e) if !e.connection_usable);
             let file = FileReport {
@@ -847,24 +817,6 @@ impl Client {
     }
 }
 
-/// The files of a backup not yet taken by a connection. The connections
-/// run on one task, so a `Cell` is enough.
-struct Queue<'a> {
-    todo: &'a [(&'a BackupItem, &'a UploadPlan, usize)],
-    next: std::cell::Cell<usize>,
-}
-
-impl<'a> Queue<'a> {
-    fn take(&self) -> Option<(&'a BackupItem, &'a UploadPlan, usize)> {
-        let next = self.next.get();
-        let found = self.todo.get(next).copied();
-        if found.is_some() {
-            self.next.set(next + 1);
-        }
-        found
-    }
-
-    fn is_empty(&self) -> bool {
-        self.next.get() >= self.todo.len()
-    }
-}
+/// The files of a backup not yet taken by a connection, each with its
+/// index in the run's report.
+type BackupQueue<'a> = Queue<(&'a BackupItem, &'a UploadPlan, usize)>;

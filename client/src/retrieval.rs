@@ -19,7 +19,7 @@
 //! larger file is written by a thread of its own.
 
 use std::cell::RefCell;
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -29,6 +29,7 @@ use protocol::{FileName, RequestFrame};
 
 use crate::engine::{Client, Keyed};
 use crate::error::Error;
+use crate::fanout::{fan_out, ItemFailure, Queue};
 use crate::report::{RestoreOutcome, RestoreReport, RestoredFile};
 use crate::restore::{remove_stale_parts, sync_dirs, Destination, RestoreFile};
 
@@ -39,21 +40,6 @@ pub const MAX_LISTED: usize = 1 << 22;
 /// A keyed connection used for retrieval.
 struct Retrieving {
     keyed: Keyed,
-}
-
-/// A failure of one restore, and whether the connection can go on.
-struct RestoreFailure {
-    error: Error,
-    connection_usable: bool,
-}
-
-impl From<Error> for RestoreFailure {
-    fn from(error: Error) -> Self {
-        Self {
-            error,
-            connection_usable: false,
-        }
-    }
 }
 
 /// A file to restore: its name, the version (0: the newest) and where it
@@ -255,9 +241,9 @@ impl Client {
         dest: &Destination,
         overwrite: bool,
         cleaned: &RefCell<HashSet<PathBuf>>,
-    ) -> Result<(RestoreBegin, u32), RestoreFailure> {
+    ) -> Result<(RestoreBegin, u32), ItemFailure> {
         let name = file.to_string_lossy();
-        let local = |error| RestoreFailure {
+        let local = |error| ItemFailure {
             error,
             connection_usable: true,
         };
@@ -292,7 +278,7 @@ impl Client {
         };
         self.feedback().restoring(&name, begin.size);
         let key = r.keyed.session.aes_key().cloned().ok_or_else(|| {
-            RestoreFailure::from(Error::Internal("no session key before a restore".into()))
+            ItemFailure::from(Error::Internal("no session key before a restore".into()))
         })?;
         // Creating and syncing files blocks: on the blocking pool, so that
         // the other connections of a run go on meanwhile.
@@ -326,7 +312,7 @@ impl Client {
                 // copy damaged; it closes the connection (§11.3). The part
                 // file is removed when `out` is dropped.
                 ClientEvent::ServerError(_) => {
-                    return Err(RestoreFailure {
+                    return Err(ItemFailure {
                         error: Error::DamagedOnServer {
                             name,
                             version: begin.version,
@@ -358,44 +344,19 @@ impl Client {
         jobs: Vec<RestoreJob>,
         overwrite: bool,
     ) {
-        let count = jobs.len();
-        let queue = RefCell::new(jobs.into_iter().enumerate().collect::<VecDeque<_>>());
+        let queue = Queue::new(jobs);
         let cleaned = RefCell::new(HashSet::new());
-        let extra = usize::from(self.options().connections.max(1))
-            .min(count)
-            .saturating_sub(1);
-        let (queue_ref, cleaned_ref) = (&queue, &cleaned);
-        let mut workers = vec![futures::future::Either::Left(self.restore_queued(
+        let mut done = fan_out(
+            self.feedback(),
+            &self.options().server,
+            self.options().connections,
+            &queue,
             first,
-            queue_ref,
-            cleaned_ref,
-            overwrite,
-        ))];
-        for n in 0..extra {
-            let (queue, cleaned) = (queue_ref, cleaned_ref);
-            workers.push(futures::future::Either::Right(async move {
-                if queue.borrow().is_empty() {
-                    return Vec::new();
-                }
-                match self.open_extra_retrieval().await {
-                    Ok(r) => self.restore_queued(r, queue, cleaned, overwrite).await,
-                    Err(e) => {
-                        self.feedback().notice(&format!(
-                            "could not open connection {} to {} ({e}); going on with fewer",
-                            n + 2,
-                            self.options().server
-                        ));
-                        Vec::new()
-                    }
-                }
-            }));
-        }
-        let mut done: Vec<(usize, RestoredFile)> = futures::future::join_all(workers)
-            .await
-            .into_iter()
-            .flatten()
-            .collect();
-        for (i, (file, version, dest)) in queue.take() {
+            || self.open_extra_retrieval(),
+            |r| self.restore_queued(r, &queue, &cleaned, overwrite),
+        )
+        .await;
+        for (i, (file, version, dest)) in queue.into_rest() {
             let entry = RestoredFile {
                 name: file.to_string_lossy(),
                 version,
@@ -430,15 +391,12 @@ impl Client {
     async fn restore_queued(
         &self,
         mut r: Retrieving,
-        queue: &RefCell<VecDeque<(usize, RestoreJob)>>,
+        queue: &Queue<RestoreJob>,
         cleaned: &RefCell<HashSet<PathBuf>>,
         overwrite: bool,
     ) -> Vec<(usize, RestoredFile)> {
         let mut done = Vec::new();
-        loop {
-            let Some((i, (file, version, dest))) = queue.borrow_mut().pop_front() else {
-                break;
-            };
+        while let Some((i, (file, version, dest))) = queue.take() {
             let mut entry = RestoredFile {
                 name: file.to_string_lossy(),
                 version,
@@ -475,7 +433,7 @@ impl Client {
             if stop {
                 break;
             }
-            if reconnect && !queue.borrow().is_empty() {
+            if reconnect && !queue.is_empty() {
                 r.keyed.conn.close().await;
                 match self.open_retrieval().await {
                     Ok(fresh) => r = fresh,
