@@ -1,3 +1,6 @@
+//! Over 600 lines: every core request and response, with its field table,
+//! parser and encoder side by side, so the two directions stay in step.
+//!
 //! Typed messages of the version 3 protocol (`docs/PROTOCOL.md` §2-§3) and
 //! of secure mode, version 4 (§12).
 //!

@@ -1,3 +1,6 @@
+//! Over 600 lines: one state machine, whose `handle` covers every answer of
+//! both dialects in one match, so each transition is seen beside the others.
+//!
 //! The client side of a session. The planning and packetising of an upload
 //! live in [`crate::upload`]; they are re-exported here for the shells.
 //!
