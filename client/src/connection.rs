@@ -1,18 +1,18 @@
 //! One connection to a server, plain (legacy) or TLS 1.3 (secure mode):
 //! requests out, responses in, every wait bounded by a timeout.
 //!
-//! Responses are decoded by `protocol::ClientCodec`. Requests are encoded
-//! here so that a file packet's content goes from its buffer to the socket
-//! without another copy: the 290 bytes of headers and the content are written
-//! with one vectored write, then flushed (a request is on the wire before we
-//! wait for its answer).
+//! Responses are decoded and requests encoded by `protocol::ClientCodec`.
+//! Requests go through [`ClientCodec::encode_head`], the codec's encoder
+//! without the copy of a file packet's content: the 290 bytes of headers and
+//! the content are written with one vectored write, then flushed (a request
+//! is on the wire before we wait for its answer).
 
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
 use futures::StreamExt;
 use protocol::secure::{Binding, Fingerprint, BINDING_LEN, EXPORTER_LABEL};
-use protocol::{ClientCodec, CodecError, Dialect, Limits, Request, RequestFrame, Response};
+use protocol::{ClientCodec, CodecError, Dialect, Limits, RequestFrame, Response};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::codec::FramedRead;
@@ -235,8 +235,9 @@ impl Connection {
         }
     }
 
-    /// Sends one request. A file packet's content is written from its own
-    /// buffer, after its headers, in one vectored write.
+    /// Sends one request, encoded by the codec. A file packet's content is
+    /// written from its own buffer, after its headers, in one vectored
+    /// write.
     ///
     /// Not cancel-safe: a request may be half written when the future is
     /// dropped, after which the connection must be abandoned.
@@ -245,22 +246,15 @@ impl Connection {
     /// When the write fails or makes no progress within the timeout.
     pub async fn send(&mut self, frame: &RequestFrame, doing: &str) -> Result<(), Error> {
         self.head.clear();
-        frame
-            .request
-            .check_dialect(self.dialect)
-            .map_err(|e| Error::Internal(format!("cannot encode a request: {e}")))?;
+        let content = self
+            .reader
+            .decoder_mut()
+            .encode_head(frame, &mut self.head)
+            .map_err(|e| match e {
+                CodecError::Encode(e) => Error::Internal(format!("cannot encode a request: {e}")),
+                other => Error::Internal(format!("cannot encode a request: {other}")),
+            })?;
         let header = frame.header_in(self.dialect);
-        header.write(&mut self.head);
-        let content = match &frame.request {
-            Request::SendFile(packet) => {
-                packet.head.write(&mut self.head, self.dialect);
-                packet.content.clone()
-            }
-            other => {
-                other.write_payload(&mut self.head, self.dialect);
-                bytes::Bytes::new()
-            }
-        };
         let mut buf = (&self.head[..]).chain(content);
         // The flush is what puts the whole request on the wire: over TLS a
         // write may end with its last records still in the TLS buffer (the
@@ -360,7 +354,7 @@ mod tests {
     use super::*;
     use bytes::Bytes;
     use protocol::message::{FilePacket, PacketHead};
-    use protocol::{ClientId, FileName, Numbering, ServerCodec};
+    use protocol::{ClientId, FileName, Numbering, Request, ServerCodec};
     use tokio_util::codec::FramedRead as Framed;
 
     /// A TLS connection over a pipe that holds only `capacity` bytes, the

@@ -7,8 +7,7 @@ use std::io::Write;
 use indicatif::{HumanBytes, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use crate::files::BackupItem;
-use crate::report::{FileReport, Outcome};
-use crate::retrieval::{RestoreOutcome, RestoredFile};
+use crate::report::{FileReport, Outcome, RestoreOutcome, RestoredFile};
 
 /// Receives progress events from a run. Every method has an empty default.
 pub trait Feedback: Send + Sync {

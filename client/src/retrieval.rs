@@ -19,175 +19,27 @@
 //! larger file is written by a thread of its own.
 
 use std::cell::RefCell;
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use protocol::retrieval::{ListEntry, ListFlags, RefusalReason, RestoreBegin};
 use protocol::session::client::ClientEvent;
 use protocol::{FileName, RequestFrame};
-use serde_json::{json, Value};
 
 use crate::engine::{Client, Keyed};
-use crate::error::{Error, ErrorKind};
-use crate::report::error_json;
+use crate::error::Error;
+use crate::fanout::{fan_out, ItemFailure, Queue};
+use crate::report::{RestoreOutcome, RestoreReport, RestoredFile};
 use crate::restore::{remove_stale_parts, sync_dirs, Destination, RestoreFile};
 
 /// The most entries a listing may have, so a server cannot make the client
 /// collect without end.
 pub const MAX_LISTED: usize = 1 << 22;
 
-/// One file of a restore run.
-#[derive(Debug)]
-pub struct RestoredFile {
-    /// The name on the server.
-    pub name: String,
-    /// The version asked for (0: the newest), or restored.
-    pub version: u64,
-    /// Plaintext bytes (known once the server announced them).
-    pub size: u64,
-    /// Where it was (or was to be) written.
-    pub path: Option<PathBuf>,
-    pub outcome: RestoreOutcome,
-}
-
-/// What became of one file of a restore.
-#[derive(Debug)]
-pub enum RestoreOutcome {
-    /// Written and verified, with this cksum.
-    Restored { cksum: u32 },
-    /// Not restored, for this reason.
-    Failed(Error),
-    /// Not tried, because an earlier failure ended the connection.
-    NotAttempted,
-}
-
-/// The result of a restore run.
-#[derive(Debug, Default)]
-pub struct RestoreReport {
-    pub server: String,
-    pub files: Vec<RestoredFile>,
-    pub elapsed: Duration,
-}
-
-impl RestoreReport {
-    /// Whether every file was restored (an empty run is fine).
-    pub fn ok(&self) -> bool {
-        self.files
-            .iter()
-            .all(|f| matches!(f.outcome, RestoreOutcome::Restored { .. }))
-    }
-
-    /// 0 when every file was restored, else the exit status of the first
-    /// failure.
-    pub fn exit_code(&self) -> u8 {
-        let first = self.files.iter().find_map(|f| match &f.outcome {
-            RestoreOutcome::Failed(e) => Some(e.exit_code()),
-            _ => None,
-        });
-        match first {
-            Some(code) => code,
-            None if self.ok() => 0,
-            None => ErrorKind::Other.exit_code(),
-        }
-    }
-
-    /// Plaintext bytes restored.
-    pub fn restored_bytes(&self) -> u64 {
-        self.files
-            .iter()
-            .filter(|f| matches!(f.outcome, RestoreOutcome::Restored { .. }))
-            .map(|f| f.size)
-            .sum()
-    }
-
-    /// Restored bytes per second, in MB/s (10^6 bytes).
-    pub fn megabytes_per_second(&self) -> f64 {
-        let secs = self.elapsed.as_secs_f64();
-        if secs > 0.0 {
-            self.restored_bytes() as f64 / secs / 1e6
-        } else {
-            0.0
-        }
-    }
-
-    /// The machine-readable summary printed by `--json`.
-    pub fn to_json(&self) -> Value {
-        let files: Vec<Value> = self
-            .files
-            .iter()
-            .map(|f| {
-                let mut v = json!({
-                    "name": f.name,
-                    "version": f.version,
-                    "size": f.size,
-                    "path": f.path.as_ref().map(|p| p.display().to_string()),
-                });
-                match &f.outcome {
-                    RestoreOutcome::Restored { cksum } => {
-                        v["status"] = json!("restored");
-                        v["cksum"] = json!(cksum);
-                    }
-                    RestoreOutcome::Failed(e) => {
-                        v["status"] = json!("failed");
-                        v["error"] = error_json(e);
-                    }
-                    RestoreOutcome::NotAttempted => v["status"] = json!("not_attempted"),
-                }
-                v
-            })
-            .collect();
-        let restored = self
-            .files
-            .iter()
-            .filter(|f| matches!(f.outcome, RestoreOutcome::Restored { .. }))
-            .count();
-        json!({
-            "ok": self.ok(),
-            "exit_code": self.exit_code(),
-            "server": self.server,
-            "files": files,
-            "restored_files": restored,
-            "failed_files": self.files.len() - restored,
-            "restored_bytes": self.restored_bytes(),
-            "seconds": self.elapsed.as_secs_f64(),
-            "mb_per_s": self.megabytes_per_second(),
-        })
-    }
-}
-
-/// One list entry as JSON.
-pub fn entry_json(e: &ListEntry) -> Value {
-    json!({
-        "name": e.file.to_string_lossy(),
-        "version": e.version,
-        "size": e.size,
-        "stored_at": e.stored_at,
-        "cksum": e.cksum,
-    })
-}
-
 /// A keyed connection used for retrieval.
 struct Retrieving {
     keyed: Keyed,
-    /// Whether the server answered a retrieval request (or the proof that
-    /// comes before them) on this connection.
-    answered: bool,
-}
-
-/// A failure of one restore, and whether the connection can go on.
-struct RestoreFailure {
-    error: Error,
-    connection_usable: bool,
-}
-
-impl From<Error> for RestoreFailure {
-    fn from(error: Error) -> Self {
-        Self {
-            error,
-            connection_usable: false,
-        }
-    }
 }
 
 /// A file to restore: its name, the version (0: the newest) and where it
@@ -213,7 +65,6 @@ impl Client {
     async fn ready_for_retrieval(&self, keyed: Keyed) -> Result<Retrieving, Error> {
         let mut r = Retrieving {
             keyed,
-            answered: false,
         };
         match self.prove_for_retrieval(&mut r).await {
             Ok(()) => Ok(r),
@@ -244,7 +95,7 @@ impl Client {
     /// Sends a retrieval request once and interprets the answer. A 1607, or
     /// the connection closing, in answer to the first retrieval request of
     /// the connection (on the legacy listener, the proof) means the server
-    /// does not know retrieval.
+    /// does not know retrieval: the session says when that is.
     async fn retrieve(
         &self,
         r: &mut Retrieving,
@@ -255,7 +106,6 @@ impl Client {
         let unsupported = || Error::RetrievalUnsupported {
             server: server.clone(),
         };
-        let first = !r.answered;
         let sent = r.keyed.conn.send(frame, doing).await;
         let response = match sent {
             Ok(()) => r.keyed.conn.recv(doing).await,
@@ -263,7 +113,9 @@ impl Client {
         };
         let response = match response {
             Ok(response) => response,
-            Err(Error::Closed { .. } | Error::ConnectionLost { .. }) if first => {
+            Err(Error::Closed { .. } | Error::ConnectionLost { .. })
+                if r.keyed.session.awaits_first_retrieval_answer() =>
+            {
                 return Err(unsupported())
             }
             Err(e) => return Err(e),
@@ -274,16 +126,13 @@ impl Client {
             .handle(response, &mut rand::rngs::OsRng)
             .map_err(|e| self.session_error(e, Some(r.keyed.identity.client_id)))?;
         match event {
-            ClientEvent::ServerError if first => Err(unsupported()),
-            ClientEvent::ServerError => Err(Error::ServerFailed {
+            ClientEvent::RetrievalUnsupported => Err(unsupported()),
+            ClientEvent::ServerError(step) => Err(Error::ServerFailed {
                 server,
                 request: doing.to_owned(),
-                times: 1,
+                times: step.times(),
             }),
-            event => {
-                r.answered = true;
-                Ok(event)
-            }
+            event => Ok(event),
         }
     }
 
@@ -388,9 +237,9 @@ impl Client {
         dest: &Destination,
         overwrite: bool,
         cleaned: &RefCell<HashSet<PathBuf>>,
-    ) -> Result<(RestoreBegin, u32), RestoreFailure> {
+    ) -> Result<(RestoreBegin, u32), ItemFailure> {
         let name = file.to_string_lossy();
-        let local = |error| RestoreFailure {
+        let local = |error| ItemFailure {
             error,
             connection_usable: true,
         };
@@ -425,7 +274,7 @@ impl Client {
         };
         self.feedback().restoring(&name, begin.size);
         let key = r.keyed.session.aes_key().cloned().ok_or_else(|| {
-            RestoreFailure::from(Error::Internal("no session key before a restore".into()))
+            ItemFailure::from(Error::Internal("no session key before a restore".into()))
         })?;
         // Creating and syncing files blocks: on the blocking pool, so that
         // the other connections of a run go on meanwhile.
@@ -458,8 +307,8 @@ impl Client {
                 // A 1607 after the 1641 is the server finding its stored
                 // copy damaged; it closes the connection (§11.3). The part
                 // file is removed when `out` is dropped.
-                ClientEvent::ServerError => {
-                    return Err(RestoreFailure {
+                ClientEvent::ServerError(_) => {
+                    return Err(ItemFailure {
                         error: Error::DamagedOnServer {
                             name,
                             version: begin.version,
@@ -491,44 +340,19 @@ impl Client {
         jobs: Vec<RestoreJob>,
         overwrite: bool,
     ) {
-        let count = jobs.len();
-        let queue = RefCell::new(jobs.into_iter().enumerate().collect::<VecDeque<_>>());
+        let queue = Queue::new(jobs);
         let cleaned = RefCell::new(HashSet::new());
-        let extra = usize::from(self.options().connections.max(1))
-            .min(count)
-            .saturating_sub(1);
-        let (queue_ref, cleaned_ref) = (&queue, &cleaned);
-        let mut workers = vec![futures::future::Either::Left(self.restore_queued(
+        let mut done = fan_out(
+            self.feedback(),
+            &self.options().server,
+            self.options().connections,
+            &queue,
             first,
-            queue_ref,
-            cleaned_ref,
-            overwrite,
-        ))];
-        for n in 0..extra {
-            let (queue, cleaned) = (queue_ref, cleaned_ref);
-            workers.push(futures::future::Either::Right(async move {
-                if queue.borrow().is_empty() {
-                    return Vec::new();
-                }
-                match self.open_extra_retrieval().await {
-                    Ok(r) => self.restore_queued(r, queue, cleaned, overwrite).await,
-                    Err(e) => {
-                        self.feedback().notice(&format!(
-                            "could not open connection {} to {} ({e}); going on with fewer",
-                            n + 2,
-                            self.options().server
-                        ));
-                        Vec::new()
-                    }
-                }
-            }));
-        }
-        let mut done: Vec<(usize, RestoredFile)> = futures::future::join_all(workers)
-            .await
-            .into_iter()
-            .flatten()
-            .collect();
-        for (i, (file, version, dest)) in queue.take() {
+            || self.open_extra_retrieval(),
+            |r| self.restore_queued(r, &queue, &cleaned, overwrite),
+        )
+        .await;
+        for (i, (file, version, dest)) in queue.into_rest() {
             let entry = RestoredFile {
                 name: file.to_string_lossy(),
                 version,
@@ -563,15 +387,12 @@ impl Client {
     async fn restore_queued(
         &self,
         mut r: Retrieving,
-        queue: &RefCell<VecDeque<(usize, RestoreJob)>>,
+        queue: &Queue<RestoreJob>,
         cleaned: &RefCell<HashSet<PathBuf>>,
         overwrite: bool,
     ) -> Vec<(usize, RestoredFile)> {
         let mut done = Vec::new();
-        loop {
-            let Some((i, (file, version, dest))) = queue.borrow_mut().pop_front() else {
-                break;
-            };
+        while let Some((i, (file, version, dest))) = queue.take() {
             let mut entry = RestoredFile {
                 name: file.to_string_lossy(),
                 version,
@@ -608,7 +429,7 @@ impl Client {
             if stop {
                 break;
             }
-            if reconnect && !queue.borrow().is_empty() {
+            if reconnect && !queue.is_empty() {
                 r.keyed.conn.close().await;
                 match self.open_retrieval().await {
                     Ok(fresh) => r = fresh,
@@ -712,39 +533,5 @@ impl Client {
         self.feedback().done();
         report.elapsed = started.elapsed();
         Ok(report)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn restore_exit_code_is_that_of_the_first_failure() {
-        let mut report = RestoreReport::default();
-        assert_eq!(report.exit_code(), 0, "nothing to restore is not a failure");
-        report.files.push(RestoredFile {
-            name: "a".into(),
-            version: 1,
-            size: 3,
-            path: None,
-            outcome: RestoreOutcome::Restored { cksum: 1 },
-        });
-        report.files.push(RestoredFile {
-            name: "../b".into(),
-            version: 2,
-            size: 0,
-            path: None,
-            outcome: RestoreOutcome::Failed(Error::UnsafeName {
-                name: "../b".into(),
-                reason: "x".into(),
-            }),
-        });
-        assert_eq!(report.exit_code(), 6);
-        let v = report.to_json();
-        assert_eq!(v["ok"], json!(false));
-        assert_eq!(v["restored_files"], json!(1));
-        assert_eq!(v["files"][1]["error"]["kind"], json!("local_file_error"));
-        assert_eq!(v["restored_bytes"], json!(3));
     }
 }

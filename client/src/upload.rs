@@ -30,6 +30,7 @@ use tokio::sync::mpsc;
 
 use crate::connection::Connection;
 use crate::error::{io_reason, Error};
+use crate::fanout::ItemFailure;
 use crate::feedback::Feedback;
 
 /// Packets that may wait between the encryptor and the socket.
@@ -54,14 +55,6 @@ enum Plain {
     Data(Vec<u8>, usize),
     /// End of file; the cksum of everything read.
     Done(u32),
-}
-
-/// A failed attempt, and whether the connection can still be used (nothing,
-/// or a whole request sequence, was sent).
-#[derive(Debug)]
-pub struct AttemptError {
-    pub error: Error,
-    pub connection_usable: bool,
 }
 
 /// Everything the encryptor needs.
@@ -229,14 +222,14 @@ async fn send_small(
     conn: &mut Connection,
     job: Job,
     feedback: &dyn Feedback,
-) -> Result<u32, AttemptError> {
+) -> Result<u32, ItemFailure> {
     let doing = format!("sending {}", job.path.display());
     let size = job.plan.orig_size;
     let (frames, cksum) = tokio::task::spawn_blocking(move || encrypt_whole(&job))
         .await
         .map_err(|e| Error::Internal(format!("the reader stopped: {e}")))
         .and_then(|r| r)
-        .map_err(|error| AttemptError {
+        .map_err(|error| ItemFailure {
             error,
             // Nothing was sent.
             connection_usable: true,
@@ -244,7 +237,7 @@ async fn send_small(
     for frame in &frames {
         conn.send(frame, &doing)
             .await
-            .map_err(|error| AttemptError {
+            .map_err(|error| ItemFailure {
                 error,
                 connection_usable: false,
             })?;
@@ -266,7 +259,7 @@ pub async fn send_file(
     client_id: ClientId,
     numbering: Numbering,
     feedback: &dyn Feedback,
-) -> Result<u32, AttemptError> {
+) -> Result<u32, ItemFailure> {
     let job = Job {
         path: path.to_owned(),
         plan: plan.clone(),
@@ -298,7 +291,7 @@ pub async fn send_file(
     let doing = format!("sending {}", path.display());
     let mut sent_cipher = 0u64;
     let mut sent_plain = 0u64;
-    let mut result = Err(AttemptError {
+    let mut result = Err(ItemFailure {
         error: Error::Internal(format!("reading {} stopped early", path.display())),
         connection_usable: false,
     });
@@ -306,7 +299,7 @@ pub async fn send_file(
         match piece {
             Ok(Piece::Packet(frame)) => {
                 if let Err(error) = conn.send(&frame, &doing).await {
-                    result = Err(AttemptError {
+                    result = Err(ItemFailure {
                         error,
                         connection_usable: false,
                     });
@@ -324,7 +317,7 @@ pub async fn send_file(
                 break;
             }
             Err(error) => {
-                result = Err(AttemptError {
+                result = Err(ItemFailure {
                     error,
                     connection_usable: sent_cipher == 0,
                 });
@@ -335,7 +328,7 @@ pub async fn send_file(
     // Dropping the receiver stops both threads at their next hand-over.
     drop(rx);
     if encryptor.await.is_err() || reader.await.is_err() {
-        return Err(AttemptError {
+        return Err(ItemFailure {
             error: Error::Internal(format!("the reader of {} failed", path.display())),
             connection_usable: false,
         });

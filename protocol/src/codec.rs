@@ -8,7 +8,7 @@
 //! before any buffer grows; memory is reserved in steps as bytes arrive, never
 //! by the size a peer declares.
 
-use bytes::{Buf, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use tokio_util::codec::{Decoder, Encoder};
 
 use crate::limits::Limits;
@@ -306,6 +306,27 @@ impl Encoder<&RequestFrame> for ClientCodec {
 
     /// Refuses a request that the dialect cannot carry, writing nothing.
     fn encode(&mut self, item: &RequestFrame, dst: &mut BytesMut) -> Result<(), CodecError> {
+        let content = self.encode_head(item, dst)?;
+        dst.extend_from_slice(&content);
+        Ok(())
+    }
+}
+
+impl ClientCodec {
+    /// The [`Encoder`] without the copy of a file packet's content: appends
+    /// the request to `dst` up to that content and returns it (empty for
+    /// every other request), to be written right after `dst`, as with a
+    /// vectored write. The encoder is this followed by appending the
+    /// returned bytes, so both write the same bytes.
+    ///
+    /// # Errors
+    /// [`CodecError::Encode`] for a request that the dialect cannot carry;
+    /// nothing is written then.
+    pub fn encode_head(
+        &mut self,
+        item: &RequestFrame,
+        dst: &mut BytesMut,
+    ) -> Result<Bytes, CodecError> {
         item.request
             .check_dialect(self.dialect)
             .map_err(CodecError::Encode)?;
@@ -315,8 +336,7 @@ impl Encoder<&RequestFrame> for ClientCodec {
                 dialect: self.dialect,
             }));
         }
-        item.encode_in(self.dialect, dst);
-        Ok(())
+        Ok(item.encode_head_in(self.dialect, dst))
     }
 }
 
@@ -366,6 +386,51 @@ mod tests {
                 cap <= 2 * len + 2 * RESERVE_STEP,
                 "{cap} bytes held after {len} arrived"
             );
+        }
+    }
+
+    #[test]
+    fn encodes_a_packet_head_and_content_as_the_encoder_does() {
+        use crate::message::{FilePacket, PacketHead};
+        use crate::name::FileName;
+        use crate::wire::ClientId;
+        let request = |content: &'static [u8]| RequestFrame {
+            client_id: ClientId([3; 16]),
+            numbering: Numbering::Modern,
+            request: Request::SendFile(FilePacket {
+                head: PacketHead {
+                    content_size: 32,
+                    orig_size: 20,
+                    packet: 1,
+                    total: 1,
+                    file: FileName::try_from("a.bin").unwrap(),
+                },
+                content: Bytes::from_static(content),
+            }),
+        };
+        for dialect in [Dialect::Legacy, Dialect::Secure] {
+            for frame in [
+                request(&[7; 32]),
+                RequestFrame {
+                    request: Request::CrcOk {
+                        file: FileName::try_from("a.bin").unwrap(),
+                    },
+                    ..request(&[])
+                },
+            ] {
+                let mut codec = ClientCodec::with_dialect(Limits::default(), dialect);
+                let mut whole = BytesMut::new();
+                codec.encode(&frame, &mut whole).unwrap();
+                let mut head = BytesMut::new();
+                let content = codec.encode_head(&frame, &mut head).unwrap();
+                let expected_content: &[u8] = match &frame.request {
+                    Request::SendFile(p) => &p.content,
+                    _ => &[],
+                };
+                assert_eq!(&content[..], expected_content);
+                head.extend_from_slice(&content);
+                assert_eq!(head, whole, "{dialect:?}");
+            }
         }
     }
 }

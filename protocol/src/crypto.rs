@@ -12,7 +12,23 @@ use rsa::traits::PublicKeyParts;
 use rsa::{BigUint, Oaep, RsaPrivateKey, RsaPublicKey};
 use zeroize::{Zeroize, ZeroizeOnDrop};
 
-use crate::message::{PublicKeyField, PUBLIC_KEY_FIELD_LEN};
+/// Width of the public-key field of a 1026/826 request.
+pub const PUBLIC_KEY_FIELD_LEN: usize = 160;
+
+/// The raw 160-byte public-key field, kept as sent so that it re-encodes
+/// byte for byte. See [`parse_public_key`].
+#[derive(Clone, PartialEq, Eq)]
+pub struct PublicKeyField(pub [u8; PUBLIC_KEY_FIELD_LEN]);
+
+impl std::fmt::Debug for PublicKeyField {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "PublicKeyField({}..)",
+            hex::encode(self.0.get(..8).unwrap_or_default())
+        )
+    }
+}
 
 /// AES block size.
 pub const BLOCK: usize = 16;

@@ -32,11 +32,13 @@ pub mod keyfile;
 pub mod limits;
 pub mod message;
 pub mod name;
+pub mod payload;
 pub mod reassembly;
 pub mod restore;
 pub mod retrieval;
 pub mod secure;
 pub mod session;
+pub mod upload;
 pub mod wire;
 
 #[cfg(feature = "fuzzing")]

@@ -1,3 +1,6 @@
+//! Over 600 lines: every core request and response, with its field table,
+//! parser and encoder side by side, so the two directions stay in step.
+//!
 //! Typed messages of the version 3 protocol (`docs/PROTOCOL.md` §2-§3) and
 //! of secure mode, version 4 (§12).
 //!
@@ -10,7 +13,7 @@
 use bytes::{BufMut, Bytes, BytesMut};
 
 use crate::limits::{Limits, FILE_PACKET_HEAD_LEN, SECURE_FILE_PACKET_HEAD_LEN};
-use crate::name::{FileName, NameError, UserName, NAME_FIELD_LEN};
+use crate::name::{FileName, UserName, NAME_FIELD_LEN};
 use crate::retrieval::{RetrievalRequest, RetrievalResponse};
 use crate::secure::{MAX_PUBLIC_KEY_DER, PROOF_LEN};
 use crate::wire::{
@@ -18,31 +21,8 @@ use crate::wire::{
     ResponseCode, ResponseHeader,
 };
 
-/// Width of the public-key field of a 1026/826 request.
-pub const PUBLIC_KEY_FIELD_LEN: usize = 160;
-
-/// Why a payload that arrived whole could not be understood.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum PayloadError {
-    #[error("payload of {code} is {actual} bytes, expected {expected}")]
-    Size {
-        code: u16,
-        actual: usize,
-        expected: &'static str,
-    },
-    #[error("bad name field: {0}")]
-    Name(#[from] NameError),
-    #[error("packet {number} of {total} is out of range")]
-    PacketNumber { number: u32, total: u32 },
-    #[error("code {code} does not exist in the {dialect:?} protocol")]
-    NotInDialect { code: u16, dialect: Dialect },
-    #[error("{field} of {value} does not fit the {dialect:?} protocol's field")]
-    Unrepresentable {
-        field: &'static str,
-        value: u64,
-        dialect: Dialect,
-    },
-}
+pub use crate::crypto::{PublicKeyField, PUBLIC_KEY_FIELD_LEN};
+pub use crate::payload::PayloadError;
 
 /// A client request without its header.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -71,21 +51,6 @@ pub enum Request {
     /// secure mode after the key exchange (§12.4), on the legacy listener
     /// before retrieval (§11.5).
     Prove { proof: [u8; PROOF_LEN] },
-}
-
-/// The raw 160-byte public-key field, kept as sent so that it re-encodes
-/// byte for byte. See [`crate::crypto::parse_public_key`].
-#[derive(Clone, PartialEq, Eq)]
-pub struct PublicKeyField(pub [u8; PUBLIC_KEY_FIELD_LEN]);
-
-impl std::fmt::Debug for PublicKeyField {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "PublicKeyField({}..)",
-            hex::encode(self.0.get(..8).unwrap_or_default())
-        )
-    }
 }
 
 /// The fixed head of a send-file packet.
@@ -472,8 +437,26 @@ impl RequestFrame {
     /// See [`Request::check_dialect`].
     pub fn encode_in(&self, dialect: Dialect, out: &mut BytesMut) {
         out.reserve(crate::wire::REQUEST_HEADER_LEN + self.request.payload_len(dialect));
+        let content = self.encode_head_in(dialect, out);
+        out.extend_from_slice(&content);
+    }
+
+    /// Appends the request to `out` in `dialect` except for a file packet's
+    /// content, which is returned (empty for every other request) to be
+    /// written right after `out` without a copy. `out` followed by the
+    /// returned bytes is exactly what [`encode_in`](Self::encode_in) writes.
+    pub fn encode_head_in(&self, dialect: Dialect, out: &mut BytesMut) -> Bytes {
         self.header_in(dialect).write(out);
-        self.request.write_payload(out, dialect);
+        match &self.request {
+            Request::SendFile(packet) => {
+                packet.head.write(out, dialect);
+                packet.content.clone()
+            }
+            other => {
+                other.write_payload(out, dialect);
+                Bytes::new()
+            }
+        }
     }
 
     /// Appends the whole request in the legacy dialect.

@@ -7,9 +7,9 @@
 use bytes::{BufMut, Bytes};
 
 use crate::limits::Limits;
-use crate::message::PayloadError;
 use crate::name::{FileName, NAME_FIELD_LEN};
-use crate::wire::{u16_le, u32_le, ResponseCode};
+use crate::payload::PayloadError;
+use crate::wire::{u16_le, u32_le, u64_le, ResponseCode};
 
 /// Request code of "list".
 pub const LIST: u16 = 1240;
@@ -34,10 +34,6 @@ impl ResponseCode {
     pub const DELETED: Self = Self(1643);
     pub const NOT_FOUND: Self = Self(1644);
     pub const REFUSED: Self = Self(1645);
-}
-
-fn u64_le(bytes: &[u8]) -> Option<u64> {
-    Some(u64::from_le_bytes(bytes.try_into().ok()?))
 }
 
 /// Which versions a list request asks for.

@@ -12,3 +12,8 @@ pub mod server;
 /// Attempts to send one file: the first, then up to three resends after
 /// "CRC wrong" (`docs/PROTOCOL.md` §6.4).
 pub const MAX_SEND_ATTEMPTS: u8 = 4;
+
+/// Times a request answered with 1607 is sent again before the client gives
+/// up on it (`docs/PROTOCOL.md` §6.5: "resends the same request up to 3
+/// times").
+pub const SERVER_ERROR_RESENDS: u8 = 3;

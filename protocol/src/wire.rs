@@ -336,12 +336,12 @@ pub(crate) fn u16_le(bytes: &[u8]) -> Option<u16> {
     Some(u16::from_le_bytes(bytes.try_into().ok()?))
 }
 
-/// Reads a little-endian u32 from exactly four bytes.
+/// Reads a little-endian u64 from exactly eight bytes.
 pub(crate) fn u64_le(bytes: &[u8]) -> Option<u64> {
-    let array: [u8; 8] = bytes.try_into().ok()?;
-    Some(u64::from_le_bytes(array))
+    Some(u64::from_le_bytes(bytes.try_into().ok()?))
 }
 
+/// Reads a little-endian u32 from exactly four bytes.
 pub(crate) fn u32_le(bytes: &[u8]) -> Option<u32> {
     Some(u32::from_le_bytes(bytes.try_into().ok()?))
 }

@@ -21,7 +21,8 @@ use protocol::message::PublicKeyField;
 use protocol::restore::FoundVersion;
 use protocol::retrieval::{ListEntry, ListFlags};
 use protocol::secure::{SECURE_RSA_BITS, SECURE_RSA_EXPONENT};
-use protocol::session::client::{ClientEvent, ClientSession, Packetizer, UploadPlan, Verdict};
+use protocol::session::client::{ClientEvent, ClientSession, ServerErrorStep, Verdict};
+use protocol::upload::{Packetizer, UploadPlan};
 use protocol::session::server::{
     Action, DeleteOutcome, KnownClient, RegisterOutcome, RestoreStart, ServerConfig, ServerSession,
 };
@@ -426,7 +427,7 @@ impl Pair {
             let event = self.attempt(&plan, plain, tries < corrupted, store, faults);
             let (verdict, reply) = match event {
                 // A storage failure does not count as an attempt: repeat it.
-                ClientEvent::ServerError => continue,
+                ClientEvent::ServerError(ServerErrorStep::Resend { .. }) => continue,
                 ClientEvent::Verdict { verdict, reply } => (verdict, reply),
                 other => panic!("no verdict: {other:?}"),
             };
@@ -510,7 +511,7 @@ fn run(
     let event = loop {
         let frame = pair.client.register_request().unwrap();
         match Pair::only(pair.send(frame, &mut store, &mut faults)) {
-            ClientEvent::ServerError => continue,
+            ClientEvent::ServerError(ServerErrorStep::Resend { .. }) => continue,
             event => break event,
         }
     };

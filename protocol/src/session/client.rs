@@ -1,5 +1,8 @@
-//! The client side of a session, and the planning and packetising of an
-//! upload.
+//! Over 600 lines: one state machine, whose `handle` covers every answer of
+//! both dialects in one match, so each transition is seen beside the others.
+//!
+//! The client side of a session. The planning and packetising of an upload
+//! live in [`crate::upload`]; they are re-exported here for the shells.
 //!
 //! The machine checks that every response is the one the protocol allows at
 //! that point, recovers the AES key, and turns the server's cksum into a
@@ -21,22 +24,31 @@
 //! build the requests; the answers become [`ClientEvent::ListPage`],
 //! [`ClientEvent::RestoreBegin`] then [`ClientEvent::RestoreData`] until the
 //! announced ciphertext arrived, [`ClientEvent::Deleted`],
-//! [`ClientEvent::NotFound`] or [`ClientEvent::Refused`]. A 1607 to them is
-//! [`ClientEvent::ServerError`] and ends the request (a legacy server gives
-//! no other answer).
+//! [`ClientEvent::NotFound`] or [`ClientEvent::Refused`].
+//!
+//! A 1607 (`docs/PROTOCOL.md` §6.4, §6.5) is decided here, not in the
+//! shells: the session counts the 1607s of the request awaiting its answer
+//! and says [`ServerErrorStep::Resend`] (send it again as it was) up to
+//! [`SERVER_ERROR_RESENDS`] times, then [`ServerErrorStep::GiveUp`]. A 1607
+//! to a retrieval request is never repeated (a legacy server gives no other
+//! answer): to the first of a connection (on the legacy listener, the
+//! proof) it is [`ClientEvent::RetrievalUnsupported`], as is the connection
+//! closing then ([`ClientSession::awaits_first_retrieval_answer`]); to a
+//! later one it gives up at once.
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 
 use crate::crypto::{pkcs7_len, AesKey, CryptoError, PrivateKey};
-use crate::limits::{LEGACY_MAX_FILE_SIZE, SECURE_MAX_FILE_SIZE};
-use crate::message::{FilePacket, PacketHead, Request, RequestFrame, Response};
+use crate::message::{Request, RequestFrame, Response};
 use crate::name::{FileName, UserName};
 use crate::retrieval::{
     ListEntry, ListFlags, RefusalReason, RestoreBegin, RetrievalRequest, RetrievalResponse,
 };
 use crate::secure::{legacy_retrieval_proof, Binding, SessionSecret};
-use crate::session::MAX_SEND_ATTEMPTS;
+use crate::session::{MAX_SEND_ATTEMPTS, SERVER_ERROR_RESENDS};
 use crate::wire::{ClientId, Dialect, Numbering, ResponseCode};
+
+pub use crate::upload::{Packetizer, PlanError, UploadPlan};
 
 /// A response that does not fit the session, or a key that does not unwrap.
 #[derive(Debug, thiserror::Error)]
@@ -99,13 +111,17 @@ pub enum ClientEvent {
     RetryAcknowledged,
     /// 1604 to "CRC ok" or "CRC wrong 4th time": the file is finished.
     Done,
-    /// 1607: the server failed. The session still expects the answer to the
-    /// last request, so the caller may repeat it as it was; an upload attempt
-    /// answered with 1607 does not count toward [`MAX_SEND_ATTEMPTS`].
-    /// Retrieval requests are the exception: a legacy server answers them
-    /// with 1607 every time, so after a 1607 the session expects nothing
-    /// more for them and they should not be repeated.
-    ServerError,
+    /// 1607: the server failed; what to do is in the step. On
+    /// [`ServerErrorStep::Resend`] the session still expects the answer to
+    /// the last request, which the caller sends again as it was (an upload
+    /// attempt answered with 1607 does not count toward
+    /// [`MAX_SEND_ATTEMPTS`]); on [`ServerErrorStep::GiveUp`] the request
+    /// is over.
+    ServerError(ServerErrorStep),
+    /// 1607 to the first retrieval request of the connection (on the legacy
+    /// listener, the proof before retrieval): the server does not know
+    /// retrieval (`docs/PROTOCOL.md` §11). Not to be repeated.
+    RetrievalUnsupported,
     /// 1640: a page of the listing; ask again with `next_cursor` unless it
     /// is 0 ([`ClientSession::list_request`]).
     ListPage {
@@ -125,6 +141,26 @@ pub enum ClientEvent {
     NotFound,
     /// 1645: the server refused the request.
     Refused(RefusalReason),
+}
+
+/// What to do after a 1607 (`docs/PROTOCOL.md` §6.5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ServerErrorStep {
+    /// Send the last request again as it was: resend `resend` of at most
+    /// [`SERVER_ERROR_RESENDS`].
+    Resend { resend: u8 },
+    /// The request was answered 1607 `times` times: give up on it.
+    GiveUp { times: u8 },
+}
+
+impl ServerErrorStep {
+    /// The 1607s of the request so far.
+    pub fn times(self) -> u8 {
+        match self {
+            Self::Resend { resend } => resend,
+            Self::GiveUp { times } => times,
+        }
+    }
 }
 
 /// The outcome of comparing the server's cksum with ours.
@@ -198,6 +234,12 @@ pub struct ClientSession {
     aes: Option<AesKey>,
     expect: Expect,
     attempts: u8,
+    /// 1607s answered to the request awaiting its answer (an upload counts
+    /// as one request from [`ClientSession::begin_file`] to its verdict).
+    server_errors: u8,
+    /// Whether a retrieval request (or the proof before them) was answered
+    /// on this connection.
+    retrieval_answered: bool,
     /// What to send as the header id before one is assigned.
     unregistered_id: ClientId,
 }
@@ -233,6 +275,8 @@ impl ClientSession {
             aes: None,
             expect: Expect::Idle,
             attempts: 0,
+            server_errors: 0,
+            retrieval_answered: false,
             unregistered_id: ClientId::default(),
         }
     }
@@ -255,6 +299,11 @@ impl ClientSession {
     /// The dialect of this session.
     pub fn dialect(&self) -> Dialect {
         self.dialect
+    }
+
+    /// The request numbering of this session (always 1025 in secure mode).
+    pub fn numbering(&self) -> Numbering {
+        self.numbering
     }
 
     /// The id the server assigned, once known.
@@ -285,6 +334,25 @@ impl ClientSession {
         }
     }
 
+    /// A new request, whose 1607s are counted afresh.
+    fn request(&mut self, request: Request) -> RequestFrame {
+        self.server_errors = 0;
+        self.frame(request)
+    }
+
+    /// The 1607s answered so far to the request awaiting its answer.
+    pub fn server_errors(&self) -> u8 {
+        self.server_errors
+    }
+
+    /// Whether the request awaiting its answer is the first retrieval
+    /// request of the connection (on the legacy listener, the proof), so
+    /// that the connection closing now means that the server does not know
+    /// retrieval, as a 1607 would (`docs/PROTOCOL.md` §11).
+    pub fn awaits_first_retrieval_answer(&self) -> bool {
+        self.expect.is_retrieval() && !self.retrieval_answered
+    }
+
     /// "Register" (1025/825). Forgets any previous id. In secure mode the
     /// request carries the public key.
     ///
@@ -303,13 +371,13 @@ impl ClientSession {
             },
         };
         self.expect = Expect::Registered;
-        Ok(self.frame(request))
+        Ok(self.request(request))
     }
 
     /// "Reconnect" (1027/827) as the id given at construction.
     pub fn reconnect_request(&mut self) -> RequestFrame {
         self.expect = Expect::Reconnected;
-        self.frame(Request::Reconnect {
+        self.request(Request::Reconnect {
             name: self.name.clone(),
         })
     }
@@ -321,15 +389,17 @@ impl ClientSession {
     pub fn public_key_request(&mut self) -> Result<RequestFrame, ClientError> {
         let key = crate::crypto::public_key_field(&self.key.public_key())?;
         self.expect = Expect::KeyAccepted;
-        Ok(self.frame(Request::PublicKey {
+        Ok(self.request(Request::PublicKey {
             name: self.name.clone(),
             key,
         }))
     }
 
-    /// Starts an upload attempt: resets the attempt count for a new file.
+    /// Starts an upload: resets the attempt count (and the count of 1607s)
+    /// for a new file.
     pub fn begin_file(&mut self) {
         self.attempts = 0;
+        self.server_errors = 0;
     }
 
     /// Attempts made at the current file whose cksum was (or is being) judged.
@@ -368,7 +438,7 @@ impl ClientSession {
         };
         let proof = legacy_retrieval_proof(key, client_id);
         self.expect = Expect::RetrievalProof;
-        Ok(Some(self.frame(Request::Prove { proof })))
+        Ok(Some(self.request(Request::Prove { proof })))
     }
 
     /// "List" (1240): a page of this client's files from `cursor` (0: the
@@ -376,13 +446,13 @@ impl ClientSession {
     /// [`ListFlags::ALL_VERSIONS`], every version.
     pub fn list_request(&mut self, flags: ListFlags, cursor: u64) -> RequestFrame {
         self.expect = Expect::ListPage;
-        self.frame(Request::Retrieval(RetrievalRequest::List { flags, cursor }))
+        self.request(Request::Retrieval(RetrievalRequest::List { flags, cursor }))
     }
 
     /// "Restore" (1241): version `version` (0: the newest) of `file`.
     pub fn restore_request(&mut self, version: u64, file: FileName) -> RequestFrame {
         self.expect = Expect::RestoreBegin { file: file.clone() };
-        self.frame(Request::Retrieval(RetrievalRequest::Restore {
+        self.request(Request::Retrieval(RetrievalRequest::Restore {
             version,
             file,
         }))
@@ -391,7 +461,7 @@ impl ClientSession {
     /// "Delete" (1242): every version of `file`.
     pub fn delete_request(&mut self, file: FileName) -> RequestFrame {
         self.expect = Expect::Deleted;
-        self.frame(Request::Retrieval(RetrievalRequest::Delete { file }))
+        self.request(Request::Retrieval(RetrievalRequest::Delete { file }))
     }
 
     /// Whether a restore's data is still due.
@@ -419,20 +489,52 @@ impl ClientSession {
         rng: &mut R,
     ) -> Result<ClientEvent, ClientError> {
         let expect = std::mem::replace(&mut self.expect, Expect::Idle);
-        if response == Response::GeneralError && expect.is_retrieval() {
+        if response == Response::GeneralError && !matches!(expect, Expect::Idle) {
+            return Ok(self.server_error(expect));
+        }
+        let retrieval = expect.is_retrieval();
+        let event = self.interpret(expect, response, rng)?;
+        self.retrieval_answered |= retrieval;
+        Ok(event)
+    }
+
+    /// A 1607 in answer to the request that expected `expect`
+    /// (`docs/PROTOCOL.md` §6.4, §6.5, §11).
+    fn server_error(&mut self, expect: Expect) -> ClientEvent {
+        self.server_errors = self.server_errors.saturating_add(1);
+        if expect.is_retrieval() {
             // Not repeated: a server without retrieval always answers so,
             // and one that fails in the middle of a restore has ended it.
-            return Ok(ClientEvent::ServerError);
-        }
-        if response == Response::GeneralError && !matches!(expect, Expect::Idle) {
-            if matches!(expect, Expect::FileReceived { .. }) {
-                // The server failed to take the file: that attempt says
-                // nothing about the cksum, so it is not counted.
-                self.attempts = self.attempts.saturating_sub(1);
+            if !self.retrieval_answered {
+                return ClientEvent::RetrievalUnsupported;
             }
-            self.expect = expect;
-            return Ok(ClientEvent::ServerError);
+            return ClientEvent::ServerError(ServerErrorStep::GiveUp {
+                times: self.server_errors,
+            });
         }
+        if matches!(expect, Expect::FileReceived { .. }) {
+            // The server failed to take the file: that attempt says
+            // nothing about the cksum, so it is not counted.
+            self.attempts = self.attempts.saturating_sub(1);
+        }
+        if self.server_errors > SERVER_ERROR_RESENDS {
+            return ClientEvent::ServerError(ServerErrorStep::GiveUp {
+                times: self.server_errors,
+            });
+        }
+        self.expect = expect;
+        ClientEvent::ServerError(ServerErrorStep::Resend {
+            resend: self.server_errors,
+        })
+    }
+
+    /// Interprets a response other than a 1607 to a pending request.
+    fn interpret<R: rand::CryptoRng + rand::RngCore>(
+        &mut self,
+        expect: Expect,
+        response: Response,
+        rng: &mut R,
+    ) -> Result<ClientEvent, ClientError> {
         let unexpected = |expected| ClientError::Unexpected {
             expected,
             got: response.code(),
@@ -466,7 +568,7 @@ impl ClientSession {
                 self.proving = Some(secret.content_key());
                 self.expect = Expect::Authenticated;
                 Ok(ClientEvent::Prove {
-                    reply: self.frame(Request::Prove { proof }),
+                    reply: self.request(Request::Prove { proof }),
                 })
             }
             (Expect::Authenticated, Response::Authenticated { client_id }) => {
@@ -573,10 +675,13 @@ impl ClientSession {
                     self.expect = Expect::Ack;
                     (Verdict::GiveUp, Request::CrcAbort { file })
                 };
-                Ok(ClientEvent::Verdict {
-                    verdict,
-                    reply: self.frame(request),
-                })
+                // "CRC wrong, will resend" goes on with the upload, whose
+                // 1607s count on; the other verdicts are new requests.
+                let reply = match verdict {
+                    Verdict::Retry { .. } => self.frame(request),
+                    Verdict::Match | Verdict::GiveUp => self.request(request),
+                };
+                Ok(ClientEvent::Verdict { verdict, reply })
             }
             (Expect::FileReceived { .. }, _) => Err(unexpected("1603")),
             (Expect::Ack, Response::Ack { client_id }) => {
@@ -659,227 +764,10 @@ impl ClientSession {
     }
 }
 
-/// Why a file cannot be sent.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum PlanError {
-    #[error("{size} bytes is over the {max}-byte limit of the protocol's size fields")]
-    TooLarge { size: u64, max: u64 },
-    #[error("packet size must be a positive multiple of 16 up to {max}, not {size}")]
-    PacketSize { size: usize, max: usize },
-    #[error("{size} bytes need more than {max_packets} packets of {packet_size} bytes; at most {max} bytes fit")]
-    TooManyPackets {
-        size: u64,
-        packet_size: usize,
-        max_packets: u64,
-        max: u64,
-    },
-}
-
-/// How one file will be cut into packets.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct UploadPlan {
-    pub file: FileName,
-    pub orig_size: u64,
-    pub content_size: u64,
-    /// Ciphertext bytes per packet (the last may be shorter).
-    pub packet_size: usize,
-    pub total: u32,
-    /// The dialect the packets will be sent in.
-    pub dialect: Dialect,
-}
-
-impl UploadPlan {
-    /// The largest plaintext whose PKCS#7 ciphertext size still fits a u32.
-    pub const MAX_FILE_SIZE: u64 = LEGACY_MAX_FILE_SIZE / 16 * 16 - 1;
-
-    /// The largest file `dialect` can carry.
-    pub const fn max_file_size(dialect: Dialect) -> u64 {
-        match dialect {
-            Dialect::Legacy => Self::MAX_FILE_SIZE,
-            Dialect::Secure => SECURE_MAX_FILE_SIZE,
-        }
-    }
-
-    /// The most packets one upload may have in `dialect`.
-    pub const fn max_packets(dialect: Dialect) -> u64 {
-        match dialect {
-            Dialect::Legacy => u16::MAX as u64,
-            Dialect::Secure => u32::MAX as u64,
-        }
-    }
-
-    /// Plans a legacy upload; see [`UploadPlan::new_in`].
-    ///
-    /// # Errors
-    /// As [`UploadPlan::new_in`].
-    pub fn new(
-        file: FileName,
-        size: u64,
-        packet_size: usize,
-        max_packet: usize,
-    ) -> Result<Self, PlanError> {
-        Self::new_in(Dialect::Legacy, file, size, packet_size, max_packet)
-    }
-
-    /// Plans a file of `size` plaintext bytes with packets of about
-    /// `packet_size` ciphertext bytes, enlarged if needed so the file fits
-    /// in the dialect's packet count (65,535 in legacy mode), and never
-    /// larger than `max_packet`.
-    ///
-    /// # Errors
-    /// When the file is too large for the dialect's fields, or the packet
-    /// size is zero, not a multiple of 16, or over `max_packet`.
-    pub fn new_in(
-        dialect: Dialect,
-        file: FileName,
-        size: u64,
-        packet_size: usize,
-        max_packet: usize,
-    ) -> Result<Self, PlanError> {
-        if packet_size == 0 || packet_size % 16 != 0 || packet_size > max_packet {
-            return Err(PlanError::PacketSize {
-                size: packet_size,
-                max: max_packet,
-            });
-        }
-        let max_file = Self::max_file_size(dialect);
-        if size > max_file {
-            return Err(PlanError::TooLarge {
-                size,
-                max: max_file,
-            });
-        }
-        let max_packets = Self::max_packets(dialect);
-        let content = pkcs7_len(size);
-        let min_packet = content.div_ceil(max_packets).div_ceil(16) * 16;
-        let packet = (packet_size as u64).max(min_packet);
-        if packet > max_packet as u64 {
-            return Err(PlanError::TooLarge {
-                size,
-                max: (max_packet as u64).saturating_mul(max_packets),
-            });
-        }
-        let total = content.div_ceil(packet);
-        Ok(Self {
-            file,
-            orig_size: size,
-            content_size: content,
-            packet_size: usize::try_from(packet).unwrap_or(max_packet),
-            total: u32::try_from(total).unwrap_or(u32::MAX),
-            dialect,
-        })
-    }
-
-    /// Plans a file of `size` plaintext bytes with packets of exactly
-    /// `packet_size` ciphertext bytes (the last may be shorter), for servers
-    /// that need a fixed size: a file that would need more than 65,535
-    /// packets is refused rather than cut into larger packets.
-    ///
-    /// # Errors
-    /// As [`UploadPlan::new`], and [`PlanError::TooManyPackets`].
-    pub fn fixed(
-        dialect: Dialect,
-        file: FileName,
-        size: u64,
-        packet_size: usize,
-        max_packet: usize,
-    ) -> Result<Self, PlanError> {
-        let plan = Self::new_in(dialect, file, size, packet_size, max_packet)?;
-        if plan.packet_size != packet_size {
-            let max_packets = Self::max_packets(dialect);
-            let max = (packet_size as u64)
-                .saturating_mul(max_packets)
-                .saturating_sub(1)
-                .min(Self::max_file_size(dialect));
-            return Err(PlanError::TooManyPackets {
-                size,
-                packet_size,
-                max_packets,
-                max,
-            });
-        }
-        Ok(plan)
-    }
-
-    /// Bytes on the wire for the whole upload, headers included.
-    pub fn wire_bytes(&self) -> u64 {
-        let head = crate::message::PacketHead::len_in(self.dialect);
-        self.content_size + u64::from(self.total) * (crate::wire::REQUEST_HEADER_LEN + head) as u64
-    }
-}
-
-/// Cuts a stream of ciphertext into the packets of an [`UploadPlan`].
-#[derive(Debug)]
-pub struct Packetizer {
-    plan: UploadPlan,
-    client_id: ClientId,
-    numbering: Numbering,
-    next: u32,
-    buf: BytesMut,
-}
-
-impl Packetizer {
-    /// A packetizer for one attempt at `plan`.
-    pub fn new(plan: UploadPlan, client_id: ClientId, numbering: Numbering) -> Self {
-        let buf = BytesMut::with_capacity(plan.packet_size + 16);
-        Self {
-            plan,
-            client_id,
-            numbering,
-            next: 1,
-            buf,
-        }
-    }
-
-    /// The buffer that ciphertext should be appended to.
-    pub fn buffer(&mut self) -> &mut BytesMut {
-        &mut self.buf
-    }
-
-    fn packet(&mut self, content: Bytes) -> RequestFrame {
-        let head = PacketHead {
-            content_size: self.plan.content_size,
-            orig_size: self.plan.orig_size,
-            packet: self.next,
-            total: self.plan.total,
-            file: self.plan.file.clone(),
-        };
-        self.next = self.next.saturating_add(1);
-        RequestFrame {
-            client_id: self.client_id,
-            numbering: self.numbering,
-            request: Request::SendFile(FilePacket { head, content }),
-        }
-    }
-
-    /// The next full packet, if the buffer holds one and it is not the last.
-    pub fn next_full(&mut self) -> Option<RequestFrame> {
-        if self.next >= self.plan.total || self.buf.len() < self.plan.packet_size {
-            return None;
-        }
-        let content = self.buf.split_to(self.plan.packet_size).freeze();
-        Some(self.packet(content))
-    }
-
-    /// The last packet, once all ciphertext (padding included) was appended.
-    /// `None` if the buffer does not hold exactly what the plan expects.
-    pub fn last(&mut self) -> Option<RequestFrame> {
-        if self.next != self.plan.total {
-            return None;
-        }
-        let sent = u64::from(self.plan.total - 1) * self.plan.packet_size as u64;
-        if sent + self.buf.len() as u64 != self.plan.content_size {
-            return None;
-        }
-        let content = self.buf.split().freeze();
-        Some(self.packet(content))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crypto::{encrypt_all, wrap_aes_key};
+    use crate::crypto::wrap_aes_key;
     use crate::wire::RequestKind;
     use rand::rngs::StdRng;
     use rand::SeedableRng;
@@ -1016,7 +904,9 @@ mod tests {
         s.file_sent(&plan, 42);
         assert!(matches!(
             s.handle(Response::GeneralError, &mut rng),
-            Ok(ClientEvent::ServerError)
+            Ok(ClientEvent::ServerError(ServerErrorStep::Resend {
+                resend: 1
+            }))
         ));
         assert_eq!(s.attempts(), 0);
         for attempt in 1..MAX_SEND_ATTEMPTS {
@@ -1047,7 +937,9 @@ mod tests {
         assert_eq!(frame.header().code.0, 827);
         assert!(matches!(
             s.handle(Response::GeneralError, &mut rng),
-            Ok(ClientEvent::ServerError)
+            Ok(ClientEvent::ServerError(ServerErrorStep::Resend {
+                resend: 1
+            }))
         ));
         let event = s
             .handle(Response::ReconnectRejected { client_id: None }, &mut rng)
@@ -1253,7 +1145,7 @@ mod tests {
         s.list_request(ListFlags::LATEST, 0);
         assert!(matches!(
             s.handle(Response::GeneralError, &mut rng),
-            Ok(ClientEvent::ServerError)
+            Ok(ClientEvent::RetrievalUnsupported)
         ));
         let page = retrieval(RetrievalResponse::ListPage {
             next_cursor: 0,
@@ -1269,98 +1161,11 @@ mod tests {
         .unwrap();
         assert!(matches!(
             s.handle(Response::GeneralError, &mut rng),
-            Ok(ClientEvent::ServerError)
+            Ok(ClientEvent::ServerError(ServerErrorStep::GiveUp {
+                times: 1
+            }))
         ));
         assert!(!s.restoring());
-    }
-
-    #[test]
-    fn fixed_plan_refuses_a_file_that_needs_more_packets() {
-        let at_limit = 1024 * u64::from(u16::MAX) - 1;
-        let plan = UploadPlan::fixed(Dialect::Legacy, name(), at_limit, 1024, 1 << 20).unwrap();
-        assert_eq!((plan.total, plan.packet_size), (u32::from(u16::MAX), 1024));
-        assert_eq!(
-            UploadPlan::fixed(Dialect::Legacy, name(), at_limit + 1, 1024, 1 << 20),
-            Err(PlanError::TooManyPackets {
-                size: at_limit + 1,
-                packet_size: 1024,
-                max_packets: u64::from(u16::MAX),
-                max: at_limit
-            })
-        );
-        // Secure mode counts packets in 32 bits: the same file fits.
-        let secure =
-            UploadPlan::fixed(Dialect::Secure, name(), at_limit + 1, 1024, 1 << 20).unwrap();
-        assert_eq!(secure.total, u32::from(u16::MAX) + 1);
-        // The flexible plan enlarges the packets instead.
-        assert_eq!(
-            UploadPlan::new(name(), at_limit + 1, 1024, 1 << 20)
-                .unwrap()
-                .packet_size,
-            1040
-        );
-    }
-
-    #[test]
-    fn packetizer_cuts_the_ciphertext_into_the_planned_slices() {
-        let key = AesKey::from_bytes([1; 32]);
-        for len in [0usize, 15, 16, 17, 47, 48, 100] {
-            let plain: Vec<u8> = (0..len).map(|i| i as u8).collect();
-            let ct = encrypt_all(&key, &plain);
-            let plan = UploadPlan::new(name(), len as u64, 32, 1 << 20).unwrap();
-            let mut p = Packetizer::new(plan.clone(), ID, Numbering::Modern);
-            let mut frames = Vec::new();
-            for chunk in ct.chunks(16) {
-                p.buffer().extend_from_slice(chunk);
-                frames.extend(p.next_full());
-            }
-            frames.extend(p.last());
-            assert_eq!(frames.len(), plan.total as usize, "len {len}");
-            let mut joined = Vec::new();
-            for (i, f) in frames.iter().enumerate() {
-                let Request::SendFile(packet) = &f.request else {
-                    panic!("not a packet")
-                };
-                assert_eq!(packet.head.packet as usize, i + 1);
-                assert_eq!(
-                    (packet.head.total, packet.head.orig_size),
-                    (plan.total, len as u64)
-                );
-                assert_eq!(packet.head.content_size as usize, ct.len());
-                joined.extend_from_slice(&packet.content);
-            }
-            assert_eq!(joined, &ct[..]);
-        }
-    }
-
-    #[test]
-    fn plans_packets_within_the_u16_count() {
-        let p = UploadPlan::new(name(), 20000, 8192, 1 << 20).unwrap();
-        assert_eq!((p.content_size, p.total, p.packet_size), (20016, 3, 8192));
-        let big = UploadPlan::new(name(), UploadPlan::MAX_FILE_SIZE, 1024, 1 << 20).unwrap();
-        // 65,535 packets of the asked-for 1024 bytes are too few: the
-        // packets grow so that the count fits the u16 field.
-        assert!(big.packet_size > 1024 && big.packet_size % 16 == 0);
-        assert!(u64::from(big.total) * big.packet_size as u64 >= big.content_size);
-        assert_eq!(big.content_size, u64::from(u32::MAX / 16 * 16));
-        assert!(matches!(
-            UploadPlan::new(name(), UploadPlan::MAX_FILE_SIZE + 1, 1024, 1 << 20),
-            Err(PlanError::TooLarge { .. })
-        ));
-        assert!(UploadPlan::new(name(), 0, 1000, 1 << 20).is_err());
-    }
-
-    #[test]
-    fn plans_files_over_4_gib_only_in_secure_mode() {
-        let size = 5u64 << 30;
-        assert!(matches!(
-            UploadPlan::new(name(), size, 1 << 20, 1 << 20),
-            Err(PlanError::TooLarge { .. })
-        ));
-        let plan = UploadPlan::new_in(Dialect::Secure, name(), size, 1 << 20, 1 << 20).unwrap();
-        assert_eq!(plan.orig_size, size);
-        assert_eq!(plan.content_size, size + 16);
-        assert_eq!(plan.total, 5 * 1024 + 1);
     }
 
     #[test]
@@ -1402,13 +1207,13 @@ mod tests {
     }
 
     #[test]
-    fn takes_1607_to_the_legacy_proof_as_a_server_error_not_to_repeat() {
+    fn takes_1607_to_the_legacy_proof_as_retrieval_unsupported_not_to_repeat() {
         let mut rng = StdRng::seed_from_u64(22);
         let mut s = keyed_session(&mut rng);
         s.retrieval_proof_request().unwrap().unwrap();
         assert!(matches!(
             s.handle(Response::GeneralError, &mut rng),
-            Ok(ClientEvent::ServerError)
+            Ok(ClientEvent::RetrievalUnsupported)
         ));
         assert!(matches!(
             s.handle(Response::Authenticated { client_id: ID }, &mut rng),
@@ -1442,5 +1247,122 @@ mod tests {
             ),
             Err(ClientError::ClientIdMismatch { .. })
         ));
+    }
+
+    #[test]
+    fn resends_a_request_answered_1607_three_times_then_gives_up() {
+        let mut rng = StdRng::seed_from_u64(30);
+        let key = PrivateKey::generate_legacy(&mut rng).unwrap();
+        let mut s = ClientSession::new(
+            UserName::try_from("bob").unwrap(),
+            key,
+            Some(ID),
+            Numbering::Modern,
+        );
+        s.reconnect_request();
+        for resend in 1..=SERVER_ERROR_RESENDS {
+            assert!(matches!(
+                s.handle(Response::GeneralError, &mut rng),
+                Ok(ClientEvent::ServerError(ServerErrorStep::Resend { resend: r })) if r == resend
+            ));
+            assert_eq!(s.server_errors(), resend);
+        }
+        assert!(matches!(
+            s.handle(Response::GeneralError, &mut rng),
+            Ok(ClientEvent::ServerError(ServerErrorStep::GiveUp {
+                times: 4
+            }))
+        ));
+        // The request is over: nothing more is expected for it.
+        assert!(matches!(
+            s.handle(Response::ReconnectRejected { client_id: None }, &mut rng),
+            Err(ClientError::Idle)
+        ));
+        // A new request counts afresh.
+        s.reconnect_request();
+        assert_eq!(s.server_errors(), 0);
+        assert!(matches!(
+            s.handle(Response::GeneralError, &mut rng),
+            Ok(ClientEvent::ServerError(ServerErrorStep::Resend {
+                resend: 1
+            }))
+        ));
+    }
+
+    #[test]
+    fn counts_the_1607s_of_an_upload_across_its_attempts_and_afresh_for_its_verdict() {
+        let mut rng = StdRng::seed_from_u64(31);
+        let mut s = keyed_session(&mut rng);
+        let plan = UploadPlan::new(name(), 100, 64, 1 << 20).unwrap();
+        s.begin_file();
+        s.file_sent(&plan, 42);
+        assert!(matches!(
+            s.handle(Response::GeneralError, &mut rng),
+            Ok(ClientEvent::ServerError(ServerErrorStep::Resend {
+                resend: 1
+            }))
+        ));
+        // A mismatch ("CRC wrong, will resend") goes on with the same upload.
+        s.file_sent(&plan, 42);
+        let (v, _) = verdict(s.handle(received(0, &plan), &mut rng).unwrap());
+        assert_eq!(v, Verdict::Retry { attempt: 1 });
+        s.file_sent(&plan, 42);
+        assert!(matches!(
+            s.handle(Response::GeneralError, &mut rng),
+            Ok(ClientEvent::ServerError(ServerErrorStep::Resend {
+                resend: 2
+            }))
+        ));
+        // The match's "CRC ok" is a new request.
+        s.file_sent(&plan, 42);
+        let (v, kind) = verdict(s.handle(received(42, &plan), &mut rng).unwrap());
+        assert_eq!((v, kind), (Verdict::Match, RequestKind::CrcOk));
+        assert_eq!(s.server_errors(), 0);
+        // The next file starts afresh too.
+        s.begin_file();
+        assert_eq!(s.server_errors(), 0);
+    }
+
+    #[test]
+    fn takes_1607_to_a_later_retrieval_request_as_giving_up_at_once() {
+        let mut rng = StdRng::seed_from_u64(32);
+        let mut s = keyed_session(&mut rng);
+        s.list_request(ListFlags::LATEST, 0);
+        assert!(s.awaits_first_retrieval_answer());
+        let page = retrieval(RetrievalResponse::ListPage {
+            next_cursor: 0,
+            entries: vec![],
+        });
+        assert!(matches!(
+            s.handle(page, &mut rng),
+            Ok(ClientEvent::ListPage { .. })
+        ));
+        s.delete_request(name());
+        assert!(
+            !s.awaits_first_retrieval_answer(),
+            "the server answered a retrieval request on this connection"
+        );
+        assert!(matches!(
+            s.handle(Response::GeneralError, &mut rng),
+            Ok(ClientEvent::ServerError(ServerErrorStep::GiveUp {
+                times: 1
+            }))
+        ));
+        assert!(!s.awaits_first_retrieval_answer(), "nothing is awaited");
+    }
+
+    #[test]
+    fn awaits_the_first_retrieval_answer_only_for_a_retrieval_request() {
+        let mut rng = StdRng::seed_from_u64(33);
+        let mut s = keyed_session(&mut rng);
+        assert!(!s.awaits_first_retrieval_answer(), "idle");
+        s.retrieval_proof_request().unwrap().unwrap();
+        assert!(s.awaits_first_retrieval_answer());
+        assert!(matches!(
+            s.handle(Response::Authenticated { client_id: ID }, &mut rng),
+            Ok(ClientEvent::RetrievalAllowed)
+        ));
+        s.restore_request(0, name());
+        assert!(!s.awaits_first_retrieval_answer(), "the proof was answered");
     }
 }

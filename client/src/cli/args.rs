@@ -1,0 +1,296 @@
+//! The arguments of `backup-client`, as clap parses them, and their help.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::feedback::Verbosity;
+use crate::settings::{self, Overrides, ENV_CONFIG_DIR};
+
+const ABOUT: &str = "Back up files to a server speaking the legacy version 3 backup protocol";
+
+const LONG_ABOUT: &str = "\
+Back up files to a server speaking the legacy version 3 backup protocol.
+
+Every file is encrypted (AES-256-CBC under a session key the server sends \
+wrapped with this client's RSA key), sent in packets, and verified: the \
+server's checksum of what it stored must match ours.
+
+Run without a command in a folder holding transfer.info (line 1 HOST:PORT, \
+line 2 the user name, then one file per line), it does what a legacy client \
+does: registers (or reconnects when me.info exists), backs up each file, and \
+keeps me.info and priv.key in that folder.";
+
+const SETTINGS_HELP: &str = "\
+Settings, strongest first: command-line flags; transfer.info in the current \
+directory; config.toml in the configuration directory (keys: server, name, \
+packet-size, codes, timeout); built-in defaults.
+
+The identity (me.info, priv.key) is kept in --config-dir when given, else in \
+the current directory when it holds me.info or transfer.info, else in the \
+default configuration directory.
+";
+
+const EXIT_STATUS: &str = "\
+Exit status:
+  0  success: every file was stored and verified
+  1  other error (the server broke the protocol, internal error)
+  2  usage or configuration error (bad flag, not registered, no server set)
+  3  server unreachable (cannot connect, no answer in time, connection lost)
+  4  rejected by the server (name taken, server error 4 times, key mismatch;
+     retrieval not supported, client unknown to the server, history kept
+     append-only)
+  5  verification failed (checksums differed on all 4 attempts; a restored
+     file's size, padding or checksum was not what the server announced;
+     the server found its copy of a file to restore damaged)
+  6  local file error (a file to back up, an identity or configuration
+     file, or a restored file cannot be read or written; a name from the
+     server that cannot be restored safely; a file that exists, without
+     --overwrite)
+  7  not found (restore, delete): the server holds no such file or version
+When several files fail, the status is that of the first failure.
+
+Environment:
+  BACKUP_CLIENT_DIR  configuration directory (as --config-dir)
+  XDG_CONFIG_HOME    default configuration directory is
+                     $XDG_CONFIG_HOME/backup-client, else
+                     $HOME/.config/backup-client
+  RUST_LOG           diagnostics on standard error, e.g. RUST_LOG=debug";
+
+/// `backup-client`.
+#[derive(Debug, Parser)]
+#[command(name = "backup-client", version, about = ABOUT, long_about = LONG_ABOUT, after_help = format!("{SETTINGS_HELP}\n{EXIT_STATUS}"))]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub global: GlobalArgs,
+}
+
+/// Options accepted by every command.
+#[derive(Debug, Clone, Default, Args)]
+pub struct GlobalArgs {
+    /// Directory of config.toml, me.info and priv.key
+    /// [default: $XDG_CONFIG_HOME/backup-client or ~/.config/backup-client]
+    #[arg(long, global = true, env = ENV_CONFIG_DIR, value_name = "DIR")]
+    pub config_dir: Option<PathBuf>,
+
+    /// Server address (overrides transfer.info and config.toml)
+    #[arg(long, global = true, value_name = "HOST:PORT")]
+    pub server: Option<String>,
+
+    /// Ciphertext bytes per packet: a multiple of 16 up to 1088K; K and M
+    /// suffixes allowed. Setting it fixes the size, for legacy servers that
+    /// need one [default: 1M, enlarged when a file needs over 65535 packets]
+    #[arg(long, global = true, value_name = "BYTES", value_parser = parse_size_arg)]
+    pub packet_size: Option<u64>,
+
+    /// Request numbering: 1025 (codes 1025-1031) or 825 (825-828, 900-902)
+    /// [default: 1025]
+    #[arg(long, global = true, value_name = "1025|825", value_parser = parse_codes_arg)]
+    pub codes: Option<u64>,
+
+    /// Seconds to wait for the server before giving up [default: 60]
+    #[arg(long, global = true, value_name = "SECONDS")]
+    pub timeout: Option<u64>,
+
+    /// Speak the legacy version 3 protocol, in the clear, to a legacy
+    /// server or a server's --legacy-listen port. INSECURE: the server is
+    /// not authenticated and files can be read or altered in transit
+    /// [default: secure mode, TLS 1.3]
+    #[arg(long, global = true)]
+    pub legacy: bool,
+
+    /// The server's certificate fingerprint (`backup-server fingerprint`
+    /// prints it): trusted for this run and pinned once the session is
+    /// established [default: the pin in known_servers; at the first
+    /// registration with a server, trust on first use]
+    #[arg(long, global = true, value_name = "SHA256:HEX", value_parser = parse_fingerprint_arg)]
+    pub server_fingerprint: Option<protocol::secure::Fingerprint>,
+
+    /// Files backed up or restored at once, each over a connection of its
+    /// own (1 to 16) [default: 4; with --legacy, 1]
+    #[arg(long, global = true, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=i64::from(settings::MAX_CONNECTIONS)))]
+    pub connections: Option<u16>,
+
+    /// Print nothing but errors
+    #[arg(short, long, global = true)]
+    pub quiet: bool,
+
+    /// Print a JSON summary on standard output (errors still go to standard
+    /// error)
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+/// The commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Register with a server: make an RSA key pair, get a client id, and
+    /// save the identity (me.info, priv.key)
+    #[command(after_help = EXIT_STATUS)]
+    Register(RegisterArgs),
+    /// Back up files, and directories recursively, verifying each file
+    #[command(after_help = EXIT_STATUS)]
+    Backup(BackupArgs),
+    /// List the files stored on the server: name, size, time stored (UTC)
+    /// and checksum of the newest version of each, or of every version
+    #[command(after_help = EXIT_STATUS)]
+    List(ListArgs),
+    /// Restore files from the server, verifying each: one file by name, or
+    /// the newest version of every file with --all. Works from the identity
+    /// files (me.info, priv.key) and the server address alone
+    #[command(after_help = RESTORE_HELP)]
+    Restore(RestoreArgs),
+    /// Delete every version of a file from the server
+    #[command(after_help = EXIT_STATUS)]
+    Delete(DeleteArgs),
+}
+
+const RESTORE_HELP: &str = "\
+A file is written to a temporary file (.NAME.restore-XXXXXX.part) next to its \
+destination while it arrives, and renamed into place only once its size, \
+padding and checksum are right; a failed or interrupted restore leaves no \
+partial file (an interrupted one's temporary file is removed by the next \
+restore into that folder). Existing files are never replaced without \
+--overwrite. Names from the server are restored only as plain relative paths \
+inside the destination folder: absolute names, drive letters, \".\" and \"..\" \
+components, control characters and symbolic links in the way are refused, \
+file by file. Restored files have mode 0600.
+
+Exit status:
+  0  every file was restored and verified (or there was nothing to restore)
+  1  other error (the server broke the protocol, internal error)
+  2  usage or configuration error (bad flag, not registered, no server set)
+  3  server unreachable (cannot connect, no answer in time, connection lost)
+  4  rejected by the server (retrieval not supported, client unknown to the
+     server)
+  5  verification failed (a restored file's size, padding or checksum was not
+     what the server announced, or the server found its copy damaged: its
+     operator should run `backup-server scrub`)
+  6  local file error (a file cannot be written, a name cannot be restored
+     safely, a file exists and --overwrite was not given)
+  7  not found: the server holds no such file or version
+When several files fail, the status is that of the first failure.";
+
+/// `list`.
+#[derive(Debug, Clone, Args)]
+pub struct ListArgs {
+    /// Show every stored version, not only the newest of each file
+    #[arg(long)]
+    pub versions: bool,
+}
+
+/// `restore`.
+#[derive(Debug, Clone, Args)]
+pub struct RestoreArgs {
+    /// Name of the file on the server (as `list` shows it)
+    #[arg(
+        value_name = "NAME",
+        required_unless_present = "all",
+        conflicts_with = "all"
+    )]
+    pub name: Option<String>,
+
+    /// Version to restore (as `list --versions` shows it) [default: the newest]
+    #[arg(long, value_name = "V", conflicts_with = "all")]
+    pub version: Option<u64>,
+
+    /// Where to write: a folder (the file goes inside it under its name), or
+    /// a file path [default: the current directory]; with --all, the folder
+    /// to restore into
+    #[arg(long, value_name = "PATH", required_if_eq("all", "true"))]
+    pub to: Option<PathBuf>,
+
+    /// Restore the newest version of every file into the folder --to
+    #[arg(long)]
+    pub all: bool,
+
+    /// Replace existing files (atomically)
+    #[arg(long)]
+    pub overwrite: bool,
+}
+
+/// `delete`.
+#[derive(Debug, Clone, Args)]
+pub struct DeleteArgs {
+    /// Name of the file on the server (as `list` shows it)
+    #[arg(value_name = "NAME")]
+    pub name: String,
+}
+
+/// `register`.
+#[derive(Debug, Clone, Args)]
+pub struct RegisterArgs {
+    /// User name to register (1 to 254 printable characters)
+    /// [default: `name` from transfer.info or config.toml]
+    #[arg(long, value_name = "NAME")]
+    pub name: Option<String>,
+
+    /// Register anew even if an identity exists (it is replaced)
+    #[arg(long)]
+    pub force: bool,
+}
+
+/// `backup`.
+#[derive(Debug, Clone, Args)]
+pub struct BackupArgs {
+    /// Files and directories to back up. A file is stored under its own
+    /// name; a file inside a directory under its path relative to that
+    /// directory, with / separators. A PATH that is a symbolic link is
+    /// followed
+    #[arg(required = true, value_name = "PATH")]
+    pub paths: Vec<PathBuf>,
+
+    /// Back up the file a symbolic link inside a directory points to, under
+    /// the link's name [default: such links are skipped, each with a note].
+    /// Links to directories inside a directory are never followed
+    #[arg(long)]
+    pub follow_symlinks: bool,
+}
+
+fn parse_size_arg(text: &str) -> Result<u64, String> {
+    let size = settings::parse_size(text)?;
+    settings::check_packet_size(size).map_err(|e| e.to_string())?;
+    Ok(size)
+}
+
+fn parse_codes_arg(text: &str) -> Result<u64, String> {
+    match text.trim() {
+        "1025" => Ok(1025),
+        "825" => Ok(825),
+        other => Err(format!(
+            "\"{other}\" is not a request numbering; use 1025 or 825"
+        )),
+    }
+}
+
+impl GlobalArgs {
+    pub(super) fn overrides(&self, name: Option<String>) -> Overrides {
+        Overrides {
+            server: self.server.clone(),
+            name,
+            packet_size: self.packet_size,
+            codes: self.codes,
+            timeout: self.timeout,
+            legacy: self.legacy,
+            server_fingerprint: self.server_fingerprint,
+            connections: self.connections,
+        }
+    }
+
+    pub(super) fn verbosity(&self) -> Verbosity {
+        if self.json {
+            Verbosity::Json
+        } else if self.quiet {
+            Verbosity::Quiet
+        } else {
+            Verbosity::Normal
+        }
+    }
+}
+
+fn parse_fingerprint_arg(text: &str) -> Result<protocol::secure::Fingerprint, String> {
+    text.parse()
+        .map_err(|e: protocol::secure::FingerprintError| e.to_string())
+}
