@@ -63,9 +63,7 @@ impl Client {
 
     /// Proves our key on `keyed` where retrieval needs it.
     async fn ready_for_retrieval(&self, keyed: Keyed) -> Result<Retrieving, Error> {
-        let mut r = Retrieving {
-            keyed,
-        };
+        let mut r = Retrieving { keyed };
         match self.prove_for_retrieval(&mut r).await {
             Ok(()) => Ok(r),
             Err(e) => {

@@ -22,11 +22,11 @@ use protocol::restore::FoundVersion;
 use protocol::retrieval::{ListEntry, ListFlags};
 use protocol::secure::{SECURE_RSA_BITS, SECURE_RSA_EXPONENT};
 use protocol::session::client::{ClientEvent, ClientSession, ServerErrorStep, Verdict};
-use protocol::upload::{Packetizer, UploadPlan};
 use protocol::session::server::{
     Action, DeleteOutcome, KnownClient, RegisterOutcome, RestoreStart, ServerConfig, ServerSession,
 };
 use protocol::session::MAX_SEND_ATTEMPTS;
+use protocol::upload::{Packetizer, UploadPlan};
 use protocol::{
     Cksum, ClientCodec, ClientId, Dialect, FileName, Limits, Numbering, RequestFrame, Response,
     ServerCodec, UserName,
