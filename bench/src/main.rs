@@ -1,3 +1,4 @@
+//! Over 600 lines: the scenarios (large, small, concurrent) run one after the other in one `run`, in the order their rows are printed.
 //! `backup-bench`: end-to-end figures for `backup-server` and
 //! `backup-client` on one machine over 127.0.0.1, in one run with the
 //! physical limits (one AES-256-CBC stream, the data directory's disk) and
