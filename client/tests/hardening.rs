@@ -204,6 +204,78 @@ const RSS_SLACK_KIB: u64 = 16 * 1024;
 /// What a second, identical attack may add to the first's remainder.
 const REPEAT_SLACK_KIB: u64 = 1024;
 
+/// What one attack did: connections opened, the legitimate client's steps,
+/// and the server's resident memory before, at peak and after (KiB).
+struct Attacked {
+    opened: u64,
+    took: [Duration; 3],
+    baseline: u64,
+    peak: u64,
+    after: u64,
+}
+
+impl Attacked {
+    fn report(&self, who: &str) {
+        eprintln!(
+            "{who}: {} connections opened; register {:?}, backup {:?}, restore {:?}; server RSS {:.1} MiB before, peak {:.1}, after {:.1}",
+            self.opened,
+            self.took[0],
+            self.took[1],
+            self.took[2],
+            mib(self.baseline),
+            mib(self.peak),
+            mib(self.after)
+        );
+    }
+
+    /// The client got through within seconds, the attack ran, and the
+    /// server's memory came back.
+    fn assert_nobody_locked_out(&self, min_opened: u64) {
+        assert_quick(self.took);
+        assert!(
+            self.opened > min_opened,
+            "the attack ran: {} connections",
+            self.opened
+        );
+        assert!(
+            self.after <= self.baseline + RSS_SLACK_KIB,
+            "server memory did not return: {:.1} MiB before, {:.1} after",
+            mib(self.baseline),
+            mib(self.after)
+        );
+    }
+}
+
+/// Runs `idle` + `hellos` holders from each of `sources` against `server`,
+/// and the legitimate client once the attack is under way.
+async fn attacked(
+    server: &ServerProcess,
+    sources: &[std::net::IpAddr],
+    idle: usize,
+    hellos: usize,
+) -> Attacked {
+    let baseline = server.memory_kib().0;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let mut tasks = attack(sources, server.addr, idle, hellos, &stop);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let took = legitimate_client(server, dir.path()).await;
+    let (_, peak) = server.memory_kib();
+    stop.cancel();
+    let mut opened = 0;
+    while let Some(n) = tasks.join_next().await {
+        opened += n.unwrap();
+    }
+    let after = settle(server, baseline + RSS_SLACK_KIB).await;
+    Attacked {
+        opened,
+        took,
+        baseline,
+        peak,
+        after,
+    }
+}
+
 /// 300 idle sockets and 200 stalled ClientHellos from one address, refilled
 /// as the server closes them, while a client on another address registers,
 /// backs up and restores.
@@ -211,33 +283,10 @@ const REPEAT_SLACK_KIB: u64 = 1024;
 async fn one_address_holding_idle_sockets_and_stalled_handshakes_locks_nobody_out() {
     let _alone = ONE_ATTACK.lock().await;
     let server = ServerProcess::start(&[]);
-    let baseline = server.memory_kib().0;
-    let stop = tokio_util::sync::CancellationToken::new();
     let attacker: std::net::IpAddr = "127.0.0.2".parse().unwrap();
-    let mut tasks = attack(&[attacker], server.addr, 300, 200, &stop);
-    tokio::time::sleep(Duration::from_secs(2)).await;
-
-    let dir = tempfile::tempdir().unwrap();
-    let took = legitimate_client(&server, dir.path()).await;
-    let (_, peak) = server.memory_kib();
-    stop.cancel();
-    let mut opened = 0;
-    while let Some(n) = tasks.join_next().await {
-        opened += n.unwrap();
-    }
-    let after = settle(&server, baseline + RSS_SLACK_KIB).await;
-    eprintln!(
-        "one attacker: {opened} connections opened; register {:?}, backup {:?}, restore {:?}; server RSS {:.1} MiB before, peak {:.1}, after {:.1}",
-        took[0], took[1], took[2], mib(baseline), mib(peak), mib(after)
-    );
-    assert_quick(took);
-    assert!(opened > 500, "the attack ran: {opened} connections");
-    assert!(
-        after <= baseline + RSS_SLACK_KIB,
-        "server memory did not return: {:.1} MiB before, {:.1} after",
-        mib(baseline),
-        mib(after)
-    );
+    let result = attacked(&server, &[attacker], 300, 200).await;
+    result.report("one attacker");
+    result.assert_nobody_locked_out(500);
     let log = server.log();
     let refusals = log.matches("connection refused").count();
     assert!(refusals >= 1, "refusals are logged");
@@ -255,39 +304,17 @@ async fn one_address_holding_idle_sockets_and_stalled_handshakes_locks_nobody_ou
 async fn many_addresses_filling_the_unauthenticated_budget_lock_nobody_out() {
     let _alone = ONE_ATTACK.lock().await;
     let server = ServerProcess::start(&[]);
-    let baseline = server.memory_kib().0;
-    let stop = tokio_util::sync::CancellationToken::new();
     let attackers: Vec<std::net::IpAddr> = (2..=40u8)
         .map(|last| std::net::IpAddr::from([127, 0, 0, last]))
         .collect();
-    let mut tasks = attack(&attackers, server.addr, 12, 8, &stop);
-    tokio::time::sleep(Duration::from_secs(2)).await;
-
-    let dir = tempfile::tempdir().unwrap();
-    let took = legitimate_client(&server, dir.path()).await;
-    let (_, peak) = server.memory_kib();
-    stop.cancel();
-    let mut opened = 0;
-    while let Some(n) = tasks.join_next().await {
-        opened += n.unwrap();
-    }
-    let after = settle(&server, baseline + RSS_SLACK_KIB).await;
-    eprintln!(
-        "39 attackers: {opened} connections opened; register {:?}, backup {:?}, restore {:?}; server RSS {:.1} MiB before, peak {:.1}, after {:.1}",
-        took[0], took[1], took[2], mib(baseline), mib(peak), mib(after)
-    );
-    assert_quick(took);
-    assert!(opened > 780, "the attack ran: {opened} connections");
+    let result = attacked(&server, &attackers, 12, 8).await;
+    result.report("39 attackers");
+    result.assert_nobody_locked_out(780);
     assert!(
         server.log().contains("evicted during the TLS handshake"),
         "the budget was full and newcomers evicted"
     );
-    assert!(
-        after <= baseline + RSS_SLACK_KIB,
-        "server memory did not return: {:.1} MiB before, {:.1} after",
-        mib(baseline),
-        mib(after)
-    );
+    let after = result.after;
 
     // The same attack again: what the first left behind is reused, not
     // added to (the allocator keeps freed pages; a leak would grow here).
