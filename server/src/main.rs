@@ -94,15 +94,12 @@ fn serve(args: &server::config::Args) -> anyhow::Result<()> {
     }
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(async {
-        let secure = tokio::net::TcpListener::bind(settings.listen)
-            .await
+        let secure = listen(settings.listen)
             .with_context(|| format!("cannot listen on {}", settings.listen))?;
         let legacy = match settings.legacy_listen {
-            Some(addr) => Some(
-                tokio::net::TcpListener::bind(addr)
-                    .await
-                    .with_context(|| format!("cannot listen on {addr} (legacy)"))?,
-            ),
+            Some(addr) => {
+                Some(listen(addr).with_context(|| format!("cannot listen on {addr} (legacy)"))?)
+            }
             None => None,
         };
         info!(addr = %secure.local_addr()?, data_dir = %settings.config.data_dir.display(), "listening for secure clients");
@@ -117,6 +114,26 @@ fn serve(args: &server::config::Args) -> anyhow::Result<()> {
         server::run(listeners, settings.config, shutdown_signal()).await?;
         Ok(())
     })
+}
+
+/// Connections the kernel may queue before the server accepts them. A burst
+/// of a thousand clients at once overflowed the usual 1,024 while the
+/// accept loop was busy, and an overflowed connection waits for the kernel's
+/// SYN-ACK retransmissions (up to half a minute); the kernel caps the value
+/// at `net.core.somaxconn`.
+const LISTEN_BACKLOG: u32 = 4096;
+
+/// Binds `addr` with [`LISTEN_BACKLOG`] (and `SO_REUSEADDR`, as
+/// `TcpListener::bind` sets, so a restart need not wait for old sockets).
+fn listen(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
 }
 
 /// A write past the file-size limit (RLIMIT_FSIZE, e.g. `ulimit -f`)

@@ -23,6 +23,7 @@ use tokio::task::JoinSet;
 use crate::harness::{
     alice_key, assert_metadata_matches_disk, assert_only_database_and_blobs, file, files_under,
     long_tests, open_files_limit, random_bytes, stored, temp_files, user, Binary, Client, Peer,
+    STEP,
 };
 
 /// How far above its baseline the server's resident memory may stay once
@@ -816,6 +817,7 @@ async fn holds_1000_connections_at_once_while_serving_a_good_client() {
         .await;
     drop(warm);
     let baseline = server.rss_kib().unwrap();
+    let idle_fds = server.open_fds().unwrap();
     let rounds = if long_tests() { 5 } else { 1 };
     let mut held_max = 0;
     for round in 0..rounds {
@@ -837,6 +839,17 @@ async fn holds_1000_connections_at_once_while_serving_a_good_client() {
         c.store("while-crowded.bin", &content, 32_768).await;
         drop(c);
         drop(held);
+        // The server releases a slot when it has seen the close: the next
+        // round may start only then, or it would meet the cap.
+        let released = std::time::Instant::now();
+        while server.open_fds().unwrap() > idle_fds + 10 {
+            assert!(
+                released.elapsed() < STEP,
+                "round {round}: the server still holds {} descriptors",
+                server.open_fds().unwrap()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
     let peak = server.peak_rss_kib().unwrap();
     let after = settle_memory(&server, baseline);
