@@ -829,6 +829,9 @@ pub fn server_session(data: &[u8]) {
         }
         match action {
             Action::Reply(Response::Authenticated { client_id }) => {
+            Action::Repo(action) => {
+                panic!("a repository request in a legacy session: {action:?}")
+            }
                 assert!(!proved, "a second proof accepted");
                 let Some(key) = aes.as_ref() else {
                     panic!("a proof accepted before the client has a key");

@@ -34,6 +34,7 @@ pub mod message;
 pub mod name;
 pub mod payload;
 pub mod reassembly;
+pub mod repo;
 pub mod restore;
 pub mod retrieval;
 pub mod secure;

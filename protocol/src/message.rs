@@ -14,6 +14,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 
 use crate::limits::{Limits, FILE_PACKET_HEAD_LEN, SECURE_FILE_PACKET_HEAD_LEN};
 use crate::name::{FileName, UserName, NAME_FIELD_LEN};
+use crate::repo::{RepoRequest, RepoResponse};
 use crate::retrieval::{RetrievalRequest, RetrievalResponse};
 use crate::secure::{MAX_PUBLIC_KEY_DER, PROOF_LEN};
 use crate::wire::{
@@ -51,6 +52,8 @@ pub enum Request {
     /// secure mode after the key exchange (§12.4), on the legacy listener
     /// before retrieval (§11.5).
     Prove { proof: [u8; PROOF_LEN] },
+    /// 1260..=1268: the repository extension (`docs/PROTOCOL.md` §13).
+    Repo(RepoRequest),
 }
 
 /// The fixed head of a send-file packet.
@@ -116,6 +119,7 @@ impl Request {
             Request::Retrieval(RetrievalRequest::Restore { .. }) => RequestKind::Restore,
             Request::Retrieval(RetrievalRequest::Delete { .. }) => RequestKind::Delete,
             Request::Prove { .. } => RequestKind::Prove,
+            Request::Repo(r) => RequestKind::Repo(r.kind()),
         }
     }
 
@@ -147,6 +151,8 @@ impl Request {
             RequestKind::CrcOk | RequestKind::CrcRetry | RequestKind::CrcAbort => {
                 (NAME_FIELD_LEN, NAME_FIELD_LEN)
             }
+            RequestKind::Repo(_) if !secure => return None,
+            RequestKind::Repo(repo) => repo.payload_bounds(limits),
             RequestKind::List | RequestKind::Restore | RequestKind::Delete => {
                 let code = RequestCode::of(kind, crate::wire::Numbering::Modern).0;
                 let n = RetrievalRequest::payload_len_of(code).unwrap_or_default();
@@ -185,6 +191,7 @@ impl Request {
                     RequestKind::SendFile => "the packet head + content within the limit",
                     RequestKind::List => "9",
                     RequestKind::Restore => "263",
+                    RequestKind::Repo(_) => "the size its code allows",
                     _ => "255",
                 },
             });
@@ -253,6 +260,7 @@ impl Request {
             RequestKind::List | RequestKind::Restore | RequestKind::Delete => {
                 Request::Retrieval(RetrievalRequest::parse(code.0, &payload, limits)?)
             }
+            RequestKind::Repo(repo) => Request::Repo(RepoRequest::parse(repo, payload, limits)?),
         })
     }
 
@@ -264,6 +272,7 @@ impl Request {
             Request::Prove { .. } => PROOF_LEN,
             Request::SendFile(p) => PacketHead::len_in(dialect) + p.content.len(),
             Request::Retrieval(r) => r.payload_len(),
+            Request::Repo(r) => r.payload_len(),
             _ => NAME_FIELD_LEN,
         }
     }
@@ -278,7 +287,8 @@ impl Request {
         let wrong = PayloadError::NotInDialect { code, dialect };
         match (self, dialect) {
             (Request::Register { .. } | Request::PublicKey { .. }, Dialect::Secure)
-            | (Request::RegisterKey { .. }, Dialect::Legacy) => Err(wrong),
+            | (Request::RegisterKey { .. } | Request::Repo(_), Dialect::Legacy) => Err(wrong),
+            (Request::Repo(r), Dialect::Secure) => r.check(&Limits::default()),
             (Request::RegisterKey { key, .. }, _)
                 if key.is_empty() || key.len() > MAX_PUBLIC_KEY_DER =>
             {
@@ -317,6 +327,7 @@ impl Request {
                 file.write_field(out)
             }
             Request::Retrieval(r) => r.write_payload(out),
+            Request::Repo(r) => r.write_payload(out),
         }
     }
 }
@@ -452,6 +463,7 @@ impl RequestFrame {
                 packet.head.write(out, dialect);
                 packet.content.clone()
             }
+            Request::Repo(RepoRequest::PackData { content }) => content.clone(),
             other => {
                 other.write_payload(out, dialect);
                 Bytes::new()
@@ -505,6 +517,8 @@ pub enum Response {
     /// 1651: the proof was wrong, or a request needed one that was not
     /// given. The server closes the connection.
     NotAuthenticated,
+    /// 1660..=1670: answers of the repository extension (§13).
+    Repo(RepoResponse),
 }
 
 /// Payload length of a 1603 response.
@@ -527,6 +541,7 @@ impl Response {
             Response::Retrieval(r) => r.code(),
             Response::Authenticated { .. } => ResponseCode::AUTHENTICATED,
             Response::NotAuthenticated => ResponseCode::NOT_AUTHENTICATED,
+            Response::Repo(r) => r.code(),
         }
     }
 
@@ -551,6 +566,9 @@ impl Response {
                 (17, 16 + limits.max_wrapped_key)
             }
             ResponseCode::FILE_RECEIVED => (FILE_RECEIVED_LEN, FILE_RECEIVED_LEN),
+            _ if secure && RepoResponse::payload_bounds(code, limits).is_some() => {
+                return RepoResponse::payload_bounds(code, limits)
+            }
             _ => return RetrievalResponse::payload_bounds(code, limits),
         })
     }
@@ -567,6 +585,9 @@ impl Response {
     ) -> Result<Self, PayloadError> {
         if RetrievalResponse::payload_bounds(code, limits).is_some() {
             return RetrievalResponse::parse(code, payload, limits).map(Response::Retrieval);
+        }
+        if dialect == Dialect::Secure && RepoResponse::payload_bounds(code, limits).is_some() {
+            return RepoResponse::parse(code, payload, limits).map(Response::Repo);
         }
         let size_err = |expected| PayloadError::Size {
             code: code.0,
@@ -660,6 +681,7 @@ impl Response {
             Response::FileReceived { .. } if dialect == Dialect::Secure => SECURE_FILE_RECEIVED_LEN,
             Response::FileReceived { .. } => FILE_RECEIVED_LEN,
             Response::Retrieval(r) => r.payload_len(),
+            Response::Repo(r) => r.payload_len(),
         }
     }
 
@@ -679,6 +701,10 @@ impl Response {
                     dialect,
                 })
             }
+            (Response::Repo(r), Dialect::Legacy) => Err(PayloadError::NotInDialect {
+                code: r.code().0,
+                dialect,
+            }),
             _ => Ok(()),
         }
     }
@@ -738,6 +764,7 @@ impl Response {
                 out.put_u32_le(*cksum);
             }
             Response::Retrieval(r) => r.write_payload(out),
+            Response::Repo(r) => r.write_payload(out),
         }
     }
 }

@@ -74,6 +74,8 @@ pub enum RequestKind {
     /// Prove possession of the client's private key (1250; secure mode, and
     /// retrieval on the legacy listener).
     Prove,
+    /// A request of the repository extension (1260..=1268, secure mode).
+    Repo(crate::repo::RepoKind),
 }
 
 /// The two numberings of the version 3 request codes (`docs/PROTOCOL.md` §2).
@@ -132,7 +134,7 @@ impl RequestCode {
             1241 => (Restore, Modern),
             1242 => (Delete, Modern),
             1250 => (Prove, Modern),
-            _ => return None,
+            code => (Repo(crate::repo::RepoKind::of_code(code)?), Modern),
         })
     }
 
@@ -151,6 +153,7 @@ impl RequestCode {
             Restore => (1241, 1241),
             Delete => (1242, 1242),
             Prove => (1250, 1250),
+            Repo(kind) => (kind.code(), kind.code()),
         };
         match numbering {
             Numbering::Modern => Self(modern),

@@ -229,6 +229,7 @@ impl Pair {
         let rng = &mut self.rng;
         match action {
             Action::Reply(r) => vec![r],
+            Action::Repo(action) => panic!("the pair speaks no repository request: {action:?}"),
             Action::Register {
                 client_id,
                 name,

@@ -11,6 +11,9 @@ use proptest::test_runner::FileFailurePersistence;
 use protocol::crypto::{self, AesKey, CbcDecryptor, CbcEncryptor};
 use protocol::message::{PublicKeyField, FILE_RECEIVED_LEN, PUBLIC_KEY_FIELD_LEN};
 use protocol::reassembly::{Reassembler, ReassemblyError};
+use protocol::repo::message::{
+    CommitRefusal, KeySlot, ObjectId, PackEntry, RepoRequest, RepoResponse, SnapshotEntry,
+};
 use protocol::retrieval::{
     ListEntry, ListFlags, RefusalReason, RestoreBegin, RetrievalRequest, RetrievalResponse,
     LIST_ENTRY_LEN, LIST_PAGE_HEAD_LEN, MAX_LIST_ENTRIES,
@@ -257,12 +260,88 @@ fn secure_request(max_content: usize) -> impl Strategy<Value = RequestFrame> {
         wide_packet,
         file_name().prop_map(|file| Request::CrcOk { file }),
         retrieval_request().prop_map(Request::Retrieval),
+        repo_request().prop_map(Request::Repo),
     ];
     (client_id(), request).prop_map(|(client_id, request)| RequestFrame {
         client_id,
         numbering: Numbering::Modern,
         request,
     })
+}
+
+fn object_id() -> impl Strategy<Value = ObjectId> {
+    any::<[u8; 32]>().prop_map(ObjectId)
+}
+
+fn object_ids() -> impl Strategy<Value = Vec<ObjectId>> {
+    proptest::collection::vec(object_id(), 1..40)
+}
+
+fn some_bytes(max: usize) -> impl Strategy<Value = Bytes> {
+    proptest::collection::vec(any::<u8>(), 1..=max).prop_map(Bytes::from)
+}
+
+/// Requests of the repository extension (`docs/PROTOCOL.md` §13).
+fn repo_request() -> impl Strategy<Value = RepoRequest> {
+    prop_oneof![
+        object_ids().prop_map(|ids| RepoRequest::Have { ids }),
+        some_bytes(1500).prop_map(|content| RepoRequest::PackData { content }),
+        proptest::collection::vec((object_id(), any::<u32>()), 1..20).prop_map(|e| {
+            RepoRequest::PackEnd {
+                entries: e
+                    .into_iter()
+                    .map(|(id, len)| PackEntry { id, len })
+                    .collect(),
+            }
+        }),
+        object_ids().prop_map(|ids| RepoRequest::SnapshotRefs { ids }),
+        (any::<u64>(), some_bytes(600))
+            .prop_map(|(time, meta)| RepoRequest::SnapshotCommit { time, meta }),
+        any::<u64>().prop_map(|cursor| RepoRequest::Snapshots { cursor }),
+        object_ids().prop_map(|ids| RepoRequest::Fetch { ids }),
+        (0u8..8, some_bytes(600))
+            .prop_map(|(slot, envelope)| RepoRequest::PutKey { slot, envelope }),
+        Just(RepoRequest::GetKeys),
+    ]
+}
+
+/// Responses of the repository extension.
+fn repo_response() -> impl Strategy<Value = RepoResponse> {
+    prop_oneof![
+        proptest::collection::vec(any::<bool>(), 1..100)
+            .prop_map(|have| RepoResponse::HaveAnswer { have }),
+        any::<u32>().prop_map(|added| RepoResponse::PackStored { added }),
+        any::<u32>().prop_map(|missing| RepoResponse::RefsStaged { missing }),
+        any::<u64>().prop_map(|id| RepoResponse::SnapshotCommitted { id }),
+        (any::<u8>(), any::<u32>()).prop_map(|(r, missing)| RepoResponse::SnapshotRefused {
+            reason: CommitRefusal(r),
+            missing
+        }),
+        (
+            any::<u64>(),
+            proptest::collection::vec((any::<u64>(), any::<u64>(), some_bytes(300)), 0..5)
+        )
+            .prop_map(|(next_cursor, e)| RepoResponse::SnapshotPage {
+                next_cursor,
+                entries: e
+                    .into_iter()
+                    .map(|(id, time, meta)| SnapshotEntry { id, time, meta })
+                    .collect(),
+            }),
+        (object_id(), 1..=protocol::repo::message::MAX_OBJECT_BYTES)
+            .prop_map(|(id, len)| RepoResponse::ObjectBegin { id, len }),
+        object_id().prop_map(|id| RepoResponse::ObjectMissing { id }),
+        some_bytes(1500).prop_map(|content| RepoResponse::ObjectData { content }),
+        proptest::collection::vec((0u8..8, some_bytes(300)), 0..4).prop_map(|s| {
+            RepoResponse::Keys {
+                slots: s
+                    .into_iter()
+                    .map(|(slot, envelope)| KeySlot { slot, envelope })
+                    .collect(),
+            }
+        }),
+        any::<u8>().prop_map(|slot| RepoResponse::KeyStored { slot }),
+    ]
 }
 
 /// Responses of secure mode, with 64-bit sizes in 1603.
@@ -277,6 +356,7 @@ fn secure_response() -> impl Strategy<Value = Response> {
             }
         ),
         response(),
+        repo_response().prop_map(Response::Repo),
     ]
     .prop_filter("registration answers differ in version 4", |r| {
         !matches!(r, Response::Registered { .. })
@@ -683,6 +763,8 @@ fn request_codes() -> Vec<u16> {
         .iter()
         .flat_map(|&n| kinds.iter().map(move |&k| RequestCode::of(k, n).0))
         .collect();
+    // The repository extension's codes exist only in secure mode.
+    codes.extend(1260..=1268);
     codes.extend([0, 1032, 829, u16::MAX]);
     codes
 }
@@ -691,6 +773,7 @@ fn response_codes() -> Vec<u16> {
     (1600..=1607)
         .chain(1640..=1645)
         .chain(1650..=1651)
+        .chain(1660..=1670)
         .chain([0, 1608, 1646, 1652, u16::MAX])
         .collect()
 }

@@ -767,6 +767,9 @@ fn replay(session: &Session) -> (Vec<Response>, FakeStorage) {
             Action::List { .. } | Action::FindVersion { .. } | Action::Delete { .. } => {
                 panic!("{}: no retrieval in a legacy session", session.name)
             }
+            Action::Repo(action) => {
+                panic!("{}: no repository request in a legacy session: {action:?}", session.name)
+            }
             Action::Register {
                 client_id, name, ..
             } => {

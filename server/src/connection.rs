@@ -512,6 +512,7 @@ where
                 version,
             } => self.find_version(client_id, file, version).await,
             Action::Delete { client_id, file } => self.delete(client_id, file).await,
+            Action::Repo(action) => self.repo(action).await,
         }
     }
 

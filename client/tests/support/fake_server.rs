@@ -358,6 +358,8 @@ async fn serve(stream: TcpStream, state: Arc<Mutex<State>>) {
                 upload.clear();
                 reply
             }
+            // This fake server predates the repository extension.
+            Action::Repo(_) => Some(Response::GeneralError),
         };
         if let Some(r) = reply {
             if framed.send(r).await.is_err() {

@@ -65,6 +65,9 @@ use crate::session::MAX_SEND_ATTEMPTS;
 const MAX_OPEN_NAMES: usize = 1024;
 use crate::wire::{ClientId, Dialect, Numbering, RequestKind};
 
+mod repo;
+pub use repo::{RepoAction, RepoOutcome, SNAPSHOT_PAGE_ENTRIES};
+
 /// How the server answers where legacy servers disagree.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ServerConfig {
@@ -118,6 +121,8 @@ pub enum SessionError {
     NotAuthenticated(RequestKind),
     #[error("the proof of the client's key is wrong")]
     ProofRejected,
+    #[error("pack: {0}")]
+    Pack(crate::repo::pack::PackError),
 }
 
 impl SessionError {
@@ -206,6 +211,8 @@ pub enum Action {
     /// store is append-only, then call [`ServerSession::deleted`] (or
     /// [`ServerSession::storage_failed`]).
     Delete { client_id: ClientId, file: FileName },
+    /// A request of the repository extension (`docs/PROTOCOL.md` §13).
+    Repo(RepoAction),
 }
 
 /// What storage did with a delete request.
@@ -267,6 +274,7 @@ enum Pending {
     },
     FindVersion,
     Delete,
+    Repo,
 }
 
 struct Receiving {
@@ -320,6 +328,8 @@ pub struct ServerSession {
     /// A plaintext buffer handed back by the shell, reused for the next
     /// packet of the current upload.
     spare: Option<BytesMut>,
+    /// The open pack and staged snapshot references (§13).
+    repo: repo::RepoState,
 }
 
 impl std::fmt::Debug for ServerSession {
@@ -365,6 +375,7 @@ impl ServerSession {
             attempts: std::collections::HashMap::new(),
             registered_here: false,
             spare: None,
+            repo: repo::RepoState::default(),
         }
     }
 
@@ -430,6 +441,17 @@ impl ServerSession {
     ) -> Result<Action, SessionError> {
         let kind = frame.request.kind();
         if self.pending.is_some() {
+            return Err(self.unexpected(kind));
+        }
+        if self.has_open_pack()
+            && !matches!(
+                frame.request,
+                Request::Repo(
+                    crate::repo::RepoRequest::PackData { .. }
+                        | crate::repo::RepoRequest::PackEnd { .. }
+                )
+            )
+        {
             return Err(self.unexpected(kind));
         }
         self.numbering.get_or_insert(frame.numbering);
@@ -601,6 +623,13 @@ impl ServerSession {
                     return Err(self.unexpected(kind));
                 }
                 Ok(self.retrieval(client_id, request))
+            }
+            Request::Repo(request) => {
+                let client_id = self.bound(kind, frame.client_id)?;
+                if !secure || self.key.is_none() || self.has_uncommitted_upload() {
+                    return Err(self.unexpected(kind));
+                }
+                self.repo_request(client_id, request)
             }
         }
     }
@@ -993,6 +1022,7 @@ impl ServerSession {
         self.spare = None;
         self.pending = None;
         self.reassembler.reset();
+        self.repo_reset();
         let cut = match (self.receiving.take(), self.received.take()) {
             (Some(receiving), _) => Some(receiving.file),
             (None, Some(received)) => Some(received.file),

@@ -7,4 +7,5 @@ mod prove;
 mod public_key;
 mod reconnect;
 mod register;
+mod repo;
 mod retrieve;

@@ -1,0 +1,686 @@
+//! Messages of the repository extension (`docs/PROTOCOL.md` §13): object
+//! queries, pack uploads, snapshot commits, snapshot listing, object
+//! fetches and key envelopes. Secure mode only; the legacy listener never
+//! sees them.
+//!
+//! Every payload is length-checked from its header before it is read
+//! (the bounds below), and every count is checked against the bytes that
+//! carry it, so nothing is allocated by a size a peer merely declares.
+
+use bytes::{BufMut, Bytes};
+
+use crate::limits::Limits;
+use crate::payload::PayloadError;
+use crate::wire::{u16_le, u32_le, u64_le, ResponseCode};
+
+/// Width of an object id: a keyed BLAKE3 hash of the plaintext.
+pub const ID_LEN: usize = 32;
+
+/// The most ids one "have", "refs" or "fetch" request may carry.
+pub const MAX_IDS: usize = 8192;
+/// The most ids one fetch may ask for: the answer streams each object.
+pub const MAX_FETCH_IDS: usize = 1024;
+/// The most objects one pack may hold.
+pub const MAX_PACK_OBJECTS: usize = 16_384;
+/// The largest pack, in bytes of sealed objects.
+pub const MAX_PACK_BYTES: u64 = 128 << 20;
+/// The largest sealed object.
+pub const MAX_OBJECT_BYTES: u32 = 16 << 20;
+/// The largest sealed snapshot description.
+pub const MAX_SNAPSHOT_META: usize = 64 << 10;
+/// The largest key envelope.
+pub const MAX_ENVELOPE: usize = 4096;
+/// The most key envelopes a client may have.
+pub const MAX_KEY_SLOTS: usize = 8;
+/// The most bytes of snapshot descriptions one page carries (entries are
+/// never split, so a page may hold one entry and still be this large).
+pub const SNAPSHOT_PAGE_BYTES: usize = 256 << 10;
+/// The fixed part of a snapshot page entry: id, time, meta length.
+pub const SNAPSHOT_ENTRY_HEAD: usize = 8 + 8 + 4;
+/// The width of one pack index entry: id and sealed length.
+pub const PACK_ENTRY_LEN: usize = ID_LEN + 4;
+
+/// Request codes of the extension.
+pub mod code {
+    pub const HAVE: u16 = 1260;
+    pub const PACK_DATA: u16 = 1261;
+    pub const PACK_END: u16 = 1262;
+    pub const SNAPSHOT_REFS: u16 = 1263;
+    pub const SNAPSHOT_COMMIT: u16 = 1264;
+    pub const SNAPSHOTS: u16 = 1265;
+    pub const FETCH: u16 = 1266;
+    pub const PUT_KEY: u16 = 1267;
+    pub const GET_KEYS: u16 = 1268;
+}
+
+impl ResponseCode {
+    pub const HAVE_ANSWER: Self = Self(1660);
+    pub const PACK_STORED: Self = Self(1661);
+    pub const REFS_STAGED: Self = Self(1662);
+    pub const SNAPSHOT_COMMITTED: Self = Self(1663);
+    pub const SNAPSHOT_REFUSED: Self = Self(1664);
+    pub const SNAPSHOT_PAGE: Self = Self(1665);
+    pub const OBJECT_BEGIN: Self = Self(1666);
+    pub const OBJECT_MISSING: Self = Self(1667);
+    pub const OBJECT_DATA: Self = Self(1668);
+    pub const KEYS: Self = Self(1669);
+    pub const KEY_STORED: Self = Self(1670);
+}
+
+/// An object's id: the keyed hash of its plaintext under the client's id
+/// key. The server can compare ids but not invert them.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct ObjectId(pub [u8; ID_LEN]);
+
+impl ObjectId {
+    /// The id as 64 lowercase hex digits.
+    pub fn to_hex(&self) -> String {
+        hex::encode(self.0)
+    }
+
+    /// Parses 64 hex digits.
+    ///
+    /// # Errors
+    /// When the text is not 64 hex digits.
+    pub fn from_hex(text: &str) -> Result<Self, hex::FromHexError> {
+        let mut id = [0u8; ID_LEN];
+        hex::decode_to_slice(text, &mut id)?;
+        Ok(Self(id))
+    }
+
+    fn read(bytes: &[u8]) -> Self {
+        let mut id = [0u8; ID_LEN];
+        if let Some(src) = bytes.get(..ID_LEN) {
+            id.copy_from_slice(src);
+        }
+        Self(id)
+    }
+}
+
+impl std::fmt::Debug for ObjectId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Eight digits name an object well enough in a log.
+        write!(f, "{}", &self.to_hex()[..16])
+    }
+}
+
+/// The kinds of request of the extension, without their payloads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum RepoKind {
+    Have,
+    PackData,
+    PackEnd,
+    SnapshotRefs,
+    SnapshotCommit,
+    Snapshots,
+    Fetch,
+    PutKey,
+    GetKeys,
+}
+
+impl RepoKind {
+    /// The kind of request `code`, if it belongs to the extension.
+    pub fn of_code(code: u16) -> Option<Self> {
+        Some(match code {
+            code::HAVE => Self::Have,
+            code::PACK_DATA => Self::PackData,
+            code::PACK_END => Self::PackEnd,
+            code::SNAPSHOT_REFS => Self::SnapshotRefs,
+            code::SNAPSHOT_COMMIT => Self::SnapshotCommit,
+            code::SNAPSHOTS => Self::Snapshots,
+            code::FETCH => Self::Fetch,
+            code::PUT_KEY => Self::PutKey,
+            code::GET_KEYS => Self::GetKeys,
+            _ => return None,
+        })
+    }
+
+    /// The wire code.
+    pub fn code(self) -> u16 {
+        match self {
+            Self::Have => code::HAVE,
+            Self::PackData => code::PACK_DATA,
+            Self::PackEnd => code::PACK_END,
+            Self::SnapshotRefs => code::SNAPSHOT_REFS,
+            Self::SnapshotCommit => code::SNAPSHOT_COMMIT,
+            Self::Snapshots => code::SNAPSHOTS,
+            Self::Fetch => code::FETCH,
+            Self::PutKey => code::PUT_KEY,
+            Self::GetKeys => code::GET_KEYS,
+        }
+    }
+
+    /// The inclusive range of payload sizes a request of this kind may
+    /// declare, checked before the payload is read.
+    pub fn payload_bounds(self, limits: &Limits) -> (usize, usize) {
+        let ids = |max: usize| (4 + ID_LEN, 4 + max * ID_LEN);
+        match self {
+            Self::Have | Self::SnapshotRefs => ids(MAX_IDS),
+            Self::Fetch => ids(MAX_FETCH_IDS),
+            Self::PackData => (1, limits.max_packet_content),
+            Self::PackEnd => (4 + PACK_ENTRY_LEN, 4 + MAX_PACK_OBJECTS * PACK_ENTRY_LEN),
+            Self::SnapshotCommit => (8 + 1, 8 + MAX_SNAPSHOT_META),
+            Self::Snapshots => (8, 8),
+            Self::PutKey => (1 + 1, 1 + MAX_ENVELOPE),
+            Self::GetKeys => (0, 0),
+        }
+    }
+}
+
+/// One object of a pack, in pack order: its id and its sealed length. The
+/// objects of a pack lie back to back from offset 0, so offsets follow
+/// from the lengths.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PackEntry {
+    pub id: ObjectId,
+    pub len: u32,
+}
+
+/// A request of the extension.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RepoRequest {
+    /// 1260: which of these ids does the server hold for this client?
+    /// Payload: count u32, then count ids.
+    Have { ids: Vec<ObjectId> },
+    /// 1261: the next bytes of the pack being uploaded (the first opens one).
+    PackData { content: Bytes },
+    /// 1262: the pack is complete; its index. Payload: count u32, then count
+    /// entries (id, sealed length u32) in pack order.
+    PackEnd { entries: Vec<PackEntry> },
+    /// 1263: ids the snapshot being built references. Payload as "have".
+    SnapshotRefs { ids: Vec<ObjectId> },
+    /// 1264: commit the snapshot whose references were staged. Payload:
+    /// time u64 (Unix seconds), then the sealed description.
+    SnapshotCommit { time: u64, meta: Bytes },
+    /// 1265: a page of the client's snapshots after `cursor` (0: from the
+    /// start). Payload: cursor u64.
+    Snapshots { cursor: u64 },
+    /// 1266: the sealed bytes of these objects, in this order.
+    Fetch { ids: Vec<ObjectId> },
+    /// 1267: store a key envelope in `slot` (replacing one there).
+    /// Payload: slot u8, envelope.
+    PutKey { slot: u8, envelope: Bytes },
+    /// 1268: every key envelope of this client. Empty payload.
+    GetKeys,
+}
+
+fn size_err(code: u16, actual: usize, expected: &'static str) -> PayloadError {
+    PayloadError::Size {
+        code,
+        actual,
+        expected,
+    }
+}
+
+/// Parses `count u32` followed by exactly `count` ids, at least one and
+/// at most `max`.
+fn parse_ids(code: u16, payload: &[u8], max: usize) -> Result<Vec<ObjectId>, PayloadError> {
+    let err = || size_err(code, payload.len(), "count u32 and that many 32-byte ids");
+    let count = u32_le(payload.get(..4).unwrap_or_default()).ok_or_else(err)? as usize;
+    if count == 0 || count > max || payload.len() != 4 + count * ID_LEN {
+        return Err(err());
+    }
+    Ok(payload
+        .get(4..)
+        .unwrap_or_default()
+        .chunks_exact(ID_LEN)
+        .map(ObjectId::read)
+        .collect())
+}
+
+fn write_ids(out: &mut impl BufMut, ids: &[ObjectId]) {
+    out.put_u32_le(u32::try_from(ids.len()).unwrap_or(u32::MAX));
+    for id in ids {
+        out.put_slice(&id.0);
+    }
+}
+
+impl RepoRequest {
+    /// The kind of this request.
+    pub fn kind(&self) -> RepoKind {
+        match self {
+            Self::Have { .. } => RepoKind::Have,
+            Self::PackData { .. } => RepoKind::PackData,
+            Self::PackEnd { .. } => RepoKind::PackEnd,
+            Self::SnapshotRefs { .. } => RepoKind::SnapshotRefs,
+            Self::SnapshotCommit { .. } => RepoKind::SnapshotCommit,
+            Self::Snapshots { .. } => RepoKind::Snapshots,
+            Self::Fetch { .. } => RepoKind::Fetch,
+            Self::PutKey { .. } => RepoKind::PutKey,
+            Self::GetKeys => RepoKind::GetKeys,
+        }
+    }
+
+    /// Parses a complete payload of a request of `kind`.
+    ///
+    /// # Errors
+    /// When the size is outside the kind's bounds or disagrees with a count.
+    pub fn parse(
+        kind: RepoKind,
+        mut payload: Bytes,
+        limits: &Limits,
+    ) -> Result<Self, PayloadError> {
+        let code = kind.code();
+        let (min, max) = kind.payload_bounds(limits);
+        if payload.len() < min || payload.len() > max {
+            return Err(size_err(code, payload.len(), "the size its code allows"));
+        }
+        Ok(match kind {
+            RepoKind::Have => Self::Have {
+                ids: parse_ids(code, &payload, MAX_IDS)?,
+            },
+            RepoKind::SnapshotRefs => Self::SnapshotRefs {
+                ids: parse_ids(code, &payload, MAX_IDS)?,
+            },
+            RepoKind::Fetch => Self::Fetch {
+                ids: parse_ids(code, &payload, MAX_FETCH_IDS)?,
+            },
+            RepoKind::PackData => Self::PackData { content: payload },
+            RepoKind::PackEnd => {
+                let err = || size_err(code, payload.len(), "count u32 and 36 bytes per entry");
+                let count = u32_le(payload.get(..4).unwrap_or_default()).ok_or_else(err)? as usize;
+                if count == 0
+                    || count > MAX_PACK_OBJECTS
+                    || payload.len() != 4 + count * PACK_ENTRY_LEN
+                {
+                    return Err(err());
+                }
+                let entries = payload
+                    .get(4..)
+                    .unwrap_or_default()
+                    .chunks_exact(PACK_ENTRY_LEN)
+                    .map(|e| PackEntry {
+                        id: ObjectId::read(e),
+                        len: u32_le(e.get(ID_LEN..).unwrap_or_default()).unwrap_or_default(),
+                    })
+                    .collect();
+                Self::PackEnd { entries }
+            }
+            RepoKind::SnapshotCommit => {
+                let time = u64_le(payload.get(..8).unwrap_or_default()).unwrap_or_default();
+                Self::SnapshotCommit {
+                    time,
+                    meta: payload.split_off(8),
+                }
+            }
+            RepoKind::Snapshots => Self::Snapshots {
+                cursor: u64_le(&payload).unwrap_or_default(),
+            },
+            RepoKind::PutKey => {
+                let slot = payload.first().copied().unwrap_or_default();
+                if usize::from(slot) >= MAX_KEY_SLOTS {
+                    return Err(size_err(code, payload.len(), "a slot below 8"));
+                }
+                Self::PutKey {
+                    slot,
+                    envelope: payload.split_off(1),
+                }
+            }
+            RepoKind::GetKeys => Self::GetKeys,
+        })
+    }
+
+    /// Length of the payload this request encodes to.
+    pub fn payload_len(&self) -> usize {
+        match self {
+            Self::Have { ids } | Self::SnapshotRefs { ids } | Self::Fetch { ids } => {
+                4 + ids.len() * ID_LEN
+            }
+            Self::PackData { content } => content.len(),
+            Self::PackEnd { entries } => 4 + entries.len() * PACK_ENTRY_LEN,
+            Self::SnapshotCommit { meta, .. } => 8 + meta.len(),
+            Self::Snapshots { .. } => 8,
+            Self::PutKey { envelope, .. } => 1 + envelope.len(),
+            Self::GetKeys => 0,
+        }
+    }
+
+    /// Checks that the request is within the limits a parser applies; what
+    /// an encoder checks before writing.
+    ///
+    /// # Errors
+    /// When a count or size is outside the kind's bounds.
+    pub fn check(&self, limits: &Limits) -> Result<(), PayloadError> {
+        let (min, max) = self.kind().payload_bounds(limits);
+        let len = self.payload_len();
+        let ok = match self {
+            Self::Have { ids } | Self::SnapshotRefs { ids } => {
+                !ids.is_empty() && ids.len() <= MAX_IDS
+            }
+            Self::Fetch { ids } => !ids.is_empty() && ids.len() <= MAX_FETCH_IDS,
+            Self::PackEnd { entries } => !entries.is_empty() && entries.len() <= MAX_PACK_OBJECTS,
+            Self::PutKey { slot, .. } => usize::from(*slot) < MAX_KEY_SLOTS,
+            _ => true,
+        };
+        if !ok || len < min || len > max {
+            return Err(size_err(
+                self.kind().code(),
+                len,
+                "the size its code allows",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Appends the payload to `out`.
+    pub fn write_payload(&self, out: &mut impl BufMut) {
+        match self {
+            Self::Have { ids } | Self::SnapshotRefs { ids } | Self::Fetch { ids } => {
+                write_ids(out, ids)
+            }
+            Self::PackData { content } => out.put_slice(content),
+            Self::PackEnd { entries } => {
+                out.put_u32_le(u32::try_from(entries.len()).unwrap_or(u32::MAX));
+                for e in entries {
+                    out.put_slice(&e.id.0);
+                    out.put_u32_le(e.len);
+                }
+            }
+            Self::SnapshotCommit { time, meta } => {
+                out.put_u64_le(*time);
+                out.put_slice(meta);
+            }
+            Self::Snapshots { cursor } => out.put_u64_le(*cursor),
+            Self::PutKey { slot, envelope } => {
+                out.put_u8(*slot);
+                out.put_slice(envelope);
+            }
+            Self::GetKeys => {}
+        }
+    }
+}
+
+/// One snapshot in a listing: the server's id for it, the time the client
+/// gave, and the sealed description only the client can read.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SnapshotEntry {
+    pub id: u64,
+    pub time: u64,
+    pub meta: Bytes,
+}
+
+/// Why a snapshot commit was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CommitRefusal(pub u8);
+
+impl CommitRefusal {
+    /// Some staged references name objects this client does not have.
+    pub const MISSING: Self = Self(1);
+    /// No reference was staged before the commit.
+    pub const NO_REFERENCES: Self = Self(2);
+    /// Committing would exceed the client's quota.
+    pub const QUOTA: Self = Self(3);
+}
+
+/// A key envelope in a listing.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeySlot {
+    pub slot: u8,
+    pub envelope: Bytes,
+}
+
+/// A response of the extension.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RepoResponse {
+    /// 1660: for each id asked, in order, whether the server holds it.
+    /// Payload: count u32, then ceil(count / 8) bytes, bit `i % 8` of byte
+    /// `i / 8` for id `i`.
+    HaveAnswer { have: Vec<bool> },
+    /// 1661: the pack is durable and its objects are recorded; `added` of
+    /// them were new. Payload: added u32.
+    PackStored { added: u32 },
+    /// 1662: the references were staged; `missing` of them name no object
+    /// of this client. Payload: missing u32.
+    RefsStaged { missing: u32 },
+    /// 1663: the snapshot is committed under `id`. Payload: id u64.
+    SnapshotCommitted { id: u64 },
+    /// 1664: the snapshot was not committed. Payload: reason u8, missing u32.
+    SnapshotRefused { reason: CommitRefusal, missing: u32 },
+    /// 1665: a page of snapshots. Payload: next cursor u64 (0: last page),
+    /// count u16, then per entry id u64, time u64, meta length u32, meta.
+    SnapshotPage {
+        next_cursor: u64,
+        entries: Vec<SnapshotEntry>,
+    },
+    /// 1666: the next object of a fetch follows in `len` bytes of 1668
+    /// packets. Payload: id, len u32.
+    ObjectBegin { id: ObjectId, len: u32 },
+    /// 1667: the server holds no such object for this client. Payload: id.
+    ObjectMissing { id: ObjectId },
+    /// 1668: the next slice of the current object.
+    ObjectData { content: Bytes },
+    /// 1669: the client's key envelopes. Payload: count u8, then per
+    /// envelope slot u8, length u16, envelope.
+    Keys { slots: Vec<KeySlot> },
+    /// 1670: the envelope is stored. Payload: slot u8.
+    KeyStored { slot: u8 },
+}
+
+impl RepoResponse {
+    /// The wire code.
+    pub fn code(&self) -> ResponseCode {
+        match self {
+            Self::HaveAnswer { .. } => ResponseCode::HAVE_ANSWER,
+            Self::PackStored { .. } => ResponseCode::PACK_STORED,
+            Self::RefsStaged { .. } => ResponseCode::REFS_STAGED,
+            Self::SnapshotCommitted { .. } => ResponseCode::SNAPSHOT_COMMITTED,
+            Self::SnapshotRefused { .. } => ResponseCode::SNAPSHOT_REFUSED,
+            Self::SnapshotPage { .. } => ResponseCode::SNAPSHOT_PAGE,
+            Self::ObjectBegin { .. } => ResponseCode::OBJECT_BEGIN,
+            Self::ObjectMissing { .. } => ResponseCode::OBJECT_MISSING,
+            Self::ObjectData { .. } => ResponseCode::OBJECT_DATA,
+            Self::Keys { .. } => ResponseCode::KEYS,
+            Self::KeyStored { .. } => ResponseCode::KEY_STORED,
+        }
+    }
+
+    /// The inclusive range of payload sizes a response with `code` may
+    /// declare, or `None` if the code is not of the extension.
+    pub fn payload_bounds(code: ResponseCode, limits: &Limits) -> Option<(usize, usize)> {
+        Some(match code {
+            ResponseCode::HAVE_ANSWER => (4 + 1, 4 + MAX_IDS.div_ceil(8)),
+            ResponseCode::PACK_STORED | ResponseCode::REFS_STAGED => (4, 4),
+            ResponseCode::SNAPSHOT_COMMITTED => (8, 8),
+            ResponseCode::SNAPSHOT_REFUSED => (5, 5),
+            ResponseCode::SNAPSHOT_PAGE => (
+                10,
+                10 + SNAPSHOT_PAGE_BYTES + SNAPSHOT_ENTRY_HEAD + MAX_SNAPSHOT_META,
+            ),
+            ResponseCode::OBJECT_BEGIN => (ID_LEN + 4, ID_LEN + 4),
+            ResponseCode::OBJECT_MISSING => (ID_LEN, ID_LEN),
+            ResponseCode::OBJECT_DATA => (1, limits.max_packet_content),
+            ResponseCode::KEYS => (1, 1 + MAX_KEY_SLOTS * (3 + MAX_ENVELOPE)),
+            ResponseCode::KEY_STORED => (1, 1),
+            _ => return None,
+        })
+    }
+
+    /// Payload length of this response.
+    pub fn payload_len(&self) -> usize {
+        match self {
+            Self::HaveAnswer { have } => 4 + have.len().div_ceil(8),
+            Self::PackStored { .. } | Self::RefsStaged { .. } => 4,
+            Self::SnapshotCommitted { .. } => 8,
+            Self::SnapshotRefused { .. } => 5,
+            Self::SnapshotPage { entries, .. } => {
+                10 + entries
+                    .iter()
+                    .map(|e| SNAPSHOT_ENTRY_HEAD + e.meta.len())
+                    .sum::<usize>()
+            }
+            Self::ObjectBegin { .. } => ID_LEN + 4,
+            Self::ObjectMissing { .. } => ID_LEN,
+            Self::ObjectData { content } => content.len(),
+            Self::Keys { slots } => 1 + slots.iter().map(|s| 3 + s.envelope.len()).sum::<usize>(),
+            Self::KeyStored { .. } => 1,
+        }
+    }
+
+    /// Parses a complete payload of a response with `code`.
+    ///
+    /// # Errors
+    /// When the size is wrong for the code or disagrees with a count.
+    pub fn parse(
+        code: ResponseCode,
+        mut payload: Bytes,
+        limits: &Limits,
+    ) -> Result<Self, PayloadError> {
+        let len = payload.len();
+        let err = |expected| size_err(code.0, len, expected);
+        let (min, max) =
+            Self::payload_bounds(code, limits).ok_or_else(|| err("a repository code"))?;
+        if len < min || len > max {
+            return Err(err("the size its code allows"));
+        }
+        let u32_at =
+            |at: usize| u32_le(payload.get(at..at + 4).unwrap_or_default()).unwrap_or_default();
+        Ok(match code {
+            ResponseCode::HAVE_ANSWER => {
+                let count = u32_at(0) as usize;
+                if count == 0 || count > MAX_IDS || len != 4 + count.div_ceil(8) {
+                    return Err(err("count u32 and one bit per id"));
+                }
+                let bits = payload.get(4..).unwrap_or_default();
+                let have = (0..count)
+                    .map(|i| bits.get(i / 8).is_some_and(|b| b & (1 << (i % 8)) != 0))
+                    .collect();
+                Self::HaveAnswer { have }
+            }
+            ResponseCode::PACK_STORED => Self::PackStored { added: u32_at(0) },
+            ResponseCode::REFS_STAGED => Self::RefsStaged { missing: u32_at(0) },
+            ResponseCode::SNAPSHOT_COMMITTED => Self::SnapshotCommitted {
+                id: u64_le(&payload).unwrap_or_default(),
+            },
+            ResponseCode::SNAPSHOT_REFUSED => Self::SnapshotRefused {
+                reason: CommitRefusal(payload.first().copied().unwrap_or_default()),
+                missing: u32_at(1),
+            },
+            ResponseCode::SNAPSHOT_PAGE => {
+                let next_cursor = u64_le(payload.get(..8).unwrap_or_default()).unwrap_or_default();
+                let count = u16_le(payload.get(8..10).unwrap_or_default()).unwrap_or_default();
+                let mut rest = payload.split_off(10);
+                let mut entries = Vec::new();
+                for _ in 0..count {
+                    let head = rest
+                        .get(..SNAPSHOT_ENTRY_HEAD)
+                        .ok_or_else(|| err("whole entries"))?;
+                    let id = u64_le(head.get(..8).unwrap_or_default()).unwrap_or_default();
+                    let time = u64_le(head.get(8..16).unwrap_or_default()).unwrap_or_default();
+                    let meta_len =
+                        u32_le(head.get(16..20).unwrap_or_default()).unwrap_or_default() as usize;
+                    if meta_len == 0
+                        || meta_len > MAX_SNAPSHOT_META
+                        || rest.len() < SNAPSHOT_ENTRY_HEAD + meta_len
+                    {
+                        return Err(err("whole entries"));
+                    }
+                    let mut entry = rest.split_to(SNAPSHOT_ENTRY_HEAD + meta_len);
+                    let meta = entry.split_off(SNAPSHOT_ENTRY_HEAD);
+                    entries.push(SnapshotEntry { id, time, meta });
+                }
+                if !rest.is_empty() {
+                    return Err(err("exactly count entries"));
+                }
+                Self::SnapshotPage {
+                    next_cursor,
+                    entries,
+                }
+            }
+            ResponseCode::OBJECT_BEGIN => {
+                let len = u32_at(ID_LEN);
+                if len == 0 || len > MAX_OBJECT_BYTES {
+                    return Err(err("an object length of 1..=16 MiB"));
+                }
+                Self::ObjectBegin {
+                    id: ObjectId::read(&payload),
+                    len,
+                }
+            }
+            ResponseCode::OBJECT_MISSING => Self::ObjectMissing {
+                id: ObjectId::read(&payload),
+            },
+            ResponseCode::OBJECT_DATA => Self::ObjectData { content: payload },
+            ResponseCode::KEYS => {
+                let count = payload.first().copied().unwrap_or_default();
+                let mut rest = payload.split_off(1);
+                let mut slots = Vec::new();
+                for _ in 0..count {
+                    let slot = rest
+                        .first()
+                        .copied()
+                        .ok_or_else(|| err("whole envelopes"))?;
+                    let n = usize::from(
+                        u16_le(rest.get(1..3).unwrap_or_default())
+                            .ok_or_else(|| err("whole envelopes"))?,
+                    );
+                    if n == 0 || n > MAX_ENVELOPE || rest.len() < 3 + n {
+                        return Err(err("whole envelopes"));
+                    }
+                    let mut one = rest.split_to(3 + n);
+                    slots.push(KeySlot {
+                        slot,
+                        envelope: one.split_off(3),
+                    });
+                }
+                if !rest.is_empty() || slots.len() > MAX_KEY_SLOTS {
+                    return Err(err("exactly count envelopes"));
+                }
+                Self::Keys { slots }
+            }
+            _ => Self::KeyStored {
+                slot: payload.first().copied().unwrap_or_default(),
+            },
+        })
+    }
+
+    /// Appends the payload to `out`.
+    pub fn write_payload(&self, out: &mut impl BufMut) {
+        match self {
+            Self::HaveAnswer { have } => {
+                out.put_u32_le(u32::try_from(have.len()).unwrap_or(u32::MAX));
+                for byte in have.chunks(8) {
+                    let b = byte
+                        .iter()
+                        .enumerate()
+                        .fold(0u8, |acc, (i, h)| acc | (u8::from(*h) << i));
+                    out.put_u8(b);
+                }
+            }
+            Self::PackStored { added } => out.put_u32_le(*added),
+            Self::RefsStaged { missing } => out.put_u32_le(*missing),
+            Self::SnapshotCommitted { id } => out.put_u64_le(*id),
+            Self::SnapshotRefused { reason, missing } => {
+                out.put_u8(reason.0);
+                out.put_u32_le(*missing);
+            }
+            Self::SnapshotPage {
+                next_cursor,
+                entries,
+            } => {
+                out.put_u64_le(*next_cursor);
+                out.put_u16_le(u16::try_from(entries.len()).unwrap_or(u16::MAX));
+                for e in entries {
+                    out.put_u64_le(e.id);
+                    out.put_u64_le(e.time);
+                    out.put_u32_le(u32::try_from(e.meta.len()).unwrap_or(u32::MAX));
+                    out.put_slice(&e.meta);
+                }
+            }
+            Self::ObjectBegin { id, len } => {
+                out.put_slice(&id.0);
+                out.put_u32_le(*len);
+            }
+            Self::ObjectMissing { id } => out.put_slice(&id.0),
+            Self::ObjectData { content } => out.put_slice(content),
+            Self::Keys { slots } => {
+                out.put_u8(u8::try_from(slots.len()).unwrap_or(u8::MAX));
+                for s in slots {
+                    out.put_u8(s.slot);
+                    out.put_u16_le(u16::try_from(s.envelope.len()).unwrap_or(u16::MAX));
+                    out.put_slice(&s.envelope);
+                }
+            }
+            Self::KeyStored { slot } => out.put_u8(*slot),
+        }
+    }
+}
