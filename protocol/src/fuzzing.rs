@@ -149,7 +149,17 @@ fn decode_chunked<D: Decoder>(
 }
 
 fn max_request_frame(limits: &Limits) -> usize {
-    REQUEST_HEADER_LEN + limits.max_file_packet_payload()
+    let repo = [
+        crate::repo::RepoKind::Have,
+        crate::repo::RepoKind::PackEnd,
+        crate::repo::RepoKind::SnapshotCommit,
+        crate::repo::RepoKind::PutKey,
+    ]
+    .iter()
+    .map(|k| k.payload_bounds(limits).1)
+    .max()
+    .unwrap_or_default();
+    REQUEST_HEADER_LEN + limits.max_file_packet_payload().max(repo)
 }
 
 fn max_response_frame(limits: &Limits) -> usize {
@@ -159,7 +169,17 @@ fn max_response_frame(limits: &Limits) -> usize {
             .max(crate::message::FILE_RECEIVED_LEN);
     let list = crate::retrieval::LIST_PAGE_HEAD_LEN
         + crate::retrieval::MAX_LIST_ENTRIES * crate::retrieval::LIST_ENTRY_LEN;
-    RESPONSE_HEADER_LEN + legacy.max(list).max(limits.max_packet_content)
+    let repo = [
+        crate::wire::ResponseCode::SNAPSHOT_PAGE,
+        crate::wire::ResponseCode::KEYS,
+        crate::wire::ResponseCode::HAVE_ANSWER,
+    ]
+    .iter()
+    .filter_map(|&c| crate::repo::RepoResponse::payload_bounds(c, limits))
+    .map(|(_, max)| max)
+    .max()
+    .unwrap_or_default();
+    RESPONSE_HEADER_LEN + legacy.max(list).max(limits.max_packet_content).max(repo)
 }
 
 /// What a decoded request may never carry, whatever the bytes said.
@@ -195,6 +215,10 @@ fn assert_request_within_limits(request: &Request, limits: &Limits) {
             | crate::retrieval::RetrievalRequest::Delete { file },
         ) => file.as_bytes(),
         Request::Retrieval(crate::retrieval::RetrievalRequest::List { .. }) => return,
+        Request::Repo(r) => {
+            assert!(r.check(limits).is_ok(), "repository request out of bounds");
+            return;
+        }
     };
     assert_name_valid(name, limits);
 }
@@ -288,7 +312,7 @@ fn request_name_fields(request: &Request, dialect: Dialect) -> Vec<usize> {
     let payload = REQUEST_HEADER_LEN;
     match request {
         Request::SendFile(_) => vec![payload + PacketHead::len_in(dialect) - NAME_FIELD_LEN],
-        Request::Prove { .. } => Vec::new(),
+        Request::Prove { .. } | Request::Repo(_) => Vec::new(),
         _ => vec![payload],
     }
 }
@@ -828,10 +852,10 @@ pub fn server_session(data: &[u8]) {
             upload = None;
         }
         match action {
-            Action::Reply(Response::Authenticated { client_id }) => {
             Action::Repo(action) => {
                 panic!("a repository request in a legacy session: {action:?}")
             }
+            Action::Reply(Response::Authenticated { client_id }) => {
                 assert!(!proved, "a second proof accepted");
                 let Some(key) = aes.as_ref() else {
                     panic!("a proof accepted before the client has a key");
