@@ -37,6 +37,7 @@ pub mod memory;
 mod meta;
 mod retention;
 pub mod sqlite;
+mod verified;
 
 use std::io::Read;
 use std::path::Path;
@@ -52,6 +53,7 @@ pub use meta::{
     VersionRecord,
 };
 pub use retention::{versions_to_remove, Retention, VersionStamp};
+pub use verified::VerifiedReader;
 
 /// Files of at most this many bytes are kept in the metadata database, in
 /// the same transaction as their version row, instead of as a file of their
@@ -108,6 +110,14 @@ pub enum StorageError {
     /// Stored data contradicts itself or the schema.
     #[error("metadata is inconsistent: {0}")]
     Corrupt(String),
+    /// A blob read back does not match its row (see
+    /// [`Storage::open_verified`]).
+    #[error("blob {blob} does not match its recorded size {size} and SHA-256 ({found})")]
+    Damaged {
+        blob: String,
+        size: u64,
+        found: String,
+    },
     /// A key that is not one of this store's.
     #[error("invalid blob key {0:?}")]
     BadKey(String),
@@ -318,6 +328,16 @@ impl Storage {
             return Ok(Box::new(std::io::Cursor::new(content)));
         }
         self.blobs.open(key)
+    }
+
+    /// Opens the content of `version` to be read back checked against its
+    /// recorded size and SHA-256: see [`VerifiedReader::next_chunk`], which
+    /// reports a mismatch as [`StorageError::Damaged`].
+    ///
+    /// # Errors
+    /// As [`Storage::open_blob`].
+    pub fn open_verified(&self, version: &VersionRecord) -> Result<VerifiedReader, StorageError> {
+        Ok(VerifiedReader::new(self.open_blob(&version.blob)?, version))
     }
 
     /// Removes content whose row is gone (or never came): inline content
