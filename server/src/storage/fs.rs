@@ -216,7 +216,7 @@ impl BlobStore for FsBlobStore {
 
     fn recover(&self) -> Result<usize, StorageError> {
         let mut removed = 0;
-        for client in self.client_names()? {
+        for client in self.client_names(false)? {
             let tmp = self.root.join(CLIENTS_DIR).join(&client).join(TMP_DIR);
             let Ok(temps) = fs::read_dir(&tmp) else {
                 continue;
@@ -235,7 +235,7 @@ impl BlobStore for FsBlobStore {
     }
 
     fn list(&self) -> Result<BlobListing<'_>, StorageError> {
-        let mut clients = self.client_names()?;
+        let mut clients = self.client_names(true)?;
         clients.sort_unstable();
         Ok(Box::new(Listing {
             store: self,
@@ -246,8 +246,9 @@ impl BlobStore for FsBlobStore {
 }
 
 impl FsBlobStore {
-    /// The names of the client folders (32 hex digits each), in no order.
-    fn client_names(&self) -> Result<Vec<String>, StorageError> {
+    /// The names of the client folders (32 hex digits each), in no order;
+    /// anything else is left alone (with a warning when `warn`).
+    fn client_names(&self, warn: bool) -> Result<Vec<String>, StorageError> {
         let clients = self.root.join(CLIENTS_DIR);
         let entries = fs::read_dir(&clients).map_err(|e| StorageError::io("list", &clients, e))?;
         let mut names = Vec::new();
@@ -255,9 +256,10 @@ impl FsBlobStore {
             let entry = entry.map_err(|e| StorageError::io("list", &clients, e))?;
             match entry.file_name().to_str().filter(|n| is_hex32(n)) {
                 Some(client) => names.push(client.to_owned()),
-                None => {
+                None if warn => {
                     tracing::warn!(entry = ?entry.path(), "unexpected entry in the clients folder; left alone");
                 }
+                None => {}
             }
         }
         Ok(names)
