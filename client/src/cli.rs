@@ -19,7 +19,7 @@ use crate::feedback::{Console, Feedback};
 use crate::files;
 use crate::identity::{IdentityStore, ME_INFO};
 use crate::legacy::{TransferInfo, TRANSFER_INFO};
-use crate::report::{entry_json, error_json, FileReport, Outcome, Report, RestoreOutcome};
+use crate::report::{entry_json, error_json, FileReport, Outcome, RunKind, RunReport};
 use crate::settings::{self, ConfigFile, Options, CONFIG_FILE};
 
 /// Where things are for one invocation.
@@ -237,10 +237,7 @@ async fn backup(
     let feedback: Arc<dyn Feedback> = console.clone();
     let client = Client::new(options, store).with_feedback(feedback);
     let mut report = if collected.items.is_empty() {
-        Report {
-            server: client.options().server.clone(),
-            ..Report::default()
-        }
+        RunReport::new(RunKind::Backup, client.options().server.clone())
     } else {
         client.backup(collected.items, register_as.as_ref()).await?
     };
@@ -256,8 +253,9 @@ async fn backup(
             _ => PathBuf::new(),
         };
         let file = FileReport {
-            path,
+            path: Some(path),
             name: String::new(),
+            version: None,
             size: 0,
             outcome: Outcome::Failed(error),
         };
@@ -395,36 +393,7 @@ async fn restore(
             ))
         }
     };
-    if global.json {
-        println!("{}", report.to_json());
-        return Ok(report.exit_code());
-    }
-    let restored = report
-        .files
-        .iter()
-        .filter(|f| matches!(f.outcome, RestoreOutcome::Restored { .. }))
-        .count();
-    let total = report.files.len();
-    if total == 0 {
-        console.say(&format!(
-            "the server at {} holds no files of this client; nothing was restored",
-            report.server
-        ));
-    } else if report.ok() {
-        console.say(&format!(
-            "{restored} file{} restored and verified from {} ({} in {:.1} s, {:.1} MB/s)",
-            if restored == 1 { "" } else { "s" },
-            report.server,
-            indicatif::HumanBytes(report.restored_bytes()),
-            report.elapsed.as_secs_f64(),
-            report.megabytes_per_second()
-        ));
-    } else {
-        console.say(&format!(
-            "{restored} of {total} files restored and verified from {}; see the errors above",
-            report.server
-        ));
-    }
+    summarize(&report, global, console);
     Ok(report.exit_code())
 }
 
@@ -456,32 +425,12 @@ async fn delete(
     Ok(0)
 }
 
-fn summarize(report: &Report, global: &GlobalArgs, console: &Console) {
+/// The end of a backup or restore: the JSON summary, or the summary line.
+fn summarize(report: &RunReport, global: &GlobalArgs, console: &Console) {
     if global.json {
         println!("{}", report.to_json());
-        return;
-    }
-    let stored = report.files.iter().filter(|f| f.is_stored()).count();
-    let total = report.files.len();
-    let bytes = indicatif::HumanBytes(report.stored_bytes());
-    let secs = report.elapsed.as_secs_f64();
-    let skipped = match report.skipped.len() {
-        0 => String::new(),
-        1 => "; 1 entry skipped, see the note above".to_owned(),
-        n => format!("; {n} entries skipped, see the notes above"),
-    };
-    if report.ok() {
-        console.say(&format!(
-            "{stored} file{} stored and verified on {} ({bytes} in {secs:.1} s, {:.1} MB/s){skipped}",
-            if stored == 1 { "" } else { "s" },
-            report.server,
-            report.megabytes_per_second()
-        ));
     } else {
-        console.say(&format!(
-            "{stored} of {total} files stored and verified on {}; see the errors above{skipped}",
-            report.server
-        ));
+        console.say(&report.summary());
     }
 }
 

@@ -7,7 +7,7 @@ use std::io::Write;
 use indicatif::{HumanBytes, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use crate::files::BackupItem;
-use crate::report::{FileReport, Outcome, RestoreOutcome, RestoredFile};
+use crate::report::{FileReport, Outcome};
 
 /// Receives progress events from a run. Every method has an empty default.
 pub trait Feedback: Send + Sync {
@@ -28,12 +28,8 @@ pub trait Feedback: Send + Sync {
     fn progress(&self, bytes: u64) {
         let _ = bytes;
     }
-    /// A file is finished, one way or another.
+    /// A file of a backup or restore is finished, one way or another.
     fn finished(&self, file: &FileReport) {
-        let _ = file;
-    }
-    /// A file of a restore is finished, one way or another.
-    fn restored(&self, file: &RestoredFile) {
         let _ = file;
     }
     /// Something worth telling a person that is not an error.
@@ -155,14 +151,7 @@ impl Feedback for Console {
                     HumanBytes(file.size)
                 ));
             }
-            Outcome::Failed(e) => self.print_error(&e.to_string()),
-            Outcome::NotAttempted => {}
-        }
-    }
-
-    fn restored(&self, file: &RestoredFile) {
-        match &file.outcome {
-            RestoreOutcome::Restored { .. } => {
+            Outcome::Restored { .. } => {
                 let path = file
                     .path
                     .as_ref()
@@ -171,12 +160,12 @@ impl Feedback for Console {
                 self.say(&format!(
                     "restored {} (version {}, {}, verified) to {path}",
                     file.name,
-                    file.version,
+                    file.version.unwrap_or_default(),
                     HumanBytes(file.size)
                 ));
             }
-            RestoreOutcome::Failed(e) => self.print_error(&e.to_string()),
-            RestoreOutcome::NotAttempted => {}
+            Outcome::Failed(e) => self.print_error(&e.to_string()),
+            Outcome::NotAttempted => {}
         }
     }
 

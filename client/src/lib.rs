@@ -44,5 +44,5 @@ pub use feedback::{Feedback, Silent};
 pub use files::BackupItem;
 pub use identity::{Identity, IdentityStore};
 pub use legacy::TransferInfo;
-pub use report::{FileReport, Outcome, Report};
+pub use report::{FileReport, Outcome, RunKind, RunReport};
 pub use settings::{Options, PacketSize};

@@ -30,7 +30,7 @@ use protocol::{FileName, RequestFrame};
 use crate::engine::{Client, Keyed};
 use crate::error::Error;
 use crate::fanout::{fan_out, ItemFailure, Queue};
-use crate::report::{RestoreOutcome, RestoreReport, RestoredFile};
+use crate::report::{FileReport, Outcome, RunKind, RunReport};
 use crate::restore::{remove_stale_parts, sync_dirs, Destination, RestoreFile};
 
 /// The most entries a listing may have, so a server cannot make the client
@@ -330,11 +330,11 @@ impl Client {
     /// `options.connections - 1` more connections opened alongside; every
     /// connection is closed at the end. Entries go into `report` in the
     /// order of `jobs`. A connection that fails takes no more jobs; jobs no
-    /// connection could take are [`RestoreOutcome::NotAttempted`].
+    /// connection could take are [`Outcome::NotAttempted`].
     async fn restore_files(
         &self,
         first: Retrieving,
-        report: &mut RestoreReport,
+        report: &mut RunReport,
         jobs: Vec<RestoreJob>,
         overwrite: bool,
     ) {
@@ -351,14 +351,14 @@ impl Client {
         )
         .await;
         for (i, (file, version, dest)) in queue.into_rest() {
-            let entry = RestoredFile {
+            let entry = FileReport {
                 name: file.to_string_lossy(),
-                version,
+                version: Some(version),
                 size: 0,
                 path: dest.as_ref().ok().map(Destination::path),
-                outcome: RestoreOutcome::NotAttempted,
+                outcome: Outcome::NotAttempted,
             };
-            self.feedback().restored(&entry);
+            self.feedback().finished(&entry);
             done.push((i, entry));
         }
         // Every folder a file went into is in `cleaned`: one sync each.
@@ -388,28 +388,28 @@ impl Client {
         queue: &Queue<RestoreJob>,
         cleaned: &RefCell<HashSet<PathBuf>>,
         overwrite: bool,
-    ) -> Vec<(usize, RestoredFile)> {
+    ) -> Vec<(usize, FileReport)> {
         let mut done = Vec::new();
         while let Some((i, (file, version, dest))) = queue.take() {
-            let mut entry = RestoredFile {
+            let mut entry = FileReport {
                 name: file.to_string_lossy(),
-                version,
+                version: Some(version),
                 size: 0,
                 path: dest.as_ref().ok().map(Destination::path),
-                outcome: RestoreOutcome::NotAttempted,
+                outcome: Outcome::NotAttempted,
             };
             let mut stop = false;
             let mut reconnect = false;
             entry.outcome = match dest {
-                Err(e) => RestoreOutcome::Failed(e),
+                Err(e) => Outcome::Failed(e),
                 Ok(dest) => match self
                     .restore_on(&mut r, &file, version, &dest, overwrite, cleaned)
                     .await
                 {
                     Ok((begin, cksum)) => {
-                        entry.version = begin.version;
+                        entry.version = Some(begin.version);
                         entry.size = begin.size;
-                        RestoreOutcome::Restored { cksum }
+                        Outcome::Restored { cksum }
                     }
                     Err(failure) => {
                         // A damaged copy is a fault of that file alone: the
@@ -418,11 +418,11 @@ impl Client {
                         reconnect = !failure.connection_usable
                             && matches!(failure.error, Error::DamagedOnServer { .. });
                         stop = !failure.connection_usable && !reconnect;
-                        RestoreOutcome::Failed(failure.error)
+                        Outcome::Failed(failure.error)
                     }
                 },
             };
-            self.feedback().restored(&entry);
+            self.feedback().finished(&entry);
             done.push((i, entry));
             if stop {
                 break;
@@ -459,17 +459,14 @@ impl Client {
         to: Option<&Path>,
         cwd: &Path,
         overwrite: bool,
-    ) -> Result<RestoreReport, Error> {
+    ) -> Result<RunReport, Error> {
         let started = Instant::now();
         let dest = match to {
             Some(to) if to.is_dir() => Destination::inside(to, file.as_bytes()),
             Some(to) => Destination::exactly(to, &file.to_string_lossy()),
             None => Destination::inside(cwd, file.as_bytes()),
         };
-        let mut report = RestoreReport {
-            server: self.options().server.clone(),
-            ..RestoreReport::default()
-        };
+        let mut report = RunReport::new(RunKind::Restore, self.options().server.clone());
         let r = self.open_retrieval().await?;
         self.feedback().start(1, 0);
         self.restore_files(
@@ -490,12 +487,9 @@ impl Client {
     ///
     /// # Errors
     /// When the connection cannot be set up or the listing fails.
-    pub async fn restore_all(&self, dir: &Path, overwrite: bool) -> Result<RestoreReport, Error> {
+    pub async fn restore_all(&self, dir: &Path, overwrite: bool) -> Result<RunReport, Error> {
         let started = Instant::now();
-        let mut report = RestoreReport {
-            server: self.options().server.clone(),
-            ..RestoreReport::default()
-        };
+        let mut report = RunReport::new(RunKind::Restore, self.options().server.clone());
         let mut r = self.open_retrieval().await?;
         let entries = match self.list_on(&mut r, false).await {
             Ok(entries) => entries,

@@ -202,7 +202,7 @@ async fn restores_a_multi_packet_file_and_an_empty_file() {
     assert_eq!(std::fs::read(target.join("docs/big.bin")).unwrap(), big);
     assert_eq!(std::fs::read(target.join("empty")).unwrap(), b"");
     assert_eq!(walk(&target), ["docs/", "docs/big.bin", "empty"]);
-    assert_eq!(report.restored_bytes(), big.len() as u64);
+    assert_eq!(report.done_bytes(), big.len() as u64);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

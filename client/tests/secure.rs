@@ -124,7 +124,7 @@ fn file(text: &str) -> FileName {
     FileName::try_from(text).unwrap()
 }
 
-async fn back_up(c: &Client, path: &Path) -> client::Report {
+async fn back_up(c: &Client, path: &Path) -> client::RunReport {
     let items = files::collect(&[path.to_owned()]).items;
     c.backup(items, None).await.unwrap()
 }

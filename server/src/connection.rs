@@ -82,7 +82,7 @@ enum Ended {
     #[error("response not taken by the peer within {0:?}")]
     WriteTimeout(Duration),
     #[error("restore stopped: {0}")]
-    Restore(restore::RestoreError),
+    Restore(StorageError),
     #[error("client proved its key, but its registration was replaced meanwhile")]
     Replaced,
     #[error("restore framing: {0}")]

@@ -35,8 +35,10 @@ mod group;
 pub(crate) mod ingest;
 pub mod memory;
 mod meta;
+mod recovery;
 mod retention;
 pub mod sqlite;
+mod verified;
 
 use std::io::Read;
 use std::path::Path;
@@ -45,13 +47,15 @@ use std::time::SystemTime;
 
 use protocol::{ClientId, FileName};
 
-pub use blob::{BlobInventory, BlobStore, BlobWriter, StagedBlob};
+pub use blob::{BlobListing, BlobStore, BlobWriter, StagedBlob};
 pub use ingest::{CommitPolicy, UploadCommit};
 pub use meta::{
     ClientRecord, ClientSummary, Deletion, MetaStore, NewVersion, PendingVersion, Registration,
     VersionRecord,
 };
+pub use recovery::RecoveryReport;
 pub use retention::{versions_to_remove, Retention, VersionStamp};
+pub use verified::VerifiedReader;
 
 /// Files of at most this many bytes are kept in the metadata database, in
 /// the same transaction as their version row, instead of as a file of their
@@ -108,6 +112,14 @@ pub enum StorageError {
     /// Stored data contradicts itself or the schema.
     #[error("metadata is inconsistent: {0}")]
     Corrupt(String),
+    /// A blob read back does not match its row (see
+    /// [`Storage::open_verified`]).
+    #[error("blob {blob} does not match its recorded size {size} and SHA-256 ({found})")]
+    Damaged {
+        blob: String,
+        size: u64,
+        found: String,
+    },
     /// A key that is not one of this store's.
     #[error("invalid blob key {0:?}")]
     BadKey(String),
@@ -188,20 +200,6 @@ impl std::fmt::Display for BlobKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.0)
     }
-}
-
-/// Rows read at a time by [`Storage::recover`].
-const RECOVERY_PAGE: usize = 1000;
-
-/// What [`Storage::recover`] repaired.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct RecoveryReport {
-    pub removed_temporaries: usize,
-    /// Blobs on disk without a version row (a crash between publishing and
-    /// recording): removed.
-    pub removed_orphans: usize,
-    /// Version rows whose blob is missing or has the wrong size: forgotten.
-    pub forgotten_versions: usize,
 }
 
 /// Metadata and blobs together.
@@ -320,6 +318,16 @@ impl Storage {
         self.blobs.open(key)
     }
 
+    /// Opens the content of `version` to be read back checked against its
+    /// recorded size and SHA-256: see [`VerifiedReader::next_chunk`], which
+    /// reports a mismatch as [`StorageError::Damaged`].
+    ///
+    /// # Errors
+    /// As [`Storage::open_blob`].
+    pub fn open_verified(&self, version: &VersionRecord) -> Result<VerifiedReader, StorageError> {
+        Ok(VerifiedReader::new(self.open_blob(&version.blob)?, version))
+    }
+
     /// Removes content whose row is gone (or never came): inline content
     /// from the metadata, anything else from the blob store.
     fn delete_blob(&self, key: &BlobKey) -> Result<(), StorageError> {
@@ -426,80 +434,13 @@ impl Storage {
     /// # Errors
     /// On a backend failure.
     pub fn recover(&self) -> Result<RecoveryReport, StorageError> {
-        self.recover_in_pages(RECOVERY_PAGE)
-    }
-
-    /// [`Storage::recover`], reading rows `page` at a time by key. What is
-    /// held is the blob store's inventory (key and size of each blob, with
-    /// a bit for "recorded") and one page of rows, never every row.
-    fn recover_in_pages(&self, page: usize) -> Result<RecoveryReport, StorageError> {
-        let inventory = self.blobs.recover()?;
-        let mut on_disk = inventory.blobs;
-        let mut after: Option<BlobKey> = None;
-        loop {
-            let inline = self.meta.inline_blobs_after(after.as_ref(), page)?;
-            let Some((last, _)) = inline.last() else {
-                break;
-            };
-            after = Some(last.clone());
-            on_disk.extend(inline);
-        }
-        on_disk.sort_unstable();
-        let mut recorded = vec![false; on_disk.len()];
-        let mut forgotten_versions = 0;
-        let mut after: Option<BlobKey> = None;
-        loop {
-            let rows = self.meta.recorded_blobs(after.as_ref(), page)?;
-            let Some((last, _)) = rows.last() else {
-                break;
-            };
-            after = Some(last.clone());
-            let mut broken = Vec::new();
-            for (blob, size) in rows {
-                let found = on_disk
-                    .binary_search_by(|(k, _)| k.cmp(&blob))
-                    .ok()
-                    .and_then(|i| Some((i, on_disk.get(i)?.1)));
-                match found {
-                    Some((i, found)) if found == size => {
-                        if let Some(seen) = recorded.get_mut(i) {
-                            *seen = true;
-                        }
-                    }
-                    found => {
-                        tracing::warn!(
-                            blob = %blob,
-                            expected = size,
-                            found = ?found.map(|(_, n)| n),
-                            "version row without its blob; forgetting it"
-                        );
-                        broken.push(blob);
-                    }
-                }
-            }
-            // Rows after `after` are untouched, so the next page is the
-            // same whether or not these are forgotten first.
-            if !broken.is_empty() {
-                forgotten_versions += self.meta.forget_blobs(&broken)?;
-            }
-        }
-        let mut removed_orphans = 0;
-        for ((key, _), _) in on_disk.iter().zip(&recorded).filter(|(_, r)| !**r) {
-            self.delete_blob(key)?;
-            removed_orphans += 1;
-        }
-        Ok(RecoveryReport {
-            removed_temporaries: inventory.removed_temporaries,
-            removed_orphans,
-            forgotten_versions,
-        })
+        self.recover_in_pages(recovery::PAGE)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use protocol::UserName;
 
     #[test]
     fn new_keys_are_unique_hex_led_by_the_time() {
@@ -525,86 +466,6 @@ mod tests {
         let inline = BlobKey::new_inline();
         assert!(inline.is_inline() && inline.0.len() == "inline/".len() + 32);
         assert!(!BlobKey(format!("clients/{}/blobs/{}", ordered_hex(), ordered_hex())).is_inline());
-    }
-
-    #[test]
-    fn recovery_in_small_pages_forgets_broken_rows_and_removes_orphans() {
-        let dir = tempfile::tempdir().unwrap();
-        let storage = Storage::open_local(dir.path()).unwrap();
-        let id = ClientId([6; 16]);
-        storage
-            .meta()
-            .register(id, &UserName::try_from("ann").unwrap(), SystemTime::now())
-            .unwrap();
-        let version = |name: &str, size: u64| NewVersion {
-            client: id,
-            file: FileName::try_from(name).unwrap(),
-            blob: BlobKey(String::new()),
-            size,
-            content_size: protocol::crypto::pkcs7_len(size),
-            cksum: 0,
-            sha256: [0; 32],
-            stored_at: SystemTime::now(),
-        };
-        let staged = |content: &[u8]| {
-            let mut w = storage.blobs().begin_write(id).unwrap();
-            w.write(content).unwrap();
-            w.finish().unwrap()
-        };
-        let mut blobs = Vec::new();
-        for i in 0..7u8 {
-            let content = vec![i; 10 + usize::from(i)];
-            let key = storage
-                .commit(
-                    staged(&content),
-                    version(&format!("b{i}"), content.len() as u64),
-                    &Retention::KEEP_ALL,
-                )
-                .unwrap();
-            blobs.push(key);
-        }
-        for i in 0..5u8 {
-            storage
-                .commit_inline(
-                    vec![i; 3],
-                    version(&format!("i{i}"), 3),
-                    &Retention::KEEP_ALL,
-                )
-                .unwrap();
-        }
-        // Three orphans (published, never recorded), two missing blobs,
-        // one of the wrong size.
-        for content in [&b"o1"[..], b"o2", b"o3"] {
-            staged(content).publish().unwrap();
-        }
-        let fs = fs::FsBlobStore::open(dir.path()).unwrap();
-        std::fs::remove_file(fs.path_of(&blobs[1]).unwrap()).unwrap();
-        std::fs::remove_file(fs.path_of(&blobs[4]).unwrap()).unwrap();
-        std::fs::write(fs.path_of(&blobs[6]).unwrap(), b"short").unwrap();
-        // A staged temporary left behind, as by a crash.
-        std::mem::forget(staged(b"tmp"));
-
-        let report = storage.recover_in_pages(2).unwrap();
-        assert_eq!(
-            report,
-            RecoveryReport {
-                removed_temporaries: 1,
-                // The three, and the short blob whose row was forgotten.
-                removed_orphans: 4,
-                forgotten_versions: 3,
-            }
-        );
-        let rows = storage.meta().all_versions().unwrap();
-        assert_eq!(rows.len(), 7 + 5 - 3);
-        for row in rows {
-            let content = storage.read_latest(id, &row.file).unwrap().unwrap();
-            assert_eq!(content.len() as u64, row.size, "{}", row.file);
-        }
-        assert_eq!(
-            storage.recover_in_pages(1).unwrap(),
-            RecoveryReport::default(),
-            "a second pass finds nothing"
-        );
     }
 
     #[test]

@@ -10,7 +10,7 @@ use protocol::{Limits, Response, UserName};
 use crate::error::{Error, ErrorKind};
 use crate::fanout::{fan_out, ItemFailure, Queue};
 use crate::files::BackupItem;
-use crate::report::{FileReport, Outcome, Report};
+use crate::report::{FileReport, Outcome, RunKind, RunReport};
 use crate::settings::PacketSize;
 use crate::upload;
 
@@ -201,17 +201,14 @@ impl Client {
     ///
     /// # Errors
     /// When the connection or the key exchange fails before any file is
-    /// sent; failures of single files are in the [`Report`].
+    /// sent; failures of single files are in the [`RunReport`].
     pub async fn backup(
         &self,
         items: Vec<BackupItem>,
         register_as: Option<&UserName>,
-    ) -> Result<Report, Error> {
+    ) -> Result<RunReport, Error> {
         let started = Instant::now();
-        let mut report = Report {
-            server: self.options.server.clone(),
-            ..Report::default()
-        };
+        let mut report = RunReport::new(RunKind::Backup, self.options.server.clone());
         let mut plans = Vec::with_capacity(items.len());
         for item in &items {
             let (plan, outcome) = match self.plan(item) {
@@ -219,8 +216,9 @@ impl Client {
                 Err(e) => (None, Outcome::Failed(e)),
             };
             let file = FileReport {
-                path: item.path.clone(),
+                path: Some(item.path.clone()),
                 name: item.name.to_string_lossy(),
+                version: None,
                 size: item.size,
                 outcome,
             };
@@ -278,8 +276,9 @@ impl Client {
             let result = self.upload(&mut keyed, item, plan).await;
             let stop = matches!(&result, Err(e) if !e.connection_usable);
             let file = FileReport {
-                path: item.path.clone(),
+                path: Some(item.path.clone()),
                 name: item.name.to_string_lossy(),
+                version: None,
                 size: item.size,
                 outcome: match result {
                     Ok((attempts, cksum)) => Outcome::Stored { attempts, cksum },

@@ -73,14 +73,9 @@ pub trait StagedBlob: Send {
     fn abort(self: Box<Self>) -> Result<(), StorageError>;
 }
 
-/// What [`BlobStore::recover`] found.
-#[derive(Debug, Default, Clone)]
-pub struct BlobInventory {
-    /// Committed-looking blobs with their sizes.
-    pub blobs: Vec<(BlobKey, u64)>,
-    /// Temporaries of interrupted uploads that were removed.
-    pub removed_temporaries: usize,
-}
+/// Committed blobs with their sizes, in strictly increasing key order
+/// (byte order), as [`BlobStore::list`] yields them.
+pub type BlobListing<'a> = Box<dyn Iterator<Item = Result<(BlobKey, u64), StorageError>> + 'a>;
 
 /// File contents, per client.
 pub trait BlobStore: Send + Sync + 'static {
@@ -136,10 +131,20 @@ pub trait BlobStore: Send + Sync + 'static {
     fn remove_client(&self, client: ClientId) -> Result<(), StorageError>;
 
     /// At start-up, with no upload in progress: removes every temporary
-    /// (and, in an object store, every incomplete upload) and lists the
-    /// committed blobs.
+    /// (and, in an object store, every incomplete upload); returns how many.
     ///
     /// # Errors
     /// On an I/O failure.
-    fn recover(&self) -> Result<BlobInventory, StorageError>;
+    fn recover(&self) -> Result<usize, StorageError>;
+
+    /// Every committed blob with its size, in strictly increasing key order,
+    /// read as it goes: recovery merges it with the version rows, a page of
+    /// each at a time. An object store pages through its listing (which is
+    /// in key order); the directory store reads one client folder at a
+    /// time. Blobs deleted while the listing is walked may or may not
+    /// appear.
+    ///
+    /// # Errors
+    /// On an I/O failure, at the start or as an item.
+    fn list(&self) -> Result<BlobListing<'_>, StorageError>;
 }

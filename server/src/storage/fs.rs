@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 
 use protocol::ClientId;
 
-use super::{BlobInventory, BlobKey, BlobStore, BlobWriter, StagedBlob, StorageError};
+use super::{BlobKey, BlobListing, BlobStore, BlobWriter, StagedBlob, StorageError};
 
 /// Directory of the per-client folders.
 pub const CLIENTS_DIR: &str = "clients";
@@ -214,52 +214,110 @@ impl BlobStore for FsBlobStore {
         }
     }
 
-    fn recover(&self) -> Result<BlobInventory, StorageError> {
+    fn recover(&self) -> Result<usize, StorageError> {
+        let mut removed = 0;
+        for client in self.client_names(false)? {
+            let tmp = self.root.join(CLIENTS_DIR).join(&client).join(TMP_DIR);
+            let Ok(temps) = fs::read_dir(&tmp) else {
+                continue;
+            };
+            for t in temps {
+                let t = t.map_err(|e| StorageError::io("list", &tmp, e))?;
+                let path = t.path();
+                if path.is_file() {
+                    fs::remove_file(&path).map_err(|e| StorageError::io("remove", &path, e))?;
+                    removed += 1;
+                }
+            }
+            sync_dir(&tmp)?;
+        }
+        Ok(removed)
+    }
+
+    fn list(&self) -> Result<BlobListing<'_>, StorageError> {
+        let mut clients = self.client_names(true)?;
+        clients.sort_unstable();
+        Ok(Box::new(Listing {
+            store: self,
+            clients: clients.into_iter(),
+            blobs: Vec::new().into_iter(),
+        }))
+    }
+}
+
+impl FsBlobStore {
+    /// The names of the client folders (32 hex digits each), in no order;
+    /// anything else is left alone (with a warning when `warn`).
+    fn client_names(&self, warn: bool) -> Result<Vec<String>, StorageError> {
         let clients = self.root.join(CLIENTS_DIR);
-        let mut inventory = BlobInventory::default();
         let entries = fs::read_dir(&clients).map_err(|e| StorageError::io("list", &clients, e))?;
+        let mut names = Vec::new();
         for entry in entries {
             let entry = entry.map_err(|e| StorageError::io("list", &clients, e))?;
-            let name = entry.file_name();
-            let Some(client) = name.to_str().filter(|n| is_hex32(n)) else {
-                tracing::warn!(entry = ?entry.path(), "unexpected entry in the clients folder; left alone");
-                continue;
-            };
-            let dir = entry.path();
-            let tmp = dir.join(TMP_DIR);
-            if let Ok(temps) = fs::read_dir(&tmp) {
-                for t in temps {
-                    let t = t.map_err(|e| StorageError::io("list", &tmp, e))?;
-                    let path = t.path();
-                    if path.is_file() {
-                        fs::remove_file(&path).map_err(|e| StorageError::io("remove", &path, e))?;
-                        inventory.removed_temporaries += 1;
-                    }
+            match entry.file_name().to_str().filter(|n| is_hex32(n)) {
+                Some(client) => names.push(client.to_owned()),
+                None if warn => {
+                    tracing::warn!(entry = ?entry.path(), "unexpected entry in the clients folder; left alone");
                 }
-                sync_dir(&tmp)?;
+                None => {}
             }
-            let blobs = dir.join(BLOBS_DIR);
-            let Ok(listing) = fs::read_dir(&blobs) else {
-                continue;
-            };
-            for b in listing {
-                let b = b.map_err(|e| StorageError::io("list", &blobs, e))?;
-                let file_name = b.file_name();
-                let meta = b
-                    .metadata()
-                    .map_err(|e| StorageError::io("stat", &b.path(), e))?;
-                match file_name.to_str() {
-                    Some(blob) if is_hex32(blob) && meta.is_file() => {
-                        let key = BlobKey(format!("{CLIENTS_DIR}/{client}/{BLOBS_DIR}/{blob}"));
-                        inventory.blobs.push((key, meta.len()));
-                    }
-                    _ => {
-                        tracing::warn!(entry = ?b.path(), "unexpected entry among blobs; left alone")
-                    }
+        }
+        Ok(names)
+    }
+
+    /// The committed blobs of one client folder, sorted by key.
+    fn client_blobs(&self, client: &str) -> Result<Vec<(BlobKey, u64)>, StorageError> {
+        let blobs = self.root.join(CLIENTS_DIR).join(client).join(BLOBS_DIR);
+        let Ok(listing) = fs::read_dir(&blobs) else {
+            return Ok(Vec::new());
+        };
+        let mut found = Vec::new();
+        for b in listing {
+            let b = b.map_err(|e| StorageError::io("list", &blobs, e))?;
+            let file_name = b.file_name();
+            let meta = b
+                .metadata()
+                .map_err(|e| StorageError::io("stat", &b.path(), e))?;
+            match file_name.to_str() {
+                Some(blob) if is_hex32(blob) && meta.is_file() => {
+                    let key = BlobKey(format!("{CLIENTS_DIR}/{client}/{BLOBS_DIR}/{blob}"));
+                    found.push((key, meta.len()));
+                }
+                _ => {
+                    tracing::warn!(entry = ?b.path(), "unexpected entry among blobs; left alone")
                 }
             }
         }
-        Ok(inventory)
+        found.sort_unstable();
+        Ok(found)
+    }
+}
+
+/// [`FsBlobStore::list`]: client folders in order, each read and sorted
+/// when reached. Keys are `clients/<32 hex>/blobs/<32 hex>`, all of one
+/// length, so folder order then file order is key order. Memory: the
+/// client names and one client's blob names, never every blob at once
+/// (a directory cannot be read in name order without reading it whole).
+struct Listing<'a> {
+    store: &'a FsBlobStore,
+    clients: std::vec::IntoIter<String>,
+    blobs: std::vec::IntoIter<(BlobKey, u64)>,
+}
+
+impl Iterator for Listing<'_> {
+    type Item = Result<(BlobKey, u64), StorageError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            if let Some(blob) = self.blobs.next() {
+                return Some(Ok(blob));
+            }
+            let client = self.clients.next()?;
+            match self.store.client_blobs(&client) {
+                Ok(blobs) => self.blobs = blobs.into_iter(),
+                Err(e) => return Some(Err(e)),
+            }
+        }
     }
 }
 
@@ -572,9 +630,9 @@ mod tests {
         pending.write(b"half").unwrap();
         // A crash: the writer is never dropped.
         std::mem::forget(pending);
-        let inv = store.recover().unwrap();
-        assert_eq!(inv.removed_temporaries, 1);
-        assert_eq!(inv.blobs, vec![(key, 5)]);
+        assert_eq!(store.recover().unwrap(), 1);
+        let listed: Vec<_> = store.list().unwrap().map(Result::unwrap).collect();
+        assert_eq!(listed, vec![(key, 5)]);
         assert_eq!(files_under(dir.path()).len(), 1);
     }
 

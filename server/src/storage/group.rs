@@ -372,8 +372,11 @@ mod tests {
         fn remove_client(&self, client: ClientId) -> Result<(), StorageError> {
             self.inner.remove_client(client)
         }
-        fn recover(&self) -> Result<crate::storage::BlobInventory, StorageError> {
+        fn recover(&self) -> Result<usize, StorageError> {
             self.inner.recover()
+        }
+        fn list(&self) -> Result<crate::storage::BlobListing<'_>, StorageError> {
+            self.inner.list()
         }
     }
 

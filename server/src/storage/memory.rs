@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use protocol::ClientId;
 
-use super::{BlobInventory, BlobKey, BlobStore, BlobWriter, StagedBlob, StorageError};
+use super::{BlobKey, BlobListing, BlobStore, BlobWriter, StagedBlob, StorageError};
 
 #[derive(Default)]
 struct Inner {
@@ -194,19 +194,23 @@ impl BlobStore for MemBlobStore {
         Ok(())
     }
 
-    fn recover(&self) -> Result<BlobInventory, StorageError> {
+    fn recover(&self) -> Result<usize, StorageError> {
         let mut inner = self.lock();
-        let removed_temporaries = inner.pending.len();
+        let removed = inner.pending.len();
         inner.pending.clear();
-        let blobs = inner
+        Ok(removed)
+    }
+
+    fn list(&self) -> Result<BlobListing<'_>, StorageError> {
+        // A snapshot in key order (the map is ordered); memory is what the
+        // store holds anyway.
+        let blobs: Vec<(BlobKey, u64)> = self
+            .lock()
             .blobs
             .iter()
             .map(|(k, v)| (k.clone(), v.len() as u64))
             .collect();
-        Ok(BlobInventory {
-            blobs,
-            removed_temporaries,
-        })
+        Ok(Box::new(blobs.into_iter().map(Ok)))
     }
 }
 
@@ -258,9 +262,8 @@ mod tests {
         w.finish().unwrap().abort().unwrap();
         assert_eq!(store.pending(), 0);
         let _left = store.begin_write(ClientId([2; 16])).unwrap();
-        let inventory = store.recover().unwrap();
-        assert_eq!(inventory.removed_temporaries, 1);
-        assert!(inventory.blobs.is_empty());
+        assert_eq!(store.recover().unwrap(), 1);
+        assert_eq!(store.list().unwrap().count(), 0);
     }
 
     #[test]
@@ -275,13 +278,7 @@ mod tests {
         store.remove_client(ClientId([1; 16])).unwrap();
         assert!(store.open(&a).is_err());
         assert_eq!(read_all(&store, &b), [2]);
-        let keys: Vec<BlobKey> = store
-            .recover()
-            .unwrap()
-            .blobs
-            .into_iter()
-            .map(|b| b.0)
-            .collect();
+        let keys: Vec<BlobKey> = store.list().unwrap().map(|b| b.unwrap().0).collect();
         assert_eq!(keys, vec![b]);
     }
 }

@@ -174,15 +174,8 @@ impl SqliteMetaStore {
         // Every key sorts after the empty string.
         let after = after.map_or("", |k| k.0.as_str());
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let rows = stmt.query_map(params![after, limit], |r| {
-            Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))
-        })?;
-        rows.map(|r| {
-            let (blob, size) = r?;
-            let size = u64::try_from(size).map_err(|_| corrupt("negative size"))?;
-            Ok((BlobKey(blob), size))
-        })
-        .collect()
+        let rows = stmt.query_and_then(params![after, limit], blob_size)?;
+        rows.collect()
     }
 }
 
@@ -285,15 +278,12 @@ impl MetaStore for SqliteMetaStore {
     }
 
     fn client(&self, id: ClientId) -> Result<Option<ClientRecord>, StorageError> {
-        let row: Option<RawClient> = self
-            .conn()
-            .query_row(
-                &format!("SELECT {CLIENT_COLUMNS} FROM clients WHERE id = ?1"),
-                [&id.0[..]],
-                RawClient::read,
-            )
-            .optional()?;
-        row.map(RawClient::into_record).transpose()
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(&format!(
+            "SELECT {CLIENT_COLUMNS} FROM clients WHERE id = ?1"
+        ))?;
+        let mut rows = stmt.query_and_then([&id.0[..]], client)?;
+        rows.next().transpose()
     }
 
     fn touch(&self, id: ClientId, now: SystemTime) -> Result<(), StorageError> {
@@ -428,36 +418,18 @@ impl MetaStore for SqliteMetaStore {
 
     fn clients(&self) -> Result<Vec<ClientSummary>, StorageError> {
         let conn = self.conn();
-        let mut stmt = conn.prepare(
-            "SELECT c.id, c.name, c.public_key, c.registered, c.last_seen, c.append_only, c.secure_key,
-                    c.completed_at,
+        let mut stmt = conn.prepare(&format!(
+            "SELECT {CLIENT_COLUMNS},
                     (SELECT count(DISTINCT f.id) FROM files f JOIN versions v ON v.file_id = f.id
                       WHERE f.client_id = c.id),
                     (SELECT count(*) FROM files f JOIN versions v ON v.file_id = f.id
                       WHERE f.client_id = c.id),
                     (SELECT coalesce(sum(v.size), 0) FROM files f JOIN versions v ON v.file_id = f.id
                       WHERE f.client_id = c.id)
-             FROM clients c ORDER BY c.name",
-        )?;
-        let rows = stmt.query_map([], |r| {
-            Ok((
-                RawClient::read(r)?,
-                r.get::<_, i64>(RawClient::NEXT)?,
-                r.get::<_, i64>(RawClient::NEXT + 1)?,
-                r.get::<_, i64>(RawClient::NEXT + 2)?,
-            ))
-        })?;
-        rows.map(|row| {
-            let (raw, files, versions, bytes) = row?;
-            let count = |n: i64| u64::try_from(n).map_err(|_| corrupt("a total is negative"));
-            Ok(ClientSummary {
-                client: raw.into_record()?,
-                files: count(files)?,
-                versions: count(versions)?,
-                bytes: count(bytes)?,
-            })
-        })
-        .collect()
+             FROM clients c ORDER BY c.name"
+        ))?;
+        let rows = stmt.query_and_then([], client_summary)?;
+        rows.collect()
     }
 
     fn prune(
@@ -542,12 +514,8 @@ impl MetaStore for SqliteMetaStore {
     fn inline_blobs(&self) -> Result<Vec<(BlobKey, u64)>, StorageError> {
         let conn = self.conn();
         let mut stmt = conn.prepare("SELECT blob, length(content) FROM inline_blobs")?;
-        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
-        rows.map(|r| {
-            let (blob, len) = r?;
-            Ok((BlobKey(blob), u64::try_from(len).unwrap_or(0)))
-        })
-        .collect()
+        let rows = stmt.query_and_then([], blob_size)?;
+        rows.collect()
     }
 
     fn recorded_blobs(

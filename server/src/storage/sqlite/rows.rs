@@ -3,9 +3,6 @@
 
 use super::*;
 
-pub(super) const VERSION_COLUMNS: &str =
-    "v.id, f.client_id, f.name, v.blob, v.size, v.content_size, v.cksum, v.sha256, v.verified, v.stored_at";
-
 /// SQLite's errors in the neutral terms of [`StorageError`]; the original
 /// stays attached as the source. This is what lets `?` work on `rusqlite`
 /// calls inside this backend without the interface naming `rusqlite`.
@@ -74,111 +71,87 @@ pub(super) fn client_id(bytes: &[u8]) -> Result<ClientId, StorageError> {
         .map_err(|_| corrupt("a client id is not 16 bytes"))
 }
 
-/// A versions row as read, before validation.
-pub(super) struct RawVersion {
-    id: i64,
-    client: Vec<u8>,
-    name: Vec<u8>,
-    blob: String,
-    size: i64,
-    content_size: i64,
-    cksum: i64,
-    sha256: Vec<u8>,
-    verified: bool,
-    stored_at: i64,
+/// The columns [`version`] reads, in order (`v`: versions, `f`: files).
+pub(super) const VERSION_COLUMNS: &str =
+    "v.id, f.client_id, f.name, v.blob, v.size, v.content_size, v.cksum, v.sha256, v.verified, v.stored_at";
+
+/// A non-negative integer column as `u64`.
+fn unsigned(row: &Row<'_>, i: usize, what: &str) -> Result<u64, StorageError> {
+    u64::try_from(row.get::<_, i64>(i)?).map_err(|_| corrupt(what))
 }
 
-impl RawVersion {
-    pub(super) fn read(row: &Row<'_>) -> rusqlite::Result<Self> {
-        Ok(Self {
-            id: row.get(0)?,
-            client: row.get(1)?,
-            name: row.get(2)?,
-            blob: row.get(3)?,
-            size: row.get(4)?,
-            content_size: row.get(5)?,
-            cksum: row.get(6)?,
-            sha256: row.get(7)?,
-            verified: row.get(8)?,
-            stored_at: row.get(9)?,
-        })
-    }
-
-    pub(super) fn into_record(self) -> Result<VersionRecord, StorageError> {
-        Ok(VersionRecord {
-            version: self.id,
-            client: client_id(&self.client)?,
-            file: FileName::new(self.name).map_err(|_| corrupt("a file name is invalid"))?,
-            blob: BlobKey(self.blob),
-            size: u64::try_from(self.size).map_err(|_| corrupt("a size is negative"))?,
-            content_size: u64::try_from(self.content_size)
-                .map_err(|_| corrupt("a size is negative"))?,
-            cksum: u32::try_from(self.cksum).map_err(|_| corrupt("a cksum is out of range"))?,
-            sha256: self
-                .sha256
-                .as_slice()
-                .try_into()
-                .map_err(|_| corrupt("a SHA-256 is not 32 bytes"))?,
-            verified: self.verified,
-            stored_at: from_ms(self.stored_at),
-        })
-    }
+/// The one mapper of a versions row ([`VERSION_COLUMNS`]): read and
+/// validated.
+pub(super) fn version(row: &Row<'_>) -> Result<VersionRecord, StorageError> {
+    let name: Vec<u8> = row.get(2)?;
+    let sha256: Vec<u8> = row.get(7)?;
+    Ok(VersionRecord {
+        version: row.get(0)?,
+        client: client_id(&row.get::<_, Vec<u8>>(1)?)?,
+        file: FileName::new(name).map_err(|_| corrupt("a file name is invalid"))?,
+        blob: BlobKey(row.get(3)?),
+        size: unsigned(row, 4, "a size is negative")?,
+        content_size: unsigned(row, 5, "a size is negative")?,
+        cksum: u32::try_from(row.get::<_, i64>(6)?)
+            .map_err(|_| corrupt("a cksum is out of range"))?,
+        sha256: sha256
+            .as_slice()
+            .try_into()
+            .map_err(|_| corrupt("a SHA-256 is not 32 bytes"))?,
+        verified: row.get(8)?,
+        stored_at: from_ms(row.get(9)?),
+    })
 }
 
-/// A clients row as read, before validation.
-pub(super) struct RawClient {
-    id: Vec<u8>,
-    name: Vec<u8>,
-    key: Option<Vec<u8>>,
-    registered: i64,
-    last_seen: i64,
-    append_only: bool,
-    secure_key: Option<Vec<u8>>,
-    completed_at: Option<i64>,
-}
-
-/// The columns [`RawClient::read`] reads, in order.
+/// The columns [`client`] reads, in order.
 pub(super) const CLIENT_COLUMNS: &str =
     "id, name, public_key, registered, last_seen, append_only, secure_key, completed_at";
+/// The first column after [`CLIENT_COLUMNS`] in a query that selects them
+/// first.
+pub(super) const CLIENT_NEXT: usize = 8;
 
-impl RawClient {
-    /// Columns read after the client's own, in a query that selects
-    /// [`CLIENT_COLUMNS`] first.
-    pub(super) const NEXT: usize = 8;
+/// The one mapper of a clients row ([`CLIENT_COLUMNS`]): read and
+/// validated.
+pub(super) fn client(row: &Row<'_>) -> Result<ClientRecord, StorageError> {
+    let public_key = match row.get::<_, Option<Vec<u8>>>(2)? {
+        None => None,
+        Some(k) => {
+            let field: [u8; PUBLIC_KEY_FIELD_LEN] = k
+                .as_slice()
+                .try_into()
+                .map_err(|_| corrupt("a public key is not 160 bytes"))?;
+            Some(PublicKeyField(field))
+        }
+    };
+    let name: Vec<u8> = row.get(1)?;
+    Ok(ClientRecord {
+        id: client_id(&row.get::<_, Vec<u8>>(0)?)?,
+        name: UserName::new(name).map_err(|_| corrupt("a client name is invalid"))?,
+        public_key,
+        registered: from_ms(row.get(3)?),
+        last_seen: from_ms(row.get(4)?),
+        append_only: row.get(5)?,
+        secure_key: row.get(6)?,
+        completed_at: row.get::<_, Option<i64>>(7)?.map(from_ms),
+    })
+}
 
-    pub(super) fn read(r: &Row<'_>) -> rusqlite::Result<Self> {
-        Ok(Self {
-            id: r.get(0)?,
-            name: r.get(1)?,
-            key: r.get(2)?,
-            registered: r.get(3)?,
-            last_seen: r.get(4)?,
-            append_only: r.get(5)?,
-            secure_key: r.get(6)?,
-            completed_at: r.get(7)?,
-        })
-    }
+/// A clients row ([`CLIENT_COLUMNS`]) followed by its number of files,
+/// versions and bytes.
+pub(super) fn client_summary(row: &Row<'_>) -> Result<ClientSummary, StorageError> {
+    Ok(ClientSummary {
+        client: client(row)?,
+        files: unsigned(row, CLIENT_NEXT, "a total is negative")?,
+        versions: unsigned(row, CLIENT_NEXT + 1, "a total is negative")?,
+        bytes: unsigned(row, CLIENT_NEXT + 2, "a total is negative")?,
+    })
+}
 
-    pub(super) fn into_record(self) -> Result<ClientRecord, StorageError> {
-        let public_key = match self.key {
-            None => None,
-            Some(k) => {
-                let field: [u8; PUBLIC_KEY_FIELD_LEN] = k
-                    .as_slice()
-                    .try_into()
-                    .map_err(|_| corrupt("a public key is not 160 bytes"))?;
-                Some(PublicKeyField(field))
-            }
-        };
-        Ok(ClientRecord {
-            id: client_id(&self.id)?,
-            name: UserName::new(self.name).map_err(|_| corrupt("a client name is invalid"))?,
-            public_key,
-            registered: from_ms(self.registered),
-            last_seen: from_ms(self.last_seen),
-            append_only: self.append_only,
-            secure_key: self.secure_key,
-            completed_at: self.completed_at.map(from_ms),
-        })
-    }
+/// The one mapper of a (blob key, size) row, from `versions` or
+/// `inline_blobs`.
+pub(super) fn blob_size(row: &Row<'_>) -> Result<(BlobKey, u64), StorageError> {
+    Ok((
+        BlobKey(row.get(0)?),
+        unsigned(row, 1, "a size is negative")?,
+    ))
 }

@@ -12,12 +12,8 @@ pub(super) fn query_versions(
         "SELECT {VERSION_COLUMNS} FROM versions v JOIN files f ON f.id = v.file_id {filter}"
     );
     let mut stmt = conn.prepare_cached(&sql)?;
-    let rows = stmt.query_map(params, RawVersion::read)?;
-    rows.map(|r| {
-        r.map_err(StorageError::from)
-            .and_then(RawVersion::into_record)
-    })
-    .collect()
+    let rows = stmt.query_and_then(params, version)?;
+    rows.collect()
 }
 
 pub(super) fn u64_to_sql(n: u64) -> i64 {
