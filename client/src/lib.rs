@@ -35,6 +35,7 @@ pub mod report;
 pub mod restore;
 pub mod retrieval;
 pub mod settings;
+pub mod snapshot;
 pub mod tls;
 pub mod upload;
 

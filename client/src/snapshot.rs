@@ -1,0 +1,6 @@
+//! Snapshots over the repository extension (`docs/PROTOCOL.md` §13): the
+//! client's side, which chunks, names and seals.
+//!
+//! - [`chunk`]: content-defined chunking of a file with bounded memory.
+
+pub mod chunk;
