@@ -7,6 +7,7 @@
 //! [`client::ClientEvent`]s.
 
 pub mod client;
+pub mod repo;
 pub mod server;
 
 /// Attempts to send one file: the first, then up to three resends after
