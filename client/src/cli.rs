@@ -3,9 +3,10 @@
 //! resolved (once, [`resolve`]) and each command run and rendered.
 
 mod args;
+mod snapshot;
 
 pub use args::{
-    BackupArgs, Cli, Command, DeleteArgs, GlobalArgs, ListArgs, RegisterArgs, RestoreArgs,
+    BackupArgs, Cli, Command, DeleteArgs, GlobalArgs, ListArgs, LsArgs, RegisterArgs, RestoreArgs,
 };
 
 use std::path::{Path, PathBuf};
@@ -103,14 +104,23 @@ pub async fn run(cli: Cli, cwd: &Path) -> u8 {
             } else {
                 files::Links::Skip
             };
-            backup(&cli.global, paths, links, cwd, false, &console).await
+            backup(&cli.global, Some(args), paths, links, cwd, false, &console).await
         }
+        Some(Command::Snapshots) => match retrieval_client(&cli.global, cwd, &console) {
+            Ok(client) => snapshot::snapshots(&client, &cli.global, &console).await,
+            Err(e) => Err(e),
+        },
+        Some(Command::Ls(args)) => match retrieval_client(&cli.global, cwd, &console) {
+            Ok(client) => snapshot::ls(&client, args, &cli.global, &console).await,
+            Err(e) => Err(e),
+        },
         Some(Command::List(args)) => list(&cli.global, args, cwd, &console).await,
         Some(Command::Restore(args)) => restore(&cli.global, args, cwd, &console).await,
         Some(Command::Delete(args)) => delete(&cli.global, args, cwd, &console).await,
         None => {
             backup(
                 &cli.global,
+                None,
                 Vec::new(),
                 files::Links::Skip,
                 cwd,
@@ -194,6 +204,7 @@ async fn register(
 /// server and name then come from transfer.info in `cwd`).
 async fn backup(
     global: &GlobalArgs,
+    args: Option<&BackupArgs>,
     paths: Vec<PathBuf>,
     links: files::Links,
     cwd: &Path,
@@ -218,6 +229,11 @@ async fn backup(
         (None, None) => None,
     };
     let store = IdentityStore::new(&places.identity_dir);
+    if let Some(args) = args.filter(|_| !options.legacy && !global.per_file && !legacy_folder) {
+        let feedback: Arc<dyn Feedback> = console.clone();
+        let client = Client::new(options, store).with_feedback(feedback);
+        return snapshot::backup(&client, args, paths, register_as.as_ref(), global, console).await;
+    }
     if let (Some(t), Ok(Some(identity))) = (&legacy, store.load()) {
         if identity.name != t.name {
             console.notice(&format!(
@@ -371,6 +387,9 @@ async fn restore(
     console: &Arc<Console>,
 ) -> Result<u8, Error> {
     let client = retrieval_client(global, cwd, console)?;
+    if !client.options().legacy && !global.per_file && !args.all && args.version.is_none() {
+        return snapshot::restore(&client, args, cwd, global, console).await;
+    }
     let to = args.to.as_ref().map(|p| cwd.join(p));
     let report = match (&args.name, args.all, &to) {
         (_, true, Some(dir)) => client.restore_all(dir, args.overwrite).await?,
@@ -386,11 +405,10 @@ async fn restore(
                 )
                 .await?
         }
-        // clap requires NAME or --all --to.
         _ => {
-            return Err(Error::Internal(
-                "restore needs NAME, or --all with --to".into(),
-            ))
+            return Err(Error::Usage {
+                detail: "restoring file by file needs NAME, or --all with --to".into(),
+            })
         }
     };
     summarize(&report, global, console);
@@ -552,8 +570,7 @@ mod tests {
             Some(Command::List(ListArgs { versions: true }))
         ));
         for bad in [
-            &["backup-client", "restore"][..],
-            &["backup-client", "restore", "--all"],
+            &["backup-client", "restore", "--all"][..],
             &["backup-client", "restore", "x", "--all", "--to", "d"],
             &[
                 "backup-client",

@@ -103,6 +103,12 @@ pub enum Error {
     },
     #[error("the server at {server} does not support retrieval (list, restore, delete); only backups can be made to it")]
     RetrievalUnsupported { server: String },
+    #[error(
+        "the server at {server} does not support snapshots; back up file by file with --per-file"
+    )]
+    SnapshotsUnsupported { server: String },
+    #[error("the server at {server} did not commit the snapshot: {detail}")]
+    SnapshotRefused { server: String, detail: String },
     #[error("the server at {server} does not know client {client_id} (\"{name}\"), so it holds nothing to retrieve for it; check --server and the identity in {dir}")]
     UnknownClient {
         server: String,
@@ -143,6 +149,14 @@ pub enum Error {
     Protocol { server: String, detail: String },
     #[error("internal error: {0}; please report it")]
     Internal(String),
+    #[error("this client's repository key cannot be opened: {detail}")]
+    RepositoryKey { detail: String },
+    #[error("{detail}")]
+    Usage { detail: String },
+    #[error("this client has no repository key on the server yet: it has made no snapshot")]
+    NoRepositoryKey,
+    #[error("this client holds a backup-only key: it can make snapshots but not read them; restore with the full key")]
+    BackupOnlyKey,
 
     // --- verification failed ---------------------------------------------------
     #[error("{path} was not stored: the server's checksum differed from ours on all {attempts} attempts; check the network path to {server} and try again")]
@@ -160,7 +174,12 @@ pub enum Error {
     #[error("the server's copy of {name} (version {version}) is damaged or unreadable; nothing was written; the server's operator should run `backup-server scrub`")]
     DamagedOnServer { name: String, version: u64 },
 
+    #[error("{path}: the server's copy of its content is damaged or missing ({detail}); the server's operator should run `backup-server scrub`")]
+    DamagedObject { path: String, detail: String },
+
     // --- not found -------------------------------------------------------------
+    #[error("the server at {server} holds no {what}; run `backup-client snapshots` to see what it holds")]
+    NoSnapshot { server: String, what: String },
     #[error("the server at {server} holds no {what}; run `backup-client list --versions` to see what it holds")]
     NotFound { server: String, what: String },
 
@@ -269,12 +288,18 @@ impl Error {
             | RetrievalUnsupported { .. }
             | UnknownClient { .. }
             | AppendOnly { .. }
+            | SnapshotsUnsupported { .. }
+            | SnapshotRefused { .. }
             | Refused { .. } => ErrorKind::Rejected,
-            NotFound { .. } => ErrorKind::NotFound,
-            Protocol { .. } | Internal(_) => ErrorKind::Other,
-            Verification { .. } | RestoreVerification { .. } | DamagedOnServer { .. } => {
-                ErrorKind::Verification
+            NotFound { .. } | NoSnapshot { .. } => ErrorKind::NotFound,
+            RepositoryKey { .. } | NoRepositoryKey | BackupOnlyKey | Usage { .. } => {
+                ErrorKind::Usage
             }
+            Protocol { .. } | Internal(_) => ErrorKind::Other,
+            Verification { .. }
+            | RestoreVerification { .. }
+            | DamagedOnServer { .. }
+            | DamagedObject { .. } => ErrorKind::Verification,
             ReadFile { .. }
             | FileChanged { .. }
             | TooLarge { .. }

@@ -3,4 +3,8 @@
 //!
 //! - [`chunk`]: content-defined chunking of a file with bounded memory.
 
+pub mod backup;
 pub mod chunk;
+pub mod keys;
+pub mod remote;
+pub mod restore;

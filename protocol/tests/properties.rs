@@ -341,6 +341,7 @@ fn repo_response() -> impl Strategy<Value = RepoResponse> {
             }
         }),
         any::<u8>().prop_map(|slot| RepoResponse::KeyStored { slot }),
+        any::<u8>().prop_map(|slot| RepoResponse::KeyExists { slot }),
     ]
 }
 
@@ -773,7 +774,7 @@ fn response_codes() -> Vec<u16> {
     (1600..=1607)
         .chain(1640..=1645)
         .chain(1650..=1651)
-        .chain(1660..=1670)
+        .chain(1660..=1671)
         .chain([0, 1608, 1646, 1652, u16::MAX])
         .collect()
 }

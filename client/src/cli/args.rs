@@ -121,6 +121,12 @@ pub struct GlobalArgs {
     /// error)
     #[arg(long, global = true)]
     pub json: bool,
+
+    /// Back up and restore file by file, as before snapshots: the history
+    /// that `list` shows. Always so with --legacy and in a folder holding
+    /// transfer.info [default: snapshots in secure mode]
+    #[arg(long, global = true)]
+    pub per_file: bool,
 }
 
 /// The commands.
@@ -130,9 +136,17 @@ pub enum Command {
     /// save the identity (me.info, priv.key)
     #[command(after_help = EXIT_STATUS)]
     Register(RegisterArgs),
-    /// Back up files, and directories recursively, verifying each file
+    /// Back up files and directories recursively. In secure mode this makes
+    /// a snapshot: only what the server does not hold yet is sent, encrypted
+    /// with a key the server never sees
     #[command(after_help = EXIT_STATUS)]
     Backup(BackupArgs),
+    /// List this client's snapshots
+    #[command(after_help = EXIT_STATUS)]
+    Snapshots,
+    /// List what a snapshot holds: `ls [SNAPSHOT][:PATH]`
+    #[command(after_help = EXIT_STATUS)]
+    Ls(LsArgs),
     /// List the files stored on the server: name, size, time stored (UTC)
     /// and checksum of the newest version of each, or of every version
     #[command(after_help = EXIT_STATUS)]
@@ -181,15 +195,22 @@ pub struct ListArgs {
     pub versions: bool,
 }
 
+/// `ls`.
+#[derive(Debug, Clone, Args)]
+pub struct LsArgs {
+    /// The snapshot (its number, or `latest`) and a path in it
+    /// [default: the newest snapshot, from its root]
+    #[arg(value_name = "[SNAPSHOT][:PATH]")]
+    pub spec: Option<String>,
+}
+
 /// `restore`.
 #[derive(Debug, Clone, Args)]
 pub struct RestoreArgs {
-    /// Name of the file on the server (as `list` shows it)
-    #[arg(
-        value_name = "NAME",
-        required_unless_present = "all",
-        conflicts_with = "all"
-    )]
+    /// What to restore: a snapshot (its number, or `latest`) and a path in
+    /// it, `[SNAPSHOT][:PATH]` [default: the newest snapshot]; with
+    /// --per-file, the name of a file as `list` shows it
+    #[arg(value_name = "SNAPSHOT:PATH | NAME", conflicts_with = "all")]
     pub name: Option<String>,
 
     /// Version to restore (as `list --versions` shows it) [default: the newest]
@@ -244,9 +265,18 @@ pub struct BackupArgs {
 
     /// Back up the file a symbolic link inside a directory points to, under
     /// the link's name [default: such links are skipped, each with a note].
-    /// Links to directories inside a directory are never followed
+    /// Links to directories inside a directory are never followed. Snapshots
+    /// keep links as links
     #[arg(long)]
     pub follow_symlinks: bool,
+
+    /// A tag for the snapshot (repeatable)
+    #[arg(long = "tag", value_name = "TAG")]
+    pub tags: Vec<String>,
+
+    /// The host name the snapshot records [default: this machine's]
+    #[arg(long, value_name = "NAME")]
+    pub host: Option<String>,
 }
 
 fn parse_size_arg(text: &str) -> Result<u64, String> {

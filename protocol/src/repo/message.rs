@@ -65,7 +65,14 @@ impl ResponseCode {
     pub const OBJECT_DATA: Self = Self(1668);
     pub const KEYS: Self = Self(1669);
     pub const KEY_STORED: Self = Self(1670);
+    pub const KEY_EXISTS: Self = Self(1671);
 }
+
+/// The slot of the envelope that holds the master key for the client's
+/// RSA key: written once, so that two first runs at once cannot each
+/// seal under a master key of their own (the second is told 1671 and
+/// uses the first's).
+pub const MASTER_SLOT: u8 = 0;
 
 /// An object's id: the keyed hash of its plaintext under the client's id
 /// key. The server can compare ids but not invert them.
@@ -454,6 +461,9 @@ pub enum RepoResponse {
     Keys { slots: Vec<KeySlot> },
     /// 1670: the envelope is stored. Payload: slot u8.
     KeyStored { slot: u8 },
+    /// 1671: the slot is written once and already holds an envelope; it
+    /// was kept. Payload: slot u8.
+    KeyExists { slot: u8 },
 }
 
 impl RepoResponse {
@@ -471,6 +481,7 @@ impl RepoResponse {
             Self::ObjectData { .. } => ResponseCode::OBJECT_DATA,
             Self::Keys { .. } => ResponseCode::KEYS,
             Self::KeyStored { .. } => ResponseCode::KEY_STORED,
+            Self::KeyExists { .. } => ResponseCode::KEY_EXISTS,
         }
     }
 
@@ -490,7 +501,7 @@ impl RepoResponse {
             ResponseCode::OBJECT_MISSING => (ID_LEN, ID_LEN),
             ResponseCode::OBJECT_DATA => (1, limits.max_packet_content),
             ResponseCode::KEYS => (1, 1 + MAX_KEY_SLOTS * (3 + MAX_ENVELOPE)),
-            ResponseCode::KEY_STORED => (1, 1),
+            ResponseCode::KEY_STORED | ResponseCode::KEY_EXISTS => (1, 1),
             _ => return None,
         })
     }
@@ -512,7 +523,7 @@ impl RepoResponse {
             Self::ObjectMissing { .. } => ID_LEN,
             Self::ObjectData { content } => content.len(),
             Self::Keys { slots } => 1 + slots.iter().map(|s| 3 + s.envelope.len()).sum::<usize>(),
-            Self::KeyStored { .. } => 1,
+            Self::KeyStored { .. } | Self::KeyExists { .. } => 1,
         }
     }
 
@@ -627,6 +638,9 @@ impl RepoResponse {
                 }
                 Self::Keys { slots }
             }
+            ResponseCode::KEY_EXISTS => Self::KeyExists {
+                slot: payload.first().copied().unwrap_or_default(),
+            },
             _ => Self::KeyStored {
                 slot: payload.first().copied().unwrap_or_default(),
             },
@@ -680,7 +694,7 @@ impl RepoResponse {
                     out.put_slice(&s.envelope);
                 }
             }
-            Self::KeyStored { slot } => out.put_u8(*slot),
+            Self::KeyStored { slot } | Self::KeyExists { slot } => out.put_u8(*slot),
         }
     }
 }

@@ -53,7 +53,10 @@ pub fn answer(kind: RepoKind, response: Response) -> Result<Option<RepoResponse>
                 RepoKind::Fetch,
                 RepoResponse::ObjectBegin { .. } | RepoResponse::ObjectMissing { .. }
             )
-            | (RepoKind::PutKey, RepoResponse::KeyStored { .. })
+            | (
+                RepoKind::PutKey,
+                RepoResponse::KeyStored { .. } | RepoResponse::KeyExists { .. }
+            )
             | (RepoKind::GetKeys, RepoResponse::Keys { .. })
     );
     if !fits {

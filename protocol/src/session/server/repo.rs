@@ -82,7 +82,9 @@ pub enum RepoAction {
         ids: Vec<ObjectId>,
         packet: usize,
     },
-    /// Store the envelope in `slot`, then send `reply`.
+    /// Store the envelope in `slot`, then send `reply`; but when `slot`
+    /// is [`MASTER_SLOT`](crate::repo::message::MASTER_SLOT) and already
+    /// holds one, keep it and send 1671 (`RepoResponse::KeyExists`).
     PutKey {
         client_id: ClientId,
         slot: u8,

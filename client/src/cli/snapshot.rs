@@ -1,0 +1,212 @@
+//! The snapshot commands of `backup-client` (secure mode): `backup` as a
+//! snapshot, `snapshots`, `ls` and `restore [SNAPSHOT][:PATH]`, with their
+//! text and JSON renderings.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use protocol::UserName;
+
+use super::args::{BackupArgs, GlobalArgs, LsArgs, RestoreArgs};
+use super::utc_time;
+use crate::engine::Client;
+use crate::error::Error;
+use crate::feedback::{Console, Feedback};
+use crate::snapshot::backup::{SnapshotOptions, SnapshotSummary};
+use crate::snapshot::restore::RestoreSummary;
+
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .map(|h| h.trim().to_owned())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+fn size(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = bytes as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit + 1 < UNITS.len() {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
+}
+
+/// `backup PATH...` in secure mode: registers first when there is no
+/// identity yet and a name is known, then makes a snapshot.
+pub(super) async fn backup(
+    client: &Client,
+    args: &BackupArgs,
+    paths: Vec<PathBuf>,
+    register_as: Option<&UserName>,
+    global: &GlobalArgs,
+    console: &Arc<Console>,
+) -> Result<u8, Error> {
+    if client.store().load()?.is_none() {
+        let name = register_as.ok_or_else(|| Error::NotRegistered {
+            dir: client.store().dir().to_owned(),
+        })?;
+        client.register(name.clone(), false).await?;
+    }
+    let options = SnapshotOptions {
+        tags: args.tags.clone(),
+        host: args.host.clone().unwrap_or_else(host_name),
+    };
+    let summary = client.snapshot(&paths, &options).await?;
+    for (path, why) in &summary.skipped {
+        console.notice(&format!("skipped {path}: {why}"));
+    }
+    let code = if summary.skipped.is_empty() { 0 } else { 6 };
+    if global.json {
+        let mut v = serde_json::to_value(&summary).unwrap_or_default();
+        v["ok"] = serde_json::json!(code == 0);
+        v["exit_code"] = serde_json::json!(code);
+        v["server"] = serde_json::json!(client.options().server);
+        println!("{v}");
+    } else {
+        console.say(&summary_line(&summary, &client.options().server));
+    }
+    Ok(code)
+}
+
+fn summary_line(s: &SnapshotSummary, server: &str) -> String {
+    format!(
+        "snapshot {} saved on {server}: {} files, {} directories, {}; {} new objects, {} sent in {} packs{}",
+        s.snapshot,
+        s.files,
+        s.dirs,
+        size(s.bytes),
+        s.new_objects,
+        size(s.sent_bytes),
+        s.packs,
+        if s.skipped.is_empty() {
+            String::new()
+        } else {
+            format!("; {} skipped", s.skipped.len())
+        }
+    )
+}
+
+/// `snapshots`.
+pub(super) async fn snapshots(
+    client: &Client,
+    global: &GlobalArgs,
+    console: &Console,
+) -> Result<u8, Error> {
+    let listed = client.snapshots().await?;
+    if global.json {
+        let v = serde_json::json!({
+            "ok": true,
+            "exit_code": 0,
+            "server": client.options().server,
+            "snapshots": listed,
+        });
+        println!("{v}");
+        return Ok(0);
+    }
+    if listed.is_empty() {
+        console.say(&format!("no snapshots on {}", client.options().server));
+    }
+    for s in &listed {
+        console.say(&format!(
+            "{:>6}  {}  {}  {:>10}  {} files  {}{}",
+            s.id,
+            utc_time(s.time),
+            s.host,
+            size(s.bytes),
+            s.files,
+            s.paths.join(" "),
+            if s.tags.is_empty() {
+                String::new()
+            } else {
+                format!("  [{}]", s.tags.join(", "))
+            }
+        ));
+    }
+    Ok(0)
+}
+
+/// `ls [SNAPSHOT][:PATH]`.
+pub(super) async fn ls(
+    client: &Client,
+    args: &LsArgs,
+    global: &GlobalArgs,
+    console: &Console,
+) -> Result<u8, Error> {
+    let (snap, entries) = client.ls(args.spec.as_deref().unwrap_or("")).await?;
+    if global.json {
+        let v = serde_json::json!({
+            "ok": true,
+            "exit_code": 0,
+            "snapshot": snap,
+            "entries": entries,
+        });
+        println!("{v}");
+        return Ok(0);
+    }
+    for e in &entries {
+        let shown = match e.kind {
+            "dir" => format!("{}/", e.path),
+            "symlink" => format!("{}@", e.path),
+            _ => e.path.clone(),
+        };
+        console.say(&format!("{:04o} {:>10}  {shown}", e.mode, e.size));
+    }
+    Ok(0)
+}
+
+/// `restore [SNAPSHOT][:PATH] --to DIR`.
+pub(super) async fn restore(
+    client: &Client,
+    args: &RestoreArgs,
+    cwd: &Path,
+    global: &GlobalArgs,
+    console: &Console,
+) -> Result<u8, Error> {
+    let to = args
+        .to
+        .as_ref()
+        .map(|p| cwd.join(p))
+        .ok_or_else(|| Error::Usage {
+            detail: "restoring a snapshot needs --to DIR, the folder to restore into".into(),
+        })?;
+    let spec = args.name.as_deref().unwrap_or("");
+    let summary = client.restore_snapshot(spec, &to, args.overwrite).await?;
+    let code = summary.first_error.as_ref().map_or(0, Error::exit_code);
+    for (path, why) in &summary.failed {
+        console.print_error(&format!("{path}: {why}"));
+    }
+    if global.json {
+        let mut v = serde_json::to_value(&summary).unwrap_or_default();
+        v["ok"] = serde_json::json!(code == 0);
+        v["exit_code"] = serde_json::json!(code);
+        println!("{v}");
+    } else {
+        console.say(&restore_line(&summary, &to));
+    }
+    Ok(code)
+}
+
+fn restore_line(s: &RestoreSummary, to: &Path) -> String {
+    format!(
+        "restored snapshot {} into {}: {} files, {} directories, {} links, {}{}",
+        s.snapshot,
+        to.display(),
+        s.files,
+        s.dirs,
+        s.links,
+        size(s.bytes),
+        if s.failed.is_empty() {
+            String::new()
+        } else {
+            format!("; {} failed", s.failed.len())
+        }
+    )
+}

@@ -1,0 +1,283 @@
+//! A proven secure connection speaking the repository extension
+//! (`docs/PROTOCOL.md` §13): one method per request, each checked against
+//! what its answer may be by `protocol::session::repo`.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use protocol::repo::message::{
+    CommitRefusal, KeySlot, ObjectId, PackEntry, RepoKind, RepoRequest, RepoResponse,
+    SnapshotEntry, MAX_FETCH_IDS, MAX_IDS,
+};
+use protocol::session::repo::{self as rules, FetchReceiver, Fetched};
+use protocol::{ClientId, Numbering, Request, RequestFrame, Response};
+
+use crate::engine::Keyed;
+use crate::error::Error;
+
+/// Time the server may take beyond the timeout to make a pack durable or
+/// commit a snapshot.
+const SYNC_ALLOWANCE: Duration = Duration::from_secs(60);
+
+/// A connection whose client has proved its key, used for snapshots.
+pub struct Remote {
+    keyed: Keyed,
+    server: String,
+    /// Whether any repository request was answered on this connection:
+    /// a 1607 to the first means the server lacks the extension.
+    answered: bool,
+}
+
+impl Remote {
+    pub(crate) fn new(keyed: Keyed, server: String) -> Self {
+        Self {
+            keyed,
+            server,
+            answered: false,
+        }
+    }
+
+    pub fn client_id(&self) -> ClientId {
+        self.keyed.identity.client_id
+    }
+
+    pub(crate) fn identity(&self) -> &crate::identity::Identity {
+        &self.keyed.identity
+    }
+
+    fn frame(&self, request: RepoRequest) -> RequestFrame {
+        RequestFrame {
+            client_id: self.client_id(),
+            numbering: Numbering::Modern,
+            request: Request::Repo(request),
+        }
+    }
+
+    fn protocol(&self, detail: String) -> Error {
+        Error::Protocol {
+            server: self.server.clone(),
+            detail,
+        }
+    }
+
+    /// Sends a request without waiting for an answer.
+    async fn send(&mut self, request: RepoRequest, doing: &str) -> Result<(), Error> {
+        let frame = self.frame(request);
+        self.keyed.conn.send(&frame, doing).await
+    }
+
+    /// Sends a request and returns its answer, checked against the request.
+    async fn ask(&mut self, request: RepoRequest, doing: &str) -> Result<RepoResponse, Error> {
+        let kind = request.kind();
+        self.send(request, doing).await?;
+        self.answer(kind, doing).await
+    }
+
+    async fn answer(&mut self, kind: RepoKind, doing: &str) -> Result<RepoResponse, Error> {
+        let extra = match kind {
+            RepoKind::PackEnd | RepoKind::SnapshotCommit | RepoKind::SnapshotRefs => SYNC_ALLOWANCE,
+            _ => Duration::ZERO,
+        };
+        let response = match self.keyed.conn.recv_within(extra, doing).await {
+            Ok(r) => r,
+            Err(Error::Closed { .. }) if !self.answered => {
+                return Err(Error::SnapshotsUnsupported {
+                    server: self.server.clone(),
+                })
+            }
+            Err(e) => return Err(e),
+        };
+        match rules::answer(kind, response) {
+            Ok(Some(r)) => {
+                self.answered = true;
+                Ok(r)
+            }
+            Ok(None) if !self.answered => Err(Error::SnapshotsUnsupported {
+                server: self.server.clone(),
+            }),
+            Ok(None) => Err(Error::ServerFailed {
+                server: self.server.clone(),
+                request: doing.to_owned(),
+                times: 1,
+            }),
+            Err(e) => Err(self.protocol(e.to_string())),
+        }
+    }
+
+    /// Which of `ids` the server holds for this client.
+    pub async fn have(&mut self, ids: &[ObjectId]) -> Result<Vec<bool>, Error> {
+        let mut out = Vec::with_capacity(ids.len());
+        for batch in ids.chunks(MAX_IDS) {
+            let doing = "asking which chunks the server holds";
+            let answer = self
+                .ask(
+                    RepoRequest::Have {
+                        ids: batch.to_vec(),
+                    },
+                    doing,
+                )
+                .await?;
+            let RepoResponse::HaveAnswer { have } = answer else {
+                return Err(self.protocol(format!("{answer:?} while {doing}")));
+            };
+            out.extend(
+                rules::have_answer(batch.len(), have).map_err(|e| self.protocol(e.to_string()))?,
+            );
+        }
+        Ok(out)
+    }
+
+    /// Sends the next bytes of the open pack (opening one).
+    pub async fn pack_data(&mut self, content: Bytes) -> Result<(), Error> {
+        self.send(RepoRequest::PackData { content }, "sending a pack")
+            .await
+    }
+
+    /// Closes the open pack with its index; returns how many objects were new.
+    pub async fn pack_end(&mut self, entries: Vec<PackEntry>) -> Result<u32, Error> {
+        let doing = "storing a pack";
+        match self.ask(RepoRequest::PackEnd { entries }, doing).await? {
+            RepoResponse::PackStored { added } => Ok(added),
+            other => Err(self.protocol(format!("{other:?} while {doing}"))),
+        }
+    }
+
+    /// Stages the references of the snapshot to commit; returns how many
+    /// the server does not hold.
+    pub async fn stage(&mut self, ids: &[ObjectId]) -> Result<u64, Error> {
+        let mut missing = 0u64;
+        for batch in ids.chunks(MAX_IDS) {
+            let doing = "sending the snapshot's references";
+            match self
+                .ask(
+                    RepoRequest::SnapshotRefs {
+                        ids: batch.to_vec(),
+                    },
+                    doing,
+                )
+                .await?
+            {
+                RepoResponse::RefsStaged { missing: m } => missing += u64::from(m),
+                other => return Err(self.protocol(format!("{other:?} while {doing}"))),
+            }
+        }
+        Ok(missing)
+    }
+
+    /// Commits the staged snapshot.
+    pub async fn commit(
+        &mut self,
+        time: u64,
+        meta: Vec<u8>,
+    ) -> Result<Result<u64, (CommitRefusal, u32)>, Error> {
+        let doing = "committing the snapshot";
+        match self
+            .ask(
+                RepoRequest::SnapshotCommit {
+                    time,
+                    meta: Bytes::from(meta),
+                },
+                doing,
+            )
+            .await?
+        {
+            RepoResponse::SnapshotCommitted { id } => Ok(Ok(id)),
+            RepoResponse::SnapshotRefused { reason, missing } => Ok(Err((reason, missing))),
+            other => Err(self.protocol(format!("{other:?} while {doing}"))),
+        }
+    }
+
+    /// Every snapshot of this client, oldest first.
+    pub async fn snapshots(&mut self) -> Result<Vec<SnapshotEntry>, Error> {
+        let mut out = Vec::new();
+        let mut cursor = 0;
+        loop {
+            let doing = "listing snapshots";
+            match self.ask(RepoRequest::Snapshots { cursor }, doing).await? {
+                RepoResponse::SnapshotPage {
+                    next_cursor,
+                    entries,
+                } => {
+                    out.extend(entries);
+                    if next_cursor == 0 {
+                        return Ok(out);
+                    }
+                    if next_cursor <= cursor || out.len() > crate::retrieval::MAX_LISTED {
+                        return Err(
+                            self.protocol("a snapshot listing that does not advance".into())
+                        );
+                    }
+                    cursor = next_cursor;
+                }
+                other => return Err(self.protocol(format!("{other:?} while {doing}"))),
+            }
+        }
+    }
+
+    /// The sealed bytes of `ids` (at most [`MAX_FETCH_IDS`]), in order.
+    pub async fn fetch(&mut self, ids: &[ObjectId]) -> Result<Vec<Fetched>, Error> {
+        let mut out = Vec::with_capacity(ids.len());
+        for batch in ids.chunks(MAX_FETCH_IDS) {
+            let doing = "fetching objects";
+            self.send(
+                RepoRequest::Fetch {
+                    ids: batch.to_vec(),
+                },
+                doing,
+            )
+            .await?;
+            let mut receiver = FetchReceiver::new(batch);
+            while !receiver.done() {
+                let response = self.keyed.conn.recv(doing).await?;
+                if matches!(response, Response::GeneralError) {
+                    return Err(Error::ServerFailed {
+                        server: self.server.clone(),
+                        request: doing.to_owned(),
+                        times: 1,
+                    });
+                }
+                if let Some(f) = receiver
+                    .handle(response)
+                    .map_err(|e| self.protocol(e.to_string()))?
+                {
+                    out.push(f);
+                }
+            }
+            self.answered = true;
+        }
+        Ok(out)
+    }
+
+    /// Stores a key envelope in `slot`; `false` when the slot is written
+    /// once and already held one, which was kept.
+    pub async fn put_key(&mut self, slot: u8, envelope: Vec<u8>) -> Result<bool, Error> {
+        let doing = "storing the key envelope";
+        match self
+            .ask(
+                RepoRequest::PutKey {
+                    slot,
+                    envelope: Bytes::from(envelope),
+                },
+                doing,
+            )
+            .await?
+        {
+            RepoResponse::KeyStored { slot: s } if s == slot => Ok(true),
+            RepoResponse::KeyExists { slot: s } if s == slot => Ok(false),
+            other => Err(self.protocol(format!("{other:?} while {doing}"))),
+        }
+    }
+
+    /// This client's key envelopes.
+    pub async fn keys(&mut self) -> Result<Vec<KeySlot>, Error> {
+        let doing = "fetching the key envelopes";
+        match self.ask(RepoRequest::GetKeys, doing).await? {
+            RepoResponse::Keys { slots } => Ok(slots),
+            other => Err(self.protocol(format!("{other:?} while {doing}"))),
+        }
+    }
+
+    pub async fn close(self) {
+        self.keyed.conn.close().await;
+    }
+}
