@@ -35,6 +35,7 @@ mod group;
 pub(crate) mod ingest;
 pub mod memory;
 mod meta;
+pub mod repo;
 mod retention;
 pub mod sqlite;
 
@@ -51,6 +52,7 @@ pub use meta::{
     ClientRecord, ClientSummary, Deletion, MetaStore, NewVersion, PendingVersion, Registration,
     VersionRecord,
 };
+pub use repo::{NewPack, ObjectPlace, PackUpload, RepoStore, StageId};
 pub use retention::{versions_to_remove, Retention, VersionStamp};
 
 /// Files of at most this many bytes are kept in the metadata database, in
@@ -209,6 +211,8 @@ pub struct RecoveryReport {
 pub struct Storage {
     meta: Arc<dyn MetaStore>,
     blobs: Arc<dyn BlobStore>,
+    /// The repository extension's metadata, when this storage keeps one.
+    repo: Option<Arc<dyn RepoStore>>,
     commits: Arc<group::GroupCommit>,
     policy: CommitPolicy,
 }
@@ -228,6 +232,7 @@ impl Storage {
         Self {
             meta,
             blobs,
+            repo: None,
             commits: Arc::default(),
             policy: CommitPolicy::default(),
         }
@@ -241,6 +246,14 @@ impl Storage {
         self
     }
 
+    /// The same storage, keeping the repository extension's metadata in
+    /// `repo` (see the `repo` module).
+    #[must_use]
+    pub fn with_repo(mut self, repo: Arc<dyn RepoStore>) -> Self {
+        self.repo = Some(repo);
+        self
+    }
+
     /// The default backends under `data_dir` (created if missing): SQLite
     /// metadata in `backup.db` and blobs under `clients/`. Does not run
     /// [`recover`](Self::recover).
@@ -249,8 +262,10 @@ impl Storage {
     /// When the directory or the database cannot be opened or migrated.
     pub fn open_local(data_dir: &Path) -> Result<Self, StorageError> {
         let blobs = fs::FsBlobStore::open(data_dir)?;
-        let meta = sqlite::SqliteMetaStore::open(&data_dir.join(Self::DATABASE))?;
-        Ok(Self::new(Arc::new(meta), Arc::new(blobs)))
+        let meta = Arc::new(sqlite::SqliteMetaStore::open(
+            &data_dir.join(Self::DATABASE),
+        )?);
+        Ok(Self::new(meta.clone(), Arc::new(blobs)).with_repo(meta))
     }
 
     /// The metadata backend.
@@ -482,6 +497,9 @@ impl Storage {
             if !broken.is_empty() {
                 forgotten_versions += self.meta.forget_blobs(&broken)?;
             }
+        }
+        if let Some(repo) = &self.repo {
+            repo::recover_packs(&**repo, &on_disk, &mut recorded, page)?;
         }
         let mut removed_orphans = 0;
         for ((key, _), _) in on_disk.iter().zip(&recorded).filter(|(_, r)| !**r) {
