@@ -176,6 +176,13 @@ fn assert_request_within_limits(request: &Request, limits: &Limits) {
             name.as_bytes()
         }
         Request::Prove { .. } => return,
+        Request::Repo(r) => {
+            assert!(
+                r.check(limits).is_ok(),
+                "repository request over its bounds"
+            );
+            return;
+        }
         Request::SendFile(p) => {
             assert!(
                 p.content.len() <= limits.max_packet_content,
@@ -828,10 +835,10 @@ pub fn server_session(data: &[u8]) {
             upload = None;
         }
         match action {
-            Action::Reply(Response::Authenticated { client_id }) => {
             Action::Repo(action) => {
                 panic!("a repository request in a legacy session: {action:?}")
             }
+            Action::Reply(Response::Authenticated { client_id }) => {
                 assert!(!proved, "a second proof accepted");
                 let Some(key) = aes.as_ref() else {
                     panic!("a proof accepted before the client has a key");
