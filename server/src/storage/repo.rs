@@ -374,3 +374,79 @@ pub(super) fn recover_packs(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use protocol::repo::ID_LEN;
+
+    fn located(n: u8, offset: u64, len: u32) -> Located {
+        Located {
+            id: ObjectId([n; ID_LEN]),
+            offset,
+            len,
+        }
+    }
+
+    #[test]
+    fn records_a_pack_with_the_digest_of_its_bytes_only_once_it_is_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::open_local(dir.path()).unwrap();
+        let client = ClientId([3; 16]);
+        let bytes: Vec<u8> = (0..=255u8).cycle().take(300).collect();
+
+        // Fewer bytes than announced: refused, nothing kept.
+        let mut short = storage.begin_pack(client).unwrap();
+        short.write(&bytes[..100]).unwrap();
+        let err = storage
+            .store_pack(short, 300, vec![located(1, 0, 300)], SystemTime::now())
+            .unwrap_err();
+        assert!(matches!(err, StorageError::Corrupt(_)), "{err}");
+        let repo = storage.repo().unwrap();
+        assert!(repo.recorded_packs(None, 10).unwrap().is_empty());
+        let left = storage.blobs().recover().unwrap();
+        assert_eq!(
+            (left.blobs.len(), left.removed_temporaries),
+            (0, 0),
+            "the writer was aborted"
+        );
+
+        let mut pack = storage.begin_pack(client).unwrap();
+        for chunk in bytes.chunks(7) {
+            pack.write(chunk).unwrap();
+        }
+        let objects = vec![located(1, 0, 100), located(2, 100, 200)];
+        let added = storage
+            .store_pack(pack, 300, objects, SystemTime::now())
+            .unwrap();
+        assert_eq!(added, 2);
+        let recorded = repo.recorded_packs(None, 10).unwrap();
+        assert_eq!(recorded.len(), 1);
+        assert_eq!(recorded[0].1, 300);
+        let digest: [u8; 32] = Sha256::digest(&bytes).into();
+        let db = rusqlite::Connection::open(dir.path().join(Storage::DATABASE)).unwrap();
+        let stored: Vec<u8> = db
+            .query_row("SELECT sha256 FROM packs", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(stored, digest);
+        let place = repo
+            .locate(client, &[ObjectId([2; ID_LEN])])
+            .unwrap()
+            .pop()
+            .flatten()
+            .unwrap();
+        let mut read = Vec::new();
+        storage
+            .open_object(&place)
+            .unwrap()
+            .read_to_end(&mut read)
+            .unwrap();
+        assert_eq!(read, bytes[100..]);
+        // Recovery keeps the recorded pack.
+        assert_eq!(
+            storage.recover().unwrap(),
+            super::super::RecoveryReport::default()
+        );
+        assert_eq!(repo.recorded_packs(None, 10).unwrap(), recorded);
+    }
+}
