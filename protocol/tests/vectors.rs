@@ -768,7 +768,10 @@ fn replay(session: &Session) -> (Vec<Response>, FakeStorage) {
                 panic!("{}: no retrieval in a legacy session", session.name)
             }
             Action::Repo(action) => {
-                panic!("{}: no repository request in a legacy session: {action:?}", session.name)
+                panic!(
+                    "{}: no repository request in a legacy session: {action:?}",
+                    session.name
+                )
             }
             Action::Register {
                 client_id, name, ..
