@@ -495,4 +495,62 @@ mod tests {
             vec![(BlobKey("p1".into()), 100)]
         );
     }
+
+    #[test]
+    fn upgrades_a_version_5_database_with_the_repository_tables() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        drop(SqliteMetaStore::open(&path).unwrap());
+        {
+            // What a version 5 server left: no repository tables.
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(
+                "DROP TABLE snapshot_refs; DROP TABLE repo_stage; DROP TABLE key_envelopes;
+                 DROP TABLE snapshots; DROP TABLE objects; DROP TABLE packs;
+                 PRAGMA user_version = 5;",
+            )
+            .unwrap();
+        }
+        let s = SqliteMetaStore::open(&path).unwrap();
+        let version: i64 = s
+            .conn()
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+        assert_eq!(s.add_pack(&pack(A, "p1", &[1])).unwrap(), 1);
+    }
+
+    #[test]
+    fn removing_a_client_removes_its_repository_and_nothing_else() {
+        let (_dir, s) = store();
+        let now = SystemTime::now();
+        for (client, name) in [(A, "a"), (B, "b")] {
+            s.register(client, &UserName::try_from(name).unwrap(), now)
+                .unwrap();
+            s.add_pack(&pack(client, &format!("p{name}"), &[1, 2]))
+                .unwrap();
+            let stage = StageId::random();
+            s.stage_refs(stage, client, true, &[id(1)]).unwrap();
+            s.commit_snapshot(stage, client, 1, b"m", now)
+                .unwrap()
+                .unwrap();
+            s.put_key(client, 0, b"k", now).unwrap();
+        }
+        assert!(s.remove_client(A).unwrap().is_some());
+        for table in [
+            "packs",
+            "objects",
+            "snapshots",
+            "snapshot_refs",
+            "key_envelopes",
+        ] {
+            let n: i64 = s
+                .conn()
+                .query_row(&format!("SELECT count(*) FROM {table}"), [], |r| r.get(0))
+                .unwrap();
+            assert_eq!(n, 1 + i64::from(table == "objects"), "{table}");
+        }
+        assert_eq!(s.have(B, &[id(1), id(2)]).unwrap(), vec![true, true]);
+        assert_eq!(s.snapshots(B, 0, 10).unwrap().len(), 1);
+    }
 }
