@@ -656,3 +656,40 @@ async fn keeps_packs_and_snapshots_across_a_restart() {
         other => panic!("commit: {other:?}"),
     }
 }
+
+#[tokio::test]
+async fn closes_a_fetch_with_1607_when_a_pack_is_shorter_than_its_index() {
+    let dir = tempfile::tempdir().unwrap();
+    prepare(dir.path());
+    let server = start(dir.path()).await;
+    let addr = server.secure_addr.unwrap();
+    let mut a = RepoClient::connect(addr, A).await;
+    let objects = vec![object(1, 100, 1), object(2, 200, 2)];
+    a.upload_pack(&objects, 1 << 20).await;
+    let blobs = pack_blobs(dir.path());
+    assert_eq!(blobs.len(), 1);
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(dir.path().join(&blobs[0]))
+        .unwrap();
+    file.set_len(150).unwrap();
+    // The first object is whole still.
+    assert_eq!(a.fetch(&[oid(1)]).await, vec![Some(objects[0].1.clone())]);
+    a.send(Request::Repo(RepoRequest::Fetch {
+        ids: vec![oid(1), oid(2)],
+    }))
+    .await;
+    let got = a.closed().await;
+    assert!(
+        matches!(
+            got.as_slice(),
+            [
+                Response::Repo(RepoResponse::ObjectBegin { len: 100, .. }),
+                Response::Repo(RepoResponse::ObjectData { .. }),
+                Response::Repo(RepoResponse::ObjectBegin { len: 200, .. }),
+                Response::GeneralError,
+            ]
+        ),
+        "{got:?}"
+    );
+}

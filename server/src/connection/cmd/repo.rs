@@ -17,10 +17,11 @@ use protocol::repo::pack::Located;
 use protocol::session::server::{RepoAction, RepoOutcome};
 use protocol::{ClientId, Response};
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::mpsc;
 use tracing::{debug, error, info, warn};
 
 use crate::connection::{Connection, Ended};
-use crate::storage::{ObjectPlace, PackUpload, StageId, StorageError};
+use crate::storage::{ObjectPlace, PackUpload, StageId, Storage, StorageError};
 
 /// What a connection keeps of repository work between requests.
 #[derive(Debug)]
@@ -270,8 +271,12 @@ where
     }
 
     /// Streams each asked object: 1666 and its bytes in 1668 packets, or
-    /// 1667 for an id the client does not hold. A pack that turns out
-    /// shorter than its index says is answered 1607 (the connection ends).
+    /// 1667 for an id the client does not hold. The objects are read by one
+    /// thread of the blocking pool for the whole fetch, at most
+    /// [`FETCH_QUEUE`] packets ahead of the connection, so memory stays a
+    /// few packets whatever the objects' sizes. A pack that cannot be read,
+    /// or is shorter than its index says, is answered 1607 (the connection
+    /// ends).
     async fn fetch(
         &mut self,
         client_id: ClientId,
@@ -287,88 +292,33 @@ where
             Ok(places) => places,
             Err(e) => return self.repo_failure("locate objects", e).await,
         };
-        let mut sent = 0usize;
-        let mut bytes = 0u64;
-        for (id, place) in ids.into_iter().zip(places) {
-            let Some(place) = place else {
-                debug!(object = ?id, "fetch: no such object");
-                self.reply(&Response::Repo(RepoResponse::ObjectMissing { id }))
-                    .await?;
-                continue;
+        let (tx, mut rx) = mpsc::channel(FETCH_QUEUE);
+        let storage = self.shared.storage.clone();
+        let alive = self.shared.alive.clone();
+        let objects: Vec<(ObjectId, Option<ObjectPlace>)> = ids.into_iter().zip(places).collect();
+        tokio::task::spawn_blocking(move || {
+            let _alive = alive;
+            if let Err(e) = read_objects(&storage, objects, packet, &tx) {
+                let _ = tx.blocking_send(Err(e));
+            }
+        });
+        let (mut sent, mut bytes) = (0usize, 0u64);
+        while let Some(piece) = rx.recv().await {
+            let response = match piece {
+                Ok(response) => response,
+                Err(e) => return self.repo_failure("read a pack", e).await,
             };
-            let len = place.len;
-            self.send_object(id, place, packet).await?;
-            sent += 1;
-            bytes += u64::from(len);
+            match &response {
+                RepoResponse::ObjectMissing { id } => debug!(object = ?id, "fetch: no such object"),
+                RepoResponse::ObjectBegin { len, .. } => {
+                    sent += 1;
+                    bytes += u64::from(*len);
+                }
+                _ => {}
+            }
+            self.reply(&Response::Repo(response)).await?;
         }
         debug!(asked, sent, bytes, "fetch answered");
-        Ok(())
-    }
-
-    /// Sends one object: 1666, then its bytes in 1668 packets of at most
-    /// `packet` bytes, read from its pack as they go out.
-    async fn send_object(
-        &mut self,
-        id: ObjectId,
-        place: ObjectPlace,
-        packet: usize,
-    ) -> Result<(), Ended> {
-        let len = place.len;
-        let opened = self.blocking(move |s| s.open_object(&place)).await;
-        let mut reader = match opened {
-            Ok(reader) => reader,
-            Err(e) => return self.repo_failure("open a pack", e).await,
-        };
-        self.reply(&Response::Repo(RepoResponse::ObjectBegin { id, len }))
-            .await?;
-        let mut left = u64::from(len);
-        while left > 0 {
-            let want = usize::try_from(left).map_or(packet, |l| l.min(packet));
-            let read = tokio::task::spawn_blocking(move || {
-                let mut buf = vec![0u8; want];
-                let n = read_full(&mut reader, &mut buf);
-                (reader, buf, n)
-            })
-            .await;
-            let (back, buf, n) = match read {
-                Ok(done) => done,
-                Err(e) => {
-                    return self
-                        .repo_failure("read a pack", StorageError::Worker(e.to_string()))
-                        .await
-                }
-            };
-            reader = back;
-            match n {
-                Ok(n) if n == want => {}
-                Ok(n) => {
-                    error!(object = ?id, short_by = left - n as u64, "FETCH ABORTED: a pack is shorter than its index; closing the connection");
-                    return self
-                        .repo_failure(
-                            "read a pack",
-                            StorageError::Corrupt("a pack is shorter than its index".into()),
-                        )
-                        .await;
-                }
-                Err(e) => {
-                    return self
-                        .repo_failure(
-                            "read a pack",
-                            StorageError::Io {
-                                op: "read",
-                                what: "pack".into(),
-                                source: e.into(),
-                            },
-                        )
-                        .await
-                }
-            }
-            left -= want as u64;
-            self.reply(&Response::Repo(RepoResponse::ObjectData {
-                content: buf.into(),
-            }))
-            .await?;
-        }
         Ok(())
     }
 
@@ -419,6 +369,65 @@ where
             warn!(cause = %e, "could not drop staged references; start-up recovery drops them");
         }
     }
+}
+
+/// Object answers read ahead of the connection during a fetch.
+const FETCH_QUEUE: usize = 4;
+
+/// The fetch reader: for each object, 1667, or 1666 then its bytes in
+/// 1668 packets of at most `packet` bytes. Returns early (without error)
+/// once the connection stopped listening.
+fn read_objects(
+    storage: &Storage,
+    objects: Vec<(ObjectId, Option<ObjectPlace>)>,
+    packet: usize,
+    tx: &mpsc::Sender<Result<RepoResponse, StorageError>>,
+) -> Result<(), StorageError> {
+    let packet = packet.max(1);
+    for (id, place) in objects {
+        let Some(place) = place else {
+            if tx
+                .blocking_send(Ok(RepoResponse::ObjectMissing { id }))
+                .is_err()
+            {
+                return Ok(());
+            }
+            continue;
+        };
+        let len = place.len;
+        let mut reader = storage.open_object(&place)?;
+        if tx
+            .blocking_send(Ok(RepoResponse::ObjectBegin { id, len }))
+            .is_err()
+        {
+            return Ok(());
+        }
+        let mut left = u64::from(len);
+        while left > 0 {
+            let want = usize::try_from(left).map_or(packet, |l| l.min(packet));
+            let mut buf = vec![0u8; want];
+            let n = read_full(&mut reader, &mut buf).map_err(|e| StorageError::Io {
+                op: "read",
+                what: place.blob.0.clone(),
+                source: e.into(),
+            })?;
+            if n < want {
+                error!(object = ?id, short_by = left - n as u64, "FETCH ABORTED: a pack is shorter than its index; closing the connection");
+                return Err(StorageError::Corrupt(format!(
+                    "pack {} is shorter than its index",
+                    place.blob
+                )));
+            }
+            left -= want as u64;
+            let data = RepoResponse::ObjectData {
+                content: buf.into(),
+            };
+            if tx.blocking_send(Ok(data)).is_err() {
+                return Ok(());
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Reads until `buf` is full or the reader ends; how many bytes were read.
