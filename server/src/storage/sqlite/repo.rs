@@ -28,18 +28,24 @@ fn lookup(
     ids: &[ObjectId],
 ) -> Result<HashMap<ObjectId, Found>, StorageError> {
     let mut found = HashMap::with_capacity(ids.len());
+    // Always LOOKUP_CHUNK parameters (a short chunk repeats its first id),
+    // so that one cached statement serves every chunk.
+    let marks = vec!["?"; LOOKUP_CHUNK].join(",");
+    let sql = format!(
+        "SELECT o.oid, o.id, p.blob, o.pack_offset, o.len
+         FROM objects o JOIN packs p ON p.id = o.pack
+         WHERE o.client = ?1 AND o.oid IN ({marks})"
+    );
+    let client = &client.0[..];
     for chunk in ids.chunks(LOOKUP_CHUNK) {
-        let marks = vec!["?"; chunk.len()].join(",");
-        let sql = format!(
-            "SELECT o.oid, o.id, p.blob, o.pack_offset, o.len
-             FROM objects o JOIN packs p ON p.id = o.pack
-             WHERE o.client = ?1 AND o.oid IN ({marks})"
-        );
+        let Some(first) = chunk.first() else {
+            continue;
+        };
         let mut stmt = conn.prepare_cached(&sql)?;
-        let mut params: Vec<&dyn rusqlite::ToSql> = Vec::with_capacity(chunk.len() + 1);
-        let client = &client.0[..];
+        let mut id_bytes: Vec<&[u8]> = chunk.iter().map(|id| &id.0[..]).collect();
+        id_bytes.resize(LOOKUP_CHUNK, &first.0[..]);
+        let mut params: Vec<&dyn rusqlite::ToSql> = Vec::with_capacity(LOOKUP_CHUNK + 1);
         params.push(&client);
-        let id_bytes: Vec<&[u8]> = chunk.iter().map(|id| &id.0[..]).collect();
         params.extend(id_bytes.iter().map(|b| b as &dyn rusqlite::ToSql));
         let rows = stmt.query_map(params.as_slice(), |r| {
             Ok((
