@@ -196,6 +196,13 @@ fn assert_request_within_limits(request: &Request, limits: &Limits) {
             name.as_bytes()
         }
         Request::Prove { .. } => return,
+        Request::Repo(r) => {
+            assert!(
+                r.check(limits).is_ok(),
+                "repository request over its bounds"
+            );
+            return;
+        }
         Request::SendFile(p) => {
             assert!(
                 p.content.len() <= limits.max_packet_content,

@@ -153,6 +153,8 @@ struct Connection<R, W> {
     rng: StdRng,
     upload: Option<Upload>,
     staged: Option<Staged>,
+    /// The pack being received and the snapshot stage (`cmd/repo.rs`).
+    repo: cmd::RepoConn,
     shared: Arc<Shared>,
     /// Whom registrations are counted against.
     peer: SocketAddr,
@@ -275,7 +277,7 @@ pub(crate) async fn serve<R, W>(
             result = conn.run() => result,
             () = evicted.cancelled() => Ok(Next::Evicted),
         };
-        let abandoned = conn.upload.is_some() || conn.staged.is_some();
+        let abandoned = conn.upload.is_some() || conn.staged.is_some() || conn.repo.in_pack();
         match &result {
             Ok(Next::Shutdown) => info!("closed for shutdown"),
             Ok(Next::Evicted) => {
@@ -289,6 +291,7 @@ pub(crate) async fn serve<R, W>(
             Err(e) => warn!(cause = %e, "connection ended"),
         }
         conn.discard_upload().await;
+        conn.discard_repo().await;
         if let Err(e) = result {
             conn.close_with_error(e.answer()).await;
         }
@@ -337,6 +340,7 @@ where
             rng: StdRng::from_entropy(),
             upload: None,
             staged: None,
+            repo: cmd::RepoConn::default(),
             shared,
             peer,
             span,
@@ -373,8 +377,9 @@ where
         let started = tokio::time::Instant::now();
         let mut notice = tokio::time::interval_at(started + WAIT_NOTICE, WAIT_NOTICE);
         loop {
-            let closable =
-                !self.reader.get_ref().in_request() && !self.session.has_uncommitted_upload();
+            let closable = !self.reader.get_ref().in_request()
+                && !self.session.has_uncommitted_upload()
+                && !self.session.has_open_pack();
             tokio::select! {
                 biased;
                 () = shutdown.cancelled(), if closable => {

@@ -36,6 +36,7 @@ pub(crate) mod ingest;
 pub mod memory;
 mod meta;
 mod recovery;
+pub mod repo;
 mod retention;
 pub mod sqlite;
 mod verified;
@@ -54,6 +55,7 @@ pub use meta::{
     VersionRecord,
 };
 pub use recovery::RecoveryReport;
+pub use repo::{NewPack, ObjectPlace, PackUpload, RepoStore, StageId};
 pub use retention::{versions_to_remove, Retention, VersionStamp};
 pub use verified::VerifiedReader;
 
@@ -207,6 +209,8 @@ impl std::fmt::Display for BlobKey {
 pub struct Storage {
     meta: Arc<dyn MetaStore>,
     blobs: Arc<dyn BlobStore>,
+    /// The repository extension's metadata, when this storage keeps one.
+    repo: Option<Arc<dyn RepoStore>>,
     commits: Arc<group::GroupCommit>,
     policy: CommitPolicy,
 }
@@ -226,6 +230,7 @@ impl Storage {
         Self {
             meta,
             blobs,
+            repo: None,
             commits: Arc::default(),
             policy: CommitPolicy::default(),
         }
@@ -239,6 +244,14 @@ impl Storage {
         self
     }
 
+    /// The same storage, keeping the repository extension's metadata in
+    /// `repo` (see the `repo` module).
+    #[must_use]
+    pub fn with_repo(mut self, repo: Arc<dyn RepoStore>) -> Self {
+        self.repo = Some(repo);
+        self
+    }
+
     /// The default backends under `data_dir` (created if missing): SQLite
     /// metadata in `backup.db` and blobs under `clients/`. Does not run
     /// [`recover`](Self::recover).
@@ -247,8 +260,10 @@ impl Storage {
     /// When the directory or the database cannot be opened or migrated.
     pub fn open_local(data_dir: &Path) -> Result<Self, StorageError> {
         let blobs = fs::FsBlobStore::open(data_dir)?;
-        let meta = sqlite::SqliteMetaStore::open(&data_dir.join(Self::DATABASE))?;
-        Ok(Self::new(Arc::new(meta), Arc::new(blobs)))
+        let meta = Arc::new(sqlite::SqliteMetaStore::open(
+            &data_dir.join(Self::DATABASE),
+        )?);
+        Ok(Self::new(meta.clone(), Arc::new(blobs)).with_repo(meta))
     }
 
     /// The metadata backend.

@@ -33,6 +33,8 @@ mod malformed;
 mod perf;
 #[path = "server/registration.rs"]
 mod registration;
+#[path = "server/repo.rs"]
+mod repo;
 #[path = "server/retrieval.rs"]
 mod retrieval;
 #[path = "server/scrub.rs"]

@@ -9,3 +9,5 @@ mod reconnect;
 mod register;
 mod repo;
 mod retrieve;
+
+pub(super) use repo::RepoConn;

@@ -1,12 +1,15 @@
 //! Start-up recovery: metadata and blobs brought back into agreement after
 //! a crash or kill, in bounded memory.
 //!
-//! Three listings in key order are merged, as a sorted merge join: the
+//! Four listings in key order are merged, as a sorted merge join: the
 //! blob store's ([`BlobStore::list`](super::BlobStore::list)), the inline
-//! content's and the version rows' (both read from the metadata a page at
-//! a time). A key with content and no row is an orphan and is removed; a
-//! row whose content is missing or of another size is forgotten (and its
-//! content, if any, removed). What is held at once is a page of rows, a
+//! content's, the version rows' and the pack rows' (the last three read
+//! from the metadata a page at a time). A key with content and no row is
+//! an orphan and is removed; a version row whose content is missing or of
+//! another size is forgotten (and its content, if any, removed). A pack
+//! row whose bytes are missing or of another size is logged as an error
+//! and kept, with whatever bytes there are, for the operator: its objects
+//! may be referenced by snapshots, and scrub reports them. What is held at once is a page of rows, a
 //! page of inline keys and what the blob store's listing holds (the
 //! directory store: one client folder's names), never every key.
 
@@ -29,7 +32,14 @@ pub struct RecoveryReport {
     pub forgotten_versions: usize,
 }
 
-type Item = Result<(BlobKey, u64), StorageError>;
+type Item<T = u64> = Result<(BlobKey, T), StorageError>;
+
+/// Which table a row is of.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Row {
+    Version,
+    Pack,
+}
 
 /// A listing read `page` keys at a time after the last key it yielded.
 struct Paged<F> {
@@ -85,13 +95,13 @@ where
 
 /// One listing, checked to be in strictly increasing key order: the merge
 /// would take a key out of order for a missing one.
-struct Ordered<I: Iterator<Item = Item>> {
+struct Ordered<T, I: Iterator<Item = Item<T>>> {
     what: &'static str,
     inner: Peekable<I>,
     last: Option<BlobKey>,
 }
 
-impl<I: Iterator<Item = Item>> Ordered<I> {
+impl<T, I: Iterator<Item = Item<T>>> Ordered<T, I> {
     fn new(what: &'static str, inner: I) -> Self {
         Self {
             what,
@@ -101,7 +111,7 @@ impl<I: Iterator<Item = Item>> Ordered<I> {
     }
 
     /// The next key and size, or `None` at the end.
-    fn next(&mut self) -> Result<Option<(BlobKey, u64)>, StorageError> {
+    fn next(&mut self) -> Result<Option<(BlobKey, T)>, StorageError> {
         let Some((key, size)) = self.inner.next().transpose()? else {
             return Ok(None);
         };
@@ -117,10 +127,10 @@ impl<I: Iterator<Item = Item>> Ordered<I> {
 }
 
 /// Two disjoint listings in key order, merged into one.
-fn merge(
-    a: impl Iterator<Item = Item>,
-    b: impl Iterator<Item = Item>,
-) -> impl Iterator<Item = Item> {
+fn merge<T>(
+    a: impl Iterator<Item = Item<T>>,
+    b: impl Iterator<Item = Item<T>>,
+) -> impl Iterator<Item = Item<T>> {
     let (mut a, mut b) = (a.peekable(), b.peekable());
     std::iter::from_fn(move || {
         let a_first = match (a.peek(), b.peek()) {
@@ -143,10 +153,14 @@ impl Storage {
         let removed_temporaries = self.blobs.recover()?;
         let inline = Paged::new(page, |after, n| self.meta.inline_blobs_after(after, n));
         let mut stored = Ordered::new("stored blobs", merge(self.blobs.list()?, inline));
-        let mut rows = Ordered::new(
-            "version rows",
-            Paged::new(page, |after, n| self.meta.recorded_blobs(after, n)),
-        );
+        let versions = Paged::new(page, |after, n| self.meta.recorded_blobs(after, n))
+            .map(|r| r.map(|(k, size)| (k, (size, Row::Version))));
+        let packs = Paged::new(page, |after, n| match &self.repo {
+            Some(repo) => repo.recorded_packs(after, n),
+            None => Ok(Vec::new()),
+        })
+        .map(|r| r.map(|(k, size)| (k, (size, Row::Pack))));
+        let mut rows = Ordered::new("version and pack rows", merge(versions, packs));
         let mut report = RecoveryReport {
             removed_temporaries,
             ..RecoveryReport::default()
@@ -171,17 +185,34 @@ impl Storage {
                     row = rows.next()?;
                 }
                 Ordering::Equal => {
-                    if let (Some((_, found)), Some((_, size))) = (&content, &row) {
-                        if found != size {
-                            forget = row.take().map(|r| (r, Some(*found)));
+                    let mismatch = match (&content, &row) {
+                        (Some((_, found)), Some((_, (size, kind)))) if found != size => {
+                            Some((*found, *kind))
+                        }
+                        _ => None,
+                    };
+                    if let Some((found, kind)) = mismatch {
+                        // A pack's bytes are kept for the operator (see the
+                        // module's note); a version's go.
+                        if kind == Row::Version {
                             orphan = content.take();
                         }
+                        forget = row.take().map(|r| (r, Some(found)));
                     }
                     content = stored.next()?;
                     row = rows.next()?;
                 }
             }
-            if let Some(((blob, size), found)) = forget {
+            if let Some(((blob, (size, Row::Pack)), found)) = forget {
+                tracing::error!(
+                    pack = %blob,
+                    expected = size,
+                    found = ?found,
+                    "pack row without its bytes; its objects cannot be fetched"
+                );
+                continue;
+            }
+            if let Some(((blob, (size, Row::Version)), found)) = forget {
                 tracing::warn!(
                     blob = %blob,
                     expected = size,
@@ -203,6 +234,15 @@ impl Storage {
         }
         if !broken.is_empty() {
             report.forgotten_versions += self.meta.forget_blobs(&broken)?;
+        }
+        if let Some(repo) = &self.repo {
+            let dropped = repo.clear_stages()?;
+            if dropped > 0 {
+                tracing::debug!(
+                    dropped,
+                    "dropped references staged by connections that ended"
+                );
+            }
         }
         Ok(report)
     }

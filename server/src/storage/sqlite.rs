@@ -1,8 +1,9 @@
 //! Metadata in SQLite (bundled), in WAL mode with full synchronous commits.
 //!
-//! Schema version 5 (opening an older database brings it up: version 2
+//! Schema version 6 (opening an older database brings it up: version 2
 //! added `clients.append_only`, 3 `clients.secure_key`, 4 `inline_blobs`,
-//! 5 `clients.completed_at`):
+//! 5 `clients.completed_at`, 6 the repository tables of `schema.rs`,
+//! `REPO_SCHEMA`, written by `repo.rs`):
 //!
 //! ```sql
 //! clients  (id BLOB(16) PK, name BLOB UNIQUE, public_key BLOB(160) NULL,
@@ -36,6 +37,7 @@ use super::{
     Registration, Retention, StorageError, VersionRecord,
 };
 
+mod repo;
 mod rows;
 mod schema;
 mod write;
@@ -113,10 +115,11 @@ impl SqliteMetaStore {
                 let tx = conn.transaction()?;
                 tx.execute_batch(SCHEMA)?;
                 tx.execute_batch(INLINE_SCHEMA)?;
+                tx.execute_batch(REPO_SCHEMA)?;
                 tx.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}"))?;
                 tx.commit()?;
             }
-            1..=4 => {
+            1..=5 => {
                 let tx = conn.transaction()?;
                 if version == 1 {
                     tx.execute_batch(MIGRATE_1_TO_2)?;
@@ -127,7 +130,10 @@ impl SqliteMetaStore {
                 if version <= 3 {
                     tx.execute_batch(MIGRATE_3_TO_4)?;
                 }
-                tx.execute_batch(MIGRATE_4_TO_5)?;
+                if version <= 4 {
+                    tx.execute_batch(MIGRATE_4_TO_5)?;
+                }
+                tx.execute_batch(MIGRATE_5_TO_6)?;
                 tx.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}"))?;
                 tx.commit()?;
             }
@@ -476,6 +482,7 @@ impl MetaStore for SqliteMetaStore {
             [&id.0[..]],
         )?;
         tx.execute("DELETE FROM files WHERE client_id = ?1", [&id.0[..]])?;
+        repo::remove_client_rows(&tx, id)?;
         let n = tx.execute("DELETE FROM clients WHERE id = ?1", [&id.0[..]])?;
         if n == 0 {
             return Ok(None);

@@ -1,26 +1,450 @@
-//! The repository extension (`docs/PROTOCOL.md` §13), requests 1260-1268.
+//! The repository extension (`docs/PROTOCOL.md` §13), requests 1260-1268:
+//! the session checks the rules (pack index, staging, paging), storage
+//! (`storage/repo.rs`) keeps packs, objects, snapshots and envelopes, and
+//! this handler carries each [`RepoAction`] out on the blocking pool.
+//!
+//! Per connection it holds the pack being received (a blob writer, aborted
+//! if the connection ends before the pack's end) and the id of the stage
+//! its snapshot references are collected under (in storage, not here; the
+//! stage is dropped when the connection ends).
 
-use protocol::session::server::RepoAction;
-use protocol::Response;
+use std::io::Read;
+use std::time::{Instant, SystemTime};
+
+use bytes::Bytes;
+use protocol::repo::message::{ObjectId, RepoResponse};
+use protocol::repo::pack::Located;
+use protocol::session::server::{RepoAction, RepoOutcome};
+use protocol::{ClientId, Response};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tracing::info;
+use tokio::sync::mpsc;
+use tracing::{debug, error, info, warn};
 
 use crate::connection::{Connection, Ended};
+use crate::storage::{ObjectPlace, PackUpload, StageId, Storage, StorageError};
+
+/// What a connection keeps of repository work between requests.
+#[derive(Debug)]
+pub(in crate::connection) struct RepoConn {
+    /// The pack being received, if one is open.
+    pack: Option<PackUpload>,
+    /// This connection's stage for snapshot references.
+    stage: StageId,
+    /// Whether references may be staged under `stage` now.
+    staged: bool,
+}
+
+impl Default for RepoConn {
+    fn default() -> Self {
+        Self {
+            pack: None,
+            stage: StageId::random(),
+            staged: false,
+        }
+    }
+}
+
+impl RepoConn {
+    /// Whether a pack is being received.
+    pub(in crate::connection) fn in_pack(&self) -> bool {
+        self.pack.is_some()
+    }
+}
 
 impl<R, W> Connection<R, W>
 where
     R: AsyncRead + Unpin + Send,
     W: AsyncWrite + Unpin + Send,
 {
-    /// Carries out a repository action. Not served yet: answered 1607.
+    /// Carries out a repository action and sends what the session answers.
+    /// A storage failure is answered 1607 and ends the connection.
     pub(in crate::connection) async fn repo(&mut self, action: RepoAction) -> Result<(), Ended> {
-        info!(
-            ?action,
-            "repository request refused: not served by this server"
-        );
-        let answer = self.session.storage_failed();
-        self.reply(&answer).await?;
-        let _: Response = answer;
+        match action {
+            RepoAction::Have { client_id, ids } => {
+                let asked = ids.len();
+                match self
+                    .blocking(move |s| s.repo()?.have(client_id, &ids))
+                    .await
+                {
+                    Ok(have) => {
+                        let held = have.iter().filter(|h| **h).count();
+                        debug!(asked, held, "have");
+                        self.repo_answer(RepoOutcome::Have(have)).await
+                    }
+                    Err(e) => self.repo_failure("have", e).await,
+                }
+            }
+            RepoAction::PackData {
+                client_id,
+                first,
+                content,
+            } => self.pack_data(client_id, first, content).await,
+            RepoAction::StorePack {
+                client_id: _,
+                size,
+                objects,
+            } => self.store_pack(size, objects).await,
+            RepoAction::StageRefs {
+                client_id,
+                first,
+                ids,
+            } => {
+                let stage = self.repo.stage;
+                self.repo.staged = true;
+                let count = ids.len();
+                match self
+                    .blocking(move |s| s.repo()?.stage_refs(stage, client_id, first, &ids))
+                    .await
+                {
+                    Ok(missing) => {
+                        debug!(refs = count, missing, first, "snapshot references staged");
+                        self.repo_answer(RepoOutcome::Staged { missing }).await
+                    }
+                    Err(e) => self.repo_failure("stage references", e).await,
+                }
+            }
+            RepoAction::DropStaged { reply } => {
+                if let Err(e) = self.drop_stage().await {
+                    return self.repo_failure("drop staged references", e).await;
+                }
+                if let Response::Repo(RepoResponse::SnapshotRefused { missing, .. }) = &reply {
+                    info!(
+                        missing,
+                        "snapshot refused: references to objects not stored"
+                    );
+                }
+                self.reply(&reply).await
+            }
+            RepoAction::CommitSnapshot {
+                client_id,
+                time,
+                meta,
+            } => self.commit_snapshot(client_id, time, meta).await,
+            RepoAction::ListSnapshots {
+                client_id,
+                after,
+                limit,
+            } => {
+                match self
+                    .blocking(move |s| s.repo()?.snapshots(client_id, after, limit))
+                    .await
+                {
+                    Ok(entries) => {
+                        debug!(after, entries = entries.len(), "snapshots listed");
+                        self.repo_answer(RepoOutcome::Snapshots(entries)).await
+                    }
+                    Err(e) => self.repo_failure("list snapshots", e).await,
+                }
+            }
+            RepoAction::Fetch {
+                client_id,
+                ids,
+                packet,
+            } => self.fetch(client_id, ids, packet).await,
+            RepoAction::PutKey {
+                client_id,
+                slot,
+                envelope,
+                reply,
+            } => {
+                let now = SystemTime::now();
+                match self
+                    .blocking(move |s| s.repo()?.put_key(client_id, slot, &envelope, now))
+                    .await
+                {
+                    Ok(true) => {
+                        info!(slot, "key envelope stored");
+                        self.reply(&reply).await
+                    }
+                    Ok(false) => {
+                        info!(slot, "key envelope kept: the slot is written once");
+                        self.reply(&Response::Repo(RepoResponse::KeyExists { slot }))
+                            .await
+                    }
+                    Err(e) => self.repo_failure("store a key envelope", e).await,
+                }
+            }
+            RepoAction::GetKeys { client_id } => {
+                match self.blocking(move |s| s.repo()?.keys(client_id)).await {
+                    Ok(slots) => {
+                        debug!(slots = slots.len(), "key envelopes sent");
+                        self.repo_answer(RepoOutcome::Keys(slots)).await
+                    }
+                    Err(e) => self.repo_failure("read key envelopes", e).await,
+                }
+            }
+        }
+    }
+
+    /// Appends a packet to the open pack, opening one on the first. No
+    /// answer: the pack's end is answered.
+    async fn pack_data(
+        &mut self,
+        client_id: ClientId,
+        first: bool,
+        content: Bytes,
+    ) -> Result<(), Ended> {
+        if first {
+            self.abort_pack().await;
+        }
+        let pack = self.repo.pack.take();
+        if pack.is_none() && !first {
+            return Err(Ended::Invariant("pack data with no pack open"));
+        }
+        let written = self
+            .blocking(move |s| {
+                let mut pack = match pack {
+                    Some(pack) => pack,
+                    None => s.begin_pack(client_id)?,
+                };
+                if let Err(e) = pack.write(&content) {
+                    let _ = pack.abort();
+                    return Err(e);
+                }
+                Ok(pack)
+            })
+            .await;
+        match written {
+            Ok(pack) => {
+                if first {
+                    debug!("pack started");
+                }
+                self.repo.pack = Some(pack);
+                Ok(())
+            }
+            Err(e) => self.repo_failure("write a pack", e).await,
+        }
+    }
+
+    /// Makes the pack durable and records its objects (`docs/PROTOCOL.md`
+    /// §13.4), then answers 1661.
+    async fn store_pack(&mut self, size: u64, objects: Vec<Located>) -> Result<(), Ended> {
+        let Some(pack) = self.repo.pack.take() else {
+            return Err(Ended::Invariant("a pack's end with no pack open"));
+        };
+        let started = Instant::now();
+        let count = objects.len();
+        let now = SystemTime::now();
+        match self
+            .blocking(move |s| s.store_pack(pack, size, objects, now))
+            .await
+        {
+            Ok(added) => {
+                let secs = started.elapsed().as_secs_f64();
+                info!(
+                    size,
+                    objects = count,
+                    added,
+                    secs = format_args!("{secs:.3}"),
+                    "pack stored"
+                );
+                self.repo_answer(RepoOutcome::PackStored { added }).await
+            }
+            Err(e) => self.repo_failure("store a pack", e).await,
+        }
+    }
+
+    /// Commits the snapshot of the staged references, or says why not.
+    async fn commit_snapshot(
+        &mut self,
+        client_id: ClientId,
+        time: u64,
+        meta: Bytes,
+    ) -> Result<(), Ended> {
+        let stage = self.repo.stage;
+        let now = SystemTime::now();
+        let committed = self
+            .blocking(move |s| {
+                s.repo()?
+                    .commit_snapshot(stage, client_id, time, &meta, now)
+            })
+            .await;
+        // Committed or refused, the stage is gone.
+        self.repo.staged = false;
+        match committed {
+            Ok(outcome) => {
+                match &outcome {
+                    Ok(id) => info!(snapshot = id, time, "snapshot committed"),
+                    Err((reason, missing)) => {
+                        info!(reason = reason.0, missing, "snapshot refused at commit")
+                    }
+                }
+                self.repo_answer(RepoOutcome::Committed(outcome)).await
+            }
+            Err(e) => self.repo_failure("commit a snapshot", e).await,
+        }
+    }
+
+    /// Streams each asked object: 1666 and its bytes in 1668 packets, or
+    /// 1667 for an id the client does not hold. The objects are read by one
+    /// thread of the blocking pool for the whole fetch, at most
+    /// [`FETCH_QUEUE`] packets ahead of the connection, so memory stays a
+    /// few packets whatever the objects' sizes. A pack that cannot be read,
+    /// or is shorter than its index says, is answered 1607 (the connection
+    /// ends).
+    async fn fetch(
+        &mut self,
+        client_id: ClientId,
+        ids: Vec<ObjectId>,
+        packet: usize,
+    ) -> Result<(), Ended> {
+        let asked = ids.len();
+        let lookup = ids.clone();
+        let places = match self
+            .blocking(move |s| s.repo()?.locate(client_id, &lookup))
+            .await
+        {
+            Ok(places) => places,
+            Err(e) => return self.repo_failure("locate objects", e).await,
+        };
+        let (tx, mut rx) = mpsc::channel(FETCH_QUEUE);
+        let storage = self.shared.storage.clone();
+        let alive = self.shared.alive.clone();
+        let objects: Vec<(ObjectId, Option<ObjectPlace>)> = ids.into_iter().zip(places).collect();
+        tokio::task::spawn_blocking(move || {
+            let _alive = alive;
+            if let Err(e) = read_objects(&storage, objects, packet, &tx) {
+                let _ = tx.blocking_send(Err(e));
+            }
+        });
+        let (mut sent, mut bytes) = (0usize, 0u64);
+        while let Some(piece) = rx.recv().await {
+            let response = match piece {
+                Ok(response) => response,
+                Err(e) => return self.repo_failure("read a pack", e).await,
+            };
+            match &response {
+                RepoResponse::ObjectMissing { id } => debug!(object = ?id, "fetch: no such object"),
+                RepoResponse::ObjectBegin { len, .. } => {
+                    sent += 1;
+                    bytes += u64::from(*len);
+                }
+                _ => {}
+            }
+            self.reply(&Response::Repo(response)).await?;
+        }
+        debug!(asked, sent, bytes, "fetch answered");
         Ok(())
     }
+
+    async fn repo_answer(&mut self, outcome: RepoOutcome) -> Result<(), Ended> {
+        let response = self.session.repo_done(outcome)?;
+        self.reply(&response).await
+    }
+
+    async fn repo_failure(&mut self, what: &'static str, e: StorageError) -> Result<(), Ended> {
+        error!(cause = %e, "repository: could not {what}");
+        let response = self.session.storage_failed();
+        self.reply(&response).await?;
+        Err(Ended::Storage(e))
+    }
+
+    /// Drops the references staged on this connection, if any.
+    async fn drop_stage(&mut self) -> Result<(), StorageError> {
+        if !std::mem::take(&mut self.repo.staged) {
+            return Ok(());
+        }
+        let stage = self.repo.stage;
+        self.blocking(move |s| s.repo()?.drop_stage(stage)).await
+    }
+
+    /// Aborts the pack being received, if any, on the blocking pool.
+    async fn abort_pack(&mut self) {
+        if let Some(pack) = self.repo.pack.take() {
+            let bytes = pack.len();
+            let aborted = tokio::task::spawn_blocking(move || pack.abort()).await;
+            match aborted {
+                Ok(Ok(())) => debug!(bytes, "unfinished pack discarded"),
+                Ok(Err(e)) => {
+                    warn!(cause = %e, "could not discard an unfinished pack; start-up recovery removes it")
+                }
+                Err(e) => {
+                    warn!(cause = %e, "could not discard an unfinished pack; start-up recovery removes it")
+                }
+            }
+        }
+    }
+
+    /// When the connection ends: aborts an unfinished pack and drops
+    /// staged references (failures are only logged: start-up recovery
+    /// removes what is left).
+    pub(in crate::connection) async fn discard_repo(&mut self) {
+        self.abort_pack().await;
+        if let Err(e) = self.drop_stage().await {
+            warn!(cause = %e, "could not drop staged references; start-up recovery drops them");
+        }
+    }
+}
+
+/// Object answers read ahead of the connection during a fetch.
+const FETCH_QUEUE: usize = 4;
+
+/// The fetch reader: for each object, 1667, or 1666 then its bytes in
+/// 1668 packets of at most `packet` bytes. Returns early (without error)
+/// once the connection stopped listening.
+fn read_objects(
+    storage: &Storage,
+    objects: Vec<(ObjectId, Option<ObjectPlace>)>,
+    packet: usize,
+    tx: &mpsc::Sender<Result<RepoResponse, StorageError>>,
+) -> Result<(), StorageError> {
+    let packet = packet.max(1);
+    for (id, place) in objects {
+        let Some(place) = place else {
+            if tx
+                .blocking_send(Ok(RepoResponse::ObjectMissing { id }))
+                .is_err()
+            {
+                return Ok(());
+            }
+            continue;
+        };
+        let len = place.len;
+        let mut reader = storage.open_object(&place)?;
+        if tx
+            .blocking_send(Ok(RepoResponse::ObjectBegin { id, len }))
+            .is_err()
+        {
+            return Ok(());
+        }
+        let mut left = u64::from(len);
+        while left > 0 {
+            let want = usize::try_from(left).map_or(packet, |l| l.min(packet));
+            let mut buf = vec![0u8; want];
+            let n = read_full(&mut reader, &mut buf).map_err(|e| StorageError::Io {
+                op: "read",
+                what: place.blob.0.clone(),
+                source: e.into(),
+            })?;
+            if n < want {
+                error!(object = ?id, short_by = left - n as u64, "FETCH ABORTED: a pack is shorter than its index; closing the connection");
+                return Err(StorageError::Corrupt(format!(
+                    "pack {} is shorter than its index",
+                    place.blob
+                )));
+            }
+            left -= want as u64;
+            let data = RepoResponse::ObjectData {
+                content: buf.into(),
+            };
+            if tx.blocking_send(Ok(data)).is_err() {
+                return Ok(());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Reads until `buf` is full or the reader ends; how many bytes were read.
+fn read_full(reader: &mut (impl Read + ?Sized), buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match reader.read(buf.get_mut(filled..).unwrap_or_default()) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(filled)
 }

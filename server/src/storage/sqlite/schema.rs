@@ -1,7 +1,7 @@
 //! The schema and its migrations (see the parent module for the layout).
 
 /// The schema version this code writes (`PRAGMA user_version`).
-pub const SCHEMA_VERSION: i64 = 5;
+pub const SCHEMA_VERSION: i64 = 6;
 
 /// From schema version 1 to 2.
 pub(super) const MIGRATE_1_TO_2: &str =
@@ -26,6 +26,63 @@ ALTER TABLE clients ADD COLUMN completed_at INTEGER;
 UPDATE clients SET completed_at = max(registered, last_seen)
     WHERE public_key IS NOT NULL OR secure_key IS NOT NULL
        OR EXISTS (SELECT 1 FROM files WHERE files.client_id = clients.id);
+";
+
+/// From schema version 5 to 6: the repository extension.
+pub(super) const MIGRATE_5_TO_6: &str = REPO_SCHEMA;
+
+/// The repository extension (`docs/PROTOCOL.md` §13; `storage/repo.rs`).
+/// Object ids are unique per client, never across clients. Snapshot
+/// references and staged references name objects by row id (8 bytes, not
+/// 32), and carry no foreign key to `objects`, so that removing objects
+/// never scans them; the code keeps them consistent (a commit re-checks
+/// every staged reference). Object and snapshot row ids are never reused
+/// (AUTOINCREMENT), so a stale row id can never name another object.
+pub(super) const REPO_SCHEMA: &str = "
+CREATE TABLE packs (
+    id          INTEGER PRIMARY KEY,
+    client      BLOB NOT NULL CHECK (length(client) = 16),
+    blob        TEXT NOT NULL UNIQUE,
+    size        INTEGER NOT NULL,
+    sha256      BLOB NOT NULL CHECK (length(sha256) = 32),
+    stored_at   INTEGER NOT NULL
+);
+CREATE INDEX packs_by_client ON packs (client);
+CREATE TABLE objects (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    client      BLOB NOT NULL CHECK (length(client) = 16),
+    oid         BLOB NOT NULL CHECK (length(oid) = 32),
+    pack        INTEGER NOT NULL REFERENCES packs (id),
+    pack_offset INTEGER NOT NULL,
+    len         INTEGER NOT NULL,
+    UNIQUE (client, oid)
+);
+CREATE INDEX objects_by_pack ON objects (pack);
+CREATE TABLE snapshots (
+    id           INTEGER PRIMARY KEY AUTOINCREMENT,
+    client       BLOB NOT NULL CHECK (length(client) = 16),
+    time         INTEGER NOT NULL,
+    meta         BLOB NOT NULL,
+    committed_at INTEGER NOT NULL
+);
+CREATE INDEX snapshots_by_client ON snapshots (client, id);
+CREATE TABLE snapshot_refs (
+    snapshot    INTEGER NOT NULL REFERENCES snapshots (id),
+    object      INTEGER NOT NULL,
+    PRIMARY KEY (snapshot, object)
+) WITHOUT ROWID;
+CREATE TABLE repo_stage (
+    stage       INTEGER NOT NULL,
+    object      INTEGER NOT NULL,
+    PRIMARY KEY (stage, object)
+) WITHOUT ROWID;
+CREATE TABLE key_envelopes (
+    client      BLOB NOT NULL CHECK (length(client) = 16),
+    slot        INTEGER NOT NULL CHECK (slot BETWEEN 0 AND 7),
+    envelope    BLOB NOT NULL,
+    stored_at   INTEGER NOT NULL,
+    PRIMARY KEY (client, slot)
+) WITHOUT ROWID;
 ";
 
 /// Content of small versions, stored with their row (see

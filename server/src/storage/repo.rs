@@ -1,0 +1,401 @@
+//! The repository extension's storage (`docs/PROTOCOL.md` §13): packs of
+//! sealed objects, the index of where each object lies, snapshots and the
+//! objects they reference, and key envelopes. The server holds no key: it
+//! stores what clients seal, and knows only ids, sizes and references.
+//!
+//! Two halves, like the rest of storage:
+//!
+//! * [`RepoStore`], the metadata: packs, objects, snapshots, staged
+//!   references, envelopes. SQLite implements it in `sqlite/repo.rs`; a
+//!   PostgreSQL backend would implement the same.
+//! * The pack bytes go to the [`BlobStore`](super::BlobStore) like file
+//!   contents: [`Storage::begin_pack`] opens a writer, [`PackUpload::write`]
+//!   streams and hashes, [`Storage::store_pack`] makes the blob durable
+//!   (finish, publish, barrier) and only then records the pack and its
+//!   objects in one transaction.
+//!
+//! Crash safety: an object row exists only once its pack's bytes passed
+//! the barrier, so no crash leaves an object without its bytes; a crash
+//! between the barrier and the transaction leaves a pack blob without a
+//! row, which [`Storage::recover`] removes like any orphan. A snapshot and
+//! its references are one transaction that re-checks every reference.
+//!
+//! Ids are scoped per client: every lookup is by (client, id), so a client
+//! can neither read nor probe nor reference another client's objects.
+
+use std::io::Read;
+use std::time::SystemTime;
+
+use protocol::repo::message::{CommitRefusal, KeySlot, SnapshotEntry};
+use protocol::repo::pack::Located;
+use protocol::repo::ObjectId;
+use protocol::ClientId;
+use sha2::{Digest, Sha256};
+
+use super::{BlobKey, BlobWriter, Storage, StorageError};
+
+/// Names the references staged for one snapshot being built on one
+/// connection (random: connections never share one). Staged references
+/// live in the metadata, not in memory, so a snapshot of a million objects
+/// costs the server no more memory than one of ten.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct StageId(pub i64);
+
+impl StageId {
+    /// A fresh, random stage id.
+    pub fn random() -> Self {
+        Self(rand::random::<i64>() & i64::MAX)
+    }
+}
+
+/// A pack whose bytes are durable under `blob`, to record with its objects.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NewPack {
+    pub client: ClientId,
+    pub blob: BlobKey,
+    pub size: u64,
+    /// SHA-256 of the pack's bytes, for scrubbing without keys.
+    pub sha256: [u8; 32],
+    pub stored_at: SystemTime,
+    /// Each object's place, in pack order.
+    pub objects: Vec<Located>,
+}
+
+/// Where a client's object lies: in pack blob `blob`, `len` bytes from
+/// `offset`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ObjectPlace {
+    pub blob: BlobKey,
+    pub offset: u64,
+    pub len: u32,
+}
+
+/// The repository's metadata.
+pub trait RepoStore: Send + Sync + 'static {
+    /// For each of `ids`, in order, whether `client` holds it.
+    ///
+    /// # Errors
+    /// On a backend failure.
+    fn have(&self, client: ClientId, ids: &[ObjectId]) -> Result<Vec<bool>, StorageError>;
+
+    /// Records `pack` and its objects in one transaction; an object the
+    /// client already holds keeps its place (skipped, not an error).
+    /// Returns how many objects were new.
+    ///
+    /// # Errors
+    /// On a backend failure; nothing is recorded then.
+    fn add_pack(&self, pack: &NewPack) -> Result<u32, StorageError>;
+
+    /// Stages, under `stage`, each of `ids` that `client` holds (dropping
+    /// whatever was staged before when `first`); returns how many of `ids`
+    /// it does not hold.
+    ///
+    /// # Errors
+    /// On a backend failure.
+    fn stage_refs(
+        &self,
+        stage: StageId,
+        client: ClientId,
+        first: bool,
+        ids: &[ObjectId],
+    ) -> Result<u32, StorageError>;
+
+    /// Drops the references staged under `stage` (no error if none).
+    ///
+    /// # Errors
+    /// On a backend failure.
+    fn drop_stage(&self, stage: StageId) -> Result<(), StorageError>;
+
+    /// In one transaction: checks that every reference staged under
+    /// `stage` still names an object of `client`, records a snapshot with
+    /// them and drops the stage. Returns the snapshot's id (unique,
+    /// increasing), or why it was refused with how many references are
+    /// missing (the stage is dropped either way).
+    ///
+    /// # Errors
+    /// On a backend failure; nothing is recorded then.
+    fn commit_snapshot(
+        &self,
+        stage: StageId,
+        client: ClientId,
+        time: u64,
+        meta: &[u8],
+        now: SystemTime,
+    ) -> Result<Result<u64, (CommitRefusal, u32)>, StorageError>;
+
+    /// At most `limit` snapshots of `client` with ids above `after`, in id
+    /// order.
+    ///
+    /// # Errors
+    /// On a backend failure or an unreadable row.
+    fn snapshots(
+        &self,
+        client: ClientId,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<SnapshotEntry>, StorageError>;
+
+    /// For each of `ids`, in order, where `client`'s object lies, if it
+    /// holds one.
+    ///
+    /// # Errors
+    /// On a backend failure or an unreadable row.
+    fn locate(
+        &self,
+        client: ClientId,
+        ids: &[ObjectId],
+    ) -> Result<Vec<Option<ObjectPlace>>, StorageError>;
+
+    /// Stores `envelope` in `client`'s `slot`, replacing any there, but
+    /// for [`MASTER_SLOT`](protocol::repo::message::MASTER_SLOT), which is
+    /// written once: `false` when it already held an envelope (kept).
+    ///
+    /// # Errors
+    /// On a backend failure.
+    fn put_key(
+        &self,
+        client: ClientId,
+        slot: u8,
+        envelope: &[u8],
+        now: SystemTime,
+    ) -> Result<bool, StorageError>;
+
+    /// Every envelope of `client`, by slot.
+    ///
+    /// # Errors
+    /// On a backend failure or an unreadable row.
+    fn keys(&self, client: ClientId) -> Result<Vec<KeySlot>, StorageError>;
+
+    /// Up to `limit` recorded packs with their recorded sizes, ordered by
+    /// key (byte order), after `after`: how recovery pages through them.
+    ///
+    /// # Errors
+    /// On a backend failure or an unreadable row.
+    fn recorded_packs(
+        &self,
+        after: Option<&BlobKey>,
+        limit: usize,
+    ) -> Result<Vec<(BlobKey, u64)>, StorageError>;
+
+    /// At start-up: drops every staged reference (their connections are
+    /// gone). Returns how many were dropped.
+    ///
+    /// # Errors
+    /// On a backend failure.
+    fn clear_stages(&self) -> Result<usize, StorageError>;
+}
+
+/// A pack being received: its blob writer and the running SHA-256 of its
+/// bytes. It must end in [`Storage::store_pack`] or [`PackUpload::abort`].
+pub struct PackUpload {
+    client: ClientId,
+    writer: Box<dyn BlobWriter>,
+    sha256: Sha256,
+    bytes: u64,
+}
+
+impl std::fmt::Debug for PackUpload {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PackUpload")
+            .field("client", &self.client)
+            .field("bytes", &self.bytes)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PackUpload {
+    /// Appends `bytes` to the pack.
+    ///
+    /// # Errors
+    /// On a write failure; the upload must then be aborted.
+    pub fn write(&mut self, bytes: &[u8]) -> Result<(), StorageError> {
+        self.writer.write(bytes)?;
+        self.sha256.update(bytes);
+        self.bytes += bytes.len() as u64;
+        Ok(())
+    }
+
+    /// Bytes written so far.
+    pub fn len(&self) -> u64 {
+        self.bytes
+    }
+
+    /// Whether nothing was written yet.
+    pub fn is_empty(&self) -> bool {
+        self.bytes == 0
+    }
+
+    /// Discards the pack.
+    ///
+    /// # Errors
+    /// When the blob store could not discard it (recovery removes it).
+    pub fn abort(self) -> Result<(), StorageError> {
+        self.writer.abort()
+    }
+}
+
+impl Storage {
+    /// The repository metadata, or `Unavailable` when this storage has none.
+    ///
+    /// # Errors
+    /// When no [`RepoStore`] was configured.
+    pub fn repo(&self) -> Result<&dyn RepoStore, StorageError> {
+        self.repo
+            .as_deref()
+            .ok_or_else(|| StorageError::Unavailable {
+                op: "repository",
+                source: "this storage keeps no repository".into(),
+            })
+    }
+
+    /// Opens a new pack blob for `client`.
+    ///
+    /// # Errors
+    /// When the storage has no repository or the blob cannot be begun.
+    pub fn begin_pack(&self, client: ClientId) -> Result<PackUpload, StorageError> {
+        self.repo()?;
+        Ok(PackUpload {
+            client,
+            writer: self.blobs.begin_write(client)?,
+            sha256: Sha256::new(),
+            bytes: 0,
+        })
+    }
+
+    /// Makes `pack` durable (finish, publish, barrier) and then records it
+    /// with `objects` in one transaction; returns how many objects were
+    /// new. Nothing is recorded unless the bytes are durable first.
+    ///
+    /// # Errors
+    /// When the bytes received are not `size`, or writing or recording
+    /// fails; the pack's blob is removed then (or left for recovery).
+    pub fn store_pack(
+        &self,
+        pack: PackUpload,
+        size: u64,
+        objects: Vec<Located>,
+        now: SystemTime,
+    ) -> Result<u32, StorageError> {
+        let repo = self.repo()?;
+        if pack.bytes != size {
+            let received = pack.bytes;
+            let _ = pack.abort();
+            return Err(StorageError::Corrupt(format!(
+                "a pack of {size} bytes was announced but {received} were written"
+            )));
+        }
+        let PackUpload {
+            client,
+            writer,
+            sha256,
+            ..
+        } = pack;
+        let key = writer.finish()?.publish()?;
+        let durable = self
+            .blobs
+            .barrier(std::slice::from_ref(&key))
+            .into_iter()
+            .next()
+            .unwrap_or_else(|| Err(StorageError::Worker("the barrier returned nothing".into())));
+        if let Err(e) = durable {
+            self.delete_unrecorded(std::iter::once(&key));
+            return Err(e);
+        }
+        let record = NewPack {
+            client,
+            blob: key,
+            size,
+            sha256: sha256.finalize().into(),
+            stored_at: now,
+            objects,
+        };
+        repo.add_pack(&record).inspect_err(|_| {
+            self.delete_unrecorded(std::iter::once(&record.blob));
+        })
+    }
+
+    /// Opens the sealed bytes of an object.
+    ///
+    /// # Errors
+    /// When its pack cannot be opened.
+    pub fn open_object(&self, place: &ObjectPlace) -> Result<Box<dyn Read + Send>, StorageError> {
+        let end = place.offset + u64::from(place.len);
+        self.blobs.open_range(&place.blob, place.offset..end)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use protocol::repo::ID_LEN;
+
+    fn located(n: u8, offset: u64, len: u32) -> Located {
+        Located {
+            id: ObjectId([n; ID_LEN]),
+            offset,
+            len,
+        }
+    }
+
+    #[test]
+    fn records_a_pack_with_the_digest_of_its_bytes_only_once_it_is_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::open_local(dir.path()).unwrap();
+        let client = ClientId([3; 16]);
+        let bytes: Vec<u8> = (0..=255u8).cycle().take(300).collect();
+
+        // Fewer bytes than announced: refused, nothing kept.
+        let mut short = storage.begin_pack(client).unwrap();
+        short.write(&bytes[..100]).unwrap();
+        let err = storage
+            .store_pack(short, 300, vec![located(1, 0, 300)], SystemTime::now())
+            .unwrap_err();
+        assert!(matches!(err, StorageError::Corrupt(_)), "{err}");
+        let repo = storage.repo().unwrap();
+        assert!(repo.recorded_packs(None, 10).unwrap().is_empty());
+        let left = storage.blobs().recover().unwrap();
+        assert_eq!(
+            (left.blobs.len(), left.removed_temporaries),
+            (0, 0),
+            "the writer was aborted"
+        );
+
+        let mut pack = storage.begin_pack(client).unwrap();
+        for chunk in bytes.chunks(7) {
+            pack.write(chunk).unwrap();
+        }
+        let objects = vec![located(1, 0, 100), located(2, 100, 200)];
+        let added = storage
+            .store_pack(pack, 300, objects, SystemTime::now())
+            .unwrap();
+        assert_eq!(added, 2);
+        let recorded = repo.recorded_packs(None, 10).unwrap();
+        assert_eq!(recorded.len(), 1);
+        assert_eq!(recorded[0].1, 300);
+        let digest: [u8; 32] = Sha256::digest(&bytes).into();
+        let db = rusqlite::Connection::open(dir.path().join(Storage::DATABASE)).unwrap();
+        let stored: Vec<u8> = db
+            .query_row("SELECT sha256 FROM packs", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(stored, digest);
+        let place = repo
+            .locate(client, &[ObjectId([2; ID_LEN])])
+            .unwrap()
+            .pop()
+            .flatten()
+            .unwrap();
+        let mut read = Vec::new();
+        storage
+            .open_object(&place)
+            .unwrap()
+            .read_to_end(&mut read)
+            .unwrap();
+        assert_eq!(read, bytes[100..]);
+        // Recovery keeps the recorded pack.
+        assert_eq!(
+            storage.recover().unwrap(),
+            super::super::RecoveryReport::default()
+        );
+        assert_eq!(repo.recorded_packs(None, 10).unwrap(), recorded);
+    }
+}
