@@ -449,6 +449,7 @@ impl ServerSession {
                 Request::Repo(
                     crate::repo::RepoRequest::PackData { .. }
                         | crate::repo::RepoRequest::PackEnd { .. }
+                        | crate::repo::RepoRequest::Have { .. }
                 )
             )
         {

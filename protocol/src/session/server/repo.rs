@@ -11,8 +11,10 @@
 //! PutKey --> [RepoAction::PutKey] --> 1670; GetKeys --> [RepoAction::GetKeys] --repo_done(Keys)--> 1669
 //! ```
 //!
-//! While a pack is open only its data and its end may come; anything else
-//! is a protocol error, and so is an index that does not cover the pack.
+//! While a pack is open only its data, its end and "have" queries (the
+//! client asks about the next objects while it streams a pack) may come;
+//! anything else is a protocol error, and so is an index that does not
+//! cover the pack.
 
 use bytes::Bytes;
 
@@ -152,6 +154,7 @@ impl ServerSession {
                     objects,
                 }));
             }
+            RepoRequest::Have { .. } => {}
             _ if in_pack => return Err(self.unexpected(kind)),
             _ => {}
         }
@@ -276,5 +279,266 @@ impl ServerSession {
     /// Forgets repository state cut short by a storage failure.
     pub(super) fn repo_reset(&mut self) {
         self.repo = RepoState::default();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rand::SeedableRng;
+
+    use super::super::{Proof, ServerConfig};
+    use super::*;
+    use crate::crypto::AesKey;
+    use crate::message::RequestFrame;
+    use crate::repo::message::{PackEntry, MAX_SNAPSHOT_META};
+    use crate::repo::seal::OVERHEAD;
+    use crate::wire::{Dialect, Numbering};
+    use crate::{Request, UserName};
+
+    fn proven() -> (ServerSession, ClientId, rand::rngs::StdRng) {
+        let mut s = ServerSession::secure(ServerConfig::default(), [7; 32]);
+        let id = ClientId([5; 16]);
+        s.client = Some((id, UserName::try_from("a").unwrap()));
+        s.key = Some(AesKey::from_bytes([1; 32]));
+        s.proof = Proof::Proven;
+        assert_eq!(s.dialect(), Dialect::Secure);
+        (s, id, rand::rngs::StdRng::seed_from_u64(1))
+    }
+
+    fn send(
+        s: &mut ServerSession,
+        id: ClientId,
+        rng: &mut rand::rngs::StdRng,
+        r: RepoRequest,
+    ) -> Result<Action, SessionError> {
+        s.handle(
+            RequestFrame {
+                client_id: id,
+                numbering: Numbering::Modern,
+                request: Request::Repo(r),
+            },
+            rng,
+        )
+    }
+
+    fn oid(b: u8) -> ObjectId {
+        ObjectId([b; 32])
+    }
+
+    #[test]
+    fn a_pack_streams_takes_have_queries_and_ends_with_its_index_checked() {
+        let (mut s, id, mut rng) = proven();
+        let data = Bytes::from(vec![0u8; OVERHEAD * 2]);
+        let first = send(
+            &mut s,
+            id,
+            &mut rng,
+            RepoRequest::PackData {
+                content: data.clone(),
+            },
+        );
+        assert!(matches!(
+            first,
+            Ok(Action::Repo(RepoAction::PackData { first: true, .. }))
+        ));
+        // A have query while the pack is open is answered.
+        let have = send(
+            &mut s,
+            id,
+            &mut rng,
+            RepoRequest::Have { ids: vec![oid(1)] },
+        );
+        assert!(matches!(have, Ok(Action::Repo(RepoAction::Have { .. }))));
+        let answer = s.repo_done(RepoOutcome::Have(vec![false])).unwrap();
+        assert!(matches!(
+            answer,
+            Response::Repo(RepoResponse::HaveAnswer { ref have }) if have == &[false]
+        ));
+        // Anything else is not.
+        assert!(send(
+            &mut s,
+            id,
+            &mut rng,
+            RepoRequest::SnapshotRefs { ids: vec![oid(1)] }
+        )
+        .is_err());
+        let (mut s, id, mut rng) = proven();
+        send(
+            &mut s,
+            id,
+            &mut rng,
+            RepoRequest::PackData {
+                content: data.clone(),
+            },
+        )
+        .unwrap();
+        let second = send(
+            &mut s,
+            id,
+            &mut rng,
+            RepoRequest::PackData { content: data },
+        );
+        assert!(matches!(
+            second,
+            Ok(Action::Repo(RepoAction::PackData { first: false, .. }))
+        ));
+        let len = u32::try_from(OVERHEAD * 2).unwrap();
+        let end = send(
+            &mut s,
+            id,
+            &mut rng,
+            RepoRequest::PackEnd {
+                entries: vec![PackEntry { id: oid(1), len }, PackEntry { id: oid(2), len }],
+            },
+        );
+        let Ok(Action::Repo(RepoAction::StorePack { size, objects, .. })) = end else {
+            panic!("{end:?}");
+        };
+        assert_eq!(size, u64::from(len) * 2);
+        assert_eq!(objects[1].offset, u64::from(len));
+        assert!(!s.has_open_pack());
+        assert!(matches!(
+            s.repo_done(RepoOutcome::PackStored { added: 2 }),
+            Ok(Response::Repo(RepoResponse::PackStored { added: 2 }))
+        ));
+    }
+
+    #[test]
+    fn an_index_that_does_not_cover_the_pack_and_an_end_without_a_pack_are_errors() {
+        let (mut s, id, mut rng) = proven();
+        let end = RepoRequest::PackEnd {
+            entries: vec![PackEntry {
+                id: oid(1),
+                len: u32::try_from(OVERHEAD).unwrap(),
+            }],
+        };
+        assert!(send(&mut s, id, &mut rng, end.clone()).is_err());
+        let (mut s, id, mut rng) = proven();
+        let content = Bytes::from(vec![0u8; OVERHEAD + 1]);
+        send(&mut s, id, &mut rng, RepoRequest::PackData { content }).unwrap();
+        assert!(matches!(
+            send(&mut s, id, &mut rng, end),
+            Err(SessionError::Pack(_))
+        ));
+    }
+
+    #[test]
+    fn a_commit_needs_staged_references_all_present() {
+        let (mut s, id, mut rng) = proven();
+        let commit = || RepoRequest::SnapshotCommit {
+            time: 9,
+            meta: Bytes::from_static(b"m"),
+        };
+        assert!(matches!(
+            send(&mut s, id, &mut rng, commit()),
+            Ok(Action::Reply(Response::Repo(
+                RepoResponse::SnapshotRefused {
+                    reason: CommitRefusal::NO_REFERENCES,
+                    ..
+                }
+            )))
+        ));
+        send(
+            &mut s,
+            id,
+            &mut rng,
+            RepoRequest::SnapshotRefs {
+                ids: vec![oid(1), oid(2)],
+            },
+        )
+        .unwrap();
+        s.repo_done(RepoOutcome::Staged { missing: 1 }).unwrap();
+        assert!(matches!(
+            send(&mut s, id, &mut rng, commit()),
+            Ok(Action::Repo(RepoAction::DropStaged {
+                reply: Response::Repo(RepoResponse::SnapshotRefused {
+                    reason: CommitRefusal::MISSING,
+                    missing: 1
+                })
+            }))
+        ));
+        let staged = send(
+            &mut s,
+            id,
+            &mut rng,
+            RepoRequest::SnapshotRefs { ids: vec![oid(1)] },
+        );
+        assert!(matches!(
+            staged,
+            Ok(Action::Repo(RepoAction::StageRefs { first: true, .. }))
+        ));
+        s.repo_done(RepoOutcome::Staged { missing: 0 }).unwrap();
+        assert!(matches!(
+            send(&mut s, id, &mut rng, commit()),
+            Ok(Action::Repo(RepoAction::CommitSnapshot { time: 9, .. }))
+        ));
+        assert!(matches!(
+            s.repo_done(RepoOutcome::Committed(Ok(3))),
+            Ok(Response::Repo(RepoResponse::SnapshotCommitted { id: 3 }))
+        ));
+    }
+
+    #[test]
+    fn a_snapshot_page_is_cut_by_count_and_by_bytes_with_the_cursor_of_its_last() {
+        let entry = |id: u64, meta: usize| SnapshotEntry {
+            id,
+            time: id,
+            meta: Bytes::from(vec![1u8; meta]),
+        };
+        let (mut s, id, mut rng) = proven();
+        send(&mut s, id, &mut rng, RepoRequest::Snapshots { cursor: 0 }).unwrap();
+        let many = (1..=SNAPSHOT_PAGE_ENTRIES as u64 + 1)
+            .map(|i| entry(i, 10))
+            .collect();
+        let Ok(Response::Repo(RepoResponse::SnapshotPage {
+            next_cursor,
+            entries,
+        })) = s.repo_done(RepoOutcome::Snapshots(many))
+        else {
+            panic!("not a page");
+        };
+        assert_eq!(entries.len(), SNAPSHOT_PAGE_ENTRIES);
+        assert_eq!(next_cursor, SNAPSHOT_PAGE_ENTRIES as u64);
+        send(&mut s, id, &mut rng, RepoRequest::Snapshots { cursor: 0 }).unwrap();
+        let big = (1..=6).map(|i| entry(i, MAX_SNAPSHOT_META)).collect();
+        let Ok(Response::Repo(RepoResponse::SnapshotPage {
+            next_cursor,
+            entries,
+        })) = s.repo_done(RepoOutcome::Snapshots(big))
+        else {
+            panic!("not a page");
+        };
+        assert!(entries.len() < 6 && !entries.is_empty());
+        assert_eq!(next_cursor, entries.last().unwrap().id);
+        send(&mut s, id, &mut rng, RepoRequest::Snapshots { cursor: 0 }).unwrap();
+        let Ok(Response::Repo(RepoResponse::SnapshotPage {
+            next_cursor,
+            entries,
+        })) = s.repo_done(RepoOutcome::Snapshots(vec![entry(1, 5)]))
+        else {
+            panic!("not a page");
+        };
+        assert_eq!((next_cursor, entries.len()), (0, 1));
+    }
+
+    #[test]
+    fn repository_requests_wait_for_the_proof_and_never_reach_a_legacy_session() {
+        let mut s = ServerSession::secure(ServerConfig::default(), [7; 32]);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(2);
+        assert!(matches!(
+            send(&mut s, ClientId([5; 16]), &mut rng, RepoRequest::GetKeys),
+            Err(SessionError::NotAuthenticated(_))
+        ));
+        let mut legacy = ServerSession::new(ServerConfig::default());
+        legacy.client = Some((ClientId([5; 16]), UserName::try_from("a").unwrap()));
+        legacy.key = Some(AesKey::from_bytes([1; 32]));
+        legacy.proof = Proof::Proven;
+        assert!(send(
+            &mut legacy,
+            ClientId([5; 16]),
+            &mut rng,
+            RepoRequest::GetKeys
+        )
+        .is_err());
     }
 }
