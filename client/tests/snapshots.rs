@@ -1,0 +1,321 @@
+//! Snapshots end to end against the real binaries (`backup-server` and
+//! `backup-client` as processes): `backup` in secure mode makes a snapshot
+//! that restores byte for byte, sends only what the server lacks, keeps no
+//! plaintext on the server, and a damaged object fails only the files that
+//! use it.
+
+mod support;
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::time::Duration;
+
+use support::processes::{run_client, stderr, ServerProcess};
+use support::write_file;
+
+const LIMIT: Duration = Duration::from_secs(120);
+
+/// A registered client of a fresh server, with a folder to back up.
+struct Setup {
+    server: ServerProcess,
+    dir: tempfile::TempDir,
+    config: PathBuf,
+}
+
+impl Setup {
+    async fn new() -> Self {
+        let server = ServerProcess::start(&[]);
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("config");
+        let s = Self {
+            server,
+            dir,
+            config,
+        };
+        let out = s.client(&["register", "--name", "snap"]).await;
+        assert!(out.status.success(), "register: {}", stderr(&out));
+        s
+    }
+
+    async fn client(&self, args: &[&str]) -> Output {
+        let addr = self.server.addr.to_string();
+        let mut all = vec!["--server", addr.as_str()];
+        all.extend_from_slice(args);
+        run_client(&self.config, &all, LIMIT).await
+    }
+
+    /// Runs the client with `--json` and returns its parsed summary.
+    async fn json(&self, args: &[&str]) -> (Output, serde_json::Value) {
+        let mut all = vec!["--json"];
+        all.extend_from_slice(args);
+        let out = self.client(&all).await;
+        let v = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "not JSON ({e}): {} / {}",
+                String::from_utf8_lossy(&out.stdout),
+                stderr(&out)
+            )
+        });
+        (out, v)
+    }
+
+    fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+}
+
+fn set_mtime(path: &Path, secs: u64) {
+    let f = std::fs::File::options().write(true).open(path).unwrap();
+    f.set_modified(std::time::UNIX_EPOCH + Duration::from_secs(secs))
+        .unwrap();
+}
+
+/// A folder with an empty file, small files, a file of several chunks, a
+/// subfolder, a symbolic link and a file of mode 0640 with an old mtime.
+fn make_folder(root: &Path) {
+    std::fs::create_dir_all(root.join("sub/deeper")).unwrap();
+    std::fs::write(root.join("empty"), b"").unwrap();
+    for i in 0..20 {
+        write_file(&root.join(format!("sub/small{i}.txt")), 100 + i * 37, i as u32);
+    }
+    write_file(&root.join("big.bin"), 9 << 20, 77);
+    write_file(&root.join("sub/deeper/mid.bin"), 700_000, 78);
+    std::os::unix::fs::symlink("../big.bin", root.join("sub/link")).unwrap();
+    let private = root.join("sub/private.txt");
+    std::fs::write(&private, b"for my eyes").unwrap();
+    std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o640)).unwrap();
+    set_mtime(&private, 1_000_000_000);
+}
+
+/// Asserts that `b` holds what `a` holds: contents, modes, file mtimes and
+/// link targets.
+fn assert_same_tree(a: &Path, b: &Path) {
+    let mut stack = vec![PathBuf::new()];
+    let mut seen = 0;
+    while let Some(rel) = stack.pop() {
+        let (pa, pb) = (a.join(&rel), b.join(&rel));
+        let (ma, mb) = (
+            std::fs::symlink_metadata(&pa).unwrap(),
+            std::fs::symlink_metadata(&pb)
+                .unwrap_or_else(|e| panic!("{} not restored: {e}", pb.display())),
+        );
+        assert_eq!(ma.file_type(), mb.file_type(), "{}", rel.display());
+        seen += 1;
+        if ma.file_type().is_symlink() {
+            assert_eq!(std::fs::read_link(&pa).unwrap(), std::fs::read_link(&pb).unwrap());
+            continue;
+        }
+        assert_eq!(ma.mode() & 0o777, mb.mode() & 0o777, "mode of {}", rel.display());
+        if ma.is_dir() {
+            for e in std::fs::read_dir(&pa).unwrap() {
+                stack.push(rel.join(e.unwrap().file_name()));
+            }
+            continue;
+        }
+        assert_eq!(ma.mtime(), mb.mtime(), "mtime of {}", rel.display());
+        assert!(
+            std::fs::read(&pa).unwrap() == std::fs::read(&pb).unwrap(),
+            "content of {}",
+            rel.display()
+        );
+    }
+    assert!(seen > 20, "only {seen} entries compared");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_restores_byte_for_byte_and_an_unchanged_one_sends_nothing() {
+    let s = Setup::new().await;
+    let folder = s.path("folder");
+    make_folder(&folder);
+    let folder_arg = folder.to_string_lossy().into_owned();
+
+    let (out, first) = s.json(&["backup", "--tag", "first", &folder_arg]).await;
+    assert!(out.status.success(), "backup: {}", stderr(&out));
+    assert_eq!(first["files"], 24, "{first}");
+    assert!(first["sent_bytes"].as_u64().unwrap() > 9 << 20, "{first}");
+
+    let (out, second) = s.json(&["backup", &folder_arg]).await;
+    assert!(out.status.success(), "second backup: {}", stderr(&out));
+    assert_eq!(second["new_objects"], 0, "{second}");
+    assert_eq!(second["sent_bytes"], 0, "{second}");
+    assert_ne!(first["snapshot"], second["snapshot"]);
+
+    let (out, listed) = s.json(&["snapshots"]).await;
+    assert!(out.status.success(), "snapshots: {}", stderr(&out));
+    let snaps = listed["snapshots"].as_array().unwrap();
+    assert_eq!(snaps.len(), 2, "{listed}");
+    assert_eq!(snaps[0]["tags"][0], "first");
+    assert_eq!(snaps[0]["files"], 24);
+    assert_eq!(snaps[1]["paths"][0], folder_arg.as_str());
+
+    let out_dir = s.path("restored");
+    let first_id = first["snapshot"].to_string();
+    let out = s
+        .client(&["restore", &first_id, "--to", &out_dir.to_string_lossy()])
+        .await;
+    assert!(out.status.success(), "restore: {}", stderr(&out));
+    assert_same_tree(&folder, &out_dir.join("folder"));
+
+    // One path of the newest snapshot.
+    let part = s.path("part");
+    let out = s
+        .client(&["restore", "latest:folder/sub/deeper", "--to", &part.to_string_lossy()])
+        .await;
+    assert!(out.status.success(), "restore of a path: {}", stderr(&out));
+    assert_eq!(
+        std::fs::read(part.join("deeper/mid.bin")).unwrap(),
+        std::fs::read(folder.join("sub/deeper/mid.bin")).unwrap()
+    );
+    assert!(!part.join("big.bin").exists());
+
+    let (out, ls) = s.json(&["ls", "latest:folder/sub"]).await;
+    assert!(out.status.success(), "ls: {}", stderr(&out));
+    let paths: Vec<&str> = ls["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["path"].as_str().unwrap())
+        .collect();
+    assert!(paths.contains(&"folder/sub/link"), "{paths:?}");
+    assert!(paths.contains(&"folder/sub/deeper/mid.bin"), "{paths:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_in_the_middle_of_a_large_file_sends_only_the_chunks_around_it() {
+    let s = Setup::new().await;
+    let folder = s.path("f");
+    let big = folder.join("large.bin");
+    let mut data = write_file(&big, 24 << 20, 5);
+    let folder_arg = folder.to_string_lossy().into_owned();
+    let (out, first) = s.json(&["backup", &folder_arg]).await;
+    assert!(out.status.success(), "backup: {}", stderr(&out));
+
+    let middle = 12 << 20;
+    for b in &mut data[middle..middle + (1 << 20)] {
+        *b = !*b;
+    }
+    std::fs::write(&big, &data).unwrap();
+    let (out, second) = s.json(&["backup", &folder_arg]).await;
+    assert!(out.status.success(), "backup: {}", stderr(&out));
+    let sent = second["sent_bytes"].as_u64().unwrap();
+    assert!(sent > 1 << 20, "the change was not sent: {second}");
+    assert!(
+        sent <= 9 << 20,
+        "{sent} bytes sent for a 1 MiB change (first run sent {})",
+        first["sent_bytes"]
+    );
+
+    // The same content under a second name is stored once.
+    std::fs::copy(&big, folder.join("copy.bin")).unwrap();
+    let (out, third) = s.json(&["backup", &folder_arg]).await;
+    assert!(out.status.success(), "backup: {}", stderr(&out));
+    assert!(third["sent_bytes"].as_u64().unwrap() < 64 << 10, "{third}");
+
+    let out_dir = s.path("out");
+    let out = s
+        .client(&["restore", "--to", &out_dir.to_string_lossy()])
+        .await;
+    assert!(out.status.success(), "restore: {}", stderr(&out));
+    assert!(std::fs::read(out_dir.join("f/large.bin")).unwrap() == data);
+    assert!(std::fs::read(out_dir.join("f/copy.bin")).unwrap() == data);
+}
+
+/// Every regular file under `dir`, recursively.
+fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_keeps_no_plaintext_and_a_damaged_object_fails_only_its_file() {
+    let s = Setup::new().await;
+    let folder = s.path("secret");
+    let marker = b"THE-MARKER-NO-SERVER-MAY-SEE-0123456789";
+    let mut text = Vec::new();
+    for i in 0..2000 {
+        text.extend_from_slice(marker);
+        text.extend_from_slice(format!(" line {i}\n").as_bytes());
+    }
+    std::fs::create_dir_all(&folder).unwrap();
+    std::fs::write(folder.join("notes.txt"), &text).unwrap();
+    let big = write_file(&folder.join("big.bin"), 6 << 20, 9);
+    let folder_arg = folder.to_string_lossy().into_owned();
+    let out = s.client(&["backup", &folder_arg]).await;
+    assert!(out.status.success(), "backup: {}", stderr(&out));
+
+    let data = s.server.data.path().join("data");
+    let stored = files_under(&data);
+    assert!(!stored.is_empty());
+    for f in &stored {
+        let bytes = std::fs::read(f).unwrap();
+        assert!(
+            !bytes.windows(marker.len()).any(|w| w == marker),
+            "plaintext in {}",
+            f.display()
+        );
+        assert!(
+            !bytes.windows(64).any(|w| w == &big[1 << 20..(1 << 20) + 64]),
+            "plaintext of big.bin in {}",
+            f.display()
+        );
+    }
+
+    // Damage one byte in the middle of the largest stored file (the pack):
+    // big.bin's chunks lie there, notes.txt's compressed chunk at its start.
+    let pack = stored
+        .iter()
+        .max_by_key(|f| std::fs::metadata(f).unwrap().len())
+        .unwrap();
+    let mut bytes = std::fs::read(pack).unwrap();
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0x40;
+    std::fs::write(pack, &bytes).unwrap();
+
+    let out_dir = s.path("out");
+    let out = s
+        .client(&["restore", "--to", &out_dir.to_string_lossy()])
+        .await;
+    assert_eq!(out.status.code(), Some(5), "restore: {}", stderr(&out));
+    let err = stderr(&out);
+    assert!(err.contains("big.bin"), "{err}");
+    assert!(!out_dir.join("secret/big.bin").exists(), "a damaged file was written");
+    assert_eq!(std::fs::read(out_dir.join("secret/notes.txt")).unwrap(), text);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restore_never_overwrites_without_overwrite() {
+    let s = Setup::new().await;
+    let folder = s.path("keep");
+    write_file(&folder.join("a.txt"), 1000, 1);
+    let folder_arg = folder.to_string_lossy().into_owned();
+    let out = s.client(&["backup", &folder_arg]).await;
+    assert!(out.status.success(), "backup: {}", stderr(&out));
+
+    let out_dir = s.path("out");
+    std::fs::create_dir_all(out_dir.join("keep")).unwrap();
+    std::fs::write(out_dir.join("keep/a.txt"), b"mine").unwrap();
+    let to = out_dir.to_string_lossy().into_owned();
+    let out = s.client(&["restore", "--to", &to]).await;
+    assert_eq!(out.status.code(), Some(6), "restore: {}", stderr(&out));
+    assert_eq!(std::fs::read(out_dir.join("keep/a.txt")).unwrap(), b"mine");
+    let out = s.client(&["restore", "--to", &to, "--overwrite"]).await;
+    assert!(out.status.success(), "restore --overwrite: {}", stderr(&out));
+    assert_eq!(
+        std::fs::read(out_dir.join("keep/a.txt")).unwrap(),
+        std::fs::read(folder.join("a.txt")).unwrap()
+    );
+    let out = s.client(&["restore", "99", "--to", &to]).await;
+    assert_eq!(out.status.code(), Some(7), "restore of no snapshot: {}", stderr(&out));
+}
