@@ -418,6 +418,24 @@ impl ClientCodec {
     }
 }
 
+/// Whether `bytes` begin as a legacy response header does: version 3 (or
+/// 4, as one big-endian server writes) and a response code a legacy
+/// decoder knows, in either byte order. What a legacy server answers to a
+/// TLS ClientHello it cannot parse; a TLS server's first byte is a record
+/// type (0x15 or 0x16), never these.
+pub fn is_legacy_response_head(bytes: &[u8]) -> bool {
+    let (Some(&version), Some(code)) = (bytes.first(), bytes.get(1..3)) else {
+        return false;
+    };
+    let Ok(code) = <[u8; 2]>::try_from(code).map(u16::from_le_bytes) else {
+        return false;
+    };
+    (version == crate::wire::VERSION || version == crate::wire::SECURE_VERSION)
+        && [code, code.swap_bytes()]
+            .into_iter()
+            .any(|c| is_known_response(ResponseCode(c)))
+}
+
 /// Whether `code` is one a legacy response decoder knows.
 pub fn is_known_response(code: ResponseCode) -> bool {
     Response::payload_bounds(code, &Limits::default(), Dialect::Legacy).is_some()
@@ -647,5 +665,16 @@ mod tests {
             codec.decode(&mut buf),
             Err(CodecError::UnknownCode(257))
         ));
+    }
+
+    #[test]
+    fn tells_a_legacy_response_head_from_a_tls_record() {
+        assert!(is_legacy_response_head(&[3, 0x47, 0x06, 0, 0, 0, 0]));
+        assert!(is_legacy_response_head(&[3, 0x06, 0x47]), "big-endian");
+        assert!(is_legacy_response_head(&[4, 0x06, 0x40, 0, 0, 0, 16]));
+        assert!(!is_legacy_response_head(&[3, 0x47]), "too short");
+        assert!(!is_legacy_response_head(&[0x16, 0x03, 0x03, 0, 0x7a]));
+        assert!(!is_legacy_response_head(&[0x15, 0x03, 0x03, 0, 2]));
+        assert!(!is_legacy_response_head(&[3, 0x01, 0x01, 0, 0]));
     }
 }
