@@ -254,10 +254,14 @@ impl Reassembler {
         let room = upload.content_size.saturating_sub(upload.received);
         let mut padding = 0;
         if content.len() as u64 > room {
-            // Past the declared size: only zeros at the end of the last
-            // packet, and only when padding is absorbed.
+            // Past the declared size: only zeros at the end of a last
+            // packet that also carries content (a packet of nothing but
+            // padding is no client's habit), and only when padding is
+            // absorbed.
             let beyond = content.get(room as usize..).unwrap_or_default();
-            if !(self.leniency.zero_padding && last && beyond.iter().all(|&b| b == 0)) {
+            let padded =
+                self.leniency.zero_padding && last && room > 0 && beyond.iter().all(|&b| b == 0);
+            if !padded {
                 return Err(ReassemblyError::Overflow {
                     declared: upload.content_size,
                 });
@@ -454,6 +458,12 @@ mod tests {
         // Zeros past the size in a packet that is not the last.
         assert!(matches!(
             r.push(packet(1, 2, &[0; 32], 16, 5)),
+            Err(ReassemblyError::Overflow { .. })
+        ));
+        // A last packet of nothing but zeros past the size.
+        r.push(packet(1, 2, &[0; 16], 16, 5)).unwrap();
+        assert!(matches!(
+            r.push(packet(2, 2, &[0; 16], 16, 5)),
             Err(ReassemblyError::Overflow { .. })
         ));
     }
