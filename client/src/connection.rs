@@ -6,14 +6,25 @@
 //! without the copy of a file packet's content: the 290 bytes of headers and
 //! the content are written with one vectored write, then flushed (a request
 //! is on the wire before we wait for its answer).
+//!
+//! With a packet gap (`--packet-gap`, legacy servers that read a whole
+//! request with one `recv()`), each request is written from one buffer and
+//! two requests sent without an answer between them are that far apart.
+//!
+//! A TLS handshake answered with the bytes of a legacy response header is
+//! reported as a legacy server ([`Error::LegacyServer`]), never retried in
+//! the clear.
 
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
 use futures::StreamExt;
 use protocol::secure::{Binding, Fingerprint, BINDING_LEN, EXPORTER_LABEL};
 use protocol::{ClientCodec, CodecError, Dialect, Limits, RequestFrame, Response};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_util::codec::FramedRead;
 
@@ -46,6 +57,74 @@ pub struct Connection {
     reader: FramedRead<Reader, ClientCodec>,
     writer: Writer,
     head: BytesMut,
+    /// The least time between two requests sent without an answer between
+    /// them (`--packet-gap`); each request is then one write.
+    gap: Option<Duration>,
+    /// When the last request was sent, if no answer came since.
+    unanswered_since: Option<tokio::time::Instant>,
+    /// The size the last 1604 declared, when more than the id it carried.
+    misdeclared_ack: Option<u32>,
+}
+
+/// How many bytes of the server's first answer [`Sniffer`] keeps.
+const SNIFFED: usize = 8;
+
+/// A stream that keeps a copy of the first [`SNIFFED`] bytes read from it,
+/// so that a failed TLS handshake can say what the server sent instead.
+struct Sniffer<S> {
+    inner: S,
+    seen: Arc<Mutex<Vec<u8>>>,
+    kept: usize,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Sniffer<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if self.kept < SNIFFED {
+            let new = buf.filled().get(before..).unwrap_or_default();
+            let take = new.len().min(SNIFFED - self.kept);
+            if let (Ok(mut seen), Some(bytes)) = (self.seen.lock(), new.get(..take)) {
+                seen.extend_from_slice(bytes);
+            }
+            self.kept += take;
+        }
+        polled
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Sniffer<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
 }
 
 impl std::fmt::Debug for Connection {
@@ -107,11 +186,26 @@ impl Connection {
         let name = rustls::pki_types::ServerName::try_from(crate::tls::SERVER_NAME)
             .map_err(|e| Error::Internal(format!("bad TLS server name: {e}")))?;
         let connector = tokio_rustls::TlsConnector::from(config);
+        let sniffed = Arc::new(Mutex::new(Vec::with_capacity(SNIFFED)));
+        let stream = Sniffer {
+            inner: stream,
+            seen: Arc::clone(&sniffed),
+            kept: 0,
+        };
         let handshake =
             tokio::time::timeout(options.connect_timeout, connector.connect(name, stream)).await;
         let seen = presented.lock().ok().and_then(|s| *s);
         let tls = match handshake {
             Ok(Ok(tls)) => tls,
+            Ok(Err(_))
+                if sniffed
+                    .lock()
+                    .is_ok_and(|b| protocol::codec::is_legacy_response_head(&b)) =>
+            {
+                // A legacy server answered our ClientHello as a request it
+                // could not parse. Never fall back to the clear silently.
+                return Err(Error::LegacyServer { server });
+            }
             Ok(Err(e)) => {
                 return Err(match (secure.trust, seen) {
                     (Trust::Pinned(pinned), Some(presented)) if pinned != presented => {
@@ -190,7 +284,17 @@ impl Connection {
             reader: FramedRead::new(read, ClientCodec::with_dialect(limits, dialect)),
             writer: write,
             head: BytesMut::with_capacity(512),
+            gap: options.packet_gap,
+            unanswered_since: None,
+            misdeclared_ack: None,
         }
+    }
+
+    /// The size the last 1604 declared when it was more than the 16-byte id
+    /// it carried (a deployed server's deviation, `docs/PROTOCOL.md` §9),
+    /// if any since the last call.
+    pub fn take_misdeclared_ack(&mut self) -> Option<u32> {
+        self.misdeclared_ack.take()
     }
 
     /// The dialect spoken.
@@ -255,6 +359,20 @@ impl Connection {
                 other => Error::Internal(format!("cannot encode a request: {other}")),
             })?;
         let header = frame.header_in(self.dialect);
+        let content = match self.gap {
+            Some(gap) => {
+                // One buffer, so one write: a server that reads a request
+                // with one recv() gets it whole, and the pause keeps the
+                // next one out of that recv().
+                if let Some(since) = self.unanswered_since {
+                    tokio::time::sleep_until(since + gap).await;
+                }
+                self.head.extend_from_slice(&content);
+                self.unanswered_since = Some(tokio::time::Instant::now());
+                bytes::Bytes::new()
+            }
+            None => content,
+        };
         let mut buf = (&self.head[..]).chain(content);
         // The flush is what puts the whole request on the wire: over TLS a
         // write may end with its last records still in the TLS buffer (the
@@ -323,9 +441,22 @@ impl Connection {
         match tokio::time::timeout(limit, waited).await {
             Ok(Some(Ok(response))) => {
                 tracing::trace!(code = %response.code(), "response");
+                self.unanswered_since = None;
+                if let Some(declared) = self.reader.decoder_mut().take_misdeclared_ack() {
+                    tracing::warn!(
+                        declared,
+                        "a 1604 declared more than the 16-byte id it carried"
+                    );
+                    self.misdeclared_ack = Some(declared);
+                }
                 Ok(response)
             }
             Ok(Some(Err(CodecError::Io(e)))) => Err(self.lost(doing, &e)),
+            Ok(Some(Err(CodecError::ByteSwapped { code, swapped }))) => Err(Error::BigEndian {
+                server: self.server.clone(),
+                code,
+                swapped,
+            }),
             Ok(Some(Err(e))) => Err(Error::Protocol {
                 server: self.server.clone(),
                 detail: e.to_string(),

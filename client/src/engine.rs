@@ -116,10 +116,26 @@ impl Client {
         frame: &RequestFrame,
         doing: &str,
     ) -> Result<ClientEvent, Error> {
-        let give_up = |failures: u8| Error::ServerFailed {
-            server: self.options.server.clone(),
-            request: doing.to_owned(),
-            times: failures,
+        // A server that answered our first request with 1607 and nothing
+        // else may not know our numbering at all (`docs/PROTOCOL.md` §9).
+        let give_up = |session: &ClientSession, failures: u8| {
+            if session.refused_from_the_start() {
+                Error::OtherNumbering {
+                    server: self.options.server.clone(),
+                    request: doing.to_owned(),
+                    times: failures,
+                    try_codes: match session.numbering() {
+                        protocol::Numbering::Modern => 825,
+                        protocol::Numbering::Classic => 1025,
+                    },
+                }
+            } else {
+                Error::ServerFailed {
+                    server: self.options.server.clone(),
+                    request: doing.to_owned(),
+                    times: failures,
+                }
+            }
         };
         conn.send(frame, doing).await?;
         loop {
@@ -127,7 +143,7 @@ impl Client {
                 Ok(r) => r,
                 // A server that answered 1607 and then hung up has failed.
                 Err(e) if session.server_errors() > 0 && e.kind() == ErrorKind::Unreachable => {
-                    return Err(give_up(session.server_errors()))
+                    return Err(give_up(session, session.server_errors()))
                 }
                 Err(e) => return Err(e),
             };
@@ -140,13 +156,13 @@ impl Client {
                     match conn.send(frame, doing).await {
                         Ok(()) => {}
                         Err(e) if e.kind() == ErrorKind::Unreachable => {
-                            return Err(give_up(resend))
+                            return Err(give_up(session, resend))
                         }
                         Err(e) => return Err(e),
                     }
                 }
                 Ok(ClientEvent::ServerError(ServerErrorStep::GiveUp { times })) => {
-                    return Err(give_up(times))
+                    return Err(give_up(session, times))
                 }
                 Ok(event) => return Ok(event),
                 Err(e) => return Err(self.session_error(e, session.client_id())),

@@ -101,6 +101,16 @@ pub enum Error {
         request: String,
         times: u8,
     },
+    #[error(
+        "the server at {server} answered the first request ({request}) with an error {} and nothing else; it may use the other request numbering: run again with --codes {try_codes}",
+        times_text(*.times)
+    )]
+    OtherNumbering {
+        server: String,
+        request: String,
+        times: u8,
+        try_codes: u16,
+    },
     #[error("the server at {server} does not support retrieval (list, restore, delete); only backups can be made to it")]
     RetrievalUnsupported { server: String },
     #[error(
@@ -143,10 +153,18 @@ pub enum Error {
     NoPinnedServer { server: String, file: PathBuf },
     #[error("cannot establish a secure (TLS 1.3) session with the server at {server} ({reason}); if it is a legacy server, use --legacy")]
     Tls { server: String, reason: String },
+    #[error("the server at {server} is a legacy (version 3) server, which has no secure mode; --legacy talks to it, insecurely (the server is not authenticated and files can be read or altered in transit)")]
+    LegacyServer { server: String },
 
     // --- other ---------------------------------------------------------------
     #[error("the server at {server} answered outside the protocol ({detail}); check that it speaks version 3 and the request numbering (--codes 1025 or --codes 825)")]
     Protocol { server: String, detail: String },
+    #[error("the server at {server} answered with code {code}, which is {swapped} with its two bytes swapped: it writes big-endian, unlike the version 3 protocol, and cannot interoperate with this client or any little-endian one")]
+    BigEndian {
+        server: String,
+        code: u16,
+        swapped: u16,
+    },
     #[error("internal error: {0}; please report it")]
     Internal(String),
     #[error("this client's repository key cannot be opened: {detail}")]
@@ -281,6 +299,7 @@ impl Error {
             | Closed { .. } => ErrorKind::Unreachable,
             NameTaken { .. }
             | ServerFailed { .. }
+            | OtherNumbering { .. }
             | KeyMismatch { .. }
             | ProofRejected { .. }
             | ServerIdentityChanged { .. }
@@ -295,7 +314,7 @@ impl Error {
             RepositoryKey { .. } | NoRepositoryKey | BackupOnlyKey | Usage { .. } => {
                 ErrorKind::Usage
             }
-            Protocol { .. } | Internal(_) => ErrorKind::Other,
+            Protocol { .. } | BigEndian { .. } | Internal(_) => ErrorKind::Other,
             Verification { .. }
             | RestoreVerification { .. }
             | DamagedOnServer { .. }
@@ -326,6 +345,7 @@ impl Error {
             | BadName { .. }
             | NoConfigDir
             | NoPinnedServer { .. }
+            | LegacyServer { .. }
             | NoCommand { .. } => ErrorKind::Usage,
         }
     }

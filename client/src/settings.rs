@@ -238,6 +238,10 @@ pub struct Options {
     /// Connections a backup or restore of several files uses at once (1 to
     /// [`MAX_CONNECTIONS`]); each file still goes over one of them, whole.
     pub connections: u16,
+    /// Legacy servers that read a whole request with one `recv()`
+    /// (`--packet-gap`): write each request in one piece and leave this
+    /// long between two requests sent without an answer between them.
+    pub packet_gap: Option<Duration>,
 }
 
 impl Options {
@@ -252,6 +256,7 @@ impl Options {
             legacy: false,
             server_fingerprint: None,
             connections: DEFAULT_CONNECTIONS,
+            packet_gap: None,
         }
     }
 
@@ -279,6 +284,8 @@ pub struct Overrides {
     pub server_fingerprint: Option<protocol::secure::Fingerprint>,
     /// `--connections`.
     pub connections: Option<u16>,
+    /// `--packet-gap`, in milliseconds.
+    pub packet_gap_ms: Option<u64>,
 }
 
 /// Combines flags, a legacy `transfer.info` server, and `config.toml` into
@@ -318,6 +325,7 @@ pub fn resolve(
         options.connections = 1;
     }
     options.server_fingerprint = flags.server_fingerprint;
+    options.packet_gap = flags.packet_gap_ms.map(Duration::from_millis);
     if let Some(n) = flags.connections.or(file.connections) {
         if !(1..=MAX_CONNECTIONS).contains(&n) {
             return Err(Error::Config {

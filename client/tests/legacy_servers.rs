@@ -1,11 +1,16 @@
 //! The client against servers with the behaviours of deployed legacy servers
 //! (silent after "CRC wrong", 1607 answers, 1606 without an id, pre-registered
-//! legacy clients), imitated by a fake server built on the protocol crate.
+//! legacy clients, the other request numbering, big-endian headers, a 1604
+//! that declares 255 bytes, one `recv()` per request), imitated by a fake
+//! server built on the protocol crate or, where the protocol crate cannot
+//! write the bytes, by raw bytes; and a legacy server met in secure mode.
 
 mod support;
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use client::identity::IdentityStore;
 use client::settings::{Options, PacketSize};
@@ -14,8 +19,10 @@ use protocol::crypto::public_key_field;
 use protocol::wire::RequestKind;
 use protocol::{Numbering, UserName};
 use support::fake_server::{FakeServer, Quirks};
+use support::real_server::RealServer;
 use support::relay::Relay;
 use support::{vector_keys, write_file, STEP};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn client(server: &str, identity_dir: &Path) -> Client {
     let mut options = Options::new(server);
@@ -93,7 +100,7 @@ async fn retries_a_request_answered_with_1607_then_succeeds() {
 }
 
 #[tokio::test]
-async fn gives_up_after_the_fourth_1607_with_a_rejection() {
+async fn suggests_the_other_numbering_when_the_first_register_gets_only_1607() {
     let quirks = Quirks {
         general_errors: HashMap::from([(RequestKind::Register, 100)]),
         ..Quirks::default()
@@ -104,15 +111,302 @@ async fn gives_up_after_the_fourth_1607_with_a_rejection() {
         .register(bob(), false)
         .await
         .unwrap_err();
-    assert!(matches!(err, Error::ServerFailed { times: 4, .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            Error::OtherNumbering {
+                times: 4,
+                try_codes: 825,
+                ..
+            }
+        ),
+        "{err}"
+    );
     assert_eq!(err.exit_code(), 4);
-    assert!(err.to_string().contains(&server.server()), "{err}");
+    let text = err.to_string();
+    assert!(text.contains(&server.server()), "{text}");
+    assert!(text.contains("--codes 825"), "{text}");
+    assert!(!text.contains("disk space"), "{text}");
     assert_eq!(
         count(&server.codes(), 1025),
         4,
         "one request and three retries"
     );
     assert!(!dir.path().join("me.info").exists());
+}
+
+#[tokio::test]
+async fn suggests_the_numbering_the_server_knows_for_register_and_reconnect() {
+    // An 825 server met with 1025 codes: the register.
+    let server = FakeServer::start(Quirks {
+        numbering_only: Some(Numbering::Classic),
+        ..Quirks::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let err = client(&server.server(), &dir.path().join("a"))
+        .register(bob(), false)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::OtherNumbering { try_codes: 825, .. }),
+        "{err}"
+    );
+    // With the numbering suggested, it works.
+    let mut options = Options::new(server.server());
+    options.legacy = true;
+    options.numbering = Numbering::Classic;
+    options.timeout = STEP;
+    Client::new(options, IdentityStore::new(dir.path().join("a")))
+        .register(bob(), false)
+        .await
+        .unwrap();
+
+    // A 1025 server met with 825 codes: the reconnect of a legacy client.
+    let server = FakeServer::start(Quirks {
+        numbering_only: Some(Numbering::Modern),
+        ..Quirks::default()
+    })
+    .await;
+    copy_legacy_identity("alice", dir.path());
+    let mut options = Options::new(server.server());
+    options.legacy = true;
+    options.numbering = Numbering::Classic;
+    options.timeout = STEP;
+    let sample = vector_keys("alice").join("sample.bin");
+    let err = Client::new(options, IdentityStore::new(dir.path()))
+        .backup(items(&[&sample]), None)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::OtherNumbering {
+                try_codes: 1025,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("--codes 1025"), "{err}");
+    assert_eq!(server.codes(), [827, 827, 827, 827]);
+}
+
+#[tokio::test]
+async fn blames_the_server_not_the_numbering_when_1607_follows_other_answers() {
+    // 1606 to the reconnect, then 1607 to every registration.
+    let server = FakeServer::start(Quirks {
+        reject_without_id: true,
+        general_errors: HashMap::from([(RequestKind::Register, 100)]),
+        ..Quirks::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    copy_legacy_identity("alice", dir.path());
+    write_file(&dir.path().join("f.txt"), 20, 6);
+    let err = client(&server.server(), dir.path())
+        .backup(items(&[&dir.path().join("f.txt")]), None)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::ServerFailed { times: 4, .. }), "{err}");
+    assert!(err.to_string().contains("disk space"), "{err}");
+    assert_eq!(err.exit_code(), 4);
+    assert_eq!(server.codes(), [1027, 1025, 1025, 1025, 1025]);
+}
+
+/// A server that answers every request with `answer`, raw, recording the
+/// first byte of each connection.
+async fn raw_server(answer: Vec<u8>) -> (String, Arc<Mutex<Vec<u8>>>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let firsts = Arc::new(Mutex::new(Vec::new()));
+    let seen = Arc::clone(&firsts);
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let answer = answer.clone();
+            let seen = Arc::clone(&seen);
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 64 * 1024];
+                // A request is at least a 23-byte header.
+                let mut got = 0;
+                while got < 23 {
+                    match stream.read(&mut buf[got..]).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => got += n,
+                    }
+                }
+                seen.lock().unwrap().push(buf[0]);
+                let _ = stream.write_all(&answer).await;
+                let _ = stream.shutdown().await;
+                // Drain, so that the close is not a reset.
+                while let Ok(n) = stream.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    (addr, firsts)
+}
+
+#[tokio::test]
+async fn says_a_big_endian_server_cannot_interoperate() {
+    // 1607, and 1600 with an id, with code and size written big-endian.
+    let mut registered = vec![3u8, 0x06, 0x40, 0, 0, 0, 16];
+    registered.extend_from_slice(&[0x42; 16]);
+    for (answer, code, swapped) in [
+        (vec![3u8, 0x06, 0x47, 0, 0, 0, 0], 18182u16, 1607u16),
+        (registered, 16390, 1600),
+    ] {
+        let (addr, _) = raw_server(answer).await;
+        let dir = tempfile::tempdir().unwrap();
+        let err = client(&addr, dir.path())
+            .register(bob(), false)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, Error::BigEndian { code: c, swapped: s, .. } if c == code && s == swapped),
+            "{err}"
+        );
+        let text = err.to_string();
+        assert!(text.contains("big-endian"), "{text}");
+        assert!(text.contains(&format!("{code}")), "{text}");
+        assert!(text.contains(&format!("{swapped}")), "{text}");
+        assert_eq!(err.exit_code(), 1);
+    }
+}
+
+/// Keeps the notices of a run.
+#[derive(Default)]
+struct Notices(Mutex<Vec<String>>);
+
+impl client::feedback::Feedback for Notices {
+    fn notice(&self, message: &str) {
+        self.0.lock().unwrap().push(message.to_owned());
+    }
+}
+
+#[tokio::test]
+async fn accepts_a_1604_declaring_255_bytes_with_our_id_and_says_so() {
+    let server = FakeServer::start(Quirks {
+        ack_declares: Some(255),
+        ..Quirks::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let a = write_file(&dir.path().join("a.bin"), 3000, 11);
+    let b = write_file(&dir.path().join("b.bin"), 10, 12);
+    let notices = Arc::new(Notices::default());
+    let mut options = Options::new(server.server());
+    options.legacy = true;
+    options.connections = 1;
+    options.timeout = STEP;
+    let c = Client::new(options, IdentityStore::new(dir.path().join("id")))
+        .with_feedback(notices.clone());
+    let report = c
+        .backup(
+            items(&[&dir.path().join("a.bin"), &dir.path().join("b.bin")]),
+            Some(&bob()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(report.exit_code(), 0, "{:?}", report.first_error());
+    let id = report.client_id.unwrap();
+    assert_eq!(server.file(id, "a.bin").unwrap(), a);
+    assert_eq!(server.file(id, "b.bin").unwrap(), b);
+    assert_eq!(server.codes(), [1025, 1026, 1028, 1029, 1028, 1029]);
+    let said = notices.0.lock().unwrap().clone();
+    let warnings: Vec<_> = said
+        .iter()
+        .filter(|n| n.contains("declaring 255 bytes"))
+        .collect();
+    assert_eq!(warnings.len(), 2, "one per file: {said:?}");
+
+    // The same 1604 with another client's id is refused.
+    let server = FakeServer::start(Quirks {
+        ack_declares: Some(255),
+        ack_wrong_id: true,
+        ..Quirks::default()
+    })
+    .await;
+    let report = client(&server.server(), &dir.path().join("id2"))
+        .backup(items(&[&dir.path().join("a.bin")]), Some(&bob()))
+        .await
+        .unwrap();
+    let err = report.first_error().unwrap();
+    assert!(matches!(err, Error::Protocol { .. }), "{err}");
+    assert_eq!(report.exit_code(), 1);
+}
+
+/// Backs up a 5000-byte file in 1024-byte packets to a server that reads
+/// each request with one recv(), with `gap` between packets.
+async fn backup_to_one_recv_server(
+    gap: Option<Duration>,
+) -> (FakeServer, client::RunReport, Vec<u8>) {
+    let server = FakeServer::start(Quirks {
+        one_recv_per_request: Some(Duration::from_millis(20)),
+        ..Quirks::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let data = write_file(&dir.path().join("f.bin"), 5000, 13);
+    let mut options = Options::new(server.server());
+    options.legacy = true;
+    options.packet_size = PacketSize::Fixed(1024);
+    options.packet_gap = gap;
+    options.timeout = Duration::from_secs(2);
+    let report = Client::new(options, IdentityStore::new(dir.path().join("id")))
+        .backup(items(&[&dir.path().join("f.bin")]), Some(&bob()))
+        .await
+        .unwrap();
+    (server, report, data)
+}
+
+#[tokio::test]
+async fn paces_packets_for_a_server_that_reads_each_request_with_one_recv() {
+    let (server, report, data) = backup_to_one_recv_server(Some(Duration::from_millis(100))).await;
+    assert_eq!(report.exit_code(), 0, "{:?}", report.first_error());
+    assert_eq!(server.state.lock().unwrap().lost_bytes, 0);
+    assert_eq!(
+        server.state.lock().unwrap().packet_lens,
+        [1024, 1024, 1024, 1024, 912]
+    );
+    assert_eq!(
+        server.file(report.client_id.unwrap(), "f.bin").unwrap(),
+        data
+    );
+
+    // Without the gap, the packets reach that server's one read together
+    // and all but the first are lost.
+    let (server, report, _) = backup_to_one_recv_server(None).await;
+    assert_ne!(report.exit_code(), 0);
+    assert!(server.state.lock().unwrap().lost_bytes > 0);
+}
+
+#[test]
+fn packet_gap_needs_a_packet_size() {
+    let parse = |args: &[&str]| <client::cli::Cli as clap::Parser>::try_parse_from(args);
+    assert!(parse(&["backup-client", "--legacy", "--packet-gap", "50"]).is_err());
+    let cli = parse(&[
+        "backup-client",
+        "--legacy",
+        "--packet-size",
+        "8192",
+        "--packet-gap",
+        "50",
+    ])
+    .unwrap();
+    assert_eq!(cli.global.packet_gap, Some(50));
+    let help = <client::cli::Cli as clap::CommandFactory>::command()
+        .render_long_help()
+        .to_string();
+    assert!(help.contains("--packet-gap"), "{help}");
+    assert!(help.contains("one recv()"), "{help}");
+    assert!(
+        help.contains("A legacy server needs --legacy"),
+        "folder mode says so: {help}"
+    );
 }
 
 #[tokio::test]
@@ -458,4 +752,52 @@ async fn legacy_folder_registers_then_reconnects_through_the_cli() {
         !config.path().join("me.info").exists(),
         "a legacy folder keeps its own identity"
     );
+}
+
+#[tokio::test]
+async fn folder_mode_without_legacy_names_a_legacy_server_and_never_falls_back() {
+    // A deployed server answers the TLS ClientHello, as a request it cannot
+    // parse, with 1607.
+    let (addr, firsts) = raw_server(vec![3, 0x47, 0x06, 0, 0, 0, 0]).await;
+    let folder = tempfile::tempdir().unwrap();
+    let config = tempfile::tempdir().unwrap();
+    write_file(&folder.path().join("f.bin"), 100, 14);
+    std::fs::write(
+        folder.path().join("transfer.info"),
+        format!("{addr}\nMichael Jackson\nf.bin\n"),
+    )
+    .unwrap();
+    let args = [
+        "backup-client",
+        "--quiet",
+        "--config-dir",
+        config.path().to_str().unwrap(),
+    ];
+    let cli = <client::cli::Cli as clap::Parser>::try_parse_from(args).unwrap();
+    assert_eq!(client::cli::run(cli, folder.path()).await, 2);
+    assert_eq!(
+        *firsts.lock().unwrap(),
+        [0x16],
+        "one connection, and only a TLS handshake on it"
+    );
+    assert!(!folder.path().join("me.info").exists());
+
+    // What it says, against the deployed bytes and against our own
+    // server's legacy listener.
+    let real = RealServer::start().await;
+    for server in [addr, real.addr.to_string()] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut options = Options::new(server.clone());
+        options.timeout = STEP;
+        let err = Client::new(options, IdentityStore::new(dir.path()))
+            .register(bob(), false)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::LegacyServer { .. }), "{server}: {err}");
+        let text = err.to_string();
+        assert!(text.contains("is a legacy (version 3) server"), "{text}");
+        assert!(text.contains("--legacy"), "{text}");
+        assert!(text.contains("insecure"), "{text}");
+        assert_eq!(err.exit_code(), 2);
+    }
 }

@@ -14,8 +14,8 @@ use tokio_util::codec::{Decoder, Encoder};
 use crate::limits::Limits;
 use crate::message::{PayloadError, Request, RequestFrame, Response};
 use crate::wire::{
-    Dialect, Numbering, RequestHeader, ResponseCode, ResponseHeader, REQUEST_HEADER_LEN,
-    RESPONSE_HEADER_LEN,
+    Dialect, Numbering, RequestCode, RequestHeader, ResponseCode, ResponseHeader,
+    REQUEST_HEADER_LEN, RESPONSE_HEADER_LEN,
 };
 
 /// Why a byte stream could not be decoded. Every variant ends the stream.
@@ -27,6 +27,11 @@ pub enum CodecError {
     Version { got: u8, expected: u8 },
     #[error("unknown code {0}")]
     UnknownCode(u16),
+    /// A code unknown as read but known with its two bytes swapped: the
+    /// peer writes its header big-endian (`docs/PROTOCOL.md` §9) and cannot
+    /// interoperate.
+    #[error("code {code} is {swapped} with its bytes swapped: the peer writes big-endian")]
+    ByteSwapped { code: u16, swapped: u16 },
     #[error("code {code} declares a {declared}-byte payload; allowed {min}..={max}")]
     PayloadSize {
         code: u16,
@@ -39,6 +44,12 @@ pub enum CodecError {
     #[error("cannot encode: {0}")]
     Encode(PayloadError),
 }
+
+/// The largest payload a legacy 1604 may declare while carrying only its
+/// 16-byte client id (one deployed server declares 255, the name field's
+/// width, and sends 16). The bytes past the id are skipped only while they
+/// are zeros, so nothing is ever buffered for the declared size.
+pub const MAX_MISDECLARED_ACK: u32 = 1024;
 
 /// How much to reserve at most in one step while a declared payload arrives.
 const RESERVE_STEP: usize = 64 * 1024;
@@ -113,6 +124,13 @@ impl ServerCodec {
     }
 
     fn check_head(&self, header: &RequestHeader) -> Result<(), CodecError> {
+        let swapped = header.code.0.swap_bytes();
+        if header.code.classify().is_none() && RequestCode(swapped).classify().is_some() {
+            return Err(CodecError::ByteSwapped {
+                code: header.code.0,
+                swapped,
+            });
+        }
         if header.version != self.dialect.version() {
             return Err(CodecError::Version {
                 got: header.version,
@@ -214,6 +232,10 @@ pub struct ClientCodec {
     limits: Limits,
     dialect: Dialect,
     state: DecodeState<ResponseHeader>,
+    /// Zero bytes still to skip after a 1604 that declared more than its id.
+    skip_zeros: u32,
+    /// The size the last such 1604 declared, until taken.
+    misdeclared_ack: Option<u32>,
 }
 
 impl ClientCodec {
@@ -228,12 +250,53 @@ impl ClientCodec {
             limits,
             dialect,
             state: DecodeState::Head,
+            skip_zeros: 0,
+            misdeclared_ack: None,
         }
     }
 
     /// The dialect this codec speaks.
     pub fn dialect(&self) -> Dialect {
         self.dialect
+    }
+
+    /// The payload size declared by the last 1604 decoded whose header
+    /// declared more than the 16-byte client id it carried, if any since
+    /// the last call: a deployed server's deviation (`docs/PROTOCOL.md`
+    /// §9), decoded as the 1604 it is so that the session can check its id.
+    pub fn take_misdeclared_ack(&mut self) -> Option<u32> {
+        self.misdeclared_ack.take()
+    }
+
+    /// Legacy: a 1604 whose header declares a payload over its 16 bytes
+    /// but within [`MAX_MISDECLARED_ACK`] is read as the 16-byte id it
+    /// carries; the rest of the declared size is skipped while it is zeros.
+    fn misdeclared_ack(&mut self, header: &mut ResponseHeader) -> bool {
+        let id = 16;
+        let lenient = self.dialect == Dialect::Legacy
+            && header.code == ResponseCode::ACK
+            && header.payload_len > id
+            && header.payload_len <= MAX_MISDECLARED_ACK;
+        if lenient {
+            self.misdeclared_ack = Some(header.payload_len);
+            self.skip_zeros = header.payload_len - id;
+            header.payload_len = id;
+        }
+        lenient
+    }
+
+    /// Byte-swapped codes say the peer writes big-endian, whatever its
+    /// version byte.
+    fn check_swapped(&self, header: &ResponseHeader) -> Result<(), CodecError> {
+        let known = |code| Response::payload_bounds(code, &self.limits, self.dialect).is_some();
+        let swapped = header.code.0.swap_bytes();
+        if !known(header.code) && known(ResponseCode(swapped)) {
+            return Err(CodecError::ByteSwapped {
+                code: header.code.0,
+                swapped,
+            });
+        }
+        Ok(())
     }
 }
 
@@ -248,12 +311,27 @@ impl Decoder for ClientCodec {
     type Error = CodecError;
 
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Response>, CodecError> {
+        if matches!(self.state, DecodeState::Head) && self.skip_zeros > 0 {
+            let zeros = src
+                .iter()
+                .take(self.skip_zeros as usize)
+                .take_while(|&&b| b == 0)
+                .count();
+            src.advance(zeros);
+            // A non-zero byte is the next response's version: stop skipping.
+            self.skip_zeros = if src.is_empty() {
+                self.skip_zeros.saturating_sub(zeros as u32)
+            } else {
+                0
+            };
+        }
         let header = match self.state {
             DecodeState::Head => {
-                let Some(header) = ResponseHeader::parse(src) else {
+                let Some(mut header) = ResponseHeader::parse(src) else {
                     src.reserve(RESPONSE_HEADER_LEN);
                     return Ok(None);
                 };
+                self.check_swapped(&header)?;
                 if header.version != self.dialect.version() {
                     return Err(CodecError::Version {
                         got: header.version,
@@ -263,7 +341,7 @@ impl Decoder for ClientCodec {
                 let (min, max) = Response::payload_bounds(header.code, &self.limits, self.dialect)
                     .ok_or(CodecError::UnknownCode(header.code.0))?;
                 let declared = header.payload_len as usize;
-                if declared < min || declared > max {
+                if (declared < min || declared > max) && !self.misdeclared_ack(&mut header) {
                     return Err(CodecError::PayloadSize {
                         code: header.code.0,
                         declared: header.payload_len,
@@ -338,6 +416,24 @@ impl ClientCodec {
         }
         Ok(item.encode_head_in(self.dialect, dst))
     }
+}
+
+/// Whether `bytes` begin as a legacy response header does: version 3 (or
+/// 4, as one big-endian server writes) and a response code a legacy
+/// decoder knows, in either byte order. What a legacy server answers to a
+/// TLS ClientHello it cannot parse; a TLS server's first byte is a record
+/// type (0x15 or 0x16), never these.
+pub fn is_legacy_response_head(bytes: &[u8]) -> bool {
+    let (Some(&version), Some(code)) = (bytes.first(), bytes.get(1..3)) else {
+        return false;
+    };
+    let Ok(code) = <[u8; 2]>::try_from(code).map(u16::from_le_bytes) else {
+        return false;
+    };
+    (version == crate::wire::VERSION || version == crate::wire::SECURE_VERSION)
+        && [code, code.swap_bytes()]
+            .into_iter()
+            .any(|c| is_known_response(ResponseCode(c)))
 }
 
 /// Whether `code` is one a legacy response decoder knows.
@@ -432,5 +528,153 @@ mod tests {
                 assert_eq!(head, whole, "{dialect:?}");
             }
         }
+    }
+
+    /// Decodes `bytes` fed one byte at a time and all at once; both must
+    /// agree. Returns the responses and whether decoding failed.
+    fn decode_both_ways(dialect: Dialect, bytes: &[u8]) -> (Vec<Response>, bool) {
+        let run = |step: usize| {
+            let mut codec = ClientCodec::with_dialect(Limits::default(), dialect);
+            let mut buf = BytesMut::new();
+            let mut out = Vec::new();
+            for chunk in bytes.chunks(step) {
+                buf.extend_from_slice(chunk);
+                loop {
+                    match codec.decode(&mut buf) {
+                        Ok(Some(r)) => {
+                            let misdeclared = codec.take_misdeclared_ack();
+                            out.push((r, misdeclared));
+                        }
+                        Ok(None) => break,
+                        Err(_) => return (out, true),
+                    }
+                }
+            }
+            (out, false)
+        };
+        let (whole, whole_err) = run(bytes.len().max(1));
+        let (split, split_err) = run(1);
+        assert_eq!(whole, split);
+        assert_eq!(whole_err, split_err);
+        (whole.into_iter().map(|(r, _)| r).collect(), whole_err)
+    }
+
+    fn ack_bytes(declared: u32, id: u8) -> Vec<u8> {
+        let mut b = vec![3, 0x44, 0x06];
+        b.extend_from_slice(&declared.to_le_bytes());
+        b.extend_from_slice(&[id; 16]);
+        b
+    }
+
+    #[test]
+    fn reads_a_legacy_1604_that_declares_more_than_its_id_as_the_id_it_carries() {
+        use crate::wire::ClientId;
+        let mut codec = ClientCodec::default();
+        let mut buf = BytesMut::from(&ack_bytes(255, 9)[..]);
+        assert_eq!(
+            codec.decode(&mut buf).unwrap(),
+            Some(Response::Ack {
+                client_id: ClientId([9; 16])
+            })
+        );
+        assert_eq!(codec.take_misdeclared_ack(), Some(255));
+        assert_eq!(codec.take_misdeclared_ack(), None);
+
+        // Only the id was sent (the deployed server), then the next answer.
+        let mut only_id = ack_bytes(255, 9);
+        only_id.extend_from_slice(&ack_bytes(16, 8));
+        let (got, failed) = decode_both_ways(Dialect::Legacy, &only_id);
+        assert!(!failed);
+        assert_eq!(got.len(), 2);
+        // The declared size was sent, as zeros: skipped.
+        let mut zeros = ack_bytes(255, 9);
+        zeros.extend_from_slice(&[0; 239]);
+        zeros.extend_from_slice(&ack_bytes(16, 8));
+        let (got, failed) = decode_both_ways(Dialect::Legacy, &zeros);
+        assert!(!failed);
+        assert_eq!(got.len(), 2);
+        assert_eq!(
+            got[1],
+            Response::Ack {
+                client_id: ClientId([8; 16])
+            }
+        );
+        // Zeros past the declared size are not skipped.
+        let mut over = ack_bytes(255, 9);
+        over.extend_from_slice(&[0; 240]);
+        over.extend_from_slice(&ack_bytes(16, 8));
+        assert!(decode_both_ways(Dialect::Legacy, &over).1);
+    }
+
+    #[test]
+    fn refuses_a_1604_over_the_misdeclared_bound_or_in_secure_mode() {
+        let at = ack_bytes(MAX_MISDECLARED_ACK, 1);
+        let (got, failed) = decode_both_ways(Dialect::Legacy, &at);
+        assert_eq!((got.len(), failed), (1, false));
+        let over = ack_bytes(MAX_MISDECLARED_ACK + 1, 1);
+        let mut codec = ClientCodec::default();
+        assert!(matches!(
+            codec.decode(&mut BytesMut::from(&over[..])),
+            Err(CodecError::PayloadSize { .. })
+        ));
+        let mut secure = ack_bytes(255, 1);
+        secure[0] = crate::wire::SECURE_VERSION;
+        let mut codec = ClientCodec::with_dialect(Limits::default(), Dialect::Secure);
+        assert!(matches!(
+            codec.decode(&mut BytesMut::from(&secure[..])),
+            Err(CodecError::PayloadSize { .. })
+        ));
+    }
+
+    #[test]
+    fn names_a_byte_swapped_code_whatever_the_version_byte() {
+        // 1607 written big-endian: 06 47, read little-endian as 18182.
+        for version in [3u8, 4] {
+            let mut codec = ClientCodec::default();
+            let mut buf = BytesMut::from(&[version, 0x06, 0x47, 0, 0, 0, 0][..]);
+            let err = codec.decode(&mut buf).unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    CodecError::ByteSwapped {
+                        code: 18182,
+                        swapped: 1607
+                    }
+                ),
+                "{err}"
+            );
+        }
+        // A request code too: 1025 big-endian.
+        let mut raw = BytesMut::new();
+        RequestHeader {
+            client_id: crate::wire::ClientId([0; 16]),
+            version: 3,
+            code: RequestCode(1025u16.swap_bytes()),
+            payload_len: 255,
+        }
+        .write(&mut raw);
+        let err = ServerCodec::default().decode(&mut raw).unwrap_err();
+        assert!(
+            matches!(err, CodecError::ByteSwapped { swapped: 1025, .. }),
+            "{err}"
+        );
+        // A plain unknown code stays unknown.
+        let mut codec = ClientCodec::default();
+        let mut buf = BytesMut::from(&[3, 0x01, 0x01, 0, 0, 0, 0][..]);
+        assert!(matches!(
+            codec.decode(&mut buf),
+            Err(CodecError::UnknownCode(257))
+        ));
+    }
+
+    #[test]
+    fn tells_a_legacy_response_head_from_a_tls_record() {
+        assert!(is_legacy_response_head(&[3, 0x47, 0x06, 0, 0, 0, 0]));
+        assert!(is_legacy_response_head(&[3, 0x06, 0x47]), "big-endian");
+        assert!(is_legacy_response_head(&[4, 0x06, 0x40, 0, 0, 0, 16]));
+        assert!(!is_legacy_response_head(&[3, 0x47]), "too short");
+        assert!(!is_legacy_response_head(&[0x16, 0x03, 0x03, 0, 0x7a]));
+        assert!(!is_legacy_response_head(&[0x15, 0x03, 0x03, 0, 2]));
+        assert!(!is_legacy_response_head(&[3, 0x01, 0x01, 0, 0]));
     }
 }

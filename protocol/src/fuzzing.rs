@@ -21,7 +21,7 @@ use crate::crypto::{self, AesKey, CbcDecryptor, PrivateKey};
 use crate::limits::Limits;
 use crate::message::{FilePacket, PacketHead, PublicKeyField, Request, RequestFrame, Response};
 use crate::name::{FileName, UserName, NAME_FIELD_LEN};
-use crate::reassembly::Reassembler;
+use crate::reassembly::{Leniency, Reassembler};
 use crate::restore::FoundVersion;
 use crate::retrieval::{
     ListEntry, ListFlags, RetrievalRequest, RetrievalResponse, MAX_LIST_ENTRIES,
@@ -208,8 +208,10 @@ fn assert_request_within_limits(request: &Request, limits: &Limits) {
                 p.content.len() <= limits.max_packet_content,
                 "packet content over the limit"
             );
+            // Packet 0 decodes on the legacy listener (clients that number
+            // from 0); whether it is accepted is the reassembler's call.
             assert!(
-                p.head.packet >= 1 && p.head.packet <= p.head.total,
+                p.head.total >= 1 && p.head.packet <= p.head.total,
                 "packet number out of range"
             );
             p.head.file.as_bytes()
@@ -421,6 +423,19 @@ pub fn roundtrip_response(data: &[u8]) {
     for (response, consumed) in responses {
         let original = data.get(offset..offset + consumed).unwrap_or_default();
         offset += consumed;
+        // A legacy 1604 that declared more than its id is read leniently
+        // (`MAX_MISDECLARED_ACK`): it cannot re-encode to the same bytes,
+        // and the zeros skipped after it shift what follows.
+        let declared = original
+            .get(3..7)
+            .and_then(|b| <[u8; 4]>::try_from(b).ok())
+            .map(u32::from_le_bytes);
+        if matches!(response, Response::Ack { .. })
+            && dialect == Dialect::Legacy
+            && declared.is_some_and(|d| d > 16)
+        {
+            break;
+        }
         let mut encoded = BytesMut::new();
         if let Err(e) = ServerCodec::with_dialect(limits, dialect).encode(&response, &mut encoded) {
             panic!("encoding into memory failed: {e}");
@@ -524,11 +539,37 @@ fn tamper(input: &mut Input<'_>, mut packet: FilePacket) -> FilePacket {
 /// same head and exactly the declared content; an untouched upload decrypts
 /// to its plaintext and cksum; a refused packet forgets the upload.
 pub fn reassemble(data: &[u8]) {
+    reassemble_with(data, Leniency::STRICT);
+}
+
+/// As [`reassemble`], with the legacy leniencies on (`docs/PROTOCOL.md`
+/// §9): the honest upload is numbered from 0 or from 1 and its last packet
+/// may be padded with zeros, as the input says. An upload completes only as
+/// packets `first..first+total` in order (first 0 or 1, one scheme per
+/// upload) with exactly the declared content once padding is dropped.
+pub fn reassemble_lenient(data: &[u8]) {
+    reassemble_with(data, Leniency::LENIENT);
+}
+
+fn reassemble_with(data: &[u8], leniency: Leniency) {
     let mut input = Input::new(data);
     let limits = limits();
     let key = AesKey::from_bytes([0x5a; 32]);
-    let mut reassembler = Reassembler::new(limits);
-    let upload = honest_upload(&mut input, &key, valid_name("a.bin"), 6000);
+    let mut reassembler = Reassembler::lenient(limits, leniency);
+    let mut upload = honest_upload(&mut input, &key, valid_name("a.bin"), 6000);
+    if leniency.zero_based_packets && input.bool() {
+        for p in &mut upload.packets {
+            p.head.packet = p.head.packet.saturating_sub(1);
+        }
+    }
+    if leniency.zero_padding {
+        let pad = usize::from(input.u8() % 64);
+        if let Some(last) = upload.packets.last_mut() {
+            let mut content = last.content.to_vec();
+            content.resize(content.len() + pad, 0);
+            last.content = Bytes::from(content);
+        }
+    }
     // What the reassembler has accepted for the upload in progress.
     let mut accepted: Vec<PacketHead> = Vec::new();
     let mut content = BytesMut::new();
@@ -592,9 +633,14 @@ pub fn reassemble(data: &[u8]) {
                     accepted.is_empty(),
                     "first flag disagrees with the packets accepted"
                 );
+                let first_number = accepted.first().map_or(head.packet, |h| h.packet);
+                assert!(
+                    first_number == 1 || (first_number == 0 && leniency.zero_based_packets),
+                    "accepted an upload starting at packet {first_number}"
+                );
                 assert_eq!(
                     head.packet as usize,
-                    accepted.len() + 1,
+                    accepted.len() + first_number as usize,
                     "accepted a packet out of sequence"
                 );
                 if let Some(first) = accepted.first() {
@@ -610,13 +656,21 @@ pub fn reassemble(data: &[u8]) {
                     );
                 }
                 accepted.push(head.clone());
+                assert!(
+                    slice.padding == 0 || (leniency.zero_padding && slice.last),
+                    "dropped padding outside the last packet or when strict"
+                );
                 content.extend_from_slice(&slice.content);
                 assert!(
                     content.len() as u64 <= head.content_size,
                     "accepted more than the declared content"
                 );
                 if slice.last {
-                    assert_eq!(head.packet, head.total, "completed before the last packet");
+                    assert_eq!(
+                        head.packet + 1 - first_number,
+                        head.total,
+                        "completed before the last packet"
+                    );
                     assert_eq!(
                         content.len() as u64,
                         head.content_size,
@@ -1135,12 +1189,13 @@ mod tests {
     fn committed_seeds_run_clean_through_their_harnesses() {
         let seeds = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/seeds");
         type Harness = fn(&[u8]);
-        let targets: [(&str, Harness); 6] = [
+        let targets: [(&str, Harness); 7] = [
             ("decode_request", decode_request),
             ("decode_response", decode_response),
             ("roundtrip_request", roundtrip_request),
             ("roundtrip_response", roundtrip_response),
             ("reassemble", reassemble),
+            ("reassemble_lenient", reassemble_lenient),
             ("server_session", server_session),
         ];
         for (target, harness) in targets {
@@ -1167,6 +1222,7 @@ mod tests {
             roundtrip_request(data);
             roundtrip_response(data);
             reassemble(data);
+            reassemble_lenient(data);
             server_session(data);
         }
     }

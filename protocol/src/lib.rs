@@ -51,4 +51,5 @@ pub use codec::{ClientCodec, CodecError, ServerCodec};
 pub use limits::Limits;
 pub use message::{FilePacket, PacketHead, Request, RequestFrame, Response};
 pub use name::{FileName, NameError, UserName};
+pub use reassembly::Leniency;
 pub use wire::{ClientId, Dialect, Numbering, RequestCode, ResponseCode, SECURE_VERSION, VERSION};

@@ -64,7 +64,7 @@ pub enum Request {
 /// |---|---|---|
 /// | 0 | 4 | content size: ciphertext bytes of the whole file, u32 LE |
 /// | 4 | 4 | original size: plaintext bytes, u32 LE |
-/// | 8 | 2 | packet number, 1-based, u16 LE |
+/// | 8 | 2 | packet number, 1-based (some deployed clients count from 0), u16 LE |
 /// | 10 | 2 | total packets, u16 LE |
 /// | 12 | 255 | file name |
 /// | 267 | n | this packet's slice of the ciphertext |
@@ -344,7 +344,8 @@ impl PacketHead {
     /// Parses the head of `dialect`.
     ///
     /// # Errors
-    /// When the name is invalid or the packet number is 0 or above the total.
+    /// When the name is invalid, the total is 0, or the packet number is
+    /// above the total (or 0, in secure mode).
     pub fn parse(head: &[u8], max_name: usize, dialect: Dialect) -> Result<Self, PayloadError> {
         let field = |range: std::ops::Range<usize>| head.get(range).unwrap_or_default();
         let size_err = || PayloadError::Size {
@@ -368,7 +369,13 @@ impl PacketHead {
                 24,
             ),
         };
-        if packet == 0 || packet > total {
+        // Legacy clients that number from 0 send packet 0; whether that is
+        // accepted is the reassembler's call (`docs/PROTOCOL.md` §9).
+        let first = match dialect {
+            Dialect::Legacy => 0,
+            Dialect::Secure => 1,
+        };
+        if packet < first || packet > total || total == 0 {
             return Err(PayloadError::PacketNumber {
                 number: packet,
                 total,

@@ -10,7 +10,7 @@ use proptest::prelude::*;
 use proptest::test_runner::FileFailurePersistence;
 use protocol::crypto::{self, AesKey, CbcDecryptor, CbcEncryptor};
 use protocol::message::{PublicKeyField, FILE_RECEIVED_LEN, PUBLIC_KEY_FIELD_LEN};
-use protocol::reassembly::{Reassembler, ReassemblyError};
+use protocol::reassembly::{Leniency, Reassembler, ReassemblyError};
 use protocol::repo::message::{
     CommitRefusal, KeySlot, ObjectId, PackEntry, RepoRequest, RepoResponse, SnapshotEntry,
 };
@@ -471,7 +471,17 @@ fn receive(
     key: &AesKey,
     packets: Vec<FilePacket>,
 ) -> Result<Option<(Vec<u8>, u32)>, ReassemblyError> {
-    let mut reassembler = Reassembler::new(limits);
+    receive_with(Leniency::STRICT, limits, key, packets)
+}
+
+/// As [`receive`], absorbing the deviations `leniency` allows.
+fn receive_with(
+    leniency: Leniency,
+    limits: Limits,
+    key: &AesKey,
+    packets: Vec<FilePacket>,
+) -> Result<Option<(Vec<u8>, u32)>, ReassemblyError> {
+    let mut reassembler = Reassembler::lenient(limits, leniency);
     let mut decryptor = Some(CbcDecryptor::new(key));
     let mut cksum = Some(Cksum::new());
     let mut plain = BytesMut::new();
@@ -497,6 +507,26 @@ fn receive(
         }
     }
     Ok(done)
+}
+
+/// Numbers `packets` from 0 (first 0, last total-1), as some deployed
+/// clients do.
+fn renumber_from_zero(packets: &mut [FilePacket]) {
+    for p in packets {
+        p.head.packet -= 1;
+    }
+}
+
+/// Pads the last of `packets` with zeros up to a multiple of `chunk` bytes
+/// (at least one byte), as clients with a fixed chunk size do.
+fn pad_last_with_zeros(packets: &mut [FilePacket], chunk: usize) {
+    if let Some(last) = packets.last_mut() {
+        let len = last.content.len();
+        let padded = (len / chunk + 1) * chunk;
+        let mut content = last.content.to_vec();
+        content.resize(padded, 0);
+        last.content = Bytes::from(content);
+    }
 }
 
 /// A small independent POSIX cksum, bit by bit.
@@ -848,8 +878,16 @@ proptest! {
         mutation in 0u8..5,
         a in any::<prop::sample::Index>(),
         b in any::<prop::sample::Index>(),
+        lenient in any::<bool>(),
+        from_zero in any::<bool>(),
     ) {
+        let leniency = if lenient { Leniency::LENIENT } else { Leniency::STRICT };
+        let receive = |limits, key: &AesKey, packets| receive_with(leniency, limits, key, packets);
         let mut packets = packets(&key, &plain, &sizes);
+        if lenient && from_zero {
+            // The same mutations of an upload numbered from 0 fail alike.
+            renumber_from_zero(&mut packets);
+        }
         prop_assume!(packets.len() >= 2);
         let n = packets.len();
         let i = a.index(n);
@@ -886,7 +924,89 @@ proptest! {
                 receive(Limits::default(), &key, packets)
             }
         };
-        prop_assert!(outcome.is_err(), "mutation {} was accepted: {:?}", mutation, outcome.map(|o| o.map(|(p, _)| p.len())));
+        if lenient && from_zero {
+            // Without its packet 0, an upload numbered from 0 reads as one
+            // numbered from 1 whose last packet never comes: it may stay
+            // incomplete rather than fail, but never completes.
+            prop_assert!(!matches!(outcome, Ok(Some(_))), "mutation {} completed", mutation);
+        } else {
+            prop_assert!(outcome.is_err(), "mutation {} was accepted: {:?}", mutation, outcome.map(|o| o.map(|(p, _)| p.len())));
+        }
+    }
+
+    #[test]
+    fn lenient_upload_from_zero_or_zero_padded_decrypts_to_the_original_strict_refuses_it(
+        key in aes_key(),
+        plain in proptest::collection::vec(any::<u8>(), 0..5000),
+        sizes in proptest::collection::vec(16usize..=1024, 1..6),
+        from_zero in any::<bool>(),
+        chunk in prop::option::of(prop::sample::select(vec![16usize, 512, 1024])),
+    ) {
+        prop_assume!(from_zero || chunk.is_some());
+        let mut packets = packets(&key, &plain, &sizes);
+        if from_zero {
+            renumber_from_zero(&mut packets);
+        }
+        if let Some(chunk) = chunk {
+            pad_last_with_zeros(&mut packets, chunk);
+        }
+        let (got, cksum) = receive_with(Leniency::LENIENT, Limits::default(), &key, packets.clone())
+            .unwrap()
+            .expect("the upload completes");
+        prop_assert!(got == plain);
+        prop_assert_eq!(cksum, Cksum::of(&plain));
+        let strict = receive_with(Leniency::STRICT, Limits::default(), &key, packets);
+        prop_assert!(strict.is_err(), "strict accepted it: {:?}", strict.map(|o| o.is_some()));
+    }
+
+    #[test]
+    fn rejects_mixed_numbering_and_anything_but_zeros_past_the_content_size(
+        key in aes_key(),
+        plain in proptest::collection::vec(any::<u8>(), 40..3000),
+        sizes in proptest::collection::vec(16usize..=512, 1..6),
+        mutation in 0u8..3,
+        a in any::<prop::sample::Index>(),
+        junk in 1u8..=255,
+    ) {
+        let mut packets = packets(&key, &plain, &sizes);
+        let n = packets.len();
+        let outcome = match mutation {
+            0 => {
+                // From 0, but one later packet keeps its 1-based number (or
+                // from 1 with one packet renumbered from 0).
+                prop_assume!(n >= 2);
+                let keep = 1 + a.index(n - 1);
+                for (i, p) in packets.iter_mut().enumerate() {
+                    if i != keep {
+                        p.head.packet -= 1;
+                    }
+                }
+                let outcome = receive_with(Leniency::LENIENT, Limits::default(), &key, packets);
+                prop_assert!(!matches!(outcome, Ok(Some(_))), "a mixed upload completed");
+                return Ok(());
+            }
+            1 => {
+                // A non-zero byte among the padding of the last packet.
+                let real = packets[n - 1].content.len();
+                pad_last_with_zeros(&mut packets, 1024);
+                let last = &mut packets[n - 1];
+                let mut content = last.content.to_vec();
+                let pos = real + a.index(content.len() - real);
+                content[pos] = junk;
+                last.content = Bytes::from(content);
+                receive_with(Leniency::LENIENT, Limits::default(), &key, packets)
+            }
+            _ => {
+                // Zero bytes anywhere but at the end of the last packet.
+                prop_assume!(n >= 2);
+                let i = a.index(n - 1);
+                let mut content = packets[i].content.to_vec();
+                content.resize(content.len() + 16, 0);
+                packets[i].content = Bytes::from(content);
+                receive_with(Leniency::LENIENT, Limits::default(), &key, packets)
+            }
+        };
+        prop_assert!(outcome.is_err(), "mutation {} was accepted: {:?}", mutation, outcome.map(|o| o.is_some()));
     }
 
     #[test]

@@ -20,7 +20,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use protocol::Limits;
+use protocol::{Leniency, Limits};
 
 use crate::storage::Retention;
 
@@ -47,6 +47,9 @@ pub struct Config {
     /// Answer "CRC wrong, will resend" (1030/901) with 1604, as most deployed
     /// servers do; `false` stays silent as the assignment text reads.
     pub reply_to_crc_retry: bool,
+    /// Deviations of deployed legacy clients the legacy listener absorbs
+    /// (`docs/PROTOCOL.md` §9): all by default, none with `--strict-legacy`.
+    pub leniency: Leniency,
     /// Connections served at once; past it a client gets 1607 and is closed.
     pub max_connections: usize,
     /// Connections of one source (IPv4 address, IPv6 /64) at once; one
@@ -113,6 +116,7 @@ impl Config {
             data_dir: data_dir.into(),
             limits: Limits::default(),
             reply_to_crc_retry: true,
+            leniency: Leniency::LENIENT,
             max_connections: Self::DEFAULT_MAX_CONNECTIONS,
             max_per_source: Self::DEFAULT_MAX_PER_SOURCE,
             max_unauthenticated: Self::DEFAULT_MAX_UNAUTHENTICATED,
@@ -334,6 +338,9 @@ pub fn load(
             .unwrap_or_else(|| default_data_dir(env)),
     );
     config.reply_to_crc_retry = !(args.silent_crc_retry || file.silent_crc_retry.unwrap_or(false));
+    if args.strict_legacy || file.strict_legacy.unwrap_or(false) {
+        config.leniency = Leniency::STRICT;
+    }
     if let Some(n) = args.max_connections.or(file.max_connections) {
         if n == 0 {
             return Err(ConfigError::Invalid {
@@ -505,6 +512,7 @@ mod tests {
         assert_eq!(s.listen.port(), 5555);
         assert_eq!(s.config.data_dir, PathBuf::from("/srv/from-file"));
         assert!(!s.config.reply_to_crc_retry);
+        assert_eq!(s.config.leniency, protocol::Leniency::LENIENT);
         assert_eq!(s.config.idle_timeout, Duration::from_secs(7));
         assert_eq!(s.config.retention.keep_last, Some(3));
         assert_eq!(s.config.retention.keep_within, None);
@@ -562,6 +570,32 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn absorbs_legacy_deviations_unless_strict_legacy_is_set_by_flag_or_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = load(&parse(&[]), dir.path(), no_env).unwrap();
+        assert_eq!(s.config.leniency, Leniency::LENIENT);
+        let s = load(&parse(&["--strict-legacy"]), dir.path(), no_env).unwrap();
+        assert_eq!(s.config.leniency, Leniency::STRICT);
+        let toml = dir.path().join("server.toml");
+        std::fs::write(&toml, "strict_legacy = true\n").unwrap();
+        let s = load(
+            &parse(&["--config", toml.to_str().unwrap()]),
+            dir.path(),
+            no_env,
+        )
+        .unwrap();
+        assert_eq!(s.config.leniency, Leniency::STRICT);
+        std::fs::write(&toml, "strict_legacy = false\n").unwrap();
+        let s = load(
+            &parse(&["--config", toml.to_str().unwrap()]),
+            dir.path(),
+            no_env,
+        )
+        .unwrap();
+        assert_eq!(s.config.leniency, Leniency::LENIENT);
     }
 
     #[test]

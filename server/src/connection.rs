@@ -318,6 +318,7 @@ where
         let session_config = ServerConfig {
             reply_to_crc_retry: config.reply_to_crc_retry,
             limits: config.limits,
+            leniency: config.leniency,
             ..ServerConfig::default()
         };
         let (dialect, session) = match security {
@@ -483,6 +484,12 @@ where
         match action {
             Action::Reply(response @ Response::Authenticated { client_id }) => {
                 self.proved(client_id, response).await
+            }
+            Action::Reply(response @ Response::Ack { .. })
+                if kind == protocol::wire::RequestKind::CrcOk =>
+            {
+                info!("\"CRC ok\" repeated for the file just committed; answered 1604 again");
+                self.reply(&response).await
             }
             Action::Reply(response) => self.reply(&response).await,
             Action::Register {

@@ -25,6 +25,8 @@ mod flows;
 mod hostile;
 #[path = "server/hostile_network.rs"]
 mod hostile_network;
+#[path = "server/legacy_deviations.rs"]
+mod legacy_deviations;
 #[path = "server/lifecycle.rs"]
 mod lifecycle;
 #[path = "server/malformed.rs"]

@@ -19,7 +19,9 @@ server's checksum of what it stored must match ours.
 Run without a command in a folder holding transfer.info (line 1 HOST:PORT, \
 line 2 the user name, then one file per line), it does what a legacy client \
 does: registers (or reconnects when me.info exists), backs up each file, and \
-keeps me.info and priv.key in that folder.";
+keeps me.info and priv.key in that folder. A legacy server needs --legacy \
+there too: without it the client tries secure mode, and says so when the \
+server turns out to be a legacy one.";
 
 const SETTINGS_HELP: &str = "\
 Settings, strongest first: command-line flags; transfer.info in the current \
@@ -107,6 +109,13 @@ pub struct GlobalArgs {
     /// registration with a server, trust on first use]
     #[arg(long, global = true, value_name = "SHA256:HEX", value_parser = parse_fingerprint_arg)]
     pub server_fingerprint: Option<protocol::secure::Fingerprint>,
+
+    /// Milliseconds to leave between packets, each written as one send:
+    /// for legacy servers that read a whole request with one recv() and
+    /// refuse a packet that TCP split or joined to the next (e.g.
+    /// `--legacy --packet-size 8192 --packet-gap 50`) [default: none]
+    #[arg(long, global = true, value_name = "MS", requires = "packet_size")]
+    pub packet_gap: Option<u64>,
 
     /// Files backed up or restored at once, each over a connection of its
     /// own (1 to 16) [default: 4; with --legacy, 1]
@@ -306,6 +315,7 @@ impl GlobalArgs {
             legacy: self.legacy,
             server_fingerprint: self.server_fingerprint,
             connections: self.connections,
+            packet_gap_ms: self.packet_gap,
         }
     }
 

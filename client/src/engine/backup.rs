@@ -133,7 +133,16 @@ impl Client {
                         .await
                         .map_err(fatal)?
                     {
-                        ClientEvent::Done => Ok((attempt, cksum)),
+                        ClientEvent::Done => {
+                            if let Some(declared) = conn.take_misdeclared_ack() {
+                                // The session checked the id: the file is
+                                // committed and its checksum matched.
+                                self.feedback.notice(&format!(
+                                    "the server at {server} confirmed {path} with a 1604 declaring {declared} bytes that carried only its 16-byte id; accepted, as the id is ours and the checksum matched, so the file is stored"
+                                ));
+                            }
+                            Ok((attempt, cksum))
+                        }
                         other => Err(fatal(self.unexpected(&other, &doing))),
                     };
                 }

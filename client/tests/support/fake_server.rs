@@ -15,9 +15,13 @@ use protocol::session::server::{
     Action, DeleteOutcome, KnownClient, RegisterOutcome, RestoreStart, ServerConfig, ServerSession,
 };
 use protocol::wire::RequestKind;
-use protocol::{Cksum, ClientId, FileName, Request, Response, ServerCodec, UserName};
+use protocol::{
+    Cksum, ClientId, CodecError, FileName, Numbering, Request, RequestFrame, Response, ServerCodec,
+    UserName,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio_util::codec::Framed;
+use tokio_util::codec::{Decoder, Framed};
 
 /// Behaviours of deployed servers to imitate.
 #[derive(Debug, Clone, Default)]
@@ -40,6 +44,19 @@ pub struct Quirks {
     /// Answer every proof of key with 1651 and close, as a server does that
     /// finds the proof wrong.
     pub refuse_proof: bool,
+    /// Know only this request numbering: a request of the other is
+    /// answered 1607, as a server answers a code it does not know.
+    pub numbering_only: Option<Numbering>,
+    /// Answer "CRC ok" with a 1604 whose header declares this payload size
+    /// while carrying only the 16-byte id (one deployed server declares
+    /// 255), with the id's first byte flipped when `ack_wrong_id`.
+    pub ack_declares: Option<u32>,
+    pub ack_wrong_id: bool,
+    /// Read each request with one `read()` after this pause, as a server
+    /// that calls `recv()` once per request: a request split by TCP is
+    /// refused (the connection closes), and bytes that arrived after the
+    /// request in the same read are lost.
+    pub one_recv_per_request: Option<std::time::Duration>,
 }
 
 /// What the fake holds for retrieval (shared by every client).
@@ -111,6 +128,8 @@ pub struct State {
     /// Content length of every file packet received.
     pub packet_lens: Vec<usize>,
     pub connections: u32,
+    /// Bytes a one-`recv()` server read past a request and so lost.
+    pub lost_bytes: usize,
     pub quirks: Quirks,
 }
 
@@ -176,6 +195,71 @@ impl FakeServer {
     }
 }
 
+/// How the fake reads requests: framed, as the protocol wants, or with one
+/// read per request.
+enum Transport {
+    Framed(Framed<TcpStream, ServerCodec>),
+    OneRecv {
+        stream: TcpStream,
+        pause: std::time::Duration,
+        state: Arc<Mutex<State>>,
+    },
+}
+
+impl Transport {
+    async fn next(&mut self) -> Option<Result<RequestFrame, CodecError>> {
+        match self {
+            Transport::Framed(framed) => framed.next().await,
+            Transport::OneRecv {
+                stream,
+                pause,
+                state,
+            } => {
+                tokio::time::sleep(*pause).await;
+                let mut buf = vec![0u8; 4 << 20];
+                let n = match stream.read(&mut buf).await {
+                    Ok(0) => return None,
+                    Ok(n) => n,
+                    Err(e) => return Some(Err(e.into())),
+                };
+                let mut got = bytes::BytesMut::from(&buf[..n]);
+                match ServerCodec::default().decode(&mut got) {
+                    Ok(Some(frame)) => {
+                        state.lock().unwrap().lost_bytes += got.len();
+                        Some(Ok(frame))
+                    }
+                    // "unpack requires a buffer": the rest came in a later read.
+                    Ok(None) => None,
+                    Err(e) => Some(Err(e)),
+                }
+            }
+        }
+    }
+
+    async fn send(&mut self, response: Response) -> Result<(), CodecError> {
+        match self {
+            Transport::Framed(framed) => framed.send(response).await,
+            Transport::OneRecv { stream, .. } => {
+                let mut out = bytes::BytesMut::new();
+                tokio_util::codec::Encoder::encode(
+                    &mut ServerCodec::default(),
+                    response,
+                    &mut out,
+                )?;
+                stream.write_all(&out).await?;
+                Ok(())
+            }
+        }
+    }
+
+    async fn send_raw(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        match self {
+            Transport::Framed(framed) => framed.get_mut().write_all(bytes).await,
+            Transport::OneRecv { stream, .. } => stream.write_all(bytes).await,
+        }
+    }
+}
+
 fn take_quirk(counter: &mut u32) -> bool {
     if *counter > 0 {
         *counter -= 1;
@@ -203,7 +287,15 @@ async fn serve(stream: TcpStream, state: Arc<Mutex<State>>) {
         ..defaults
     };
     let mut session = ServerSession::new(config);
-    let mut framed = Framed::new(stream, ServerCodec::default());
+    let one_recv = state.lock().unwrap().quirks.one_recv_per_request;
+    let mut framed = match one_recv {
+        Some(pause) => Transport::OneRecv {
+            stream,
+            pause,
+            state: state.clone(),
+        },
+        None => Transport::Framed(Framed::new(stream, ServerCodec::default())),
+    };
     let mut rng = rand::rngs::OsRng;
     let mut upload: Vec<u8> = Vec::new();
     while let Ok(Some(Ok(frame))) = tokio::time::timeout(super::STEP, framed.next()).await {
@@ -211,13 +303,15 @@ async fn serve(stream: TcpStream, state: Arc<Mutex<State>>) {
         let inject = {
             let mut s = state.lock().unwrap();
             s.codes.push(frame.header().code.0);
+            let only = s.quirks.numbering_only;
             if let Request::SendFile(p) = &frame.request {
                 s.packet_lens.push(p.content.len());
             }
-            s.quirks
-                .general_errors
-                .get_mut(&kind)
-                .is_some_and(take_quirk)
+            only.is_some_and(|n| n != frame.numbering)
+                || s.quirks
+                    .general_errors
+                    .get_mut(&kind)
+                    .is_some_and(take_quirk)
         };
         if inject {
             if framed.send(Response::GeneralError).await.is_err() {
@@ -347,12 +441,27 @@ async fn serve(stream: TcpStream, state: Arc<Mutex<State>>) {
                 ..
             } => {
                 let content = std::mem::take(&mut upload);
-                state
-                    .lock()
-                    .unwrap()
-                    .files
-                    .insert((client_id, file.to_string()), content);
-                Some(reply)
+                let (declares, wrong_id) = {
+                    let mut s = state.lock().unwrap();
+                    s.files.insert((client_id, file.to_string()), content);
+                    (s.quirks.ack_declares, s.quirks.ack_wrong_id)
+                };
+                match declares {
+                    Some(declared) => {
+                        // Version, code 1604, the declared size, then the id.
+                        let mut raw = vec![3u8, 0x44, 0x06];
+                        raw.extend_from_slice(&declared.to_le_bytes());
+                        raw.extend_from_slice(&client_id.0);
+                        if wrong_id {
+                            raw[7] ^= 0xff;
+                        }
+                        if framed.send_raw(&raw).await.is_err() {
+                            return;
+                        }
+                        None
+                    }
+                    None => Some(reply),
+                }
             }
             Action::Discard { reply } => {
                 upload.clear();

@@ -240,6 +240,8 @@ pub struct ClientSession {
     /// Whether a retrieval request (or the proof before them) was answered
     /// on this connection.
     retrieval_answered: bool,
+    /// Whether any answer but 1607 arrived on this connection.
+    answered: bool,
     /// What to send as the header id before one is assigned.
     unregistered_id: ClientId,
 }
@@ -277,6 +279,7 @@ impl ClientSession {
             attempts: 0,
             server_errors: 0,
             retrieval_answered: false,
+            answered: false,
             unregistered_id: ClientId::default(),
         }
     }
@@ -343,6 +346,15 @@ impl ClientSession {
     /// The 1607s answered so far to the request awaiting its answer.
     pub fn server_errors(&self) -> u8 {
         self.server_errors
+    }
+
+    /// Legacy: whether the server has answered nothing but 1607 on this
+    /// connection, so that its first request (a register or a reconnect)
+    /// is the one refused. A server of the other request numbering answers
+    /// so, as it knows none of our codes (`docs/PROTOCOL.md` §9): the
+    /// shell says so rather than blaming the server's disk.
+    pub fn refused_from_the_start(&self) -> bool {
+        self.dialect == Dialect::Legacy && !self.answered && self.server_errors > 0
     }
 
     /// Whether the request awaiting its answer is the first retrieval
@@ -493,6 +505,7 @@ impl ClientSession {
             return Ok(self.server_error(expect));
         }
         let retrieval = expect.is_retrieval();
+        self.answered = true;
         let event = self.interpret(expect, response, rng)?;
         self.retrieval_answered |= retrieval;
         Ok(event)
@@ -1364,5 +1377,32 @@ mod tests {
         ));
         s.restore_request(0, name());
         assert!(!s.awaits_first_retrieval_answer(), "the proof was answered");
+    }
+
+    #[test]
+    fn says_when_the_first_request_got_nothing_but_1607() {
+        let mut rng = StdRng::seed_from_u64(7);
+        let key = PrivateKey::generate_legacy(&mut rng).unwrap();
+        let name = UserName::try_from("u").unwrap();
+        let mut s = ClientSession::new(name.clone(), key.clone(), None, Numbering::Modern);
+        s.register_request().unwrap();
+        assert!(!s.refused_from_the_start());
+        for _ in 0..=SERVER_ERROR_RESENDS {
+            s.handle(Response::GeneralError, &mut rng).unwrap();
+            assert!(s.refused_from_the_start());
+        }
+        // Once anything else was answered, a 1607 is the server failing.
+        let mut s = ClientSession::new(name, key, Some(ID), Numbering::Modern);
+        s.reconnect_request();
+        s.handle(
+            Response::ReconnectRejected {
+                client_id: Some(ID),
+            },
+            &mut rng,
+        )
+        .unwrap();
+        s.register_request().unwrap();
+        s.handle(Response::GeneralError, &mut rng).unwrap();
+        assert!(!s.refused_from_the_start());
     }
 }

@@ -50,7 +50,7 @@ use crate::crypto::{self, AesKey, CbcDecryptor};
 use crate::limits::Limits;
 use crate::message::{FilePacket, PublicKeyField, Request, RequestFrame, Response};
 use crate::name::{FileName, UserName};
-use crate::reassembly::{Reassembler, ReassemblyError};
+use crate::reassembly::{Leniency, Reassembler, ReassemblyError};
 use crate::restore::{self, FoundVersion, RestoreSender};
 use crate::retrieval::{
     ListEntry, RefusalReason, RetrievalRequest, RetrievalResponse, MAX_LIST_ENTRIES,
@@ -82,6 +82,9 @@ pub struct ServerConfig {
     /// Ciphertext bytes per 1642 packet, before the packet limit and the
     /// block alignment of [`restore::packet_len`].
     pub restore_packet: usize,
+    /// Deviations of deployed legacy clients to absorb (`docs/PROTOCOL.md`
+    /// §9); all on by default. Secure mode absorbs none, whatever this says.
+    pub leniency: Leniency,
 }
 
 impl Default for ServerConfig {
@@ -91,6 +94,7 @@ impl Default for ServerConfig {
             limits: Limits::default(),
             list_page: MAX_LIST_ENTRIES,
             restore_packet: restore::PACKET,
+            leniency: Leniency::default(),
         }
     }
 }
@@ -319,6 +323,10 @@ pub struct ServerSession {
     reassembler: Reassembler,
     receiving: Option<Receiving>,
     received: Option<Received>,
+    /// The file whose commit was the last thing this session did, so that a
+    /// repeated "CRC ok" for it can be answered 1604 again
+    /// ([`Leniency::repeated_crc_ok`]).
+    committed: Option<FileName>,
     /// Attempts at each file name not yet committed or given up on in this
     /// session, so alternating names does not reset a name's count.
     attempts: std::collections::HashMap<FileName, u8>,
@@ -358,10 +366,14 @@ impl ServerSession {
     fn build(config: ServerConfig, dialect: Dialect, binding: Binding, proof: Proof) -> Self {
         let config = ServerConfig {
             limits: config.limits.for_dialect(dialect),
+            leniency: match dialect {
+                Dialect::Legacy => config.leniency,
+                Dialect::Secure => Leniency::STRICT,
+            },
             ..config
         };
         Self {
-            reassembler: Reassembler::new(config.limits),
+            reassembler: Reassembler::lenient(config.limits, config.leniency),
             dialect,
             binding,
             proof,
@@ -372,6 +384,7 @@ impl ServerSession {
             pending: None,
             receiving: None,
             received: None,
+            committed: None,
             attempts: std::collections::HashMap::new(),
             registered_here: false,
             spare: None,
@@ -582,6 +595,16 @@ impl ServerSession {
             }
             Request::CrcOk { file } => {
                 let client_id = self.bound(kind, frame.client_id)?;
+                // A client that resends "CRC ok" until it gets the answer it
+                // expects: the file is committed, so answering again changes
+                // nothing (`docs/PROTOCOL.md` §9).
+                if self.config.leniency.repeated_crc_ok
+                    && self.received.is_none()
+                    && self.receiving.is_none()
+                    && self.committed.as_ref() == Some(&file)
+                {
+                    return Ok(Action::Reply(Response::Ack { client_id }));
+                }
                 let received = self.take_received(kind, &file)?;
                 if !received.intact {
                     // The client says the cksum matched a file whose padding
@@ -591,6 +614,7 @@ impl ServerSession {
                     });
                 }
                 self.attempts.remove(&file);
+                self.committed = Some(file.clone());
                 Ok(Action::Commit {
                     client_id,
                     file,
@@ -803,6 +827,7 @@ impl ServerSession {
         })?;
         let mut start = None;
         if slice.first {
+            self.committed = None;
             if self.attempts.len() >= MAX_OPEN_NAMES && !self.attempts.contains_key(&file) {
                 self.reassembler.reset();
                 return Err(SessionError::TooManyAttempts(file));
@@ -1021,6 +1046,9 @@ impl ServerSession {
     /// not count toward [`MAX_SEND_ATTEMPTS`], as the client counts it.
     pub fn storage_failed(&mut self) -> Response {
         self.spare = None;
+        // A commit that failed stored nothing: a repeated "CRC ok" for it
+        // is not answered 1604.
+        self.committed = None;
         self.pending = None;
         self.reassembler.reset();
         self.repo_reset();
@@ -1113,9 +1141,13 @@ mod tests {
     }
 
     fn keyed() -> (ServerSession, ClientId, AesKey, rand::rngs::StdRng) {
+        keyed_with(ServerConfig::default())
+    }
+
+    fn keyed_with(config: ServerConfig) -> (ServerSession, ClientId, AesKey, rand::rngs::StdRng) {
         let mut rng = rand::rngs::StdRng::seed_from_u64(1);
         let private = PrivateKey::generate_legacy(&mut rng).unwrap();
-        let mut s = ServerSession::new(ServerConfig::default());
+        let mut s = ServerSession::new(config);
         let name = UserName::try_from("u").unwrap();
         let frame = |client_id, request| RequestFrame {
             client_id,
@@ -1170,6 +1202,128 @@ mod tests {
                 content: Bytes::copy_from_slice(&ct[start..end]),
             }),
         }
+    }
+
+    fn strict() -> ServerConfig {
+        ServerConfig {
+            leniency: Leniency::STRICT,
+            ..ServerConfig::default()
+        }
+    }
+
+    fn crc_ok(client_id: ClientId, file: &str) -> RequestFrame {
+        RequestFrame {
+            client_id,
+            numbering: Numbering::Modern,
+            request: Request::CrcOk {
+                file: FileName::try_from(file).unwrap(),
+            },
+        }
+    }
+
+    /// Uploads "abc" as "f" in one packet and confirms it: the commit.
+    fn upload_and_confirm(
+        s: &mut ServerSession,
+        id: ClientId,
+        aes: &AesKey,
+        rng: &mut rand::rngs::StdRng,
+    ) {
+        let ct = encrypt_all(aes, b"abc");
+        let action = s.handle(packet(id, &ct, 1, 1, 16, 3), rng).unwrap();
+        assert!(matches!(action, Action::Write { done: Some(_), .. }));
+        let action = s.handle(crc_ok(id, "f"), rng).unwrap();
+        assert!(matches!(action, Action::Commit { .. }), "{action:?}");
+    }
+
+    #[test]
+    fn answers_a_repeated_crc_ok_for_the_committed_file_with_1604_again() {
+        let (mut s, id, aes, mut rng) = keyed();
+        upload_and_confirm(&mut s, id, &aes, &mut rng);
+        for _ in 0..3 {
+            let action = s.handle(crc_ok(id, "f"), &mut rng).unwrap();
+            assert!(
+                matches!(action, Action::Reply(Response::Ack { client_id }) if client_id == id),
+                "{action:?}"
+            );
+        }
+        // Only for the file committed, and only once it is.
+        assert!(s.handle(crc_ok(id, "other"), &mut rng).is_err());
+    }
+
+    #[test]
+    fn rejects_a_repeated_crc_ok_when_strict_after_a_failed_commit_or_a_new_upload() {
+        let (mut s, id, aes, mut rng) = keyed_with(strict());
+        upload_and_confirm(&mut s, id, &aes, &mut rng);
+        assert!(matches!(
+            s.handle(crc_ok(id, "f"), &mut rng),
+            Err(SessionError::Unexpected { .. })
+        ));
+
+        let (mut s, id, aes, mut rng) = keyed();
+        upload_and_confirm(&mut s, id, &aes, &mut rng);
+        assert_eq!(s.storage_failed(), Response::GeneralError);
+        assert!(
+            s.handle(crc_ok(id, "f"), &mut rng).is_err(),
+            "nothing was committed"
+        );
+
+        let (mut s, id, aes, mut rng) = keyed();
+        upload_and_confirm(&mut s, id, &aes, &mut rng);
+        let ct = encrypt_all(&aes, b"abcdefghijklmnopqrstuvwxyz");
+        s.handle(packet(id, &ct, 1, 2, 16, 26), &mut rng).unwrap();
+        assert!(
+            s.handle(crc_ok(id, "f"), &mut rng).is_err(),
+            "an upload of the name is in progress"
+        );
+    }
+
+    #[test]
+    fn accepts_an_upload_numbered_from_zero_unless_strict() {
+        let plain = b"abcdefghijklmnopqrstuvwxyz0123456789";
+        for (config, accepted) in [(ServerConfig::default(), true), (strict(), false)] {
+            let (mut s, id, aes, mut rng) = keyed_with(config);
+            let ct = encrypt_all(&aes, plain);
+            let total = ct.len().div_ceil(16) as u32;
+            let mut got = Vec::new();
+            let mut outcome = Ok(());
+            for n in 1..=total {
+                let mut frame = packet(id, &ct, n, total, 16, plain.len() as u64);
+                if let Request::SendFile(p) = &mut frame.request {
+                    p.head.packet = n - 1;
+                }
+                match s.handle(frame, &mut rng) {
+                    Ok(Action::Write { plaintext, .. }) => got.extend_from_slice(&plaintext),
+                    Ok(other) => panic!("{other:?}"),
+                    Err(e) => {
+                        outcome = Err(e);
+                        break;
+                    }
+                }
+            }
+            if accepted {
+                outcome.unwrap();
+                assert_eq!(got, plain);
+            } else {
+                assert!(
+                    matches!(
+                        outcome,
+                        Err(SessionError::Upload(ReassemblyError::OutOfOrder {
+                            expected: 1,
+                            got: 0
+                        }))
+                    ),
+                    "{outcome:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn secure_sessions_absorb_no_legacy_deviation() {
+        let s = ServerSession::secure(ServerConfig::default(), [7; 32]);
+        assert_eq!(s.config.leniency, Leniency::STRICT);
+        let s = ServerSession::new(ServerConfig::default());
+        assert_eq!(s.config.leniency, Leniency::LENIENT);
     }
 
     #[test]

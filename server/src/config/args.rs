@@ -147,7 +147,7 @@ pub struct Args {
     /// TOML file with any of the settings below (keys: listen, legacy_listen, port,
     /// data_dir, max_connections, max_per_source, max_unauthenticated,
     /// handshake_timeout_secs, idle_timeout_secs, request_timeout_secs,
-    /// shutdown_grace_secs, silent_crc_retry, keep_last, keep_within,
+    /// shutdown_grace_secs, silent_crc_retry, strict_legacy, keep_last, keep_within,
     /// append_only, registrations_per_minute, registration_burst,
     /// registration_grace_secs, max_packet_bytes, max_file_bytes).
     #[arg(long, env = "BACKUP_SERVER_CONFIG", value_name = "FILE")]
@@ -194,6 +194,14 @@ pub struct Args {
     /// servers do; legacy clients accept both.
     #[arg(long, env = "BACKUP_SERVER_SILENT_CRC_RETRY")]
     pub silent_crc_retry: bool,
+
+    /// On the legacy listener, refuse what deployed legacy clients do
+    /// outside the protocol instead of absorbing it: uploads numbered from
+    /// packet 0, zero padding past the content size, and a repeated "CRC
+    /// ok" for a file just committed (each is then answered 1607 and the
+    /// connection closed) [default: all three are accepted]
+    #[arg(long, env = "BACKUP_SERVER_STRICT_LEGACY")]
+    pub strict_legacy: bool,
 
     /// Older name of `--keep-last`.
     #[arg(

@@ -20,6 +20,7 @@ use super::ConfigError;
 /// request_timeout_secs = 60
 /// shutdown_grace_secs = 10
 /// silent_crc_retry = false
+/// strict_legacy = false     # true: refuse the deviations of docs/PROTOCOL.md §9
 /// keep_last = 10            # unset: keep every version
 /// keep_within = "30d"       # unset: no age rule
 /// append_only = false
@@ -44,6 +45,7 @@ pub struct FileConfig {
     pub request_timeout_secs: Option<u64>,
     pub shutdown_grace_secs: Option<u64>,
     pub silent_crc_retry: Option<bool>,
+    pub strict_legacy: Option<bool>,
     /// Older name of `keep_last`.
     pub keep_versions: Option<u32>,
     pub keep_last: Option<u32>,

@@ -353,9 +353,10 @@ mod tests {
         assert!(matches!(err, StorageError::Corrupt(_)), "{err}");
         let repo = storage.repo().unwrap();
         assert!(repo.recorded_packs(None, 10).unwrap().is_empty());
-        let left = storage.blobs().recover().unwrap();
+        let removed_temporaries = storage.blobs().recover().unwrap();
+        let blobs = storage.blobs().list().unwrap().count();
         assert_eq!(
-            (left.blobs.len(), left.removed_temporaries),
+            (blobs, removed_temporaries),
             (0, 0),
             "the writer was aborted"
         );

@@ -459,9 +459,17 @@ async fn answers_or_closes_every_hostile_input_while_serving_a_good_client() {
     cases.spawn(keyed_case(
         addr,
         "packet-zero",
-        |c| vec![raw_packet(c.id, 48, 40, 0, 3, b"f", &[0; 16])],
+        // A first packet 0 starts an upload numbered from 0 (as some
+        // deployed clients do, docs/PROTOCOL.md §9); after packet 1 it is
+        // out of sequence.
+        |c| {
+            vec![
+                raw_packet(c.id, 48, 40, 1, 3, b"f", &[0; 16]),
+                raw_packet(c.id, 48, 40, 0, 3, b"f", &[0; 16]),
+            ]
+        },
         e1607(),
-        "packet 0 of 3 is out of range",
+        "packet 0 arrived where packet 2 was due",
     ));
     cases.spawn(keyed_case(
         addr,
@@ -486,8 +494,9 @@ async fn answers_or_closes_every_hostile_input_while_serving_a_good_client() {
         addr,
         "content-longer-in-one-packet",
         move |c| {
+            // Not zeros: those would be padding, dropped (docs/PROTOCOL.md §9).
             let mut ct = ct16(c);
-            ct.extend_from_slice(&[0; 16]);
+            ct.extend_from_slice(&[0xa5; 16]);
             vec![raw_packet(c.id, 16, 11, 1, 1, b"f", &ct)]
         },
         e1607(),
