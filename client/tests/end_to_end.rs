@@ -533,7 +533,12 @@ async fn binary_registers_then_backs_up_with_the_remembered_server() {
     assert!(config.contains(&server_arg), "{config}");
 
     // No --server: it comes from config.toml; the session is a reconnect.
-    let out = run_binary(dir.path(), &home, &["backup", "docs", "c.bin", "--json"]).await;
+    let out = run_binary(
+        dir.path(),
+        &home,
+        &["--per-file", "backup", "docs", "c.bin", "--json"],
+    )
+    .await;
     assert!(
         out.status.success(),
         "{}",
@@ -550,11 +555,21 @@ async fn binary_registers_then_backs_up_with_the_remembered_server() {
     assert_eq!(server.stored(id, "c.bin").unwrap(), c);
 
     // Human output goes to stdout; --quiet leaves only errors.
-    let out = run_binary(dir.path(), &home, &["backup", "c.bin"]).await;
+    let out = run_binary(dir.path(), &home, &["--per-file", "backup", "c.bin"]).await;
     assert!(String::from_utf8_lossy(&out.stdout).contains("stored c.bin"));
-    let out = run_binary(dir.path(), &home, &["backup", "c.bin", "--quiet"]).await;
+    let out = run_binary(
+        dir.path(),
+        &home,
+        &["--per-file", "backup", "c.bin", "--quiet"],
+    )
+    .await;
     assert!(out.status.success() && out.stdout.is_empty() && out.stderr.is_empty());
-    let out = run_binary(dir.path(), &home, &["backup", "missing.bin", "--quiet"]).await;
+    let out = run_binary(
+        dir.path(),
+        &home,
+        &["--per-file", "backup", "missing.bin", "--quiet"],
+    )
+    .await;
     assert_eq!(out.status.code(), Some(6));
     assert!(String::from_utf8_lossy(&out.stderr).contains("missing.bin"));
 }
@@ -702,7 +717,12 @@ async fn backup_measuring_memory(
     server: &str,
     file: &str,
 ) -> (Output, u64) {
-    run_measuring_memory(cwd, home, &["backup", file, "--json", "--server", server]).await
+    run_measuring_memory(
+        cwd,
+        home,
+        &["--per-file", "backup", file, "--json", "--server", server],
+    )
+    .await
 }
 
 /// Runs the real binary with `args`, sampling its peak resident memory
@@ -900,7 +920,7 @@ async fn lists_restores_every_version_and_the_whole_tree_then_deletes() {
     let out = run_binary(
         dir.path(),
         &home,
-        &["--config-dir", cfg_arg, "backup", "src"],
+        &["--config-dir", cfg_arg, "--per-file", "backup", "src"],
     )
     .await;
     assert_success(&out);
@@ -908,7 +928,13 @@ async fn lists_restores_every_version_and_the_whole_tree_then_deletes() {
     let out = run_binary(
         dir.path(),
         &home,
-        &["--config-dir", cfg_arg, "backup", "src/notes.txt"],
+        &[
+            "--config-dir",
+            cfg_arg,
+            "--per-file",
+            "backup",
+            "src/notes.txt",
+        ],
     )
     .await;
     assert_success(&out);
@@ -946,6 +972,7 @@ async fn lists_restores_every_version_and_the_whole_tree_then_deletes() {
             &[
                 "--config-dir",
                 cfg_arg,
+                "--per-file",
                 "restore",
                 "notes.txt",
                 "--version",
@@ -979,6 +1006,7 @@ async fn lists_restores_every_version_and_the_whole_tree_then_deletes() {
             &addr,
             "--server-fingerprint",
             &fingerprint,
+            "--per-file",
             "restore",
             "--all",
             "--to",
@@ -1117,7 +1145,7 @@ async fn binary_reports_a_damaged_server_copy_with_exit_status_5_and_writes_noth
     let out = run_binary(
         dir.path(),
         &home,
-        &["--config-dir", cfg_arg, "backup", "src"],
+        &["--config-dir", cfg_arg, "--per-file", "backup", "src"],
     )
     .await;
     assert_success(&out);
@@ -1133,6 +1161,7 @@ async fn binary_reports_a_damaged_server_copy_with_exit_status_5_and_writes_noth
             &[
                 "--config-dir",
                 cfg_arg,
+                "--per-file",
                 "restore",
                 name,
                 "--to",
@@ -1166,6 +1195,7 @@ async fn binary_reports_a_damaged_server_copy_with_exit_status_5_and_writes_noth
         &[
             "--config-dir",
             cfg_arg,
+            "--per-file",
             "restore",
             "--all",
             "--to",
@@ -1245,7 +1275,7 @@ async fn binary_skips_links_in_a_folder_unless_asked_to_follow_links_to_files() 
     let out = run_binary(
         dir.path(),
         &home,
-        &["--config-dir", cfg_arg, "backup", "src"],
+        &["--config-dir", cfg_arg, "--per-file", "backup", "src"],
     )
     .await;
     assert_success(&out);
@@ -1270,6 +1300,7 @@ async fn binary_skips_links_in_a_folder_unless_asked_to_follow_links_to_files() 
         &[
             "--config-dir",
             cfg_arg,
+            "--per-file",
             "backup",
             "src",
             "--follow-symlinks",
@@ -1305,6 +1336,7 @@ async fn binary_skips_links_in_a_folder_unless_asked_to_follow_links_to_files() 
         &[
             "--config-dir",
             cfg_arg,
+            "--per-file",
             "restore",
             "link.txt",
             "--to",
@@ -1340,11 +1372,18 @@ async fn measure_restore(mib: usize) -> (f64, u64) {
         )
         .await,
     );
-    assert_success(&run_binary(dir.path(), &home, &["backup", "big.bin"]).await);
+    assert_success(&run_binary(dir.path(), &home, &["--per-file", "backup", "big.bin"]).await);
     let (out, peak_kib) = run_measuring_memory(
         dir.path(),
         &home,
-        &["restore", "big.bin", "--to", "restored.bin", "--json"],
+        &[
+            "--per-file",
+            "restore",
+            "big.bin",
+            "--to",
+            "restored.bin",
+            "--json",
+        ],
     )
     .await;
     assert_success(&out);

@@ -39,7 +39,15 @@ async fn secure_backups_of_a_mixed_folder_over_four_connections_complete_every_t
     for round in 0..4 {
         let out = run_client(
             &config,
-            &["--timeout", "10", "--connections", "4", "backup", &folder],
+            &[
+                "--timeout",
+                "10",
+                "--connections",
+                "4",
+                "--per-file",
+                "backup",
+                &folder,
+            ],
             Duration::from_secs(120),
         )
         .await;
@@ -148,8 +156,8 @@ async fn legitimate_client(server: &ServerProcess, dir: &std::path::Path) -> [Du
     let restored_arg = restored.to_string_lossy().into_owned();
     let steps: [Vec<&str>; 3] = [
         vec!["--server", &addr, "register", "--name", "legit"],
-        vec!["backup", &file],
-        vec!["restore", "report.pdf", "--to", &restored_arg],
+        vec!["--per-file", "backup", &file],
+        vec!["--per-file", "restore", "report.pdf", "--to", &restored_arg],
     ];
     let mut took = [Duration::ZERO; 3];
     for (step, args) in steps.iter().enumerate() {

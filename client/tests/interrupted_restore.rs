@@ -122,7 +122,7 @@ async fn a_client_killed_mid_restore_leaves_no_partial_file() {
     let content = support::write_file(&cwd.join("big.bin"), 16 * MIB, 7);
     let addr = server.addr.to_string();
     assert_success(&run(cwd, &["register", "--server", &addr, "--name", "killed"]).await);
-    assert_success(&run(cwd, &["--server", &addr, "backup", "big.bin"]).await);
+    assert_success(&run(cwd, &["--server", &addr, "--per-file", "backup", "big.bin"]).await);
     let dest = cwd.join("dest");
     std::fs::create_dir(&dest).unwrap();
 
@@ -142,7 +142,15 @@ async fn a_client_killed_mid_restore_leaves_no_partial_file() {
         let relay = relay.to_string();
         let mut child = command(
             cwd,
-            &["--server", &relay, "restore", "big.bin", "--to", "dest/"],
+            &[
+                "--server",
+                &relay,
+                "--per-file",
+                "restore",
+                "big.bin",
+                "--to",
+                "dest/",
+            ],
         )
         .spawn()
         .unwrap();
@@ -189,7 +197,15 @@ async fn a_client_killed_mid_restore_leaves_no_partial_file() {
     assert_success(
         &run(
             cwd,
-            &["--server", &addr, "restore", "big.bin", "--to", "dest/"],
+            &[
+                "--server",
+                &addr,
+                "--per-file",
+                "restore",
+                "big.bin",
+                "--to",
+                "dest/",
+            ],
         )
         .await,
     );

@@ -77,7 +77,11 @@ fn make_folder(root: &Path) {
     std::fs::create_dir_all(root.join("sub/deeper")).unwrap();
     std::fs::write(root.join("empty"), b"").unwrap();
     for i in 0..20 {
-        write_file(&root.join(format!("sub/small{i}.txt")), 100 + i * 37, i as u32);
+        write_file(
+            &root.join(format!("sub/small{i}.txt")),
+            100 + i * 37,
+            i as u32,
+        );
     }
     write_file(&root.join("big.bin"), 9 << 20, 77);
     write_file(&root.join("sub/deeper/mid.bin"), 700_000, 78);
@@ -103,10 +107,18 @@ fn assert_same_tree(a: &Path, b: &Path) {
         assert_eq!(ma.file_type(), mb.file_type(), "{}", rel.display());
         seen += 1;
         if ma.file_type().is_symlink() {
-            assert_eq!(std::fs::read_link(&pa).unwrap(), std::fs::read_link(&pb).unwrap());
+            assert_eq!(
+                std::fs::read_link(&pa).unwrap(),
+                std::fs::read_link(&pb).unwrap()
+            );
             continue;
         }
-        assert_eq!(ma.mode() & 0o777, mb.mode() & 0o777, "mode of {}", rel.display());
+        assert_eq!(
+            ma.mode() & 0o777,
+            mb.mode() & 0o777,
+            "mode of {}",
+            rel.display()
+        );
         if ma.is_dir() {
             for e in std::fs::read_dir(&pa).unwrap() {
                 stack.push(rel.join(e.unwrap().file_name()));
@@ -160,7 +172,12 @@ async fn a_snapshot_restores_byte_for_byte_and_an_unchanged_one_sends_nothing() 
     // One path of the newest snapshot.
     let part = s.path("part");
     let out = s
-        .client(&["restore", "latest:folder/sub/deeper", "--to", &part.to_string_lossy()])
+        .client(&[
+            "restore",
+            "latest:folder/sub/deeper",
+            "--to",
+            &part.to_string_lossy(),
+        ])
         .await;
     assert!(out.status.success(), "restore of a path: {}", stderr(&out));
     assert_eq!(
@@ -266,7 +283,9 @@ async fn the_server_keeps_no_plaintext_and_a_damaged_object_fails_only_its_file(
             f.display()
         );
         assert!(
-            !bytes.windows(64).any(|w| w == &big[1 << 20..(1 << 20) + 64]),
+            !bytes
+                .windows(64)
+                .any(|w| w == &big[1 << 20..(1 << 20) + 64]),
             "plaintext of big.bin in {}",
             f.display()
         );
@@ -290,8 +309,14 @@ async fn the_server_keeps_no_plaintext_and_a_damaged_object_fails_only_its_file(
     assert_eq!(out.status.code(), Some(5), "restore: {}", stderr(&out));
     let err = stderr(&out);
     assert!(err.contains("big.bin"), "{err}");
-    assert!(!out_dir.join("secret/big.bin").exists(), "a damaged file was written");
-    assert_eq!(std::fs::read(out_dir.join("secret/notes.txt")).unwrap(), text);
+    assert!(
+        !out_dir.join("secret/big.bin").exists(),
+        "a damaged file was written"
+    );
+    assert_eq!(
+        std::fs::read(out_dir.join("secret/notes.txt")).unwrap(),
+        text
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -311,11 +336,20 @@ async fn restore_never_overwrites_without_overwrite() {
     assert_eq!(out.status.code(), Some(6), "restore: {}", stderr(&out));
     assert_eq!(std::fs::read(out_dir.join("keep/a.txt")).unwrap(), b"mine");
     let out = s.client(&["restore", "--to", &to, "--overwrite"]).await;
-    assert!(out.status.success(), "restore --overwrite: {}", stderr(&out));
+    assert!(
+        out.status.success(),
+        "restore --overwrite: {}",
+        stderr(&out)
+    );
     assert_eq!(
         std::fs::read(out_dir.join("keep/a.txt")).unwrap(),
         std::fs::read(folder.join("a.txt")).unwrap()
     );
     let out = s.client(&["restore", "99", "--to", &to]).await;
-    assert_eq!(out.status.code(), Some(7), "restore of no snapshot: {}", stderr(&out));
+    assert_eq!(
+        out.status.code(),
+        Some(7),
+        "restore of no snapshot: {}",
+        stderr(&out)
+    );
 }

@@ -49,6 +49,7 @@ pub(super) async fn backup(
     global: &GlobalArgs,
     console: &Arc<Console>,
 ) -> Result<u8, Error> {
+    crate::snapshot::backup::check_paths(&paths)?;
     if client.store().load()?.is_none() {
         let name = register_as.ok_or_else(|| Error::NotRegistered {
             dir: client.store().dir().to_owned(),

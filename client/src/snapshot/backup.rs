@@ -253,6 +253,15 @@ impl Walker {
     }
 }
 
+/// Checks, before anything is sent, that every path exists and that their
+/// names at the root of a snapshot are distinct.
+///
+/// # Errors
+/// As the snapshot would fail on them.
+pub fn check_paths(paths: &[PathBuf]) -> Result<(), Error> {
+    root_names(paths).map(drop)
+}
+
 /// The names the paths get at the root of the snapshot.
 ///
 /// # Errors
@@ -260,10 +269,13 @@ impl Walker {
 fn root_names(paths: &[PathBuf]) -> Result<Vec<(Vec<u8>, PathBuf)>, Error> {
     let mut out: Vec<(Vec<u8>, PathBuf)> = Vec::with_capacity(paths.len());
     for path in paths {
-        let absolute = std::path::absolute(path).map_err(|e| Error::ReadFile {
+        let read_error = |e: std::io::Error| Error::ReadFile {
             path: path.clone(),
             reason: e.to_string(),
-        })?;
+        };
+        let absolute = std::path::absolute(path).map_err(read_error)?;
+        // Refused before connecting: a path that is not there.
+        std::fs::metadata(&absolute).map_err(read_error)?;
         let name = absolute
             .file_name()
             .map(|n| n.as_bytes().to_vec())
