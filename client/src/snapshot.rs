@@ -4,6 +4,7 @@
 //! - [`chunk`]: content-defined chunking of a file with bounded memory.
 
 pub mod backup;
+pub mod cache;
 pub mod chunk;
 pub mod keys;
 pub mod remote;

@@ -353,3 +353,79 @@ async fn restore_never_overwrites_without_overwrite() {
         stderr(&out)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unchanged_files_are_not_read_again_and_a_stale_cache_costs_only_reading() {
+    let s = Setup::new().await;
+    let folder = s.path("c");
+    for i in 0..10 {
+        write_file(
+            &folder.join(format!("f{i}.bin")),
+            50_000 + i * 1000,
+            i as u32,
+        );
+    }
+    let folder_arg = folder.to_string_lossy().into_owned();
+    let (out, first) = s.json(&["backup", &folder_arg]).await;
+    assert!(out.status.success(), "backup: {}", stderr(&out));
+    assert_eq!(first["unchanged_files"], 0, "{first}");
+
+    let (out, second) = s.json(&["backup", &folder_arg]).await;
+    assert!(out.status.success(), "backup: {}", stderr(&out));
+    assert_eq!(second["unchanged_files"], 10, "{second}");
+    assert_eq!(second["sent_bytes"], 0, "{second}");
+
+    // A touched file is read again; its content being the same, only the
+    // trees that record its new mtime (its folder's and the root) are
+    // sent. --force-read reads them all.
+    set_mtime(&folder.join("f3.bin"), 1_500_000_000);
+    let (_, third) = s.json(&["backup", &folder_arg]).await;
+    assert_eq!(third["unchanged_files"], 9, "{third}");
+    assert_eq!(third["new_objects"], 2, "{third}");
+    assert!(third["sent_bytes"].as_u64().unwrap() < 4096, "{third}");
+    let (_, forced) = s.json(&["backup", "--force-read", &folder_arg]).await;
+    assert_eq!(forced["unchanged_files"], 0, "{forced}");
+
+    // A cache that names chunks the server does not hold (as after a
+    // prune): the run is made again reading every file, and the snapshot
+    // restores.
+    let client_id = {
+        let me = std::fs::read_to_string(s.config.join("me.info")).unwrap();
+        me.lines().nth(1).unwrap().trim().to_owned()
+    };
+    let cache_path =
+        client::snapshot::cache::path_for(&s.config, &s.server.addr.to_string(), &client_id);
+    assert!(cache_path.exists(), "no cache at {}", cache_path.display());
+    let mut w = client::snapshot::cache::CacheWriter::create(&cache_path).unwrap();
+    for i in 0..10 {
+        let p = folder.join(format!("f{i}.bin"));
+        let meta = std::fs::metadata(&p).unwrap();
+        let bogus = protocol::repo::ObjectId([i as u8; 32]);
+        w.add(
+            p.as_os_str().as_encoded_bytes(),
+            &client::snapshot::cache::Stamp::of(&meta),
+            &[bogus],
+        )
+        .unwrap();
+    }
+    w.commit(&cache_path).unwrap();
+    let (out, healed) = s.json(&["backup", &folder_arg]).await;
+    assert!(
+        out.status.success(),
+        "backup over a stale cache: {}",
+        stderr(&out)
+    );
+    assert_eq!(healed["unchanged_files"], 0, "{healed}");
+    let out_dir = s.path("out");
+    let out = s
+        .client(&["restore", "--to", &out_dir.to_string_lossy()])
+        .await;
+    assert!(out.status.success(), "restore: {}", stderr(&out));
+    for i in 0..10 {
+        let name = format!("c/f{i}.bin");
+        assert!(
+            std::fs::read(out_dir.join(&name)).unwrap() == std::fs::read(s.path(&name)).unwrap(),
+            "{name}"
+        );
+    }
+}

@@ -286,6 +286,11 @@ pub struct BackupArgs {
     /// The host name the snapshot records [default: this machine's]
     #[arg(long, value_name = "NAME")]
     pub host: Option<String>,
+
+    /// Read every file, even those the file cache says are unchanged since
+    /// the last snapshot (same size, times, inode and device)
+    #[arg(long)]
+    pub force_read: bool,
 }
 
 fn parse_size_arg(text: &str) -> Result<u64, String> {

@@ -59,6 +59,7 @@ pub(super) async fn backup(
     let options = SnapshotOptions {
         tags: args.tags.clone(),
         host: args.host.clone().unwrap_or_else(host_name),
+        force_read: args.force_read,
     };
     let summary = client.snapshot(&paths, &options).await?;
     for (path, why) in &summary.skipped {
@@ -79,9 +80,10 @@ pub(super) async fn backup(
 
 fn summary_line(s: &SnapshotSummary, server: &str) -> String {
     format!(
-        "snapshot {} saved on {server}: {} files, {} directories, {}; {} new objects, {} sent in {} packs{}",
+        "snapshot {} saved on {server}: {} files ({} unchanged), {} directories, {}; {} new objects, {} sent in {} packs{}",
         s.snapshot,
         s.files,
+        s.unchanged_files,
         s.dirs,
         size(s.bytes),
         s.new_objects,

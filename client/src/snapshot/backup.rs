@@ -26,6 +26,7 @@ use protocol::repo::seal::Sealer;
 use protocol::repo::tree::{encode_tree, plain_name, Description, Entry, EntryKind};
 use tokio::sync::mpsc;
 
+use super::cache::{self, CacheWriter, FileCache, Stamp};
 use super::chunk;
 use super::keys;
 use super::remote::Remote;
@@ -48,6 +49,8 @@ pub const PACK_TARGET: u64 = 16 << 20;
 pub struct SnapshotOptions {
     pub tags: Vec<String>,
     pub host: String,
+    /// Read every file, whatever the file cache says.
+    pub force_read: bool,
 }
 
 /// What a snapshot run did.
@@ -64,6 +67,8 @@ pub struct SnapshotSummary {
     pub new_objects: u64,
     pub sent_bytes: u64,
     pub packs: u64,
+    /// Files taken from the file cache unread.
+    pub unchanged_files: u64,
     /// Entries left out, with why.
     pub skipped: Vec<(String, String)>,
 }
@@ -82,7 +87,9 @@ struct Walked {
     files: u64,
     dirs: u64,
     bytes: u64,
+    unchanged: u64,
     skipped: Vec<(String, String)>,
+    cache: Option<CacheWriter>,
 }
 
 struct Walker {
@@ -93,7 +100,12 @@ struct Walker {
     files: u64,
     dirs: u64,
     bytes: u64,
+    unchanged: u64,
     skipped: Vec<(String, String)>,
+    /// The last snapshot's files, unless every file is to be read.
+    old: FileCache,
+    /// The cache this run writes; dropped on the first write error.
+    new: Option<CacheWriter>,
 }
 
 /// The uploader went away (it failed); the walker stops.
@@ -129,7 +141,7 @@ impl Walker {
         let (mtime_s, mtime_ns) = mtime(meta);
         let mode = meta.permissions().mode() & 0o7777;
         let kind = if meta.is_file() {
-            match self.file(path)? {
+            match self.file(path, meta)? {
                 Some(k) => k,
                 None => return Ok(None),
             }
@@ -161,7 +173,39 @@ impl Walker {
         }))
     }
 
-    fn file(&mut self, path: &Path) -> Result<Option<EntryKind>, Stopped> {
+    fn reference(&mut self, id: ObjectId) {
+        if self.seen.insert(id) {
+            self.refs.push(id);
+        }
+    }
+
+    fn remember(&mut self, path: &Path, stamp: &Stamp, chunks: &[ObjectId]) {
+        if let Some(w) = self.new.as_mut() {
+            if let Err(e) = w.add(path.as_os_str().as_bytes(), stamp, chunks) {
+                tracing::debug!(error = %e, "cannot write the file cache; the next run reads every file");
+                if let Some(w) = self.new.take() {
+                    w.abandon();
+                }
+            }
+        }
+    }
+
+    fn file(&mut self, path: &Path, meta: &Metadata) -> Result<Option<EntryKind>, Stopped> {
+        let stamp = Stamp::of(meta);
+        if let Some(ids) = self.old.unchanged(path.as_os_str().as_bytes(), &stamp) {
+            let chunks = ids.to_vec();
+            for id in &chunks {
+                self.reference(*id);
+            }
+            self.remember(path, &stamp, &chunks);
+            self.files += 1;
+            self.unchanged += 1;
+            self.bytes += stamp.size;
+            return Ok(Some(EntryKind::File {
+                size: stamp.size,
+                chunks,
+            }));
+        }
         let file = match std::fs::File::open(path) {
             Ok(f) => f,
             Err(e) => {
@@ -183,6 +227,11 @@ impl Walker {
             size += c.data.len() as u64;
             chunks.push(id);
             self.emit(id, c.data)?;
+        }
+        // Cached only if nothing changed while it was read.
+        let after = std::fs::metadata(path).map(|m| Stamp::of(&m));
+        if matches!(after, Ok(a) if a == stamp && a.size == size) {
+            self.remember(path, &stamp, &chunks);
         }
         self.files += 1;
         self.bytes += size;
@@ -293,6 +342,14 @@ fn root_names(paths: &[PathBuf]) -> Result<Vec<(Vec<u8>, PathBuf)>, Error> {
     Ok(out)
 }
 
+/// How one attempt at a snapshot ended.
+enum Attempt {
+    Done(SnapshotSummary),
+    /// The server lacked this many referenced objects (named by the file
+    /// cache); nothing was committed.
+    Missing(u64),
+}
+
 /// Streams sealed objects into packs.
 struct Uploader<'a> {
     remote: &'a mut Remote,
@@ -387,7 +444,9 @@ fn now() -> u64 {
 impl Client {
     /// Makes a snapshot of `paths` (`docs/PROTOCOL.md` §13): reconnects
     /// with the stored identity, obtains (or makes) the repository key,
-    /// sends what the server lacks, and commits.
+    /// sends what the server lacks, and commits. Files unchanged since the
+    /// last snapshot (by the file cache) are not read; should the server
+    /// lack a chunk of one, the run is made again reading every file.
     ///
     /// # Errors
     /// When the server cannot be reached or refuses, the key does not open,
@@ -400,23 +459,57 @@ impl Client {
     ) -> Result<SnapshotSummary, Error> {
         let roots = root_names(paths)?;
         let keyed = self.reconnect_existing().await?;
+        let client_id = keyed.identity.client_id.to_hex();
+        let cache_path = cache::path_for(self.store().dir(), &self.options().server, &client_id);
         let mut remote = Remote::new(keyed, self.options().server.clone());
-        let result = self.snapshot_on(&mut remote, roots, options).await;
+        let mut result = self
+            .snapshot_on(
+                &mut remote,
+                &roots,
+                options,
+                &cache_path,
+                options.force_read,
+            )
+            .await;
+        if matches!(result, Ok(Attempt::Missing(_))) {
+            self.feedback().notice(
+                "the server no longer holds some chunks the file cache named; reading every file",
+            );
+            result = self
+                .snapshot_on(&mut remote, &roots, options, &cache_path, true)
+                .await;
+        }
         remote.close().await;
-        result
+        match result? {
+            Attempt::Done(summary) => Ok(summary),
+            Attempt::Missing(missing) => Err(Error::SnapshotRefused {
+                server: self.options().server.clone(),
+                detail: format!("it lacks {missing} of the objects the snapshot references"),
+            }),
+        }
     }
 
     async fn snapshot_on(
         &self,
         remote: &mut Remote,
-        roots: Vec<(Vec<u8>, PathBuf)>,
+        roots: &[(Vec<u8>, PathBuf)],
         options: &SnapshotOptions,
-    ) -> Result<SnapshotSummary, Error> {
+        cache_path: &Path,
+        force_read: bool,
+    ) -> Result<Attempt, Error> {
         let key = keys::obtain(remote, true).await?.backup_key();
         let sealer = Arc::new(Sealer::new(&key.seal, &mut rand::rngs::OsRng));
         let (tx, mut rx) = mpsc::channel(QUEUE);
         let id_key = key.id.clone();
-        let walk_roots = roots.clone();
+        let walk_roots = roots.to_vec();
+        let old = if force_read {
+            FileCache::default()
+        } else {
+            FileCache::load(cache_path)
+        };
+        let new = CacheWriter::create(cache_path)
+            .map_err(|e| tracing::debug!(error = %e, "cannot write the file cache"))
+            .ok();
         let walker = std::thread::Builder::new()
             .name("snapshot-walker".into())
             .stack_size(32 << 20)
@@ -429,16 +522,27 @@ impl Client {
                     files: 0,
                     dirs: 0,
                     bytes: 0,
+                    unchanged: 0,
                     skipped: Vec::new(),
+                    old,
+                    new,
                 };
-                let root = w.root(&walk_roots).ok()?;
+                let root = w.root(&walk_roots);
+                let Ok(root) = root else {
+                    if let Some(c) = w.new.take() {
+                        c.abandon();
+                    }
+                    return None;
+                };
                 Some(Walked {
                     root,
                     refs: w.refs,
                     files: w.files,
                     dirs: w.dirs,
                     bytes: w.bytes,
+                    unchanged: w.unchanged,
                     skipped: w.skipped,
+                    cache: w.new,
                 })
             })
             .map_err(|e| Error::Internal(format!("cannot start the walker: {e}")))?;
@@ -465,17 +569,19 @@ impl Client {
             .await
             .map_err(|e| Error::Internal(format!("walker: {e}")))?
             .map_err(|_| Error::Internal("the walker panicked".into()))?;
-        uploaded?;
-        let walked = walked.ok_or_else(|| Error::Internal("the walker stopped early".into()))?;
+        let abandon = |w: Option<Walked>| {
+            if let Some(c) = w.and_then(|w| w.cache) {
+                c.abandon();
+            }
+        };
+        if let Err(e) = uploaded {
+            abandon(walked);
+            return Err(e);
+        }
+        let mut walked =
+            walked.ok_or_else(|| Error::Internal("the walker stopped early".into()))?;
         let mut summary = std::mem::take(&mut up.summary);
         let remote = up.remote;
-        let missing = remote.stage(&walked.refs).await?;
-        if missing > 0 {
-            return Err(Error::SnapshotRefused {
-                server: self.options().server.clone(),
-                detail: format!("it lacks {missing} of the objects the snapshot references"),
-            });
-        }
         let time = now();
         let description = Description {
             root: walked.root,
@@ -489,20 +595,56 @@ impl Client {
         };
         let mut meta = Vec::new();
         sealer.seal_snapshot(time, &description.encode(), &mut meta);
-        match remote.commit(time, meta).await? {
-            Ok(id) => summary.snapshot = id,
-            Err((reason, missing)) => {
+        let missing = match remote.stage(&walked.refs).await {
+            Ok(m) => m,
+            Err(e) => {
+                abandon(Some(walked));
+                return Err(e);
+            }
+        };
+        // Committed even when something is missing: the refusal drops
+        // what was staged, so a second attempt starts clean.
+        let committed = remote.commit(time, meta).await;
+        let cache = walked.cache.take();
+        match committed {
+            Ok(Ok(id)) if missing == 0 => {
+                summary.snapshot = id;
+                if let Some(c) = cache {
+                    if let Err(e) = c.commit(cache_path) {
+                        tracing::debug!(error = %e, "cannot save the file cache");
+                    }
+                }
+            }
+            Ok(Ok(_)) => {
+                return Err(Error::Internal(
+                    "the server committed a snapshot with missing references".into(),
+                ))
+            }
+            Ok(Err((reason, m))) => {
+                if let Some(c) = cache {
+                    c.abandon();
+                }
+                if reason == protocol::repo::message::CommitRefusal::MISSING && !force_read {
+                    return Ok(Attempt::Missing(missing.max(u64::from(m))));
+                }
                 return Err(Error::SnapshotRefused {
                     server: self.options().server.clone(),
-                    detail: format!("reason {}, {missing} objects missing", reason.0),
-                })
+                    detail: format!("reason {}, {m} objects missing", reason.0),
+                });
+            }
+            Err(e) => {
+                if let Some(c) = cache {
+                    c.abandon();
+                }
+                return Err(e);
             }
         }
         summary.time = time;
         summary.files = walked.files;
         summary.dirs = walked.dirs;
         summary.bytes = walked.bytes;
+        summary.unchanged_files = walked.unchanged;
         summary.skipped = walked.skipped;
-        Ok(summary)
+        Ok(Attempt::Done(summary))
     }
 }
