@@ -10,7 +10,7 @@
 //! grows with the snapshot is the set of ids it references (32 bytes
 //! each, about 32 MiB for a million chunks).
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::fs::Metadata;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -39,6 +39,8 @@ const QUEUE: usize = 4;
 const BATCH_BYTES: usize = 8 << 20;
 /// Objects in one "have" batch.
 const BATCH_OBJECTS: usize = 512;
+/// Plaintext bytes being sealed while earlier objects are sent.
+const IN_FLIGHT: usize = 8 << 20;
 /// Bytes of one pack-data packet.
 const PACKET: usize = 1 << 20;
 /// A pack closes once it holds this many bytes.
@@ -350,14 +352,54 @@ enum Attempt {
     Missing(u64),
 }
 
+/// A job for the sealing threads: the object, and where its sealed bytes go.
+type SealJob = (Made, tokio::sync::oneshot::Sender<(ObjectId, Vec<u8>)>);
+
+/// A few threads that seal objects: as many as the machine has cores (at
+/// most 4). A fixed set rather than the blocking pool, so that memory is
+/// held by few allocator arenas, not one per short-lived thread.
+fn sealing_threads(sealer: Arc<Sealer>) -> std::sync::mpsc::SyncSender<SealJob> {
+    // Room for everything the uploader keeps in flight, so a send never
+    // waits: at most one batch beyond `IN_FLIGHT`.
+    let (tx, rx) = std::sync::mpsc::sync_channel::<SealJob>(4 * BATCH_OBJECTS);
+    let rx = Arc::new(std::sync::Mutex::new(rx));
+    let n = std::thread::available_parallelism().map_or(2, |n| n.get().clamp(1, 4));
+    for i in 0..n {
+        let rx = Arc::clone(&rx);
+        let sealer = Arc::clone(&sealer);
+        let spawned = std::thread::Builder::new()
+            .name(format!("seal-{i}"))
+            .spawn(move || loop {
+                let job = match rx.lock() {
+                    Ok(rx) => rx.recv(),
+                    Err(_) => return,
+                };
+                let Ok((made, back)) = job else {
+                    return;
+                };
+                let mut sealed = Vec::with_capacity(made.data.len() + 64);
+                sealer.seal_object(&made.id, &made.data, &mut sealed);
+                drop(made.data);
+                let _ = back.send((made.id, sealed));
+            });
+        if let Err(e) = spawned {
+            tracing::debug!(error = %e, "cannot start a sealing thread");
+        }
+    }
+    tx
+}
+
 /// Streams sealed objects into packs.
 struct Uploader<'a> {
     remote: &'a mut Remote,
-    sealer: Arc<Sealer>,
+    pool: std::sync::mpsc::SyncSender<SealJob>,
     batch: Vec<Made>,
     batch_bytes: usize,
     pack: PackBuilder,
-    out: Vec<u8>,
+    out: bytes::BytesMut,
+    /// Objects being sealed, in the order they will be sent.
+    sealing: VecDeque<(tokio::sync::oneshot::Receiver<(ObjectId, Vec<u8>)>, usize)>,
+    sealing_bytes: usize,
     summary: SnapshotSummary,
 }
 
@@ -371,8 +413,9 @@ impl Uploader<'_> {
         Ok(())
     }
 
-    /// Asks which objects of the batch the server lacks, seals those in
-    /// parallel, and appends them to the pack.
+    /// Asks which objects of the batch the server lacks and starts sealing
+    /// those on the blocking pool; sealed objects are sent while the next
+    /// batch is read and sealed, at most [`IN_FLIGHT`] bytes behind.
     async fn flush_batch(&mut self) -> Result<(), Error> {
         let batch = std::mem::take(&mut self.batch);
         self.batch_bytes = 0;
@@ -381,23 +424,29 @@ impl Uploader<'_> {
         }
         let ids: Vec<ObjectId> = batch.iter().map(|m| m.id).collect();
         let have = self.remote.have(&ids).await?;
-        let sealing: Vec<_> = batch
-            .into_iter()
-            .zip(have)
-            .filter(|(_, have)| !have)
-            .map(|(made, _)| {
-                let sealer = Arc::clone(&self.sealer);
-                tokio::task::spawn_blocking(move || {
-                    let mut sealed = Vec::with_capacity(made.data.len() + 64);
-                    sealer.seal_object(&made.id, &made.data, &mut sealed);
-                    (made.id, sealed)
-                })
-            })
-            .collect();
-        for handle in sealing {
+        for (made, _) in batch.into_iter().zip(have).filter(|(_, have)| !have) {
+            let len = made.data.len();
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            self.pool
+                .send((made, tx))
+                .map_err(|_| Error::Internal("the sealing threads stopped".into()))?;
+            self.sealing.push_back((rx, len));
+            self.sealing_bytes += len;
+        }
+        self.drain(IN_FLIGHT).await
+    }
+
+    /// Appends sealed objects, oldest first, until at most `limit` bytes
+    /// are still being sealed.
+    async fn drain(&mut self, limit: usize) -> Result<(), Error> {
+        while self.sealing_bytes > limit {
+            let Some((handle, len)) = self.sealing.pop_front() else {
+                break;
+            };
+            self.sealing_bytes -= len;
             let (id, sealed) = handle
                 .await
-                .map_err(|e| Error::Internal(format!("sealing stopped: {e}")))?;
+                .map_err(|_| Error::Internal("sealing stopped".into()))?;
             self.append(id, sealed).await?;
         }
         Ok(())
@@ -410,11 +459,19 @@ impl Uploader<'_> {
         self.pack.push(id, sealed.len());
         self.summary.new_objects += 1;
         self.summary.sent_bytes += sealed.len() as u64;
+        if self.out.is_empty() && sealed.len() >= PACKET {
+            // A large object goes out in packets cut from it, uncopied.
+            let mut sealed = Bytes::from(sealed);
+            while sealed.len() >= PACKET {
+                self.remote.pack_data(sealed.split_to(PACKET)).await?;
+            }
+            self.out.extend_from_slice(&sealed);
+            return Ok(());
+        }
         self.out.extend_from_slice(&sealed);
         while self.out.len() >= PACKET {
-            let rest = self.out.split_off(PACKET);
-            let packet = std::mem::replace(&mut self.out, rest);
-            self.remote.pack_data(Bytes::from(packet)).await?;
+            let packet = self.out.split_to(PACKET).freeze();
+            self.remote.pack_data(packet).await?;
         }
         Ok(())
     }
@@ -424,13 +481,20 @@ impl Uploader<'_> {
             return Ok(());
         }
         if !self.out.is_empty() {
-            let packet = std::mem::take(&mut self.out);
-            self.remote.pack_data(Bytes::from(packet)).await?;
+            let packet = self.out.split().freeze();
+            self.remote.pack_data(packet).await?;
         }
         let entries = self.pack.finish();
         self.remote.pack_end(entries).await?;
         self.summary.packs += 1;
         Ok(())
+    }
+
+    /// Sends everything still being sealed and closes the pack.
+    async fn finish(&mut self) -> Result<(), Error> {
+        self.flush_batch().await?;
+        self.drain(0).await?;
+        self.close_pack().await
     }
 }
 
@@ -548,19 +612,20 @@ impl Client {
             .map_err(|e| Error::Internal(format!("cannot start the walker: {e}")))?;
         let mut up = Uploader {
             remote,
-            sealer: Arc::clone(&sealer),
+            pool: sealing_threads(Arc::clone(&sealer)),
             batch: Vec::new(),
             batch_bytes: 0,
             pack: PackBuilder::default(),
-            out: Vec::new(),
+            out: bytes::BytesMut::new(),
+            sealing: VecDeque::new(),
+            sealing_bytes: 0,
             summary: SnapshotSummary::default(),
         };
         let uploaded = async {
             while let Some(made) = rx.recv().await {
                 up.add(made).await?;
             }
-            up.flush_batch().await?;
-            up.close_pack().await
+            up.finish().await
         }
         .await;
         // On failure the walker finds the channel closed and stops.

@@ -16,7 +16,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, UNIX_EPOCH};
 
-use protocol::repo::keys::{IdKey, MasterKey};
+use protocol::repo::keys::{IdKey, MasterKey, OpenKey};
 use protocol::repo::message::{ObjectId, SnapshotEntry, MAX_FETCH_IDS, MAX_OBJECT_BYTES};
 use protocol::repo::seal::Opener;
 use protocol::repo::tree::{decode_tree, Description, Entry, EntryKind};
@@ -30,7 +30,7 @@ use crate::error::Error;
 /// The most plaintext a tree or chunk may open to.
 const MAX_PLAIN: usize = MAX_OBJECT_BYTES as usize;
 /// Chunk ids asked for in one fetch while restoring files.
-const FETCH_BATCH: usize = 64;
+const FETCH_BATCH: usize = 8;
 
 /// A snapshot as listed: the server's id and time, and its description.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -75,6 +75,7 @@ pub struct RestoreSummary {
 struct Reader {
     remote: Remote,
     id_key: IdKey,
+    open_key: OpenKey,
     opener: Opener,
 }
 
@@ -164,6 +165,7 @@ impl Client {
         let reader = Reader {
             remote,
             id_key: master.id_key(),
+            open_key: master.open_key(),
             opener: Opener::new(master.open_key()),
         };
         Ok((reader, master))
@@ -445,36 +447,58 @@ impl Restorer<'_> {
         mtime_ns: u32,
     ) -> Result<(), Error> {
         let dir = path.parent().unwrap_or(Path::new("."));
-        let mut tmp = tempfile::Builder::new()
+        let tmp = tempfile::Builder::new()
             .prefix(".restore-")
             .suffix(".part")
             .tempfile_in(dir)
             .map_err(|e| write_error(path, e))?;
-        let mut written = 0u64;
+        // One batch is opened and written on the blocking pool while the
+        // next is fetched; the opener (with its cached session key) and
+        // the file travel with the work and come back.
+        let mut state = Some((tmp, 0u64));
+        let mut job: Option<tokio::task::JoinHandle<OpenedBatch>> = None;
+        let mut failed = None;
         for batch in chunks.chunks(FETCH_BATCH.min(MAX_FETCH_IDS)) {
-            let fetched = self.r.remote.fetch(batch).await?;
-            for f in fetched {
-                let (id, sealed) = match f {
-                    Fetched::Object { id, sealed } => (id, sealed),
-                    Fetched::Missing { .. } => {
-                        return Err(Error::DamagedObject {
-                            path: path.display().to_string(),
-                            detail: "the server does not hold one of its chunks".into(),
-                        })
+            let fetched = match self.r.remote.fetch(batch).await {
+                Ok(f) => f,
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            };
+            if let Some(j) = job.take() {
+                match self.settle(j).await {
+                    Ok(s) => state = Some(s),
+                    Err(e) => {
+                        failed = Some(e);
+                        break;
                     }
-                };
-                let plain = self
-                    .r
-                    .opener
-                    .open_object(&self.r.id_key, &id, &sealed, MAX_PLAIN)
-                    .map_err(|e| Error::DamagedObject {
-                        path: path.display().to_string(),
-                        detail: e.to_string(),
-                    })?;
-                written += plain.len() as u64;
-                tmp.write_all(&plain).map_err(|e| write_error(path, e))?;
+                }
+            }
+            let Some((tmp, written)) = state.take() else {
+                break;
+            };
+            let opener =
+                std::mem::replace(&mut self.r.opener, Opener::new(self.r.open_key.clone()));
+            let id_key = self.r.id_key.clone();
+            let shown = path.display().to_string();
+            job = Some(tokio::task::spawn_blocking(move || {
+                open_batch(opener, &id_key, fetched, tmp, written, &shown)
+            }));
+        }
+        if let Some(j) = job.take() {
+            match self.settle(j).await {
+                Ok(s) => state = Some(s),
+                Err(e) => {
+                    failed.get_or_insert(e);
+                }
             }
         }
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        let (tmp, written) =
+            state.ok_or_else(|| Error::Internal("a restore lost its file".into()))?;
         if written != size {
             return Err(Error::DamagedObject {
                 path: path.display().to_string(),
@@ -491,6 +515,18 @@ impl Restorer<'_> {
         Ok(())
     }
 
+    /// Waits for a batch's work and takes the opener back.
+    async fn settle(
+        &mut self,
+        job: tokio::task::JoinHandle<OpenedBatch>,
+    ) -> Result<(tempfile::NamedTempFile, u64), Error> {
+        let (opener, result) = job
+            .await
+            .map_err(|e| Error::Internal(format!("restore work stopped: {e}")))?;
+        self.r.opener = opener;
+        result
+    }
+
     /// Sets the modes and times of the directories made, deepest first.
     fn finish_dirs(&mut self) {
         for (path, s, ns, mode) in self.dir_times.drain(..).rev() {
@@ -500,6 +536,52 @@ impl Restorer<'_> {
             }
         }
     }
+}
+
+/// A batch's work handed back: the opener, and the file with the bytes
+/// written so far (or why the batch failed).
+type OpenedBatch = (Opener, Result<(tempfile::NamedTempFile, u64), Error>);
+
+/// Opens the fetched objects of one batch, in order, and appends their
+/// plaintext to `tmp`.
+fn open_batch(
+    mut opener: Opener,
+    id_key: &IdKey,
+    fetched: Vec<Fetched>,
+    mut tmp: tempfile::NamedTempFile,
+    mut written: u64,
+    path: &str,
+) -> OpenedBatch {
+    let damaged = |detail: String| Error::DamagedObject {
+        path: path.to_owned(),
+        detail,
+    };
+    for f in fetched {
+        let (id, sealed) = match f {
+            Fetched::Object { id, sealed } => (id, sealed),
+            Fetched::Missing { .. } => {
+                return (
+                    opener,
+                    Err(damaged("the server does not hold one of its chunks".into())),
+                )
+            }
+        };
+        let plain = match opener.open_object(id_key, &id, &sealed, MAX_PLAIN) {
+            Ok(p) => p,
+            Err(e) => return (opener, Err(damaged(e.to_string()))),
+        };
+        written += plain.len() as u64;
+        if let Err(e) = tmp.write_all(&plain) {
+            return (
+                opener,
+                Err(Error::WriteFile {
+                    path: PathBuf::from(path),
+                    reason: e.to_string(),
+                }),
+            );
+        }
+    }
+    (opener, Ok((tmp, written)))
 }
 
 fn write_error(path: &Path, e: std::io::Error) -> Error {
