@@ -429,3 +429,79 @@ async fn unchanged_files_are_not_read_again_and_a_stale_cache_costs_only_reading
         );
     }
 }
+
+/// Bytes of the packs the server holds (every stored file but its database).
+fn stored_pack_bytes(data: &Path) -> u64 {
+    files_under(data)
+        .iter()
+        .filter(|f| {
+            let name = f.file_name().unwrap().to_string_lossy();
+            !name.contains(".db")
+                && !name.ends_with(".tmp")
+                && !name.contains("-wal")
+                && !name.contains("-shm")
+        })
+        .map(|f| std::fs::metadata(f).map(|m| m.len()).unwrap_or(0))
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_killed_midway_resumes_sending_at_most_what_was_missing_and_one_pack() {
+    let s = Setup::new().await;
+    let folder = s.path("r");
+    let total: u64 = 96 << 20;
+    write_file(&folder.join("large.bin"), total as usize, 11);
+    let folder_arg = folder.to_string_lossy().into_owned();
+    let addr = s.server.addr.to_string();
+
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_backup-client"))
+        .arg("--config-dir")
+        .arg(&s.config)
+        .args(["--server", &addr, "backup", &folder_arg])
+        .env_remove("BACKUP_CLIENT_DIR")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    // SIGKILL once the server has stored two packs, well before the end.
+    let deadline = std::time::Instant::now() + LIMIT;
+    while s.server.log().matches("pack stored").count() < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no pack stored: {}",
+            s.server.log()
+        );
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("the backup ended ({status}) before it could be killed");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    child.start_kill().unwrap();
+    child.wait().await.unwrap();
+    // Let the server notice the end of the connection and drop the open pack.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let data = s.server.data.path().join("data");
+    let kept = stored_pack_bytes(&data);
+    assert!(kept >= 16 << 20, "only {kept} bytes kept");
+    assert!(kept < total, "the whole file was stored before the kill");
+
+    let (out, rerun) = s.json(&["backup", &folder_arg]).await;
+    assert!(out.status.success(), "rerun: {}", stderr(&out));
+    let sent = rerun["sent_bytes"].as_u64().unwrap();
+    let missing = total + (total >> 8) - kept.min(total);
+    assert!(
+        sent <= missing + (16 << 20),
+        "rerun sent {sent} bytes; {kept} of {total} were kept, so at most {missing} + one pack"
+    );
+    let out_dir = s.path("out");
+    let out = s
+        .client(&["restore", "--to", &out_dir.to_string_lossy()])
+        .await;
+    assert!(out.status.success(), "restore: {}", stderr(&out));
+    assert!(
+        std::fs::read(out_dir.join("r/large.bin")).unwrap()
+            == std::fs::read(folder.join("large.bin")).unwrap()
+    );
+}
