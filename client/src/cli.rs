@@ -6,7 +6,8 @@ mod args;
 mod snapshot;
 
 pub use args::{
-    BackupArgs, Cli, Command, DeleteArgs, GlobalArgs, ListArgs, LsArgs, RegisterArgs, RestoreArgs,
+    BackupArgs, Cli, Command, DeleteArgs, DiffArgs, GlobalArgs, ListArgs, LsArgs, RegisterArgs,
+    RestoreArgs,
 };
 
 use std::path::{Path, PathBuf};
@@ -112,6 +113,10 @@ pub async fn run(cli: Cli, cwd: &Path) -> u8 {
         },
         Some(Command::Ls(args)) => match retrieval_client(&cli.global, cwd, &console) {
             Ok(client) => snapshot::ls(&client, args, &cli.global, &console).await,
+            Err(e) => Err(e),
+        },
+        Some(Command::Diff(args)) => match retrieval_client(&cli.global, cwd, &console) {
+            Ok(client) => snapshot::diff(&client, args, &cli.global, &console).await,
             Err(e) => Err(e),
         },
         Some(Command::List(args)) => list(&cli.global, args, cwd, &console).await,

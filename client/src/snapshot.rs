@@ -6,6 +6,7 @@
 pub mod backup;
 pub mod cache;
 pub mod chunk;
+pub mod diff;
 pub mod keys;
 pub mod remote;
 pub mod restore;

@@ -229,6 +229,21 @@ async fn a_change_in_the_middle_of_a_large_file_sends_only_the_chunks_around_it(
     assert!(out.status.success(), "backup: {}", stderr(&out));
     assert!(third["sent_bytes"].as_u64().unwrap() < 64 << 10, "{third}");
 
+    let ids = [&first, &second, &third].map(|v| v["snapshot"].to_string());
+    let (out, d) = s.json(&["diff", &ids[0], &ids[1]]).await;
+    assert!(out.status.success(), "diff: {}", stderr(&out));
+    assert_eq!(
+        d["changes"],
+        serde_json::json!([{"what": "M", "path": "f/large.bin"}]),
+        "{d}"
+    );
+    let (_, d) = s.json(&["diff", &ids[1]]).await;
+    assert_eq!(
+        d["changes"],
+        serde_json::json!([{"what": "+", "path": "f/copy.bin"}]),
+        "{d}"
+    );
+
     let out_dir = s.path("out");
     let out = s
         .client(&["restore", "--to", &out_dir.to_string_lossy()])

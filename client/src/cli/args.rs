@@ -156,6 +156,10 @@ pub enum Command {
     /// List what a snapshot holds: `ls [SNAPSHOT][:PATH]`
     #[command(after_help = EXIT_STATUS)]
     Ls(LsArgs),
+    /// What changed between two snapshots: + added, - removed, M content,
+    /// T type, U mode or time only
+    #[command(after_help = EXIT_STATUS)]
+    Diff(DiffArgs),
     /// List the files stored on the server: name, size, time stored (UTC)
     /// and checksum of the newest version of each, or of every version
     #[command(after_help = EXIT_STATUS)]
@@ -202,6 +206,17 @@ pub struct ListArgs {
     /// Show every stored version, not only the newest of each file
     #[arg(long)]
     pub versions: bool,
+}
+
+/// `diff`.
+#[derive(Debug, Clone, Args)]
+pub struct DiffArgs {
+    /// The older snapshot (its number, or `latest`)
+    #[arg(value_name = "SNAPSHOT")]
+    pub from: String,
+    /// The newer snapshot [default: latest]
+    #[arg(value_name = "SNAPSHOT")]
+    pub to: Option<String>,
 }
 
 /// `ls`.

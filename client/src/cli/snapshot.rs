@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use protocol::UserName;
 
-use super::args::{BackupArgs, GlobalArgs, LsArgs, RestoreArgs};
+use super::args::{BackupArgs, DiffArgs, GlobalArgs, LsArgs, RestoreArgs};
 use super::utc_time;
 use crate::engine::Client;
 use crate::error::Error;
@@ -212,4 +212,31 @@ fn restore_line(s: &RestoreSummary, to: &Path) -> String {
             format!("; {} failed", s.failed.len())
         }
     )
+}
+
+/// `diff A [B]`.
+pub(super) async fn diff(
+    client: &Client,
+    args: &DiffArgs,
+    global: &GlobalArgs,
+    console: &Console,
+) -> Result<u8, Error> {
+    let to = args.to.as_deref().unwrap_or("latest");
+    let (a, b, changes) = client.diff(&args.from, to).await?;
+    if global.json {
+        let v = serde_json::json!({
+            "ok": true,
+            "exit_code": 0,
+            "from": a,
+            "to": b,
+            "changes": changes,
+        });
+        println!("{v}");
+        return Ok(0);
+    }
+    for c in &changes {
+        console.say(&format!("{} {}", c.what, c.path));
+    }
+    console.say(&format!("snapshot {a} to {b}: {} changes", changes.len()));
+    Ok(0)
 }

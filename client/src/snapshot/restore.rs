@@ -72,8 +72,8 @@ pub struct RestoreSummary {
 }
 
 /// A connection with the keys to read the repository.
-struct Reader {
-    remote: Remote,
+pub(super) struct Reader {
+    pub(super) remote: Remote,
     id_key: IdKey,
     open_key: OpenKey,
     opener: Opener,
@@ -97,7 +97,7 @@ impl Reader {
         }
     }
 
-    async fn tree(&mut self, id: ObjectId, what: &str) -> Result<Vec<Entry>, Error> {
+    pub(super) async fn tree(&mut self, id: ObjectId, what: &str) -> Result<Vec<Entry>, Error> {
         let bytes = self.object(id, what).await?;
         decode_tree(&bytes).map_err(|e| Error::DamagedObject {
             path: what.to_owned(),
@@ -148,7 +148,7 @@ pub fn parse_spec(spec: &str) -> (Option<u64>, Option<String>) {
 }
 
 impl Client {
-    async fn reader(&self) -> Result<(Reader, MasterKey), Error> {
+    pub(super) async fn reader(&self) -> Result<(Reader, MasterKey), Error> {
         let keyed = self.reconnect_existing().await?;
         let mut remote = Remote::new(keyed, self.options().server.clone());
         let master = match keys::obtain(&mut remote, false).await {
@@ -187,7 +187,7 @@ impl Client {
         listed
     }
 
-    async fn pick(&self, r: &mut Reader, id: Option<u64>) -> Result<Listed, Error> {
+    pub(super) async fn pick(&self, r: &mut Reader, id: Option<u64>) -> Result<Listed, Error> {
         let all = r.remote.snapshots().await?;
         let entry = match id {
             None => all.last(),
