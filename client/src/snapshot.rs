@@ -10,3 +10,5 @@ pub mod diff;
 pub mod keys;
 pub mod remote;
 pub mod restore;
+mod upload;
+mod walk;

@@ -535,25 +535,32 @@ async fn stores_and_returns_key_envelopes() {
         a.ask(RepoRequest::GetKeys).await,
         RepoResponse::Keys { slots: vec![] }
     );
-    for (slot, envelope) in [(0u8, &b"first"[..]), (2, b"passphrase"), (0, b"replaced")] {
+    // Slot 0 (the master key's) is written once: a second put keeps the
+    // first and says so; other slots are replaced.
+    for (slot, envelope, answer) in [
+        (0u8, &b"first"[..], RepoResponse::KeyStored { slot: 0 }),
+        (2, b"passphrase", RepoResponse::KeyStored { slot: 2 }),
+        (0, b"second", RepoResponse::KeyExists { slot: 0 }),
+        (2, b"replaced", RepoResponse::KeyStored { slot: 2 }),
+    ] {
         assert_eq!(
             a.ask(RepoRequest::PutKey {
                 slot,
                 envelope: Bytes::copy_from_slice(envelope),
             })
             .await,
-            RepoResponse::KeyStored { slot }
+            answer
         );
     }
     let expected = RepoResponse::Keys {
         slots: vec![
             KeySlot {
                 slot: 0,
-                envelope: Bytes::from_static(b"replaced"),
+                envelope: Bytes::from_static(b"first"),
             },
             KeySlot {
                 slot: 2,
-                envelope: Bytes::from_static(b"passphrase"),
+                envelope: Bytes::from_static(b"replaced"),
             },
         ],
     };

@@ -480,21 +480,23 @@ mod tests {
     fn keeps_one_envelope_per_slot_and_client_and_clears_stages() {
         let (_dir, s) = store();
         let now = SystemTime::now();
-        s.put_key(A, 0, b"rsa", now).unwrap();
-        s.put_key(A, 3, b"pass", now).unwrap();
-        s.put_key(A, 0, b"rsa2", now).unwrap();
-        s.put_key(B, 1, b"b", now).unwrap();
+        assert!(s.put_key(A, 0, b"rsa", now).unwrap());
+        assert!(s.put_key(A, 3, b"pass", now).unwrap());
+        // Slot 0, the master key's, is written once; the others are replaced.
+        assert!(!s.put_key(A, 0, b"rsa2", now).unwrap());
+        assert!(s.put_key(A, 3, b"pass2", now).unwrap());
+        assert!(s.put_key(B, 1, b"b", now).unwrap());
         let slots = s.keys(A).unwrap();
         assert_eq!(
             slots,
             vec![
                 KeySlot {
                     slot: 0,
-                    envelope: "rsa2".into()
+                    envelope: "rsa".into()
                 },
                 KeySlot {
                     slot: 3,
-                    envelope: "pass".into()
+                    envelope: "pass2".into()
                 },
             ]
         );
