@@ -224,10 +224,6 @@ fn assert_request_within_limits(request: &Request, limits: &Limits) {
             | crate::retrieval::RetrievalRequest::Delete { file },
         ) => file.as_bytes(),
         Request::Retrieval(crate::retrieval::RetrievalRequest::List { .. }) => return,
-        Request::Repo(r) => {
-            assert!(r.check(limits).is_ok(), "repository request out of bounds");
-            return;
-        }
     };
     assert_name_valid(name, limits);
 }
