@@ -767,7 +767,7 @@ fn check_answer(kind: RepoKind, response: Response) {
     let decoded = through_client_codec(vec![response.clone()]);
     assert_eq!(
         decoded,
-        [response.clone()],
+        std::slice::from_ref(&response),
         "an answer does not go through the codecs"
     );
     assert!(

@@ -414,8 +414,10 @@ mod tests {
             bytes.extend_from_slice(&[0; 4 + 32]);
             assert_eq!(Description::decode(&bytes), Err(FormatError::Utf8));
         }
-        let mut d = Description::default();
-        d.paths = vec!["/x".into()];
+        let d = Description {
+            paths: vec!["/x".into()],
+            ..Description::default()
+        };
         let mut bytes = d.encode();
         let at = bytes.len() - 32 - 2 - 1;
         bytes[at] = 0xc3;
