@@ -31,6 +31,10 @@ use crate::session::server::{
 };
 use crate::wire::{ClientId, Dialect, Numbering, REQUEST_HEADER_LEN, RESPONSE_HEADER_LEN};
 
+mod repository;
+
+pub use repository::{repo_formats, repo_session};
+
 /// Small limits, so that the fuzzer reaches every limit with short inputs.
 pub fn limits() -> Limits {
     Limits {
@@ -1185,7 +1189,7 @@ mod tests {
     fn committed_seeds_run_clean_through_their_harnesses() {
         let seeds = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/seeds");
         type Harness = fn(&[u8]);
-        let targets: [(&str, Harness); 7] = [
+        let targets: [(&str, Harness); 9] = [
             ("decode_request", decode_request),
             ("decode_response", decode_response),
             ("roundtrip_request", roundtrip_request),
@@ -1193,6 +1197,8 @@ mod tests {
             ("reassemble", reassemble),
             ("reassemble_lenient", reassemble_lenient),
             ("server_session", server_session),
+            ("repo_formats", repo_formats),
+            ("repo_session", repo_session),
         ];
         for (target, harness) in targets {
             let dir = seeds.join(target);
@@ -1220,6 +1226,8 @@ mod tests {
             reassemble(data);
             reassemble_lenient(data);
             server_session(data);
+            repo_formats(data);
+            repo_session(data);
         }
     }
 }

@@ -107,6 +107,31 @@ impl Sealer {
         self.seal(&snapshot_aad(time), plaintext, true, out);
     }
 
+    /// Seals `inner` as the object `id` exactly as given: its first byte
+    /// is read as the compression byte. What a peer holding only the
+    /// public sealing key (a backup-only key) can make, so the opener's
+    /// decompression is fuzzed behind a valid tag.
+    #[cfg(feature = "fuzzing")]
+    #[doc(hidden)]
+    pub fn seal_inner_for_fuzzing(&self, id: &ObjectId, inner: &[u8], out: &mut Vec<u8>) {
+        let start = out.len();
+        let counter = self.counter.fetch_add(1, Ordering::Relaxed);
+        let mut nonce = [0u8; 12];
+        nonce[..8].copy_from_slice(&counter.to_le_bytes());
+        out.push(FORMAT);
+        out.extend_from_slice(&self.ephemeral);
+        out.extend_from_slice(&nonce);
+        let body = start + HEAD_LEN;
+        out.extend_from_slice(inner);
+        if let Ok(tag) = self.cipher.encrypt_in_place_detached(
+            Nonce::from_slice(&nonce),
+            &id.0,
+            out.get_mut(body..).unwrap_or_default(),
+        ) {
+            out.extend_from_slice(&tag);
+        }
+    }
+
     fn seal(&self, aad: &[u8], plaintext: &[u8], compress: bool, out: &mut Vec<u8>) {
         let start = out.len();
         let counter = self.counter.fetch_add(1, Ordering::Relaxed);

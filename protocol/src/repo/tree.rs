@@ -14,6 +14,10 @@
 //! snapshot = version u8 (1) || root id || host (len u16 || bytes) || paths (count u16, each len u16 || bytes)
 //!            || tags (same) || files u64 || dirs u64 || bytes u64 || parent u64
 //! ```
+//!
+//! A description's strings (host, paths, tags) are UTF-8; one that is not
+//! is refused rather than read leniently, so that what decodes encodes
+//! back to the same bytes.
 
 use crate::repo::message::{ObjectId, ID_LEN};
 
@@ -40,6 +44,8 @@ pub enum FormatError {
     Order(String),
     #[error("a count past its limit")]
     Count,
+    #[error("a string that is not UTF-8")]
+    Utf8,
 }
 
 /// What an entry is.
@@ -113,6 +119,12 @@ impl<'a> Reader<'a> {
             return Err(FormatError::Count);
         }
         Ok(self.take(n)?.to_vec())
+    }
+    /// A string of at most `max` bytes, which must be UTF-8: read
+    /// leniently, an invalid byte would become a 3-byte U+FFFD and the
+    /// value would no longer encode to the bytes it came from.
+    fn string16(&mut self, max: usize) -> Result<String, FormatError> {
+        String::from_utf8(self.bytes16(max)?).map_err(|_| FormatError::Utf8)
     }
     fn end(&self) -> Result<(), FormatError> {
         if self.bytes.is_empty() {
@@ -259,9 +271,7 @@ fn put_strings(out: &mut Vec<u8>, list: &[String]) {
 
 fn get_strings(r: &mut Reader<'_>) -> Result<Vec<String>, FormatError> {
     let n = usize::from(r.u16()?);
-    (0..n)
-        .map(|_| Ok(String::from_utf8_lossy(&r.bytes16(MAX_NAME)?).into_owned()))
-        .collect()
+    (0..n).map(|_| r.string16(MAX_NAME)).collect()
 }
 
 impl Description {
@@ -286,7 +296,7 @@ impl Description {
             return Err(FormatError::Version(version));
         }
         let root = r.id()?;
-        let host = String::from_utf8_lossy(&r.bytes16(MAX_NAME)?).into_owned();
+        let host = r.string16(MAX_NAME)?;
         let paths = get_strings(&mut r)?;
         let tags = get_strings(&mut r)?;
         let d = Self {
@@ -390,5 +400,27 @@ mod tests {
         };
         assert_eq!(Description::decode(&d.encode()).unwrap(), d);
         assert!(Description::decode(&d.encode()[..10]).is_err());
+    }
+
+    #[test]
+    fn rejects_a_description_whose_strings_are_not_utf8() {
+        // Read leniently, each invalid byte became a 3-byte U+FFFD: the
+        // value no longer re-encoded to its bytes, and a long host grew
+        // past MAX_NAME, so what decoded re-encoded to bytes that did not.
+        for host in [vec![0xff], vec![0xff; MAX_NAME]] {
+            let mut bytes = vec![VERSION];
+            bytes.extend_from_slice(&[9; 32]);
+            put16(&mut bytes, &host);
+            bytes.extend_from_slice(&[0; 4 + 32]);
+            assert_eq!(Description::decode(&bytes), Err(FormatError::Utf8));
+        }
+        let d = Description {
+            paths: vec!["/x".into()],
+            ..Description::default()
+        };
+        let mut bytes = d.encode();
+        let at = bytes.len() - 32 - 2 - 1;
+        bytes[at] = 0xc3;
+        assert_eq!(Description::decode(&bytes), Err(FormatError::Utf8));
     }
 }
