@@ -275,6 +275,11 @@ impl Opener {
                 let mut out = Vec::new();
                 let mut decoder = zstd::stream::read::Decoder::new(data)
                     .map_err(|e| OpenError::Decompress(e.to_string()))?;
+                // The window bounds what decoding allocates: 32 MiB, twice
+                // the largest object, not the 128 MiB a frame may ask for.
+                decoder
+                    .window_log_max(25)
+                    .map_err(|e| OpenError::Decompress(e.to_string()))?;
                 // Read one byte past the limit to tell "exactly max" from "more".
                 let limit = u64::try_from(max).unwrap_or(u64::MAX).saturating_add(1);
                 std::io::Read::read_to_end(&mut std::io::Read::take(&mut decoder, limit), &mut out)
