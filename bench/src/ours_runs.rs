@@ -56,10 +56,14 @@ impl Bench {
             )
         };
         say(&format!("{scenario}: backup ({tool})"));
+        let empty = data::bytes_under(server.data_dir())?;
         let (cost, srv) = ours::measured(&server, &client.backup_kept(&[src]), &log)?;
         let mut backup = row(OP_BACKUP, cost, srv);
         backup.sent_bytes = client.backup_summary()?.map(|s| s.sent_bytes);
-        backup.stored_bytes = Some(data::bytes_under(server.data_dir())?);
+        // What the data directory holds: each backup's row says what it
+        // added.
+        let mut held = data::bytes_under(server.data_dir())?;
+        backup.stored_bytes = Some(held.saturating_sub(empty));
         let restored = dir.join("restored");
         fs::create_dir_all(&restored)?;
         say(&format!("{scenario}: restore ({tool})"));
@@ -89,7 +93,7 @@ impl Bench {
             Some(r) => client.via(&server, r.addr())?,
             None => client.clone(),
         };
-        let again = |op: &str| -> Result<Row> {
+        let mut again = |op: &str| -> Result<Row> {
             if let Some(r) = &relay {
                 r.take();
             }
@@ -100,7 +104,9 @@ impl Bench {
                 r.wire_up = Some(wire.up);
                 r.wire_down = Some(wire.down);
             }
-            r.stored_bytes = Some(data::bytes_under(server.data_dir())?);
+            let now = data::bytes_under(server.data_dir())?;
+            r.stored_bytes = Some(now.saturating_sub(held));
+            held = now;
             Ok(r)
         };
         say(&format!("{scenario}: unchanged re-run ({tool})"));
@@ -162,7 +168,7 @@ impl Bench {
             Some(srv),
         );
         row.sent_bytes = client.backup_summary()?.map(|s| s.sent_bytes);
-        row.stored_bytes = Some(stored);
+        row.stored_bytes = Some(stored.saturating_sub(empty));
         let ratio = stored.saturating_sub(empty) as f64 / size as f64;
         row.note = format!(
             "the same file under two names: the data directory grew by {ratio:.3} x the file's size (1.0: stored once)"

@@ -68,9 +68,12 @@ impl Bench {
                 )
             };
             say(&format!("{scenario}: backup ({})", tool.name()));
+            let held = data::bytes_under(&dir.join("remote")).unwrap_or(0);
             let cost = measure::run(&remote.backup(src), &log)?;
             let mut backup = row(OP_BACKUP, cost);
-            backup.stored_bytes = data::bytes_under(&dir.join("remote")).ok();
+            backup.stored_bytes = data::bytes_under(&dir.join("remote"))
+                .ok()
+                .map(|b| b.saturating_sub(held));
             rows.push(backup);
             let restored = dir.join(format!("restored-{scenario}"));
             fs::create_dir_all(&restored)?;

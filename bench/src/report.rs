@@ -41,7 +41,8 @@ pub struct Row {
     /// Bytes counted on the wire by the relay: tool to server, and back.
     pub wire_up: Option<u64>,
     pub wire_down: Option<u64>,
-    /// Size of the server's data directory or repository afterwards.
+    /// What the operation added to the server's data directory or the
+    /// repository.
     pub stored_bytes: Option<u64>,
     pub note: String,
 }
@@ -127,18 +128,24 @@ const HEADER: [&str; COLUMNS] = [
     "p99 s",
     "of limit",
     "tool/ours",
-    "sent MiB",
-    "wire up/down MiB",
-    "stored MiB",
+    "sent",
+    "wire up / down",
+    "stored",
 ];
 
-fn mib(bytes: Option<u64>) -> Option<f64> {
-    bytes.map(|b| b as f64 / MIB)
+/// A byte count short enough for a cell: KiB below 1 MiB, else MiB with
+/// one decimal; "-" when unknown.
+fn amount(bytes: Option<u64>) -> String {
+    match bytes {
+        None => "-".into(),
+        Some(b) if (b as f64) < MIB => format!("{:.0} KiB", b as f64 / 1024.0),
+        Some(b) => format!("{:.1} MiB", b as f64 / MIB),
+    }
 }
 
 fn wire(r: &Row) -> String {
     match (r.wire_up, r.wire_down) {
-        (Some(u), Some(d)) => format!("{:.1} / {:.1}", u as f64 / MIB, d as f64 / MIB),
+        (Some(_), Some(_)) => format!("{} / {}", amount(r.wire_up), amount(r.wire_down)),
         _ => "-".into(),
     }
 }
@@ -161,9 +168,9 @@ fn cells(r: &Row) -> [String; COLUMNS] {
         opt(r.p99_s, 2),
         opt(r.of_limit, 2),
         opt(r.vs_ours, 2),
-        opt(mib(r.sent_bytes), 1),
+        amount(r.sent_bytes),
         wire(r),
-        opt(mib(r.stored_bytes), 1),
+        amount(r.stored_bytes),
     ]
 }
 
@@ -174,7 +181,7 @@ const SUMMARY: [&str; 10] = [
     "large restore s",
     "large re-run s",
     "1 MiB changed s",
-    "sent / wire up MiB",
+    "sent / wire up",
     "small backup s",
     "small restore s",
     "small re-run s",
@@ -243,7 +250,7 @@ impl Report {
             let changed = find(tool, "large", OP_CHANGED);
             let sent = changed.map_or_else(
                 || "-".into(),
-                |r| format!("{} / {}", opt(mib(r.sent_bytes), 1), opt(mib(r.wire_up), 1)),
+                |r| format!("{} / {}", amount(r.sent_bytes), amount(r.wire_up)),
             );
             let mine = || self.rows.iter().filter(|r| r.tool == tool);
             let peak = |f: fn(&Row) -> Option<f64>| opt(mine().filter_map(f).reduce(f64::max), 0);
@@ -380,11 +387,13 @@ mod tests {
         assert_eq!(s.lines().count(), 4, "{s}");
         assert!(
             s.contains(
-                "| ours/snapshot | 2.00 | - | 0.50 | 0.70 | 2.0 / 3.0 | - | - | - | 20 / 30 |"
+                "| ours/snapshot | 2.00 | - | 0.50 | 0.70 | 2.0 MiB / 3.0 MiB | - | - | - | 20 / 30 |"
             ),
             "{s}"
         );
         assert!(s.contains("| rsync | 3.00 | - | - | - | - |"), "{s}");
+        assert_eq!(amount(Some(12 * 1024)), "12 KiB");
+        assert_eq!(amount(None), "-");
         assert!(!s.contains("procs"));
     }
 

@@ -13,11 +13,17 @@ use anyhow::{bail, Context, Result};
 use crate::measure::{self, Cmd};
 use crate::ours::free_port;
 
-/// `program` on the PATH, if there.
+/// `program` on the PATH, in the system folders, or where `cargo install`
+/// puts it, if there.
 pub fn which(program: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let cargo_bin = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
+        .map(|c| c.join("bin"));
     std::env::split_paths(&path)
         .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")])
+        .chain(cargo_bin)
         .map(|d| d.join(program))
         .find(|p| p.is_file())
 }
