@@ -89,6 +89,35 @@ pub struct Capabilities {
     /// The client makes snapshots in secure mode and has `--per-file` for
     /// the file-by-file way.
     pub client_snapshots: bool,
+    /// The server limits registrations, connections and handshakes per
+    /// source address (`--registration-burst`, `--max-per-source`,
+    /// `--max-unauthenticated`).
+    pub server_source_limits: bool,
+}
+
+/// Every client of the benchmark comes from 127.0.0.1, where a deployment's
+/// clients come from many addresses: the per-source limits are raised to
+/// this, so that 100 clients registering and connecting at once are served
+/// as 100 machines would be.
+pub const SOURCE_LIMIT: &str = "100000";
+
+impl Capabilities {
+    /// Server flags that lift the per-source limits, when the server has
+    /// them.
+    pub fn server_limit_args(self) -> Vec<String> {
+        if !self.server_source_limits {
+            return Vec::new();
+        }
+        [
+            "--registration-burst",
+            "--registrations-per-minute",
+            "--max-per-source",
+            "--max-unauthenticated",
+        ]
+        .into_iter()
+        .flat_map(|flag| [flag.to_owned(), SOURCE_LIMIT.to_owned()])
+        .collect()
+    }
 }
 
 /// Connections a legacy-mode client of ours is given: the client uses one
@@ -107,8 +136,16 @@ impl Capabilities {
                 .unwrap_or_default()
         };
         let client_help = help(client);
+        let server_help = help(server);
         Self {
-            server_legacy_listen: help(server).contains("--legacy-listen"),
+            server_legacy_listen: server_help.contains("--legacy-listen"),
+            server_source_limits: [
+                "--registration-burst",
+                "--max-per-source",
+                "--max-unauthenticated",
+            ]
+            .iter()
+            .all(|f| server_help.contains(f)),
             client_legacy_flag: client_help.split_whitespace().any(|w| w == "--legacy"),
             client_connections_flag: client_help.contains("--connections"),
             client_snapshots: client_help.contains("--per-file"),
@@ -217,6 +254,7 @@ mod tests {
             client_legacy_flag: true,
             client_connections_flag: true,
             client_snapshots: true,
+            server_source_limits: false,
         };
         let w = Mode::Legacy.wiring(caps, 4000, 4001).unwrap();
         assert_eq!(
@@ -244,7 +282,10 @@ mod tests {
             client_legacy_flag: true,
             client_connections_flag: true,
             client_snapshots: false,
+            server_source_limits: true,
         };
+        assert_eq!(caps.server_limit_args().len(), 8);
+        assert!(Capabilities::default().server_limit_args().is_empty());
         assert!(Mode::Snapshot.wiring(caps, 4000, 4001).is_err());
         assert!(Mode::PerFile
             .wiring(caps, 4000, 4001)

@@ -89,6 +89,7 @@ impl Server {
         let err = out.try_clone()?;
         let child = Command::new(&bins.server)
             .args(&wiring.server_args)
+            .args(caps.server_limit_args())
             .arg("--data-dir")
             .arg(data_dir)
             .env("RUST_LOG", "info")
