@@ -226,7 +226,7 @@ impl Report {
 
     /// One line per tool (ours in each mode, then the others) with the
     /// wall times of each operation side by side; peak RSS is the largest
-    /// of the tool's rows.
+    /// of the tool's large and small rows (not the concurrent one).
     pub fn summary(&self) -> String {
         let mut tools: Vec<&str> = Vec::new();
         for r in &self.rows {
@@ -252,7 +252,11 @@ impl Report {
                 || "-".into(),
                 |r| format!("{} / {}", amount(r.sent_bytes), amount(r.wire_up)),
             );
-            let mine = || self.rows.iter().filter(|r| r.tool == tool);
+            let mine = || {
+                self.rows
+                    .iter()
+                    .filter(|r| r.tool == tool && (r.scenario == "large" || r.scenario == "small"))
+            };
             let peak = |f: fn(&Row) -> Option<f64>| opt(mine().filter_map(f).reduce(f64::max), 0);
             let line = [
                 tool.to_owned(),
