@@ -1,18 +1,18 @@
-//! What users would use instead: scp and rsync over ssh, borg over ssh and
-//! restic over sftp, all through a private sshd on 127.0.0.1 that this
-//! module starts (own configuration and host key, a high port) and stops.
+//! What users would use instead: scp and rsync over ssh, borg over ssh,
+//! restic over sftp and bupstash over ssh, all through the private sshd
+//! (`crate::sshd`), and rustic on a local repository: how each makes its
+//! repository, backs up and restores.
 
+use std::cell::RefCell;
+use std::collections::BTreeMap;
 use std::ffi::OsString;
-use std::fs::{self, File};
-use std::net::TcpStream;
+use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 
 use crate::measure::{self, Cmd};
-use crate::ours::free_port;
+use crate::sshd::{which, Sshd};
 
 /// A tool compared with ours.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -21,10 +21,14 @@ pub enum Tool {
     Rsync,
     Borg,
     Restic,
+    Bupstash,
+    Rustic,
 }
 
 impl Tool {
-    pub const ALL: [Tool; 4] = [Tool::Scp, Tool::Rsync, Tool::Borg, Tool::Restic];
+    /// The tools run unless `--tools` says otherwise (bupstash and rustic
+    /// are opt-in: `--with-bupstash`, `--with-rustic`).
+    pub const DEFAULT: [Tool; 4] = [Tool::Scp, Tool::Rsync, Tool::Borg, Tool::Restic];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -32,182 +36,52 @@ impl Tool {
             Self::Rsync => "rsync",
             Self::Borg => "borg",
             Self::Restic => "restic",
+            Self::Bupstash => "bupstash",
+            Self::Rustic => "rustic",
         }
     }
 
-    fn program(self) -> &'static str {
-        self.name()
+    /// Whether a second backup is incremental (scp copies everything
+    /// again: it has no re-run or change row).
+    pub fn incremental(self) -> bool {
+        self != Self::Scp
     }
-}
 
-/// `program` on the PATH, if there.
-pub fn which(program: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")])
-        .map(|d| d.join(program))
-        .find(|p| p.is_file())
-}
+    /// Whether it reaches its repository over the sshd (and so through
+    /// the counting relay).
+    pub fn over_ssh(self) -> bool {
+        self != Self::Rustic
+    }
 
-/// The private sshd.
-pub struct Sshd {
-    child: Child,
-    port: u16,
-    dir: PathBuf,
-    user: String,
-}
-
-impl Sshd {
-    /// Makes host and client keys under `dir` and starts sshd on
-    /// 127.0.0.1 only.
-    ///
-    /// # Errors
-    /// When sshd or ssh-keygen is missing, or sshd does not accept within
-    /// 20 s.
-    pub fn start(dir: &Path) -> Result<Self> {
-        let sshd = which("sshd").context("sshd not installed (Debian: openssh-server)")?;
-        let keygen = which("ssh-keygen").context("ssh-keygen not installed")?;
-        which("ssh").context("ssh not installed")?;
-        fs::create_dir_all(dir)?;
-        let log = dir.join("sshd.log");
-        for key in ["host_key", "client_key"] {
-            measure::run_plain(
-                &Cmd::new(&keygen)
-                    .args(["-q", "-t", "ed25519", "-N", "", "-f"])
-                    .arg(dir.join(key)),
-                &log,
-            )?;
-        }
-        fs::copy(dir.join("client_key.pub"), dir.join("authorized_keys"))?;
-        // Privilege separation wants this directory to exist.
-        let _ = fs::create_dir_all("/run/sshd");
-        let port = free_port()?;
-        let config = format!(
-            "Port {port}\n\
-             ListenAddress 127.0.0.1\n\
-             HostKey {dir}/host_key\n\
-             AuthorizedKeysFile {dir}/authorized_keys\n\
-             PidFile {dir}/sshd.pid\n\
-             PasswordAuthentication no\n\
-             KbdInteractiveAuthentication no\n\
-             PubkeyAuthentication yes\n\
-             PermitRootLogin prohibit-password\n\
-             UsePAM no\n\
-             StrictModes no\n\
-             Subsystem sftp internal-sftp\n\
-             LogLevel ERROR\n",
-            dir = dir.display()
-        );
-        fs::write(dir.join("sshd_config"), config)?;
-        let out = File::create(&log)?;
-        let err = out.try_clone()?;
-        let child = Command::new(&sshd)
-            .args(["-D", "-e", "-f"])
-            .arg(dir.join("sshd_config"))
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
-            .spawn()
-            .context("starting sshd")?;
-        let user = current_user();
-        let mut sshd = Self {
-            child,
-            port,
-            dir: dir.to_owned(),
-            user,
+    /// Where to find it, and how to get it when it is missing.
+    fn locate(self) -> Result<PathBuf> {
+        let hint = match self {
+            Self::Bupstash => " (`bash bench/run --with-bupstash` installs it)",
+            Self::Rustic => " (`bash bench/run --with-rustic` installs it)",
+            _ => "",
         };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            if let Some(status) = sshd.child.try_wait()? {
-                bail!("sshd exited ({status}):\n{}", measure::tail(&log, 1500));
-            }
-            if Instant::now() > deadline {
-                bail!("sshd did not accept connections within 20 s");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        // One login proves the set-up before anything is timed.
-        measure::run_plain(&sshd.ssh_cmd().arg("true"), &log)
-            .context("logging in to the private sshd")?;
-        Ok(sshd)
+        which(self.name()).with_context(|| format!("{} not installed{hint}", self.name()))
     }
-
-    /// The ssh options shared by every tool.
-    fn options(&self) -> Vec<String> {
-        vec![
-            "-i".into(),
-            self.dir.join("client_key").display().to_string(),
-            "-o".into(),
-            "IdentitiesOnly=yes".into(),
-            "-o".into(),
-            "BatchMode=yes".into(),
-            "-o".into(),
-            "StrictHostKeyChecking=no".into(),
-            "-o".into(),
-            format!(
-                "UserKnownHostsFile={}",
-                self.dir.join("known_hosts").display()
-            ),
-            "-o".into(),
-            "LogLevel=ERROR".into(),
-        ]
-    }
-
-    /// `ssh -p PORT OPTIONS user@127.0.0.1`
-    fn ssh_cmd(&self) -> Cmd {
-        Cmd::new("ssh")
-            .arg("-p")
-            .arg(self.port.to_string())
-            .args(self.options())
-            .arg(self.login())
-    }
-
-    /// The ssh command line as one string, for rsync -e and BORG_RSH.
-    fn ssh_line(&self) -> String {
-        format!("ssh -p {} {}", self.port, self.options().join(" "))
-    }
-
-    fn login(&self) -> String {
-        format!("{}@127.0.0.1", self.user)
-    }
-
-    /// Stops sshd.
-    pub fn stop(mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Sshd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn current_user() -> String {
-    std::env::var("USER")
-        .ok()
-        .filter(|u| !u.is_empty())
-        .or_else(|| {
-            Command::new("id")
-                .arg("-un")
-                .output()
-                .ok()
-                .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-        })
-        .unwrap_or_else(|| "root".into())
 }
 
 /// One tool, set up against the sshd: where its remote copy or repository
 /// lives, and how to back up and restore with it.
 pub struct Remote<'a> {
     pub tool: Tool,
+    program: PathBuf,
     sshd: &'a Sshd,
-    /// The remote folder (scp, rsync) or repository (borg, restic).
+    /// The port tools connect to: the sshd's, or a counting relay's in
+    /// front of it.
+    pub port: u16,
+    /// The remote folder (scp, rsync) or repository (the others).
     target: PathBuf,
     /// Caches and configuration of the tool.
     home: PathBuf,
+    /// borg, bupstash: the name of the latest backup of each data set
+    /// (borg refuses an existing archive name, `bupstash get` one that
+    /// matches several items).
+    /// Backups made of each data set so far.
+    latest: RefCell<BTreeMap<String, u32>>,
 }
 
 const PASSWORD: &str = "backup-bench";
@@ -218,13 +92,16 @@ impl<'a> Remote<'a> {
     /// # Errors
     /// When the tool is missing or its repository cannot be made.
     pub fn prepare(tool: Tool, sshd: &'a Sshd, dir: &Path, log: &Path) -> Result<Self> {
-        which(tool.program()).with_context(|| format!("{} not installed", tool.name()))?;
+        let program = tool.locate()?;
         fs::create_dir_all(dir)?;
         let remote = Self {
             tool,
+            program,
             sshd,
+            port: sshd.port,
             target: dir.join("remote"),
             home: dir.join("home"),
+            latest: RefCell::default(),
         };
         fs::create_dir_all(&remote.home)?;
         match tool {
@@ -237,6 +114,16 @@ impl<'a> Remote<'a> {
                 log,
             )?,
             Tool::Restic => measure::run_plain(&remote.restic().arg("init"), log)?,
+            Tool::Bupstash => {
+                measure::run_plain(
+                    &Cmd::new(&remote.program)
+                        .args(["new-key", "-o"])
+                        .arg(remote.home.join("bupstash.key")),
+                    log,
+                )?;
+                measure::run_plain(&remote.bupstash().arg("init"), log)?;
+            }
+            Tool::Rustic => measure::run_plain(&remote.rustic().arg("init"), log)?,
         }
         Ok(remote)
     }
@@ -245,14 +132,14 @@ impl<'a> Remote<'a> {
         format!(
             "ssh://{}:{}{}",
             self.sshd.login(),
-            self.sshd.port,
+            self.port,
             self.target.display()
         )
     }
 
     fn borg(&self) -> Cmd {
-        Cmd::new("borg")
-            .env("BORG_RSH", self.sshd.ssh_line())
+        Cmd::new(&self.program)
+            .env("BORG_RSH", self.sshd.ssh_line(self.port))
             .env("BORG_PASSPHRASE", PASSWORD)
             .env("BORG_BASE_DIR", &self.home)
             .env("BORG_RELOCATED_REPO_ACCESS_IS_OK", "yes")
@@ -262,10 +149,10 @@ impl<'a> Remote<'a> {
     fn restic(&self) -> Cmd {
         let sftp = format!(
             "sftp.command={} {} -s sftp",
-            self.sshd.ssh_line(),
+            self.sshd.ssh_line(self.port),
             self.sshd.login()
         );
-        Cmd::new("restic")
+        Cmd::new(&self.program)
             .env("RESTIC_PASSWORD", PASSWORD)
             .env("RESTIC_CACHE_DIR", self.home.join("cache"))
             .env("HOME", &self.home)
@@ -278,6 +165,68 @@ impl<'a> Remote<'a> {
             .args(["-o", &sftp])
     }
 
+    /// bupstash over ssh: `bupstash serve` runs on the far side (the same
+    /// binary, by its full path: a non-interactive ssh login does not see
+    /// cargo's folder), its send log and stat cache under the tool's home.
+    fn bupstash(&self) -> Cmd {
+        let serve = format!(
+            "{} {} {} serve {}",
+            self.sshd.ssh_line(self.port),
+            self.sshd.login(),
+            self.program.display(),
+            self.target.display()
+        );
+        Cmd::new(&self.program)
+            .env("BUPSTASH_REPOSITORY_COMMAND", serve)
+            .env("BUPSTASH_KEY", self.home.join("bupstash.key"))
+            .env("HOME", &self.home)
+            .env("XDG_CACHE_HOME", self.home.join("cache"))
+    }
+
+    /// rustic on a local repository (no sshd: it has no sftp backend of
+    /// its own), configuration and cache under the tool's home.
+    fn rustic(&self) -> Cmd {
+        Cmd::new(&self.program)
+            .env("RUSTIC_PASSWORD", PASSWORD)
+            .env("HOME", &self.home)
+            .env("XDG_CONFIG_HOME", self.home.join("config"))
+            .env("XDG_CACHE_HOME", self.home.join("cache"))
+            .args(["--no-progress", "-r"])
+            .arg(&self.target)
+    }
+
+    /// A new name for a backup of the data set `tag`, remembered as its
+    /// latest.
+    fn next_name(&self, tag: &str) -> String {
+        let mut made = self.latest.borrow_mut();
+        let n = made.entry(tag.to_owned()).or_insert(0);
+        *n += 1;
+        format!("{tag}-{n}")
+    }
+
+    fn latest_name(&self, tag: &str) -> String {
+        let n = self.latest.borrow().get(tag).copied().unwrap_or(0);
+        format!("{tag}-{n}")
+    }
+
+    /// bupstash keeps a single file as its bytes (`get` writes them out)
+    /// and a folder as a listing (`restore --into` puts its content into
+    /// an existing folder).
+    fn bupstash_restore(&self, src: &Path, dest: &Path, tag: &str) -> Cmd {
+        let query = format!("bench={}", self.latest_name(tag));
+        let into = dest.join(src.file_name().unwrap_or_default());
+        if src.is_dir() {
+            // Made here: the command is run right after.
+            let _ = fs::create_dir_all(&into);
+            self.bupstash()
+                .args(["restore", "--into"])
+                .arg(into)
+                .arg(query)
+        } else {
+            self.bupstash().arg("get").arg(query).stdout_to(&into)
+        }
+    }
+
     fn remote_path(&self, src: &Path) -> String {
         let name = src.file_name().map(|n| n.to_string_lossy().into_owned());
         format!(
@@ -288,50 +237,66 @@ impl<'a> Remote<'a> {
         )
     }
 
-    /// The command that backs up `src` (a file or a folder).
+    /// The command that backs up `src` (a file or a folder); run again, an
+    /// incremental backup for the tools that have one.
     pub fn backup(&self, src: &Path) -> Cmd {
         let tag = tag_of(src);
+        let port = self.port.to_string();
         match self.tool {
-            Tool::Scp => Cmd::new("scp")
-                .args(["-q", "-r", "-P", &self.sshd.port.to_string()])
+            Tool::Scp => Cmd::new(&self.program)
+                .args(["-q", "-r", "-P", &port])
                 .args(self.sshd.options())
                 .arg(src)
                 .arg(format!("{}:{}/", self.sshd.login(), self.target.display())),
-            Tool::Rsync => Cmd::new("rsync")
-                .args(["-a", "-e", &self.sshd.ssh_line()])
+            Tool::Rsync => Cmd::new(&self.program)
+                .args(["-a", "-e", &self.sshd.ssh_line(self.port)])
                 .arg(src)
                 .arg(format!("{}:{}/", self.sshd.login(), self.target.display())),
             Tool::Borg => self
                 .borg()
                 .arg("create")
-                .arg(format!("{}::{tag}", self.borg_repo()))
+                .arg(format!("{}::{}", self.borg_repo(), self.next_name(&tag)))
                 .arg(src),
             Tool::Restic => self.restic().args(["backup", "--tag", &tag]).arg(src),
+            // A send log per data set: bupstash's stat cache and record of
+            // what the repository holds, which its incremental puts need.
+            Tool::Bupstash => self
+                .bupstash()
+                .args(["put", "--quiet", "--send-log"])
+                .arg(self.home.join(format!("sendlog-{tag}")))
+                .arg(format!("bench={}", self.next_name(&tag)))
+                .arg("::")
+                .arg(src),
+            Tool::Rustic => self.rustic().args(["backup", "--tag", &tag]).arg(src),
         }
     }
 
-    /// The command that restores `src` (as backed up) into `dest`, and
-    /// whether it must run with `dest` as the working directory.
+    /// The command that restores the latest backup of `src` into `dest`.
     pub fn restore(&self, src: &Path, dest: &Path) -> Cmd {
         let tag = tag_of(src);
         match self.tool {
-            Tool::Scp => Cmd::new("scp")
-                .args(["-q", "-r", "-P", &self.sshd.port.to_string()])
+            Tool::Scp => Cmd::new(&self.program)
+                .args(["-q", "-r", "-P", &self.port.to_string()])
                 .args(self.sshd.options())
                 .arg(self.remote_path(src))
                 .arg(dest),
-            Tool::Rsync => Cmd::new("rsync")
-                .args(["-a", "-e", &self.sshd.ssh_line()])
+            Tool::Rsync => Cmd::new(&self.program)
+                .args(["-a", "-e", &self.sshd.ssh_line(self.port)])
                 .arg(self.remote_path(src))
                 .arg(with_slash(dest)),
             Tool::Borg => self
                 .borg()
                 .arg("extract")
-                .arg(format!("{}::{tag}", self.borg_repo()))
+                .arg(format!("{}::{}", self.borg_repo(), self.latest_name(&tag)))
                 .cwd(dest),
             Tool::Restic => self
                 .restic()
                 .args(["restore", "latest", "--tag", &tag, "--target"])
+                .arg(dest),
+            Tool::Bupstash => self.bupstash_restore(src, dest, &tag),
+            Tool::Rustic => self
+                .rustic()
+                .args(["restore", "--filter-tags", &tag, "latest"])
                 .arg(dest),
         }
     }

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
-use std::io::{Read, Write};
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -160,6 +160,82 @@ pub fn verify(root: &Path, src: &Path, expected: &Expected) -> Result<()> {
     Ok(())
 }
 
+/// Bytes overwritten in the middle of the large file by [`Change`].
+pub const CHANGE: usize = 1 << 20;
+
+/// [`CHANGE`] bytes overwritten in the middle of a file, and what was
+/// there, so that the file can be put back for the next tool.
+pub struct Change {
+    path: PathBuf,
+    offset: u64,
+    original: Vec<u8>,
+    /// SHA-256 of the changed file.
+    pub changed: Sha,
+}
+
+impl Change {
+    /// Overwrites [`CHANGE`] bytes (random, from `seed`) in the middle of
+    /// `path`, in place (same size, same inode, new mtime).
+    ///
+    /// # Errors
+    /// When the file cannot be read or written.
+    pub fn apply(path: &Path, seed: u64) -> Result<Self> {
+        let size = fs::metadata(path)?.len();
+        let len = usize::try_from(size).unwrap_or(CHANGE).min(CHANGE);
+        let offset = (size / 2).saturating_sub(len as u64 / 2);
+        let mut original = vec![0u8; len];
+        let mut file = File::options().read(true).write(true).open(path)?;
+        file.seek(SeekFrom::Start(offset))?;
+        file.read_exact(&mut original)?;
+        let mut fresh = vec![0u8; len];
+        rand::rngs::StdRng::seed_from_u64(seed).fill_bytes(&mut fresh);
+        file.seek(SeekFrom::Start(offset))?;
+        file.write_all(&fresh)?;
+        file.sync_all()?;
+        drop(file);
+        Ok(Self {
+            path: path.to_owned(),
+            offset,
+            original,
+            changed: digest_file(path)?,
+        })
+    }
+
+    /// Puts the original bytes back.
+    ///
+    /// # Errors
+    /// When the file cannot be written.
+    pub fn revert(self) -> Result<()> {
+        let mut file = File::options().write(true).open(&self.path)?;
+        file.seek(SeekFrom::Start(self.offset))?;
+        file.write_all(&self.original)?;
+        file.sync_all()?;
+        Ok(())
+    }
+}
+
+/// Bytes of every regular file under `dir` (a server's data directory, a
+/// repository).
+///
+/// # Errors
+/// When the tree cannot be read.
+pub fn bytes_under(dir: &Path) -> Result<u64> {
+    let mut bytes = 0;
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        for entry in fs::read_dir(&d).with_context(|| format!("listing {}", d.display()))? {
+            let entry = entry?;
+            let meta = fs::symlink_metadata(entry.path())?;
+            if meta.is_dir() {
+                stack.push(entry.path());
+            } else if meta.is_file() {
+                bytes += meta.len();
+            }
+        }
+    }
+    Ok(bytes)
+}
+
 /// What a restore must give back.
 pub enum Expected {
     File(Sha),
@@ -198,6 +274,28 @@ mod tests {
             random_file(&other, 64, 10).unwrap(),
             digest_file(&p).unwrap()
         );
+    }
+
+    #[test]
+    fn a_change_is_one_mib_in_the_middle_and_reverts() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
+        let size = 4 * CHANGE as u64 + 3;
+        let sha = random_file(&p, size, 1).unwrap();
+        let before = fs::read(&p).unwrap();
+        let change = Change::apply(&p, 2).unwrap();
+        let after = fs::read(&p).unwrap();
+        assert_eq!(after.len(), before.len());
+        assert_eq!(digest_file(&p).unwrap(), change.changed);
+        let differ: Vec<usize> = (0..before.len())
+            .filter(|&i| before[i] != after[i])
+            .collect();
+        let (first, last) = (differ[0], differ[differ.len() - 1]);
+        assert!(last - first < CHANGE && last - first > CHANGE - 100);
+        assert!(first >= before.len() / 2 - CHANGE / 2 && last < before.len() / 2 + CHANGE / 2);
+        change.revert().unwrap();
+        assert_eq!(digest_file(&p).unwrap(), sha);
+        assert_eq!(bytes_under(dir.path()).unwrap(), size);
     }
 
     fn copy_tree(from: &Path, to: &Path) {

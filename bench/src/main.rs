@@ -1,9 +1,9 @@
-//! Over 600 lines: the scenarios (large, small, concurrent) run one after the other in one `run`, in the order their rows are printed.
 //! `backup-bench`: end-to-end figures for `backup-server` and
 //! `backup-client` on one machine over 127.0.0.1, in one run with the
 //! physical limits (one AES-256-CBC stream, the data directory's disk) and
-//! with what users would use instead (scp, rsync, borg, restic over a
-//! private sshd). See `bench/README.md`.
+//! with what users would use instead (scp, rsync, borg, restic, bupstash
+//! over a private sshd; rustic on a local repository). See
+//! `bench/README.md`.
 
 mod compare;
 mod data;
@@ -11,21 +11,25 @@ mod limits;
 mod measure;
 mod mode;
 mod ours;
+mod ours_runs;
+mod peers;
+mod relay;
 mod report;
+mod sshd;
 
 use std::ffi::OsString;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::{Instant, SystemTime};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use clap::Parser;
 
-use crate::compare::{Remote, Sshd, Tool};
+use crate::compare::Tool;
 use crate::data::Expected;
 use crate::measure::{Cost, Running};
-use crate::mode::{Capabilities, Mode, ModeArg};
-use crate::ours::{Bins, Client, Server, ServerCost};
+use crate::mode::{Capabilities, ModeArg};
+use crate::ours::{Bins, ServerCost};
 use crate::report::{Machine, Report, Row, MIB};
 
 /// The largest file the legacy protocol carries: its size and its padded
@@ -45,12 +49,14 @@ enum Scenario {
 #[command(
     name = "backup-bench",
     about = "End-to-end benchmark of backup-server and backup-client, side by side with \
-             the physical limits and with scp, rsync, borg and restic"
+             the physical limits and with scp, rsync, borg, restic (and bupstash, rustic)"
 )]
 struct Cli {
-    /// Transport to measure ours with
-    #[arg(long, value_enum, default_value = "legacy")]
-    mode: ModeArg,
+    /// How to run ours (a list): snapshot (secure mode's default; `secure`
+    /// is the same), per-file (secure mode, `--per-file`), legacy, both
+    /// (legacy and snapshot), all
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "snapshot")]
+    mode: Vec<ModeArg>,
     /// Size of the large file in GiB (with the legacy mode, at most the
     /// largest file the legacy protocol carries, 4 GiB less 17 bytes;
     /// `--mode secure` takes larger ones)
@@ -68,6 +74,14 @@ struct Cli {
     /// Compare with no other tool
     #[arg(long, conflicts_with = "tools")]
     no_compare: bool,
+    /// Also compare with bupstash over ssh (`bash bench/run --with-bupstash`
+    /// installs it with `cargo install --locked`)
+    #[arg(long)]
+    with_bupstash: bool,
+    /// Also compare with rustic on a local repository (`bash bench/run
+    /// --with-rustic` installs it)
+    #[arg(long)]
+    with_rustic: bool,
     /// Concurrent clients
     #[arg(long, value_name = "N")]
     clients: Option<u64>,
@@ -120,11 +134,13 @@ impl Plan {
             Self {
                 // Only the legacy fields stop at 4 GiB; secure mode alone
                 // takes any size.
-                large: (cli.large_gib.max(1) << 30).min(if cli.mode == ModeArg::Secure {
-                    u64::MAX
-                } else {
-                    LEGACY_MAX_FILE
-                }),
+                large: (cli.large_gib.max(1) << 30).min(
+                    if ModeArg::modes(&cli.mode).iter().any(|m| m.legacy()) {
+                        LEGACY_MAX_FILE
+                    } else {
+                        u64::MAX
+                    },
+                ),
                 small_files: 10_000,
                 small_folders: 100,
                 small_size: 4096,
@@ -222,6 +238,10 @@ fn run(cli: &Cli) -> Result<()> {
         started.elapsed().as_secs_f64()
     );
     println!("{}", report.table());
+    println!(
+        "Side by side (wall seconds; sent: what the tool reports, wire: counted by the relay):\n"
+    );
+    println!("{}", report.summary());
     if let Some(p) = &cli.json {
         fs::write(p, serde_json::to_string_pretty(&report)?)
             .with_context(|| format!("writing {}", p.display()))?;
@@ -308,7 +328,7 @@ impl Bench {
             )?;
             expected_small = Some(data::digest_tree(&small)?);
         }
-        for mode in cli.mode.modes() {
+        for mode in ModeArg::modes(&cli.mode) {
             let tool = format!("ours/{}", mode.name());
             let caps = self.caps;
             if let Err(e) = mode.wiring(caps, 0, 0) {
@@ -316,11 +336,14 @@ impl Bench {
                 continue;
             }
             if let Some(sha) = expected_large {
-                self.ours_one(mode, &tool, "large", &large, &Expected::File(sha))?;
+                self.ours_set(mode, &tool, "large", &large, &Expected::File(sha))?;
+                if mode.snapshots() {
+                    self.two_names(mode, &tool, &large)?;
+                }
             }
             if let Some(tree) = &expected_small {
                 let expected = Expected::Tree(tree.clone());
-                self.ours_one(mode, &tool, "small", &small, &expected)?;
+                self.ours_set(mode, &tool, "small", &small, &expected)?;
                 if cli.small_procs > 1 {
                     self.small_split(mode, &tool, &small, cli.small_procs)?;
                 }
@@ -332,8 +355,16 @@ impl Bench {
         if cli.no_compare {
             return Ok(());
         }
-        let tools = cli.tools.clone().unwrap_or_else(|| Tool::ALL.to_vec());
-        let mut sets = Vec::new();
+        let mut tools = cli.tools.clone().unwrap_or_else(|| Tool::DEFAULT.to_vec());
+        for (with, tool) in [
+            (cli.with_bupstash, Tool::Bupstash),
+            (cli.with_rustic, Tool::Rustic),
+        ] {
+            if with && !tools.contains(&tool) {
+                tools.push(tool);
+            }
+        }
+        let mut sets: Vec<peers::Set> = Vec::new();
         if let Some(sha) = expected_large {
             sets.push(("large", large.clone(), Expected::File(sha)));
         }
@@ -377,319 +408,6 @@ impl Bench {
             .filter(|r| r.scenario == "limit")
             .map(|r| r.mb_s)
             .reduce(f64::min)
-    }
-
-    /// Backs up `src` with a fresh server and client, restores it, checks
-    /// what came back.
-    fn ours_one(
-        &mut self,
-        mode: Mode,
-        tool: &str,
-        scenario: &str,
-        src: &Path,
-        expected: &Expected,
-    ) -> Result<()> {
-        let dir = self.work.join(format!("ours-{}-{scenario}", mode.name()));
-        let log = self
-            .logs
-            .join(format!("ours-{}-{scenario}.log", mode.name()));
-        let server = Server::start(
-            &self.bins,
-            self.caps,
-            mode,
-            &dir.join("server"),
-            &self
-                .logs
-                .join(format!("server-{}-{scenario}.log", mode.name())),
-        )?;
-        let client = Client::register(&self.bins, &server, &dir.join("client"), "bench")?;
-        let (files, bytes) = size_of(src)?;
-        say(&format!("{scenario}: backup ({tool})"));
-        let (cost, srv) = ours::measured(&server, &client.backup_cmd(&[src]), &log)?;
-        let mut backup = with_costs(
-            Row::new(
-                scenario,
-                tool,
-                "backup",
-                bytes,
-                files,
-                cost.wall.as_secs_f64(),
-            ),
-            cost,
-            Some(srv),
-        );
-        let restored = dir.join("restored");
-        fs::create_dir_all(&restored)?;
-        say(&format!("{scenario}: restore ({tool})"));
-        let cmd = if src.is_dir() {
-            client.restore_all_cmd(&restored.join(src.file_name().unwrap_or_default()))
-        } else {
-            client.restore_cmd(
-                &src.file_name().unwrap_or_default().to_string_lossy(),
-                &restored,
-            )
-        };
-        let (cost, srv) = ours::measured(&server, &cmd, &log)?;
-        let mut restore = with_costs(
-            Row::new(
-                scenario,
-                tool,
-                "restore",
-                bytes,
-                files,
-                cost.wall.as_secs_f64(),
-            ),
-            cost,
-            Some(srv),
-        );
-        server.stop();
-        data::verify(&restored, src, expected)
-            .with_context(|| format!("{tool} restored {scenario} wrongly"))?;
-        if scenario == "large" {
-            if let Some(limit) = self.lower_limit() {
-                backup.of_limit = Some(backup.mb_s / limit);
-                restore.of_limit = Some(restore.mb_s / limit);
-            }
-        }
-        restore.note = join_note(&restore.note, "verified against the source");
-        self.rows.push(backup);
-        self.rows.push(restore);
-        fs::remove_dir_all(&dir)?;
-        Ok(())
-    }
-
-    /// The small files backed up by `procs` client processes at once (one
-    /// identity, a share of the folders each): what backing up over several
-    /// connections would give, the fsyncs of one connection overlapping
-    /// those of the others.
-    fn small_split(&mut self, mode: Mode, tool: &str, src: &Path, procs: u64) -> Result<()> {
-        let dir = self.work.join(format!("ours-{}-small-split", mode.name()));
-        let log = self
-            .logs
-            .join(format!("ours-{}-small-split.log", mode.name()));
-        let server = Server::start(
-            &self.bins,
-            self.caps,
-            mode,
-            &dir.join("server"),
-            &self
-                .logs
-                .join(format!("server-{}-small-split.log", mode.name())),
-        )?;
-        let client = Client::register(&self.bins, &server, &dir.join("client"), "bench")?;
-        let mut folders: Vec<PathBuf> = fs::read_dir(src)?
-            .map(|e| e.map(|e| e.path()))
-            .collect::<Result<_, _>>()?;
-        folders.sort();
-        let share = folders
-            .len()
-            .div_ceil(usize::try_from(procs).unwrap_or(1).max(1));
-        let (files, bytes) = size_of(src)?;
-        say(&format!("small: backup by {procs} processes ({tool})"));
-        let phase = server.phase()?;
-        let started = Instant::now();
-        let running: Vec<Running> = folders
-            .chunks(share.max(1))
-            .map(|part| {
-                let paths: Vec<&Path> = part.iter().map(PathBuf::as_path).collect();
-                measure::spawn(&client.backup_cmd(&paths), &log)
-            })
-            .collect::<Result<_>>()?;
-        let costs = wait_all(running);
-        let wall = started.elapsed().as_secs_f64();
-        let srv = server.end(phase)?;
-        server.stop();
-        let costs: Vec<Cost> = costs.into_iter().collect::<Result<_>>()?;
-        let mut row = Row::new(
-            "small",
-            &format!("{tool} {procs} procs"),
-            "backup",
-            bytes,
-            files,
-            wall,
-        );
-        row.client_cpu_s = Some(costs.iter().map(|c| c.cpu_s).sum());
-        row.client_rss_mib = costs.iter().map(|c| mib(c.rss_kib)).reduce(f64::max);
-        row.server_cpu_s = Some(srv.cpu_s);
-        row.server_rss_mib = Some(mib(srv.peak_rss_kib));
-        row.note = format!(
-            "{procs} client processes, one identity, {share} folders each (names are relative to each folder); client CPU summed"
-        );
-        self.rows.push(row);
-        fs::remove_dir_all(&dir)?;
-        Ok(())
-    }
-
-    /// Many clients backing up at once; every file then restored and
-    /// checked.
-    fn concurrent(&mut self, mode: Mode, tool: &str) -> Result<()> {
-        let plan = self.plan;
-        let n = plan.clients;
-        let dir = self.work.join(format!("ours-{}-concurrent", mode.name()));
-        let files_dir = dir.join("files");
-        fs::create_dir_all(&files_dir)?;
-        say(&format!(
-            "concurrent: making {n} files of {} bytes",
-            plan.client_bytes
-        ));
-        let mut files = Vec::new();
-        for i in 0..n {
-            let p = files_dir.join(format!("c{i:03}.bin"));
-            let sha = data::random_file(&p, plan.client_bytes, 1000 + i)?;
-            files.push((p, sha));
-        }
-        let server = Server::start(
-            &self.bins,
-            self.caps,
-            mode,
-            &dir.join("server"),
-            &self
-                .logs
-                .join(format!("server-{}-concurrent.log", mode.name())),
-        )?;
-        say(&format!("concurrent: registering {n} clients"));
-        let clients: Vec<Client> = parallel(&(0..n).collect::<Vec<_>>(), 4, |&i| {
-            Client::register(
-                &self.bins,
-                &server,
-                &dir.join(format!("client{i:03}")),
-                &format!("bench{i:03}"),
-            )
-        })?;
-        say(&format!("concurrent: {n} clients back up at once"));
-        let phase = server.phase()?;
-        let started = Instant::now();
-        let running: Vec<Running> = clients
-            .iter()
-            .zip(&files)
-            .map(|(c, (p, _))| measure::spawn(&c.backup_cmd(&[p]), &c.log()))
-            .collect::<Result<_>>()?;
-        let costs = wait_all(running);
-        let wall = started.elapsed().as_secs_f64();
-        let srv = server.end(phase)?;
-        let failed = costs.iter().filter(|c| c.is_err()).count();
-        if let Some(Err(e)) = costs.iter().find(|c| c.is_err()) {
-            bail!("{failed} of {n} concurrent backups failed; the first: {e:#}");
-        }
-        let costs: Vec<Cost> = costs.into_iter().filter_map(Result::ok).collect();
-        say("concurrent: restoring and checking every file");
-        let restored = dir.join("restored");
-        let pairs: Vec<(&Client, &(PathBuf, data::Sha))> = clients.iter().zip(&files).collect();
-        let verified = parallel(&pairs, 4, |(client, (path, sha))| {
-            let name = path.file_name().unwrap_or_default();
-            let to = restored.join(name);
-            fs::create_dir_all(&to)?;
-            measure::run_plain(
-                &client.restore_cmd(&name.to_string_lossy(), &to),
-                &client.log(),
-            )?;
-            data::verify(&to, path, &Expected::File(*sha))
-        })?
-        .len();
-        server.stop();
-        let times: Vec<f64> = costs.iter().map(|c| c.wall.as_secs_f64()).collect();
-        let mut row = Row::new(
-            "concurrent",
-            tool,
-            &format!("backup ×{n}"),
-            plan.client_bytes * n,
-            n,
-            wall,
-        );
-        row.p50_s = Some(measure::percentile(&times, 50.0));
-        row.p99_s = Some(measure::percentile(&times, 99.0));
-        row.client_cpu_s = Some(costs.iter().map(|c| c.cpu_s).sum());
-        row.client_rss_mib = costs.iter().map(|c| mib(c.rss_kib)).reduce(f64::max);
-        row.server_cpu_s = Some(srv.cpu_s);
-        row.server_rss_mib = Some(mib(srv.peak_rss_kib));
-        row.note = format!(
-            "{verified}/{n} files restored and verified; client CPU is the sum, client RSS the largest"
-        );
-        self.rows.push(row);
-        fs::remove_dir_all(&dir)?;
-        Ok(())
-    }
-
-    /// The other tools, over the private sshd, on the same data.
-    fn compare(&mut self, tools: &[Tool], sets: &[(&str, PathBuf, Expected)]) -> Result<()> {
-        let sshd = match Sshd::start(&self.work.join("sshd")) {
-            Ok(s) => s,
-            Err(e) => {
-                for t in tools {
-                    self.skipped.push(format!("{}: {e:#}", t.name()));
-                }
-                return Ok(());
-            }
-        };
-        for &tool in tools {
-            if let Err(e) = self.compare_one(tool, &sshd, sets) {
-                say(&format!("{}: {e:#}", tool.name()));
-                self.skipped.push(format!("{}: {e:#}", tool.name()));
-            }
-        }
-        sshd.stop();
-        Ok(())
-    }
-
-    fn compare_one(
-        &mut self,
-        tool: Tool,
-        sshd: &Sshd,
-        sets: &[(&str, PathBuf, Expected)],
-    ) -> Result<()> {
-        let dir = self.work.join(format!("tool-{}", tool.name()));
-        let log = self.logs.join(format!("{}.log", tool.name()));
-        let remote = Remote::prepare(tool, sshd, &dir, &log)?;
-        let mut rows = Vec::new();
-        for (scenario, src, expected) in sets {
-            let (files, bytes) = size_of(src)?;
-            say(&format!("{scenario}: backup ({})", tool.name()));
-            let cost = measure::run(&remote.backup(src), &log)?;
-            rows.push(with_costs(
-                Row::new(
-                    scenario,
-                    tool.name(),
-                    "backup",
-                    bytes,
-                    files,
-                    cost.wall.as_secs_f64(),
-                ),
-                cost,
-                None,
-            ));
-            let restored = dir.join(format!("restored-{scenario}"));
-            fs::create_dir_all(&restored)?;
-            say(&format!("{scenario}: restore ({})", tool.name()));
-            let cost = measure::run(&remote.restore(src, &restored), &log)?;
-            data::verify(&restored, src, expected)?;
-            let mut row = with_costs(
-                Row::new(
-                    scenario,
-                    tool.name(),
-                    "restore",
-                    bytes,
-                    files,
-                    cost.wall.as_secs_f64(),
-                ),
-                cost,
-                None,
-            );
-            row.note = "verified against the source".into();
-            rows.push(row);
-            fs::remove_dir_all(&restored)?;
-        }
-        for row in &mut rows {
-            let ours = self.rows.iter().find(|r| {
-                r.tool.starts_with("ours/") && r.scenario == row.scenario && r.op == row.op
-            });
-            if let Some(ours) = ours {
-                row.vs_ours = Some(row.wall_s / ours.wall_s);
-            }
-        }
-        self.rows.extend(rows);
-        drop(remote);
-        fs::remove_dir_all(&dir)?;
-        Ok(())
     }
 }
 

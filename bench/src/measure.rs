@@ -26,6 +26,8 @@ pub struct Cmd {
     pub args: Vec<OsString>,
     pub env: Vec<(String, OsString)>,
     pub cwd: Option<PathBuf>,
+    /// Where standard output goes instead of the log (a JSON summary).
+    pub stdout: Option<PathBuf>,
 }
 
 impl Cmd {
@@ -35,6 +37,7 @@ impl Cmd {
             args: Vec::new(),
             env: Vec::new(),
             cwd: None,
+            stdout: None,
         }
     }
 
@@ -60,6 +63,20 @@ impl Cmd {
     pub fn cwd(mut self, dir: &Path) -> Self {
         self.cwd = Some(dir.to_owned());
         self
+    }
+
+    /// Standard output to `path` (created or truncated) instead of the log.
+    pub fn stdout_to(mut self, path: &Path) -> Self {
+        self.stdout = Some(path.to_owned());
+        self
+    }
+
+    /// Where standard output goes: `path` when set, else `log`.
+    fn out_file(&self, log: &File) -> Result<File> {
+        match &self.stdout {
+            Some(p) => File::create(p).with_context(|| format!("creating {}", p.display())),
+            None => Ok(log.try_clone()?),
+        }
     }
 
     /// The command line, for logs and error messages.
@@ -106,6 +123,7 @@ pub fn spawn(cmd: &Cmd, log: &Path) -> Result<Running> {
         .open(log)
         .with_context(|| format!("opening {}", log.display()))?;
     let err = out.try_clone()?;
+    let out = cmd.out_file(&out)?;
     let mut command = Command::new(me);
     command
         .arg(RUSAGE_ROLE)
@@ -179,6 +197,7 @@ pub fn run(cmd: &Cmd, log: &Path) -> Result<Cost> {
 pub fn run_plain(cmd: &Cmd, log: &Path) -> Result<()> {
     let out = File::options().create(true).append(true).open(log)?;
     let err = out.try_clone()?;
+    let out = cmd.out_file(&out)?;
     let mut command = Command::new(&cmd.program);
     command
         .args(&cmd.args)

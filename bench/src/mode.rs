@@ -7,39 +7,72 @@ use std::process::Command;
 
 use anyhow::{bail, Result};
 
-/// `--mode` on the command line.
+/// `--mode` on the command line (a list: `--mode snapshot,legacy`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum ModeArg {
+    /// Secure mode's default: snapshots (chunked, deduplicated, encrypted
+    /// on the client).
+    #[value(alias = "secure")]
+    Snapshot,
+    /// Secure mode, file by file (`--per-file`).
+    PerFile,
+    /// The legacy protocol.
     Legacy,
-    Secure,
+    /// Legacy and snapshot.
     Both,
+    /// Every mode.
+    All,
 }
 
 impl ModeArg {
-    pub fn modes(self) -> Vec<Mode> {
-        match self {
-            Self::Legacy => vec![Mode::Legacy],
-            Self::Secure => vec![Mode::Secure],
-            Self::Both => vec![Mode::Legacy, Mode::Secure],
-        }
+    /// The modes a list of arguments names, each once, in the order rows
+    /// are printed.
+    pub fn modes(args: &[Self]) -> Vec<Mode> {
+        let wanted = |m: Mode| {
+            args.iter().any(|a| match a {
+                Self::Snapshot => m == Mode::Snapshot,
+                Self::PerFile => m == Mode::PerFile,
+                Self::Legacy => m == Mode::Legacy,
+                Self::Both => matches!(m, Mode::Legacy | Mode::Snapshot),
+                Self::All => true,
+            })
+        };
+        [Mode::Snapshot, Mode::PerFile, Mode::Legacy]
+            .into_iter()
+            .filter(|m| wanted(*m))
+            .collect()
     }
 }
 
-/// The transport one measurement uses.
+/// The transport and storage one measurement uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
-    /// The legacy protocol, version 3, in the clear (AES-256-CBC inside).
+    /// The legacy protocol, version 3, in the clear (AES-256-CBC inside),
+    /// file by file.
     Legacy,
-    /// The TLS 1.3 transport.
-    Secure,
+    /// The TLS 1.3 transport, file by file (`--per-file`).
+    PerFile,
+    /// The TLS 1.3 transport, snapshots (the client's default).
+    Snapshot,
 }
 
 impl Mode {
     pub fn name(self) -> &'static str {
         match self {
             Self::Legacy => "legacy",
-            Self::Secure => "secure",
+            Self::PerFile => "secure-per-file",
+            Self::Snapshot => "snapshot",
         }
+    }
+
+    /// Whether backups make snapshots (restored with `restore --to`).
+    pub fn snapshots(self) -> bool {
+        self == Self::Snapshot
+    }
+
+    /// Whether only the legacy protocol's 32-bit sizes apply.
+    pub fn legacy(self) -> bool {
+        self == Self::Legacy
     }
 }
 
@@ -53,6 +86,38 @@ pub struct Capabilities {
     pub client_legacy_flag: bool,
     /// The client has the global `--connections` flag.
     pub client_connections_flag: bool,
+    /// The client makes snapshots in secure mode and has `--per-file` for
+    /// the file-by-file way.
+    pub client_snapshots: bool,
+    /// The server limits registrations, connections and handshakes per
+    /// source address (`--registration-burst`, `--max-per-source`,
+    /// `--max-unauthenticated`).
+    pub server_source_limits: bool,
+}
+
+/// Every client of the benchmark comes from 127.0.0.1, where a deployment's
+/// clients come from many addresses: the per-source limits are raised to
+/// this, so that 100 clients registering and connecting at once are served
+/// as 100 machines would be.
+pub const SOURCE_LIMIT: &str = "100000";
+
+impl Capabilities {
+    /// Server flags that lift the per-source limits, when the server has
+    /// them.
+    pub fn server_limit_args(self) -> Vec<String> {
+        if !self.server_source_limits {
+            return Vec::new();
+        }
+        [
+            "--registration-burst",
+            "--registrations-per-minute",
+            "--max-per-source",
+            "--max-unauthenticated",
+        ]
+        .into_iter()
+        .flat_map(|flag| [flag.to_owned(), SOURCE_LIMIT.to_owned()])
+        .collect()
+    }
 }
 
 /// Connections a legacy-mode client of ours is given: the client uses one
@@ -71,10 +136,19 @@ impl Capabilities {
                 .unwrap_or_default()
         };
         let client_help = help(client);
+        let server_help = help(server);
         Self {
-            server_legacy_listen: help(server).contains("--legacy-listen"),
+            server_legacy_listen: server_help.contains("--legacy-listen"),
+            server_source_limits: [
+                "--registration-burst",
+                "--max-per-source",
+                "--max-unauthenticated",
+            ]
+            .iter()
+            .all(|f| server_help.contains(f)),
             client_legacy_flag: client_help.split_whitespace().any(|w| w == "--legacy"),
             client_connections_flag: client_help.contains("--connections"),
+            client_snapshots: client_help.contains("--per-file"),
         }
     }
 }
@@ -127,7 +201,17 @@ impl Mode {
                 client_args: Vec::new(),
                 client_addr: at(main),
             }),
-            Self::Secure => secure_wiring(caps, at(main)),
+            Self::PerFile => {
+                let mut w = secure_wiring(caps, at(main))?;
+                if caps.client_snapshots {
+                    w.client_args.push("--per-file".to_owned());
+                }
+                Ok(w)
+            }
+            Self::Snapshot if !caps.client_snapshots => {
+                bail!("this client makes no snapshots (it has no --per-file flag)")
+            }
+            Self::Snapshot => secure_wiring(caps, at(main)),
         }
     }
 }
@@ -158,9 +242,9 @@ mod tests {
         assert_eq!(w.server_args, ["--listen", "127.0.0.1:4000"]);
         assert!(w.client_args.is_empty());
         assert_eq!(w.client_addr.port(), 4000);
-        assert!(Mode::Secure
-            .wiring(Capabilities::default(), 4000, 4001)
-            .is_err());
+        for m in [Mode::PerFile, Mode::Snapshot] {
+            assert!(m.wiring(Capabilities::default(), 4000, 4001).is_err());
+        }
     }
 
     #[test]
@@ -169,6 +253,8 @@ mod tests {
             server_legacy_listen: true,
             client_legacy_flag: true,
             client_connections_flag: true,
+            client_snapshots: true,
+            server_source_limits: false,
         };
         let w = Mode::Legacy.wiring(caps, 4000, 4001).unwrap();
         assert_eq!(
@@ -182,8 +268,39 @@ mod tests {
         );
         assert_eq!(w.client_args, ["--legacy", "--connections", "4"]);
         assert_eq!(w.client_addr.port(), 4000);
-        let s = Mode::Secure.wiring(caps, 4000, 4001).unwrap();
+        let s = Mode::Snapshot.wiring(caps, 4000, 4001).unwrap();
         assert_eq!(s.server_args, ["--listen", "127.0.0.1:4000"]);
         assert!(s.client_args.is_empty());
+        let p = Mode::PerFile.wiring(caps, 4000, 4001).unwrap();
+        assert_eq!(p.client_args, ["--per-file"]);
+    }
+
+    #[test]
+    fn snapshot_mode_needs_a_client_that_makes_snapshots() {
+        let caps = Capabilities {
+            server_legacy_listen: true,
+            client_legacy_flag: true,
+            client_connections_flag: true,
+            client_snapshots: false,
+            server_source_limits: true,
+        };
+        assert_eq!(caps.server_limit_args().len(), 8);
+        assert!(Capabilities::default().server_limit_args().is_empty());
+        assert!(Mode::Snapshot.wiring(caps, 4000, 4001).is_err());
+        assert!(Mode::PerFile
+            .wiring(caps, 4000, 4001)
+            .unwrap()
+            .client_args
+            .is_empty());
+    }
+
+    #[test]
+    fn mode_lists_name_each_mode_once_in_row_order() {
+        assert_eq!(
+            ModeArg::modes(&[ModeArg::Legacy, ModeArg::Both]),
+            [Mode::Snapshot, Mode::Legacy]
+        );
+        assert_eq!(ModeArg::modes(&[ModeArg::All]).len(), 3);
+        assert_eq!(ModeArg::modes(&[ModeArg::PerFile]), [Mode::PerFile]);
     }
 }

@@ -2,7 +2,7 @@
 //! backups and restores.
 
 use std::fs::{self, File};
-use std::net::{Ipv4Addr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -52,6 +52,8 @@ pub fn free_port() -> Result<u16> {
 pub struct Server {
     child: Child,
     pub wiring: Wiring,
+    pub mode: Mode,
+    data_dir: PathBuf,
 }
 
 /// What the server spent during one phase.
@@ -87,6 +89,7 @@ impl Server {
         let err = out.try_clone()?;
         let child = Command::new(&bins.server)
             .args(&wiring.server_args)
+            .args(caps.server_limit_args())
             .arg("--data-dir")
             .arg(data_dir)
             .env("RUST_LOG", "info")
@@ -96,7 +99,12 @@ impl Server {
             .stderr(err)
             .spawn()
             .with_context(|| format!("starting {}", bins.server.display()))?;
-        let mut server = Self { child, wiring };
+        let mut server = Self {
+            child,
+            wiring,
+            mode,
+            data_dir: data_dir.to_owned(),
+        };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if TcpStream::connect(server.wiring.client_addr).is_ok() {
@@ -118,6 +126,11 @@ impl Server {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// The server's data directory.
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
     }
 
     /// Starts measuring a phase: resets the peak RSS, notes the CPU time.
@@ -176,6 +189,42 @@ pub struct Client {
     bin: PathBuf,
     dir: PathBuf,
     global: Vec<String>,
+    mode: Mode,
+}
+
+/// What `backup --json` says of a snapshot.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SnapshotSummary {
+    pub files: u64,
+    pub bytes: u64,
+    pub new_objects: u64,
+    /// Sealed object bytes the client sent (what the server lacked).
+    pub sent_bytes: u64,
+    pub packs: u64,
+}
+
+impl SnapshotSummary {
+    /// Reads the summary from the output of `backup --json`.
+    ///
+    /// # Errors
+    /// When the output holds no JSON object with `sent_bytes`.
+    pub fn parse(text: &str) -> Result<Self> {
+        let v: serde_json::Value = text
+            .lines()
+            .rev()
+            .find_map(|l| serde_json::from_str(l.trim()).ok())
+            .or_else(|| serde_json::from_str(text.trim()).ok())
+            .context("no JSON summary in the output of backup --json")?;
+        let field = |name: &str| v.get(name).and_then(serde_json::Value::as_u64);
+        Ok(Self {
+            files: field("files").unwrap_or(0),
+            bytes: field("bytes").unwrap_or(0),
+            new_objects: field("new_objects").unwrap_or(0),
+            sent_bytes: field("sent_bytes")
+                .context("the JSON summary of backup has no sent_bytes")?,
+            packs: field("packs").unwrap_or(0),
+        })
+    }
 }
 
 impl Client {
@@ -197,12 +246,45 @@ impl Client {
             bin: bins.client.clone(),
             dir: dir.to_owned(),
             global,
+            mode: server.mode,
         };
         measure::run_plain(
             &client.cmd().args(["register", "--name", name]),
             &client.log(),
         )?;
         Ok(client)
+    }
+
+    /// The same identity reaching its server through `addr` (a relay):
+    /// the certificate pinned at registration is given with
+    /// `--server-fingerprint`, since pins are kept per address.
+    ///
+    /// # Errors
+    /// When no pin is recorded for the server (legacy mode has none: the
+    /// client is returned as it is, with the new address).
+    pub fn via(&self, server: &Server, addr: SocketAddr) -> Result<Self> {
+        let direct = server.wiring.client_addr.to_string();
+        let mut global = self.global.clone();
+        for g in &mut global {
+            if *g == direct {
+                *g = addr.to_string();
+            }
+        }
+        if !self.mode.legacy() {
+            let known = fs::read_to_string(self.dir.join("known_servers"))
+                .context("reading the client's known_servers")?;
+            let pin = known
+                .lines()
+                .filter_map(|l| l.split_once(' '))
+                .find(|(s, _)| *s == direct)
+                .map(|(_, fp)| fp.trim().to_owned())
+                .with_context(|| format!("no pin for {direct} in known_servers"))?;
+            global.extend(["--server-fingerprint".to_owned(), pin]);
+        }
+        Ok(Self {
+            global,
+            ..self.clone()
+        })
     }
 
     fn cmd(&self) -> Cmd {
@@ -213,30 +295,58 @@ impl Client {
         self.dir.join("client.log")
     }
 
-    /// `backup PATHS...`
+    /// `backup PATHS...`; in snapshot mode with `--json`, its summary
+    /// written to `summary_json` when given.
     pub fn backup_cmd(&self, paths: &[&Path]) -> Cmd {
-        self.cmd()
-            .arg("backup")
-            .args(paths.iter().map(|p| p.as_os_str()))
+        let cmd = self.cmd();
+        let cmd = if self.mode.snapshots() {
+            cmd.arg("--json")
+        } else {
+            cmd
+        };
+        cmd.arg("backup").args(paths.iter().map(|p| p.as_os_str()))
     }
 
-    /// `restore NAME --to DEST`
-    pub fn restore_cmd(&self, name: &str, dest: &Path) -> Cmd {
-        self.cmd()
-            .args(["restore", name, "--to"])
-            .arg(dest)
-            .arg("--overwrite")
+    /// Where [`Client::backup_summary`] finds the last backup's JSON.
+    fn summary_path(&self) -> PathBuf {
+        self.dir.join("backup-summary.json")
     }
 
-    /// `restore --all --to DEST`
-    pub fn restore_all_cmd(&self, dest: &Path) -> Cmd {
-        self.cmd()
-            .args(["restore", "--all", "--to"])
-            .arg(dest)
-            .arg("--overwrite")
+    /// `backup PATHS...` with its standard output kept for
+    /// [`Client::backup_summary`].
+    pub fn backup_kept(&self, paths: &[&Path]) -> Cmd {
+        self.backup_cmd(paths).stdout_to(&self.summary_path())
+    }
+
+    /// The summary of the last [`Client::backup_kept`] (snapshot mode).
+    ///
+    /// # Errors
+    /// When there is none.
+    pub fn backup_summary(&self) -> Result<Option<SnapshotSummary>> {
+        if !self.mode.snapshots() {
+            return Ok(None);
+        }
+        let text = fs::read_to_string(self.summary_path())?;
+        SnapshotSummary::parse(&text).map(Some)
+    }
+
+    /// Restores what a backup of `src` stored into `dest`: the latest
+    /// snapshot (which puts `src`'s last component under `dest`), or, file
+    /// by file, `restore NAME` for a file and `restore --all` into
+    /// `dest/NAME` for a folder.
+    pub fn restore_of(&self, src: &Path, dest: &Path) -> Cmd {
+        let name = src.file_name().unwrap_or_default();
+        let cmd = self.cmd().arg("restore");
+        let cmd = if self.mode.snapshots() {
+            cmd.arg("--to").arg(dest)
+        } else if src.is_dir() {
+            cmd.args(["--all", "--to"]).arg(dest.join(name))
+        } else {
+            cmd.arg(name).arg("--to").arg(dest)
+        };
+        cmd.arg("--overwrite")
     }
 }
-
 /// Runs `cmd` (a client command) while measuring the server too.
 ///
 /// # Errors
@@ -245,4 +355,21 @@ pub fn measured(server: &Server, cmd: &Cmd, log: &Path) -> Result<(Cost, ServerC
     let phase = server.phase()?;
     let cost = measure::run(cmd, log)?;
     Ok((cost, server.end(phase)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_snapshot_summary_from_the_last_json_line() {
+        let out = "note: something\n{\"snapshot\":3,\"files\":2,\"bytes\":10,\"new_objects\":1,\"sent_bytes\":77,\"packs\":1}\n";
+        let s = SnapshotSummary::parse(out).unwrap();
+        assert_eq!(s.sent_bytes, 77);
+        assert_eq!(s.files, 2);
+        let pretty = "{\n  \"sent_bytes\": 5\n}\n";
+        assert_eq!(SnapshotSummary::parse(pretty).unwrap().sent_bytes, 5);
+        assert!(SnapshotSummary::parse("{}").is_err());
+        assert!(SnapshotSummary::parse("").is_err());
+    }
 }

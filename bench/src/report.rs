@@ -35,8 +35,27 @@ pub struct Row {
     /// This tool's wall time over ours for the same work (> 1: ours is
     /// faster).
     pub vs_ours: Option<f64>,
+    /// What the tool itself says it sent (ours: `sent_bytes` of
+    /// `backup --json`, the sealed objects the server lacked).
+    pub sent_bytes: Option<u64>,
+    /// Bytes counted on the wire by the relay: tool to server, and back.
+    pub wire_up: Option<u64>,
+    pub wire_down: Option<u64>,
+    /// What the operation added to the server's data directory or the
+    /// repository.
+    pub stored_bytes: Option<u64>,
     pub note: String,
 }
+
+/// The operations of a data set, as the `op` column names them.
+pub const OP_BACKUP: &str = "backup";
+pub const OP_RESTORE: &str = "restore";
+/// A second backup of unchanged data.
+pub const OP_RERUN: &str = "re-run";
+/// A backup after 1 MiB was overwritten in the middle of the large file.
+pub const OP_CHANGED: &str = "1 MiB changed";
+/// A backup of the large file under two names, on a fresh server.
+pub const OP_TWO_NAMES: &str = "2 names";
 
 impl Row {
     pub fn new(scenario: &str, tool: &str, op: &str, bytes: u64, files: u64, wall_s: f64) -> Self {
@@ -89,7 +108,10 @@ fn size(bytes: u64) -> String {
     }
 }
 
-const HEADER: [&str; 16] = [
+/// Columns of the main table.
+const COLUMNS: usize = 19;
+
+const HEADER: [&str; COLUMNS] = [
     "scenario",
     "tool",
     "op",
@@ -106,9 +128,29 @@ const HEADER: [&str; 16] = [
     "p99 s",
     "of limit",
     "tool/ours",
+    "sent",
+    "wire up / down",
+    "stored",
 ];
 
-fn cells(r: &Row) -> [String; 16] {
+/// A byte count short enough for a cell: KiB below 1 MiB, else MiB with
+/// one decimal; "-" when unknown.
+fn amount(bytes: Option<u64>) -> String {
+    match bytes {
+        None => "-".into(),
+        Some(b) if (b as f64) < MIB => format!("{:.0} KiB", b as f64 / 1024.0),
+        Some(b) => format!("{:.1} MiB", b as f64 / MIB),
+    }
+}
+
+fn wire(r: &Row) -> String {
+    match (r.wire_up, r.wire_down) {
+        (Some(_), Some(_)) => format!("{} / {}", amount(r.wire_up), amount(r.wire_down)),
+        _ => "-".into(),
+    }
+}
+
+fn cells(r: &Row) -> [String; COLUMNS] {
     [
         r.scenario.clone(),
         r.tool.clone(),
@@ -126,13 +168,30 @@ fn cells(r: &Row) -> [String; 16] {
         opt(r.p99_s, 2),
         opt(r.of_limit, 2),
         opt(r.vs_ours, 2),
+        amount(r.sent_bytes),
+        wire(r),
+        amount(r.stored_bytes),
     ]
 }
+
+/// Columns of the summary: one line per tool.
+const SUMMARY: [&str; 10] = [
+    "tool",
+    "large backup s",
+    "large restore s",
+    "large re-run s",
+    "1 MiB changed s",
+    "sent / wire up",
+    "small backup s",
+    "small restore s",
+    "small re-run s",
+    "peak RSS cli / srv MiB",
+];
 
 impl Report {
     /// A Markdown table (readable as plain text too), notes below it.
     pub fn table(&self) -> String {
-        let rows: Vec<[String; 16]> = self.rows.iter().map(cells).collect();
+        let rows: Vec<[String; COLUMNS]> = self.rows.iter().map(cells).collect();
         let mut out = String::new();
         let _ = writeln!(out, "| {} |", HEADER.join(" | "));
         let _ = writeln!(
@@ -165,17 +224,74 @@ impl Report {
         out
     }
 
+    /// One line per tool (ours in each mode, then the others) with the
+    /// wall times of each operation side by side; peak RSS is the largest
+    /// of the tool's large and small rows (not the concurrent one).
+    pub fn summary(&self) -> String {
+        let mut tools: Vec<&str> = Vec::new();
+        for r in &self.rows {
+            let single = r.scenario == "large" || r.scenario == "small";
+            if single && !r.tool.contains(" procs") && !tools.contains(&r.tool.as_str()) {
+                tools.push(&r.tool);
+            }
+        }
+        let find = |tool: &str, scenario: &str, op: &str| {
+            self.rows
+                .iter()
+                .find(|r| r.tool == tool && r.scenario == scenario && r.op == op)
+        };
+        let wall = |tool: &str, scenario: &str, op: &str| {
+            opt(find(tool, scenario, op).map(|r| r.wall_s), 2)
+        };
+        let mut out = String::new();
+        let _ = writeln!(out, "| {} |", SUMMARY.join(" | "));
+        let _ = writeln!(out, "|---|{}", "---:|".repeat(SUMMARY.len() - 1));
+        for tool in tools {
+            let changed = find(tool, "large", OP_CHANGED);
+            let sent = changed.map_or_else(
+                || "-".into(),
+                |r| format!("{} / {}", amount(r.sent_bytes), amount(r.wire_up)),
+            );
+            let mine = || {
+                self.rows
+                    .iter()
+                    .filter(|r| r.tool == tool && (r.scenario == "large" || r.scenario == "small"))
+            };
+            let peak = |f: fn(&Row) -> Option<f64>| opt(mine().filter_map(f).reduce(f64::max), 0);
+            let line = [
+                tool.to_owned(),
+                wall(tool, "large", OP_BACKUP),
+                wall(tool, "large", OP_RESTORE),
+                wall(tool, "large", OP_RERUN),
+                wall(tool, "large", OP_CHANGED),
+                sent,
+                wall(tool, "small", OP_BACKUP),
+                wall(tool, "small", OP_RESTORE),
+                wall(tool, "small", OP_RERUN),
+                format!(
+                    "{} / {}",
+                    peak(|r| r.client_rss_mib),
+                    peak(|r| r.server_rss_mib)
+                ),
+            ];
+            let _ = writeln!(out, "| {} |", line.join(" | "));
+        }
+        out
+    }
+
     /// The rows as CSV, with a header line.
     pub fn csv(&self) -> String {
         let mut out = String::from(
             "scenario,tool,op,bytes,files,wall_s,mb_s,files_s,client_cpu_s,client_rss_mib,\
-             server_cpu_s,server_rss_mib,p50_s,p99_s,of_limit,vs_ours,note\n",
+             server_cpu_s,server_rss_mib,p50_s,p99_s,of_limit,vs_ours,sent_bytes,wire_up,\
+             wire_down,stored_bytes,note\n",
         );
         let o = |v: Option<f64>| v.map(|x| format!("{x:.4}")).unwrap_or_default();
+        let n = |v: Option<u64>| v.map(|x| x.to_string()).unwrap_or_default();
         for r in &self.rows {
             let _ = writeln!(
                 out,
-                "{},{},{},{},{},{:.4},{:.2},{},{},{},{},{},{},{},{},{},{}",
+                "{},{},{},{},{},{:.4},{:.2},{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
                 csv_field(&r.scenario),
                 csv_field(&r.tool),
                 csv_field(&r.op),
@@ -192,6 +308,10 @@ impl Report {
                 o(r.p99_s),
                 o(r.of_limit),
                 o(r.vs_ours),
+                n(r.sent_bytes),
+                n(r.wire_up),
+                n(r.wire_down),
+                n(r.stored_bytes),
                 csv_field(&r.note)
             );
         }
@@ -250,6 +370,35 @@ mod tests {
             lines[2].split(',').count(),
             "{csv}"
         );
+    }
+
+    #[test]
+    fn summary_puts_each_tools_operations_on_one_line() {
+        let mut rows = vec![
+            Row::new("large", "ours/snapshot", OP_BACKUP, 1 << 30, 1, 2.0),
+            Row::new("large", "ours/snapshot", OP_RERUN, 1 << 30, 1, 0.5),
+            Row::new("small", "ours/snapshot 4 procs", OP_BACKUP, 1, 10, 9.0),
+            Row::new("large", "rsync", OP_BACKUP, 1 << 30, 1, 3.0),
+        ];
+        let mut changed = Row::new("large", "ours/snapshot", OP_CHANGED, 1 << 30, 1, 0.7);
+        changed.sent_bytes = Some(2 << 20);
+        changed.wire_up = Some(3 << 20);
+        changed.client_rss_mib = Some(20.0);
+        changed.server_rss_mib = Some(30.0);
+        rows.push(changed);
+        let r = Report { rows, ..report() };
+        let s = r.summary();
+        assert_eq!(s.lines().count(), 4, "{s}");
+        assert!(
+            s.contains(
+                "| ours/snapshot | 2.00 | - | 0.50 | 0.70 | 2.0 MiB / 3.0 MiB | - | - | - | 20 / 30 |"
+            ),
+            "{s}"
+        );
+        assert!(s.contains("| rsync | 3.00 | - | - | - | - |"), "{s}");
+        assert_eq!(amount(Some(12 * 1024)), "12 KiB");
+        assert_eq!(amount(None), "-");
+        assert!(!s.contains("procs"));
     }
 
     #[test]
