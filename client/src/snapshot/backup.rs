@@ -145,18 +145,22 @@ impl Client {
         let (tx, mut rx) = mpsc::channel(QUEUE);
         let id_key = key.id.clone();
         let walk_roots = roots.to_vec();
-        let old = if force_read {
-            FileCache::default()
-        } else {
-            FileCache::load(cache_path)
-        };
-        let new = CacheWriter::create(cache_path)
-            .map_err(|e| tracing::debug!(error = %e, "cannot write the file cache"))
-            .ok();
+        let walk_cache = cache_path.to_owned();
         let walker = std::thread::Builder::new()
             .name("snapshot-walker".into())
             .stack_size(32 << 20)
-            .spawn(move || Walker::new(id_key, tx, old, new).run(&walk_roots))
+            .spawn(move || {
+                // The caches are read and started here, off the async threads.
+                let old = if force_read {
+                    FileCache::default()
+                } else {
+                    FileCache::load(&walk_cache)
+                };
+                let new = CacheWriter::create(&walk_cache)
+                    .map_err(|e| tracing::debug!(error = %e, "cannot write the file cache"))
+                    .ok();
+                Walker::new(id_key, tx, old, new).run(&walk_roots)
+            })
             .map_err(|e| Error::Internal(format!("cannot start the walker: {e}")))?;
         let mut up = Uploader::new(remote, Arc::clone(&sealer));
         let uploaded = async {
@@ -213,7 +217,9 @@ impl Client {
             Ok(Ok(id)) if missing == 0 => {
                 summary.snapshot = id;
                 if let Some(c) = cache {
-                    if let Err(e) = c.commit(cache_path) {
+                    let path = cache_path.to_owned();
+                    let saved = tokio::task::spawn_blocking(move || c.commit(&path)).await;
+                    if let Ok(Err(e)) = saved {
                         tracing::debug!(error = %e, "cannot save the file cache");
                     }
                 }

@@ -505,14 +505,21 @@ impl Restorer<'_> {
                 detail: format!("its chunks hold {written} bytes, the listing says {size}"),
             });
         }
-        let file = tmp.as_file();
-        file.set_permissions(std::fs::Permissions::from_mode(mode & 0o777))
-            .map_err(|e| write_error(path, e))?;
-        file.set_modified(file_time(mtime_s, mtime_ns))
-            .map_err(|e| write_error(path, e))?;
-        file.sync_all().map_err(|e| write_error(path, e))?;
-        tmp.persist(path).map_err(|e| write_error(path, e.error))?;
-        Ok(())
+        // Mode, time, sync and rename on the blocking pool.
+        let path = path.to_owned();
+        tokio::task::spawn_blocking(move || {
+            let file = tmp.as_file();
+            file.set_permissions(std::fs::Permissions::from_mode(mode & 0o777))
+                .map_err(|e| write_error(&path, e))?;
+            file.set_modified(file_time(mtime_s, mtime_ns))
+                .map_err(|e| write_error(&path, e))?;
+            file.sync_all().map_err(|e| write_error(&path, e))?;
+            tmp.persist(&path)
+                .map_err(|e| write_error(&path, e.error))?;
+            Ok(())
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("restore work stopped: {e}")))?
     }
 
     /// Waits for a batch's work and takes the opener back.
