@@ -206,6 +206,29 @@ async fn settle(server: &ServerProcess, limit_kib: u64) -> u64 {
     rss
 }
 
+/// The server's resident memory once it has stopped changing: the same
+/// reading for a second (at most 10 s). The server is still closing the
+/// attack's connections for a while after the attackers stop, and memory
+/// read during that is not yet what the attack left behind.
+async fn steady(server: &ServerProcess) -> u64 {
+    let mut last = server.memory_kib().0;
+    let mut same = 0;
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let now = server.memory_kib().0;
+        if now == last {
+            same += 1;
+            if same >= 5 {
+                break;
+            }
+        } else {
+            same = 0;
+            last = now;
+        }
+    }
+    last
+}
+
 /// Memory a server may keep after an attack beyond its reading before it
 /// (allocator caches, the log's buffers).
 const RSS_SLACK_KIB: u64 = 16 * 1024;
@@ -274,7 +297,8 @@ async fn attacked(
     while let Some(n) = tasks.join_next().await {
         opened += n.unwrap();
     }
-    let after = settle(server, baseline + RSS_SLACK_KIB).await;
+    settle(server, baseline + RSS_SLACK_KIB).await;
+    let after = steady(server).await;
     Attacked {
         opened,
         took,
@@ -331,7 +355,8 @@ async fn many_addresses_filling_the_unauthenticated_budget_lock_nobody_out() {
     tokio::time::sleep(Duration::from_secs(3)).await;
     stop.cancel();
     while tasks.join_next().await.is_some() {}
-    let again = settle(&server, after + REPEAT_SLACK_KIB).await;
+    settle(&server, after + REPEAT_SLACK_KIB).await;
+    let again = steady(&server).await;
     eprintln!(
         "39 attackers, second round: server RSS {:.1} MiB after",
         mib(again)
