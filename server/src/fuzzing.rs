@@ -138,6 +138,13 @@ pub fn live_server(data: &[u8]) {
 
 /// As [`live_server`], returning what the server wrote.
 fn serve_input(data: &[u8]) -> Vec<u8> {
+    // One input at a time: the harness (its data directory, its checks) is
+    // shared, and a check run while another input is being served would
+    // see that input's temporaries. Tests run in parallel threads.
+    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _alone = ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let h = harness();
     let Some((&mode, rest)) = data.split_first() else {
         return Vec::new();
