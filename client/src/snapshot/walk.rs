@@ -51,10 +51,23 @@ pub(super) struct Walker {
     old: FileCache,
     /// The cache this run writes; dropped on the first write error.
     new: Option<CacheWriter>,
+    chunker: chunk::Chunker,
 }
 
 /// The uploader went away (it failed); the walker stops.
 pub(super) struct Stopped;
+
+/// Why reading a file stopped.
+enum ReadStop {
+    Read(std::io::Error),
+    Stopped(Stopped),
+}
+
+impl From<std::io::Error> for ReadStop {
+    fn from(e: std::io::Error) -> Self {
+        Self::Read(e)
+    }
+}
 
 fn mtime(meta: &Metadata) -> (i64, u32) {
     (meta.mtime(), u32::try_from(meta.mtime_nsec()).unwrap_or(0))
@@ -79,6 +92,7 @@ impl Walker {
             skipped: Vec::new(),
             old,
             new,
+            chunker: chunk::Chunker::default(),
         }
     }
 
@@ -202,18 +216,21 @@ impl Walker {
         };
         let mut chunks = Vec::new();
         let mut size = 0u64;
-        for c in chunk::chunks(std::io::BufReader::with_capacity(1 << 20, file)) {
-            let c = match c {
-                Ok(c) => c,
-                Err(e) => {
-                    self.skip(path, e);
-                    return Ok(None);
-                }
-            };
+        let mut chunker = std::mem::take(&mut self.chunker);
+        let cut = chunker.run(file, |c| {
             let id = self.id_key.id(&c.data);
             size += c.data.len() as u64;
             chunks.push(id);
-            self.emit(id, c.data)?;
+            self.emit(id, c.data).map_err(ReadStop::Stopped)
+        });
+        self.chunker = chunker;
+        match cut {
+            Ok(()) => {}
+            Err(ReadStop::Stopped(s)) => return Err(s),
+            Err(ReadStop::Read(e)) => {
+                self.skip(path, e);
+                return Ok(None);
+            }
         }
         // Cached only if nothing changed while it was read.
         let after = std::fs::metadata(path).map(|m| Stamp::of(&m));
