@@ -10,5 +10,6 @@ pub mod diff;
 pub mod keys;
 pub mod remote;
 pub mod restore;
+mod sink;
 mod upload;
 mod walk;

@@ -10,11 +10,10 @@
 //! only plain names (no `/`, `.` or `..`), and nothing is written through
 //! a symbolic link met on the way, so nothing lands outside the folder.
 
-use std::io::Write;
+use std::collections::VecDeque;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, UNIX_EPOCH};
 
 use protocol::repo::keys::{IdKey, MasterKey, OpenKey};
 use protocol::repo::message::{ObjectId, SnapshotEntry, MAX_FETCH_IDS, MAX_OBJECT_BYTES};
@@ -22,15 +21,21 @@ use protocol::repo::seal::Opener;
 use protocol::repo::tree::{decode_tree, Description, Entry, EntryKind};
 use protocol::session::repo::Fetched;
 
+use super::chunk;
 use super::keys::{self, RepoKey};
 use super::remote::Remote;
+use super::sink::{file_time, FileJob, Sink};
 use crate::engine::Client;
 use crate::error::Error;
 
 /// The most plaintext a tree or chunk may open to.
 const MAX_PLAIN: usize = MAX_OBJECT_BYTES as usize;
-/// Chunk ids asked for in one fetch while restoring files.
-const FETCH_BATCH: usize = 8;
+/// Chunk ids asked for in one fetch while restoring files: the chunks of
+/// many small files come in one exchange.
+const FETCH_IDS: usize = 256;
+const _: () = assert!(FETCH_IDS <= MAX_FETCH_IDS);
+/// Plaintext bytes (estimated) asked for in one fetch.
+const FETCH_BYTES: u64 = 32 << 20;
 
 /// A snapshot as listed: the server's id and time, and its description.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -313,15 +318,27 @@ impl Client {
                 snapshot: snap.id,
                 ..RestoreSummary::default()
             };
+            let sink = Sink::new(Opener::new(r.open_key.clone()), r.id_key.clone(), to);
             let mut restorer = Restorer {
                 r: &mut r,
                 overwrite,
                 summary: &mut summary,
                 dir_times: Vec::new(),
+                plan: Plan::default(),
+                sink: Some(sink),
+                job: None,
             };
+            let mut walked = Ok(());
             for e in entries {
-                restorer.entry(to, e).await?;
+                walked = restorer.entry(to, e).await;
+                if walked.is_err() {
+                    break;
+                }
             }
+            // What was fetched lands even when the connection failed.
+            let landed = restorer.finish_files(walked.is_ok()).await;
+            walked?;
+            landed?;
             restorer.finish_dirs();
             Ok(summary)
         }
@@ -337,13 +354,22 @@ struct Restorer<'a> {
     summary: &'a mut RestoreSummary,
     /// Directories whose times are set once their contents are written.
     dir_times: Vec<(PathBuf, i64, u32, u32)>,
+    /// Files and chunk ids queued, not yet fetched.
+    plan: Plan,
+    /// The writer, when idle; else it runs as `job`.
+    sink: Option<Sink>,
+    job: Option<tokio::task::JoinHandle<Sink>>,
 }
 
-fn file_time(s: i64, ns: u32) -> std::time::SystemTime {
-    match u64::try_from(s) {
-        Ok(s) => UNIX_EPOCH + Duration::new(s, ns.min(999_999_999)),
-        Err(_) => UNIX_EPOCH,
-    }
+/// What a restore has queued and not fetched yet: files not yet handed
+/// to the sink, and the ids of their chunks with an estimate of the bytes
+/// each opens to (the file's size for a file of one chunk, else the
+/// largest chunk).
+#[derive(Default)]
+struct Plan {
+    files: Vec<FileJob>,
+    ids: VecDeque<(ObjectId, u64)>,
+    bytes: u64,
 }
 
 impl Restorer<'_> {
@@ -413,125 +439,106 @@ impl Restorer<'_> {
                         Err(err) => self.fail(&path, write_error(&path, err)),
                     }
                 }
-                EntryKind::File { size, ref chunks } => {
-                    match self
-                        .file(&path, chunks, size, e.mode, e.mtime_s, e.mtime_ns)
-                        .await
-                    {
-                        Ok(()) => {
-                            self.summary.files += 1;
-                            self.summary.bytes += size;
-                        }
-                        Err(
-                            err @ (Error::Connect { .. }
-                            | Error::ConnectionLost { .. }
-                            | Error::Closed { .. }
-                            | Error::Timeout { .. }
-                            | Error::Protocol { .. }),
-                        ) => return Err(err),
-                        Err(err) => self.fail(&path, err),
-                    }
+                EntryKind::File { size, chunks } => {
+                    self.file(FileJob {
+                        path,
+                        chunks,
+                        size,
+                        mode: e.mode,
+                        mtime_s: e.mtime_s,
+                        mtime_ns: e.mtime_ns,
+                    })
+                    .await?;
                 }
             }
         }
         Ok(())
     }
 
-    async fn file(
-        &mut self,
-        path: &Path,
-        chunks: &[ObjectId],
-        size: u64,
-        mode: u32,
-        mtime_s: i64,
-        mtime_ns: u32,
-    ) -> Result<(), Error> {
-        let dir = path.parent().unwrap_or(Path::new("."));
-        let tmp = tempfile::Builder::new()
-            .prefix(".restore-")
-            .suffix(".part")
-            .tempfile_in(dir)
-            .map_err(|e| write_error(path, e))?;
-        // One batch is opened and written on the blocking pool while the
-        // next is fetched; the opener (with its cached session key) and
-        // the file travel with the work and come back.
-        let mut state = Some((tmp, 0u64));
-        let mut job: Option<tokio::task::JoinHandle<OpenedBatch>> = None;
-        let mut failed = None;
-        for batch in chunks.chunks(FETCH_BATCH.min(MAX_FETCH_IDS)) {
-            let fetched = match self.r.remote.fetch(batch).await {
-                Ok(f) => f,
-                Err(e) => {
-                    failed = Some(e);
-                    break;
-                }
-            };
-            if let Some(j) = job.take() {
-                match self.settle(j).await {
-                    Ok(s) => state = Some(s),
-                    Err(e) => {
-                        failed = Some(e);
-                        break;
-                    }
-                }
-            }
-            let Some((tmp, written)) = state.take() else {
-                break;
-            };
-            let opener =
-                std::mem::replace(&mut self.r.opener, Opener::new(self.r.open_key.clone()));
-            let id_key = self.r.id_key.clone();
-            let shown = path.display().to_string();
-            job = Some(tokio::task::spawn_blocking(move || {
-                open_batch(opener, &id_key, fetched, tmp, written, &shown)
-            }));
+    /// Queues a file; fetches once enough chunks are queued.
+    async fn file(&mut self, job: FileJob) -> Result<(), Error> {
+        let estimate = if job.chunks.len() > 1 {
+            u64::from(chunk::MAX)
+        } else {
+            job.size
+        };
+        for id in &job.chunks {
+            self.plan.ids.push_back((*id, estimate));
+            self.plan.bytes += estimate;
         }
-        if let Some(j) = job.take() {
-            match self.settle(j).await {
-                Ok(s) => state = Some(s),
-                Err(e) => {
-                    failed.get_or_insert(e);
-                }
-            }
-        }
-        if let Some(e) = failed {
-            return Err(e);
-        }
-        let (tmp, written) =
-            state.ok_or_else(|| Error::Internal("a restore lost its file".into()))?;
-        if written != size {
-            return Err(Error::DamagedObject {
-                path: path.display().to_string(),
-                detail: format!("its chunks hold {written} bytes, the listing says {size}"),
-            });
-        }
-        // Mode, time, sync and rename on the blocking pool.
-        let path = path.to_owned();
-        tokio::task::spawn_blocking(move || {
-            let file = tmp.as_file();
-            file.set_permissions(std::fs::Permissions::from_mode(mode & 0o777))
-                .map_err(|e| write_error(&path, e))?;
-            file.set_modified(file_time(mtime_s, mtime_ns))
-                .map_err(|e| write_error(&path, e))?;
-            file.sync_all().map_err(|e| write_error(&path, e))?;
-            tmp.persist(&path)
-                .map_err(|e| write_error(&path, e.error))?;
-            Ok(())
-        })
-        .await
-        .map_err(|e| Error::Internal(format!("restore work stopped: {e}")))?
+        self.plan.files.push(job);
+        self.pump(false).await
     }
 
-    /// Waits for a batch's work and takes the opener back.
-    async fn settle(
-        &mut self,
-        job: tokio::task::JoinHandle<OpenedBatch>,
-    ) -> Result<(tempfile::NamedTempFile, u64), Error> {
-        let (opener, result) = job
-            .await
-            .map_err(|e| Error::Internal(format!("restore work stopped: {e}")))?;
-        self.r.opener = opener;
-        result
+    /// Fetches queued chunks in batches of at most [`FETCH_IDS`] ids and
+    /// about [`FETCH_BYTES`] (at least one id); all of them when `all`.
+    /// A batch is opened and written on the blocking pool while the next
+    /// is fetched.
+    async fn pump(&mut self, all: bool) -> Result<(), Error> {
+        while self.plan.ids.len() >= FETCH_IDS
+            || self.plan.bytes >= FETCH_BYTES
+            || (all && !self.plan.ids.is_empty())
+        {
+            let mut ids = Vec::new();
+            let mut bytes = 0u64;
+            while let Some(&(id, estimate)) = self.plan.ids.front() {
+                if ids.len() == FETCH_IDS || (!ids.is_empty() && bytes + estimate > FETCH_BYTES) {
+                    break;
+                }
+                ids.push(id);
+                bytes += estimate;
+                self.plan.ids.pop_front();
+            }
+            self.plan.bytes -= bytes;
+            let fetched = self.r.remote.fetch(&ids).await?;
+            let files = std::mem::take(&mut self.plan.files);
+            let mut sink = self.settle().await?;
+            self.job = Some(tokio::task::spawn_blocking(move || {
+                sink.feed(files, fetched);
+                sink
+            }));
+        }
+        Ok(())
+    }
+
+    /// Waits for the sink's running batch, if any, and collects what it
+    /// ended.
+    async fn settle(&mut self) -> Result<Sink, Error> {
+        let mut sink = match (self.job.take(), self.sink.take()) {
+            (Some(job), _) => job
+                .await
+                .map_err(|e| Error::Internal(format!("restore work stopped: {e}")))?,
+            (None, Some(sink)) => sink,
+            (None, None) => return Err(Error::Internal("a restore lost its writer".into())),
+        };
+        for (path, outcome) in sink.outcomes.drain(..) {
+            match outcome {
+                Ok(size) => {
+                    self.summary.files += 1;
+                    self.summary.bytes += size;
+                }
+                Err(e) => self.fail(&path, e),
+            }
+        }
+        Ok(sink)
+    }
+
+    /// Fetches what is queued (unless the connection already failed),
+    /// ends every file and lands them durably.
+    async fn finish_files(&mut self, fetch: bool) -> Result<(), Error> {
+        let pumped = if fetch { self.pump(true).await } else { Ok(()) };
+        let files = std::mem::take(&mut self.plan.files);
+        let mut sink = self.settle().await?;
+        let sink = tokio::task::spawn_blocking(move || {
+            sink.finish(files);
+            sink
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("restore work stopped: {e}")))?;
+        self.job = None;
+        self.sink = Some(sink);
+        let _ = self.settle().await?;
+        pumped
     }
 
     /// Sets the modes and times of the directories made, deepest first.
@@ -543,52 +550,6 @@ impl Restorer<'_> {
             }
         }
     }
-}
-
-/// A batch's work handed back: the opener, and the file with the bytes
-/// written so far (or why the batch failed).
-type OpenedBatch = (Opener, Result<(tempfile::NamedTempFile, u64), Error>);
-
-/// Opens the fetched objects of one batch, in order, and appends their
-/// plaintext to `tmp`.
-fn open_batch(
-    mut opener: Opener,
-    id_key: &IdKey,
-    fetched: Vec<Fetched>,
-    mut tmp: tempfile::NamedTempFile,
-    mut written: u64,
-    path: &str,
-) -> OpenedBatch {
-    let damaged = |detail: String| Error::DamagedObject {
-        path: path.to_owned(),
-        detail,
-    };
-    for f in fetched {
-        let (id, sealed) = match f {
-            Fetched::Object { id, sealed } => (id, sealed),
-            Fetched::Missing { .. } => {
-                return (
-                    opener,
-                    Err(damaged("the server does not hold one of its chunks".into())),
-                )
-            }
-        };
-        let plain = match opener.open_object(id_key, &id, &sealed, MAX_PLAIN) {
-            Ok(p) => p,
-            Err(e) => return (opener, Err(damaged(e.to_string()))),
-        };
-        written += plain.len() as u64;
-        if let Err(e) = tmp.write_all(&plain) {
-            return (
-                opener,
-                Err(Error::WriteFile {
-                    path: PathBuf::from(path),
-                    reason: e.to_string(),
-                }),
-            );
-        }
-    }
-    (opener, Ok((tmp, written)))
 }
 
 fn write_error(path: &Path, e: std::io::Error) -> Error {
