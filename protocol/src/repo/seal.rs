@@ -142,22 +142,10 @@ impl Sealer {
         out.extend_from_slice(&self.ephemeral);
         out.extend_from_slice(&nonce);
         let body = start + HEAD_LEN;
-        let compressed = if compress {
-            zstd::bulk::compress(plaintext, ZSTD_LEVEL)
-                .ok()
-                .filter(|c| c.len() < plaintext.len())
-        } else {
-            None
-        };
-        match compressed {
-            Some(c) => {
-                out.push(ZSTD);
-                out.extend_from_slice(&c);
-            }
-            None => {
-                out.push(NONE);
-                out.extend_from_slice(plaintext);
-            }
+        let compressed = compress && compress_into(plaintext, out);
+        if !compressed {
+            out.push(NONE);
+            out.extend_from_slice(plaintext);
         }
         // Encryption in place cannot fail but for a length past GCM's
         // 64 GiB limit, far above any object.
@@ -169,6 +157,46 @@ impl Sealer {
             out.extend_from_slice(&tag);
         }
     }
+}
+
+thread_local! {
+    /// One compression context per thread: making one costs more than
+    /// compressing a small object with it.
+    static COMPRESSOR: std::cell::RefCell<Option<(zstd::bulk::Compressor<'static>, Vec<u8>)>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Appends the zstd byte and `plaintext` compressed to `out`, when that
+/// is shorter than `plaintext`; `false` (and `out` untouched) otherwise.
+fn compress_into(plaintext: &[u8], out: &mut Vec<u8>) -> bool {
+    COMPRESSOR.with(|cell| {
+        let mut cell = cell.borrow_mut();
+        if cell.is_none() {
+            *cell = zstd::bulk::Compressor::new(ZSTD_LEVEL)
+                .ok()
+                .map(|c| (c, Vec::new()));
+        }
+        let Some((compressor, scratch)) = cell.as_mut() else {
+            return false;
+        };
+        scratch.clear();
+        scratch.reserve(plaintext.len());
+        // Output that would not fit in the plaintext's length fails here,
+        // and the object is stored as it is.
+        let shrunk = match compressor.compress_to_buffer(plaintext, scratch) {
+            Ok(n) if n < plaintext.len() => {
+                out.push(ZSTD);
+                out.extend_from_slice(&scratch[..n]);
+                true
+            }
+            _ => false,
+        };
+        // A large object's scratch is not kept for the next.
+        if scratch.capacity() > 1 << 20 {
+            *scratch = Vec::new();
+        }
+        shrunk
+    })
 }
 
 fn snapshot_aad(time: u64) -> Vec<u8> {
