@@ -520,3 +520,115 @@ async fn a_backup_killed_midway_resumes_sending_at_most_what_was_missing_and_one
             == std::fs::read(folder.join("large.bin")).unwrap()
     );
 }
+
+/// Copies the tree at `from` to `to`, keeping modes, file mtimes and links.
+fn copy_tree(from: &Path, to: &Path) {
+    let status = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(from)
+        .arg(to)
+        .status()
+        .unwrap();
+    assert!(
+        status.success(),
+        "cp -a {} {}",
+        from.display(),
+        to.display()
+    );
+}
+
+/// The server SIGKILLed at points spread over a snapshot run, the commit
+/// included, then started again: every snapshot it lists restores
+/// completely, to what was backed up in its round, and the next backup
+/// works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_killed_at_any_point_of_a_backup_lists_only_snapshots_that_restore() {
+    const ROUNDS: u32 = 16;
+    let mut s = Setup::new().await;
+    let folder = s.path("k");
+    let expected = s.path("expected");
+    std::fs::create_dir_all(&expected).unwrap();
+    let folder_arg = folder.to_string_lossy().into_owned();
+    let addr = s.server.addr.to_string();
+    let mut baseline = Duration::ZERO;
+    let mut killed = 0;
+    for round in 0..=ROUNDS {
+        for i in 0..30 {
+            write_file(
+                &folder.join(format!("s/f{i}")),
+                2000 + i * 10,
+                round * 100 + i as u32,
+            );
+        }
+        // As much to read and send in every round.
+        write_file(&folder.join("r.bin"), 3 << 20, 1000 + round);
+        copy_tree(&folder, &expected.join(format!("round-{round}")));
+        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_backup-client"))
+            .arg("--config-dir")
+            .arg(&s.config)
+            .args(["--server", &addr, "--timeout", "20", "backup"])
+            .args(["--tag", &format!("round-{round}"), &folder_arg])
+            .env_remove("BACKUP_CLIENT_DIR")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let started = std::time::Instant::now();
+        if round == 0 {
+            let status = child.wait().await.unwrap();
+            assert!(status.success(), "the first backup failed");
+            baseline = started.elapsed();
+            continue;
+        }
+        // From the start of the run to past its end: connecting,
+        // uploading, staging and committing are each hit by some round.
+        tokio::time::sleep(baseline * round * 5 / (4 * ROUNDS)).await;
+        let running = child.try_wait().unwrap().is_none();
+        if running {
+            killed += 1;
+        }
+        s.server.kill_and_restart();
+        let _ = tokio::time::timeout(LIMIT, child.wait()).await.unwrap();
+    }
+    assert!(
+        killed >= 3,
+        "only {killed} of {ROUNDS} runs were still going when the server was killed"
+    );
+
+    let (out, listed) = s.json(&["snapshots"]).await;
+    assert!(out.status.success(), "snapshots: {}", stderr(&out));
+    let listed = listed["snapshots"].as_array().unwrap().clone();
+    assert!(!listed.is_empty(), "no snapshot listed");
+    eprintln!(
+        "{killed} of {ROUNDS} runs killed; {} snapshots listed",
+        listed.len()
+    );
+    for snap in &listed {
+        let id = snap["id"].as_u64().unwrap().to_string();
+        let tag = snap["tags"][0].as_str().unwrap().to_owned();
+        let to = s.path(&format!("out/{id}"));
+        let out = s
+            .client(&["restore", &id, "--to", &to.to_string_lossy()])
+            .await;
+        assert!(
+            out.status.success(),
+            "snapshot {id} ({tag}) does not restore: {}",
+            stderr(&out)
+        );
+        assert_same_tree(&expected.join(&tag), &to.join("k"));
+    }
+
+    // The server keeps working: one more backup restores too.
+    let (out, _) = s.json(&["backup", "--tag", "after", &folder_arg]).await;
+    assert!(
+        out.status.success(),
+        "backup after the kills: {}",
+        stderr(&out)
+    );
+    let to = s.path("out/after");
+    let out = s.client(&["restore", "--to", &to.to_string_lossy()]).await;
+    assert!(out.status.success(), "restore: {}", stderr(&out));
+    assert_same_tree(&folder, &to.join("k"));
+}

@@ -45,6 +45,7 @@ pub struct ServerProcess {
     pub data: tempfile::TempDir,
     child: std::process::Child,
     log: PathBuf,
+    extra: Vec<String>,
 }
 
 impl ServerProcess {
@@ -55,37 +56,73 @@ impl ServerProcess {
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let legacy_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let log = data.path().join("server.log");
-        let child = std::process::Command::new(server_binary())
-            .args(["--listen", &addr.to_string()])
-            .args(["--legacy-listen", &legacy_addr.to_string()])
-            .arg("--data-dir")
-            .arg(data.path().join("data"))
-            .args(extra)
-            .env("RUST_LOG", "debug")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
+        let child = Self::spawn(addr, legacy_addr, data.path(), &log, extra);
         let server = Self {
             addr,
             legacy_addr,
             data,
             child,
             log,
+            extra: extra.iter().map(|s| (*s).to_owned()).collect(),
         };
+        server.wait_listening();
+        server
+    }
+
+    fn spawn(
+        addr: SocketAddr,
+        legacy_addr: SocketAddr,
+        dir: &Path,
+        log: &Path,
+        extra: &[&str],
+    ) -> std::process::Child {
+        let log = std::fs::File::options()
+            .create(true)
+            .append(true)
+            .open(log)
+            .unwrap();
+        std::process::Command::new(server_binary())
+            .args(["--listen", &addr.to_string()])
+            .args(["--legacy-listen", &legacy_addr.to_string()])
+            .arg("--data-dir")
+            .arg(dir.join("data"))
+            .args(extra)
+            .env("RUST_LOG", "debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap()
+    }
+
+    fn wait_listening(&self) {
         let deadline = Instant::now() + Duration::from_secs(30);
-        for target in [addr, legacy_addr] {
+        for target in [self.addr, self.legacy_addr] {
             while std::net::TcpStream::connect(target).is_err() {
                 assert!(
                     Instant::now() < deadline,
                     "the server did not listen on {target}: {}",
-                    server.log()
+                    self.log()
                 );
                 std::thread::sleep(Duration::from_millis(20));
             }
         }
-        server
+    }
+
+    /// SIGKILLs the server and starts it again on the same data directory
+    /// and addresses.
+    pub fn kill_and_restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let extra: Vec<&str> = self.extra.iter().map(String::as_str).collect();
+        self.child = Self::spawn(
+            self.addr,
+            self.legacy_addr,
+            self.data.path(),
+            &self.log,
+            &extra,
+        );
+        self.wait_listening();
     }
 
     /// What the server logged so far.
