@@ -9,7 +9,7 @@
 //! [`QUEUE`] objects ahead, a batch holds at most [`BATCH_BYTES`] of
 //! plaintext, and a pack is streamed as it fills, never held whole. What
 //! grows with the snapshot is the set of ids it references (32 bytes
-//! each, about 32 MiB for a million chunks).
+//! each and the set's overhead: about 40 MiB for a million chunks).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

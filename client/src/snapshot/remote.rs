@@ -144,17 +144,14 @@ impl Remote {
 
     /// Stages the references of the snapshot to commit; returns how many
     /// the server does not hold.
-    pub async fn stage(&mut self, ids: &[ObjectId]) -> Result<u64, Error> {
+    pub async fn stage(&mut self, ids: impl IntoIterator<Item = &ObjectId>) -> Result<u64, Error> {
         let mut missing = 0u64;
-        for batch in ids.chunks(MAX_IDS) {
+        let mut ids = ids.into_iter().peekable();
+        while ids.peek().is_some() {
+            let batch: Vec<ObjectId> = ids.by_ref().take(MAX_IDS).copied().collect();
             let doing = "sending the snapshot's references";
             match self
-                .ask(
-                    RepoRequest::SnapshotRefs {
-                        ids: batch.to_vec(),
-                    },
-                    doing,
-                )
+                .ask(RepoRequest::SnapshotRefs { ids: batch }, doing)
                 .await?
             {
                 RepoResponse::RefsStaged { missing: m } => missing += u64::from(m),

@@ -28,7 +28,8 @@ pub(super) struct Made {
 #[derive(Default)]
 pub(super) struct Walked {
     pub(super) root: ObjectId,
-    pub(super) refs: Vec<ObjectId>,
+    /// Every object the snapshot references, once each.
+    pub(super) refs: HashSet<ObjectId>,
     pub(super) files: u64,
     pub(super) dirs: u64,
     pub(super) bytes: u64,
@@ -40,8 +41,9 @@ pub(super) struct Walked {
 pub(super) struct Walker {
     id_key: IdKey,
     tx: mpsc::Sender<Made>,
+    /// Every object referenced so far: 32 bytes and the set's overhead
+    /// each, about 40 MiB for a million chunks.
     seen: HashSet<ObjectId>,
-    refs: Vec<ObjectId>,
     files: u64,
     dirs: u64,
     bytes: u64,
@@ -84,7 +86,6 @@ impl Walker {
             id_key,
             tx,
             seen: HashSet::new(),
-            refs: Vec::new(),
             files: 0,
             dirs: 0,
             bytes: 0,
@@ -107,7 +108,7 @@ impl Walker {
         };
         Some(Walked {
             root,
-            refs: self.refs,
+            refs: self.seen,
             files: self.files,
             dirs: self.dirs,
             bytes: self.bytes,
@@ -119,7 +120,6 @@ impl Walker {
 
     fn emit(&mut self, id: ObjectId, data: Vec<u8>) -> Result<(), Stopped> {
         if self.seen.insert(id) {
-            self.refs.push(id);
             self.tx
                 .blocking_send(Made { id, data })
                 .map_err(|_| Stopped)?;
@@ -175,9 +175,7 @@ impl Walker {
     }
 
     fn reference(&mut self, id: ObjectId) {
-        if self.seen.insert(id) {
-            self.refs.push(id);
-        }
+        self.seen.insert(id);
     }
 
     fn remember(&mut self, path: &Path, stamp: &Stamp, chunks: &[ObjectId]) {
