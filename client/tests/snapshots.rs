@@ -409,7 +409,7 @@ async fn unchanged_files_are_not_read_again_and_a_stale_cache_costs_only_reading
         me.lines().nth(1).unwrap().trim().to_owned()
     };
     let cache_path =
-        client::snapshot::cache::path_for(&s.config, &s.server.addr.to_string(), &client_id);
+        client::snapshot::cache::path_for(&s.config, &client_id, std::slice::from_ref(&folder));
     assert!(cache_path.exists(), "no cache at {}", cache_path.display());
     let mut w = client::snapshot::cache::CacheWriter::create(&cache_path).unwrap();
     for i in 0..10 {
@@ -417,6 +417,7 @@ async fn unchanged_files_are_not_read_again_and_a_stale_cache_costs_only_reading
         let meta = std::fs::metadata(&p).unwrap();
         let bogus = protocol::repo::ObjectId([i as u8; 32]);
         w.add(
+            0,
             p.as_os_str().as_encoded_bytes(),
             &client::snapshot::cache::Stamp::of(&meta),
             &[bogus],

@@ -103,7 +103,8 @@ impl Client {
         let roots = root_names(paths)?;
         let keyed = self.reconnect_existing().await?;
         let client_id = keyed.identity.client_id.to_hex();
-        let cache_path = cache::path_for(self.store().dir(), &self.options().server, &client_id);
+        let root_paths: Vec<PathBuf> = roots.iter().map(|(_, p)| p.clone()).collect();
+        let cache_path = cache::path_for(self.store().dir(), &client_id, &root_paths);
         let mut remote = Remote::new(keyed, self.options().server.clone());
         let mut result = self
             .snapshot_on(

@@ -3,23 +3,30 @@
 //! that has not changed is not read again (`backup --force-read` reads
 //! everything).
 //!
-//! One cache per server and client id, in `<config dir>/cache/`. It is
-//! only ever a hint: a lost, stale or damaged cache costs reading files,
+//! One cache per client id and list of paths backed up, in
+//! `<config dir>/cache/`. It is only ever a hint: a lost, stale or damaged cache costs reading files,
 //! never a wrong snapshot. A file is taken from it only when all five
 //! stamps match; the server checks at commit that every chunk id the
 //! snapshot references is stored, and when one is not (pruned since), the
 //! run is made again reading every file.
 //!
 //! ```text
-//! file   = "BKC1" || count u64 || entry* || BLAKE3 of everything before
-//! entry  = path_len u32 || path || size u64 || mtime_s i64 || mtime_ns u32 || ctime_s i64
-//!          || ctime_ns u32 || inode u64 || device u64 || chunks u32 || id*
+//! file   = "BKC2" || count u64 || entry* || BLAKE3 of everything before
+//! entry  = root u32 || path_len u32 || path || size u64 || mtime_s i64 || mtime_ns u32
+//!          || ctime_s i64 || ctime_ns u32 || inode u64 || device u64 || chunks u32 || id*
 //! ```
 //!
 //! The new cache is written while the walk goes, to a temporary file,
 //! and renamed over the old one only after the snapshot is committed.
+//!
+//! Entries are in the walker's order: by root (the position of the path
+//! on the command line), then by path compared name by name, which is the
+//! order of a depth-first walk over sorted names. So the old cache is
+//! read as a stream beside the walk, a merge join, and memory does not
+//! grow with the number of files (a cache read whole held about 250 bytes
+//! per file: 250 MiB for a million). The checksum is verified in a first
+//! pass over the file, before any entry is used.
 
-use std::collections::HashMap;
 use std::fs::Metadata;
 use std::io::{BufWriter, Read, Write};
 use std::os::unix::fs::MetadataExt;
@@ -27,7 +34,7 @@ use std::path::{Path, PathBuf};
 
 use protocol::repo::message::{ObjectId, ID_LEN};
 
-const MAGIC: &[u8; 4] = b"BKC1";
+const MAGIC: &[u8; 4] = b"BKC2";
 
 /// What identifies an unchanged file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,111 +62,176 @@ impl Stamp {
     }
 }
 
-/// The cache of the last snapshot, read whole.
-#[derive(Debug, Default)]
+/// The cache of the last snapshot, read as a stream in walk order.
+#[derive(Default)]
 pub struct FileCache {
-    files: HashMap<Vec<u8>, (Stamp, Vec<ObjectId>)>,
+    reader: Option<std::io::BufReader<std::fs::File>>,
+    /// Entries not read yet.
+    remaining: u64,
+    /// The next entry, read ahead.
+    next: Option<Cached>,
 }
 
-/// Where the cache of `client_id` on `server` lives under `config_dir`.
-pub fn path_for(config_dir: &Path, server: &str, client_id: &str) -> PathBuf {
-    let server = blake3::hash(server.as_bytes()).to_hex();
+/// One file of the old cache.
+struct Cached {
+    root: u32,
+    path: Vec<u8>,
+    stamp: Stamp,
+    ids: Vec<ObjectId>,
+}
+
+/// Walk order: by root, then name by name (a directory's own files come
+/// where its name sorts among its siblings).
+fn walk_order(a: (u32, &[u8]), b: (u32, &[u8])) -> std::cmp::Ordering {
+    a.0.cmp(&b.0)
+        .then_with(|| a.1.split(|c| *c == b'/').cmp(b.1.split(|c| *c == b'/')))
+}
+
+/// Where the cache of `client_id` for this list of `roots` lives under
+/// `config_dir`: each set of paths backed up keeps its own.
+pub fn path_for(config_dir: &Path, client_id: &str, roots: &[PathBuf]) -> PathBuf {
+    let mut h = blake3::Hasher::new();
+    for r in roots {
+        h.update(r.as_os_str().as_encoded_bytes());
+        h.update(&[0]);
+    }
+    let roots = h.finalize().to_hex();
     config_dir
         .join("cache")
-        .join(format!("{client_id}-{}.cache", &server[..16]))
+        .join(format!("{client_id}-{}.cache", &roots[..16]))
 }
 
-struct Reader<'a> {
-    bytes: &'a [u8],
+fn read_exact<const N: usize>(r: &mut impl Read) -> Option<[u8; N]> {
+    let mut b = [0u8; N];
+    r.read_exact(&mut b).ok()?;
+    Some(b)
 }
 
-impl Reader<'_> {
-    fn take(&mut self, n: usize) -> Option<&[u8]> {
-        if self.bytes.len() < n {
-            return None;
-        }
-        let (head, rest) = self.bytes.split_at(n);
-        self.bytes = rest;
-        Some(head)
-    }
-    fn u32(&mut self) -> Option<u32> {
-        self.take(4)?.try_into().ok().map(u32::from_le_bytes)
-    }
-    fn u64(&mut self) -> Option<u64> {
-        self.take(8)?.try_into().ok().map(u64::from_le_bytes)
-    }
-    fn i64(&mut self) -> Option<i64> {
-        self.take(8)?.try_into().ok().map(i64::from_le_bytes)
-    }
+/// Whether the file's last 32 bytes are the BLAKE3 of the rest, read in a
+/// stream; the file is left at its start.
+fn checksum_holds(file: &mut std::fs::File) -> Option<()> {
+    use std::io::{Seek, SeekFrom};
+    let len = file.metadata().ok()?.len();
+    let body = len.checked_sub(32)?;
+    let mut hasher = blake3::Hasher::new();
+    let mut reader = std::io::BufReader::with_capacity(256 << 10, &mut *file);
+    std::io::copy(&mut Read::by_ref(&mut reader).take(body), &mut hasher).ok()?;
+    let sum: [u8; 32] = read_exact(&mut reader)?;
+    drop(reader);
+    file.seek(SeekFrom::Start(0)).ok()?;
+    (hasher.finalize().as_bytes() == &sum).then_some(())
+}
+
+fn u32_of(r: &mut impl Read) -> Option<u32> {
+    read_exact(r).map(u32::from_le_bytes)
+}
+
+fn u64_of(r: &mut impl Read) -> Option<u64> {
+    read_exact(r).map(u64::from_le_bytes)
+}
+
+fn i64_of(r: &mut impl Read) -> Option<i64> {
+    read_exact(r).map(i64::from_le_bytes)
 }
 
 impl FileCache {
     /// The cache at `path`; empty when it is missing or damaged.
     pub fn load(path: &Path) -> Self {
-        let mut bytes = Vec::new();
-        let read = std::fs::File::open(path).and_then(|mut f| f.read_to_end(&mut bytes));
-        if read.is_err() {
-            return Self::default();
-        }
-        Self::parse(&bytes).unwrap_or_else(|| {
-            tracing::debug!(path = %path.display(), "file cache damaged; reading every file");
+        Self::open(path).unwrap_or_else(|| {
+            if path.exists() {
+                tracing::debug!(path = %path.display(), "file cache damaged; reading every file");
+            }
             Self::default()
         })
     }
 
-    fn parse(bytes: &[u8]) -> Option<Self> {
-        let body_len = bytes.len().checked_sub(32)?;
-        let (body, sum) = bytes.split_at(body_len);
-        if blake3::hash(body).as_bytes() != sum {
+    fn open(path: &Path) -> Option<Self> {
+        let mut file = std::fs::File::open(path).ok()?;
+        checksum_holds(&mut file)?;
+        let mut reader = std::io::BufReader::with_capacity(256 << 10, file);
+        if &read_exact::<4>(&mut reader)? != MAGIC {
             return None;
         }
-        let mut r = Reader { bytes: body };
-        if r.take(4)? != MAGIC {
+        let remaining = u64_of(&mut reader)?;
+        let mut cache = Self {
+            reader: Some(reader),
+            remaining,
+            next: None,
+        };
+        cache.advance();
+        Some(cache)
+    }
+
+    /// Reads the next entry ahead; at the end (or on a short read) the
+    /// cache is done.
+    fn advance(&mut self) {
+        self.next = None;
+        if self.remaining == 0 {
+            self.reader = None;
+            return;
+        }
+        self.remaining -= 1;
+        let Some(r) = self.reader.as_mut() else {
+            return;
+        };
+        self.next = Self::entry(r);
+        if self.next.is_none() {
+            self.reader = None;
+        }
+    }
+
+    fn entry(r: &mut impl Read) -> Option<Cached> {
+        let root = u32_of(r)?;
+        let n = usize::try_from(u32_of(r)?).ok()?;
+        if n > 1 << 16 {
             return None;
         }
-        let count = r.u64()?;
-        let mut files = HashMap::new();
-        for _ in 0..count {
-            let n = r.u32()? as usize;
-            let path = r.take(n)?.to_vec();
-            let stamp = Stamp {
-                size: r.u64()?,
-                mtime_s: r.i64()?,
-                mtime_ns: r.u32()?,
-                ctime_s: r.i64()?,
-                ctime_ns: r.u32()?,
-                inode: r.u64()?,
-                device: r.u64()?,
-            };
-            let chunks = r.u32()? as usize;
-            let ids = r.take(chunks.checked_mul(ID_LEN)?)?;
-            let ids = ids
-                .chunks_exact(ID_LEN)
-                .map(|c| {
-                    let mut id = [0u8; ID_LEN];
-                    id.copy_from_slice(c);
-                    ObjectId(id)
-                })
-                .collect();
-            files.insert(path, (stamp, ids));
+        let mut path = vec![0u8; n];
+        r.read_exact(&mut path).ok()?;
+        let stamp = Stamp {
+            size: u64_of(r)?,
+            mtime_s: i64_of(r)?,
+            mtime_ns: u32_of(r)?,
+            ctime_s: i64_of(r)?,
+            ctime_ns: u32_of(r)?,
+            inode: u64_of(r)?,
+            device: u64_of(r)?,
+        };
+        let chunks = u32_of(r)?;
+        let mut ids = Vec::new();
+        for _ in 0..chunks {
+            ids.push(ObjectId(read_exact::<ID_LEN>(r)?));
         }
-        r.bytes.is_empty().then_some(Self { files })
+        Some(Cached {
+            root,
+            path,
+            stamp,
+            ids,
+        })
     }
 
-    /// The chunk ids of `path` if its stamp is unchanged.
-    pub fn unchanged(&self, path: &[u8], stamp: &Stamp) -> Option<&[ObjectId]> {
-        match self.files.get(path) {
-            Some((s, ids)) if s == stamp => Some(ids),
-            _ => None,
+    /// The chunk ids of `path` (under root `root`) if its stamp is
+    /// unchanged. Asked in walk order: entries before `path` are passed
+    /// over (files gone since) and never looked at again.
+    pub fn unchanged(&mut self, root: u32, path: &[u8], stamp: &Stamp) -> Option<Vec<ObjectId>> {
+        loop {
+            let next = self.next.as_ref()?;
+            match walk_order((next.root, &next.path), (root, path)) {
+                std::cmp::Ordering::Less => self.advance(),
+                std::cmp::Ordering::Greater => return None,
+                std::cmp::Ordering::Equal => {
+                    let hit = next.stamp == *stamp;
+                    let ids = self.next.take().map(|c| c.ids);
+                    self.advance();
+                    return ids.filter(|_| hit);
+                }
+            }
         }
     }
 
-    pub fn len(&self) -> usize {
-        self.files.len()
-    }
-
+    /// Whether no entry is left to read.
     pub fn is_empty(&self) -> bool {
-        self.files.is_empty()
+        self.next.is_none()
     }
 }
 
@@ -204,8 +276,15 @@ impl CacheWriter {
     ///
     /// # Errors
     /// When the write fails.
-    pub fn add(&mut self, path: &[u8], stamp: &Stamp, chunks: &[ObjectId]) -> std::io::Result<()> {
+    pub fn add(
+        &mut self,
+        root: u32,
+        path: &[u8],
+        stamp: &Stamp,
+        chunks: &[ObjectId],
+    ) -> std::io::Result<()> {
         let mut e = Vec::with_capacity(64 + path.len() + chunks.len() * ID_LEN);
+        e.extend_from_slice(&root.to_le_bytes());
         e.extend_from_slice(&u32::try_from(path.len()).unwrap_or(u32::MAX).to_le_bytes());
         e.extend_from_slice(path);
         e.extend_from_slice(&stamp.size.to_le_bytes());
@@ -277,20 +356,42 @@ mod tests {
     }
 
     #[test]
-    fn a_committed_cache_reads_back_and_a_changed_stamp_misses() {
+    fn a_committed_cache_reads_back_in_walk_order_and_a_changed_stamp_misses() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c/x.cache");
         let mut w = CacheWriter::create(&path).unwrap();
-        w.add(b"/a", &stamp(10), &[ObjectId([1; 32]), ObjectId([2; 32])])
-            .unwrap();
-        w.add(b"/b", &stamp(0), &[]).unwrap();
+        // The walker's order: a directory's files where its name sorts
+        // ("a" before "a.txt"), then the next root.
+        let ids = [ObjectId([1; 32]), ObjectId([2; 32])];
+        w.add(0, b"/r/a/x", &stamp(10), &ids).unwrap();
+        w.add(0, b"/r/a/y", &stamp(1), &[]).unwrap();
+        w.add(0, b"/r/a.txt", &stamp(2), &ids[..1]).unwrap();
+        w.add(0, b"/r/b", &stamp(3), &[]).unwrap();
+        w.add(1, b"/q/z", &stamp(4), &ids[1..]).unwrap();
         w.commit(&path).unwrap();
-        let c = FileCache::load(&path);
-        assert_eq!(c.len(), 2);
-        assert_eq!(c.unchanged(b"/a", &stamp(10)).unwrap().len(), 2);
-        assert!(c.unchanged(b"/a", &stamp(11)).is_none());
-        assert!(c.unchanged(b"/b", &stamp(0)).unwrap().is_empty());
-        assert!(c.unchanged(b"/c", &stamp(0)).is_none());
+
+        let mut c = FileCache::load(&path);
+        assert!(!c.is_empty());
+        assert_eq!(c.unchanged(0, b"/r/a/x", &stamp(10)).unwrap(), ids);
+        // Changed since: a miss, and the entry is used up.
+        assert!(c.unchanged(0, b"/r/a/y", &stamp(9)).is_none());
+        // A new file between two cached ones: a miss that keeps the next.
+        assert!(c.unchanged(0, b"/r/a/yy", &stamp(1)).is_none());
+        assert_eq!(c.unchanged(0, b"/r/a.txt", &stamp(2)).unwrap(), &ids[..1]);
+        // "/r/b" is gone from this walk: passed over for the next root.
+        assert_eq!(c.unchanged(1, b"/q/z", &stamp(4)).unwrap(), &ids[1..]);
+        assert!(c.is_empty());
+        assert!(c.unchanged(1, b"/q/zz", &stamp(4)).is_none());
+    }
+
+    #[test]
+    fn walk_order_is_a_depth_first_walk_over_sorted_names() {
+        use std::cmp::Ordering::*;
+        assert_eq!(walk_order((0, b"/r/a/x"), (0, b"/r/a.txt")), Less);
+        assert_eq!(walk_order((0, b"/r/a.txt"), (0, b"/r/a/x")), Greater);
+        assert_eq!(walk_order((0, b"/r/b"), (1, b"/a")), Less);
+        assert_eq!(walk_order((0, b"/r/a"), (0, b"/r/a")), Equal);
+        assert_eq!(walk_order((0, b"/r/a"), (0, b"/r/a/b")), Less);
     }
 
     #[test]
@@ -298,7 +399,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("x.cache");
         let mut w = CacheWriter::create(&path).unwrap();
-        w.add(b"/a", &stamp(10), &[ObjectId([1; 32])]).unwrap();
+        w.add(0, b"/a", &stamp(10), &[ObjectId([1; 32])]).unwrap();
         w.commit(&path).unwrap();
         let mut bytes = std::fs::read(&path).unwrap();
         bytes[20] ^= 1;
@@ -315,13 +416,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("x.cache");
         let mut w = CacheWriter::create(&path).unwrap();
-        w.add(b"/a", &stamp(1), &[]).unwrap();
+        w.add(0, b"/a", &stamp(1), &[]).unwrap();
         w.commit(&path).unwrap();
         let mut w = CacheWriter::create(&path).unwrap();
-        w.add(b"/b", &stamp(1), &[]).unwrap();
+        w.add(0, b"/b", &stamp(1), &[]).unwrap();
         w.abandon();
-        let c = FileCache::load(&path);
-        assert!(c.unchanged(b"/a", &stamp(1)).is_some());
+        let mut c = FileCache::load(&path);
+        assert!(c.unchanged(0, b"/a", &stamp(1)).is_some());
         assert!(!path.with_extension("cache.part").exists());
     }
 }

@@ -54,6 +54,8 @@ pub(super) struct Walker {
     /// The cache this run writes; dropped on the first write error.
     new: Option<CacheWriter>,
     chunker: chunk::Chunker,
+    /// The position of the root being walked, for the file cache.
+    root_index: u32,
 }
 
 /// The uploader went away (it failed); the walker stops.
@@ -94,6 +96,7 @@ impl Walker {
             old,
             new,
             chunker: chunk::Chunker::default(),
+            root_index: 0,
         }
     }
 
@@ -180,7 +183,7 @@ impl Walker {
 
     fn remember(&mut self, path: &Path, stamp: &Stamp, chunks: &[ObjectId]) {
         if let Some(w) = self.new.as_mut() {
-            if let Err(e) = w.add(path.as_os_str().as_bytes(), stamp, chunks) {
+            if let Err(e) = w.add(self.root_index, path.as_os_str().as_bytes(), stamp, chunks) {
                 tracing::debug!(error = %e, "cannot write the file cache; the next run reads every file");
                 if let Some(w) = self.new.take() {
                     w.abandon();
@@ -191,8 +194,10 @@ impl Walker {
 
     fn file(&mut self, path: &Path, meta: &Metadata) -> Result<Option<EntryKind>, Stopped> {
         let stamp = Stamp::of(meta);
-        if let Some(ids) = self.old.unchanged(path.as_os_str().as_bytes(), &stamp) {
-            let chunks = ids.to_vec();
+        let cached = self
+            .old
+            .unchanged(self.root_index, path.as_os_str().as_bytes(), &stamp);
+        if let Some(chunks) = cached {
             for id in &chunks {
                 self.reference(*id);
             }
@@ -290,7 +295,8 @@ impl Walker {
     /// that is a symbolic link is followed.
     pub(super) fn root(&mut self, paths: &[(Vec<u8>, PathBuf)]) -> Result<ObjectId, Stopped> {
         let mut entries = Vec::with_capacity(paths.len());
-        for (name, path) in paths {
+        for (index, (name, path)) in paths.iter().enumerate() {
+            self.root_index = u32::try_from(index).unwrap_or(u32::MAX);
             match std::fs::metadata(path) {
                 Ok(meta) => {
                     if let Some(e) = self.entry(path, name.clone(), &meta)? {
