@@ -397,3 +397,30 @@ async fn an_append_only_client_cannot_replace_or_remove_its_key_envelopes() {
         .await;
     assert!(out.status.success(), "snapshots: {}", stderr(&out));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passphrase_logins_take_tokens_of_the_registration_rate_of_their_source() {
+    // The registration takes one token, the first login the other.
+    let s = Setup::new(&[
+        "--registrations-per-minute",
+        "1",
+        "--registration-burst",
+        "2",
+    ])
+    .await;
+    s.add_passphrase().await;
+    let pass = s.pass_arg();
+    let login = [
+        "snapshots",
+        "--passphrase",
+        "--name",
+        NAME,
+        "--passphrase-file",
+        pass.as_str(),
+    ];
+    let out = s.client(&login).await;
+    assert!(out.status.success(), "first login: {}", stderr(&out));
+    let out = s.client(&login).await;
+    assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
+    assert!(stderr(&out).contains("too many logins"), "{}", stderr(&out));
+}
