@@ -582,6 +582,18 @@ mod tests {
         assert!(!s.put_key(A, 1, b"pass2", now, true).unwrap());
         assert!(s.put_key(A, 1, b"pass3", now, false).unwrap());
         assert_eq!(s.keys(A).unwrap()[0].envelope, "pass3");
+        // The client's own flag, as `backup-server append-only CLIENT on` sets it.
+        let name = protocol::UserName::try_from("flagged").unwrap();
+        s.register_with_key(B, &name, b"der", now).unwrap();
+        s.put_key(B, 0, b"rsa", now, false).unwrap();
+        s.put_key(B, 1, b"pass", now, false).unwrap();
+        assert!(s.set_append_only(B, true).unwrap());
+        assert!(!s.put_key(B, 1, b"pass2", now, false).unwrap());
+        assert_eq!(
+            s.delete_key(B, 0, false).unwrap(),
+            Err(KeptReason::APPEND_ONLY)
+        );
+        assert_eq!(s.keys(B).unwrap()[1].envelope, "pass");
     }
 
     #[test]
