@@ -187,6 +187,22 @@ async fn a_passphrase_restores_byte_for_byte_on_a_machine_without_the_key_files(
         "restored tree differs"
     );
     assert_eq!(files(&s.folder).len(), 3);
+    // The passphrase from the environment instead of a file.
+    let addr = s.server.addr.to_string();
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_backup-client"))
+        .arg("--config-dir")
+        .arg(&fresh)
+        .args(["--server", &addr, "ls", "--passphrase", "--name", NAME])
+        .env_remove("BACKUP_CLIENT_DIR")
+        .env("BACKUP_PASSPHRASE", "correct horse battery staple")
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "ls: {}", stderr(&out));
+    let listing = String::from_utf8_lossy(&out.stdout);
+    assert!(listing.contains("folder/sub/small.txt"), "{listing}");
     // No key files appeared on the new machine; only the pin.
     assert_eq!(entries(&fresh), vec!["known_servers".to_owned()]);
     assert!(
