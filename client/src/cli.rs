@@ -3,11 +3,14 @@
 //! resolved (once, [`resolve`]) and each command run and rendered.
 
 mod args;
+mod key;
 mod snapshot;
 
+pub use key::{read_passphrase, ENV_PASSPHRASE};
+
 pub use args::{
-    BackupArgs, Cli, Command, DeleteArgs, DiffArgs, GlobalArgs, ListArgs, LsArgs, RegisterArgs,
-    RestoreArgs,
+    BackupArgs, Cli, Command, DeleteArgs, DiffArgs, ExportArgs, GlobalArgs, KeyArgs, KeyCommand,
+    ListArgs, LoginArgs, LsArgs, PassphraseFile, RegisterArgs, RestoreArgs, SnapshotsArgs,
 };
 
 use std::path::{Path, PathBuf};
@@ -107,16 +110,24 @@ pub async fn run(cli: Cli, cwd: &Path) -> u8 {
             };
             backup(&cli.global, Some(args), paths, links, cwd, false, &console).await
         }
-        Some(Command::Snapshots) => match retrieval_client(&cli.global, cwd, &console) {
-            Ok(client) => snapshot::snapshots(&client, &cli.global, &console).await,
-            Err(e) => Err(e),
-        },
-        Some(Command::Ls(args)) => match retrieval_client(&cli.global, cwd, &console) {
+        Some(Command::Snapshots(args)) => {
+            match reading_client(&cli.global, &args.login, cwd, &console) {
+                Ok(client) => snapshot::snapshots(&client, &cli.global, &console).await,
+                Err(e) => Err(e),
+            }
+        }
+        Some(Command::Ls(args)) => match reading_client(&cli.global, &args.login, cwd, &console) {
             Ok(client) => snapshot::ls(&client, args, &cli.global, &console).await,
             Err(e) => Err(e),
         },
-        Some(Command::Diff(args)) => match retrieval_client(&cli.global, cwd, &console) {
-            Ok(client) => snapshot::diff(&client, args, &cli.global, &console).await,
+        Some(Command::Diff(args)) => {
+            match reading_client(&cli.global, &args.login, cwd, &console) {
+                Ok(client) => snapshot::diff(&client, args, &cli.global, &console).await,
+                Err(e) => Err(e),
+            }
+        }
+        Some(Command::Key(args)) => match retrieval_client(&cli.global, cwd, &console) {
+            Ok(client) => key::key(&client, args, cwd, &cli.global, &console).await,
             Err(e) => Err(e),
         },
         Some(Command::List(args)) => list(&cli.global, args, cwd, &console).await,
@@ -236,7 +247,9 @@ async fn backup(
     let store = IdentityStore::new(&places.identity_dir);
     if let Some(args) = args.filter(|_| !options.legacy && !global.per_file && !legacy_folder) {
         let feedback: Arc<dyn Feedback> = console.clone();
-        let client = Client::new(options, store).with_feedback(feedback);
+        let client = Client::new(options, store)
+            .with_feedback(feedback)
+            .with_key_file(key_file(global, &places, cwd));
         return snapshot::backup(&client, args, paths, register_as.as_ref(), global, console).await;
     }
     if let (Some(t), Ok(Some(identity))) = (&legacy, store.load()) {
@@ -299,7 +312,56 @@ fn retrieval_client(
     let options = resolve(global, None, legacy.as_ref(), &places)?;
     let store = IdentityStore::new(&places.identity_dir);
     let feedback: Arc<dyn Feedback> = console.clone();
-    Ok(Client::new(options, store).with_feedback(feedback))
+    Ok(Client::new(options, store)
+        .with_feedback(feedback)
+        .with_key_file(key_file(global, &places, cwd)))
+}
+
+/// The backup-only key file: `--key-file` (from `cwd`), else `key-file`
+/// in config.toml (from the configuration directory).
+fn key_file(global: &GlobalArgs, places: &Places, cwd: &Path) -> Option<PathBuf> {
+    match (
+        &global.key_file,
+        &places.config.key_file,
+        &places.config_dir,
+    ) {
+        (Some(p), _, _) => Some(cwd.join(p)),
+        (None, Some(p), Some(dir)) => Some(dir.join(p)),
+        (None, Some(p), None) => Some(cwd.join(p)),
+        (None, None, _) => None,
+    }
+}
+
+/// A client for a command that reads snapshots: as
+/// [`retrieval_client`], logging in with the passphrase when `login`
+/// says so (the name from `--name` or config.toml).
+fn reading_client(
+    global: &GlobalArgs,
+    login: &LoginArgs,
+    cwd: &Path,
+    console: &Arc<Console>,
+) -> Result<Client, Error> {
+    let client = retrieval_client(global, cwd, console)?;
+    if !login.passphrase {
+        return Ok(client);
+    }
+    if client.options().legacy || global.per_file {
+        return Err(Error::Usage {
+            detail: "--passphrase reads snapshots, in secure mode only".into(),
+        });
+    }
+    let places = places(global, cwd, false)?;
+    let name = login
+        .login_name
+        .clone()
+        .or(places.config.name.clone())
+        .ok_or_else(|| Error::Usage {
+            detail: "a passphrase login needs the client's name: add --name NAME".into(),
+        })?;
+    let name = user_name(&name)?;
+    let file = login.passphrase_file.as_ref().map(|p| cwd.join(p));
+    let passphrase = read_passphrase(file.as_deref(), false)?;
+    Ok(client.with_passphrase_login(Some(crate::engine::PassphraseLogin { name, passphrase })))
 }
 
 fn file_name(text: &str) -> Result<FileName, Error> {
@@ -391,7 +453,12 @@ async fn restore(
     cwd: &Path,
     console: &Arc<Console>,
 ) -> Result<u8, Error> {
-    let client = retrieval_client(global, cwd, console)?;
+    if args.login.passphrase && (args.all || args.version.is_some()) {
+        return Err(Error::Usage {
+            detail: "--passphrase restores snapshots, not files by --all or --version".into(),
+        });
+    }
+    let client = reading_client(global, &args.login, cwd, console)?;
     if !client.options().legacy && !global.per_file && !args.all && args.version.is_none() {
         return snapshot::restore(&client, args, cwd, global, console).await;
     }

@@ -26,6 +26,17 @@ pub struct Client {
     options: Options,
     store: IdentityStore,
     feedback: Arc<dyn Feedback>,
+    /// A backup-only key file to back up with (`--key-file`); reading
+    /// snapshots is then refused.
+    key_file: Option<std::path::PathBuf>,
+    /// Log in with the passphrase instead of the RSA key (read only).
+    login: Option<PassphraseLogin>,
+}
+
+/// Who logs in with a passphrase, and the passphrase.
+pub struct PassphraseLogin {
+    pub name: protocol::UserName,
+    pub passphrase: zeroize::Zeroizing<Vec<u8>>,
 }
 
 impl std::fmt::Debug for Client {
@@ -52,7 +63,34 @@ impl Client {
             options,
             store,
             feedback: Arc::new(Silent),
+            key_file: None,
+            login: None,
         }
+    }
+
+    /// Backs up with the backup-only key in `path`, and refuses to read.
+    #[must_use]
+    pub fn with_key_file(mut self, path: Option<std::path::PathBuf>) -> Self {
+        self.key_file = path;
+        self
+    }
+
+    /// Reads snapshots after a passphrase login (`docs/PROTOCOL.md` §13.6)
+    /// instead of with the RSA key.
+    #[must_use]
+    pub fn with_passphrase_login(mut self, login: Option<PassphraseLogin>) -> Self {
+        self.login = login;
+        self
+    }
+
+    /// The backup-only key file in use, if any.
+    pub(crate) fn key_file(&self) -> Option<&std::path::Path> {
+        self.key_file.as_deref()
+    }
+
+    /// The passphrase login to use, if any.
+    pub(crate) fn passphrase_login(&self) -> Option<&PassphraseLogin> {
+        self.login.as_ref()
     }
 
     /// Reports progress to `feedback`.

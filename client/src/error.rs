@@ -136,6 +136,14 @@ pub enum Error {
     },
     #[error("the server at {server} sent a session key that this client's private key cannot open, so it holds another public key for client {client_id}; register anew with `backup-client register --force`")]
     KeyMismatch { server: String, client_id: String },
+    #[error("the server at {server} refused the passphrase for client \"{name}\": it is not the passphrase set with `backup-client key add-passphrase`; nothing was read or written")]
+    WrongPassphrase { server: String, name: String },
+    #[error("the server at {server} has no passphrase for a client named \"{name}\"; check --name, or set one with `backup-client key add-passphrase` on a machine that holds the client's key files")]
+    NoPassphrase { server: String, name: String },
+    #[error("the server at {server} refused a passphrase login: too many logins or registrations from this address; try again in a minute")]
+    PassphraseRate { server: String },
+    #[error("the server at {server} kept the key envelope: {why}")]
+    KeyKept { server: String, why: String },
     #[error("the server at {server} refused this client's proof of its key for client {client_id}: the key in {dir} is not the one registered under that id, or someone is relaying or altering the connection; if the server was reset, register anew with `backup-client register --force`")]
     ProofRejected {
         server: String,
@@ -175,6 +183,12 @@ pub enum Error {
     NoRepositoryKey,
     #[error("this client holds a backup-only key: it can make snapshots but not read them; restore with the full key")]
     BackupOnlyKey,
+    #[error("the server keeps this client's repository key only under its passphrase (the envelope for its RSA key was removed): back up with the backup-only key file (--key-file), and read with --passphrase")]
+    MasterKeyPassphraseOnly,
+    #[error("{path} is not a backup-only key file ({detail}); make one with `backup-client key export --backup-only --out FILE`")]
+    BadKeyFile { path: PathBuf, detail: String },
+    #[error("cannot read the passphrase: {detail}")]
+    NoPassphraseGiven { detail: String },
 
     // --- verification failed ---------------------------------------------------
     #[error("{path} was not stored: the server's checksum differed from ours on all {attempts} attempts; check the network path to {server} and try again")]
@@ -308,12 +322,19 @@ impl Error {
             | UnknownClient { .. }
             | AppendOnly { .. }
             | SnapshotsUnsupported { .. }
+            | WrongPassphrase { .. }
+            | NoPassphrase { .. }
+            | PassphraseRate { .. }
+            | KeyKept { .. }
             | SnapshotRefused { .. }
             | Refused { .. } => ErrorKind::Rejected,
             NotFound { .. } | NoSnapshot { .. } => ErrorKind::NotFound,
-            RepositoryKey { .. } | NoRepositoryKey | BackupOnlyKey | Usage { .. } => {
-                ErrorKind::Usage
-            }
+            RepositoryKey { .. }
+            | NoRepositoryKey
+            | BackupOnlyKey
+            | MasterKeyPassphraseOnly
+            | NoPassphraseGiven { .. }
+            | Usage { .. } => ErrorKind::Usage,
             Protocol { .. } | BigEndian { .. } | Internal(_) => ErrorKind::Other,
             Verification { .. }
             | RestoreVerification { .. }
@@ -333,7 +354,8 @@ impl Error {
             | WriteFile { .. }
             | UnsafeName { .. }
             | Exists { .. }
-            | RestorePath { .. } => ErrorKind::LocalFile,
+            | RestorePath { .. }
+            | BadKeyFile { .. } => ErrorKind::LocalFile,
             NotRegistered { .. }
             | AlreadyRegistered { .. }
             | NoServer { .. }

@@ -58,6 +58,7 @@ pub fn default_config_dir() -> Option<PathBuf> {
 /// codes = 1025            # or 825
 /// timeout = 60            # seconds
 /// connections = 4         # files sent at once (1 to 16)
+/// key-file = "backup.key" # back up with a backup-only key
 /// ```
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
@@ -78,6 +79,10 @@ pub struct ConfigFile {
     /// Connections a backup or restore uses at once (as `--connections`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub connections: Option<u16>,
+    /// A backup-only key file to back up with (as `--key-file`); a
+    /// relative path is taken from the configuration directory.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<PathBuf>,
 }
 
 impl ConfigFile {

@@ -33,7 +33,7 @@ use crate::wire::{ClientId, Dialect, Numbering, REQUEST_HEADER_LEN, RESPONSE_HEA
 
 mod repository;
 
-pub use repository::{repo_formats, repo_session};
+pub use repository::{passphrase_login, repo_formats, repo_session};
 
 /// Small limits, so that the fuzzer reaches every limit with short inputs.
 pub fn limits() -> Limits {
@@ -1189,7 +1189,7 @@ mod tests {
     fn committed_seeds_run_clean_through_their_harnesses() {
         let seeds = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/seeds");
         type Harness = fn(&[u8]);
-        let targets: [(&str, Harness); 9] = [
+        let targets: [(&str, Harness); 10] = [
             ("decode_request", decode_request),
             ("decode_response", decode_response),
             ("roundtrip_request", roundtrip_request),
@@ -1199,6 +1199,7 @@ mod tests {
             ("server_session", server_session),
             ("repo_formats", repo_formats),
             ("repo_session", repo_session),
+            ("passphrase_login", passphrase_login),
         ];
         for (target, harness) in targets {
             let dir = seeds.join(target);
@@ -1228,6 +1229,7 @@ mod tests {
             server_session(data);
             repo_formats(data);
             repo_session(data);
+            passphrase_login(data);
         }
     }
 }

@@ -52,7 +52,7 @@ pub enum Request {
     /// secure mode after the key exchange (§12.4), on the legacy listener
     /// before retrieval (§11.5).
     Prove { proof: [u8; PROOF_LEN] },
-    /// 1260..=1268: the repository extension (`docs/PROTOCOL.md` §13).
+    /// 1260..=1271: the repository extension (`docs/PROTOCOL.md` §13).
     Repo(RepoRequest),
 }
 
@@ -524,7 +524,7 @@ pub enum Response {
     /// 1651: the proof was wrong, or a request needed one that was not
     /// given. The server closes the connection.
     NotAuthenticated,
-    /// 1660..=1670: answers of the repository extension (§13).
+    /// 1660..=1675: answers of the repository extension (§13).
     Repo(RepoResponse),
 }
 

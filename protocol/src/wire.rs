@@ -74,7 +74,7 @@ pub enum RequestKind {
     /// Prove possession of the client's private key (1250; secure mode, and
     /// retrieval on the legacy listener).
     Prove,
-    /// A request of the repository extension (1260..=1268, secure mode).
+    /// A request of the repository extension (1260..=1271, secure mode).
     Repo(crate::repo::RepoKind),
 }
 

@@ -609,3 +609,84 @@ fn rejects_restore_data_one_byte_over_the_packet_content_limit_from_its_header_a
     assert!(matches!(err, CodecError::PayloadSize { .. }), "{err}");
     assert!(buf.capacity() <= SMALL);
 }
+
+// ---- passphrase login and key removal (secure mode, §13.6) -------------------------
+
+/// The fixed sizes of the requests and responses of §13.6.
+const PASSPHRASE_REQUESTS: [(u16, usize); 3] = [(1269, NAME_FIELD_LEN), (1270, 64), (1271, 1)];
+const PASSPHRASE_RESPONSES: [(u16, usize); 4] = [(1672, 76), (1673, 1), (1674, 1), (1675, 2)];
+
+fn secure_request_header(code: u16, payload_len: u32) -> BytesMut {
+    let mut out = BytesMut::new();
+    RequestHeader {
+        client_id: ClientId([2; 16]),
+        version: protocol::wire::SECURE_VERSION,
+        code: RequestCode(code),
+        payload_len,
+    }
+    .write(&mut out);
+    out
+}
+
+fn secure_response_header(code: u16, payload_len: u32) -> BytesMut {
+    let mut out = BytesMut::new();
+    ResponseHeader {
+        version: protocol::wire::SECURE_VERSION,
+        code: ResponseCode(code),
+        payload_len,
+    }
+    .write(&mut out);
+    out
+}
+
+#[test]
+fn accepts_passphrase_messages_declaring_exactly_their_size() {
+    for (code, size) in PASSPHRASE_REQUESTS {
+        let mut buf = secure_request_header(code, u32::try_from(size).unwrap());
+        let mut codec = ServerCodec::with_dialect(Limits::default(), Dialect::Secure);
+        assert!(codec.decode(&mut buf).unwrap().is_none(), "{code}");
+    }
+    for (code, size) in PASSPHRASE_RESPONSES {
+        let mut buf = secure_response_header(code, u32::try_from(size).unwrap());
+        let mut codec = ClientCodec::with_dialect(Limits::default(), Dialect::Secure);
+        assert!(codec.decode(&mut buf).unwrap().is_none(), "{code}");
+    }
+}
+
+#[test]
+fn rejects_passphrase_messages_one_byte_over_or_under_from_their_header_alone() {
+    for (code, size) in PASSPHRASE_REQUESTS {
+        for declared in [size - 1, size + 1, u32::MAX as usize] {
+            let mut buf = secure_request_header(code, u32::try_from(declared).unwrap());
+            let mut codec = ServerCodec::with_dialect(Limits::default(), Dialect::Secure);
+            assert!(
+                matches!(codec.decode(&mut buf), Err(CodecError::PayloadSize { .. })),
+                "{code} declaring {declared}"
+            );
+            assert!(buf.capacity() <= SMALL);
+        }
+    }
+    for (code, size) in PASSPHRASE_RESPONSES {
+        for declared in [size - 1, size + 1, u32::MAX as usize] {
+            let mut buf = secure_response_header(code, u32::try_from(declared).unwrap());
+            let mut codec = ClientCodec::with_dialect(Limits::default(), Dialect::Secure);
+            assert!(
+                matches!(codec.decode(&mut buf), Err(CodecError::PayloadSize { .. })),
+                "{code} declaring {declared}"
+            );
+            assert!(buf.capacity() <= SMALL);
+        }
+    }
+}
+
+#[test]
+fn rejects_a_key_removal_of_slot_8() {
+    let mut buf = secure_request_header(1271, 1);
+    buf.extend_from_slice(&[8]);
+    let mut codec = ServerCodec::with_dialect(Limits::default(), Dialect::Secure);
+    assert!(codec.decode(&mut buf).is_err());
+    let mut buf = secure_request_header(1271, 1);
+    buf.extend_from_slice(&[7]);
+    let mut codec = ServerCodec::with_dialect(Limits::default(), Dialect::Secure);
+    assert!(codec.decode(&mut buf).unwrap().is_some());
+}

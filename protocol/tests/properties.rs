@@ -11,8 +11,10 @@ use proptest::test_runner::FileFailurePersistence;
 use protocol::crypto::{self, AesKey, CbcDecryptor, CbcEncryptor};
 use protocol::message::{PublicKeyField, FILE_RECEIVED_LEN, PUBLIC_KEY_FIELD_LEN};
 use protocol::reassembly::{Leniency, Reassembler, ReassemblyError};
+use protocol::repo::envelope::PassphraseCost;
 use protocol::repo::message::{
-    CommitRefusal, KeySlot, ObjectId, PackEntry, RepoRequest, RepoResponse, SnapshotEntry,
+    CommitRefusal, KeptReason, KeySlot, ObjectId, PackEntry, PassphraseRefusal, RepoRequest,
+    RepoResponse, SnapshotEntry,
 };
 use protocol::retrieval::{
     ListEntry, ListFlags, RefusalReason, RestoreBegin, RetrievalRequest, RetrievalResponse,
@@ -302,6 +304,11 @@ fn repo_request() -> impl Strategy<Value = RepoRequest> {
         (0u8..8, some_bytes(600))
             .prop_map(|(slot, envelope)| RepoRequest::PutKey { slot, envelope }),
         Just(RepoRequest::GetKeys),
+        user_name().prop_map(|name| RepoRequest::PassphraseLogin { name }),
+        proptest::collection::vec(any::<u8>(), 64).prop_map(|s| RepoRequest::PassphraseProve {
+            signature: s.try_into().unwrap_or([0; 64])
+        }),
+        (0u8..8).prop_map(|slot| RepoRequest::DeleteKey { slot }),
     ]
 }
 
@@ -342,6 +349,28 @@ fn repo_response() -> impl Strategy<Value = RepoResponse> {
         }),
         any::<u8>().prop_map(|slot| RepoResponse::KeyStored { slot }),
         any::<u8>().prop_map(|slot| RepoResponse::KeyExists { slot }),
+        (
+            client_id(),
+            any::<(u32, u32, u32)>(),
+            any::<[u8; 16]>(),
+            any::<[u8; 32]>()
+        )
+            .prop_map(|(client_id, (m_kib, t, p), salt, challenge)| {
+                RepoResponse::PassphraseChallenge {
+                    client_id,
+                    cost: PassphraseCost { m_kib, t, p },
+                    salt,
+                    challenge,
+                }
+            }),
+        any::<u8>().prop_map(|r| RepoResponse::PassphraseRefused {
+            reason: PassphraseRefusal(r)
+        }),
+        any::<u8>().prop_map(|slot| RepoResponse::KeyDeleted { slot }),
+        (any::<u8>(), any::<u8>()).prop_map(|(slot, r)| RepoResponse::KeyKept {
+            slot,
+            reason: KeptReason(r)
+        }),
     ]
 }
 

@@ -136,6 +136,13 @@ pub struct GlobalArgs {
     /// transfer.info [default: snapshots in secure mode]
     #[arg(long, global = true)]
     pub per_file: bool,
+
+    /// Back up with the backup-only key in FILE (`key export
+    /// --backup-only`): snapshots are named and sealed with it, and this
+    /// client cannot read any (`key-file` in config.toml) [default: the
+    /// repository key from its envelope on the server]
+    #[arg(long, global = true, value_name = "FILE")]
+    pub key_file: Option<PathBuf>,
 }
 
 /// The commands.
@@ -152,7 +159,7 @@ pub enum Command {
     Backup(BackupArgs),
     /// List this client's snapshots
     #[command(after_help = EXIT_STATUS)]
-    Snapshots,
+    Snapshots(SnapshotsArgs),
     /// List what a snapshot holds: `ls [SNAPSHOT][:PATH]`
     #[command(after_help = EXIT_STATUS)]
     Ls(LsArgs),
@@ -172,6 +179,102 @@ pub enum Command {
     /// Delete every version of a file from the server
     #[command(after_help = EXIT_STATUS)]
     Delete(DeleteArgs),
+    /// Manage the repository key: a passphrase to recover it without the
+    /// key files, a backup-only key, and the envelope for the RSA key
+    #[command(after_help = KEY_HELP)]
+    Key(KeyArgs),
+}
+
+const KEY_HELP: &str = "\
+The passphrase comes from --passphrase-file FILE (its first line), else the \
+BACKUP_PASSPHRASE environment variable, else a prompt on the terminal without \
+echo (asked twice by add-passphrase).
+
+Recovering on a new machine, with no key files:
+  backup-client --server HOST:PORT --server-fingerprint SHA256:... \\
+      restore --passphrase --name NAME --to DIR
+A passphrase login may only read (snapshots, ls, diff, restore).
+
+Making a machine backup-only:
+  backup-client key add-passphrase
+  backup-client key export --backup-only --out backup.key
+  backup-client key remove-rsa-envelope
+  backup-client --key-file backup.key backup PATH...
+
+Exit status:
+  0  success
+  2  usage or configuration error (no passphrase given, a backup-only key
+     where the full key is needed)
+  3  server unreachable
+  4  rejected by the server (wrong passphrase, no passphrase set, envelope
+     kept: append-only, or it is the last way to the repository key)
+  6  local file error (the key file cannot be written or read)";
+
+/// `key`.
+#[derive(Debug, Clone, Args)]
+pub struct KeyArgs {
+    #[command(subcommand)]
+    pub command: KeyCommand,
+}
+
+/// The `key` commands.
+#[derive(Debug, Clone, Subcommand)]
+pub enum KeyCommand {
+    /// Keep the repository key on the server under a passphrase as well
+    /// (Argon2id), so that it can be recovered without the key files
+    /// (replaces an earlier passphrase)
+    AddPassphrase(PassphraseFile),
+    /// Write a key file: with --backup-only, the keys that name and seal
+    /// snapshots, not the one that opens them
+    Export(ExportArgs),
+    /// Remove the repository key's envelope for this client's RSA key, so
+    /// that priv.key no longer opens the snapshots. Refused unless a
+    /// passphrase envelope exists
+    RemoveRsaEnvelope,
+}
+
+/// Where a passphrase comes from.
+#[derive(Debug, Clone, Default, Args)]
+pub struct PassphraseFile {
+    /// Read the passphrase from the first line of FILE [default:
+    /// BACKUP_PASSPHRASE, else a prompt]
+    #[arg(long, value_name = "FILE")]
+    pub passphrase_file: Option<PathBuf>,
+}
+
+/// `key export`.
+#[derive(Debug, Clone, Args)]
+pub struct ExportArgs {
+    /// Export the backup-only key (the only kind there is)
+    #[arg(long, required = true)]
+    pub backup_only: bool,
+    /// The file to write (mode 0600)
+    #[arg(long, value_name = "FILE")]
+    pub out: PathBuf,
+}
+
+/// Logging in with the passphrase instead of the key files (read only).
+#[derive(Debug, Clone, Default, Args)]
+pub struct LoginArgs {
+    /// Log in with the client's passphrase (`key add-passphrase`) instead
+    /// of priv.key: for a machine without the key files. Needs the server
+    /// pinned or --server-fingerprint
+    #[arg(long)]
+    pub passphrase: bool,
+    /// Read the passphrase from the first line of FILE [default:
+    /// BACKUP_PASSPHRASE, else a prompt]
+    #[arg(long, value_name = "FILE", requires = "passphrase")]
+    pub passphrase_file: Option<PathBuf>,
+    /// The client's name, for --passphrase [default: `name` in config.toml]
+    #[arg(long = "name", value_name = "NAME", requires = "passphrase")]
+    pub login_name: Option<String>,
+}
+
+/// `snapshots`.
+#[derive(Debug, Clone, Default, Args)]
+pub struct SnapshotsArgs {
+    #[command(flatten)]
+    pub login: LoginArgs,
 }
 
 const RESTORE_HELP: &str = "\
@@ -217,6 +320,8 @@ pub struct DiffArgs {
     /// The newer snapshot [default: latest]
     #[arg(value_name = "SNAPSHOT")]
     pub to: Option<String>,
+    #[command(flatten)]
+    pub login: LoginArgs,
 }
 
 /// `ls`.
@@ -226,6 +331,8 @@ pub struct LsArgs {
     /// [default: the newest snapshot, from its root]
     #[arg(value_name = "[SNAPSHOT][:PATH]")]
     pub spec: Option<String>,
+    #[command(flatten)]
+    pub login: LoginArgs,
 }
 
 /// `restore`.
@@ -254,6 +361,9 @@ pub struct RestoreArgs {
     /// Replace existing files (atomically)
     #[arg(long)]
     pub overwrite: bool,
+
+    #[command(flatten)]
+    pub login: LoginArgs,
 }
 
 /// `delete`.

@@ -8,9 +8,12 @@ use protocol::crypto::PrivateKey;
 use protocol::session::client::{ClientEvent, ClientSession};
 use protocol::UserName;
 
+use protocol::repo::envelope::PassphraseKeys;
+
 use crate::connection::{Connection, Secure};
 use crate::error::Error;
 use crate::identity::Identity;
+use crate::snapshot::remote::Remote;
 use crate::tls::{KnownServers, Trust};
 
 use super::{Client, Keyed};
@@ -172,7 +175,11 @@ impl Client {
     /// Once a secure session is keyed: pins the server's fingerprint if it
     /// was trusted on first use or given with `--server-fingerprint`.
     fn remember_server(&self, conn: &Connection) -> Result<(), Error> {
-        let Some(fp) = conn.fingerprint() else {
+        self.remember_fingerprint(conn.fingerprint())
+    }
+
+    fn remember_fingerprint(&self, fp: Option<protocol::secure::Fingerprint>) -> Result<(), Error> {
+        let Some(fp) = fp else {
             return Ok(());
         };
         let known = self.known_servers();
@@ -347,6 +354,32 @@ impl Client {
             }
             other => Err(self.unexpected(&other, &format!("reconnecting as \"{name}\""))),
         }
+    }
+
+    /// Opens a connection and logs in with the passphrase
+    /// (`docs/PROTOCOL.md` §13.6): the connection may only read. The
+    /// server must be pinned or given with `--server-fingerprint`, never
+    /// trusted on first use: a signature of the login key made for an
+    /// impostor would let it guess the passphrase offline. The pin is
+    /// written once the login is accepted.
+    ///
+    /// # Errors
+    /// As [`Remote::passphrase_login`], and [`Error::NoPinnedServer`].
+    pub(crate) async fn passphrase_remote(
+        &self,
+        login: &super::PassphraseLogin,
+    ) -> Result<(Remote, PassphraseKeys), Error> {
+        let conn = self.open(false).await?;
+        let fingerprint = conn.fingerprint();
+        let (remote, keys) = Remote::passphrase_login(
+            conn,
+            self.options.server.clone(),
+            login.name.clone(),
+            login.passphrase.clone(),
+        )
+        .await?;
+        self.remember_fingerprint(fingerprint)?;
+        Ok((remote, keys))
     }
 
     /// Opens a connection and reconnects with the stored identity, without

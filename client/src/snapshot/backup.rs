@@ -101,6 +101,10 @@ impl Client {
         options: &SnapshotOptions,
     ) -> Result<SnapshotSummary, Error> {
         let roots = root_names(paths)?;
+        if let Some(path) = self.key_file() {
+            // A key file that does not read stops the run before it connects.
+            keys::read_key_file(path)?;
+        }
         let keyed = self.reconnect_existing().await?;
         let client_id = keyed.identity.client_id.to_hex();
         let root_paths: Vec<PathBuf> = roots.iter().map(|(_, p)| p.clone()).collect();
@@ -141,7 +145,10 @@ impl Client {
         cache_path: &Path,
         force_read: bool,
     ) -> Result<Attempt, Error> {
-        let key = keys::obtain(remote, true).await?.backup_key();
+        let key = match self.key_file() {
+            Some(path) => keys::read_key_file(path)?,
+            None => keys::obtain(remote, true).await?.backup_key(),
+        };
         let sealer = Arc::new(Sealer::new(&key.seal, &mut rand::rngs::OsRng));
         let (tx, mut rx) = mpsc::channel(QUEUE);
         let id_key = key.id.clone();

@@ -5,13 +5,16 @@
 use std::time::Duration;
 
 use bytes::Bytes;
+use protocol::crypto::PrivateKey;
+use protocol::repo::envelope::PassphraseKeys;
 use protocol::repo::message::{
-    CommitRefusal, KeySlot, ObjectId, PackEntry, RepoKind, RepoRequest, RepoResponse,
-    SnapshotEntry, MAX_FETCH_IDS, MAX_IDS,
+    CommitRefusal, KeptReason, KeySlot, ObjectId, PackEntry, PassphraseRefusal, RepoKind,
+    RepoRequest, RepoResponse, SnapshotEntry, MAX_FETCH_IDS, MAX_IDS,
 };
 use protocol::session::repo::{self as rules, FetchReceiver, Fetched};
-use protocol::{ClientId, Numbering, Request, RequestFrame, Response};
+use protocol::{ClientId, Numbering, Request, RequestFrame, Response, UserName};
 
+use crate::connection::Connection;
 use crate::engine::Keyed;
 use crate::error::Error;
 
@@ -19,9 +22,13 @@ use crate::error::Error;
 /// commit a snapshot.
 const SYNC_ALLOWANCE: Duration = Duration::from_secs(60);
 
-/// A connection whose client has proved its key, used for snapshots.
+/// A connection whose client has proved its key (or logged in with its
+/// passphrase, and may then only read), used for snapshots.
 pub struct Remote {
-    keyed: Keyed,
+    conn: Connection,
+    client_id: ClientId,
+    /// The client's RSA key; `None` on a passphrase login.
+    private: Option<PrivateKey>,
     server: String,
     /// Whether any repository request was answered on this connection:
     /// a 1607 to the first means the server lacks the extension.
@@ -31,18 +38,119 @@ pub struct Remote {
 impl Remote {
     pub(crate) fn new(keyed: Keyed, server: String) -> Self {
         Self {
-            keyed,
+            conn: keyed.conn,
+            client_id: keyed.identity.client_id,
+            private: Some(keyed.identity.key),
             server,
             answered: false,
         }
     }
 
-    pub fn client_id(&self) -> ClientId {
-        self.keyed.identity.client_id
+    /// Logs in as `name` with the passphrase on a fresh connection
+    /// (`docs/PROTOCOL.md` §13.6): asks for the challenge, derives the
+    /// passphrase keys under the envelope's salt and costs (off the async
+    /// threads), and signs. Returns the connection, which may only read,
+    /// and the keys, which open the passphrase envelope.
+    ///
+    /// # Errors
+    /// [`Error::WrongPassphrase`] when the server refuses the signature,
+    /// [`Error::NoPassphrase`] when no client of that name has a
+    /// passphrase, [`Error::PassphraseRate`] when the server asks us to
+    /// wait; else as any exchange.
+    pub(crate) async fn passphrase_login(
+        mut conn: Connection,
+        server: String,
+        name: UserName,
+        passphrase: zeroize::Zeroizing<Vec<u8>>,
+    ) -> Result<(Self, PassphraseKeys), Error> {
+        let binding = conn.binding().ok_or_else(|| Error::Usage {
+            detail: "a passphrase login needs secure mode; leave out --legacy".into(),
+        })?;
+        let protocol = |detail: String| Error::Protocol {
+            server: server.clone(),
+            detail,
+        };
+        let doing = format!("logging in as \"{name}\" with the passphrase");
+        let frame = RequestFrame {
+            client_id: ClientId::default(),
+            numbering: Numbering::Modern,
+            request: Request::Repo(RepoRequest::PassphraseLogin { name: name.clone() }),
+        };
+        conn.send(&frame, &doing).await?;
+        let answer = match conn.recv(&doing).await {
+            Err(Error::Closed { .. }) => {
+                return Err(Error::SnapshotsUnsupported {
+                    server: server.clone(),
+                })
+            }
+            other => other?,
+        };
+        let (client_id, cost, salt, challenge) =
+            match rules::answer(RepoKind::PassphraseLogin, answer) {
+                Ok(Some(RepoResponse::PassphraseChallenge {
+                    client_id,
+                    cost,
+                    salt,
+                    challenge,
+                })) => (client_id, cost, salt, challenge),
+                Ok(Some(RepoResponse::PassphraseRefused { reason })) => {
+                    return Err(if reason == PassphraseRefusal::RATE {
+                        Error::PassphraseRate { server }
+                    } else {
+                        Error::NoPassphrase {
+                            server,
+                            name: name.to_string(),
+                        }
+                    })
+                }
+                Ok(_) => return Err(Error::SnapshotsUnsupported { server }),
+                Err(e) => return Err(protocol(e.to_string())),
+            };
+        let keys =
+            tokio::task::spawn_blocking(move || PassphraseKeys::derive(&passphrase, &salt, cost))
+                .await
+                .map_err(|e| Error::Internal(format!("key work stopped: {e}")))?
+                .map_err(|e| protocol(format!("passphrase costs refused: {e}")))?;
+        let signature = keys.sign_login(client_id, &challenge, &binding);
+        let frame = RequestFrame {
+            client_id,
+            numbering: Numbering::Modern,
+            request: Request::Repo(RepoRequest::PassphraseProve { signature }),
+        };
+        conn.send(&frame, &doing).await?;
+        match conn.recv(&doing).await {
+            Ok(Response::Authenticated { client_id: c }) if c == client_id => {}
+            Ok(Response::NotAuthenticated) | Err(Error::Closed { .. }) => {
+                return Err(Error::WrongPassphrase {
+                    server,
+                    name: name.to_string(),
+                })
+            }
+            Ok(other) => return Err(protocol(format!("{other:?} while {doing}"))),
+            Err(e) => return Err(e),
+        }
+        let remote = Self {
+            conn,
+            client_id,
+            private: None,
+            server,
+            answered: true,
+        };
+        Ok((remote, keys))
     }
 
-    pub(crate) fn identity(&self) -> &crate::identity::Identity {
-        &self.keyed.identity
+    pub fn client_id(&self) -> ClientId {
+        self.client_id
+    }
+
+    /// The server's address, for messages.
+    pub fn server(&self) -> &str {
+        &self.server
+    }
+
+    /// The client's RSA key; `None` on a passphrase login.
+    pub(crate) fn private_key(&self) -> Option<&PrivateKey> {
+        self.private.as_ref()
     }
 
     fn frame(&self, request: RepoRequest) -> RequestFrame {
@@ -63,7 +171,7 @@ impl Remote {
     /// Sends a request without waiting for an answer.
     async fn send(&mut self, request: RepoRequest, doing: &str) -> Result<(), Error> {
         let frame = self.frame(request);
-        self.keyed.conn.send(&frame, doing).await
+        self.conn.send(&frame, doing).await
     }
 
     /// Sends a request and returns its answer, checked against the request.
@@ -78,7 +186,7 @@ impl Remote {
             RepoKind::PackEnd | RepoKind::SnapshotCommit | RepoKind::SnapshotRefs => SYNC_ALLOWANCE,
             _ => Duration::ZERO,
         };
-        let response = match self.keyed.conn.recv_within(extra, doing).await {
+        let response = match self.conn.recv_within(extra, doing).await {
             Ok(r) => r,
             Err(Error::Closed { .. }) if !self.answered => {
                 return Err(Error::SnapshotsUnsupported {
@@ -225,7 +333,7 @@ impl Remote {
             .await?;
             let mut receiver = FetchReceiver::new(batch);
             while !receiver.done() {
-                let response = self.keyed.conn.recv(doing).await?;
+                let response = self.conn.recv(doing).await?;
                 if matches!(response, Response::GeneralError) {
                     return Err(Error::ServerFailed {
                         server: self.server.clone(),
@@ -274,7 +382,17 @@ impl Remote {
         }
     }
 
+    /// Removes the envelope in `slot`; the reason when the server kept it.
+    pub async fn delete_key(&mut self, slot: u8) -> Result<Result<(), KeptReason>, Error> {
+        let doing = "removing the key envelope";
+        match self.ask(RepoRequest::DeleteKey { slot }, doing).await? {
+            RepoResponse::KeyDeleted { slot: s } if s == slot => Ok(Ok(())),
+            RepoResponse::KeyKept { slot: s, reason } if s == slot => Ok(Err(reason)),
+            other => Err(self.protocol(format!("{other:?} while {doing}"))),
+        }
+    }
+
     pub async fn close(self) {
-        self.keyed.conn.close().await;
+        self.conn.close().await;
     }
 }

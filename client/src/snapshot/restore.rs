@@ -154,6 +154,26 @@ pub fn parse_spec(spec: &str) -> (Option<u64>, Option<String>) {
 
 impl Client {
     pub(super) async fn reader(&self) -> Result<(Reader, MasterKey), Error> {
+        if self.key_file().is_some() {
+            return Err(Error::BackupOnlyKey);
+        }
+        if let Some(login) = self.passphrase_login() {
+            let (mut remote, keys) = self.passphrase_remote(login).await?;
+            let master = match keys::open_with_passphrase(&mut remote, keys).await {
+                Ok(m) => m,
+                Err(e) => {
+                    remote.close().await;
+                    return Err(e);
+                }
+            };
+            let reader = Reader {
+                remote,
+                id_key: master.id_key(),
+                open_key: master.open_key(),
+                opener: Opener::new(master.open_key()),
+            };
+            return Ok((reader, master));
+        }
         let keyed = self.reconnect_existing().await?;
         let mut remote = Remote::new(keyed, self.options().server.clone());
         let master = match keys::obtain(&mut remote, false).await {

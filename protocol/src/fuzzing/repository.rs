@@ -534,6 +534,9 @@ pub fn repo_session(data: &[u8]) {
             9 => Request::Repo(RepoRequest::Fetch {
                 ids: small_ids(&mut input),
             }),
+            10 if input.bool() => Request::Repo(RepoRequest::DeleteKey {
+                slot: input.u8() % MAX_KEY_SLOTS as u8,
+            }),
             10 => Request::Repo(RepoRequest::PutKey {
                 slot: input.u8() % MAX_KEY_SLOTS as u8,
                 envelope: zeros(usize::from(input.u8()) + 1),
@@ -960,6 +963,12 @@ fn repo_action(
             assert!(session.repo_done(RepoOutcome::Keys(Vec::new())).is_err());
             return true;
         }
+        (RepoRequest::DeleteKey { slot }, RepoAction::DeleteKey { slot: s, .. }) => {
+            assert_eq!(slot, s, "slot changed");
+            check_answer(kind, Response::Repo(RepoResponse::KeyDeleted { slot }));
+            assert!(session.repo_done(RepoOutcome::Keys(Vec::new())).is_err());
+            return true;
+        }
         (RepoRequest::GetKeys, RepoAction::GetKeys { .. }) => RepoOutcome::Keys(
             (0..input.u8() % (MAX_KEY_SLOTS as u8 + 1))
                 .map(|slot| KeySlot {
@@ -1019,4 +1028,192 @@ fn repo_action(
         "an answer taken twice"
     );
     true
+}
+
+/// What the passphrase harness's storage holds for the one client.
+const LOGIN_PASSPHRASE: &[u8] = b"fuzzing passphrase";
+
+/// A passphrase login (`docs/PROTOCOL.md` §13.6) through a fresh secure
+/// [`ServerSession`], with requests and storage answers the input picks,
+/// and a real passphrase envelope (cheap costs) as the only one storage
+/// may find. The session never panics and:
+///
+/// - serves nothing before a login is accepted but the login, its
+///   signature, a reconnect or a registration, and nothing at all once a
+///   signature was refused;
+/// - asks storage at most once per connection for a passphrase;
+/// - challenges only when storage found a readable envelope, with its
+///   costs and salt, and never twice the same challenge on one seed;
+/// - accepts exactly the signature of the envelope's login key over this
+///   client, challenge and binding, and no other bytes;
+/// - once logged in, serves only "have", listings, fetches and key
+///   reads: a pack, a commit, a key change, a file or a retrieval request
+///   is answered 1651.
+pub fn passphrase_login(data: &[u8]) {
+    let mut input = Input::new(data);
+    let binding = [0x42; 32];
+    let cost = PassphraseCost {
+        m_kib: 8,
+        t: 1,
+        p: 1,
+    };
+    let mut rng = rand::rngs::StdRng::seed_from_u64(u64::from(input.u16()));
+    let master = master();
+    let Ok(sealed) = envelope::seal_with_passphrase(&master, LOGIN_PASSPHRASE, cost, &mut rng)
+    else {
+        panic!("sealing under cheap costs failed");
+    };
+    let Ok(head) = envelope::PassphraseHead::parse(&sealed) else {
+        panic!("a fresh passphrase envelope does not parse");
+    };
+    let Ok(keys) = envelope::PassphraseKeys::derive(LOGIN_PASSPHRASE, &head.salt, head.cost) else {
+        panic!("the keys of a fresh envelope do not derive");
+    };
+    let client_id = ClientId([0x21; 16]);
+    let mut session = ServerSession::secure(ServerConfig::default(), binding);
+    let mut asked = false;
+    let mut challenge: Option<[u8; crate::repo::message::CHALLENGE_LEN]> = None;
+    let mut logged_in = false;
+    while !input.is_empty() {
+        let header_id = if input.u8() % 8 == 0 {
+            ClientId([input.u8(); 16])
+        } else {
+            client_id
+        };
+        let request = match input.u8() % 8 {
+            0 => Request::Repo(RepoRequest::PassphraseLogin {
+                name: valid_name("alice"),
+            }),
+            1 => {
+                let signature = match (input.u8() % 4, challenge) {
+                    (0 | 1, Some(c)) => keys.sign_login(client_id, &c, &binding),
+                    (2, Some(c)) => keys.sign_login(client_id, &c, &[0; 32]),
+                    _ => {
+                        let mut s = [0u8; crate::repo::message::SIGNATURE_LEN];
+                        for b in &mut s {
+                            *b = input.u8();
+                        }
+                        s
+                    }
+                };
+                Request::Repo(RepoRequest::PassphraseProve { signature })
+            }
+            2 => Request::Repo(RepoRequest::GetKeys),
+            3 => Request::Repo(RepoRequest::Snapshots {
+                cursor: u64::from(input.u8()),
+            }),
+            4 => Request::Repo(RepoRequest::Fetch {
+                ids: small_ids(&mut input),
+            }),
+            5 => Request::Repo(RepoRequest::PackData { content: zeros(64) }),
+            6 => Request::Repo(RepoRequest::PutKey {
+                slot: input.u8() % MAX_KEY_SLOTS as u8,
+                envelope: Bytes::from(sealed.clone()),
+            }),
+            _ => Request::Repo(RepoRequest::DeleteKey {
+                slot: input.u8() % MAX_KEY_SLOTS as u8,
+            }),
+        };
+        let Request::Repo(repo) = request.clone() else {
+            return;
+        };
+        let frame = RequestFrame {
+            client_id: header_id,
+            numbering: Numbering::Modern,
+            request,
+        };
+        let result = session.handle(frame, &mut rng);
+        let reads = matches!(
+            repo,
+            RepoRequest::GetKeys | RepoRequest::Snapshots { .. } | RepoRequest::Fetch { .. }
+        );
+        let action = match result {
+            Ok(action) => action,
+            Err(e) => {
+                if logged_in && !reads {
+                    assert_eq!(
+                        e.answer(),
+                        Response::NotAuthenticated,
+                        "a write refused other than by 1651"
+                    );
+                }
+                // The shell answers and ends the connection.
+                return;
+            }
+        };
+        match (repo, action) {
+            (
+                RepoRequest::PassphraseLogin { name },
+                Action::Repo(RepoAction::FindPassphrase { name: n }),
+            ) => {
+                assert!(!asked && !logged_in, "a second passphrase lookup");
+                assert_eq!(name, n, "name changed");
+                asked = true;
+                let found = match input.u8() % 4 {
+                    0 => crate::session::server::PassphraseLookup::NotFound,
+                    1 => crate::session::server::PassphraseLookup::OverRate,
+                    2 => crate::session::server::PassphraseLookup::Found {
+                        client_id,
+                        envelope: zeros(usize::from(input.u8()) + 1),
+                    },
+                    _ => crate::session::server::PassphraseLookup::Found {
+                        client_id,
+                        envelope: Bytes::from(sealed.clone()),
+                    },
+                };
+                let real = matches!(&found, crate::session::server::PassphraseLookup::Found { envelope, .. } if envelope[..] == sealed[..]);
+                let Ok(answer) = session.passphrase_found(found, &mut rng) else {
+                    panic!("a pending lookup not taken");
+                };
+                check_answer(RepoKind::PassphraseLogin, answer.clone());
+                match answer {
+                    Response::Repo(RepoResponse::PassphraseChallenge {
+                        client_id: c,
+                        cost: k,
+                        salt,
+                        challenge: ch,
+                    }) => {
+                        assert!(real, "a challenge without a readable envelope");
+                        assert_eq!((c, k, salt), (client_id, head.cost, head.salt));
+                        assert_ne!(Some(ch), challenge, "a challenge repeated");
+                        challenge = Some(ch);
+                    }
+                    Response::Repo(RepoResponse::PassphraseRefused { .. }) => {
+                        assert!(!real, "a readable envelope refused");
+                    }
+                    other => panic!("{other:?} answers a passphrase login"),
+                }
+            }
+            (
+                RepoRequest::PassphraseProve { signature },
+                Action::Reply(Response::Authenticated { client_id: c }),
+            ) => {
+                let Some(ch) = challenge else {
+                    panic!("a login accepted without a challenge");
+                };
+                assert_eq!(c, client_id, "logged in as another client");
+                assert_eq!(header_id, client_id, "a login under another header id");
+                assert_eq!(
+                    signature,
+                    keys.sign_login(client_id, &ch, &binding),
+                    "accepted a signature that is not the login key's"
+                );
+                assert!(!logged_in, "a second login accepted");
+                logged_in = true;
+                assert!(session.read_only() && session.authenticated());
+            }
+            (r, Action::Repo(a)) => {
+                assert!(
+                    logged_in && reads,
+                    "{r:?} served as {a:?} before a login or as a write"
+                );
+                // Storage is not modelled here: the action is dropped, and
+                // the session waits for its outcome, refusing the rest.
+                if !matches!(a, RepoAction::Fetch { .. }) {
+                    return;
+                }
+            }
+            (r, other) => panic!("{r:?} answered {other:?}"),
+        }
+    }
 }

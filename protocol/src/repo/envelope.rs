@@ -6,14 +6,23 @@
 //! RSA envelope        = kind u8 (1 full key, 2 backup-only key) || len u16 || wrapped || signature
 //!   wrapped           = RSA-OAEP-SHA-256(client public key, key bytes)
 //!   signature         = RSA-PSS-SHA-256(client private key, "backup v4 key envelope" || kind || wrapped)
-//! passphrase envelope = kind u8 (3) || m_cost u32 || t_cost u32 || p_cost u32 || salt[16] || nonce[12]
-//!                       || AES-256-GCM(Argon2id(passphrase, salt), nonce, aad = kind, master key)
+//! passphrase envelope = kind u8 (3) || m_cost u32 || t_cost u32 || p_cost u32 || salt[16]
+//!                       || login_public[32] || nonce[12]
+//!                       || AES-256-GCM(envelope_key, nonce, aad = every byte before it, master key)
+//!   root              = Argon2id(passphrase, salt, m_cost, t_cost, p_cost), 32 bytes
+//!   envelope_key      = BLAKE3-derive-key("backup v4 passphrase envelope key", root)
+//!   login key         = Ed25519 from the seed BLAKE3-derive-key("backup v4 passphrase login key", root)
 //! ```
 //!
 //! The signature matters: anyone can wrap a key for a public key, the
 //! server included. Without it a server could hand a client a master key
 //! of its own making, and read every later backup. A client accepts only
 //! an envelope its own private key signed.
+//!
+//! The server reads the head of a passphrase envelope (costs, salt, login
+//! public key) to let a client that has lost its RSA key log in with the
+//! passphrase alone (`docs/PROTOCOL.md` §13.6); it learns nothing that
+//! opens the envelope.
 
 use aes_gcm::aead::Aead;
 use aes_gcm::{Aes256Gcm, KeyInit, Nonce};
@@ -82,7 +91,7 @@ impl Default for PassphraseCost {
 
 impl PassphraseCost {
     /// Costs a peer may make us pay: at most 1 GiB and 10 passes.
-    fn acceptable(&self) -> bool {
+    pub fn acceptable(&self) -> bool {
         (8..=1 << 20).contains(&self.m_kib)
             && (1..=10).contains(&self.t)
             && (1..=16).contains(&self.p)
@@ -182,7 +191,9 @@ pub fn open_with_rsa<R: CryptoRng + RngCore>(
     }
 }
 
-fn passphrase_key(
+/// Argon2id of `passphrase` under `salt` and `cost`: the root both
+/// passphrase keys derive from.
+fn passphrase_root(
     passphrase: &[u8],
     salt: &[u8],
     cost: PassphraseCost,
@@ -197,7 +208,195 @@ fn passphrase_key(
     Ok(key)
 }
 
-/// Seals the master key under `passphrase`.
+/// Bytes of the salt of a passphrase envelope.
+pub const SALT_LEN: usize = 16;
+/// Bytes of an Ed25519 public key (the passphrase login key).
+pub const LOGIN_PUBLIC_LEN: usize = 32;
+/// Bytes of the part of a passphrase envelope before its ciphertext:
+/// kind, costs, salt, login public key, nonce. All of it is the AAD.
+const PASSPHRASE_HEAD: usize = 1 + 12 + SALT_LEN + LOGIN_PUBLIC_LEN + 12;
+/// Bytes of a passphrase envelope: the head, the sealed master key and its tag.
+pub const PASSPHRASE_ENVELOPE_LEN: usize = PASSPHRASE_HEAD + 32 + 16;
+
+const ENVELOPE_KEY_CONTEXT: &str = "backup v4 passphrase envelope key";
+const LOGIN_KEY_CONTEXT: &str = "backup v4 passphrase login key";
+
+/// The two keys a passphrase gives (`docs/PROTOCOL.md` §13.6): one opens
+/// the envelope, the other signs a passphrase login. The server keeps
+/// only the login key's public half, which tells it nothing of the
+/// envelope key.
+pub struct PassphraseKeys {
+    envelope: Zeroizing<[u8; 32]>,
+    login: ed25519_dalek::SigningKey,
+}
+
+impl std::fmt::Debug for PassphraseKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PassphraseKeys(..)")
+    }
+}
+
+impl PassphraseKeys {
+    /// Derives both keys: Argon2id, then two BLAKE3 derivations. Takes as
+    /// long as the costs say (a second or so with the defaults).
+    ///
+    /// # Errors
+    /// When the costs are beyond what we accept, or Argon2 refuses them.
+    pub fn derive(
+        passphrase: &[u8],
+        salt: &[u8; SALT_LEN],
+        cost: PassphraseCost,
+    ) -> Result<Self, EnvelopeError> {
+        if !cost.acceptable() {
+            return Err(EnvelopeError::Malformed);
+        }
+        let root = passphrase_root(passphrase, salt, cost)?;
+        let envelope = Zeroizing::new(blake3::derive_key(ENVELOPE_KEY_CONTEXT, root.as_slice()));
+        let seed = Zeroizing::new(blake3::derive_key(LOGIN_KEY_CONTEXT, root.as_slice()));
+        let login = ed25519_dalek::SigningKey::from_bytes(&seed);
+        Ok(Self { envelope, login })
+    }
+
+    /// The login key's public half, as the envelope carries it.
+    pub fn login_public(&self) -> [u8; LOGIN_PUBLIC_LEN] {
+        self.login.verifying_key().to_bytes()
+    }
+
+    /// Signs a passphrase login (`docs/PROTOCOL.md` §13.6).
+    pub fn sign_login(
+        &self,
+        client_id: crate::wire::ClientId,
+        challenge: &[u8; crate::repo::message::CHALLENGE_LEN],
+        binding: &crate::secure::Binding,
+    ) -> [u8; crate::repo::message::SIGNATURE_LEN] {
+        use ed25519_dalek::Signer;
+        self.login
+            .sign(&login_message(client_id, challenge, binding))
+            .to_bytes()
+    }
+
+    /// Opens a passphrase envelope with these keys.
+    ///
+    /// # Errors
+    /// When the envelope is malformed, or was made under another passphrase.
+    pub fn open(&self, envelope: &[u8]) -> Result<MasterKey, EnvelopeError> {
+        let head = PassphraseHead::parse(envelope)?;
+        if head.login_public != self.login_public() {
+            return Err(EnvelopeError::WrongPassphrase);
+        }
+        let (aad, sealed) = envelope.split_at(PASSPHRASE_HEAD);
+        let nonce = aad
+            .get(PASSPHRASE_HEAD - 12..)
+            .ok_or(EnvelopeError::Malformed)?;
+        let plain = Zeroizing::new(
+            Aes256Gcm::new(self.envelope.as_slice().into())
+                .decrypt(
+                    Nonce::from_slice(nonce),
+                    aes_gcm::aead::Payload { msg: sealed, aad },
+                )
+                .map_err(|_| EnvelopeError::WrongPassphrase)?,
+        );
+        let bytes: [u8; 32] = plain
+            .as_slice()
+            .try_into()
+            .map_err(|_| EnvelopeError::Malformed)?;
+        Ok(MasterKey::from_bytes(bytes))
+    }
+}
+
+const LOGIN_CONTEXT: &[u8] = b"backup v4 passphrase login";
+
+fn login_message(
+    client_id: crate::wire::ClientId,
+    challenge: &[u8; crate::repo::message::CHALLENGE_LEN],
+    binding: &crate::secure::Binding,
+) -> Vec<u8> {
+    let mut m = LOGIN_CONTEXT.to_vec();
+    m.extend_from_slice(&client_id.0);
+    m.extend_from_slice(challenge);
+    m.extend_from_slice(binding);
+    m
+}
+
+/// What the server reads of a passphrase envelope, without any key: the
+/// costs and salt a login needs, and the public key its signature must
+/// verify under.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PassphraseHead {
+    pub cost: PassphraseCost,
+    pub salt: [u8; SALT_LEN],
+    pub login_public: [u8; LOGIN_PUBLIC_LEN],
+}
+
+impl PassphraseHead {
+    /// Parses the head of a whole passphrase envelope and checks its costs
+    /// and its login key.
+    ///
+    /// # Errors
+    /// When the envelope is not one: wrong kind or length, costs beyond
+    /// what a client accepts, or a login key that is not a valid point.
+    pub fn parse(envelope: &[u8]) -> Result<Self, EnvelopeError> {
+        if envelope.first() != Some(&(EnvelopeKind::Passphrase as u8))
+            || envelope.len() != PASSPHRASE_ENVELOPE_LEN
+        {
+            return Err(EnvelopeError::Malformed);
+        }
+        let u32_at = |at: usize| {
+            envelope
+                .get(at..at + 4)
+                .and_then(|b| b.try_into().ok())
+                .map(u32::from_le_bytes)
+                .unwrap_or_default()
+        };
+        let cost = PassphraseCost {
+            m_kib: u32_at(1),
+            t: u32_at(5),
+            p: u32_at(9),
+        };
+        if !cost.acceptable() {
+            return Err(EnvelopeError::Malformed);
+        }
+        let mut salt = [0u8; SALT_LEN];
+        salt.copy_from_slice(
+            envelope
+                .get(13..13 + SALT_LEN)
+                .ok_or(EnvelopeError::Malformed)?,
+        );
+        let mut login_public = [0u8; LOGIN_PUBLIC_LEN];
+        login_public.copy_from_slice(
+            envelope
+                .get(13 + SALT_LEN..13 + SALT_LEN + LOGIN_PUBLIC_LEN)
+                .ok_or(EnvelopeError::Malformed)?,
+        );
+        ed25519_dalek::VerifyingKey::from_bytes(&login_public)
+            .map_err(|_| EnvelopeError::Malformed)?;
+        Ok(Self {
+            cost,
+            salt,
+            login_public,
+        })
+    }
+
+    /// Whether `signature` signs a login of `client_id` on the connection
+    /// with `binding`, answering `challenge`, under this envelope's login
+    /// key. Strict verification: no malleable or small-order signatures.
+    pub fn verify_login(
+        &self,
+        client_id: crate::wire::ClientId,
+        challenge: &[u8; crate::repo::message::CHALLENGE_LEN],
+        binding: &crate::secure::Binding,
+        signature: &[u8; crate::repo::message::SIGNATURE_LEN],
+    ) -> bool {
+        let Ok(key) = ed25519_dalek::VerifyingKey::from_bytes(&self.login_public) else {
+            return false;
+        };
+        let signature = ed25519_dalek::Signature::from_bytes(signature);
+        key.verify_strict(&login_message(client_id, challenge, binding), &signature)
+            .is_ok()
+    }
+}
+
+/// Seals the master key under `passphrase`, with a fresh salt.
 ///
 /// # Errors
 /// When Argon2 refuses the costs.
@@ -207,27 +406,27 @@ pub fn seal_with_passphrase<R: CryptoRng + RngCore>(
     cost: PassphraseCost,
     rng: &mut R,
 ) -> Result<Vec<u8>, EnvelopeError> {
-    let mut salt = [0u8; 16];
+    let mut salt = [0u8; SALT_LEN];
     rng.fill_bytes(&mut salt);
     let mut nonce = [0u8; 12];
     rng.fill_bytes(&mut nonce);
-    let key = passphrase_key(passphrase, &salt, cost)?;
-    let kind = EnvelopeKind::Passphrase as u8;
-    let sealed = Aes256Gcm::new(key.as_slice().into())
-        .encrypt(
-            Nonce::from_slice(&nonce),
-            aes_gcm::aead::Payload {
-                msg: master.as_bytes(),
-                aad: &[kind],
-            },
-        )
-        .map_err(|e| EnvelopeError::Make(e.to_string()))?;
-    let mut out = vec![kind];
+    let keys = PassphraseKeys::derive(passphrase, &salt, cost)?;
+    let mut out = vec![EnvelopeKind::Passphrase as u8];
     for v in [cost.m_kib, cost.t, cost.p] {
         out.extend_from_slice(&v.to_le_bytes());
     }
     out.extend_from_slice(&salt);
+    out.extend_from_slice(&keys.login_public());
     out.extend_from_slice(&nonce);
+    let sealed = Aes256Gcm::new(keys.envelope.as_slice().into())
+        .encrypt(
+            Nonce::from_slice(&nonce),
+            aes_gcm::aead::Payload {
+                msg: master.as_bytes(),
+                aad: &out,
+            },
+        )
+        .map_err(|e| EnvelopeError::Make(e.to_string()))?;
     out.extend_from_slice(&sealed);
     Ok(out)
 }
@@ -241,46 +440,8 @@ pub fn open_with_passphrase(
     envelope: &[u8],
     passphrase: &[u8],
 ) -> Result<MasterKey, EnvelopeError> {
-    if envelope.first() != Some(&(EnvelopeKind::Passphrase as u8))
-        || envelope.len() != 1 + 12 + 16 + 12 + 32 + 16
-    {
-        return Err(EnvelopeError::Malformed);
-    }
-    let u32_at = |at: usize| {
-        envelope
-            .get(at..at + 4)
-            .and_then(|b| b.try_into().ok())
-            .map(u32::from_le_bytes)
-            .unwrap_or_default()
-    };
-    let cost = PassphraseCost {
-        m_kib: u32_at(1),
-        t: u32_at(5),
-        p: u32_at(9),
-    };
-    if !cost.acceptable() {
-        return Err(EnvelopeError::Malformed);
-    }
-    let salt = envelope.get(13..29).ok_or(EnvelopeError::Malformed)?;
-    let nonce = envelope.get(29..41).ok_or(EnvelopeError::Malformed)?;
-    let sealed = envelope.get(41..).ok_or(EnvelopeError::Malformed)?;
-    let key = passphrase_key(passphrase, salt, cost)?;
-    let plain = Zeroizing::new(
-        Aes256Gcm::new(key.as_slice().into())
-            .decrypt(
-                Nonce::from_slice(nonce),
-                aes_gcm::aead::Payload {
-                    msg: sealed,
-                    aad: &[EnvelopeKind::Passphrase as u8],
-                },
-            )
-            .map_err(|_| EnvelopeError::WrongPassphrase)?,
-    );
-    let bytes: [u8; 32] = plain
-        .as_slice()
-        .try_into()
-        .map_err(|_| EnvelopeError::Malformed)?;
-    Ok(MasterKey::from_bytes(bytes))
+    let head = PassphraseHead::parse(envelope)?;
+    PassphraseKeys::derive(passphrase, &head.salt, head.cost)?.open(envelope)
 }
 
 #[cfg(test)]
@@ -356,6 +517,26 @@ mod tests {
             open_with_passphrase(&envelope, b"wrong horse"),
             Err(EnvelopeError::WrongPassphrase)
         ));
+        // The login key signs logins the envelope's head verifies, and
+        // a login key of another passphrase does not.
+        let head = PassphraseHead::parse(&envelope).unwrap();
+        let keys = PassphraseKeys::derive(b"correct horse", &head.salt, head.cost).unwrap();
+        let id = crate::wire::ClientId([1; 16]);
+        let sig = keys.sign_login(id, &[2; 32], &[3; 32]);
+        assert!(head.verify_login(id, &[2; 32], &[3; 32], &sig));
+        assert!(!head.verify_login(id, &[2; 32], &[4; 32], &sig));
+        assert!(!head.verify_login(crate::wire::ClientId([9; 16]), &[2; 32], &[3; 32], &sig));
+        let other = PassphraseKeys::derive(b"wrong horse", &head.salt, head.cost).unwrap();
+        assert!(!head.verify_login(
+            id,
+            &[2; 32],
+            &[3; 32],
+            &other.sign_login(id, &[2; 32], &[3; 32])
+        ));
+        // Costs and the login key are authenticated with the master key.
+        let mut swapped = envelope.clone();
+        swapped[13 + 16..13 + 16 + 32].copy_from_slice(&other.login_public());
+        assert!(open_with_passphrase(&swapped, b"correct horse").is_err());
         let mut costly = envelope.clone();
         costly[1..5].copy_from_slice(&u32::MAX.to_le_bytes());
         assert!(matches!(

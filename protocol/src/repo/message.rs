@@ -10,8 +10,10 @@
 use bytes::{BufMut, Bytes};
 
 use crate::limits::Limits;
+use crate::name::{UserName, NAME_FIELD_LEN};
 use crate::payload::PayloadError;
-use crate::wire::{u16_le, u32_le, u64_le, ResponseCode};
+use crate::repo::envelope::{PassphraseCost, SALT_LEN};
+use crate::wire::{u16_le, u32_le, u64_le, ClientId, ResponseCode};
 
 /// Width of an object id: a keyed BLAKE3 hash of the plaintext.
 pub const ID_LEN: usize = 32;
@@ -39,6 +41,12 @@ pub const SNAPSHOT_PAGE_BYTES: usize = 256 << 10;
 pub const SNAPSHOT_ENTRY_HEAD: usize = 8 + 8 + 4;
 /// The width of one pack index entry: id and sealed length.
 pub const PACK_ENTRY_LEN: usize = ID_LEN + 4;
+/// Bytes of the server's challenge to a passphrase login.
+pub const CHALLENGE_LEN: usize = 32;
+/// Bytes of an Ed25519 signature (a passphrase login's proof).
+pub const SIGNATURE_LEN: usize = 64;
+/// Bytes of a passphrase challenge: client id, costs, salt, challenge.
+pub const PASSPHRASE_CHALLENGE_LEN: usize = 16 + 12 + SALT_LEN + CHALLENGE_LEN;
 
 /// Request codes of the extension.
 pub mod code {
@@ -51,6 +59,9 @@ pub mod code {
     pub const FETCH: u16 = 1266;
     pub const PUT_KEY: u16 = 1267;
     pub const GET_KEYS: u16 = 1268;
+    pub const PASSPHRASE_LOGIN: u16 = 1269;
+    pub const PASSPHRASE_PROVE: u16 = 1270;
+    pub const DELETE_KEY: u16 = 1271;
 }
 
 impl ResponseCode {
@@ -66,6 +77,10 @@ impl ResponseCode {
     pub const KEYS: Self = Self(1669);
     pub const KEY_STORED: Self = Self(1670);
     pub const KEY_EXISTS: Self = Self(1671);
+    pub const PASSPHRASE_CHALLENGE: Self = Self(1672);
+    pub const PASSPHRASE_REFUSED: Self = Self(1673);
+    pub const KEY_DELETED: Self = Self(1674);
+    pub const KEY_KEPT: Self = Self(1675);
 }
 
 /// The slot of the envelope that holds the master key for the client's
@@ -73,6 +88,10 @@ impl ResponseCode {
 /// seal under a master key of their own (the second is told 1671 and
 /// uses the first's).
 pub const MASTER_SLOT: u8 = 0;
+
+/// The slot of the passphrase envelope of the master key: the one a
+/// passphrase login (1269) reads its costs, salt and login key from.
+pub const PASSPHRASE_SLOT: u8 = 1;
 
 /// An object's id: the keyed hash of its plaintext under the client's id
 /// key. The server can compare ids but not invert them.
@@ -123,6 +142,9 @@ pub enum RepoKind {
     Fetch,
     PutKey,
     GetKeys,
+    PassphraseLogin,
+    PassphraseProve,
+    DeleteKey,
 }
 
 impl RepoKind {
@@ -138,6 +160,9 @@ impl RepoKind {
             code::FETCH => Self::Fetch,
             code::PUT_KEY => Self::PutKey,
             code::GET_KEYS => Self::GetKeys,
+            code::PASSPHRASE_LOGIN => Self::PassphraseLogin,
+            code::PASSPHRASE_PROVE => Self::PassphraseProve,
+            code::DELETE_KEY => Self::DeleteKey,
             _ => return None,
         })
     }
@@ -154,6 +179,9 @@ impl RepoKind {
             Self::Fetch => code::FETCH,
             Self::PutKey => code::PUT_KEY,
             Self::GetKeys => code::GET_KEYS,
+            Self::PassphraseLogin => code::PASSPHRASE_LOGIN,
+            Self::PassphraseProve => code::PASSPHRASE_PROVE,
+            Self::DeleteKey => code::DELETE_KEY,
         }
     }
 
@@ -170,6 +198,9 @@ impl RepoKind {
             Self::Snapshots => (8, 8),
             Self::PutKey => (1 + 1, 1 + MAX_ENVELOPE),
             Self::GetKeys => (0, 0),
+            Self::PassphraseLogin => (NAME_FIELD_LEN, NAME_FIELD_LEN),
+            Self::PassphraseProve => (SIGNATURE_LEN, SIGNATURE_LEN),
+            Self::DeleteKey => (1, 1),
         }
     }
 }
@@ -209,6 +240,14 @@ pub enum RepoRequest {
     PutKey { slot: u8, envelope: Bytes },
     /// 1268: every key envelope of this client. Empty payload.
     GetKeys,
+    /// 1269: log in as the client named `name` with its passphrase
+    /// (§13.6); the first request on a connection. Payload: name (255).
+    PassphraseLogin { name: UserName },
+    /// 1270: the signature of the passphrase login key over the
+    /// challenge (§13.6). Payload: signature (64).
+    PassphraseProve { signature: [u8; SIGNATURE_LEN] },
+    /// 1271: remove the envelope in `slot`. Payload: slot u8.
+    DeleteKey { slot: u8 },
 }
 
 fn size_err(code: u16, actual: usize, expected: &'static str) -> PayloadError {
@@ -235,6 +274,14 @@ fn parse_ids(code: u16, payload: &[u8], max: usize) -> Result<Vec<ObjectId>, Pay
         .collect())
 }
 
+/// A fixed-width field whose width the payload bounds already checked
+/// (zeros if, against that check, it were not).
+fn fixed<const N: usize>(bytes: Option<&[u8]>) -> [u8; N] {
+    bytes
+        .and_then(|b| <[u8; N]>::try_from(b).ok())
+        .unwrap_or([0u8; N])
+}
+
 fn write_ids(out: &mut impl BufMut, ids: &[ObjectId]) {
     out.put_u32_le(u32::try_from(ids.len()).unwrap_or(u32::MAX));
     for id in ids {
@@ -255,6 +302,9 @@ impl RepoRequest {
             Self::Fetch { .. } => RepoKind::Fetch,
             Self::PutKey { .. } => RepoKind::PutKey,
             Self::GetKeys => RepoKind::GetKeys,
+            Self::PassphraseLogin { .. } => RepoKind::PassphraseLogin,
+            Self::PassphraseProve { .. } => RepoKind::PassphraseProve,
+            Self::DeleteKey { .. } => RepoKind::DeleteKey,
         }
     }
 
@@ -324,6 +374,19 @@ impl RepoRequest {
                 }
             }
             RepoKind::GetKeys => Self::GetKeys,
+            RepoKind::PassphraseLogin => Self::PassphraseLogin {
+                name: UserName::from_field(&payload, limits.max_name_len)?,
+            },
+            RepoKind::PassphraseProve => Self::PassphraseProve {
+                signature: fixed(Some(&payload)),
+            },
+            RepoKind::DeleteKey => {
+                let slot = payload.first().copied().unwrap_or_default();
+                if usize::from(slot) >= MAX_KEY_SLOTS {
+                    return Err(size_err(code, payload.len(), "a slot below 8"));
+                }
+                Self::DeleteKey { slot }
+            }
         })
     }
 
@@ -339,6 +402,9 @@ impl RepoRequest {
             Self::Snapshots { .. } => 8,
             Self::PutKey { envelope, .. } => 1 + envelope.len(),
             Self::GetKeys => 0,
+            Self::PassphraseLogin { .. } => NAME_FIELD_LEN,
+            Self::PassphraseProve { .. } => SIGNATURE_LEN,
+            Self::DeleteKey { .. } => 1,
         }
     }
 
@@ -356,7 +422,10 @@ impl RepoRequest {
             }
             Self::Fetch { ids } => !ids.is_empty() && ids.len() <= MAX_FETCH_IDS,
             Self::PackEnd { entries } => !entries.is_empty() && entries.len() <= MAX_PACK_OBJECTS,
-            Self::PutKey { slot, .. } => usize::from(*slot) < MAX_KEY_SLOTS,
+            Self::PutKey { slot, .. } | Self::DeleteKey { slot } => {
+                usize::from(*slot) < MAX_KEY_SLOTS
+            }
+            Self::PassphraseLogin { name } => name.as_bytes().len() <= limits.max_name_len,
             _ => true,
         };
         if !ok || len < min || len > max {
@@ -393,6 +462,9 @@ impl RepoRequest {
                 out.put_slice(envelope);
             }
             Self::GetKeys => {}
+            Self::PassphraseLogin { name } => name.write_field(out),
+            Self::PassphraseProve { signature } => out.put_slice(signature),
+            Self::DeleteKey { slot } => out.put_u8(*slot),
         }
     }
 }
@@ -424,6 +496,32 @@ impl CommitRefusal {
 pub struct KeySlot {
     pub slot: u8,
     pub envelope: Bytes,
+}
+
+/// Why a passphrase login was refused (1673).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PassphraseRefusal(pub u8);
+
+impl PassphraseRefusal {
+    /// No client of that name has a passphrase envelope.
+    pub const NO_PASSPHRASE: Self = Self(1);
+    /// Too many logins from this address; try again later.
+    pub const RATE: Self = Self(2);
+}
+
+/// Why an envelope was not removed (1675).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KeptReason(pub u8);
+
+impl KeptReason {
+    /// This client's history is append-only: its envelopes are kept.
+    pub const APPEND_ONLY: Self = Self(1);
+    /// Removing it would leave the master key in no envelope the client
+    /// can open without its RSA key: slot 0 goes only while slot 1 holds
+    /// a passphrase envelope, and slot 1 only while slot 0 holds one.
+    pub const LAST_WAY_IN: Self = Self(2);
+    /// The slot holds no envelope.
+    pub const EMPTY: Self = Self(3);
 }
 
 /// A response of the extension.
@@ -461,9 +559,26 @@ pub enum RepoResponse {
     Keys { slots: Vec<KeySlot> },
     /// 1670: the envelope is stored. Payload: slot u8.
     KeyStored { slot: u8 },
-    /// 1671: the slot is written once and already holds an envelope; it
-    /// was kept. Payload: slot u8.
+    /// 1671: the slot is written once (slot 0, or any slot of an
+    /// append-only client) and already holds an envelope; it was kept.
+    /// Payload: slot u8.
     KeyExists { slot: u8 },
+    /// 1672: the passphrase login may go on: the client's id, the costs
+    /// and salt of its passphrase envelope, and a fresh challenge to sign.
+    /// Payload: client id (16), m_cost u32, t_cost u32, p_cost u32,
+    /// salt (16), challenge (32).
+    PassphraseChallenge {
+        client_id: ClientId,
+        cost: PassphraseCost,
+        salt: [u8; SALT_LEN],
+        challenge: [u8; CHALLENGE_LEN],
+    },
+    /// 1673: no passphrase login. Payload: reason u8.
+    PassphraseRefused { reason: PassphraseRefusal },
+    /// 1674: the envelope was removed. Payload: slot u8.
+    KeyDeleted { slot: u8 },
+    /// 1675: the envelope was not removed. Payload: slot u8, reason u8.
+    KeyKept { slot: u8, reason: KeptReason },
 }
 
 impl RepoResponse {
@@ -482,6 +597,10 @@ impl RepoResponse {
             Self::Keys { .. } => ResponseCode::KEYS,
             Self::KeyStored { .. } => ResponseCode::KEY_STORED,
             Self::KeyExists { .. } => ResponseCode::KEY_EXISTS,
+            Self::PassphraseChallenge { .. } => ResponseCode::PASSPHRASE_CHALLENGE,
+            Self::PassphraseRefused { .. } => ResponseCode::PASSPHRASE_REFUSED,
+            Self::KeyDeleted { .. } => ResponseCode::KEY_DELETED,
+            Self::KeyKept { .. } => ResponseCode::KEY_KEPT,
         }
     }
 
@@ -501,7 +620,14 @@ impl RepoResponse {
             ResponseCode::OBJECT_MISSING => (ID_LEN, ID_LEN),
             ResponseCode::OBJECT_DATA => (1, limits.max_packet_content),
             ResponseCode::KEYS => (1, 1 + MAX_KEY_SLOTS * (3 + MAX_ENVELOPE)),
-            ResponseCode::KEY_STORED | ResponseCode::KEY_EXISTS => (1, 1),
+            ResponseCode::KEY_STORED
+            | ResponseCode::KEY_EXISTS
+            | ResponseCode::PASSPHRASE_REFUSED
+            | ResponseCode::KEY_DELETED => (1, 1),
+            ResponseCode::PASSPHRASE_CHALLENGE => {
+                (PASSPHRASE_CHALLENGE_LEN, PASSPHRASE_CHALLENGE_LEN)
+            }
+            ResponseCode::KEY_KEPT => (2, 2),
             _ => return None,
         })
     }
@@ -523,7 +649,12 @@ impl RepoResponse {
             Self::ObjectMissing { .. } => ID_LEN,
             Self::ObjectData { content } => content.len(),
             Self::Keys { slots } => 1 + slots.iter().map(|s| 3 + s.envelope.len()).sum::<usize>(),
-            Self::KeyStored { .. } | Self::KeyExists { .. } => 1,
+            Self::KeyStored { .. }
+            | Self::KeyExists { .. }
+            | Self::PassphraseRefused { .. }
+            | Self::KeyDeleted { .. } => 1,
+            Self::PassphraseChallenge { .. } => PASSPHRASE_CHALLENGE_LEN,
+            Self::KeyKept { .. } => 2,
         }
     }
 
@@ -641,6 +772,26 @@ impl RepoResponse {
             ResponseCode::KEY_EXISTS => Self::KeyExists {
                 slot: payload.first().copied().unwrap_or_default(),
             },
+            ResponseCode::PASSPHRASE_CHALLENGE => Self::PassphraseChallenge {
+                client_id: ClientId(fixed(payload.get(..16))),
+                cost: PassphraseCost {
+                    m_kib: u32_at(16),
+                    t: u32_at(20),
+                    p: u32_at(24),
+                },
+                salt: fixed(payload.get(28..28 + SALT_LEN)),
+                challenge: fixed(payload.get(28 + SALT_LEN..)),
+            },
+            ResponseCode::PASSPHRASE_REFUSED => Self::PassphraseRefused {
+                reason: PassphraseRefusal(payload.first().copied().unwrap_or_default()),
+            },
+            ResponseCode::KEY_DELETED => Self::KeyDeleted {
+                slot: payload.first().copied().unwrap_or_default(),
+            },
+            ResponseCode::KEY_KEPT => Self::KeyKept {
+                slot: payload.first().copied().unwrap_or_default(),
+                reason: KeptReason(payload.get(1).copied().unwrap_or_default()),
+            },
             _ => Self::KeyStored {
                 slot: payload.first().copied().unwrap_or_default(),
             },
@@ -694,7 +845,27 @@ impl RepoResponse {
                     out.put_slice(&s.envelope);
                 }
             }
-            Self::KeyStored { slot } | Self::KeyExists { slot } => out.put_u8(*slot),
+            Self::KeyStored { slot } | Self::KeyExists { slot } | Self::KeyDeleted { slot } => {
+                out.put_u8(*slot)
+            }
+            Self::PassphraseChallenge {
+                client_id,
+                cost,
+                salt,
+                challenge,
+            } => {
+                out.put_slice(&client_id.0);
+                out.put_u32_le(cost.m_kib);
+                out.put_u32_le(cost.t);
+                out.put_u32_le(cost.p);
+                out.put_slice(salt);
+                out.put_slice(challenge);
+            }
+            Self::PassphraseRefused { reason } => out.put_u8(reason.0),
+            Self::KeyKept { slot, reason } => {
+                out.put_u8(*slot);
+                out.put_u8(reason.0);
+            }
         }
     }
 }

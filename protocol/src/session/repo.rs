@@ -58,6 +58,14 @@ pub fn answer(kind: RepoKind, response: Response) -> Result<Option<RepoResponse>
                 RepoResponse::KeyStored { .. } | RepoResponse::KeyExists { .. }
             )
             | (RepoKind::GetKeys, RepoResponse::Keys { .. })
+            | (
+                RepoKind::PassphraseLogin,
+                RepoResponse::PassphraseChallenge { .. } | RepoResponse::PassphraseRefused { .. }
+            )
+            | (
+                RepoKind::DeleteKey,
+                RepoResponse::KeyDeleted { .. } | RepoResponse::KeyKept { .. }
+            )
     );
     if !fits {
         return Err(RepoClientError::Unexpected { request: kind, got });

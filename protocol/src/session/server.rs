@@ -34,6 +34,17 @@
 //! In secure mode no file, verdict or retrieval request is served before the
 //! proof is accepted.
 //!
+//! A passphrase login (`docs/PROTOCOL.md` §13.6), for a client that lost
+//! its RSA key:
+//!
+//! ```text
+//! Unbound --PassphraseLogin--> [RepoAction::FindPassphrase] --found--> 1672 (challenge) --> PassphraseAwaiting
+//!                                                           --none / over the rate--> 1673, still Unbound (no second try)
+//! PassphraseAwaiting --PassphraseProve (valid)--> 1650 --> ReadOnly
+//! PassphraseAwaiting --PassphraseProve (invalid) or any other request--> 1651, connection closed
+//! ReadOnly: only Have, Snapshots, Fetch and GetKeys; anything else 1651, connection closed
+//! ```
+//!
 //! Retrieval (`docs/PROTOCOL.md` §11), once allowed:
 //!
 //! ```text
@@ -66,7 +77,7 @@ const MAX_OPEN_NAMES: usize = 1024;
 use crate::wire::{ClientId, Dialect, Numbering, RequestKind};
 
 mod repo;
-pub use repo::{RepoAction, RepoOutcome, SNAPSHOT_PAGE_ENTRIES};
+pub use repo::{PassphraseLookup, RepoAction, RepoOutcome, SNAPSHOT_PAGE_ENTRIES};
 
 /// How the server answers where legacy servers disagree.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -127,6 +138,10 @@ pub enum SessionError {
     ProofRejected,
     #[error("pack: {0}")]
     Pack(crate::repo::pack::PackError),
+    #[error("{0:?} on a connection that logged in with a passphrase, which may only read")]
+    ReadOnly(RequestKind),
+    #[error("slot {0} holds only a passphrase envelope, and this is not one")]
+    NotAPassphraseEnvelope(u8),
 }
 
 impl SessionError {
@@ -135,9 +150,9 @@ impl SessionError {
     /// listener), 1607 for everything else.
     pub fn answer(&self) -> Response {
         match self {
-            SessionError::NotAuthenticated(_) | SessionError::ProofRejected => {
-                Response::NotAuthenticated
-            }
+            SessionError::NotAuthenticated(_)
+            | SessionError::ProofRejected
+            | SessionError::ReadOnly(_) => Response::NotAuthenticated,
             _ => Response::GeneralError,
         }
     }
@@ -279,6 +294,9 @@ enum Pending {
     FindVersion,
     Delete,
     Repo,
+    Passphrase {
+        name: UserName,
+    },
 }
 
 struct Receiving {
@@ -307,6 +325,13 @@ enum Proof {
     Awaiting(SessionSecret),
     /// The proof was accepted (in either dialect).
     Proven,
+    /// A passphrase login was offered its challenge; the signature is due.
+    PassphraseAwaiting {
+        head: crate::repo::envelope::PassphraseHead,
+        challenge: [u8; crate::repo::message::CHALLENGE_LEN],
+    },
+    /// The passphrase login was accepted: the session may read only.
+    ReadOnly,
 }
 
 /// The server's view of one connection.
@@ -338,6 +363,8 @@ pub struct ServerSession {
     spare: Option<BytesMut>,
     /// The open pack and staged snapshot references (§13).
     repo: repo::RepoState,
+    /// A passphrase login was asked on this connection: one per connection.
+    passphrase_asked: bool,
 }
 
 impl std::fmt::Debug for ServerSession {
@@ -389,6 +416,7 @@ impl ServerSession {
             registered_here: false,
             spare: None,
             repo: repo::RepoState::default(),
+            passphrase_asked: false,
         }
     }
 
@@ -405,7 +433,14 @@ impl ServerSession {
     /// Whether the client may make file requests: in legacy mode once
     /// keyed, in secure mode once its proof was accepted.
     pub fn authenticated(&self) -> bool {
-        matches!(self.proof, Proof::Legacy | Proof::Proven) && self.key.is_some()
+        (matches!(self.proof, Proof::Legacy | Proof::Proven) && self.key.is_some())
+            || matches!(self.proof, Proof::ReadOnly)
+    }
+
+    /// Whether the client logged in with its passphrase, and so may only
+    /// read (§13.6).
+    pub fn read_only(&self) -> bool {
+        matches!(self.proof, Proof::ReadOnly)
     }
 
     /// Whether the client may make retrieval requests: in either mode once
@@ -470,14 +505,8 @@ impl ServerSession {
         }
         self.numbering.get_or_insert(frame.numbering);
         let secure = self.dialect == Dialect::Secure;
-        if secure
-            && !matches!(
-                kind,
-                RequestKind::Register | RequestKind::Reconnect | RequestKind::Prove
-            )
-            && !matches!(self.proof, Proof::Proven)
-        {
-            return Err(SessionError::NotAuthenticated(kind));
+        if secure {
+            self.secure_gate(kind)?;
         }
         // Legacy: a reconnect proves nothing, so retrieval waits for the
         // proof (§11.5).
@@ -649,13 +678,59 @@ impl ServerSession {
                 }
                 Ok(self.retrieval(client_id, request))
             }
+            Request::Repo(crate::repo::RepoRequest::PassphraseLogin { name }) => {
+                if !secure
+                    || self.client.is_some()
+                    || self.passphrase_asked
+                    || !matches!(self.proof, Proof::Unsent)
+                {
+                    return Err(self.unexpected(kind));
+                }
+                self.passphrase_asked = true;
+                self.pending = Some(Pending::Passphrase { name: name.clone() });
+                Ok(Action::Repo(RepoAction::FindPassphrase { name }))
+            }
+            Request::Repo(crate::repo::RepoRequest::PassphraseProve { signature }) => {
+                let client_id = self.bound(kind, frame.client_id)?;
+                let Proof::PassphraseAwaiting { head, challenge } =
+                    std::mem::replace(&mut self.proof, Proof::Unsent)
+                else {
+                    return Err(self.unexpected(kind));
+                };
+                if !head.verify_login(client_id, &challenge, &self.binding, &signature) {
+                    return Err(SessionError::ProofRejected);
+                }
+                self.proof = Proof::ReadOnly;
+                Ok(Action::Reply(Response::Authenticated { client_id }))
+            }
             Request::Repo(request) => {
                 let client_id = self.bound(kind, frame.client_id)?;
-                if !secure || self.key.is_none() || self.has_uncommitted_upload() {
+                let ready = self.key.is_some() || matches!(self.proof, Proof::ReadOnly);
+                if !secure || !ready || self.has_uncommitted_upload() {
                     return Err(self.unexpected(kind));
                 }
                 self.repo_request(client_id, request)
             }
+        }
+    }
+
+    /// Secure mode: what may come before a proof, and what a passphrase
+    /// login may do (§12.3, §13.6).
+    fn secure_gate(&self, kind: RequestKind) -> Result<(), SessionError> {
+        use crate::repo::RepoKind as R;
+        match self.proof {
+            Proof::Proven => Ok(()),
+            Proof::ReadOnly => match kind {
+                RequestKind::Repo(R::Have | R::Snapshots | R::Fetch | R::GetKeys) => Ok(()),
+                _ => Err(SessionError::ReadOnly(kind)),
+            },
+            _ => match kind {
+                RequestKind::Register
+                | RequestKind::Reconnect
+                | RequestKind::Prove
+                | RequestKind::Repo(R::PassphraseLogin | R::PassphraseProve) => Ok(()),
+                _ => Err(SessionError::NotAuthenticated(kind)),
+            },
         }
     }
 

@@ -3,6 +3,7 @@
 //! session's answer. The dispatch `match` is in the parent module.
 
 mod file;
+mod passphrase;
 mod prove;
 mod public_key;
 mod reconnect;

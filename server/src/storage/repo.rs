@@ -26,7 +26,7 @@
 use std::io::Read;
 use std::time::SystemTime;
 
-use protocol::repo::message::{CommitRefusal, KeySlot, SnapshotEntry};
+use protocol::repo::message::{CommitRefusal, KeptReason, KeySlot, SnapshotEntry};
 use protocol::repo::pack::Located;
 use protocol::repo::ObjectId;
 use protocol::ClientId;
@@ -152,13 +152,41 @@ pub trait RepoStore: Send + Sync + 'static {
     ///
     /// # Errors
     /// On a backend failure.
+    /// Under `append_only` (the server's option) or the client's own
+    /// append-only flag, every slot is written once.
     fn put_key(
         &self,
         client: ClientId,
         slot: u8,
         envelope: &[u8],
         now: SystemTime,
+        append_only: bool,
     ) -> Result<bool, StorageError>;
+
+    /// Removes the envelope in `slot` of `client`, in one transaction
+    /// with the checks: not under `append_only` (or the client's flag),
+    /// not an empty slot, and not slot 0 or 1 while the other of the two
+    /// is empty, which would leave the master key in no envelope the
+    /// client can open without its RSA key (`docs/PROTOCOL.md` §13.6).
+    ///
+    /// # Errors
+    /// On a backend failure.
+    fn delete_key(
+        &self,
+        client: ClientId,
+        slot: u8,
+        append_only: bool,
+    ) -> Result<Result<(), KeptReason>, StorageError>;
+
+    /// The completed client named `name` and its passphrase envelope
+    /// (slot 1), if it has one: what a passphrase login starts from.
+    ///
+    /// # Errors
+    /// On a backend failure.
+    fn passphrase_envelope(
+        &self,
+        name: &protocol::UserName,
+    ) -> Result<Option<(ClientId, Vec<u8>)>, StorageError>;
 
     /// Every envelope of `client`, by slot.
     ///

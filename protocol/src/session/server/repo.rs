@@ -9,7 +9,12 @@
 //! Snapshots --> [RepoAction::ListSnapshots] --repo_done(Snapshots)--> 1665
 //! Fetch --> [RepoAction::Fetch]: the shell streams 1666 + 1668... or 1667 per id
 //! PutKey --> [RepoAction::PutKey] --> 1670; GetKeys --> [RepoAction::GetKeys] --repo_done(Keys)--> 1669
+//! DeleteKey --> [RepoAction::DeleteKey] --> 1674 / 1675
+//! PassphraseLogin --> [RepoAction::FindPassphrase] --passphrase_found--> 1672 / 1673
 //! ```
+//!
+//! A passphrase envelope (slot 1) must be one the server can read the
+//! login key of: any other envelope there is a protocol error.
 //!
 //! While a pack is open only its data, its end and "have" queries (the
 //! client asks about the next objects while it streams a pack) may come;
@@ -20,9 +25,11 @@ use bytes::Bytes;
 
 use super::{Action, Pending, ServerSession, SessionError};
 use crate::message::Response;
+use crate::name::UserName;
+use crate::repo::envelope::PassphraseHead;
 use crate::repo::message::{
-    CommitRefusal, KeySlot, ObjectId, RepoRequest, RepoResponse, SnapshotEntry, MAX_PACK_BYTES,
-    SNAPSHOT_ENTRY_HEAD, SNAPSHOT_PAGE_BYTES,
+    CommitRefusal, KeySlot, ObjectId, PassphraseRefusal, RepoRequest, RepoResponse, SnapshotEntry,
+    CHALLENGE_LEN, MAX_PACK_BYTES, PASSPHRASE_SLOT, SNAPSHOT_ENTRY_HEAD, SNAPSHOT_PAGE_BYTES,
 };
 use crate::repo::pack::{self, Located};
 use crate::restore;
@@ -95,6 +102,29 @@ pub enum RepoAction {
     },
     /// Every envelope of the client; then [`RepoOutcome::Keys`].
     GetKeys { client_id: ClientId },
+    /// Remove the envelope in `slot`, unless the client is append-only
+    /// (1675, reason 1), the slot is empty (reason 3), or it is slot 0 or
+    /// 1 and the other of the two is empty (reason 2): the check and the
+    /// removal in one transaction. Then send 1674 or 1675.
+    DeleteKey { client_id: ClientId, slot: u8 },
+    /// A passphrase login: find the completed client named `name` and
+    /// its passphrase envelope (slot 1), taking a token of the source's
+    /// registration rate first; then [`ServerSession::passphrase_found`].
+    FindPassphrase { name: UserName },
+}
+
+/// What the shell found for a passphrase login.
+#[derive(Debug)]
+pub enum PassphraseLookup {
+    /// The client and the envelope in its passphrase slot.
+    Found {
+        client_id: ClientId,
+        envelope: Bytes,
+    },
+    /// No completed client of that name, or none with a passphrase envelope.
+    NotFound,
+    /// The source is over its rate; storage was not asked.
+    OverRate,
 }
 
 /// What storage did with a [`RepoAction`].
@@ -209,17 +239,24 @@ impl ServerSession {
                 }))
             }
             RepoRequest::PutKey { slot, envelope } => {
+                if slot == PASSPHRASE_SLOT && PassphraseHead::parse(&envelope).is_err() {
+                    return Err(SessionError::NotAPassphraseEnvelope(slot));
+                }
                 return Ok(Action::Repo(RepoAction::PutKey {
                     client_id,
                     slot,
                     envelope,
                     reply: Response::Repo(RepoResponse::KeyStored { slot }),
-                }))
+                }));
             }
             RepoRequest::GetKeys => RepoAction::GetKeys { client_id },
-            RepoRequest::PackData { .. } | RepoRequest::PackEnd { .. } => {
-                return Err(self.unexpected(kind))
+            RepoRequest::DeleteKey { slot } => {
+                return Ok(Action::Repo(RepoAction::DeleteKey { client_id, slot }))
             }
+            RepoRequest::PackData { .. }
+            | RepoRequest::PackEnd { .. }
+            | RepoRequest::PassphraseLogin { .. }
+            | RepoRequest::PassphraseProve { .. } => return Err(self.unexpected(kind)),
         };
         self.pending = Some(Pending::Repo);
         Ok(Action::Repo(action))
@@ -273,6 +310,46 @@ impl ServerSession {
                 }
             }
             RepoOutcome::Keys(slots) => RepoResponse::Keys { slots },
+        }))
+    }
+
+    /// Reports what the shell found for a [`RepoAction::FindPassphrase`]
+    /// and returns the answer: 1672 with a fresh challenge, after which
+    /// the signature is due; or 1673, after which the connection may only
+    /// reconnect or register (one passphrase login per connection).
+    ///
+    /// # Errors
+    /// When no passphrase lookup was pending.
+    pub fn passphrase_found<R: rand::CryptoRng + rand::RngCore>(
+        &mut self,
+        found: PassphraseLookup,
+        rng: &mut R,
+    ) -> Result<Response, SessionError> {
+        let Some(Pending::Passphrase { name }) = self.pending.take() else {
+            return Err(SessionError::NoPendingAction);
+        };
+        let refused = |reason| Ok(Response::Repo(RepoResponse::PassphraseRefused { reason }));
+        let (client_id, envelope) = match found {
+            PassphraseLookup::Found {
+                client_id,
+                envelope,
+            } => (client_id, envelope),
+            PassphraseLookup::NotFound => return refused(PassphraseRefusal::NO_PASSPHRASE),
+            PassphraseLookup::OverRate => return refused(PassphraseRefusal::RATE),
+        };
+        // Checked when stored; a row that no longer parses logs no one in.
+        let Ok(head) = PassphraseHead::parse(&envelope) else {
+            return refused(PassphraseRefusal::NO_PASSPHRASE);
+        };
+        let mut challenge = [0u8; CHALLENGE_LEN];
+        rng.fill_bytes(&mut challenge);
+        self.client = Some((client_id, name));
+        self.proof = super::Proof::PassphraseAwaiting { head, challenge };
+        Ok(Response::Repo(RepoResponse::PassphraseChallenge {
+            client_id,
+            cost: head.cost,
+            salt: head.salt,
+            challenge,
         }))
     }
 
@@ -562,5 +639,225 @@ mod tests {
             RepoRequest::GetKeys
         )
         .is_err());
+    }
+
+    use crate::repo::envelope::{self, PassphraseCost, PassphraseKeys};
+    use crate::repo::keys::MasterKey;
+
+    const CHEAP: PassphraseCost = PassphraseCost {
+        m_kib: 8,
+        t: 1,
+        p: 1,
+    };
+
+    /// A fresh secure session that asked for a passphrase login of "a" and
+    /// was challenged; the keys of the envelope storage found; the challenge.
+    fn challenged() -> (
+        ServerSession,
+        ClientId,
+        rand::rngs::StdRng,
+        PassphraseKeys,
+        [u8; CHALLENGE_LEN],
+    ) {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        let sealed = envelope::seal_with_passphrase(
+            &MasterKey::from_bytes([4; 32]),
+            b"right",
+            CHEAP,
+            &mut rng,
+        )
+        .unwrap();
+        let head = PassphraseHead::parse(&sealed).unwrap();
+        let keys = PassphraseKeys::derive(b"right", &head.salt, head.cost).unwrap();
+        let mut s = ServerSession::secure(ServerConfig::default(), [7; 32]);
+        let id = ClientId([5; 16]);
+        let name = UserName::try_from("a").unwrap();
+        let action = send(
+            &mut s,
+            ClientId::default(),
+            &mut rng,
+            RepoRequest::PassphraseLogin { name: name.clone() },
+        );
+        assert!(matches!(
+            action,
+            Ok(Action::Repo(RepoAction::FindPassphrase { name: ref n })) if *n == name
+        ));
+        let answer = s
+            .passphrase_found(
+                PassphraseLookup::Found {
+                    client_id: id,
+                    envelope: sealed.into(),
+                },
+                &mut rng,
+            )
+            .unwrap();
+        let Response::Repo(RepoResponse::PassphraseChallenge {
+            client_id,
+            cost,
+            salt,
+            challenge,
+        }) = answer
+        else {
+            panic!("not a challenge: {answer:?}");
+        };
+        assert_eq!((client_id, cost, salt), (id, CHEAP, head.salt));
+        (s, id, rng, keys, challenge)
+    }
+
+    #[test]
+    fn accepts_a_passphrase_login_signed_by_the_envelope_login_key_then_serves_reads_only() {
+        let (mut s, id, mut rng, keys, challenge) = challenged();
+        // Nothing but the signature is served while it is due.
+        assert!(matches!(
+            send(&mut s, id, &mut rng, RepoRequest::GetKeys),
+            Err(SessionError::NotAuthenticated(_))
+        ));
+        let (mut s, id, mut rng, keys2, challenge2) = challenged();
+        let _ = (keys, challenge);
+        let signature = keys2.sign_login(id, &challenge2, &[7; 32]);
+        assert!(matches!(
+            send(&mut s, id, &mut rng, RepoRequest::PassphraseProve { signature }),
+            Ok(Action::Reply(Response::Authenticated { client_id })) if client_id == id
+        ));
+        assert!(s.authenticated() && s.read_only());
+        for read in [
+            RepoRequest::GetKeys,
+            RepoRequest::Snapshots { cursor: 0 },
+            RepoRequest::Have { ids: vec![oid(1)] },
+        ] {
+            assert!(matches!(
+                send(&mut s, id, &mut rng, read),
+                Ok(Action::Repo(_))
+            ));
+            s.pending = None;
+        }
+        for write in [
+            RepoRequest::PackData {
+                content: Bytes::from_static(b"x"),
+            },
+            RepoRequest::SnapshotRefs { ids: vec![oid(1)] },
+            RepoRequest::PutKey {
+                slot: 2,
+                envelope: Bytes::from_static(b"x"),
+            },
+            RepoRequest::DeleteKey { slot: 0 },
+        ] {
+            let refused = send(&mut s, id, &mut rng, write);
+            assert!(matches!(refused, Err(SessionError::ReadOnly(_))));
+            assert_eq!(refused.unwrap_err().answer(), Response::NotAuthenticated);
+        }
+    }
+
+    #[test]
+    fn rejects_a_passphrase_login_signed_by_another_passphrase_or_for_another_connection() {
+        let (mut s, id, mut rng, _, challenge) = challenged();
+        let head = PassphraseHead {
+            cost: CHEAP,
+            salt: [0; 16],
+            login_public: [0; 32],
+        };
+        let wrong = PassphraseKeys::derive(b"wrong", &head.salt, CHEAP).unwrap();
+        let signature = wrong.sign_login(id, &challenge, &[7; 32]);
+        assert_eq!(
+            send(
+                &mut s,
+                id,
+                &mut rng,
+                RepoRequest::PassphraseProve { signature }
+            )
+            .unwrap_err(),
+            SessionError::ProofRejected
+        );
+        // The right key over another connection's binding.
+        let (mut s, id, mut rng, keys, challenge) = challenged();
+        let signature = keys.sign_login(id, &challenge, &[8; 32]);
+        assert_eq!(
+            send(
+                &mut s,
+                id,
+                &mut rng,
+                RepoRequest::PassphraseProve { signature }
+            )
+            .unwrap_err(),
+            SessionError::ProofRejected
+        );
+        assert!(!s.authenticated());
+    }
+
+    #[test]
+    fn refuses_a_passphrase_login_without_an_envelope_and_allows_one_lookup_per_connection() {
+        let mut s = ServerSession::secure(ServerConfig::default(), [7; 32]);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(4);
+        let login = || RepoRequest::PassphraseLogin {
+            name: UserName::try_from("a").unwrap(),
+        };
+        send(&mut s, ClientId::default(), &mut rng, login()).unwrap();
+        assert_eq!(
+            s.passphrase_found(PassphraseLookup::OverRate, &mut rng)
+                .unwrap(),
+            Response::Repo(RepoResponse::PassphraseRefused {
+                reason: PassphraseRefusal::RATE
+            })
+        );
+        assert!(matches!(
+            send(&mut s, ClientId::default(), &mut rng, login()),
+            Err(SessionError::Unexpected { .. })
+        ));
+        // A signature with no challenge is not a login.
+        let mut s = ServerSession::secure(ServerConfig::default(), [7; 32]);
+        send(&mut s, ClientId::default(), &mut rng, login()).unwrap();
+        assert_eq!(
+            s.passphrase_found(
+                PassphraseLookup::Found {
+                    client_id: ClientId([5; 16]),
+                    envelope: Bytes::from_static(&[3; 121]),
+                },
+                &mut rng
+            )
+            .unwrap(),
+            Response::Repo(RepoResponse::PassphraseRefused {
+                reason: PassphraseRefusal::NO_PASSPHRASE
+            })
+        );
+        assert!(send(
+            &mut s,
+            ClientId([5; 16]),
+            &mut rng,
+            RepoRequest::PassphraseProve { signature: [0; 64] }
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn rejects_a_passphrase_slot_envelope_the_server_cannot_read_a_login_key_from() {
+        let (mut s, id, mut rng) = proven();
+        assert_eq!(
+            send(
+                &mut s,
+                id,
+                &mut rng,
+                RepoRequest::PutKey {
+                    slot: PASSPHRASE_SLOT,
+                    envelope: Bytes::from_static(b"not an envelope"),
+                }
+            )
+            .unwrap_err(),
+            SessionError::NotAPassphraseEnvelope(PASSPHRASE_SLOT)
+        );
+        let sealed =
+            envelope::seal_with_passphrase(&MasterKey::from_bytes([4; 32]), b"p", CHEAP, &mut rng)
+                .unwrap();
+        assert!(matches!(
+            send(
+                &mut s,
+                id,
+                &mut rng,
+                RepoRequest::PutKey {
+                    slot: PASSPHRASE_SLOT,
+                    envelope: sealed.into(),
+                }
+            ),
+            Ok(Action::Repo(RepoAction::PutKey { .. }))
+        ));
     }
 }

@@ -24,7 +24,11 @@ where
     ) -> Result<(), Ended> {
         self.bind_client(client_id);
         self.record_completion(client_id).await?;
-        info!("client proved its key");
+        if self.session.read_only() {
+            info!("client logged in with its passphrase: it may only read");
+        } else {
+            info!("client proved its key");
+        }
         self.reply(&response).await
     }
 

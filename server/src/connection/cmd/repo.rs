@@ -1,4 +1,5 @@
-//! The repository extension (`docs/PROTOCOL.md` §13), requests 1260-1268:
+//! The repository extension (`docs/PROTOCOL.md` §13), requests 1260-1271
+//! (the passphrase login and key removal in `passphrase.rs`):
 //! the session checks the rules (pack index, staging, paging), storage
 //! (`storage/repo.rs`) keeps packs, objects, snapshots and envelopes, and
 //! this handler carries each [`RepoAction`] out on the blocking pool.
@@ -148,8 +149,12 @@ where
                 reply,
             } => {
                 let now = SystemTime::now();
+                let append_only = self.shared.config.append_only;
                 match self
-                    .blocking(move |s| s.repo()?.put_key(client_id, slot, &envelope, now))
+                    .blocking(move |s| {
+                        s.repo()?
+                            .put_key(client_id, slot, &envelope, now, append_only)
+                    })
                     .await
                 {
                     Ok(true) => {
@@ -157,7 +162,10 @@ where
                         self.reply(&reply).await
                     }
                     Ok(false) => {
-                        info!(slot, "key envelope kept: the slot is written once");
+                        info!(
+                            slot,
+                            "key envelope kept: the slot is written once (slot 0, or append-only)"
+                        );
                         self.reply(&Response::Repo(RepoResponse::KeyExists { slot }))
                             .await
                     }
@@ -173,6 +181,8 @@ where
                     Err(e) => self.repo_failure("read key envelopes", e).await,
                 }
             }
+            RepoAction::DeleteKey { client_id, slot } => self.delete_key(client_id, slot).await,
+            RepoAction::FindPassphrase { name } => self.find_passphrase(name).await,
         }
     }
 

@@ -4,7 +4,9 @@
 
 use std::collections::HashMap;
 
-use protocol::repo::message::{CommitRefusal, KeySlot, SnapshotEntry, ID_LEN};
+use protocol::repo::message::{
+    CommitRefusal, KeptReason, KeySlot, SnapshotEntry, ID_LEN, MASTER_SLOT, PASSPHRASE_SLOT,
+};
 use protocol::repo::ObjectId;
 use rusqlite::Transaction;
 
@@ -280,8 +282,11 @@ impl RepoStore for SqliteMetaStore {
         slot: u8,
         envelope: &[u8],
         now: SystemTime,
+        append_only: bool,
     ) -> Result<bool, StorageError> {
-        let sql = if slot == protocol::repo::message::MASTER_SLOT {
+        let conn = self.conn();
+        let once = slot == MASTER_SLOT || append_only || is_append_only(&conn, client)?;
+        let sql = if once {
             "INSERT INTO key_envelopes (client, slot, envelope, stored_at) VALUES (?1, ?2, ?3, ?4)
              ON CONFLICT (client, slot) DO NOTHING"
         } else {
@@ -289,11 +294,76 @@ impl RepoStore for SqliteMetaStore {
              ON CONFLICT (client, slot) DO UPDATE SET envelope = excluded.envelope,
                  stored_at = excluded.stored_at"
         };
-        let changed = self.conn().execute(
+        let changed = conn.execute(
             sql,
             params![&client.0[..], i64::from(slot), envelope, to_ms(now)],
         )?;
         Ok(changed > 0)
+    }
+
+    fn delete_key(
+        &self,
+        client: ClientId,
+        slot: u8,
+        append_only: bool,
+    ) -> Result<Result<(), KeptReason>, StorageError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        if append_only || is_append_only(&tx, client)? {
+            return Ok(Err(KeptReason::APPEND_ONLY));
+        }
+        let held = |slot: u8| -> Result<bool, StorageError> {
+            Ok(tx
+                .query_row(
+                    "SELECT 1 FROM key_envelopes WHERE client = ?1 AND slot = ?2",
+                    params![&client.0[..], i64::from(slot)],
+                    |_| Ok(()),
+                )
+                .optional()?
+                .is_some())
+        };
+        if !held(slot)? {
+            return Ok(Err(KeptReason::EMPTY));
+        }
+        let partner = match slot {
+            MASTER_SLOT => Some(PASSPHRASE_SLOT),
+            PASSPHRASE_SLOT => Some(MASTER_SLOT),
+            _ => None,
+        };
+        if let Some(other) = partner {
+            if !held(other)? {
+                return Ok(Err(KeptReason::LAST_WAY_IN));
+            }
+        }
+        tx.execute(
+            "DELETE FROM key_envelopes WHERE client = ?1 AND slot = ?2",
+            params![&client.0[..], i64::from(slot)],
+        )?;
+        tx.commit()?;
+        Ok(Ok(()))
+    }
+
+    fn passphrase_envelope(
+        &self,
+        name: &protocol::UserName,
+    ) -> Result<Option<(ClientId, Vec<u8>)>, StorageError> {
+        let conn = self.conn();
+        let row = conn
+            .query_row(
+                "SELECT c.id, k.envelope FROM clients c JOIN key_envelopes k ON k.client = c.id
+                 WHERE c.name = ?1 AND c.completed_at IS NOT NULL AND k.slot = ?2",
+                params![name.as_bytes(), i64::from(PASSPHRASE_SLOT)],
+                |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, Vec<u8>>(1)?)),
+            )
+            .optional()?;
+        let Some((id, envelope)) = row else {
+            return Ok(None);
+        };
+        let id: [u8; 16] = id
+            .as_slice()
+            .try_into()
+            .map_err(|_| corrupt("client id of the wrong width"))?;
+        Ok(Some((ClientId(id), envelope)))
     }
 
     fn keys(&self, client: ClientId) -> Result<Vec<KeySlot>, StorageError> {
@@ -477,15 +547,86 @@ mod tests {
     }
 
     #[test]
+    fn removes_an_envelope_only_while_another_way_to_the_master_key_stays() {
+        let (_dir, s) = store();
+        let now = SystemTime::now();
+        assert_eq!(s.delete_key(A, 0, false).unwrap(), Err(KeptReason::EMPTY));
+        s.put_key(A, 0, b"rsa", now, false).unwrap();
+        assert_eq!(
+            s.delete_key(A, 0, false).unwrap(),
+            Err(KeptReason::LAST_WAY_IN),
+            "the RSA envelope goes only once a passphrase envelope is there"
+        );
+        s.put_key(A, 1, b"pass", now, false).unwrap();
+        s.put_key(A, 2, b"backup", now, false).unwrap();
+        assert_eq!(
+            s.delete_key(A, 0, true).unwrap(),
+            Err(KeptReason::APPEND_ONLY)
+        );
+        assert_eq!(s.delete_key(A, 2, false).unwrap(), Ok(()));
+        assert_eq!(s.delete_key(A, 0, false).unwrap(), Ok(()));
+        assert_eq!(
+            s.delete_key(A, 1, false).unwrap(),
+            Err(KeptReason::LAST_WAY_IN),
+            "the passphrase envelope is now the only one"
+        );
+        let slots: Vec<u8> = s.keys(A).unwrap().iter().map(|k| k.slot).collect();
+        assert_eq!(slots, vec![1]);
+    }
+
+    #[test]
+    fn writes_every_slot_once_under_append_only() {
+        let (_dir, s) = store();
+        let now = SystemTime::now();
+        assert!(s.put_key(A, 1, b"pass", now, true).unwrap());
+        assert!(!s.put_key(A, 1, b"pass2", now, true).unwrap());
+        assert!(s.put_key(A, 1, b"pass3", now, false).unwrap());
+        assert_eq!(s.keys(A).unwrap()[0].envelope, "pass3");
+        // The client's own flag, as `backup-server append-only CLIENT on` sets it.
+        let name = protocol::UserName::try_from("flagged").unwrap();
+        s.register_with_key(B, &name, b"der", now).unwrap();
+        s.put_key(B, 0, b"rsa", now, false).unwrap();
+        s.put_key(B, 1, b"pass", now, false).unwrap();
+        assert!(s.set_append_only(B, true).unwrap());
+        assert!(!s.put_key(B, 1, b"pass2", now, false).unwrap());
+        assert_eq!(
+            s.delete_key(B, 0, false).unwrap(),
+            Err(KeptReason::APPEND_ONLY)
+        );
+        assert_eq!(s.keys(B).unwrap()[1].envelope, "pass");
+    }
+
+    #[test]
+    fn finds_the_passphrase_envelope_of_a_completed_client_by_name() {
+        let (_dir, s) = store();
+        let now = SystemTime::now();
+        let name = protocol::UserName::try_from("alice").unwrap();
+        s.register_with_key(A, &name, b"der", now).unwrap();
+        s.put_key(A, 1, b"pass", now, false).unwrap();
+        assert_eq!(
+            s.passphrase_envelope(&name).unwrap(),
+            None,
+            "not before the registration is complete"
+        );
+        assert!(s.complete(A, now).unwrap());
+        assert_eq!(
+            s.passphrase_envelope(&name).unwrap(),
+            Some((A, b"pass".to_vec()))
+        );
+        let other = protocol::UserName::try_from("bob").unwrap();
+        assert_eq!(s.passphrase_envelope(&other).unwrap(), None);
+    }
+
+    #[test]
     fn keeps_one_envelope_per_slot_and_client_and_clears_stages() {
         let (_dir, s) = store();
         let now = SystemTime::now();
-        assert!(s.put_key(A, 0, b"rsa", now).unwrap());
-        assert!(s.put_key(A, 3, b"pass", now).unwrap());
+        assert!(s.put_key(A, 0, b"rsa", now, false).unwrap());
+        assert!(s.put_key(A, 3, b"pass", now, false).unwrap());
         // Slot 0, the master key's, is written once; the others are replaced.
-        assert!(!s.put_key(A, 0, b"rsa2", now).unwrap());
-        assert!(s.put_key(A, 3, b"pass2", now).unwrap());
-        assert!(s.put_key(B, 1, b"b", now).unwrap());
+        assert!(!s.put_key(A, 0, b"rsa2", now, false).unwrap());
+        assert!(s.put_key(A, 3, b"pass2", now, false).unwrap());
+        assert!(s.put_key(B, 1, b"b", now, false).unwrap());
         let slots = s.keys(A).unwrap();
         assert_eq!(
             slots,
@@ -548,7 +689,7 @@ mod tests {
             s.commit_snapshot(stage, client, 1, b"m", now)
                 .unwrap()
                 .unwrap();
-            s.put_key(client, 0, b"k", now).unwrap();
+            s.put_key(client, 0, b"k", now, false).unwrap();
         }
         assert!(s.remove_client(A).unwrap().is_some());
         for table in [
