@@ -29,9 +29,9 @@ use crate::engine::Client;
 use crate::error::Error;
 
 /// Objects the walker may be ahead of the uploader.
-pub(super) const QUEUE: usize = 4;
+pub(super) const QUEUE: usize = 2;
 /// Plaintext bytes of one "have" batch.
-pub(super) const BATCH_BYTES: usize = 8 << 20;
+pub(super) const BATCH_BYTES: usize = 4 << 20;
 /// Objects in one "have" batch.
 pub(super) const BATCH_OBJECTS: usize = 512;
 /// Plaintext bytes being sealed while earlier objects are sent.
