@@ -154,6 +154,11 @@ impl FileCache {
         }
     }
 
+    /// Whether the last snapshot held `path` (changed or not).
+    pub fn knows(&self, path: &[u8]) -> bool {
+        self.files.contains_key(path)
+    }
+
     pub fn len(&self) -> usize {
         self.files.len()
     }

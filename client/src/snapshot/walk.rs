@@ -17,6 +17,7 @@ use tokio::sync::mpsc;
 use super::cache::{CacheWriter, FileCache, Stamp};
 use super::chunk;
 use crate::error::Error;
+use crate::exclude::{Filter, Rules};
 
 /// One object the walker made: a chunk or a tree.
 pub(super) struct Made {
@@ -33,7 +34,11 @@ pub(super) struct Walked {
     pub(super) dirs: u64,
     pub(super) bytes: u64,
     pub(super) unchanged: u64,
+    /// Files read that the last snapshot held with other times or size.
+    pub(super) changed: u64,
     pub(super) skipped: Vec<(String, String)>,
+    /// Entries left out by the exclusion rules.
+    pub(super) excluded: u64,
     pub(super) cache: Option<CacheWriter>,
 }
 
@@ -52,6 +57,12 @@ pub(super) struct Walker {
     /// The cache this run writes; dropped on the first write error.
     new: Option<CacheWriter>,
     chunker: chunk::Chunker,
+    /// What is left out of the directories walked, and those rules as
+    /// they apply under the root being walked.
+    rules: Rules,
+    filter: Option<Filter>,
+    excluded: u64,
+    changed: u64,
 }
 
 /// The uploader went away (it failed); the walker stops.
@@ -93,7 +104,17 @@ impl Walker {
             old,
             new,
             chunker: chunk::Chunker::default(),
+            rules: Rules::default(),
+            filter: None,
+            excluded: 0,
+            changed: 0,
         }
+    }
+
+    /// Leaves out of the directories walked what `rules` exclude.
+    pub(super) fn excluding(mut self, rules: Rules) -> Self {
+        self.rules = rules;
+        self
     }
 
     /// Walks `roots`: what it found, or `None` when the uploader went away
@@ -113,6 +134,8 @@ impl Walker {
             bytes: self.bytes,
             unchanged: self.unchanged,
             skipped: self.skipped,
+            excluded: self.excluded,
+            changed: self.changed,
             cache: self.new,
         })
     }
@@ -237,6 +260,9 @@ impl Walker {
         if matches!(after, Ok(a) if a == stamp && a.size == size) {
             self.remember(path, &stamp, &chunks);
         }
+        if self.old.knows(path.as_os_str().as_bytes()) {
+            self.changed += 1;
+        }
         self.files += 1;
         self.bytes += size;
         Ok(Some(EntryKind::File { size, chunks }))
@@ -273,6 +299,12 @@ impl Walker {
                     continue;
                 }
             };
+            if let Some(f) = self.filter.as_mut() {
+                if f.excludes(&child, &meta).is_some() {
+                    self.excluded += 1;
+                    continue;
+                }
+            }
             if let Some(e) = self.entry(&child, name, &meta)? {
                 entries.push(e);
             }
@@ -295,6 +327,7 @@ impl Walker {
         for (name, path) in paths {
             match std::fs::metadata(path) {
                 Ok(meta) => {
+                    self.filter = Some(self.rules.for_root(path, &meta));
                     if let Some(e) = self.entry(path, name.clone(), &meta)? {
                         entries.push(e);
                     }

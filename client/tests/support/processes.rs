@@ -51,6 +51,11 @@ impl ServerProcess {
     /// Starts the server with `extra` flags and waits until both listeners
     /// accept.
     pub fn start(extra: &[&str]) -> Self {
+        Self::start_logging(extra, "debug")
+    }
+
+    /// As [`ServerProcess::start`], logging at `rust_log` (`RUST_LOG`).
+    pub fn start_logging(extra: &[&str], rust_log: &str) -> Self {
         let data = tempfile::tempdir().unwrap();
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let legacy_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
@@ -61,7 +66,7 @@ impl ServerProcess {
             .arg("--data-dir")
             .arg(data.path().join("data"))
             .args(extra)
-            .env("RUST_LOG", "debug")
+            .env("RUST_LOG", rust_log)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())

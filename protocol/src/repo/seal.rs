@@ -184,11 +184,14 @@ fn compress_into(plaintext: &[u8], out: &mut Vec<u8>) -> bool {
         // Output that would not fit in the plaintext's length fails here,
         // and the object is stored as it is.
         let shrunk = match compressor.compress_to_buffer(plaintext, scratch) {
-            Ok(n) if n < plaintext.len() => {
-                out.push(ZSTD);
-                out.extend_from_slice(&scratch[..n]);
-                true
-            }
+            Ok(n) if n < plaintext.len() => match scratch.get(..n) {
+                Some(packed) => {
+                    out.push(ZSTD);
+                    out.extend_from_slice(packed);
+                    true
+                }
+                None => false,
+            },
             _ => false,
         };
         // A large object's scratch is not kept for the next.
