@@ -329,3 +329,58 @@ async fn rejects_a_bad_pattern_and_a_missing_exclude_file_before_connecting() {
         assert_eq!(out.status.code(), Some(code), "{args:?}: {}", stderr(&out));
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_summary_line_names_new_changed_unchanged_and_excluded_files() {
+    let s = Setup::new().await;
+    let folder = s.path("folder");
+    write_file(&folder.join("a.txt"), 1000, 1);
+    write_file(&folder.join("b.txt"), 2000, 2);
+    write_file(&folder.join("skip.log"), 3000, 3);
+    let f = folder.to_string_lossy().into_owned();
+    let args = ["backup", f.as_str(), "--exclude", "*.log"];
+
+    let out = s.client(&args).await;
+    assert!(out.status.success(), "backup: {}", stderr(&out));
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    let line = said.lines().last().unwrap_or_default();
+    assert!(
+        line.contains("2 files (2 new, 0 changed, 0 unchanged)")
+            && line.contains("1 excluded, 0 skipped"),
+        "{line}"
+    );
+
+    write_file(&folder.join("b.txt"), 2500, 4);
+    write_file(&folder.join("c.txt"), 500, 5);
+    let (out, summary) = s.json(&args).await;
+    assert!(out.status.success(), "backup: {}", stderr(&out));
+    assert_eq!(
+        (
+            &summary["new_files"],
+            &summary["changed_files"],
+            &summary["unchanged_files"],
+            &summary["excluded"]
+        ),
+        (
+            &serde_json::json!(1),
+            &serde_json::json!(1),
+            &serde_json::json!(1),
+            &serde_json::json!(1)
+        ),
+        "{summary}"
+    );
+    // What was sent is about the changed and the new file, not the rest.
+    let sent = summary["sent_bytes"].as_u64().unwrap();
+    assert!(sent > 0 && sent < 2500 + 500 + 1000, "{summary}");
+
+    let out = s
+        .client(&[args.as_slice(), &["--force-read"]].concat())
+        .await;
+    assert!(out.status.success(), "backup: {}", stderr(&out));
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    let line = said.lines().last().unwrap_or_default();
+    assert!(
+        line.contains("3 files (3 read (not compared with the last snapshot))"),
+        "{line}"
+    );
+}
