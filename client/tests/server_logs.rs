@@ -6,7 +6,7 @@ mod support;
 
 use std::time::Duration;
 
-use support::processes::{run_client, stderr, ServerProcess};
+use support::processes::{run_client, server_binary, stderr, ServerProcess};
 use support::write_file;
 
 const LIMIT: Duration = Duration::from_secs(120);
@@ -60,13 +60,17 @@ async fn json_logs_name_the_client_of_each_event_and_no_file_at_info_level() {
     assert!(out.status.success(), "snapshot: {}", stderr(&out));
     let out = client(&["delete", "zebra-per-file-name.txt"]).await;
     assert_eq!(out.status.code(), Some(4), "append-only: {}", stderr(&out));
+    // A second version, for `prune` to remove.
+    args = vec!["--server", addr.as_str(), "--per-file", "backup", &file];
+    let out = run_client(&config, &args, LIMIT).await;
+    assert!(out.status.success(), "per-file backup: {}", stderr(&out));
 
     // The server writes each line as the event happens; give the last one
     // a moment.
     let mut log = String::new();
     for _ in 0..50 {
         log = server.log();
-        if log.contains("delete refused") {
+        if log.matches("upload committed").count() == 2 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -77,15 +81,17 @@ async fn json_logs_name_the_client_of_each_event_and_no_file_at_info_level() {
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
         .collect();
     assert!(lines.len() > 3, "{log}");
-    for message in [
-        "upload committed",
-        "snapshot committed",
-        "delete refused: append-only",
+    for (message, count) in [
+        ("upload committed", 2),
+        ("snapshot committed", 1),
+        ("delete refused: append-only", 1),
     ] {
         let found = events(&lines, message);
-        assert_eq!(found.len(), 1, "{message}: {log}");
-        assert_eq!(client_id(found[0]), Some(id.as_str()), "{message}: {log}");
-        assert_eq!(found[0]["level"], "INFO", "{message}");
+        assert_eq!(found.len(), count, "{message}: {log}");
+        for line in found {
+            assert_eq!(client_id(line), Some(id.as_str()), "{message}: {log}");
+            assert_eq!(line["level"], "INFO", "{message}");
+        }
     }
     for name in ["zebra", "okapi"] {
         assert!(
@@ -93,4 +99,31 @@ async fn json_logs_name_the_client_of_each_event_and_no_file_at_info_level() {
             "a file name ({name}) in the log: {log}"
         );
     }
+
+    // The operator's prune logs one line per client, with its id.
+    let data = server.data.path().join("data");
+    let out = std::process::Command::new(server_binary())
+        .args([
+            "prune",
+            "--keep-last",
+            "1",
+            "--log-format",
+            "json",
+            "--data-dir",
+        ])
+        .arg(&data)
+        .env("RUST_LOG", "info")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "prune: {}", stderr(&out));
+    let err = stderr(&out);
+    let pruned: Vec<serde_json::Value> = err
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .filter(|l: &serde_json::Value| l["message"] == "pruned")
+        .collect();
+    assert_eq!(pruned.len(), 1, "{err}");
+    assert_eq!(pruned[0]["client_id"], id.as_str(), "{err}");
+    assert_eq!(pruned[0]["versions"], 1, "{err}");
+    assert!(!err.contains("zebra"), "{err}");
 }
