@@ -9,8 +9,9 @@ mod snapshot;
 pub use key::{read_passphrase, ENV_PASSPHRASE};
 
 pub use args::{
-    BackupArgs, Cli, Command, DeleteArgs, DiffArgs, ExportArgs, GlobalArgs, KeyArgs, KeyCommand,
-    ListArgs, LoginArgs, LsArgs, PassphraseFile, RegisterArgs, RestoreArgs, SnapshotsArgs,
+    BackupArgs, Cli, Command, CompletionsArgs, DeleteArgs, DiffArgs, ExportArgs, GlobalArgs,
+    KeyArgs, KeyCommand, ListArgs, LoginArgs, LsArgs, ManArgs, PassphraseFile, RegisterArgs,
+    RestoreArgs, SnapshotsArgs,
 };
 
 use std::path::{Path, PathBuf};
@@ -20,6 +21,7 @@ use protocol::{FileName, UserName};
 
 use crate::engine::Client;
 use crate::error::Error;
+use crate::exclude::{self, Rules};
 use crate::feedback::{Console, Feedback};
 use crate::files;
 use crate::identity::{IdentityStore, ME_INFO};
@@ -101,15 +103,23 @@ pub async fn run(cli: Cli, cwd: &Path) -> u8 {
     let console = Arc::new(Console::new(cli.global.verbosity()));
     let result = match &cli.command {
         Some(Command::Register(args)) => register(&cli.global, args, cwd, &console).await,
-        Some(Command::Backup(args)) => {
-            let paths: Vec<PathBuf> = args.paths.iter().map(|p| cwd.join(p)).collect();
-            let links = if args.follow_symlinks {
-                files::Links::FollowToFiles
-            } else {
-                files::Links::Skip
-            };
-            backup(&cli.global, Some(args), paths, links, cwd, false, &console).await
-        }
+        Some(Command::Backup(args)) => match backup_paths(args, cwd) {
+            Ok((paths, rules)) => {
+                let links = if args.follow_symlinks {
+                    files::Links::FollowToFiles
+                } else {
+                    files::Links::Skip
+                };
+                let job = Job {
+                    paths,
+                    links,
+                    rules,
+                    legacy_folder: false,
+                };
+                backup(&cli.global, Some(args), job, cwd, &console).await
+            }
+            Err(e) => Err(e),
+        },
         Some(Command::Snapshots(args)) => {
             match reading_client(&cli.global, &args.login, cwd, &console) {
                 Ok(client) => snapshot::snapshots(&client, &cli.global, &console).await,
@@ -133,17 +143,16 @@ pub async fn run(cli: Cli, cwd: &Path) -> u8 {
         Some(Command::List(args)) => list(&cli.global, args, cwd, &console).await,
         Some(Command::Restore(args)) => restore(&cli.global, args, cwd, &console).await,
         Some(Command::Delete(args)) => delete(&cli.global, args, cwd, &console).await,
+        Some(Command::Completions(args)) => completions(args),
+        Some(Command::Man(args)) => man(args),
         None => {
-            backup(
-                &cli.global,
-                None,
-                Vec::new(),
-                files::Links::Skip,
-                cwd,
-                true,
-                &console,
-            )
-            .await
+            let job = Job {
+                paths: Vec::new(),
+                links: files::Links::Skip,
+                rules: Rules::default(),
+                legacy_folder: true,
+            };
+            backup(&cli.global, None, job, cwd, &console).await
         }
     };
     console.done();
@@ -216,17 +225,90 @@ async fn register(
     Ok(0)
 }
 
-/// `backup PATH...`, or the legacy job when `legacy_folder` is set (files,
-/// server and name then come from transfer.info in `cwd`).
+/// `completions SHELL`: the script on standard output.
+fn completions(args: &CompletionsArgs) -> Result<u8, Error> {
+    use clap::CommandFactory;
+    let mut cmd = Cli::command();
+    clap_complete::generate(
+        args.shell,
+        &mut cmd,
+        "backup-client",
+        &mut std::io::stdout(),
+    );
+    Ok(0)
+}
+
+/// `man [--out DIR]`: the main page on standard output, or every page
+/// written into DIR.
+fn man(args: &ManArgs) -> Result<u8, Error> {
+    use clap::CommandFactory;
+    let cmd = Cli::command();
+    let written = match &args.out {
+        Some(dir) => std::fs::create_dir_all(dir)
+            .and_then(|()| clap_mangen::generate_to(cmd, dir))
+            .map_err(|e| (dir.clone(), e)),
+        None => {
+            let mut page = Vec::new();
+            clap_mangen::Man::new(cmd)
+                .render(&mut page)
+                .and_then(|()| std::io::Write::write_all(&mut std::io::stdout(), &page))
+                .map_err(|e| (PathBuf::from("-"), e))
+        }
+    };
+    written.map_err(|(path, e)| Error::WriteFile {
+        path,
+        reason: crate::error::io_reason(&e),
+    })?;
+    Ok(0)
+}
+
+/// The paths `backup` is given (its arguments, then the lines of each
+/// `--files-from`) and its exclusion rules, checked before anything else.
+fn backup_paths(args: &BackupArgs, cwd: &Path) -> Result<(Vec<PathBuf>, Rules), Error> {
+    let mut paths: Vec<PathBuf> = args.paths.iter().map(|p| cwd.join(p)).collect();
+    for list in &args.files_from {
+        paths.extend(exclude::files_from(&cwd.join(list), cwd)?);
+    }
+    if paths.is_empty() {
+        return Err(Error::Usage {
+            detail: "nothing to back up: no PATH given and the --files-from lists are empty".into(),
+        });
+    }
+    let exclude_files: Vec<PathBuf> = args.exclude_files.iter().map(|p| cwd.join(p)).collect();
+    let rules = Rules::new(
+        &args.exclude,
+        &exclude_files,
+        &args.iexclude,
+        args.exclude_caches,
+        args.one_file_system,
+    )?;
+    Ok((paths, rules))
+}
+
+/// What one backup run is to back up.
+struct Job {
+    paths: Vec<PathBuf>,
+    links: files::Links,
+    rules: Rules,
+    /// The legacy job: files, server and name come from transfer.info.
+    legacy_folder: bool,
+}
+
+/// `backup PATH...`, or the legacy job when `job.legacy_folder` is set
+/// (files, server and name then come from transfer.info in `cwd`).
 async fn backup(
     global: &GlobalArgs,
     args: Option<&BackupArgs>,
-    paths: Vec<PathBuf>,
-    links: files::Links,
+    job: Job,
     cwd: &Path,
-    legacy_folder: bool,
     console: &Arc<Console>,
 ) -> Result<u8, Error> {
+    let Job {
+        paths,
+        links,
+        rules,
+        legacy_folder,
+    } = job;
     let legacy = TransferInfo::load(cwd)?;
     let places = places(global, cwd, legacy_folder)?;
     let paths = match (&legacy, legacy_folder) {
@@ -250,7 +332,12 @@ async fn backup(
         let client = Client::new(options, store)
             .with_feedback(feedback)
             .with_key_file(key_file(global, &places, cwd));
-        return snapshot::backup(&client, args, paths, register_as.as_ref(), global, console).await;
+        let request = snapshot::Request {
+            paths,
+            rules,
+            register_as: register_as.as_ref(),
+        };
+        return snapshot::backup(&client, args, request, global, console).await;
     }
     if let (Some(t), Ok(Some(identity))) = (&legacy, store.load()) {
         if identity.name != t.name {
@@ -260,12 +347,22 @@ async fn backup(
             ));
         }
     }
-    let collected = files::collect_with(&paths, links);
+    let collected = files::collect_filtered(&paths, links, &rules);
     for skipped in &collected.skipped {
         console.notice(&format!(
             "skipped {}: {}",
             skipped.path.display(),
             skipped.reason.describe()
+        ));
+    }
+    if args.is_some_and(|a| a.dry_run) {
+        return Ok(dry_run_per_file(&collected, global, console));
+    }
+    if collected.excluded > 0 {
+        console.notice(&format!(
+            "{} entr{} left out by the exclusion rules",
+            collected.excluded,
+            if collected.excluded == 1 { "y" } else { "ies" }
         ));
     }
     let feedback: Arc<dyn Feedback> = console.clone();
@@ -298,6 +395,54 @@ async fn backup(
     }
     summarize(&report, global, console);
     Ok(report.exit_code())
+}
+
+/// `backup --dry-run`, file by file: what would be sent, under which name,
+/// and its size; nothing is sent and the server is not contacted.
+fn dry_run_per_file(collected: &files::Collected, global: &GlobalArgs, console: &Console) -> u8 {
+    let bytes: u64 = collected.items.iter().map(|i| i.size).sum();
+    let code = collected.errors.first().map_or(0, Error::exit_code);
+    for e in &collected.errors {
+        console.print_error(&e.to_string());
+    }
+    if global.json {
+        let files: Vec<_> = collected
+            .items
+            .iter()
+            .map(|i| {
+                serde_json::json!({
+                    "path": i.path.display().to_string(),
+                    "name": i.name.to_string_lossy(),
+                    "size": i.size,
+                })
+            })
+            .collect();
+        let v = serde_json::json!({
+            "ok": code == 0,
+            "exit_code": code,
+            "dry_run": true,
+            "files": files,
+            "bytes": bytes,
+            "excluded": collected.excluded,
+            "skipped": collected.skipped.len(),
+        });
+        println!("{v}");
+        return code;
+    }
+    // The listing is the output asked for: printed even with --quiet.
+    let mut out = String::new();
+    for i in &collected.items {
+        out.push_str(&format!("{:>13}  {}\n", i.size, i.name));
+    }
+    print!("{out}");
+    console.say(&format!(
+        "dry run: {} file{}, {bytes} bytes would be sent file by file; {} excluded, {} skipped; nothing was sent",
+        collected.items.len(),
+        if collected.items.len() == 1 { "" } else { "s" },
+        collected.excluded,
+        collected.skipped.len(),
+    ));
+    code
 }
 
 /// A client for a retrieval command: the identity and the server come from
@@ -611,6 +756,58 @@ mod tests {
             "--follow-symlinks"
         ]));
         assert!(Cli::try_parse_from(["backup-client", "list", "--follow-symlinks"]).is_err());
+    }
+
+    #[test]
+    fn backup_takes_exclusions_and_files_from_without_paths() {
+        let cli = Cli::try_parse_from([
+            "backup-client",
+            "backup",
+            "--files-from",
+            "list",
+            "--exclude",
+            "*.o",
+            "--exclude",
+            "target/",
+            "--iexclude",
+            "*.TMP",
+            "--exclude-file",
+            "ex",
+            "--exclude-caches",
+            "-x",
+            "-n",
+        ])
+        .unwrap();
+        let Some(Command::Backup(b)) = cli.command else {
+            panic!("not a backup");
+        };
+        assert!(b.paths.is_empty());
+        assert_eq!(b.files_from, [PathBuf::from("list")]);
+        assert_eq!(b.exclude, ["*.o", "target/"]);
+        assert_eq!(b.iexclude, ["*.TMP"]);
+        assert_eq!(b.exclude_files, [PathBuf::from("ex")]);
+        assert!(b.exclude_caches && b.one_file_system && b.dry_run);
+        assert!(Cli::try_parse_from(["backup-client", "backup", "--exclude", "x"]).is_err());
+    }
+
+    #[tokio::test]
+    async fn an_empty_files_from_list_is_a_usage_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let list = dir.path().join("list");
+        std::fs::write(&list, "# nothing\n\n").unwrap();
+        let cli = Cli::try_parse_from([
+            "backup-client",
+            "--quiet",
+            "--config-dir",
+            dir.path().to_str().unwrap(),
+            "--server",
+            "127.0.0.1:9",
+            "backup",
+            "--files-from",
+            list.to_str().unwrap(),
+        ])
+        .unwrap();
+        assert_eq!(run(cli, dir.path()).await, 2);
     }
 
     #[test]

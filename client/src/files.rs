@@ -21,6 +21,7 @@ use std::path::{Path, PathBuf};
 use protocol::FileName;
 
 use crate::error::{io_reason, Error};
+use crate::exclude::{Filter, Rules};
 
 /// One file to back up.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -107,6 +108,8 @@ pub struct Collected {
     pub errors: Vec<Error>,
     /// Entries skipped inside directories (symbolic links, sockets...).
     pub skipped: Vec<Skipped>,
+    /// Entries left out by the exclusion rules.
+    pub excluded: u64,
 }
 
 fn name_bytes(components: &[&std::ffi::OsStr]) -> Vec<u8> {
@@ -147,6 +150,14 @@ pub fn collect(paths: &[PathBuf]) -> Collected {
 /// [`Collected::errors`]. Two files that would be sent under the same name
 /// are an error for the second.
 pub fn collect_with(paths: &[PathBuf], links: Links) -> Collected {
+    collect_filtered(paths, links, &Rules::default())
+}
+
+/// Lists the files under `paths` as [`collect_with`] does, leaving out of
+/// the directories walked what `rules` (and the `.backupignore` files)
+/// exclude; the paths themselves are always listed
+/// ([`crate::exclude`]).
+pub fn collect_filtered(paths: &[PathBuf], links: Links, rules: &Rules) -> Collected {
     let mut out = Collected::default();
     for path in paths {
         let meta = match std::fs::metadata(path) {
@@ -170,7 +181,9 @@ pub fn collect_with(paths: &[PathBuf], links: Links) -> Collected {
             }
         } else if meta.is_dir() {
             let before = out.items.len();
-            walk(path, links, &mut out);
+            let mut filter = rules.for_root(path, &meta);
+            walk(path, links, &mut filter, &mut out);
+            out.excluded += filter.excluded;
             if let Some(found) = out.items.get_mut(before..) {
                 found.sort_by(|a, b| a.name.cmp(&b.name));
             }
@@ -203,7 +216,7 @@ pub fn collect_with(paths: &[PathBuf], links: Links) -> Collected {
 
 /// Walks `root` depth first without recursion (so depth cannot exhaust the
 /// stack), appending its files with names relative to `root`.
-fn walk(root: &Path, links: Links, out: &mut Collected) {
+fn walk(root: &Path, links: Links, filter: &mut Filter, out: &mut Collected) {
     let mut stack = vec![root.to_path_buf()];
     while let Some(dir) = stack.pop() {
         let entries = match std::fs::read_dir(&dir) {
@@ -223,6 +236,11 @@ fn walk(root: &Path, links: Links, out: &mut Collected) {
         entries.sort();
         let mut subdirs = Vec::new();
         for path in entries {
+            if let Ok(meta) = std::fs::symlink_metadata(&path) {
+                if filter.excludes(&path, &meta).is_some() {
+                    continue;
+                }
+            }
             let file = match classify(&path, links) {
                 Entry::Directory => {
                     subdirs.push(path);

@@ -25,6 +25,7 @@ pub mod cli;
 pub mod connection;
 pub mod engine;
 pub mod error;
+pub mod exclude;
 pub mod fanout;
 pub mod feedback;
 pub mod files;

@@ -134,6 +134,18 @@ pub fn prune(
     for v in &removed {
         writeln!(out, "removed\t{}\t{}", v.client, version_line(v))?;
     }
+    // One log line per client, with its id and never a file name
+    // (docs/SECURITY.md).
+    let mut per_client: std::collections::BTreeMap<String, (usize, u64)> =
+        std::collections::BTreeMap::new();
+    for v in &removed {
+        let e = per_client.entry(v.client.to_string()).or_default();
+        e.0 += 1;
+        e.1 += v.size;
+    }
+    for (client_id, (versions, bytes)) in &per_client {
+        tracing::info!(%client_id, versions, bytes, "pruned");
+    }
     let bytes: u64 = removed.iter().map(|v| v.size).sum();
     writeln!(out, "pruned {} versions, {bytes} bytes", removed.len())?;
     Ok(removed)

@@ -24,7 +24,7 @@ use protocol::{Leniency, Limits};
 
 use crate::storage::Retention;
 
-pub use args::{AdminArgs, Args, Cli, Command, Switch};
+pub use args::{AdminArgs, Args, Cli, Command, LogFormat, Switch};
 pub use file::FileConfig;
 pub use port_info::{parse_port_info, read_port_info, PortInfo};
 
@@ -160,6 +160,76 @@ pub struct Settings {
     pub legacy_listen: Option<SocketAddr>,
     pub config: Config,
     pub warnings: Vec<String>,
+}
+
+impl Settings {
+    /// The resolved settings, one `key = value` line each, under the names
+    /// of the config file, so that the output can be kept as one
+    /// (`backup-server check-config`). Unset options are comments.
+    pub fn describe(&self) -> String {
+        let c = &self.config;
+        let secs = |d: Duration| d.as_secs();
+        let unset = |key: &str, what: &str| format!("# {key} unset: {what}");
+        let mut lines = vec![
+            format!("listen = \"{}\"", self.listen),
+            match self.legacy_listen {
+                Some(a) => format!("legacy_listen = \"{a}\""),
+                None => unset("legacy_listen", "no legacy listener"),
+            },
+            format!(
+                "data_dir = {}",
+                toml_string(&c.data_dir.display().to_string())
+            ),
+            format!("max_connections = {}", c.max_connections),
+            format!("max_per_source = {}", c.max_per_source),
+            format!("max_unauthenticated = {}", c.max_unauthenticated),
+            format!("handshake_timeout_secs = {}", secs(c.handshake_timeout)),
+            format!("idle_timeout_secs = {}", secs(c.idle_timeout)),
+            format!("request_timeout_secs = {}", secs(c.request_timeout)),
+            format!("shutdown_grace_secs = {}", secs(c.shutdown_grace)),
+            format!("silent_crc_retry = {}", !c.reply_to_crc_retry),
+            format!("strict_legacy = {}", c.leniency == Leniency::STRICT),
+            match c.retention.keep_last {
+                Some(n) => format!("keep_last = {n}"),
+                None => unset("keep_last", "every version is kept"),
+            },
+            match c.retention.keep_within {
+                Some(d) => format!("keep_within = \"{}s\"", d.as_secs()),
+                None => unset("keep_within", "no age rule"),
+            },
+            format!("append_only = {}", c.append_only),
+            format!("registrations_per_minute = {}", c.registrations_per_minute),
+            format!("registration_burst = {}", c.registration_burst),
+            format!("registration_grace_secs = {}", secs(c.registration_grace)),
+            format!("max_packet_bytes = {}", c.limits.max_packet_content),
+            format!("max_file_bytes = {}", c.limits.max_file_size),
+        ];
+        lines.extend(self.warnings.iter().map(|w| format!("# warning: {w}")));
+        let mut out = lines.join("\n");
+        out.push('\n');
+        out
+    }
+
+    /// What `check-config` refuses beyond [`load`]: a data directory that
+    /// exists but is not a directory.
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] naming the setting.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        let dir = &self.config.data_dir;
+        match std::fs::metadata(dir) {
+            Ok(m) if !m.is_dir() => Err(ConfigError::Invalid {
+                key: "data_dir",
+                reason: format!("{} exists and is not a directory", dir.display()),
+            }),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// `text` as a TOML basic string.
+fn toml_string(text: &str) -> String {
+    toml::Value::String(text.to_owned()).to_string()
 }
 
 /// The default data directory: `$XDG_DATA_HOME/backup-server`, else
@@ -619,6 +689,106 @@ mod tests {
         let s = load(&parse(&["--keep-versions", "4"]), dir.path(), no_env).unwrap();
         assert_eq!(s.config.retention.keep_last, Some(4));
         assert!(load(&parse(&["--keep-last", "0"]), dir.path(), no_env).is_err());
+    }
+
+    #[test]
+    fn describes_the_settings_as_a_config_file_that_loads_to_the_same() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = load(
+            &parse(&[
+                "--port",
+                "4000",
+                "--data-dir",
+                "/srv/b\"q",
+                "--keep-within",
+                "2d",
+                "--legacy-listen",
+                "127.0.0.1:4001",
+                "--strict-legacy",
+            ]),
+            dir.path(),
+            no_env,
+        )
+        .unwrap();
+        let text = s.describe();
+        assert!(text.contains("listen = \"0.0.0.0:4000\"\n"), "{text}");
+        assert!(text.contains("keep_within = \"172800s\"\n"), "{text}");
+        assert!(text.contains("# keep_last unset"), "{text}");
+        let file = dir.path().join("described.toml");
+        std::fs::write(&file, &text).unwrap();
+        let again = load(
+            &parse(&["--config", file.to_str().unwrap()]),
+            dir.path(),
+            no_env,
+        )
+        .unwrap();
+        assert_eq!(again.describe(), text);
+        assert_eq!(again.config.data_dir, Path::new("/srv/b\"q"));
+        assert_eq!(again.config.leniency, Leniency::STRICT);
+        assert_eq!(again.legacy_listen, s.legacy_listen);
+    }
+
+    #[test]
+    fn check_refuses_a_data_dir_that_is_a_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("f");
+        std::fs::write(&file, "").unwrap();
+        let s = load(
+            &parse(&["--data-dir", file.to_str().unwrap()]),
+            dir.path(),
+            no_env,
+        )
+        .unwrap();
+        assert!(matches!(
+            s.check(),
+            Err(ConfigError::Invalid {
+                key: "data_dir",
+                ..
+            })
+        ));
+        let s = load(
+            &parse(&["--data-dir", dir.path().to_str().unwrap()]),
+            dir.path(),
+            no_env,
+        )
+        .unwrap();
+        assert!(s.check().is_ok());
+        let missing = dir.path().join("not-yet");
+        let s = load(
+            &parse(&["--data-dir", missing.to_str().unwrap()]),
+            dir.path(),
+            no_env,
+        )
+        .unwrap();
+        assert!(
+            s.check().is_ok(),
+            "the server makes a missing data directory"
+        );
+    }
+
+    #[test]
+    fn parses_the_log_format_with_or_after_a_subcommand() {
+        let cli = |argv: &[&str]| {
+            Cli::try_parse_from(std::iter::once("backup-server").chain(argv.iter().copied()))
+        };
+        assert_eq!(cli(&[]).unwrap().log_format, None);
+        assert_eq!(
+            cli(&["--log-format", "json"]).unwrap().log_format,
+            Some(LogFormat::Json)
+        );
+        assert_eq!(
+            cli(&["--log-format", "json", "--port", "9"])
+                .unwrap()
+                .log_format,
+            Some(LogFormat::Json)
+        );
+        let c = cli(&["serve", "--log-format", "text"]).unwrap();
+        assert_eq!(c.log_format, Some(LogFormat::Text));
+        assert!(matches!(c.command, Some(Command::Serve(_))));
+        let c = cli(&["check-config", "--log-format", "json", "--port", "9"]).unwrap();
+        assert_eq!(c.log_format, Some(LogFormat::Json));
+        assert!(matches!(c.command, Some(Command::CheckConfig(_))));
+        assert!(cli(&["--log-format", "xml"]).is_err());
     }
 
     #[test]

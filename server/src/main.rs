@@ -5,20 +5,32 @@ use std::io::IsTerminal;
 
 use anyhow::Context;
 use clap::Parser;
-use server::config::{AdminArgs, Command, Switch};
+use server::config::{AdminArgs, Command, LogFormat, Switch};
 use server::storage::Storage;
 use tracing::{info, warn};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> anyhow::Result<()> {
     let cli = server::config::Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr)
-        .init();
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    match cli.log_format.unwrap_or_default() {
+        LogFormat::Text => tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_ansi(std::io::stderr().is_terminal())
+            .with_writer(std::io::stderr)
+            .init(),
+        // One object a line: the event's fields at the top, and the fields
+        // of its spans (the connection's `peer`, `mode`, `client_id`) in
+        // `spans`.
+        LogFormat::Json => tracing_subscriber::fmt()
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(true)
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .init(),
+    }
     match cli.command {
         None => serve(&cli.serve),
         Some(command) => run(command),
@@ -43,6 +55,33 @@ fn run(command: Command) -> anyhow::Result<()> {
     let out = &mut stdout.lock();
     match command {
         Command::Serve(args) => serve(&args)?,
+        Command::CheckConfig(args) => {
+            let cwd = std::env::current_dir().context("cannot determine the working directory")?;
+            let settings = server::config::load(&args, &cwd, env)
+                .and_then(|s| s.check().map(|()| s))
+                .context("the configuration is not valid")?;
+            use std::io::Write;
+            write!(out, "{}", settings.describe())?;
+        }
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            let mut cmd = server::config::Cli::command();
+            clap_complete::generate(shell, &mut cmd, "backup-server", out);
+        }
+        Command::Man { out: dir } => {
+            use clap::CommandFactory;
+            let cmd = server::config::Cli::command();
+            match dir {
+                Some(dir) => {
+                    std::fs::create_dir_all(&dir)
+                        .and_then(|()| clap_mangen::generate_to(cmd, &dir))
+                        .with_context(|| {
+                            format!("cannot write the pages into {}", dir.display())
+                        })?;
+                }
+                None => clap_mangen::Man::new(cmd).render(out)?,
+            }
+        }
         Command::Clients { admin: a } => admin::clients(&open(&a)?.0, out)?,
         Command::Files {
             client,

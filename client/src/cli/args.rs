@@ -183,6 +183,30 @@ pub enum Command {
     /// key files, a backup-only key, and the envelope for the RSA key
     #[command(after_help = KEY_HELP)]
     Key(KeyArgs),
+    /// Print a shell completion script: bash, zsh, fish, elvish or
+    /// powershell (e.g. `backup-client completions bash >
+    /// /etc/bash_completion.d/backup-client`)
+    Completions(CompletionsArgs),
+    /// Print the manual page (roff), or write one page per command into a
+    /// directory with --out
+    Man(ManArgs),
+}
+
+/// `completions`.
+#[derive(Debug, Clone, Args)]
+pub struct CompletionsArgs {
+    /// The shell to complete for
+    #[arg(value_enum)]
+    pub shell: clap_complete::Shell,
+}
+
+/// `man`.
+#[derive(Debug, Clone, Args)]
+pub struct ManArgs {
+    /// Write backup-client.1 and a page per command (backup-client-backup.1,
+    /// ...) into DIR instead of printing the main page
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
 }
 
 const KEY_HELP: &str = "\
@@ -393,9 +417,51 @@ pub struct BackupArgs {
     /// Files and directories to back up. A file is stored under its own
     /// name; a file inside a directory under its path relative to that
     /// directory, with / separators. A PATH that is a symbolic link is
-    /// followed
-    #[arg(required = true, value_name = "PATH")]
+    /// followed. Paths named here (or in --files-from) are backed up
+    /// whatever the exclusion rules say; the rules apply to what is found
+    /// inside directories
+    #[arg(required_unless_present = "files_from", value_name = "PATH")]
     pub paths: Vec<PathBuf>,
+
+    /// Also back up the paths listed in FILE, one a line (blank lines and
+    /// lines starting with # are ignored; relative paths are taken from the
+    /// current directory). Repeatable
+    #[arg(long = "files-from", value_name = "FILE")]
+    pub files_from: Vec<PathBuf>,
+
+    /// Leave out what matches PATTERN, in gitignore syntax, matched against
+    /// the path relative to the PATH it is found under: `*.log` anywhere,
+    /// `/build` at the top only, `cache/` directories only, `!keep.log` to
+    /// take a file back, `**` across directories. Repeatable. A folder's
+    /// .backupignore file holds patterns of the same syntax for that folder
+    /// and below, and always applies
+    #[arg(long = "exclude", value_name = "PATTERN")]
+    pub exclude: Vec<String>,
+
+    /// Read exclude patterns from FILE, one a line, as --exclude (blank
+    /// lines and lines starting with # are ignored). Repeatable
+    #[arg(long = "exclude-file", value_name = "FILE")]
+    pub exclude_files: Vec<PathBuf>,
+
+    /// As --exclude, ignoring case. Repeatable
+    #[arg(long = "iexclude", value_name = "PATTERN")]
+    pub iexclude: Vec<String>,
+
+    /// Leave out directories holding a CACHEDIR.TAG file with its standard
+    /// signature (https://bford.info/cachedir/)
+    #[arg(long)]
+    pub exclude_caches: bool,
+
+    /// Stay on the file system of each PATH: leave out what is mounted
+    /// below it
+    #[arg(short = 'x', long)]
+    pub one_file_system: bool,
+
+    /// List what would be backed up and its total size, then stop: nothing
+    /// is read but the directories, the server is not contacted and
+    /// nothing is sent
+    #[arg(short = 'n', long)]
+    pub dry_run: bool,
 
     /// Back up the file a symbolic link inside a directory points to, under
     /// the link's name [default: such links are skipped, each with a note].

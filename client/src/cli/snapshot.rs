@@ -11,6 +11,7 @@ use super::args::{BackupArgs, DiffArgs, GlobalArgs, LsArgs, RestoreArgs};
 use super::utc_time;
 use crate::engine::Client;
 use crate::error::Error;
+use crate::exclude::{self, Rules};
 use crate::feedback::{Console, Feedback};
 use crate::snapshot::backup::{SnapshotOptions, SnapshotSummary};
 use crate::snapshot::restore::RestoreSummary;
@@ -39,17 +40,34 @@ fn size(bytes: u64) -> String {
     }
 }
 
+/// What a snapshot is to be made of.
+pub(super) struct Request<'a> {
+    pub(super) paths: Vec<PathBuf>,
+    pub(super) rules: Rules,
+    /// The name to register under when there is no identity yet.
+    pub(super) register_as: Option<&'a UserName>,
+}
+
 /// `backup PATH...` in secure mode: registers first when there is no
-/// identity yet and a name is known, then makes a snapshot.
+/// identity yet and a name is known, then makes a snapshot. With
+/// `--dry-run`, lists what the snapshot would hold without contacting the
+/// server.
 pub(super) async fn backup(
     client: &Client,
     args: &BackupArgs,
-    paths: Vec<PathBuf>,
-    register_as: Option<&UserName>,
+    request: Request<'_>,
     global: &GlobalArgs,
     console: &Arc<Console>,
 ) -> Result<u8, Error> {
+    let Request {
+        paths,
+        rules,
+        register_as,
+    } = request;
     crate::snapshot::backup::check_paths(&paths)?;
+    if args.dry_run {
+        return Ok(dry_run(&paths, &rules, global, console));
+    }
     if client.store().load()?.is_none() {
         let name = register_as.ok_or_else(|| Error::NotRegistered {
             dir: client.store().dir().to_owned(),
@@ -60,6 +78,7 @@ pub(super) async fn backup(
         tags: args.tags.clone(),
         host: args.host.clone().unwrap_or_else(host_name),
         force_read: args.force_read,
+        rules,
     };
     let summary = client.snapshot(&paths, &options).await?;
     for (path, why) in &summary.skipped {
@@ -78,22 +97,63 @@ pub(super) async fn backup(
     Ok(code)
 }
 
+/// `backup --dry-run` in secure mode: the files the snapshot would hold and
+/// their total size. The server is not contacted, so what it already holds
+/// (and would not be sent again) is not known.
+fn dry_run(paths: &[PathBuf], rules: &Rules, global: &GlobalArgs, console: &Console) -> u8 {
+    let preview = exclude::preview(paths, rules);
+    for (path, why) in &preview.skipped {
+        console.notice(&format!("skipped {path}: {why}"));
+    }
+    let code = if preview.skipped.is_empty() { 0 } else { 6 };
+    if global.json {
+        let mut v = serde_json::to_value(&preview).unwrap_or_default();
+        v["ok"] = serde_json::json!(code == 0);
+        v["exit_code"] = serde_json::json!(code);
+        v["dry_run"] = serde_json::json!(true);
+        println!("{v}");
+        return code;
+    }
+    // The listing is the output asked for: printed even with --quiet.
+    let mut out = String::new();
+    for f in &preview.files {
+        out.push_str(&format!("{:>13}  {}\n", f.size, f.path.display()));
+    }
+    print!("{out}");
+    console.say(&format!(
+        "dry run: {} files, {} directories, {} links, {} ({} bytes) would be backed up; {} excluded; the server was not contacted and nothing was sent",
+        preview.files.len(),
+        preview.dirs,
+        preview.links,
+        size(preview.bytes),
+        preview.bytes,
+        preview.excluded,
+    ));
+    code
+}
+
+/// The one line that ends a snapshot run: what was new, changed,
+/// unchanged, excluded and skipped, and the bytes actually sent.
 fn summary_line(s: &SnapshotSummary, server: &str) -> String {
+    let files = if s.compared {
+        format!(
+            "{} new, {} changed, {} unchanged",
+            s.new_files, s.changed_files, s.unchanged_files
+        )
+    } else {
+        format!("{} read (not compared with the last snapshot)", s.files)
+    };
     format!(
-        "snapshot {} saved on {server}: {} files ({} unchanged), {} directories, {}; {} new objects, {} sent in {} packs{}",
+        "snapshot {} saved on {server}: {} files ({files}), {} directories, {}; {} excluded, {} skipped; {} new objects, {} sent in {} packs",
         s.snapshot,
         s.files,
-        s.unchanged_files,
         s.dirs,
         size(s.bytes),
+        s.excluded,
+        s.skipped.len(),
         s.new_objects,
         size(s.sent_bytes),
         s.packs,
-        if s.skipped.is_empty() {
-            String::new()
-        } else {
-            format!("; {} skipped", s.skipped.len())
-        }
     )
 }
 

@@ -48,6 +48,8 @@ pub struct SnapshotOptions {
     pub host: String,
     /// Read every file, whatever the file cache says.
     pub force_read: bool,
+    /// What to leave out of the directories walked.
+    pub rules: crate::exclude::Rules,
 }
 
 /// What a snapshot run did.
@@ -66,8 +68,17 @@ pub struct SnapshotSummary {
     pub packs: u64,
     /// Files taken from the file cache unread.
     pub unchanged_files: u64,
+    /// Files read that the last snapshot on this machine held, changed.
+    pub changed_files: u64,
+    /// Files read that the last snapshot on this machine did not hold.
+    pub new_files: u64,
+    /// Whether files were compared with the last snapshot's (false with
+    /// `--force-read`: every file is read and counted as new).
+    pub compared: bool,
     /// Entries left out, with why.
     pub skipped: Vec<(String, String)>,
+    /// Entries left out by the exclusion rules.
+    pub excluded: u64,
 }
 /// How one attempt at a snapshot ended.
 enum Attempt {
@@ -154,6 +165,7 @@ impl Client {
         let id_key = key.id.clone();
         let walk_roots = roots.to_vec();
         let walk_cache = cache_path.to_owned();
+        let rules = options.rules.clone();
         let walker = std::thread::Builder::new()
             .name("snapshot-walker".into())
             .stack_size(32 << 20)
@@ -167,7 +179,9 @@ impl Client {
                 let new = CacheWriter::create(&walk_cache)
                     .map_err(|e| tracing::debug!(error = %e, "cannot write the file cache"))
                     .ok();
-                Walker::new(id_key, tx, old, new).run(&walk_roots)
+                Walker::new(id_key, tx, old, new)
+                    .excluding(rules)
+                    .run(&walk_roots)
             })
             .map_err(|e| Error::Internal(format!("cannot start the walker: {e}")))?;
         let mut up = Uploader::new(remote, Arc::clone(&sealer));
@@ -261,7 +275,14 @@ impl Client {
         summary.dirs = walked.dirs;
         summary.bytes = walked.bytes;
         summary.unchanged_files = walked.unchanged;
+        summary.changed_files = walked.changed;
+        summary.new_files = walked
+            .files
+            .saturating_sub(walked.unchanged)
+            .saturating_sub(walked.changed);
+        summary.compared = !force_read;
         summary.skipped = walked.skipped;
+        summary.excluded = walked.excluded;
         Ok(Attempt::Done(summary))
     }
 }

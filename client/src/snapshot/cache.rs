@@ -72,6 +72,17 @@ pub struct FileCache {
     next: Option<Cached>,
 }
 
+/// What the old cache says of a file.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Lookup {
+    /// Unchanged: its chunk ids.
+    Unchanged(Vec<ObjectId>),
+    /// In the last snapshot, changed since.
+    Changed,
+    /// Not in the last snapshot.
+    New,
+}
+
 /// One file of the old cache.
 struct Cached {
     root: u32,
@@ -210,22 +221,37 @@ impl FileCache {
         })
     }
 
-    /// The chunk ids of `path` (under root `root`) if its stamp is
-    /// unchanged. Asked in walk order: entries before `path` are passed
-    /// over (files gone since) and never looked at again.
-    pub fn unchanged(&mut self, root: u32, path: &[u8], stamp: &Stamp) -> Option<Vec<ObjectId>> {
+    /// What the last snapshot held at `path` (under root `root`): its
+    /// chunk ids when its stamp is unchanged. Asked in walk order: entries
+    /// before `path` are passed over (files gone since) and never looked
+    /// at again.
+    pub fn lookup(&mut self, root: u32, path: &[u8], stamp: &Stamp) -> Lookup {
         loop {
-            let next = self.next.as_ref()?;
+            let Some(next) = self.next.as_ref() else {
+                return Lookup::New;
+            };
             match walk_order((next.root, &next.path), (root, path)) {
                 std::cmp::Ordering::Less => self.advance(),
-                std::cmp::Ordering::Greater => return None,
+                std::cmp::Ordering::Greater => return Lookup::New,
                 std::cmp::Ordering::Equal => {
                     let hit = next.stamp == *stamp;
                     let ids = self.next.take().map(|c| c.ids);
                     self.advance();
-                    return ids.filter(|_| hit);
+                    return match ids {
+                        Some(ids) if hit => Lookup::Unchanged(ids),
+                        _ => Lookup::Changed,
+                    };
                 }
             }
+        }
+    }
+
+    /// The chunk ids of `path` if its stamp is unchanged (see
+    /// [`lookup`](Self::lookup)).
+    pub fn unchanged(&mut self, root: u32, path: &[u8], stamp: &Stamp) -> Option<Vec<ObjectId>> {
+        match self.lookup(root, path, stamp) {
+            Lookup::Unchanged(ids) => Some(ids),
+            _ => None,
         }
     }
 

@@ -14,9 +14,10 @@ use protocol::repo::message::ObjectId;
 use protocol::repo::tree::{encode_tree, plain_name, Entry, EntryKind};
 use tokio::sync::mpsc;
 
-use super::cache::{CacheWriter, FileCache, Stamp};
+use super::cache::{CacheWriter, FileCache, Lookup, Stamp};
 use super::chunk;
 use crate::error::Error;
+use crate::exclude::{Filter, Rules};
 
 /// One object the walker made: a chunk or a tree.
 pub(super) struct Made {
@@ -34,7 +35,11 @@ pub(super) struct Walked {
     pub(super) dirs: u64,
     pub(super) bytes: u64,
     pub(super) unchanged: u64,
+    /// Files read that the last snapshot held with other times or size.
+    pub(super) changed: u64,
     pub(super) skipped: Vec<(String, String)>,
+    /// Entries left out by the exclusion rules.
+    pub(super) excluded: u64,
     pub(super) cache: Option<CacheWriter>,
 }
 
@@ -56,6 +61,12 @@ pub(super) struct Walker {
     chunker: chunk::Chunker,
     /// The position of the root being walked, for the file cache.
     root_index: u32,
+    /// What is left out of the directories walked, and those rules as
+    /// they apply under the root being walked.
+    rules: Rules,
+    filter: Option<Filter>,
+    excluded: u64,
+    changed: u64,
 }
 
 /// The uploader went away (it failed); the walker stops.
@@ -97,7 +108,17 @@ impl Walker {
             new,
             chunker: chunk::Chunker::default(),
             root_index: 0,
+            rules: Rules::default(),
+            filter: None,
+            excluded: 0,
+            changed: 0,
         }
+    }
+
+    /// Leaves out of the directories walked what `rules` exclude.
+    pub(super) fn excluding(mut self, rules: Rules) -> Self {
+        self.rules = rules;
+        self
     }
 
     /// Walks `roots`: what it found, or `None` when the uploader went away
@@ -117,6 +138,8 @@ impl Walker {
             bytes: self.bytes,
             unchanged: self.unchanged,
             skipped: self.skipped,
+            excluded: self.excluded,
+            changed: self.changed,
             cache: self.new,
         })
     }
@@ -196,8 +219,9 @@ impl Walker {
         let stamp = Stamp::of(meta);
         let cached = self
             .old
-            .unchanged(self.root_index, path.as_os_str().as_bytes(), &stamp);
-        if let Some(chunks) = cached {
+            .lookup(self.root_index, path.as_os_str().as_bytes(), &stamp);
+        let known = cached != Lookup::New;
+        if let Lookup::Unchanged(chunks) = cached {
             for id in &chunks {
                 self.reference(*id);
             }
@@ -240,6 +264,9 @@ impl Walker {
         if matches!(after, Ok(a) if a == stamp && a.size == size) {
             self.remember(path, &stamp, &chunks);
         }
+        if known {
+            self.changed += 1;
+        }
         self.files += 1;
         self.bytes += size;
         Ok(Some(EntryKind::File { size, chunks }))
@@ -276,6 +303,12 @@ impl Walker {
                     continue;
                 }
             };
+            if let Some(f) = self.filter.as_mut() {
+                if f.excludes(&child, &meta).is_some() {
+                    self.excluded += 1;
+                    continue;
+                }
+            }
             if let Some(e) = self.entry(&child, name, &meta)? {
                 entries.push(e);
             }
@@ -299,6 +332,7 @@ impl Walker {
             self.root_index = u32::try_from(index).unwrap_or(u32::MAX);
             match std::fs::metadata(path) {
                 Ok(meta) => {
+                    self.filter = Some(self.rules.for_root(path, &meta));
                     if let Some(e) = self.entry(path, name.clone(), &meta)? {
                         entries.push(e);
                     }

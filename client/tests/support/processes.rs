@@ -46,17 +46,23 @@ pub struct ServerProcess {
     child: std::process::Child,
     log: PathBuf,
     extra: Vec<String>,
+    rust_log: String,
 }
 
 impl ServerProcess {
     /// Starts the server with `extra` flags and waits until both listeners
     /// accept.
     pub fn start(extra: &[&str]) -> Self {
+        Self::start_logging(extra, "debug")
+    }
+
+    /// As [`ServerProcess::start`], logging at `rust_log` (`RUST_LOG`).
+    pub fn start_logging(extra: &[&str], rust_log: &str) -> Self {
         let data = tempfile::tempdir().unwrap();
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let legacy_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let log = data.path().join("server.log");
-        let child = Self::spawn(addr, legacy_addr, data.path(), &log, extra);
+        let child = Self::spawn(addr, legacy_addr, data.path(), &log, extra, rust_log);
         let server = Self {
             addr,
             legacy_addr,
@@ -64,6 +70,7 @@ impl ServerProcess {
             child,
             log,
             extra: extra.iter().map(|s| (*s).to_owned()).collect(),
+            rust_log: rust_log.to_owned(),
         };
         server.wait_listening();
         server
@@ -75,6 +82,7 @@ impl ServerProcess {
         dir: &Path,
         log: &Path,
         extra: &[&str],
+        rust_log: &str,
     ) -> std::process::Child {
         let log = std::fs::File::options()
             .create(true)
@@ -87,7 +95,7 @@ impl ServerProcess {
             .arg("--data-dir")
             .arg(dir.join("data"))
             .args(extra)
-            .env("RUST_LOG", "debug")
+            .env("RUST_LOG", rust_log)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -121,6 +129,7 @@ impl ServerProcess {
             self.data.path(),
             &self.log,
             &extra,
+            &self.rust_log,
         );
         self.wait_listening();
     }

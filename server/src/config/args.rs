@@ -22,6 +22,18 @@ use super::parse_duration;
 pub struct Cli {
     #[command(subcommand)]
     pub command: Option<Command>,
+    /// How log lines are written on standard error: `text` for people, or
+    /// `json`, one object a line, for log shippers; after the subcommand
+    /// when there is one. Verbosity follows `RUST_LOG` (default `info`)
+    /// [default: text]
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        env = "BACKUP_SERVER_LOG_FORMAT",
+        value_name = "FORMAT"
+    )]
+    pub log_format: Option<LogFormat>,
     /// Serving flags, when no subcommand is given.
     #[command(flatten)]
     pub serve: Args,
@@ -32,6 +44,26 @@ pub struct Cli {
 pub enum Command {
     /// Serve clients (the default).
     Serve(Box<Args>),
+    /// Resolve the settings as `serve` would (flags, environment, config
+    /// file, port.info, defaults), print them, and exit: 0 when they are
+    /// valid, 1 with the reason when one is not. Nothing is bound or
+    /// written.
+    CheckConfig(Box<Args>),
+    /// Print a shell completion script: bash, zsh, fish, elvish or
+    /// powershell.
+    Completions {
+        /// The shell to complete for.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff), or write one page per command into a
+    /// directory with --out.
+    Man {
+        /// Write backup-server.1 and a page per command
+        /// (backup-server-serve.1, ...) into DIR.
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
+    },
     /// List clients: id, name, append-only, files, versions, bytes, last seen.
     Clients {
         #[command(flatten)]
@@ -88,6 +120,17 @@ pub enum Command {
         #[command(flatten)]
         admin: AdminArgs,
     },
+}
+
+/// The format of log lines.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// One line of text per event, for people.
+    #[default]
+    Text,
+    /// One JSON object per event (with its span's fields: `peer`, `mode`,
+    /// `client_id`), for log shippers.
+    Json,
 }
 
 /// `on` or `off`.

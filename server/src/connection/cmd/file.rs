@@ -108,7 +108,15 @@ where
         }
         let secs = started.elapsed().as_secs_f64();
         let mb_per_s = size as f64 / 1e6 / secs.max(1e-6);
-        info!(file = ?file, size, cksum, secs = format_args!("{secs:.3}"), mb_per_s = format_args!("{mb_per_s:.1}"), "upload committed");
+        // File names only at debug level (docs/SECURITY.md).
+        debug!(file = ?file, "the file committed");
+        info!(
+            size,
+            cksum,
+            secs = format_args!("{secs:.3}"),
+            mb_per_s = format_args!("{mb_per_s:.1}"),
+            "upload committed"
+        );
         self.reply(&reply).await
     }
 

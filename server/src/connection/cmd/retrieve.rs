@@ -80,7 +80,9 @@ where
         match (self.session.found_version(wanted, &mut self.rng)?, record) {
             (RestoreStart::Send(sender), Some(record)) => self.restore(sender, record).await,
             (RestoreStart::Answer(answer), _) => {
-                info!(file = ?file, version, "restore: no such file or version");
+                // File names only at debug level (docs/SECURITY.md).
+                info!(version, "restore: no such file or version");
+                debug!(file = ?file, version, "the file asked for");
                 self.reply(&answer).await
             }
             (RestoreStart::Send(_), None) => {
@@ -103,15 +105,18 @@ where
             .await;
         let outcome = match outcome {
             Ok(Deletion::Deleted(removed)) => {
-                info!(file = ?file, versions = removed.len(), "deleted");
+                info!(versions = removed.len(), "deleted");
+                debug!(file = ?file, "the file deleted");
                 DeleteOutcome::Deleted(u32::try_from(removed.len()).unwrap_or(u32::MAX))
             }
             Ok(Deletion::NotFound) => {
-                info!(file = ?file, "delete: no such file");
+                info!("delete: no such file");
+                debug!(file = ?file, "the file asked for");
                 DeleteOutcome::NotFound
             }
             Ok(Deletion::Refused) => {
-                info!(file = ?file, "delete refused: append-only");
+                info!("delete refused: append-only");
+                debug!(file = ?file, "the file asked for");
                 DeleteOutcome::Refused
             }
             Err(e) => return self.retrieval_failure(e).await,
@@ -161,7 +166,8 @@ where
                     self.reply(&packet).await?;
                 }
                 Err(e) => {
-                    error!(file = ?file, version = number, cause = %e, "RESTORE ABORTED: stored content is damaged or unreadable; closing the connection");
+                    error!(version = number, cause = %e, "RESTORE ABORTED: stored content is damaged or unreadable; closing the connection");
+                    debug!(file = ?file, version = number, "the file whose restore was aborted");
                     return Err(Ended::Restore(e));
                 }
             }
@@ -169,7 +175,14 @@ where
         sender.finish().map_err(Ended::Framing)?;
         let secs = started.elapsed().as_secs_f64();
         let mb_per_s = size as f64 / 1e6 / secs.max(1e-6);
-        info!(file = ?file, version = number, size, secs = format_args!("{secs:.3}"), mb_per_s = format_args!("{mb_per_s:.1}"), "restore sent");
+        debug!(file = ?file, version = number, "the file restored");
+        info!(
+            version = number,
+            size,
+            secs = format_args!("{secs:.3}"),
+            mb_per_s = format_args!("{mb_per_s:.1}"),
+            "restore sent"
+        );
         Ok(())
     }
 }
