@@ -13,6 +13,7 @@ use std::time::SystemTime;
 
 use protocol::ClientId;
 
+use crate::storage::prune::{MaintenanceLock, PruneOptions, PruneReport};
 use crate::storage::{ClientSummary, Retention, Storage, StorageError, VersionRecord};
 
 /// Entries fetched per metadata query when listing a client's files.
@@ -137,6 +138,47 @@ pub fn prune(
     let bytes: u64 = removed.iter().map(|v| v.size).sum();
     writeln!(out, "pruned {} versions, {bytes} bytes", removed.len())?;
     Ok(removed)
+}
+
+/// `prune`'s second half: collects the repository's garbage under the
+/// data directory's maintenance lock (`docs/PROTOCOL.md` §13.6) and says
+/// what it reclaimed, or with `dry_run` what it would.
+///
+/// # Errors
+/// When another prune holds the lock; a storage or output failure.
+pub fn prune_repo(
+    storage: &Storage,
+    data_dir: &std::path::Path,
+    options: &PruneOptions,
+    out: &mut impl Write,
+) -> Result<PruneReport, AdminError> {
+    let _lock = MaintenanceLock::take(data_dir, false)?;
+    let r = storage.prune_repo(options, SystemTime::now())?;
+    let (label, delete, remove, repack, reclaim) = if options.dry_run {
+        (
+            "repository (dry run)",
+            "would delete",
+            "would remove",
+            "would repack",
+            "would reclaim",
+        )
+    } else {
+        ("repository", "deleted", "removed", "repacked", "reclaimed")
+    };
+    writeln!(
+        out,
+        "{label}: {delete} {} objects ({} bytes); {remove} {} packs ({} bytes); \
+         {repack} {} packs ({} -> {} bytes); {reclaim} {} bytes",
+        r.objects,
+        r.object_bytes,
+        r.packs_removed,
+        r.pack_bytes_removed,
+        r.packs_repacked,
+        r.repacked_from,
+        r.repacked_to,
+        r.reclaimed_bytes()
+    )?;
+    Ok(r)
 }
 
 /// `remove-client CLIENT`: removes its rows and blobs.

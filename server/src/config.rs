@@ -207,6 +207,17 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         .ok_or_else(|| format!("{text:?} is too long"))
 }
 
+/// A duration as [`parse_duration`] reads it, or zero (`0`, `0s`).
+///
+/// # Errors
+/// As [`parse_duration`].
+pub fn parse_grace(text: &str) -> Result<Duration, String> {
+    if text.trim_end_matches(['s', 'm', 'h', 'd', 'w']) == "0" {
+        return Ok(Duration::ZERO);
+    }
+    parse_duration(text)
+}
+
 /// The retention rules from flags, else the config file: `keep_last` (or
 /// its older name `keep_versions`) and `keep_within`.
 ///

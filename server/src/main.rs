@@ -52,11 +52,23 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Prune {
             keep_last,
             keep_within,
+            dry_run,
+            grace,
+            repack_threshold,
             admin: a,
         } => {
             let (storage, file) = open(&a)?;
+            let (data_dir, _) = server::config::load_admin(&a, env)?;
             let retention = server::config::retention(keep_last, keep_within, &file)?;
-            admin::prune(&storage, &retention, out)?;
+            if !retention.keeps_everything() && !dry_run {
+                admin::prune(&storage, &retention, out)?;
+            }
+            let options = server::storage::prune::PruneOptions {
+                grace,
+                repack_percent: repack_threshold,
+                dry_run,
+            };
+            admin::prune_repo(&storage, &data_dir, &options, out)?;
         }
         Command::RemoveClient { client, admin: a } => {
             admin::remove_client(&open(&a)?.0, &client, out)?
