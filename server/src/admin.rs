@@ -140,19 +140,45 @@ pub fn prune(
     Ok(removed)
 }
 
-/// `prune`'s second half: collects the repository's garbage under the
-/// data directory's maintenance lock (`docs/PROTOCOL.md` §13.6) and says
-/// what it reclaimed, or with `dry_run` what it would.
+/// `prune`: applies `retention` to every client's snapshots by their
+/// times, one line per snapshot forgotten (or, with `dry_run`, that would
+/// be).
 ///
 /// # Errors
-/// When another prune holds the lock; a storage or output failure.
+/// On a storage or output failure.
+pub fn forget_by_policy(
+    storage: &Storage,
+    retention: &Retention,
+    dry_run: bool,
+    out: &mut impl Write,
+) -> Result<u64, AdminError> {
+    let gone = storage.forget_by_policy(retention, SystemTime::now(), dry_run)?;
+    let verb = if dry_run { "would forget" } else { "forgot" };
+    let mut n = 0;
+    for (client, ids) in gone {
+        for id in ids {
+            writeln!(out, "{verb}\t{client}\tsnapshot {id}")?;
+            n += 1;
+        }
+    }
+    writeln!(out, "snapshots: {verb} {n}")?;
+    Ok(n)
+}
+
+/// `prune`'s second half: collects the repository's garbage under the
+/// data directory's maintenance lock (`docs/PROTOCOL.md` §13.6), waiting
+/// for another prune or a starting server's recovery to release it, and
+/// says what it reclaimed, or with `dry_run` what it would.
+///
+/// # Errors
+/// On a storage or output failure.
 pub fn prune_repo(
     storage: &Storage,
     data_dir: &std::path::Path,
     options: &PruneOptions,
     out: &mut impl Write,
 ) -> Result<PruneReport, AdminError> {
-    let _lock = MaintenanceLock::take(data_dir, false)?;
+    let _lock = MaintenanceLock::take(data_dir, true)?;
     let r = storage.prune_repo(options, SystemTime::now())?;
     let (label, delete, remove, repack, reclaim) = if options.dry_run {
         (

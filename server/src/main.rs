@@ -60,8 +60,11 @@ fn run(command: Command) -> anyhow::Result<()> {
             let (storage, file) = open(&a)?;
             let (data_dir, _) = server::config::load_admin(&a, env)?;
             let retention = server::config::retention(keep_last, keep_within, &file)?;
-            if !retention.keeps_everything() && !dry_run {
-                admin::prune(&storage, &retention, out)?;
+            if !retention.keeps_everything() {
+                if !dry_run {
+                    admin::prune(&storage, &retention, out)?;
+                }
+                admin::forget_by_policy(&storage, &retention, dry_run, out)?;
             }
             let options = server::storage::prune::PruneOptions {
                 grace,

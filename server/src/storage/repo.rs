@@ -221,6 +221,20 @@ pub trait RepoStore: Send + Sync + 'static {
     /// On a backend failure.
     fn clear_stages(&self) -> Result<usize, StorageError>;
 
+    /// Every snapshot of every client: (client, snapshot id, time), by
+    /// client.
+    ///
+    /// # Errors
+    /// On a backend failure or an unreadable row.
+    fn snapshot_stamps(&self) -> Result<Vec<(ClientId, u64, u64)>, StorageError>;
+
+    /// Removes the snapshots `ids` of `client` and their references, in one
+    /// transaction; returns how many there were.
+    ///
+    /// # Errors
+    /// On a backend failure; nothing is removed then.
+    fn forget_snapshots(&self, client: ClientId, ids: &[u64]) -> Result<u64, StorageError>;
+
     /// Every pack with its live and dead objects, an object being dead when
     /// no snapshot references it, no stage holds it and it was last touched
     /// (stored, or answered "have") before `cutoff` (`docs/PROTOCOL.md`

@@ -365,6 +365,55 @@ impl RepoStore for SqliteMetaStore {
         Ok(self.conn().execute("DELETE FROM repo_stage", [])?)
     }
 
+    fn snapshot_stamps(&self) -> Result<Vec<(ClientId, u64, u64)>, StorageError> {
+        let conn = self.conn();
+        let mut stmt =
+            conn.prepare("SELECT client, id, time FROM snapshots ORDER BY client, id")?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, Vec<u8>>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, i64>(2)?,
+            ))
+        })?;
+        rows.map(|r| {
+            let (client, id, time) = r?;
+            let client: [u8; 16] = client
+                .as_slice()
+                .try_into()
+                .map_err(|_| corrupt("a client id is not 16 bytes"))?;
+            Ok((
+                ClientId(client),
+                u64::try_from(id).map_err(|_| corrupt("negative snapshot id"))?,
+                bits_u64(time),
+            ))
+        })
+        .collect()
+    }
+
+    fn forget_snapshots(&self, client: ClientId, ids: &[u64]) -> Result<u64, StorageError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let mut removed = 0u64;
+        {
+            let mut refs = tx.prepare_cached(
+                "DELETE FROM snapshot_refs WHERE snapshot =
+                     (SELECT id FROM snapshots WHERE id = ?1 AND client = ?2)",
+            )?;
+            let mut snap =
+                tx.prepare_cached("DELETE FROM snapshots WHERE id = ?1 AND client = ?2")?;
+            for id in ids {
+                let Ok(id) = i64::try_from(*id) else {
+                    continue;
+                };
+                refs.execute(params![id, &client.0[..]])?;
+                removed += snap.execute(params![id, &client.0[..]])? as u64;
+            }
+        }
+        tx.commit()?;
+        Ok(removed)
+    }
+
     fn pack_usage(&self, cutoff: SystemTime) -> Result<Vec<PackUsage>, StorageError> {
         let conn = self.conn();
         let sql = format!(
