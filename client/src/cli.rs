@@ -122,6 +122,10 @@ pub async fn run(cli: Cli, cwd: &Path) -> u8 {
         Some(Command::List(args)) => list(&cli.global, args, cwd, &console).await,
         Some(Command::Restore(args)) => restore(&cli.global, args, cwd, &console).await,
         Some(Command::Delete(args)) => delete(&cli.global, args, cwd, &console).await,
+        Some(Command::Forget(args)) => match retrieval_client(&cli.global, cwd, &console) {
+            Ok(client) => snapshot::forget(&client, args, &cli.global, &console).await,
+            Err(e) => Err(e),
+        },
         None => {
             backup(
                 &cli.global,

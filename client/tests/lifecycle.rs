@@ -410,3 +410,82 @@ async fn a_prune_killed_at_any_moment_and_run_again_loses_nothing_referenced() {
         delays_ms.len()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forget_by_policy_and_by_number_then_prune_reclaims_and_append_only_refuses() {
+    let s = Setup::new().await;
+    let folder = s.path("folder");
+    let folder_arg = folder.to_string_lossy().into_owned();
+    let mut expected: BTreeMap<u64, BTreeMap<String, Vec<u8>>> = BTreeMap::new();
+    let mut ids = Vec::new();
+    for round in 0..5 {
+        let files = write_round(&folder, round);
+        let (out, summary) = s.json(&["backup", &folder_arg]).await;
+        assert!(out.status.success(), "backup: {}", stderr(&out));
+        let id = summary["snapshot"].as_u64().unwrap();
+        ids.push(id);
+        expected.insert(id, files);
+    }
+    // Without a rule or a number: a usage error.
+    let out = s.client(&["forget"]).await;
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    // A dry run lists and removes nothing.
+    let (out, dry) = s.json(&["forget", "--keep-last", "3", "--dry-run"]).await;
+    assert!(out.status.success(), "forget --dry-run: {}", stderr(&out));
+    let listed: Vec<u64> = dry["forget"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["id"].as_u64().unwrap())
+        .collect();
+    assert_eq!(listed, ids[..2], "{dry}");
+    assert_eq!(s.snapshot_ids().await, ids);
+    let (out, done) = s.json(&["forget", "--keep-last", "3"]).await;
+    assert!(out.status.success(), "forget: {}", stderr(&out));
+    assert_eq!(done["removed"], 2, "{done}");
+    let (out, done) = s.json(&["forget", &ids[2].to_string()]).await;
+    assert!(out.status.success(), "forget {}: {}", ids[2], stderr(&out));
+    assert_eq!(done["removed"], 1, "{done}");
+    assert_eq!(s.snapshot_ids().await, ids[3..]);
+    // A number that is not a snapshot: not found, nothing removed.
+    let out = s.client(&["forget", "999999"]).await;
+    assert_eq!(out.status.code(), Some(7), "{}", stderr(&out));
+
+    let before = pack_blobs(&s.server.data).0;
+    let dry = s.prune(&["--grace", "0s", "--dry-run"]).await;
+    let text = String::from_utf8_lossy(&dry.stdout).into_owned();
+    assert!(text.contains("would delete"), "{text}");
+    assert_eq!(
+        pack_blobs(&s.server.data).0,
+        before,
+        "a dry run changed nothing"
+    );
+    s.prune(&["--grace", "0s", "--repack-threshold", "10"])
+        .await;
+    let after = pack_blobs(&s.server.data).0;
+    assert!(after < before, "{after} bytes of packs, {before} before");
+    for id in &ids[3..] {
+        s.assert_restores(*id, &expected[id]).await;
+    }
+    assert_index_whole(&s.server.data);
+
+    // Append-only: the client cannot forget; the operator's policy can.
+    let out = std::process::Command::new(server_binary())
+        .args(["append-only", "life", "on", "--data-dir"])
+        .arg(&s.server.data)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = s.client(&["forget", &ids[3].to_string()]).await;
+    assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
+    assert!(stderr(&out).contains("append-only"), "{}", stderr(&out));
+    assert_eq!(s.snapshot_ids().await, ids[3..]);
+    let out = s.prune(&["--grace", "0s", "--keep-last", "1"]).await;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(text.contains(&format!("snapshot {}", ids[3])), "{text}");
+    assert_eq!(s.snapshot_ids().await, ids[4..]);
+    s.assert_restores(ids[4], &expected[&ids[4]]).await;
+    println!(
+        "forget and prune: {before} bytes of packs before, {after} after forgetting 3 of 5 snapshots"
+    );
+}

@@ -12,7 +12,8 @@ use protocol::crypto::{self, AesKey, CbcDecryptor, CbcEncryptor};
 use protocol::message::{PublicKeyField, FILE_RECEIVED_LEN, PUBLIC_KEY_FIELD_LEN};
 use protocol::reassembly::{Leniency, Reassembler, ReassemblyError};
 use protocol::repo::message::{
-    CommitRefusal, KeySlot, ObjectId, PackEntry, RepoRequest, RepoResponse, SnapshotEntry,
+    CommitRefusal, ForgetRefusal, KeySlot, ObjectId, PackEntry, RepoRequest, RepoResponse,
+    SnapshotEntry,
 };
 use protocol::retrieval::{
     ListEntry, ListFlags, RefusalReason, RestoreBegin, RetrievalRequest, RetrievalResponse,
@@ -302,6 +303,7 @@ fn repo_request() -> impl Strategy<Value = RepoRequest> {
         (0u8..8, some_bytes(600))
             .prop_map(|(slot, envelope)| RepoRequest::PutKey { slot, envelope }),
         Just(RepoRequest::GetKeys),
+        proptest::collection::vec(any::<u64>(), 1..40).prop_map(|ids| RepoRequest::Forget { ids }),
     ]
 }
 
@@ -342,6 +344,10 @@ fn repo_response() -> impl Strategy<Value = RepoResponse> {
         }),
         any::<u8>().prop_map(|slot| RepoResponse::KeyStored { slot }),
         any::<u8>().prop_map(|slot| RepoResponse::KeyExists { slot }),
+        any::<u32>().prop_map(|count| RepoResponse::Forgotten { count }),
+        any::<u8>().prop_map(|r| RepoResponse::ForgetRefused {
+            reason: ForgetRefusal(r)
+        }),
     ]
 }
 
@@ -796,6 +802,7 @@ fn request_codes() -> Vec<u16> {
         .collect();
     // The repository extension's codes exist only in secure mode.
     codes.extend(1260..=1268);
+    codes.push(1280);
     codes.extend([0, 1032, 829, u16::MAX]);
     codes
 }
@@ -805,6 +812,7 @@ fn response_codes() -> Vec<u16> {
         .chain(1640..=1645)
         .chain(1650..=1651)
         .chain(1660..=1671)
+        .chain(1680..=1681)
         .chain([0, 1608, 1646, 1652, u16::MAX])
         .collect()
 }

@@ -37,6 +37,8 @@ pub const MAX_KEY_SLOTS: usize = 8;
 pub const SNAPSHOT_PAGE_BYTES: usize = 256 << 10;
 /// The fixed part of a snapshot page entry: id, time, meta length.
 pub const SNAPSHOT_ENTRY_HEAD: usize = 8 + 8 + 4;
+/// The most snapshots one "forget" may name.
+pub const MAX_FORGET: usize = 1024;
 /// The width of one pack index entry: id and sealed length.
 pub const PACK_ENTRY_LEN: usize = ID_LEN + 4;
 
@@ -51,6 +53,7 @@ pub mod code {
     pub const FETCH: u16 = 1266;
     pub const PUT_KEY: u16 = 1267;
     pub const GET_KEYS: u16 = 1268;
+    pub const FORGET: u16 = 1280;
 }
 
 impl ResponseCode {
@@ -66,6 +69,8 @@ impl ResponseCode {
     pub const KEYS: Self = Self(1669);
     pub const KEY_STORED: Self = Self(1670);
     pub const KEY_EXISTS: Self = Self(1671);
+    pub const FORGOTTEN: Self = Self(1680);
+    pub const FORGET_REFUSED: Self = Self(1681);
 }
 
 /// The slot of the envelope that holds the master key for the client's
@@ -123,6 +128,7 @@ pub enum RepoKind {
     Fetch,
     PutKey,
     GetKeys,
+    Forget,
 }
 
 impl RepoKind {
@@ -138,6 +144,7 @@ impl RepoKind {
             code::FETCH => Self::Fetch,
             code::PUT_KEY => Self::PutKey,
             code::GET_KEYS => Self::GetKeys,
+            code::FORGET => Self::Forget,
             _ => return None,
         })
     }
@@ -154,6 +161,7 @@ impl RepoKind {
             Self::Fetch => code::FETCH,
             Self::PutKey => code::PUT_KEY,
             Self::GetKeys => code::GET_KEYS,
+            Self::Forget => code::FORGET,
         }
     }
 
@@ -170,6 +178,7 @@ impl RepoKind {
             Self::Snapshots => (8, 8),
             Self::PutKey => (1 + 1, 1 + MAX_ENVELOPE),
             Self::GetKeys => (0, 0),
+            Self::Forget => (2 + 8, 2 + MAX_FORGET * 8),
         }
     }
 }
@@ -209,6 +218,9 @@ pub enum RepoRequest {
     PutKey { slot: u8, envelope: Bytes },
     /// 1268: every key envelope of this client. Empty payload.
     GetKeys,
+    /// 1280: remove these snapshots of this client (§13.7). Payload: count
+    /// u16 (1..=1024), then count snapshot ids u64.
+    Forget { ids: Vec<u64> },
 }
 
 fn size_err(code: u16, actual: usize, expected: &'static str) -> PayloadError {
@@ -255,6 +267,7 @@ impl RepoRequest {
             Self::Fetch { .. } => RepoKind::Fetch,
             Self::PutKey { .. } => RepoKind::PutKey,
             Self::GetKeys => RepoKind::GetKeys,
+            Self::Forget { .. } => RepoKind::Forget,
         }
     }
 
@@ -324,6 +337,22 @@ impl RepoRequest {
                 }
             }
             RepoKind::GetKeys => Self::GetKeys,
+            RepoKind::Forget => {
+                let err = || size_err(code, payload.len(), "count u16 and that many u64 ids");
+                let count =
+                    usize::from(u16_le(payload.get(..2).unwrap_or_default()).ok_or_else(err)?);
+                if count == 0 || count > MAX_FORGET || payload.len() != 2 + count * 8 {
+                    return Err(err());
+                }
+                Self::Forget {
+                    ids: payload
+                        .get(2..)
+                        .unwrap_or_default()
+                        .chunks_exact(8)
+                        .map(|b| u64_le(b).unwrap_or_default())
+                        .collect(),
+                }
+            }
         })
     }
 
@@ -339,6 +368,7 @@ impl RepoRequest {
             Self::Snapshots { .. } => 8,
             Self::PutKey { envelope, .. } => 1 + envelope.len(),
             Self::GetKeys => 0,
+            Self::Forget { ids } => 2 + ids.len() * 8,
         }
     }
 
@@ -357,6 +387,7 @@ impl RepoRequest {
             Self::Fetch { ids } => !ids.is_empty() && ids.len() <= MAX_FETCH_IDS,
             Self::PackEnd { entries } => !entries.is_empty() && entries.len() <= MAX_PACK_OBJECTS,
             Self::PutKey { slot, .. } => usize::from(*slot) < MAX_KEY_SLOTS,
+            Self::Forget { ids } => !ids.is_empty() && ids.len() <= MAX_FORGET,
             _ => true,
         };
         if !ok || len < min || len > max {
@@ -393,6 +424,12 @@ impl RepoRequest {
                 out.put_slice(envelope);
             }
             Self::GetKeys => {}
+            Self::Forget { ids } => {
+                out.put_u16_le(u16::try_from(ids.len()).unwrap_or(u16::MAX));
+                for id in ids {
+                    out.put_u64_le(*id);
+                }
+            }
         }
     }
 }
@@ -417,6 +454,16 @@ impl CommitRefusal {
     pub const NO_REFERENCES: Self = Self(2);
     /// Committing would exceed the client's quota.
     pub const QUOTA: Self = Self(3);
+}
+
+/// Why a forget was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ForgetRefusal(pub u8);
+
+impl ForgetRefusal {
+    /// The client is append-only: only the operator's retention removes
+    /// its snapshots.
+    pub const APPEND_ONLY: Self = Self(1);
 }
 
 /// A key envelope in a listing.
@@ -464,6 +511,11 @@ pub enum RepoResponse {
     /// 1671: the slot is written once and already holds an envelope; it
     /// was kept. Payload: slot u8.
     KeyExists { slot: u8 },
+    /// 1680: `count` of the snapshots named were this client's and are
+    /// removed (the others are ignored). Payload: count u32.
+    Forgotten { count: u32 },
+    /// 1681: nothing was removed. Payload: reason u8.
+    ForgetRefused { reason: ForgetRefusal },
 }
 
 impl RepoResponse {
@@ -482,6 +534,8 @@ impl RepoResponse {
             Self::Keys { .. } => ResponseCode::KEYS,
             Self::KeyStored { .. } => ResponseCode::KEY_STORED,
             Self::KeyExists { .. } => ResponseCode::KEY_EXISTS,
+            Self::Forgotten { .. } => ResponseCode::FORGOTTEN,
+            Self::ForgetRefused { .. } => ResponseCode::FORGET_REFUSED,
         }
     }
 
@@ -502,6 +556,8 @@ impl RepoResponse {
             ResponseCode::OBJECT_DATA => (1, limits.max_packet_content),
             ResponseCode::KEYS => (1, 1 + MAX_KEY_SLOTS * (3 + MAX_ENVELOPE)),
             ResponseCode::KEY_STORED | ResponseCode::KEY_EXISTS => (1, 1),
+            ResponseCode::FORGOTTEN => (4, 4),
+            ResponseCode::FORGET_REFUSED => (1, 1),
             _ => return None,
         })
     }
@@ -524,6 +580,8 @@ impl RepoResponse {
             Self::ObjectData { content } => content.len(),
             Self::Keys { slots } => 1 + slots.iter().map(|s| 3 + s.envelope.len()).sum::<usize>(),
             Self::KeyStored { .. } | Self::KeyExists { .. } => 1,
+            Self::Forgotten { .. } => 4,
+            Self::ForgetRefused { .. } => 1,
         }
     }
 
@@ -641,6 +699,10 @@ impl RepoResponse {
             ResponseCode::KEY_EXISTS => Self::KeyExists {
                 slot: payload.first().copied().unwrap_or_default(),
             },
+            ResponseCode::FORGOTTEN => Self::Forgotten { count: u32_at(0) },
+            ResponseCode::FORGET_REFUSED => Self::ForgetRefused {
+                reason: ForgetRefusal(payload.first().copied().unwrap_or_default()),
+            },
             _ => Self::KeyStored {
                 slot: payload.first().copied().unwrap_or_default(),
             },
@@ -695,6 +757,77 @@ impl RepoResponse {
                 }
             }
             Self::KeyStored { slot } | Self::KeyExists { slot } => out.put_u8(*slot),
+            Self::Forgotten { count } => out.put_u32_le(*count),
+            Self::ForgetRefused { reason } => out.put_u8(reason.0),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn forget_payload(count: usize, declared: u16) -> Bytes {
+        let mut out = Vec::new();
+        out.put_u16_le(declared);
+        for i in 0..count {
+            out.put_u64_le(i as u64 + 1);
+        }
+        Bytes::from(out)
+    }
+
+    #[test]
+    fn accepts_a_forget_of_exactly_the_most_ids_and_rejects_one_more() {
+        let limits = Limits::default();
+        let at = forget_payload(MAX_FORGET, MAX_FORGET as u16);
+        let parsed = RepoRequest::parse(RepoKind::Forget, at.clone(), &limits).unwrap();
+        let mut encoded = Vec::new();
+        parsed.write_payload(&mut encoded);
+        assert_eq!(encoded, at);
+        assert!(parsed.check(&limits).is_ok());
+        let over = forget_payload(MAX_FORGET + 1, MAX_FORGET as u16 + 1);
+        assert!(RepoRequest::parse(RepoKind::Forget, over, &limits).is_err());
+        let ids: Vec<u64> = (0..=MAX_FORGET as u64).collect();
+        assert!(RepoRequest::Forget { ids }.check(&limits).is_err());
+    }
+
+    #[test]
+    fn rejects_a_forget_whose_count_disagrees_with_its_ids_or_is_zero() {
+        let limits = Limits::default();
+        for payload in [
+            forget_payload(2, 3),
+            forget_payload(3, 2),
+            forget_payload(1, 0),
+        ] {
+            assert!(RepoRequest::parse(RepoKind::Forget, payload, &limits).is_err());
+        }
+        assert!(RepoRequest::Forget { ids: Vec::new() }
+            .check(&limits)
+            .is_err());
+    }
+
+    #[test]
+    fn round_trips_the_forget_answers() {
+        let limits = Limits::default();
+        for r in [
+            RepoResponse::Forgotten { count: 7 },
+            RepoResponse::ForgetRefused {
+                reason: ForgetRefusal::APPEND_ONLY,
+            },
+        ] {
+            let mut out = Vec::new();
+            r.write_payload(&mut out);
+            assert_eq!(out.len(), r.payload_len());
+            assert_eq!(
+                RepoResponse::parse(r.code(), out.into(), &limits).unwrap(),
+                r
+            );
+        }
+        assert!(RepoResponse::parse(
+            ResponseCode::FORGOTTEN,
+            Bytes::from_static(&[1, 2, 3]),
+            &limits
+        )
+        .is_err());
     }
 }

@@ -58,6 +58,10 @@ pub fn answer(kind: RepoKind, response: Response) -> Result<Option<RepoResponse>
                 RepoResponse::KeyStored { .. } | RepoResponse::KeyExists { .. }
             )
             | (RepoKind::GetKeys, RepoResponse::Keys { .. })
+            | (
+                RepoKind::Forget,
+                RepoResponse::Forgotten { .. } | RepoResponse::ForgetRefused { .. }
+            )
     );
     if !fits {
         return Err(RepoClientError::Unexpected { request: kind, got });

@@ -235,6 +235,20 @@ pub trait RepoStore: Send + Sync + 'static {
     /// On a backend failure; nothing is removed then.
     fn forget_snapshots(&self, client: ClientId, ids: &[u64]) -> Result<u64, StorageError>;
 
+    /// A client's own forget (1280): as [`RepoStore::forget_snapshots`],
+    /// but `None`, with nothing removed, when the client is append-only
+    /// (its own flag, or `server_append_only`), checked in the same
+    /// transaction.
+    ///
+    /// # Errors
+    /// On a backend failure; nothing is removed then.
+    fn client_forget(
+        &self,
+        client: ClientId,
+        ids: &[u64],
+        server_append_only: bool,
+    ) -> Result<Option<u64>, StorageError>;
+
     /// Every pack with its live and dead objects, an object being dead when
     /// no snapshot references it, no stage holds it and it was last touched
     /// (stored, or answered "have") before `cutoff` (`docs/PROTOCOL.md`

@@ -9,6 +9,7 @@
 //! Snapshots --> [RepoAction::ListSnapshots] --repo_done(Snapshots)--> 1665
 //! Fetch --> [RepoAction::Fetch]: the shell streams 1666 + 1668... or 1667 per id
 //! PutKey --> [RepoAction::PutKey] --> 1670; GetKeys --> [RepoAction::GetKeys] --repo_done(Keys)--> 1669
+//! Forget --> [RepoAction::Forget] --repo_done(Forgotten)--> 1680 / 1681
 //! ```
 //!
 //! While a pack is open only its data, its end and "have" queries (the
@@ -21,8 +22,8 @@ use bytes::Bytes;
 use super::{Action, Pending, ServerSession, SessionError};
 use crate::message::Response;
 use crate::repo::message::{
-    CommitRefusal, KeySlot, ObjectId, RepoRequest, RepoResponse, SnapshotEntry, MAX_PACK_BYTES,
-    SNAPSHOT_ENTRY_HEAD, SNAPSHOT_PAGE_BYTES,
+    CommitRefusal, ForgetRefusal, KeySlot, ObjectId, RepoRequest, RepoResponse, SnapshotEntry,
+    MAX_PACK_BYTES, SNAPSHOT_ENTRY_HEAD, SNAPSHOT_PAGE_BYTES,
 };
 use crate::repo::pack::{self, Located};
 use crate::restore;
@@ -95,6 +96,9 @@ pub enum RepoAction {
     },
     /// Every envelope of the client; then [`RepoOutcome::Keys`].
     GetKeys { client_id: ClientId },
+    /// Remove the client's snapshots `ids` (unless it is append-only); then
+    /// [`RepoOutcome::Forgotten`].
+    Forget { client_id: ClientId, ids: Vec<u64> },
 }
 
 /// What storage did with a [`RepoAction`].
@@ -106,6 +110,7 @@ pub enum RepoOutcome {
     Committed(Result<u64, (CommitRefusal, u32)>),
     Snapshots(Vec<SnapshotEntry>),
     Keys(Vec<KeySlot>),
+    Forgotten(Result<u32, ForgetRefusal>),
 }
 
 /// What the session remembers of repository work between requests.
@@ -217,6 +222,7 @@ impl ServerSession {
                 }))
             }
             RepoRequest::GetKeys => RepoAction::GetKeys { client_id },
+            RepoRequest::Forget { ids } => RepoAction::Forget { client_id, ids },
             RepoRequest::PackData { .. } | RepoRequest::PackEnd { .. } => {
                 return Err(self.unexpected(kind))
             }
@@ -273,6 +279,8 @@ impl ServerSession {
                 }
             }
             RepoOutcome::Keys(slots) => RepoResponse::Keys { slots },
+            RepoOutcome::Forgotten(Ok(count)) => RepoResponse::Forgotten { count },
+            RepoOutcome::Forgotten(Err(reason)) => RepoResponse::ForgetRefused { reason },
         }))
     }
 

@@ -97,6 +97,25 @@ pub(super) fn remove_client_rows(tx: &Transaction<'_>, id: ClientId) -> Result<(
     Ok(())
 }
 
+/// Removes the snapshots `ids` of `client` and their references inside the
+/// caller's transaction; returns how many there were.
+fn forget_in(tx: &Transaction<'_>, client: ClientId, ids: &[u64]) -> Result<u64, StorageError> {
+    let mut refs = tx.prepare_cached(
+        "DELETE FROM snapshot_refs WHERE snapshot =
+             (SELECT id FROM snapshots WHERE id = ?1 AND client = ?2)",
+    )?;
+    let mut snap = tx.prepare_cached("DELETE FROM snapshots WHERE id = ?1 AND client = ?2")?;
+    let mut removed = 0u64;
+    for id in ids {
+        let Ok(id) = i64::try_from(*id) else {
+            continue;
+        };
+        refs.execute(params![id, &client.0[..]])?;
+        removed += snap.execute(params![id, &client.0[..]])? as u64;
+    }
+    Ok(removed)
+}
+
 /// A u64 the client chose (a time), kept bit for bit in an INTEGER.
 fn u64_bits(n: u64) -> i64 {
     i64::from_le_bytes(n.to_le_bytes())
@@ -394,24 +413,33 @@ impl RepoStore for SqliteMetaStore {
     fn forget_snapshots(&self, client: ClientId, ids: &[u64]) -> Result<u64, StorageError> {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        let mut removed = 0u64;
-        {
-            let mut refs = tx.prepare_cached(
-                "DELETE FROM snapshot_refs WHERE snapshot =
-                     (SELECT id FROM snapshots WHERE id = ?1 AND client = ?2)",
-            )?;
-            let mut snap =
-                tx.prepare_cached("DELETE FROM snapshots WHERE id = ?1 AND client = ?2")?;
-            for id in ids {
-                let Ok(id) = i64::try_from(*id) else {
-                    continue;
-                };
-                refs.execute(params![id, &client.0[..]])?;
-                removed += snap.execute(params![id, &client.0[..]])? as u64;
-            }
-        }
+        let removed = forget_in(&tx, client, ids)?;
         tx.commit()?;
         Ok(removed)
+    }
+
+    fn client_forget(
+        &self,
+        client: ClientId,
+        ids: &[u64],
+        server_append_only: bool,
+    ) -> Result<Option<u64>, StorageError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let own: bool = tx
+            .query_row(
+                "SELECT append_only FROM clients WHERE id = ?1",
+                [&client.0[..]],
+                |r| r.get(0),
+            )
+            .optional()?
+            .unwrap_or(false);
+        if own || server_append_only {
+            return Ok(None);
+        }
+        let removed = forget_in(&tx, client, ids)?;
+        tx.commit()?;
+        Ok(Some(removed))
     }
 
     fn pack_usage(&self, cutoff: SystemTime) -> Result<Vec<PackUsage>, StorageError> {
