@@ -140,19 +140,31 @@ pub fn prune(
     Ok(removed)
 }
 
-/// `prune`: applies `retention` to every client's snapshots by their
-/// times, one line per snapshot forgotten (or, with `dry_run`, that would
-/// be).
+/// `prune`: applies to each client's snapshots its policy in `retention`,
+/// by their times, one line per snapshot forgotten (or, with `dry_run`,
+/// that would be).
 ///
 /// # Errors
 /// On a storage or output failure.
 pub fn forget_by_policy(
     storage: &Storage,
-    retention: &Retention,
+    retention: &crate::config::SnapshotRetention,
     dry_run: bool,
     out: &mut impl Write,
 ) -> Result<u64, AdminError> {
-    let gone = storage.forget_by_policy(retention, SystemTime::now(), dry_run)?;
+    let names: std::collections::HashMap<ClientId, String> = storage
+        .meta()
+        .clients()?
+        .into_iter()
+        .map(|c| (c.client.id, lossy(c.client.name.as_bytes())))
+        .collect();
+    let gone = storage.forget_by_policy(
+        |id| {
+            let name = names.get(&id).map_or("", String::as_str);
+            retention.of(id, name).cloned()
+        },
+        dry_run,
+    )?;
     let verb = if dry_run { "would forget" } else { "forgot" };
     let mut n = 0;
     for (client, ids) in gone {

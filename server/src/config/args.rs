@@ -60,6 +60,21 @@ pub enum Command {
         /// Keep versions stored within this long (e.g. 30d, 12h).
         #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
         keep_within: Option<Duration>,
+        /// Keep the newest snapshot of each of the N newest hours that have
+        /// one (and likewise days, weeks from Monday, months, years; UTC).
+        /// Snapshot rules given here apply to every client; without them
+        /// the config file's [clients.NAME] and [snapshots] tables do, and
+        /// else --keep-last / --keep-within (or keep_last / keep_within)
+        #[arg(long, value_name = "N")]
+        keep_hourly: Option<u32>,
+        #[arg(long, value_name = "N")]
+        keep_daily: Option<u32>,
+        #[arg(long, value_name = "N")]
+        keep_weekly: Option<u32>,
+        #[arg(long, value_name = "N")]
+        keep_monthly: Option<u32>,
+        #[arg(long, value_name = "N")]
+        keep_yearly: Option<u32>,
         /// Say what would be removed and reclaimed; change nothing.
         #[arg(long)]
         dry_run: bool,

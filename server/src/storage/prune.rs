@@ -26,7 +26,9 @@ use nix::fcntl::{Flock, FlockArg};
 use sha2::{Digest, Sha256};
 
 use super::repo::{PackUsage, PackedObject, Repacked};
-use super::{BlobKey, Retention, Storage, StorageError};
+use protocol::repo::retention::{not_kept, KeepPolicy};
+
+use super::{BlobKey, Storage, StorageError};
 
 /// The lock file of the data directory's maintenance (prune, recovery).
 pub const MAINTENANCE_LOCK: &str = "maintenance.lock";
@@ -137,16 +139,16 @@ impl PruneReport {
 }
 
 impl Storage {
-    /// Applies `retention` to every client's snapshots (append-only ones
-    /// included: this is the operator's policy). Returns the snapshots
-    /// forgotten, or with `dry_run` those that would be, by client.
+    /// Applies to every client's snapshots the policy `policy_of` gives it
+    /// (append-only clients included: this is the operator's policy), by
+    /// snapshot times. Returns the snapshots forgotten, or with `dry_run`
+    /// those that would be, by client.
     ///
     /// # Errors
     /// On a storage failure.
     pub fn forget_by_policy(
         &self,
-        retention: &Retention,
-        now: SystemTime,
+        policy_of: impl Fn(protocol::ClientId) -> Option<KeepPolicy>,
         dry_run: bool,
     ) -> Result<Vec<(protocol::ClientId, Vec<u64>)>, StorageError> {
         let repo = self.repo()?;
@@ -156,8 +158,14 @@ impl Storage {
             let Some((client, _, _)) = chunk.first() else {
                 continue;
             };
-            let own: Vec<(u64, u64)> = chunk.iter().map(|(_, id, t)| (*id, *t)).collect();
-            let gone = snapshots_to_forget(&own, retention, now);
+            let Some(policy) = policy_of(*client) else {
+                continue;
+            };
+            let own: Vec<(u64, u64, Vec<String>)> = chunk
+                .iter()
+                .map(|(_, id, t)| (*id, *t, Vec::new()))
+                .collect();
+            let gone = not_kept(&own, &policy);
             if gone.is_empty() {
                 continue;
             }
@@ -359,35 +367,6 @@ impl Storage {
     }
 }
 
-/// The snapshots of one client (`(id, time)`, any order) that `retention`
-/// does not keep at `now`, in ascending id order: a snapshot is kept when
-/// it is the newest (by time, then id) or any rule keeps it, the rules
-/// reading the snapshot's own time (`docs/PROTOCOL.md` §13.6).
-pub fn snapshots_to_forget(
-    snapshots: &[(u64, u64)],
-    retention: &Retention,
-    now: SystemTime,
-) -> Vec<u64> {
-    if retention.keeps_everything() {
-        return Vec::new();
-    }
-    let mut newest_first: Vec<&(u64, u64)> = snapshots.iter().collect();
-    newest_first.sort_unstable_by_key(|(id, time)| std::cmp::Reverse((*time, *id)));
-    let mut gone: Vec<u64> = newest_first
-        .into_iter()
-        .enumerate()
-        .filter(|(i, (_, time))| {
-            let at = std::time::UNIX_EPOCH
-                .checked_add(Duration::from_secs(*time))
-                .unwrap_or(now);
-            !retention.keeps(*i, at, now)
-        })
-        .map(|(_, (id, _))| *id)
-        .collect();
-    gone.sort_unstable();
-    gone
-}
-
 /// Whether at least `percent` of the pack's bytes are dead.
 fn sparse(usage: &PackUsage, percent: u8) -> bool {
     let dead = usage.size.saturating_sub(usage.live_bytes);
@@ -582,29 +561,6 @@ mod tests {
         // missing when staging (the session then refuses its commit).
         let stage = StageId::random();
         assert_eq!(repo.stage_refs(stage, A, true, &[id(1), id(2)]).unwrap(), 1);
-    }
-
-    #[test]
-    fn retention_of_snapshots_reads_their_times_and_keeps_the_newest() {
-        let now = std::time::UNIX_EPOCH + Duration::from_secs(100_000);
-        // (id, time): ids and times in different orders.
-        let snaps = [(1, 99_000), (2, 50_000), (3, 99_990), (4, 10)];
-        let last2 = Retention {
-            keep_last: Some(2),
-            keep_within: None,
-        };
-        assert_eq!(snapshots_to_forget(&snaps, &last2, now), vec![2, 4]);
-        let within = Retention {
-            keep_last: None,
-            keep_within: Some(Duration::from_secs(60_000)),
-        };
-        assert_eq!(snapshots_to_forget(&snaps, &within, now), vec![4]);
-        let short = Retention {
-            keep_last: None,
-            keep_within: Some(Duration::from_secs(1)),
-        };
-        assert_eq!(snapshots_to_forget(&snaps, &short, now), vec![1, 2, 4]);
-        assert!(snapshots_to_forget(&snaps, &Retention::KEEP_ALL, now).is_empty());
     }
 
     #[test]
