@@ -862,6 +862,41 @@ mod tests {
     }
 
     #[test]
+    fn upgrades_a_version_6_database_with_what_prune_needs() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        {
+            let s = SqliteMetaStore::open(&path).unwrap();
+            s.add_pack(&pack(A, "p1", &[1])).unwrap();
+        }
+        {
+            // What a version 6 server left.
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(
+                "DROP TABLE pack_trash; DROP INDEX snapshot_refs_by_object;
+                 DROP INDEX repo_stage_by_object; ALTER TABLE objects DROP COLUMN touched;
+                 PRAGMA user_version = 6;",
+            )
+            .unwrap();
+        }
+        let s = SqliteMetaStore::open(&path).unwrap();
+        let (version, touched): (i64, i64) = s
+            .conn()
+            .query_row(
+                "SELECT (SELECT user_version FROM pragma_user_version), touched FROM objects",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+        // Counted as touched at the upgrade: the first prune keeps it for
+        // its grace period.
+        let now = to_ms(SystemTime::now());
+        assert!(touched > now - 60_000 && touched <= now, "{touched} {now}");
+        s.trash(&BlobKey("x".into()), SystemTime::now()).unwrap();
+    }
+
+    #[test]
     fn removing_a_client_removes_its_repository_and_nothing_else() {
         let (_dir, s) = store();
         let now = SystemTime::now();
