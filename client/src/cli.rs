@@ -145,6 +145,10 @@ pub async fn run(cli: Cli, cwd: &Path) -> u8 {
         Some(Command::Delete(args)) => delete(&cli.global, args, cwd, &console).await,
         Some(Command::Completions(args)) => completions(args),
         Some(Command::Man(args)) => man(args),
+        Some(Command::Forget(args)) => match retrieval_client(&cli.global, cwd, &console) {
+            Ok(client) => snapshot::forget(&client, args, &cli.global, &console).await,
+            Err(e) => Err(e),
+        },
         None => {
             let job = Job {
                 paths: Vec::new(),

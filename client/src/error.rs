@@ -128,6 +128,8 @@ pub enum Error {
     },
     #[error("the server at {server} keeps this client's history append-only, so \"{name}\" was not deleted; only the server's operator can remove it")]
     AppendOnly { server: String, name: String },
+    #[error("the server at {server} keeps this client's snapshots append-only, so none was forgotten; only the server's operator removes them (backup-server prune)")]
+    ForgetAppendOnly { server: String },
     #[error("the server at {server} refused to {doing} (reason {reason}); ask its operator")]
     Refused {
         server: String,
@@ -321,6 +323,7 @@ impl Error {
             | RetrievalUnsupported { .. }
             | UnknownClient { .. }
             | AppendOnly { .. }
+            | ForgetAppendOnly { .. }
             | SnapshotsUnsupported { .. }
             | WrongPassphrase { .. }
             | NoPassphrase { .. }

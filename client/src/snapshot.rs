@@ -7,6 +7,7 @@ pub mod backup;
 pub mod cache;
 pub mod chunk;
 pub mod diff;
+pub mod forget;
 pub mod keys;
 pub mod remote;
 pub mod restore;

@@ -13,6 +13,7 @@ pub mod envelope;
 pub mod keys;
 pub mod message;
 pub mod pack;
+pub mod retention;
 pub mod seal;
 pub mod tree;
 

@@ -13,8 +13,8 @@ use protocol::message::{PublicKeyField, FILE_RECEIVED_LEN, PUBLIC_KEY_FIELD_LEN}
 use protocol::reassembly::{Leniency, Reassembler, ReassemblyError};
 use protocol::repo::envelope::PassphraseCost;
 use protocol::repo::message::{
-    CommitRefusal, KeptReason, KeySlot, ObjectId, PackEntry, PassphraseRefusal, RepoRequest,
-    RepoResponse, SnapshotEntry,
+    CommitRefusal, ForgetRefusal, KeptReason, KeySlot, ObjectId, PackEntry, PassphraseRefusal,
+    RepoRequest, RepoResponse, SnapshotEntry,
 };
 use protocol::retrieval::{
     ListEntry, ListFlags, RefusalReason, RestoreBegin, RetrievalRequest, RetrievalResponse,
@@ -309,6 +309,7 @@ fn repo_request() -> impl Strategy<Value = RepoRequest> {
             signature: s.try_into().unwrap_or([0; 64])
         }),
         (0u8..8).prop_map(|slot| RepoRequest::DeleteKey { slot }),
+        proptest::collection::vec(any::<u64>(), 1..40).prop_map(|ids| RepoRequest::Forget { ids }),
     ]
 }
 
@@ -370,6 +371,10 @@ fn repo_response() -> impl Strategy<Value = RepoResponse> {
         (any::<u8>(), any::<u8>()).prop_map(|(slot, r)| RepoResponse::KeyKept {
             slot,
             reason: KeptReason(r)
+        }),
+        any::<u32>().prop_map(|count| RepoResponse::Forgotten { count }),
+        any::<u8>().prop_map(|r| RepoResponse::ForgetRefused {
+            reason: ForgetRefusal(r)
         }),
     ]
 }
@@ -825,6 +830,7 @@ fn request_codes() -> Vec<u16> {
         .collect();
     // The repository extension's codes exist only in secure mode.
     codes.extend(1260..=1268);
+    codes.push(1280);
     codes.extend([0, 1032, 829, u16::MAX]);
     codes
 }
@@ -834,6 +840,7 @@ fn response_codes() -> Vec<u16> {
         .chain(1640..=1645)
         .chain(1650..=1651)
         .chain(1660..=1671)
+        .chain(1680..=1681)
         .chain([0, 1608, 1646, 1652, u16::MAX])
         .collect()
 }

@@ -13,6 +13,7 @@ use std::time::SystemTime;
 
 use protocol::ClientId;
 
+use crate::storage::prune::{MaintenanceLock, PruneOptions, PruneReport};
 use crate::storage::{ClientSummary, Retention, Storage, StorageError, VersionRecord};
 
 /// Entries fetched per metadata query when listing a client's files.
@@ -149,6 +150,85 @@ pub fn prune(
     let bytes: u64 = removed.iter().map(|v| v.size).sum();
     writeln!(out, "pruned {} versions, {bytes} bytes", removed.len())?;
     Ok(removed)
+}
+
+/// `prune`: applies to each client's snapshots its policy in `retention`,
+/// by their times, one line per snapshot forgotten (or, with `dry_run`,
+/// that would be).
+///
+/// # Errors
+/// On a storage or output failure.
+pub fn forget_by_policy(
+    storage: &Storage,
+    retention: &crate::config::SnapshotRetention,
+    dry_run: bool,
+    out: &mut impl Write,
+) -> Result<u64, AdminError> {
+    let names: std::collections::HashMap<ClientId, String> = storage
+        .meta()
+        .clients()?
+        .into_iter()
+        .map(|c| (c.client.id, lossy(c.client.name.as_bytes())))
+        .collect();
+    let gone = storage.forget_by_policy(
+        |id| {
+            let name = names.get(&id).map_or("", String::as_str);
+            retention.of(id, name).cloned()
+        },
+        dry_run,
+    )?;
+    let verb = if dry_run { "would forget" } else { "forgot" };
+    let mut n = 0;
+    for (client, ids) in gone {
+        for id in ids {
+            writeln!(out, "{verb}\t{client}\tsnapshot {id}")?;
+            n += 1;
+        }
+    }
+    writeln!(out, "snapshots: {verb} {n}")?;
+    Ok(n)
+}
+
+/// `prune`'s second half: collects the repository's garbage under the
+/// data directory's maintenance lock (`docs/PROTOCOL.md` §13.7), waiting
+/// for another prune or a starting server's recovery to release it, and
+/// says what it reclaimed, or with `dry_run` what it would.
+///
+/// # Errors
+/// On a storage or output failure.
+pub fn prune_repo(
+    storage: &Storage,
+    data_dir: &std::path::Path,
+    options: &PruneOptions,
+    out: &mut impl Write,
+) -> Result<PruneReport, AdminError> {
+    let _lock = MaintenanceLock::take(data_dir, true)?;
+    let r = storage.prune_repo(options, SystemTime::now())?;
+    let (label, delete, remove, repack, reclaim) = if options.dry_run {
+        (
+            "repository (dry run)",
+            "would delete",
+            "would remove",
+            "would repack",
+            "would reclaim",
+        )
+    } else {
+        ("repository", "deleted", "removed", "repacked", "reclaimed")
+    };
+    writeln!(
+        out,
+        "{label}: {delete} {} objects ({} bytes); {remove} {} packs ({} bytes); \
+         {repack} {} packs ({} -> {} bytes); {reclaim} {} bytes",
+        r.objects,
+        r.object_bytes,
+        r.packs_removed,
+        r.pack_bytes_removed,
+        r.packs_repacked,
+        r.repacked_from,
+        r.repacked_to,
+        r.reclaimed_bytes()
+    )?;
+    Ok(r)
 }
 
 /// `remove-client CLIENT`: removes its rows and blobs.

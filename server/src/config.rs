@@ -20,6 +20,8 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use protocol::repo::retention::KeepPolicy;
+
 use protocol::{Leniency, Limits};
 
 use crate::storage::Retention;
@@ -275,6 +277,91 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     n.checked_mul(unit_secs)
         .map(Duration::from_secs)
         .ok_or_else(|| format!("{text:?} is too long"))
+}
+
+/// The snapshot retention `prune` applies, client by client.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SnapshotRetention {
+    /// Rules given as flags: for every client.
+    pub flags: Option<KeepPolicy>,
+    /// `[snapshots]` of the config file (or its `keep_last` and
+    /// `keep_within`): for every client without its own.
+    pub default: Option<KeepPolicy>,
+    /// `[clients.NAME]` tables, by client name or id.
+    pub clients: std::collections::BTreeMap<String, KeepPolicy>,
+}
+
+impl SnapshotRetention {
+    /// The policy of the client `id` named `name`, if any applies.
+    pub fn of(&self, id: protocol::ClientId, name: &str) -> Option<&KeepPolicy> {
+        self.flags
+            .as_ref()
+            .or_else(|| self.clients.get(name))
+            .or_else(|| self.clients.get(&id.to_string()))
+            .or(self.default.as_ref())
+    }
+}
+
+fn keep_policy(p: &file::SnapshotPolicy, key: &'static str) -> Result<KeepPolicy, ConfigError> {
+    let within = p
+        .keep_within
+        .as_deref()
+        .map(parse_duration)
+        .transpose()
+        .map_err(|reason| ConfigError::Invalid { key, reason })?;
+    Ok(KeepPolicy {
+        last: p.keep_last,
+        hourly: p.keep_hourly,
+        daily: p.keep_daily,
+        weekly: p.keep_weekly,
+        monthly: p.keep_monthly,
+        yearly: p.keep_yearly,
+        within,
+        tags: Vec::new(),
+    })
+}
+
+/// The snapshot retention from `flags` (when any rule is set there), the
+/// config file's `[clients.NAME]` and `[snapshots]` tables, and else its
+/// `keep_last` and `keep_within`.
+///
+/// # Errors
+/// When a duration in the file is not valid.
+pub fn snapshot_retention(
+    flags: KeepPolicy,
+    file: &FileConfig,
+) -> Result<SnapshotRetention, ConfigError> {
+    let default = match &file.snapshots {
+        Some(p) => Some(keep_policy(p, "snapshots")?),
+        None => {
+            let legacy = retention(None, None, file)?;
+            (!legacy.keeps_everything()).then(|| KeepPolicy {
+                last: legacy.keep_last,
+                within: legacy.keep_within,
+                ..KeepPolicy::default()
+            })
+        }
+    };
+    let mut clients = std::collections::BTreeMap::new();
+    for (name, p) in file.clients.iter().flatten() {
+        clients.insert(name.clone(), keep_policy(p, "clients")?);
+    }
+    Ok(SnapshotRetention {
+        flags: (!flags.is_empty()).then_some(flags),
+        default,
+        clients,
+    })
+}
+
+/// A duration as [`parse_duration`] reads it, or zero (`0`, `0s`).
+///
+/// # Errors
+/// As [`parse_duration`].
+pub fn parse_grace(text: &str) -> Result<Duration, String> {
+    if text.trim_end_matches(['s', 'm', 'h', 'd', 'w']) == "0" {
+        return Ok(Duration::ZERO);
+    }
+    parse_duration(text)
 }
 
 /// The retention rules from flags, else the config file: `keep_last` (or
@@ -926,5 +1013,47 @@ mod tests {
             PathBuf::from("/home/u/.local/share/backup-server")
         );
         assert_eq!(default_data_dir(env(&[])), PathBuf::from(FALLBACK_DATA_DIR));
+    }
+}
+
+#[cfg(test)]
+mod snapshot_retention_tests {
+    use super::*;
+
+    #[test]
+    fn flags_then_a_clients_own_table_then_the_default_apply() {
+        let file: FileConfig = toml::from_str(
+            r#"
+            keep_last = 9
+            [snapshots]
+            keep_daily = 7
+            [clients.laptop]
+            keep_last = 3
+            keep_within = "2d"
+            "#,
+        )
+        .unwrap();
+        let id = protocol::ClientId([1; 16]);
+        let r = snapshot_retention(KeepPolicy::default(), &file).unwrap();
+        let laptop = r.of(id, "laptop").unwrap();
+        assert_eq!(
+            (laptop.last, laptop.within),
+            (Some(3), Some(Duration::from_secs(2 * 86_400)))
+        );
+        assert_eq!(r.of(id, "desk").unwrap().daily, Some(7));
+        let flags = KeepPolicy {
+            yearly: Some(1),
+            ..KeepPolicy::default()
+        };
+        let r = snapshot_retention(flags.clone(), &file).unwrap();
+        assert_eq!(r.of(id, "laptop"), Some(&flags));
+        // Without [snapshots], the version rules' keep_last serves.
+        let file: FileConfig = toml::from_str("keep_last = 9").unwrap();
+        let r = snapshot_retention(KeepPolicy::default(), &file).unwrap();
+        assert_eq!(r.of(id, "any").unwrap().last, Some(9));
+        let none = snapshot_retention(KeepPolicy::default(), &FileConfig::default()).unwrap();
+        assert_eq!(none.of(id, "any"), None);
+        let bad: FileConfig = toml::from_str("[snapshots]\nkeep_within = \"soon\"").unwrap();
+        assert!(snapshot_retention(KeepPolicy::default(), &bad).is_err());
     }
 }

@@ -482,6 +482,7 @@ mod tests {
             },
             RepoRequest::Snapshots { cursor: 0 },
             RepoRequest::Fetch { ids: vec![a, b] },
+            RepoRequest::Forget { ids: vec![1, 2] },
         ];
         let mut input = BytesMut::from(&[4u8][..]);
         for request in requests {
@@ -508,7 +509,7 @@ mod tests {
         // fetch streams the object it holds and misses the other.
         assert_eq!(
             codes,
-            [1605, 1650, 1660, 1670, 1669, 1661, 1662, 1663, 1665, 1666, 1668, 1667],
+            [1605, 1650, 1660, 1670, 1669, 1661, 1662, 1663, 1665, 1666, 1668, 1667, 1680],
             "{codes:?}"
         );
     }

@@ -91,11 +91,40 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Prune {
             keep_last,
             keep_within,
+            keep_hourly,
+            keep_daily,
+            keep_weekly,
+            keep_monthly,
+            keep_yearly,
+            dry_run,
+            grace,
+            repack_threshold,
             admin: a,
         } => {
             let (storage, file) = open(&a)?;
+            let (data_dir, _) = server::config::load_admin(&a, env)?;
             let retention = server::config::retention(keep_last, keep_within, &file)?;
-            admin::prune(&storage, &retention, out)?;
+            if !retention.keeps_everything() && !dry_run {
+                admin::prune(&storage, &retention, out)?;
+            }
+            let flags = protocol::repo::retention::KeepPolicy {
+                last: keep_last,
+                hourly: keep_hourly,
+                daily: keep_daily,
+                weekly: keep_weekly,
+                monthly: keep_monthly,
+                yearly: keep_yearly,
+                within: keep_within,
+                tags: Vec::new(),
+            };
+            let snapshots = server::config::snapshot_retention(flags, &file)?;
+            admin::forget_by_policy(&storage, &snapshots, dry_run, out)?;
+            let options = server::storage::prune::PruneOptions {
+                grace,
+                repack_percent: repack_threshold,
+                dry_run,
+            };
+            admin::prune_repo(&storage, &data_dir, &options, out)?;
         }
         Command::RemoveClient { client, admin: a } => {
             admin::remove_client(&open(&a)?.0, &client, out)?

@@ -180,7 +180,12 @@ pub async fn run(
             path: data_dir.clone(),
             source,
         })?;
+        // Not beside a prune: recovery removes blobs without a row, which a
+        // repack has for a moment (`storage::prune`).
+        let lock = crate::storage::prune::MaintenanceLock::take(&data_dir, true)
+            .map_err(ServerError::Recovery)?;
         let report = storage.recover().map_err(ServerError::Recovery)?;
+        drop(lock);
         if report != Default::default() {
             warn!(
                 temporaries = report.removed_temporaries,

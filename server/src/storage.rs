@@ -35,6 +35,7 @@ mod group;
 pub(crate) mod ingest;
 pub mod memory;
 mod meta;
+pub mod prune;
 mod recovery;
 pub mod repo;
 mod retention;

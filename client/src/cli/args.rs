@@ -190,6 +190,49 @@ pub enum Command {
     /// Print the manual page (roff), or write one page per command into a
     /// directory with --out
     Man(ManArgs),
+    /// Remove snapshots: those named, and those the --keep-* rules do not
+    /// keep (a snapshot is kept when any rule keeps it; times are UTC). The
+    /// server reclaims their space at its next prune. An append-only client
+    /// is refused (exit status 4)
+    #[command(after_help = EXIT_STATUS)]
+    Forget(ForgetArgs),
+}
+
+/// `forget`.
+#[derive(Debug, Clone, Args)]
+pub struct ForgetArgs {
+    /// Snapshots to remove, by number
+    #[arg(value_name = "SNAPSHOT")]
+    pub snapshots: Vec<u64>,
+    /// Keep the N newest snapshots
+    #[arg(long, value_name = "N")]
+    pub keep_last: Option<u32>,
+    /// Keep the newest snapshot of each of the N newest hours that have one
+    #[arg(long, value_name = "N")]
+    pub keep_hourly: Option<u32>,
+    /// Keep the newest snapshot of each of the N newest days that have one
+    #[arg(long, value_name = "N")]
+    pub keep_daily: Option<u32>,
+    /// Keep the newest snapshot of each of the N newest weeks (from Monday)
+    /// that have one
+    #[arg(long, value_name = "N")]
+    pub keep_weekly: Option<u32>,
+    /// Keep the newest snapshot of each of the N newest months that have one
+    #[arg(long, value_name = "N")]
+    pub keep_monthly: Option<u32>,
+    /// Keep the newest snapshot of each of the N newest years that have one
+    #[arg(long, value_name = "N")]
+    pub keep_yearly: Option<u32>,
+    /// Keep snapshots made within this long before the newest one (e.g.
+    /// 30d, 2w 3d, 12h)
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub keep_within: Option<std::time::Duration>,
+    /// Keep snapshots with this tag (may be repeated)
+    #[arg(long, value_name = "TAG")]
+    pub keep_tag: Vec<String>,
+    /// List what would be removed; remove nothing
+    #[arg(long)]
+    pub dry_run: bool,
 }
 
 /// `completions`.

@@ -7,13 +7,14 @@ use std::sync::Arc;
 
 use protocol::UserName;
 
-use super::args::{BackupArgs, DiffArgs, GlobalArgs, LsArgs, RestoreArgs};
+use super::args::{BackupArgs, DiffArgs, ForgetArgs, GlobalArgs, LsArgs, RestoreArgs};
 use super::utc_time;
 use crate::engine::Client;
 use crate::error::Error;
 use crate::exclude::{self, Rules};
 use crate::feedback::{Console, Feedback};
 use crate::snapshot::backup::{SnapshotOptions, SnapshotSummary};
+use crate::snapshot::forget::KeepPolicy;
 use crate::snapshot::restore::RestoreSummary;
 
 fn host_name() -> String {
@@ -192,6 +193,63 @@ pub(super) async fn snapshots(
                 format!("  [{}]", s.tags.join(", "))
             }
         ));
+    }
+    Ok(0)
+}
+
+/// `forget [SNAPSHOT...] [--keep-*] [--dry-run]`.
+pub(super) async fn forget(
+    client: &Client,
+    args: &ForgetArgs,
+    global: &GlobalArgs,
+    console: &Console,
+) -> Result<u8, Error> {
+    let policy = KeepPolicy {
+        last: args.keep_last,
+        hourly: args.keep_hourly,
+        daily: args.keep_daily,
+        weekly: args.keep_weekly,
+        monthly: args.keep_monthly,
+        yearly: args.keep_yearly,
+        within: args.keep_within,
+        tags: args.keep_tag.clone(),
+    };
+    if args.snapshots.is_empty() && policy.is_empty() {
+        return Err(Error::Usage {
+            detail: "forget needs snapshot numbers or at least one --keep-* rule".into(),
+        });
+    }
+    let summary = client
+        .forget(&args.snapshots, &policy, args.dry_run)
+        .await?;
+    if global.json {
+        let mut v = serde_json::to_value(&summary).unwrap_or_default();
+        v["ok"] = serde_json::json!(true);
+        v["exit_code"] = serde_json::json!(0);
+        println!("{v}");
+        return Ok(0);
+    }
+    let verb = if args.dry_run {
+        "would forget"
+    } else {
+        "forget"
+    };
+    for s in &summary.forget {
+        console.say(&format!(
+            "{verb} {:>6}  {}  {}  {}",
+            s.id,
+            utc_time(s.time),
+            s.host,
+            s.paths.join(" ")
+        ));
+    }
+    if args.dry_run {
+        console.say(&format!(
+            "{} snapshots would be forgotten",
+            summary.forget.len()
+        ));
+    } else {
+        console.say(&format!("{} snapshots forgotten", summary.removed));
     }
     Ok(0)
 }

@@ -392,6 +392,47 @@ impl Remote {
         }
     }
 
+    /// Removes this client's snapshots `ids`, [`MAX_FORGET`] at a time;
+    /// returns how many the server removed.
+    ///
+    /// # Errors
+    /// [`Error::ForgetAppendOnly`] when the server refuses; a connection
+    /// or protocol failure.
+    pub async fn forget(&mut self, ids: &[u64]) -> Result<u64, Error> {
+        let doing = "forgetting snapshots";
+        let mut removed = 0u64;
+        for batch in ids.chunks(protocol::repo::message::MAX_FORGET) {
+            match self
+                .ask(
+                    RepoRequest::Forget {
+                        ids: batch.to_vec(),
+                    },
+                    doing,
+                )
+                .await?
+            {
+                RepoResponse::Forgotten { count } => removed += u64::from(count),
+                RepoResponse::ForgetRefused { reason } => {
+                    return Err(
+                        if reason == protocol::repo::message::ForgetRefusal::APPEND_ONLY {
+                            Error::ForgetAppendOnly {
+                                server: self.server.clone(),
+                            }
+                        } else {
+                            Error::Refused {
+                                server: self.server.clone(),
+                                doing: doing.into(),
+                                reason: reason.0,
+                            }
+                        },
+                    )
+                }
+                other => return Err(self.protocol(format!("{other:?} while {doing}"))),
+            }
+        }
+        Ok(removed)
+    }
+
     pub async fn close(self) {
         self.conn.close().await;
     }

@@ -110,7 +110,7 @@ impl Reader {
         })
     }
 
-    fn describe(&mut self, entry: &SnapshotEntry) -> Result<Listed, Error> {
+    pub(super) fn describe(&mut self, entry: &SnapshotEntry) -> Result<Listed, Error> {
         let plain = self
             .opener
             .open_snapshot(entry.time, &entry.meta, MAX_PLAIN)

@@ -13,8 +13,8 @@ use crate::message::{Request, RequestFrame, Response};
 use crate::repo::envelope::{self, EnvelopeError, PassphraseCost};
 use crate::repo::keys::MasterKey;
 use crate::repo::message::{
-    CommitRefusal, KeySlot, ObjectId, PackEntry, RepoKind, RepoRequest, RepoResponse,
-    SnapshotEntry, MAX_KEY_SLOTS, MAX_OBJECT_BYTES, MAX_PACK_BYTES, MAX_PACK_OBJECTS,
+    CommitRefusal, ForgetRefusal, KeySlot, ObjectId, PackEntry, RepoKind, RepoRequest,
+    RepoResponse, SnapshotEntry, MAX_KEY_SLOTS, MAX_OBJECT_BYTES, MAX_PACK_BYTES, MAX_PACK_OBJECTS,
     MAX_SNAPSHOT_META, SNAPSHOT_ENTRY_HEAD, SNAPSHOT_PAGE_BYTES,
 };
 use crate::repo::pack;
@@ -498,7 +498,7 @@ pub fn repo_session(data: &[u8]) {
     let mut model = Model::default();
     let mut upload: Option<(super::Upload, usize)> = None;
     while !input.is_empty() {
-        let request = match input.u8() % 14 {
+        let request = match input.u8() % 15 {
             0 => Request::Repo(RepoRequest::Have {
                 ids: small_ids(&mut input),
             }),
@@ -542,6 +542,11 @@ pub fn repo_session(data: &[u8]) {
                 envelope: zeros(usize::from(input.u8()) + 1),
             }),
             11 => Request::Repo(RepoRequest::GetKeys),
+            14 => Request::Repo(RepoRequest::Forget {
+                ids: (0..=input.u8() % 4)
+                    .map(|_| u64::from(input.u16()))
+                    .collect(),
+            }),
             12 => {
                 if upload.is_none() {
                     let file = file_name(&mut input);
@@ -977,6 +982,14 @@ fn repo_action(
                 })
                 .collect(),
         ),
+        (RepoRequest::Forget { ids }, RepoAction::Forget { ids: i, .. }) => {
+            assert_eq!(ids, i, "forget ids changed");
+            RepoOutcome::Forgotten(if input.u8() % 2 == 0 {
+                Ok(u32::from(input.u8()))
+            } else {
+                Err(ForgetRefusal::APPEND_ONLY)
+            })
+        }
         (request, action) => panic!("{action:?} for {request:?}"),
     };
     match input.u8() % 16 {
@@ -1014,6 +1027,8 @@ fn repo_action(
         RepoOutcome::Keys(slots) => RepoResponse::Keys {
             slots: slots.clone(),
         },
+        RepoOutcome::Forgotten(Ok(count)) => RepoResponse::Forgotten { count: *count },
+        RepoOutcome::Forgotten(Err(reason)) => RepoResponse::ForgetRefused { reason: *reason },
         other => panic!("unexpected outcome {other:?}"),
     };
     match session.repo_done(outcome) {

@@ -39,6 +39,8 @@ pub const MAX_KEY_SLOTS: usize = 8;
 pub const SNAPSHOT_PAGE_BYTES: usize = 256 << 10;
 /// The fixed part of a snapshot page entry: id, time, meta length.
 pub const SNAPSHOT_ENTRY_HEAD: usize = 8 + 8 + 4;
+/// The most snapshots one "forget" may name.
+pub const MAX_FORGET: usize = 1024;
 /// The width of one pack index entry: id and sealed length.
 pub const PACK_ENTRY_LEN: usize = ID_LEN + 4;
 /// Bytes of the server's challenge to a passphrase login.
@@ -62,6 +64,7 @@ pub mod code {
     pub const PASSPHRASE_LOGIN: u16 = 1269;
     pub const PASSPHRASE_PROVE: u16 = 1270;
     pub const DELETE_KEY: u16 = 1271;
+    pub const FORGET: u16 = 1280;
 }
 
 impl ResponseCode {
@@ -81,6 +84,8 @@ impl ResponseCode {
     pub const PASSPHRASE_REFUSED: Self = Self(1673);
     pub const KEY_DELETED: Self = Self(1674);
     pub const KEY_KEPT: Self = Self(1675);
+    pub const FORGOTTEN: Self = Self(1680);
+    pub const FORGET_REFUSED: Self = Self(1681);
 }
 
 /// The slot of the envelope that holds the master key for the client's
@@ -145,6 +150,7 @@ pub enum RepoKind {
     PassphraseLogin,
     PassphraseProve,
     DeleteKey,
+    Forget,
 }
 
 impl RepoKind {
@@ -163,6 +169,7 @@ impl RepoKind {
             code::PASSPHRASE_LOGIN => Self::PassphraseLogin,
             code::PASSPHRASE_PROVE => Self::PassphraseProve,
             code::DELETE_KEY => Self::DeleteKey,
+            code::FORGET => Self::Forget,
             _ => return None,
         })
     }
@@ -182,6 +189,7 @@ impl RepoKind {
             Self::PassphraseLogin => code::PASSPHRASE_LOGIN,
             Self::PassphraseProve => code::PASSPHRASE_PROVE,
             Self::DeleteKey => code::DELETE_KEY,
+            Self::Forget => code::FORGET,
         }
     }
 
@@ -201,6 +209,7 @@ impl RepoKind {
             Self::PassphraseLogin => (NAME_FIELD_LEN, NAME_FIELD_LEN),
             Self::PassphraseProve => (SIGNATURE_LEN, SIGNATURE_LEN),
             Self::DeleteKey => (1, 1),
+            Self::Forget => (2 + 8, 2 + MAX_FORGET * 8),
         }
     }
 }
@@ -248,6 +257,9 @@ pub enum RepoRequest {
     PassphraseProve { signature: [u8; SIGNATURE_LEN] },
     /// 1271: remove the envelope in `slot`. Payload: slot u8.
     DeleteKey { slot: u8 },
+    /// 1280: remove these snapshots of this client (§13.8). Payload: count
+    /// u16 (1..=1024), then count snapshot ids u64.
+    Forget { ids: Vec<u64> },
 }
 
 fn size_err(code: u16, actual: usize, expected: &'static str) -> PayloadError {
@@ -305,6 +317,7 @@ impl RepoRequest {
             Self::PassphraseLogin { .. } => RepoKind::PassphraseLogin,
             Self::PassphraseProve { .. } => RepoKind::PassphraseProve,
             Self::DeleteKey { .. } => RepoKind::DeleteKey,
+            Self::Forget { .. } => RepoKind::Forget,
         }
     }
 
@@ -387,6 +400,22 @@ impl RepoRequest {
                 }
                 Self::DeleteKey { slot }
             }
+            RepoKind::Forget => {
+                let err = || size_err(code, payload.len(), "count u16 and that many u64 ids");
+                let count =
+                    usize::from(u16_le(payload.get(..2).unwrap_or_default()).ok_or_else(err)?);
+                if count == 0 || count > MAX_FORGET || payload.len() != 2 + count * 8 {
+                    return Err(err());
+                }
+                Self::Forget {
+                    ids: payload
+                        .get(2..)
+                        .unwrap_or_default()
+                        .chunks_exact(8)
+                        .map(|b| u64_le(b).unwrap_or_default())
+                        .collect(),
+                }
+            }
         })
     }
 
@@ -405,6 +434,7 @@ impl RepoRequest {
             Self::PassphraseLogin { .. } => NAME_FIELD_LEN,
             Self::PassphraseProve { .. } => SIGNATURE_LEN,
             Self::DeleteKey { .. } => 1,
+            Self::Forget { ids } => 2 + ids.len() * 8,
         }
     }
 
@@ -426,6 +456,7 @@ impl RepoRequest {
                 usize::from(*slot) < MAX_KEY_SLOTS
             }
             Self::PassphraseLogin { name } => name.as_bytes().len() <= limits.max_name_len,
+            Self::Forget { ids } => !ids.is_empty() && ids.len() <= MAX_FORGET,
             _ => true,
         };
         if !ok || len < min || len > max {
@@ -465,6 +496,12 @@ impl RepoRequest {
             Self::PassphraseLogin { name } => name.write_field(out),
             Self::PassphraseProve { signature } => out.put_slice(signature),
             Self::DeleteKey { slot } => out.put_u8(*slot),
+            Self::Forget { ids } => {
+                out.put_u16_le(u16::try_from(ids.len()).unwrap_or(u16::MAX));
+                for id in ids {
+                    out.put_u64_le(*id);
+                }
+            }
         }
     }
 }
@@ -489,6 +526,16 @@ impl CommitRefusal {
     pub const NO_REFERENCES: Self = Self(2);
     /// Committing would exceed the client's quota.
     pub const QUOTA: Self = Self(3);
+}
+
+/// Why a forget was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ForgetRefusal(pub u8);
+
+impl ForgetRefusal {
+    /// The client is append-only: only the operator's retention removes
+    /// its snapshots.
+    pub const APPEND_ONLY: Self = Self(1);
 }
 
 /// A key envelope in a listing.
@@ -579,6 +626,11 @@ pub enum RepoResponse {
     KeyDeleted { slot: u8 },
     /// 1675: the envelope was not removed. Payload: slot u8, reason u8.
     KeyKept { slot: u8, reason: KeptReason },
+    /// 1680: `count` of the snapshots named were this client's and are
+    /// removed (the others are ignored). Payload: count u32.
+    Forgotten { count: u32 },
+    /// 1681: nothing was removed. Payload: reason u8.
+    ForgetRefused { reason: ForgetRefusal },
 }
 
 impl RepoResponse {
@@ -601,6 +653,8 @@ impl RepoResponse {
             Self::PassphraseRefused { .. } => ResponseCode::PASSPHRASE_REFUSED,
             Self::KeyDeleted { .. } => ResponseCode::KEY_DELETED,
             Self::KeyKept { .. } => ResponseCode::KEY_KEPT,
+            Self::Forgotten { .. } => ResponseCode::FORGOTTEN,
+            Self::ForgetRefused { .. } => ResponseCode::FORGET_REFUSED,
         }
     }
 
@@ -628,6 +682,8 @@ impl RepoResponse {
                 (PASSPHRASE_CHALLENGE_LEN, PASSPHRASE_CHALLENGE_LEN)
             }
             ResponseCode::KEY_KEPT => (2, 2),
+            ResponseCode::FORGOTTEN => (4, 4),
+            ResponseCode::FORGET_REFUSED => (1, 1),
             _ => return None,
         })
     }
@@ -655,6 +711,8 @@ impl RepoResponse {
             | Self::KeyDeleted { .. } => 1,
             Self::PassphraseChallenge { .. } => PASSPHRASE_CHALLENGE_LEN,
             Self::KeyKept { .. } => 2,
+            Self::Forgotten { .. } => 4,
+            Self::ForgetRefused { .. } => 1,
         }
     }
 
@@ -792,6 +850,10 @@ impl RepoResponse {
                 slot: payload.first().copied().unwrap_or_default(),
                 reason: KeptReason(payload.get(1).copied().unwrap_or_default()),
             },
+            ResponseCode::FORGOTTEN => Self::Forgotten { count: u32_at(0) },
+            ResponseCode::FORGET_REFUSED => Self::ForgetRefused {
+                reason: ForgetRefusal(payload.first().copied().unwrap_or_default()),
+            },
             _ => Self::KeyStored {
                 slot: payload.first().copied().unwrap_or_default(),
             },
@@ -866,6 +928,77 @@ impl RepoResponse {
                 out.put_u8(*slot);
                 out.put_u8(reason.0);
             }
+            Self::Forgotten { count } => out.put_u32_le(*count),
+            Self::ForgetRefused { reason } => out.put_u8(reason.0),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn forget_payload(count: usize, declared: u16) -> Bytes {
+        let mut out = Vec::new();
+        out.put_u16_le(declared);
+        for i in 0..count {
+            out.put_u64_le(i as u64 + 1);
+        }
+        Bytes::from(out)
+    }
+
+    #[test]
+    fn accepts_a_forget_of_exactly_the_most_ids_and_rejects_one_more() {
+        let limits = Limits::default();
+        let at = forget_payload(MAX_FORGET, MAX_FORGET as u16);
+        let parsed = RepoRequest::parse(RepoKind::Forget, at.clone(), &limits).unwrap();
+        let mut encoded = Vec::new();
+        parsed.write_payload(&mut encoded);
+        assert_eq!(encoded, at);
+        assert!(parsed.check(&limits).is_ok());
+        let over = forget_payload(MAX_FORGET + 1, MAX_FORGET as u16 + 1);
+        assert!(RepoRequest::parse(RepoKind::Forget, over, &limits).is_err());
+        let ids: Vec<u64> = (0..=MAX_FORGET as u64).collect();
+        assert!(RepoRequest::Forget { ids }.check(&limits).is_err());
+    }
+
+    #[test]
+    fn rejects_a_forget_whose_count_disagrees_with_its_ids_or_is_zero() {
+        let limits = Limits::default();
+        for payload in [
+            forget_payload(2, 3),
+            forget_payload(3, 2),
+            forget_payload(1, 0),
+        ] {
+            assert!(RepoRequest::parse(RepoKind::Forget, payload, &limits).is_err());
+        }
+        assert!(RepoRequest::Forget { ids: Vec::new() }
+            .check(&limits)
+            .is_err());
+    }
+
+    #[test]
+    fn round_trips_the_forget_answers() {
+        let limits = Limits::default();
+        for r in [
+            RepoResponse::Forgotten { count: 7 },
+            RepoResponse::ForgetRefused {
+                reason: ForgetRefusal::APPEND_ONLY,
+            },
+        ] {
+            let mut out = Vec::new();
+            r.write_payload(&mut out);
+            assert_eq!(out.len(), r.payload_len());
+            assert_eq!(
+                RepoResponse::parse(r.code(), out.into(), &limits).unwrap(),
+                r
+            );
+        }
+        assert!(RepoResponse::parse(
+            ResponseCode::FORGOTTEN,
+            Bytes::from_static(&[1, 2, 3]),
+            &limits
+        )
+        .is_err());
     }
 }

@@ -66,6 +66,10 @@ pub fn answer(kind: RepoKind, response: Response) -> Result<Option<RepoResponse>
                 RepoKind::DeleteKey,
                 RepoResponse::KeyDeleted { .. } | RepoResponse::KeyKept { .. }
             )
+            | (
+                RepoKind::Forget,
+                RepoResponse::Forgotten { .. } | RepoResponse::ForgetRefused { .. }
+            )
     );
     if !fits {
         return Err(RepoClientError::Unexpected { request: kind, got });

@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use super::parse_duration;
+use super::{parse_duration, parse_grace};
 
 /// Backup server: secure mode (TLS 1.3) by default, the legacy version 3
 /// protocol on a separate listener when asked, and operator commands.
@@ -80,8 +80,11 @@ pub enum Command {
         admin: AdminArgs,
     },
     /// Remove the versions the retention rules do not keep, for every client
-    /// (append-only ones included). The newest version of a name always
-    /// stays. Without flags, the rules of the config file apply.
+    /// (append-only ones included; the newest version of a name always
+    /// stays; without flags, the rules of the config file apply, and
+    /// without any rule no version is removed). Then collect the snapshot
+    /// repository's garbage: objects no snapshot references, packs left
+    /// empty, packs mostly dead repacked. Safe beside a running server.
     Prune {
         /// Keep the N newest versions of each name.
         #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
@@ -89,6 +92,33 @@ pub enum Command {
         /// Keep versions stored within this long (e.g. 30d, 12h).
         #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
         keep_within: Option<Duration>,
+        /// Keep the newest snapshot of each of the N newest hours that have
+        /// one (and likewise days, weeks from Monday, months, years; UTC).
+        /// Snapshot rules given here apply to every client; without them
+        /// the config file's [clients.NAME] and [snapshots] tables do, and
+        /// else --keep-last / --keep-within (or keep_last / keep_within)
+        #[arg(long, value_name = "N")]
+        keep_hourly: Option<u32>,
+        #[arg(long, value_name = "N")]
+        keep_daily: Option<u32>,
+        #[arg(long, value_name = "N")]
+        keep_weekly: Option<u32>,
+        #[arg(long, value_name = "N")]
+        keep_monthly: Option<u32>,
+        #[arg(long, value_name = "N")]
+        keep_yearly: Option<u32>,
+        /// Say what would be removed and reclaimed; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Objects stored or answered "have" within this long are kept
+        /// even when no snapshot references them (a backup may still be
+        /// running); 0s keeps only what was touched since the prune began.
+        #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = parse_grace)]
+        grace: Duration,
+        /// Repack a pack when at least this percentage of its bytes is
+        /// garbage.
+        #[arg(long, value_name = "PERCENT", default_value_t = 50, value_parser = clap::value_parser!(u8).range(1..=100))]
+        repack_threshold: u8,
         #[command(flatten)]
         admin: AdminArgs,
     },

@@ -29,6 +29,13 @@ use super::ConfigError;
 /// registration_grace_secs = 600   # a never-completed registration holds its name this long
 /// max_packet_bytes = 1114112
 /// max_file_bytes = 4294967295
+///
+/// [snapshots]               # the operator's retention of every client's snapshots
+/// keep_daily = 7            # keep_last, keep_hourly, keep_daily, keep_weekly,
+/// keep_weekly = 5           # keep_monthly, keep_yearly, keep_within
+///
+/// [clients.laptop]          # one client's own (by name or id), instead of [snapshots]
+/// keep_last = 3
 /// ```
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -56,6 +63,24 @@ pub struct FileConfig {
     pub registration_grace_secs: Option<u64>,
     pub max_packet_bytes: Option<usize>,
     pub max_file_bytes: Option<u64>,
+    /// Retention of every client's snapshots (`backup-server prune`).
+    pub snapshots: Option<SnapshotPolicy>,
+    /// Retention of one client's snapshots, by name or id, instead.
+    pub clients: Option<std::collections::BTreeMap<String, SnapshotPolicy>>,
+}
+
+/// A snapshot retention table of the config file: restic's rules, read
+/// against snapshot times (`docs/PROTOCOL.md` §13.7, §13.8).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotPolicy {
+    pub keep_last: Option<u32>,
+    pub keep_hourly: Option<u32>,
+    pub keep_daily: Option<u32>,
+    pub keep_weekly: Option<u32>,
+    pub keep_monthly: Option<u32>,
+    pub keep_yearly: Option<u32>,
+    pub keep_within: Option<String>,
 }
 
 impl FileConfig {

@@ -70,6 +70,43 @@ pub struct ObjectPlace {
     pub len: u32,
 }
 
+/// How a pack is used, as prune sees it: its live objects (referenced,
+/// staged, or touched since the cut-off) and its dead ones.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PackUsage {
+    /// The pack's row.
+    pub id: i64,
+    pub client: ClientId,
+    pub blob: BlobKey,
+    pub size: u64,
+    pub live_objects: u64,
+    pub live_bytes: u64,
+    pub dead_objects: u64,
+    pub dead_bytes: u64,
+}
+
+/// An object of a pack being repacked: its row, and where it lies now.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PackedObject {
+    pub object: i64,
+    pub pack: i64,
+    pub offset: u64,
+    pub len: u32,
+}
+
+/// A repacked pack, durable under `blob`, and where each object moved.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Repacked {
+    pub client: ClientId,
+    pub blob: BlobKey,
+    pub size: u64,
+    pub sha256: [u8; 32],
+    /// Each object (row, and the pack it leaves) with its offset in `blob`.
+    pub moved: Vec<(PackedObject, u64)>,
+    /// The packs it replaces: each must hold no other object.
+    pub replaces: Vec<i64>,
+}
+
 /// The repository's metadata.
 pub trait RepoStore: Send + Sync + 'static {
     /// For each of `ids`, in order, whether `client` holds it.
@@ -211,6 +248,98 @@ pub trait RepoStore: Send + Sync + 'static {
     /// # Errors
     /// On a backend failure.
     fn clear_stages(&self) -> Result<usize, StorageError>;
+
+    /// Every snapshot of every client: (client, snapshot id, time), by
+    /// client.
+    ///
+    /// # Errors
+    /// On a backend failure or an unreadable row.
+    fn snapshot_stamps(&self) -> Result<Vec<(ClientId, u64, u64)>, StorageError>;
+
+    /// Removes the snapshots `ids` of `client` and their references, in one
+    /// transaction; returns how many there were.
+    ///
+    /// # Errors
+    /// On a backend failure; nothing is removed then.
+    fn forget_snapshots(&self, client: ClientId, ids: &[u64]) -> Result<u64, StorageError>;
+
+    /// A client's own forget (1280): as [`RepoStore::forget_snapshots`],
+    /// but `None`, with nothing removed, when the client is append-only
+    /// (its own flag, or `server_append_only`), checked in the same
+    /// transaction.
+    ///
+    /// # Errors
+    /// On a backend failure; nothing is removed then.
+    fn client_forget(
+        &self,
+        client: ClientId,
+        ids: &[u64],
+        server_append_only: bool,
+    ) -> Result<Option<u64>, StorageError>;
+
+    /// Every pack with its live and dead objects, an object being dead when
+    /// no snapshot references it, no stage holds it and it was last touched
+    /// (stored, or answered "have") before `cutoff` (`docs/PROTOCOL.md`
+    /// §13.7).
+    ///
+    /// # Errors
+    /// On a backend failure or an unreadable row.
+    fn pack_usage(&self, cutoff: SystemTime) -> Result<Vec<PackUsage>, StorageError>;
+
+    /// Deletes up to `limit` dead objects (as [`RepoStore::pack_usage`]
+    /// defines them) with row ids above `after`, deciding and deleting in
+    /// one write transaction. Returns how many went, their bytes, and the
+    /// last row id examined (`None` when there were no more).
+    ///
+    /// # Errors
+    /// On a backend failure; nothing is deleted then.
+    fn delete_dead(
+        &self,
+        cutoff: SystemTime,
+        after: i64,
+        limit: usize,
+    ) -> Result<(u64, u64, Option<i64>), StorageError>;
+
+    /// Removes every pack row that holds no object, naming its blob in the
+    /// trash in the same transaction. Returns how many and their bytes.
+    ///
+    /// # Errors
+    /// On a backend failure; nothing is removed then.
+    fn drop_empty_packs(&self, now: SystemTime) -> Result<(u64, u64), StorageError>;
+
+    /// The objects of pack row `pack`, in pack order.
+    ///
+    /// # Errors
+    /// On a backend failure or an unreadable row.
+    fn pack_objects(&self, pack: i64) -> Result<Vec<PackedObject>, StorageError>;
+
+    /// Names `blob` in the trash (before it is written, for a repack).
+    ///
+    /// # Errors
+    /// On a backend failure.
+    fn trash(&self, blob: &BlobKey, now: SystemTime) -> Result<(), StorageError>;
+
+    /// Up to `limit` blobs in the trash since before `before`.
+    ///
+    /// # Errors
+    /// On a backend failure or an unreadable row.
+    fn trash_due(&self, before: SystemTime, limit: usize) -> Result<Vec<BlobKey>, StorageError>;
+
+    /// Takes `blob` out of the trash (once its bytes are deleted).
+    ///
+    /// # Errors
+    /// On a backend failure.
+    fn untrash(&self, blob: &BlobKey) -> Result<(), StorageError>;
+
+    /// In one transaction: records `pack`, moves its objects into it, and
+    /// removes the packs it replaces (naming their blobs in the trash) and
+    /// its own blob from the trash. `false`, with nothing changed, when an
+    /// object is no longer where it was or a replaced pack holds another
+    /// object.
+    ///
+    /// # Errors
+    /// On a backend failure; nothing is changed then.
+    fn replace_packs(&self, pack: &Repacked, now: SystemTime) -> Result<bool, StorageError>;
 }
 
 /// A pack being received: its blob writer and the running SHA-256 of its

@@ -116,10 +116,11 @@ impl SqliteMetaStore {
                 tx.execute_batch(SCHEMA)?;
                 tx.execute_batch(INLINE_SCHEMA)?;
                 tx.execute_batch(REPO_SCHEMA)?;
+                tx.execute_batch(MIGRATE_6_TO_7)?;
                 tx.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}"))?;
                 tx.commit()?;
             }
-            1..=5 => {
+            1..=6 => {
                 let tx = conn.transaction()?;
                 if version == 1 {
                     tx.execute_batch(MIGRATE_1_TO_2)?;
@@ -133,7 +134,10 @@ impl SqliteMetaStore {
                 if version <= 4 {
                     tx.execute_batch(MIGRATE_4_TO_5)?;
                 }
-                tx.execute_batch(MIGRATE_5_TO_6)?;
+                if version <= 5 {
+                    tx.execute_batch(MIGRATE_5_TO_6)?;
+                }
+                tx.execute_batch(MIGRATE_6_TO_7)?;
                 tx.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}"))?;
                 tx.commit()?;
             }

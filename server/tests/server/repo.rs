@@ -18,7 +18,7 @@ use bytes::Bytes;
 use futures::{SinkExt, StreamExt};
 use protocol::crypto::{public_key_der, PrivateKey};
 use protocol::limits::Limits;
-use protocol::repo::message::{CommitRefusal, KeySlot, SnapshotEntry};
+use protocol::repo::message::{CommitRefusal, ForgetRefusal, KeySlot, SnapshotEntry};
 use protocol::repo::seal::OVERHEAD;
 use protocol::repo::{ObjectId, PackEntry, RepoRequest, RepoResponse};
 use protocol::secure::{Binding, SessionSecret, ALPN, BINDING_LEN, EXPORTER_LABEL};
@@ -699,4 +699,53 @@ async fn closes_a_fetch_with_1607_when_a_pack_is_shorter_than_its_index() {
         ),
         "{got:?}"
     );
+}
+
+#[tokio::test]
+async fn forgets_only_the_clients_own_snapshots_and_refuses_an_append_only_one() {
+    let dir = tempfile::tempdir().unwrap();
+    prepare(dir.path());
+    let server = start(dir.path()).await;
+    let addr = server.secure_addr.unwrap();
+    let mut a = RepoClient::connect(addr, A).await;
+    let mut b = RepoClient::connect(addr, B).await;
+    let mut ids = Vec::new();
+    for (client, n) in [(&mut a, 1u8), (&mut b, 2)] {
+        client.upload_pack(&[object(n, 100, 1)], 1 << 20).await;
+        assert_eq!(client.stage(&[oid(n)]).await, 0);
+        match client.commit(1, b"m").await {
+            RepoResponse::SnapshotCommitted { id } => ids.push(id),
+            other => panic!("commit: {other:?}"),
+        }
+    }
+    let (mine, theirs) = (ids[0], ids[1]);
+    // B names A's snapshot and one that does not exist: nothing of A's goes.
+    assert_eq!(
+        b.ask(RepoRequest::Forget {
+            ids: vec![mine, 999]
+        })
+        .await,
+        RepoResponse::Forgotten { count: 0 }
+    );
+    assert_eq!(a.snapshots(0).await.1.len(), 1);
+    // Append-only: refused, nothing removed.
+    let storage = Storage::open_local(dir.path()).unwrap();
+    assert!(storage.meta().set_append_only(B, true).unwrap());
+    assert_eq!(
+        b.ask(RepoRequest::Forget { ids: vec![theirs] }).await,
+        RepoResponse::ForgetRefused {
+            reason: ForgetRefusal::APPEND_ONLY
+        }
+    );
+    assert_eq!(b.snapshots(0).await.1.len(), 1);
+    // A forgets its own; its references go with it.
+    assert_eq!(
+        a.ask(RepoRequest::Forget {
+            ids: vec![mine, mine]
+        })
+        .await,
+        RepoResponse::Forgotten { count: 1 }
+    );
+    assert!(a.snapshots(0).await.1.is_empty());
+    assert_eq!(rows(dir.path(), "snapshot_refs"), 1);
 }

@@ -11,6 +11,7 @@
 //! PutKey --> [RepoAction::PutKey] --> 1670; GetKeys --> [RepoAction::GetKeys] --repo_done(Keys)--> 1669
 //! DeleteKey --> [RepoAction::DeleteKey] --> 1674 / 1675
 //! PassphraseLogin --> [RepoAction::FindPassphrase] --passphrase_found--> 1672 / 1673
+//! Forget --> [RepoAction::Forget] --repo_done(Forgotten)--> 1680 / 1681
 //! ```
 //!
 //! A passphrase envelope (slot 1) must be one the server can read the
@@ -28,8 +29,9 @@ use crate::message::Response;
 use crate::name::UserName;
 use crate::repo::envelope::PassphraseHead;
 use crate::repo::message::{
-    CommitRefusal, KeySlot, ObjectId, PassphraseRefusal, RepoRequest, RepoResponse, SnapshotEntry,
-    CHALLENGE_LEN, MAX_PACK_BYTES, PASSPHRASE_SLOT, SNAPSHOT_ENTRY_HEAD, SNAPSHOT_PAGE_BYTES,
+    CommitRefusal, ForgetRefusal, KeySlot, ObjectId, PassphraseRefusal, RepoRequest, RepoResponse,
+    SnapshotEntry, CHALLENGE_LEN, MAX_PACK_BYTES, PASSPHRASE_SLOT, SNAPSHOT_ENTRY_HEAD,
+    SNAPSHOT_PAGE_BYTES,
 };
 use crate::repo::pack::{self, Located};
 use crate::restore;
@@ -111,6 +113,9 @@ pub enum RepoAction {
     /// its passphrase envelope (slot 1), taking a token of the source's
     /// registration rate first; then [`ServerSession::passphrase_found`].
     FindPassphrase { name: UserName },
+    /// Remove the client's snapshots `ids` (unless it is append-only); then
+    /// [`RepoOutcome::Forgotten`].
+    Forget { client_id: ClientId, ids: Vec<u64> },
 }
 
 /// What the shell found for a passphrase login.
@@ -136,6 +141,7 @@ pub enum RepoOutcome {
     Committed(Result<u64, (CommitRefusal, u32)>),
     Snapshots(Vec<SnapshotEntry>),
     Keys(Vec<KeySlot>),
+    Forgotten(Result<u32, ForgetRefusal>),
 }
 
 /// What the session remembers of repository work between requests.
@@ -250,6 +256,7 @@ impl ServerSession {
                 }));
             }
             RepoRequest::GetKeys => RepoAction::GetKeys { client_id },
+            RepoRequest::Forget { ids } => RepoAction::Forget { client_id, ids },
             RepoRequest::DeleteKey { slot } => {
                 return Ok(Action::Repo(RepoAction::DeleteKey { client_id, slot }))
             }
@@ -310,6 +317,8 @@ impl ServerSession {
                 }
             }
             RepoOutcome::Keys(slots) => RepoResponse::Keys { slots },
+            RepoOutcome::Forgotten(Ok(count)) => RepoResponse::Forgotten { count },
+            RepoOutcome::Forgotten(Err(reason)) => RepoResponse::ForgetRefused { reason },
         }))
     }
 

@@ -13,7 +13,7 @@ use std::io::Read;
 use std::time::{Instant, SystemTime};
 
 use bytes::Bytes;
-use protocol::repo::message::{ObjectId, RepoResponse};
+use protocol::repo::message::{ForgetRefusal, ObjectId, RepoResponse};
 use protocol::repo::pack::Located;
 use protocol::session::server::{RepoAction, RepoOutcome};
 use protocol::{ClientId, Response};
@@ -183,6 +183,26 @@ where
             }
             RepoAction::DeleteKey { client_id, slot } => self.delete_key(client_id, slot).await,
             RepoAction::FindPassphrase { name } => self.find_passphrase(name).await,
+            RepoAction::Forget { client_id, ids } => {
+                let append_only = self.shared.config.append_only;
+                let asked = ids.len();
+                match self
+                    .blocking(move |s| s.repo()?.client_forget(client_id, &ids, append_only))
+                    .await
+                {
+                    Ok(Some(n)) => {
+                        info!(asked, forgotten = n, "snapshots forgotten");
+                        let count = u32::try_from(n).unwrap_or(u32::MAX);
+                        self.repo_answer(RepoOutcome::Forgotten(Ok(count))).await
+                    }
+                    Ok(None) => {
+                        info!(asked, "forget refused: append-only");
+                        self.repo_answer(RepoOutcome::Forgotten(Err(ForgetRefusal::APPEND_ONLY)))
+                            .await
+                    }
+                    Err(e) => self.repo_failure("forget snapshots", e).await,
+                }
+            }
         }
     }
 

@@ -11,7 +11,16 @@ use protocol::repo::ObjectId;
 use rusqlite::Transaction;
 
 use super::*;
-use crate::storage::repo::{NewPack, ObjectPlace, RepoStore, StageId};
+use crate::storage::repo::{
+    NewPack, ObjectPlace, PackUsage, PackedObject, Repacked, RepoStore, StageId,
+};
+
+/// Whether object `o` is dead (`docs/PROTOCOL.md` §13.7), `?1` being the
+/// cut-off in milliseconds: no snapshot references it, no stage holds it,
+/// and it was last touched before the cut-off.
+const DEAD: &str = "(o.touched < ?1
+    AND NOT EXISTS (SELECT 1 FROM snapshot_refs r WHERE r.object = o.id)
+    AND NOT EXISTS (SELECT 1 FROM repo_stage s WHERE s.object = o.id))";
 
 /// Ids looked up by one statement: well under SQLite's limit on
 /// parameters, and one prepared statement for every full chunk.
@@ -90,6 +99,25 @@ pub(super) fn remove_client_rows(tx: &Transaction<'_>, id: ClientId) -> Result<(
     Ok(())
 }
 
+/// Removes the snapshots `ids` of `client` and their references inside the
+/// caller's transaction; returns how many there were.
+fn forget_in(tx: &Transaction<'_>, client: ClientId, ids: &[u64]) -> Result<u64, StorageError> {
+    let mut refs = tx.prepare_cached(
+        "DELETE FROM snapshot_refs WHERE snapshot =
+             (SELECT id FROM snapshots WHERE id = ?1 AND client = ?2)",
+    )?;
+    let mut snap = tx.prepare_cached("DELETE FROM snapshots WHERE id = ?1 AND client = ?2")?;
+    let mut removed = 0u64;
+    for id in ids {
+        let Ok(id) = i64::try_from(*id) else {
+            continue;
+        };
+        refs.execute(params![id, &client.0[..]])?;
+        removed += snap.execute(params![id, &client.0[..]])? as u64;
+    }
+    Ok(removed)
+}
+
 /// A u64 the client chose (a time), kept bit for bit in an INTEGER.
 fn u64_bits(n: u64) -> i64 {
     i64::from_le_bytes(n.to_le_bytes())
@@ -101,7 +129,21 @@ fn bits_u64(n: i64) -> u64 {
 
 impl RepoStore for SqliteMetaStore {
     fn have(&self, client: ClientId, ids: &[ObjectId]) -> Result<Vec<bool>, StorageError> {
-        let found = lookup(&self.conn(), client, ids)?;
+        // Every object answered "have" is touched in the same transaction
+        // as the answer is read, so a prune that started before it keeps
+        // it (`docs/PROTOCOL.md` §13.7).
+        let now = to_ms(SystemTime::now());
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let found = lookup(&tx, client, ids)?;
+        {
+            let mut touch = tx
+                .prepare_cached("UPDATE objects SET touched = ?1 WHERE id = ?2 AND touched < ?1")?;
+            for f in found.values() {
+                touch.execute(params![now, f.row])?;
+            }
+        }
+        tx.commit()?;
         Ok(ids.iter().map(|id| found.contains_key(id)).collect())
     }
 
@@ -123,19 +165,29 @@ impl RepoStore for SqliteMetaStore {
         let mut added = 0u32;
         {
             let mut insert = tx.prepare_cached(
-                "INSERT INTO objects (client, oid, pack, pack_offset, len) VALUES (?1, ?2, ?3, ?4, ?5)
+                "INSERT INTO objects (client, oid, pack, pack_offset, len, touched)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
                  ON CONFLICT (client, oid) DO NOTHING",
             )?;
+            // An object stored again keeps its place but is touched, like
+            // one answered "have".
+            let mut touch = tx.prepare_cached(
+                "UPDATE objects SET touched = ?3 WHERE client = ?1 AND oid = ?2 AND touched < ?3",
+            )?;
+            let touched = to_ms(pack.stored_at);
             for o in &pack.objects {
                 let n = insert.execute(params![
                     client,
                     &o.id.0[..],
                     pack_row,
                     size_to_sql(o.offset)?,
-                    i64::from(o.len)
+                    i64::from(o.len),
+                    touched
                 ])?;
                 if n > 0 {
                     added = added.saturating_add(1);
+                } else {
+                    touch.execute(params![client, &o.id.0[..], touched])?;
                 }
             }
         }
@@ -151,7 +203,9 @@ impl RepoStore for SqliteMetaStore {
         ids: &[ObjectId],
     ) -> Result<u32, StorageError> {
         let mut conn = self.conn();
-        let tx = conn.transaction()?;
+        // Immediate: the lookup and the staging under the write lock, so a
+        // prune cannot delete a looked-up object before it is staged.
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         if first {
             tx.prepare_cached("DELETE FROM repo_stage WHERE stage = ?1")?
                 .execute([stage.0])?;
@@ -398,6 +452,278 @@ impl RepoStore for SqliteMetaStore {
 
     fn clear_stages(&self) -> Result<usize, StorageError> {
         Ok(self.conn().execute("DELETE FROM repo_stage", [])?)
+    }
+
+    fn snapshot_stamps(&self) -> Result<Vec<(ClientId, u64, u64)>, StorageError> {
+        let conn = self.conn();
+        let mut stmt =
+            conn.prepare("SELECT client, id, time FROM snapshots ORDER BY client, id")?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, Vec<u8>>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, i64>(2)?,
+            ))
+        })?;
+        rows.map(|r| {
+            let (client, id, time) = r?;
+            let client: [u8; 16] = client
+                .as_slice()
+                .try_into()
+                .map_err(|_| corrupt("a client id is not 16 bytes"))?;
+            Ok((
+                ClientId(client),
+                u64::try_from(id).map_err(|_| corrupt("negative snapshot id"))?,
+                bits_u64(time),
+            ))
+        })
+        .collect()
+    }
+
+    fn forget_snapshots(&self, client: ClientId, ids: &[u64]) -> Result<u64, StorageError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let removed = forget_in(&tx, client, ids)?;
+        tx.commit()?;
+        Ok(removed)
+    }
+
+    fn client_forget(
+        &self,
+        client: ClientId,
+        ids: &[u64],
+        server_append_only: bool,
+    ) -> Result<Option<u64>, StorageError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let own: bool = tx
+            .query_row(
+                "SELECT append_only FROM clients WHERE id = ?1",
+                [&client.0[..]],
+                |r| r.get(0),
+            )
+            .optional()?
+            .unwrap_or(false);
+        if own || server_append_only {
+            return Ok(None);
+        }
+        let removed = forget_in(&tx, client, ids)?;
+        tx.commit()?;
+        Ok(Some(removed))
+    }
+
+    fn pack_usage(&self, cutoff: SystemTime) -> Result<Vec<PackUsage>, StorageError> {
+        let conn = self.conn();
+        let sql = format!(
+            "WITH d AS (SELECT o.pack, o.len, {DEAD} AS dead FROM objects o)
+             SELECT p.id, p.client, p.blob, p.size,
+                 count(d.pack) FILTER (WHERE NOT d.dead),
+                 coalesce(sum(d.len) FILTER (WHERE NOT d.dead), 0),
+                 count(d.pack) FILTER (WHERE d.dead),
+                 coalesce(sum(d.len) FILTER (WHERE d.dead), 0)
+             FROM packs p LEFT JOIN d ON d.pack = p.id
+             GROUP BY p.id ORDER BY p.client, p.id"
+        );
+        let mut stmt = conn.prepare(&sql)?;
+        let rows = stmt.query_map([to_ms(cutoff)], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, Vec<u8>>(1)?,
+                r.get::<_, String>(2)?,
+                [
+                    r.get::<_, i64>(3)?,
+                    r.get::<_, i64>(4)?,
+                    r.get::<_, i64>(5)?,
+                    r.get::<_, i64>(6)?,
+                    r.get::<_, i64>(7)?,
+                ],
+            ))
+        })?;
+        let count = |n: i64| u64::try_from(n).map_err(|_| corrupt("negative size or count"));
+        rows.map(|r| {
+            let (id, client, blob, [size, lo, lb, dob, db]) = r?;
+            let client: [u8; 16] = client
+                .as_slice()
+                .try_into()
+                .map_err(|_| corrupt("a client id is not 16 bytes"))?;
+            Ok(PackUsage {
+                id,
+                client: ClientId(client),
+                blob: BlobKey(blob),
+                size: count(size)?,
+                live_objects: count(lo)?,
+                live_bytes: count(lb)?,
+                dead_objects: count(dob)?,
+                dead_bytes: count(db)?,
+            })
+        })
+        .collect()
+    }
+
+    fn delete_dead(
+        &self,
+        cutoff: SystemTime,
+        after: i64,
+        limit: usize,
+    ) -> Result<(u64, u64, Option<i64>), StorageError> {
+        let mut conn = self.conn();
+        // Immediate: deciding that an object is dead and deleting it under
+        // one write lock, so no "have", stage or commit comes in between.
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let (examined, dead) = {
+            let mut scan =
+                tx.prepare_cached("SELECT id FROM objects WHERE id > ?1 ORDER BY id LIMIT ?2")?;
+            let ids: Vec<i64> = scan
+                .query_map(params![after, limit], |r| r.get(0))?
+                .collect::<Result<_, _>>()?;
+            let sql = format!(
+                "SELECT o.id, o.len FROM objects o WHERE o.id BETWEEN ?2 AND ?3 AND {DEAD}"
+            );
+            let dead: Vec<(i64, i64)> = match (ids.first(), ids.last()) {
+                (Some(first), Some(last)) => tx
+                    .prepare_cached(&sql)?
+                    .query_map(params![to_ms(cutoff), first, last], |r| {
+                        Ok((r.get(0)?, r.get(1)?))
+                    })?
+                    .collect::<Result<_, _>>()?,
+                _ => Vec::new(),
+            };
+            (ids.last().copied(), dead)
+        };
+        let mut bytes = 0u64;
+        {
+            let mut delete = tx.prepare_cached("DELETE FROM objects WHERE id = ?1")?;
+            for (id, len) in &dead {
+                delete.execute([id])?;
+                bytes = bytes.saturating_add(u64::try_from(*len).unwrap_or(0));
+            }
+        }
+        tx.commit()?;
+        Ok((dead.len() as u64, bytes, examined))
+    }
+
+    fn drop_empty_packs(&self, now: SystemTime) -> Result<(u64, u64), StorageError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        const EMPTY: &str = "NOT EXISTS (SELECT 1 FROM objects o WHERE o.pack = p.id)";
+        let (count, bytes): (i64, i64) = tx.query_row(
+            &format!("SELECT count(*), coalesce(sum(size), 0) FROM packs p WHERE {EMPTY}"),
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?;
+        tx.execute(
+            &format!(
+                "INSERT INTO pack_trash (blob, since) SELECT blob, ?1 FROM packs p WHERE {EMPTY}
+                 ON CONFLICT DO NOTHING"
+            ),
+            [to_ms(now)],
+        )?;
+        tx.execute(&format!("DELETE FROM packs AS p WHERE {EMPTY}"), [])?;
+        tx.commit()?;
+        Ok((
+            u64::try_from(count).unwrap_or(0),
+            u64::try_from(bytes).unwrap_or(0),
+        ))
+    }
+
+    fn pack_objects(&self, pack: i64) -> Result<Vec<PackedObject>, StorageError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
+            "SELECT id, pack_offset, len FROM objects WHERE pack = ?1 ORDER BY pack_offset",
+        )?;
+        let rows = stmt.query_map([pack], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, i64>(2)?,
+            ))
+        })?;
+        rows.map(|r| {
+            let (object, offset, len) = r?;
+            Ok(PackedObject {
+                object,
+                pack,
+                offset: u64::try_from(offset).map_err(|_| corrupt("negative offset"))?,
+                len: u32::try_from(len).map_err(|_| corrupt("object length out of range"))?,
+            })
+        })
+        .collect()
+    }
+
+    fn trash(&self, blob: &BlobKey, now: SystemTime) -> Result<(), StorageError> {
+        self.conn().execute(
+            "INSERT INTO pack_trash (blob, since) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
+            params![blob.0, to_ms(now)],
+        )?;
+        Ok(())
+    }
+
+    fn trash_due(&self, before: SystemTime, limit: usize) -> Result<Vec<BlobKey>, StorageError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
+            "SELECT blob FROM pack_trash WHERE since <= ?1 ORDER BY blob LIMIT ?2",
+        )?;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = stmt.query_map(params![to_ms(before), limit], |r| r.get::<_, String>(0))?;
+        rows.map(|r| Ok(BlobKey(r?))).collect()
+    }
+
+    fn untrash(&self, blob: &BlobKey) -> Result<(), StorageError> {
+        self.conn()
+            .execute("DELETE FROM pack_trash WHERE blob = ?1", [&blob.0])?;
+        Ok(())
+    }
+
+    fn replace_packs(&self, pack: &Repacked, now: SystemTime) -> Result<bool, StorageError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        tx.execute(
+            "INSERT INTO packs (client, blob, size, sha256, stored_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![
+                &pack.client.0[..],
+                pack.blob.0,
+                size_to_sql(pack.size)?,
+                &pack.sha256[..],
+                to_ms(now)
+            ],
+        )?;
+        let row = tx.last_insert_rowid();
+        {
+            let mut moving = tx.prepare_cached(
+                "UPDATE objects SET pack = ?1, pack_offset = ?2 WHERE id = ?3 AND pack = ?4
+                     AND pack_offset = ?5",
+            )?;
+            for (o, offset) in &pack.moved {
+                let n = moving.execute(params![
+                    row,
+                    size_to_sql(*offset)?,
+                    o.object,
+                    o.pack,
+                    size_to_sql(o.offset)?
+                ])?;
+                if n != 1 {
+                    return Ok(false);
+                }
+            }
+            let mut left = tx.prepare_cached("SELECT count(*) FROM objects WHERE pack = ?1")?;
+            let mut trash = tx.prepare_cached(
+                "INSERT INTO pack_trash (blob, since) SELECT blob, ?2 FROM packs WHERE id = ?1
+                 ON CONFLICT DO NOTHING",
+            )?;
+            let mut remove = tx.prepare_cached("DELETE FROM packs WHERE id = ?1")?;
+            for old in &pack.replaces {
+                let n: i64 = left.query_row([old], |r| r.get(0))?;
+                if n != 0 {
+                    return Ok(false);
+                }
+                trash.execute(params![old, to_ms(now)])?;
+                remove.execute([old])?;
+            }
+        }
+        tx.execute("DELETE FROM pack_trash WHERE blob = ?1", [&pack.blob.0])?;
+        tx.commit()?;
+        Ok(true)
     }
 }
 
@@ -661,6 +987,7 @@ mod tests {
             let conn = Connection::open(&path).unwrap();
             conn.execute_batch(
                 "DROP TABLE snapshot_refs; DROP TABLE repo_stage; DROP TABLE key_envelopes;
+                 DROP TABLE pack_trash;
                  DROP TABLE snapshots; DROP TABLE objects; DROP TABLE packs;
                  PRAGMA user_version = 5;",
             )
@@ -673,6 +1000,41 @@ mod tests {
             .unwrap();
         assert_eq!(version, SCHEMA_VERSION);
         assert_eq!(s.add_pack(&pack(A, "p1", &[1])).unwrap(), 1);
+    }
+
+    #[test]
+    fn upgrades_a_version_6_database_with_what_prune_needs() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        {
+            let s = SqliteMetaStore::open(&path).unwrap();
+            s.add_pack(&pack(A, "p1", &[1])).unwrap();
+        }
+        {
+            // What a version 6 server left.
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(
+                "DROP TABLE pack_trash; DROP INDEX snapshot_refs_by_object;
+                 DROP INDEX repo_stage_by_object; ALTER TABLE objects DROP COLUMN touched;
+                 PRAGMA user_version = 6;",
+            )
+            .unwrap();
+        }
+        let s = SqliteMetaStore::open(&path).unwrap();
+        let (version, touched): (i64, i64) = s
+            .conn()
+            .query_row(
+                "SELECT (SELECT user_version FROM pragma_user_version), touched FROM objects",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+        // Counted as touched at the upgrade: the first prune keeps it for
+        // its grace period.
+        let now = to_ms(SystemTime::now());
+        assert!(touched > now - 60_000 && touched <= now, "{touched} {now}");
+        s.trash(&BlobKey("x".into()), SystemTime::now()).unwrap();
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! The schema and its migrations (see the parent module for the layout).
 
 /// The schema version this code writes (`PRAGMA user_version`).
-pub const SCHEMA_VERSION: i64 = 6;
+pub const SCHEMA_VERSION: i64 = 7;
 
 /// From schema version 1 to 2.
 pub(super) const MIGRATE_1_TO_2: &str =
@@ -30,6 +30,25 @@ UPDATE clients SET completed_at = max(registered, last_seen)
 
 /// From schema version 5 to 6: the repository extension.
 pub(super) const MIGRATE_5_TO_6: &str = REPO_SCHEMA;
+
+/// From schema version 6 to 7: garbage collection of the repository
+/// (`docs/PROTOCOL.md` §13.7). `touched` is when an object was last stored
+/// or answered "have" (milliseconds since the epoch); objects of an older
+/// schema count as touched at the upgrade, so the first prune keeps them
+/// for its grace period. The two indexes find an object's references and
+/// stages without a scan. `pack_trash` names pack blobs that no pack row
+/// holds (a removed pack, or a repacked one being written) for prune to
+/// delete.
+pub(super) const MIGRATE_6_TO_7: &str = "
+ALTER TABLE objects ADD COLUMN touched INTEGER NOT NULL DEFAULT 0;
+UPDATE objects SET touched = CAST(strftime('%s', 'now') AS INTEGER) * 1000;
+CREATE INDEX snapshot_refs_by_object ON snapshot_refs (object);
+CREATE INDEX repo_stage_by_object ON repo_stage (object);
+CREATE TABLE pack_trash (
+    blob        TEXT PRIMARY KEY,
+    since       INTEGER NOT NULL
+) WITHOUT ROWID;
+";
 
 /// The repository extension (`docs/PROTOCOL.md` §13; `storage/repo.rs`).
 /// Object ids are unique per client, never across clients. Snapshot
