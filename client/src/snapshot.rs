@@ -8,6 +8,7 @@ pub mod cache;
 pub mod chunk;
 pub mod diff;
 pub mod forget;
+mod idset;
 pub mod keys;
 pub mod remote;
 pub mod restore;

@@ -3,7 +3,6 @@
 //! file's chunks from the file cache), builds each directory's tree, and
 //! hands every object it has not handed yet to the uploader.
 
-use std::collections::HashSet;
 use std::fs::Metadata;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -16,6 +15,7 @@ use tokio::sync::mpsc;
 
 use super::cache::{CacheWriter, FileCache, Lookup, Stamp};
 use super::chunk;
+use super::idset::IdSet;
 use crate::error::Error;
 use crate::exclude::{Filter, Rules};
 
@@ -30,7 +30,7 @@ pub(super) struct Made {
 pub(super) struct Walked {
     pub(super) root: ObjectId,
     /// Every object the snapshot references, once each.
-    pub(super) refs: HashSet<ObjectId>,
+    pub(super) refs: IdSet,
     pub(super) files: u64,
     pub(super) dirs: u64,
     pub(super) bytes: u64,
@@ -48,7 +48,7 @@ pub(super) struct Walker {
     tx: mpsc::Sender<Made>,
     /// Every object referenced so far: 32 bytes and the set's overhead
     /// each, about 40 MiB for a million chunks.
-    seen: HashSet<ObjectId>,
+    seen: IdSet,
     files: u64,
     dirs: u64,
     bytes: u64,
@@ -98,7 +98,7 @@ impl Walker {
         Self {
             id_key,
             tx,
-            seen: HashSet::new(),
+            seen: IdSet::default(),
             files: 0,
             dirs: 0,
             bytes: 0,
