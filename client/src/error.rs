@@ -90,7 +90,9 @@ pub enum Error {
     Closed { server: String, doing: String },
 
     // --- rejected by the server ---------------------------------------------
-    #[error("the server at {server} already has a client named \"{name}\"; choose another name with --name")]
+    // The server answers a name it holds and a registration over its rate
+    // for the address alike (1601, as version 3 has it), so both are said.
+    #[error("the server at {server} refused to register \"{name}\": it already has a client of that name (choose another with --name), or too many registrations came from this address lately (try again later)")]
     NameTaken { server: String, name: String },
     #[error(
         "the server at {server} answered with an error {} while {request}; it may be out of disk space or misconfigured: try again later or ask its operator",
