@@ -135,12 +135,21 @@ fn run(command: Command) -> anyhow::Result<()> {
             use std::io::Write;
             writeln!(out, "{}", identity.fingerprint())?;
         }
-        Command::Scrub { admin: a } => {
-            let report = server::scrub::scrub(&open(&a)?.0, out)?;
+        Command::Scrub { repair, admin: a } => {
+            let storage = open(&a)?.0;
+            let report = server::scrub::scrub(&storage, out)?;
+            let packs = server::scrub::scrub_packs(&storage, repair, out)?;
+            let mut damage = Vec::new();
             if !report.is_clean() {
+                damage.push(format!("{} stored versions", report.damaged.len()));
+            }
+            if !packs.is_clean() {
+                damage.push(format!("{} packs", packs.damaged.len()));
+            }
+            if !damage.is_empty() {
                 anyhow::bail!(
-                    "{} stored versions are damaged or missing (see the lines above)",
-                    report.damaged.len()
+                    "{} are damaged or missing (see the lines above)",
+                    damage.join(" and ")
                 );
             }
         }

@@ -136,9 +136,17 @@ pub enum Command {
         admin: AdminArgs,
     },
     /// Re-read every stored version and check its size, cksum and SHA-256
-    /// against those recorded at commit. One line per version, then a
-    /// summary; the exit status is 1 when any version is damaged or missing.
+    /// against those recorded at commit, then every repository pack against
+    /// the length and SHA-256 recorded at upload (no keys needed). One line
+    /// per version and per pack (a damaged pack with its objects and the
+    /// snapshots that reference them), then a summary; the exit status is 1
+    /// when anything is damaged or missing.
     Scrub {
+        /// Mark each damaged or missing pack so that its objects are
+        /// answered missing: the client's next backup uploads them again,
+        /// which makes the snapshots that reference them whole again.
+        #[arg(long)]
+        repair: bool,
         #[command(flatten)]
         admin: AdminArgs,
     },

@@ -85,6 +85,39 @@ pub struct PackUsage {
     pub dead_bytes: u64,
 }
 
+/// A recorded pack as scrub reads it: what its bytes must be.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RecordedPack {
+    /// The pack's row.
+    pub id: i64,
+    pub client: ClientId,
+    pub blob: BlobKey,
+    /// Length in bytes when it was stored.
+    pub size: u64,
+    /// SHA-256 of its bytes when it was stored.
+    pub sha256: [u8; 32],
+    /// Whether `scrub --repair` has marked it damaged.
+    pub damaged: bool,
+}
+
+/// What a damaged pack takes with it: its objects, and the snapshots that
+/// reference any of them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PackDamage {
+    pub objects: u64,
+    pub object_bytes: u64,
+    pub snapshots: Vec<DamagedSnapshot>,
+}
+
+/// A snapshot referencing an object of a damaged pack.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DamagedSnapshot {
+    pub id: u64,
+    pub client: ClientId,
+    /// The client's registered name (lossy UTF-8), empty if unknown.
+    pub client_name: String,
+}
+
 /// An object of a pack being repacked: its row, and where it lies now.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PackedObject {
@@ -340,6 +373,19 @@ pub trait RepoStore: Send + Sync + 'static {
     /// # Errors
     /// On a backend failure; nothing is changed then.
     fn replace_packs(&self, pack: &Repacked, now: SystemTime) -> Result<bool, StorageError>;
+
+    /// Up to `limit` recorded packs with a row id above `after`, by row
+    /// id, for scrub.
+    fn scrub_packs(&self, after: i64, limit: usize) -> Result<Vec<RecordedPack>, StorageError>;
+
+    /// The objects of pack `pack` and the snapshots referencing them, or
+    /// `None` when the pack has no row (any more).
+    fn pack_damage(&self, pack: i64) -> Result<Option<PackDamage>, StorageError>;
+
+    /// Marks pack `pack` damaged (`scrub --repair`): its objects keep their
+    /// rows but are answered missing, and storing one again moves it to
+    /// the new pack. Returns whether the pack was sound until now.
+    fn mark_damaged(&self, pack: i64, now: SystemTime) -> Result<bool, StorageError>;
 }
 
 /// A pack being received: its blob writer and the running SHA-256 of its

@@ -117,10 +117,11 @@ impl SqliteMetaStore {
                 tx.execute_batch(INLINE_SCHEMA)?;
                 tx.execute_batch(REPO_SCHEMA)?;
                 tx.execute_batch(MIGRATE_6_TO_7)?;
+                tx.execute_batch(MIGRATE_7_TO_8)?;
                 tx.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}"))?;
                 tx.commit()?;
             }
-            1..=6 => {
+            1..=7 => {
                 let tx = conn.transaction()?;
                 if version == 1 {
                     tx.execute_batch(MIGRATE_1_TO_2)?;
@@ -137,7 +138,10 @@ impl SqliteMetaStore {
                 if version <= 5 {
                     tx.execute_batch(MIGRATE_5_TO_6)?;
                 }
-                tx.execute_batch(MIGRATE_6_TO_7)?;
+                if version <= 6 {
+                    tx.execute_batch(MIGRATE_6_TO_7)?;
+                }
+                tx.execute_batch(MIGRATE_7_TO_8)?;
                 tx.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}"))?;
                 tx.commit()?;
             }

@@ -76,3 +76,97 @@ async fn scrub_reports_rotted_and_missing_blobs_with_a_failing_status() {
     assert!(out.contains("2 ok, 3 damaged"), "{out}");
     assert!(err.contains("3 stored versions are damaged"), "{err}");
 }
+
+/// A pack whose bytes rot on disk: `scrub` names it, its objects and the
+/// snapshot that references them and fails; `scrub --repair` marks it, so
+/// that the objects are answered missing and a re-upload heals the
+/// snapshot, after which `scrub` passes.
+#[test]
+fn scrub_finds_a_rotted_pack_and_repair_makes_its_objects_missing_until_re_uploaded() {
+    use protocol::repo::pack::Located;
+    use protocol::repo::{ObjectId, ID_LEN};
+    use protocol::{ClientId, UserName};
+    use server::storage::repo::StageId;
+    use std::time::SystemTime;
+
+    const C: ClientId = ClientId([0xc; 16]);
+    let ids = [ObjectId([1; ID_LEN]), ObjectId([2; ID_LEN])];
+    let store = |storage: &Storage| {
+        let mut pack = storage.begin_pack(C).unwrap();
+        pack.write(&[7; 300]).unwrap();
+        let objects = vec![
+            Located {
+                id: ids[0],
+                offset: 0,
+                len: 100,
+            },
+            Located {
+                id: ids[1],
+                offset: 100,
+                len: 200,
+            },
+        ];
+        storage
+            .store_pack(pack, 300, objects, SystemTime::now())
+            .unwrap()
+    };
+    let root = tempfile::tempdir().unwrap();
+    let data = root.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let (blob, snapshot) = {
+        let storage = Storage::open_local(&data).unwrap();
+        storage
+            .meta()
+            .register(C, &UserName::try_from("carol").unwrap(), SystemTime::now())
+            .unwrap();
+        assert_eq!(store(&storage), 2);
+        let repo = storage.repo().unwrap();
+        let stage = StageId::random();
+        assert_eq!(repo.stage_refs(stage, C, true, &ids).unwrap(), 0);
+        let snapshot = repo
+            .commit_snapshot(stage, C, 1, b"m", SystemTime::now())
+            .unwrap()
+            .unwrap();
+        (repo.scrub_packs(0, 1).unwrap().remove(0).blob, snapshot)
+    };
+    let (code, out, err) = admin_command("scrub", &data, &[]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(out.contains("1 ok, 0 damaged"), "{out}");
+
+    let path = data.join(&blob.0);
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[10] ^= 0x80;
+    std::fs::write(&path, &bytes).unwrap();
+    let (code, out, err) = admin_command("scrub", &data, &[]);
+    assert_eq!(code, 1, "{out}\n{err}");
+    let rotted: Vec<&str> = out.lines().filter(|l| l.starts_with("ROTTED")).collect();
+    assert_eq!(rotted.len(), 1, "{out}");
+    assert!(
+        rotted[0].contains("2 objects, 300 bytes, 1 snapshots"),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!("SNAPSHOT\t{snapshot}\tclient carol ({C})")),
+        "{out}"
+    );
+    assert!(err.contains("1 packs are damaged or missing"), "{err}");
+    let storage = Storage::open_local(&data).unwrap();
+    assert_eq!(storage.repo().unwrap().have(C, &ids).unwrap(), [true, true]);
+    drop(storage);
+
+    let (code, out, err) = admin_command("scrub", &data, &["--repair"]);
+    assert_eq!(code, 1, "{out}\n{err}");
+    assert!(out.contains("1 marked for re-upload"), "{out}");
+    let storage = Storage::open_local(&data).unwrap();
+    assert_eq!(
+        storage.repo().unwrap().have(C, &ids).unwrap(),
+        [false, false]
+    );
+    assert_eq!(store(&storage), 2);
+    assert_eq!(storage.repo().unwrap().have(C, &ids).unwrap(), [true, true]);
+    drop(storage);
+
+    let (code, out, err) = admin_command("scrub", &data, &[]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(out.contains("1 ok, 0 damaged"), "{out}");
+}

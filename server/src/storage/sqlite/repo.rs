@@ -12,7 +12,8 @@ use rusqlite::Transaction;
 
 use super::*;
 use crate::storage::repo::{
-    NewPack, ObjectPlace, PackUsage, PackedObject, Repacked, RepoStore, StageId,
+    DamagedSnapshot, NewPack, ObjectPlace, PackDamage, PackUsage, PackedObject, RecordedPack,
+    Repacked, RepoStore, StageId,
 };
 
 /// Whether object `o` is dead (`docs/PROTOCOL.md` §13.7), `?1` being the
@@ -33,6 +34,7 @@ struct Found {
 }
 
 /// The client's objects among `ids`, by id, `LOOKUP_CHUNK` ids a query.
+/// An object in a pack marked damaged is not found.
 fn lookup(
     conn: &Connection,
     client: ClientId,
@@ -45,7 +47,7 @@ fn lookup(
     let sql = format!(
         "SELECT o.oid, o.id, p.blob, o.pack_offset, o.len
          FROM objects o JOIN packs p ON p.id = o.pack
-         WHERE o.client = ?1 AND o.oid IN ({marks})"
+         WHERE o.client = ?1 AND o.oid IN ({marks}) AND p.damaged IS NULL"
     );
     let client = &client.0[..];
     for chunk in ids.chunks(LOOKUP_CHUNK) {
@@ -164,10 +166,16 @@ impl RepoStore for SqliteMetaStore {
         let pack_row = tx.last_insert_rowid();
         let mut added = 0u32;
         {
+            // An object whose pack is marked damaged moves to this pack
+            // and keeps its row, so the snapshots referencing it are whole
+            // again (`docs/RELIABILITY.md`, scrub).
             let mut insert = tx.prepare_cached(
                 "INSERT INTO objects (client, oid, pack, pack_offset, len, touched)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-                 ON CONFLICT (client, oid) DO NOTHING",
+                 ON CONFLICT (client, oid) DO UPDATE SET pack = excluded.pack,
+                     pack_offset = excluded.pack_offset, len = excluded.len,
+                     touched = excluded.touched
+                 WHERE objects.pack IN (SELECT id FROM packs WHERE damaged IS NOT NULL)",
             )?;
             // An object stored again keeps its place but is touched, like
             // one answered "have".
@@ -251,7 +259,8 @@ impl RepoStore for SqliteMetaStore {
         let client_bytes = &client.0[..];
         let (staged, missing): (i64, i64) = tx.query_row(
             "SELECT count(*), count(*) FILTER (WHERE NOT EXISTS
-                 (SELECT 1 FROM objects o WHERE o.id = s.object AND o.client = ?2))
+                 (SELECT 1 FROM objects o JOIN packs p ON p.id = o.pack
+                  WHERE o.id = s.object AND o.client = ?2 AND p.damaged IS NULL))
              FROM repo_stage s WHERE s.stage = ?1",
             params![stage.0, client_bytes],
             |r| Ok((r.get(0)?, r.get(1)?)),
@@ -522,6 +531,7 @@ impl RepoStore for SqliteMetaStore {
                  count(d.pack) FILTER (WHERE d.dead),
                  coalesce(sum(d.len) FILTER (WHERE d.dead), 0)
              FROM packs p LEFT JOIN d ON d.pack = p.id
+             WHERE p.damaged IS NULL
              GROUP BY p.id ORDER BY p.client, p.id"
         );
         let mut stmt = conn.prepare(&sql)?;
@@ -673,6 +683,102 @@ impl RepoStore for SqliteMetaStore {
         self.conn()
             .execute("DELETE FROM pack_trash WHERE blob = ?1", [&blob.0])?;
         Ok(())
+    }
+
+    fn scrub_packs(&self, after: i64, limit: usize) -> Result<Vec<RecordedPack>, StorageError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
+            "SELECT id, client, blob, size, sha256, damaged IS NOT NULL FROM packs
+             WHERE id > ?1 ORDER BY id LIMIT ?2",
+        )?;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = stmt.query_map(params![after, limit], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, Vec<u8>>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, i64>(3)?,
+                r.get::<_, Vec<u8>>(4)?,
+                r.get::<_, bool>(5)?,
+            ))
+        })?;
+        rows.map(|r| {
+            let (id, client, blob, size, sha256, damaged) = r?;
+            Ok(RecordedPack {
+                id,
+                client: ClientId(
+                    client
+                        .as_slice()
+                        .try_into()
+                        .map_err(|_| corrupt("a client id is not 16 bytes"))?,
+                ),
+                blob: BlobKey(blob),
+                size: u64::try_from(size).map_err(|_| corrupt("negative pack size"))?,
+                sha256: sha256
+                    .as_slice()
+                    .try_into()
+                    .map_err(|_| corrupt("a pack digest is not 32 bytes"))?,
+                damaged,
+            })
+        })
+        .collect()
+    }
+
+    fn pack_damage(&self, pack: i64) -> Result<Option<PackDamage>, StorageError> {
+        let conn = self.conn();
+        let exists: Option<i64> = conn
+            .query_row("SELECT id FROM packs WHERE id = ?1", [pack], |r| r.get(0))
+            .optional()?;
+        if exists.is_none() {
+            return Ok(None);
+        }
+        let (objects, bytes): (i64, i64) = conn.query_row(
+            "SELECT count(*), coalesce(sum(len), 0) FROM objects WHERE pack = ?1",
+            [pack],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?;
+        let mut stmt = conn.prepare_cached(
+            "SELECT s.id, s.client, c.name FROM snapshots s
+                 LEFT JOIN clients c ON c.id = s.client
+             WHERE s.id IN (SELECT r.snapshot FROM snapshot_refs r
+                 JOIN objects o ON o.id = r.object WHERE o.pack = ?1)
+             ORDER BY s.id",
+        )?;
+        let rows = stmt.query_map([pack], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, Vec<u8>>(1)?,
+                r.get::<_, Option<Vec<u8>>>(2)?,
+            ))
+        })?;
+        let snapshots = rows
+            .map(|r| {
+                let (id, client, name) = r?;
+                Ok(DamagedSnapshot {
+                    id: u64::try_from(id).map_err(|_| corrupt("negative snapshot id"))?,
+                    client: ClientId(
+                        client
+                            .as_slice()
+                            .try_into()
+                            .map_err(|_| corrupt("a client id is not 16 bytes"))?,
+                    ),
+                    client_name: String::from_utf8_lossy(&name.unwrap_or_default()).into_owned(),
+                })
+            })
+            .collect::<Result<Vec<_>, StorageError>>()?;
+        Ok(Some(PackDamage {
+            objects: u64::try_from(objects).unwrap_or(0),
+            object_bytes: u64::try_from(bytes).unwrap_or(0),
+            snapshots,
+        }))
+    }
+
+    fn mark_damaged(&self, pack: i64, now: SystemTime) -> Result<bool, StorageError> {
+        let n = self.conn().execute(
+            "UPDATE packs SET damaged = ?2 WHERE id = ?1 AND damaged IS NULL",
+            params![pack, to_ms(now)],
+        )?;
+        Ok(n > 0)
     }
 
     fn replace_packs(&self, pack: &Repacked, now: SystemTime) -> Result<bool, StorageError> {
@@ -1014,7 +1120,8 @@ mod tests {
             // What a version 6 server left.
             let conn = Connection::open(&path).unwrap();
             conn.execute_batch(
-                "DROP TABLE pack_trash; DROP INDEX snapshot_refs_by_object;
+                "ALTER TABLE packs DROP COLUMN damaged;
+                 DROP TABLE pack_trash; DROP INDEX snapshot_refs_by_object;
                  DROP INDEX repo_stage_by_object; ALTER TABLE objects DROP COLUMN touched;
                  PRAGMA user_version = 6;",
             )

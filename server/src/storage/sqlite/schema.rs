@@ -1,7 +1,7 @@
 //! The schema and its migrations (see the parent module for the layout).
 
 /// The schema version this code writes (`PRAGMA user_version`).
-pub const SCHEMA_VERSION: i64 = 7;
+pub const SCHEMA_VERSION: i64 = 8;
 
 /// From schema version 1 to 2.
 pub(super) const MIGRATE_1_TO_2: &str =
@@ -49,6 +49,15 @@ CREATE TABLE pack_trash (
     since       INTEGER NOT NULL
 ) WITHOUT ROWID;
 ";
+
+/// From schema version 7 to 8: a pack that `scrub --repair` found damaged
+/// (`docs/RELIABILITY.md`). `damaged` is when it was marked (milliseconds
+/// since the epoch), NULL while the pack is sound. The objects of a
+/// damaged pack keep their rows, so that the snapshots referencing them
+/// keep their references, but are answered missing; storing the same
+/// object again moves its row to the new pack, which heals those
+/// snapshots.
+pub(super) const MIGRATE_7_TO_8: &str = "ALTER TABLE packs ADD COLUMN damaged INTEGER;";
 
 /// The repository extension (`docs/PROTOCOL.md` §13; `storage/repo.rs`).
 /// Object ids are unique per client, never across clients. Snapshot
