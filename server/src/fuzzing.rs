@@ -466,8 +466,9 @@ mod tests {
         let content = bytes::Bytes::from(vec![5u8; 100]);
         let requests = [
             RepoRequest::Have { ids: vec![a] },
+            // Slot 1 holds only passphrase envelopes (§13.6); 2 takes any.
             RepoRequest::PutKey {
-                slot: 1,
+                slot: 2,
                 envelope: bytes::Bytes::from_static(b"envelope"),
             },
             RepoRequest::GetKeys,
