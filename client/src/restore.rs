@@ -257,7 +257,7 @@ pub fn remove_stale_parts(dir: &Path, done: &mut HashSet<PathBuf>) -> usize {
     removed
 }
 
-fn part_prefix(file: &std::ffi::OsStr) -> String {
+pub(crate) fn part_prefix(file: &std::ffi::OsStr) -> String {
     let name = file.to_string_lossy();
     let mut end = name.len().min(PART_NAME_MAX);
     while !name.is_char_boundary(end) {

@@ -633,3 +633,70 @@ async fn a_server_killed_at_any_point_of_a_backup_lists_only_snapshots_that_rest
     assert!(out.status.success(), "restore: {}", stderr(&out));
     assert_same_tree(&folder, &to.join("k"));
 }
+
+/// Many small and empty files restore under an open-file limit well below
+/// one durability group, a crash's temporaries in the folder are cleared,
+/// and nothing is left under a temporary name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_files_restore_under_a_low_open_file_limit_and_leave_no_temporaries() {
+    let s = Setup::new().await;
+    let folder = s.path("many");
+    for i in 0..1500u32 {
+        write_file(
+            &folder.join(format!("d{}/f{i}", i % 3)),
+            100 + i as usize,
+            i,
+        );
+    }
+    for i in 0..300 {
+        std::fs::write(folder.join(format!("d0/empty{i}")), b"").unwrap();
+    }
+    let folder_arg = folder.to_string_lossy().into_owned();
+    let out = s.client(&["backup", &folder_arg]).await;
+    assert!(out.status.success(), "backup: {}", stderr(&out));
+
+    let to = s.path("out");
+    std::fs::create_dir_all(to.join("many/d1")).unwrap();
+    let stale = to.join("many/d1/.f1.restore-abc123.part");
+    std::fs::write(&stale, b"left by a crash").unwrap();
+    let addr = s.server.addr.to_string();
+    let script = format!(
+        "ulimit -n 200 && exec \"$0\" --config-dir \"$1\" --server {addr} restore --to \"$2\""
+    );
+    let out = tokio::process::Command::new("sh")
+        .args(["-c", &script])
+        .arg(env!("CARGO_BIN_EXE_backup-client"))
+        .arg(&s.config)
+        .arg(&to)
+        .env_remove("BACKUP_CLIENT_DIR")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "restore: {}", stderr(&out));
+    assert!(!stale.exists(), "the stale temporary is still there");
+    let mut left = Vec::new();
+    let mut count = 0;
+    for dir in ["d0", "d1", "d2"] {
+        for e in std::fs::read_dir(to.join("many").join(dir)).unwrap() {
+            let name = e.unwrap().file_name().to_string_lossy().into_owned();
+            count += 1;
+            if name.contains(".restore-") {
+                left.push(name);
+            }
+        }
+    }
+    assert!(left.is_empty(), "temporaries left: {left:?}");
+    assert_eq!(count, 1800);
+    let out = std::process::Command::new("diff")
+        .arg("-r")
+        .arg(&folder)
+        .arg(to.join("many"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "restored tree differs: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}

@@ -10,7 +10,7 @@
 //! only plain names (no `/`, `.` or `..`), and nothing is written through
 //! a symbolic link met on the way, so nothing lands outside the folder.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -338,7 +338,14 @@ impl Client {
                 snapshot: snap.id,
                 ..RestoreSummary::default()
             };
-            let sink = Sink::new(Opener::new(r.open_key.clone()), r.id_key.clone(), to);
+            let sink = Sink::new(
+                Opener::new(r.open_key.clone()),
+                r.id_key.clone(),
+                to,
+                overwrite,
+            );
+            let mut cleaned = HashSet::new();
+            crate::restore::remove_stale_parts(to, &mut cleaned);
             let mut restorer = Restorer {
                 r: &mut r,
                 overwrite,
@@ -347,6 +354,7 @@ impl Client {
                 plan: Plan::default(),
                 sink: Some(sink),
                 job: None,
+                cleaned,
             };
             let mut walked = Ok(());
             for e in entries {
@@ -379,6 +387,8 @@ struct Restorer<'a> {
     /// The writer, when idle; else it runs as `job`.
     sink: Option<Sink>,
     job: Option<tokio::task::JoinHandle<Sink>>,
+    /// Folders cleared of temporaries an earlier restore left.
+    cleaned: HashSet<PathBuf>,
 }
 
 /// What a restore has queued and not fetched yet: files not yet handed
@@ -438,6 +448,9 @@ impl Restorer<'_> {
                             self.fail(&path, write_error(&path, err));
                             continue;
                         }
+                        // An existing folder: what a crashed restore left
+                        // goes before this one writes there.
+                        crate::restore::remove_stale_parts(&path, &mut self.cleaned);
                     }
                     let children = match self.r.tree(tree, &path.display().to_string()).await {
                         Ok(c) => c,
@@ -495,8 +508,11 @@ impl Restorer<'_> {
     /// A batch is opened and written on the blocking pool while the next
     /// is fetched.
     async fn pump(&mut self, all: bool) -> Result<(), Error> {
+        // Files count too: a run of empty files (no chunks) is handed on
+        // rather than held.
         while self.plan.ids.len() >= FETCH_IDS
             || self.plan.bytes >= FETCH_BYTES
+            || self.plan.files.len() >= FETCH_IDS
             || (all && !self.plan.ids.is_empty())
         {
             let mut ids = Vec::new();
@@ -510,7 +526,11 @@ impl Restorer<'_> {
                 self.plan.ids.pop_front();
             }
             self.plan.bytes -= bytes;
-            let fetched = self.r.remote.fetch(&ids).await?;
+            let fetched = if ids.is_empty() {
+                Vec::new()
+            } else {
+                self.r.remote.fetch(&ids).await?
+            };
             let files = std::mem::take(&mut self.plan.files);
             let mut sink = self.settle().await?;
             self.job = Some(tokio::task::spawn_blocking(move || {

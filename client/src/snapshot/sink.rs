@@ -27,7 +27,7 @@ use protocol::repo::keys::IdKey;
 use protocol::repo::message::{ObjectId, MAX_OBJECT_BYTES};
 use protocol::repo::seal::Opener;
 use protocol::session::repo::Fetched;
-use tempfile::NamedTempFile;
+use tempfile::{NamedTempFile, TempPath};
 
 use crate::error::Error;
 
@@ -61,9 +61,10 @@ enum Writing {
     Failed(Error),
 }
 
-/// A file written and closed, not yet synced and renamed.
+/// A file written and closed (no descriptor held: a group may be larger
+/// than the open-file limit), not yet synced and renamed.
 struct Finished {
-    tmp: NamedTempFile,
+    tmp: TempPath,
     path: PathBuf,
     size: u64,
 }
@@ -71,6 +72,8 @@ struct Finished {
 pub(super) struct Sink {
     /// The folder restored into, named when its last sync fails.
     root: PathBuf,
+    /// Whether a file may replace one that is in the way.
+    overwrite: bool,
     opener: Opener,
     id_key: IdKey,
     queue: VecDeque<FileJob>,
@@ -107,9 +110,18 @@ pub(super) fn file_time(s: i64, ns: u32) -> std::time::SystemTime {
 }
 
 impl Sink {
-    pub(super) fn new(opener: Opener, id_key: IdKey, root: &Path) -> Self {
+    pub(super) fn new(opener: Opener, id_key: IdKey, root: &Path, overwrite: bool) -> Self {
+        // The folder's own file system is synced at the end even when no
+        // file lands (directories and links only).
+        let mut filesystems = HashMap::new();
+        if let Ok(dir) = std::fs::File::open(root) {
+            if let Ok(meta) = dir.metadata() {
+                filesystems.insert(meta.dev(), dir);
+            }
+        }
         Self {
             root: root.to_owned(),
+            overwrite,
             opener,
             id_key,
             queue: VecDeque::new(),
@@ -117,7 +129,7 @@ impl Sink {
             writing: Writing::None,
             finished: Vec::new(),
             finished_bytes: 0,
-            filesystems: HashMap::new(),
+            filesystems,
             outcomes: Vec::new(),
         }
     }
@@ -131,9 +143,6 @@ impl Sink {
             self.chunk(f);
             self.next += 1;
             self.advance();
-        }
-        if self.finished.len() >= GROUP_FILES || self.finished_bytes >= GROUP_BYTES {
-            self.land();
         }
     }
 
@@ -231,6 +240,9 @@ impl Sink {
                 Ok(done) => {
                     self.finished_bytes += done.size;
                     self.finished.push(done);
+                    if self.finished.len() >= GROUP_FILES || self.finished_bytes >= GROUP_BYTES {
+                        self.land();
+                    }
                 }
                 Err(e) => self.outcomes.push((job.path, Err(e))),
             }
@@ -268,7 +280,7 @@ impl Sink {
             v.insert(handle);
         }
         Ok(Finished {
-            tmp,
+            tmp: tmp.into_temp_path(),
             path: job.path.clone(),
             size: job.size,
         })
@@ -283,11 +295,25 @@ impl Sink {
         for done in self.finished.drain(..) {
             let outcome = match &synced {
                 Err(e) => Err(write_error(&done.path, std::io::Error::other(e.clone()))),
-                Ok(()) => done
-                    .tmp
-                    .persist(&done.path)
-                    .map(|_| done.size)
-                    .map_err(|e| write_error(&done.path, e.error)),
+                Ok(()) => {
+                    let persisted = if self.overwrite {
+                        done.tmp.persist(&done.path)
+                    } else {
+                        // Checked when the file was queued; something may
+                        // have appeared there since.
+                        done.tmp.persist_noclobber(&done.path)
+                    };
+                    match persisted {
+                        Ok(()) => Ok(done.size),
+                        Err(e) if e.error.kind() == std::io::ErrorKind::AlreadyExists => {
+                            Err(Error::Exists {
+                                path: done.path.clone(),
+                                name: done.path.display().to_string(),
+                            })
+                        }
+                        Err(e) => Err(write_error(&done.path, e.error)),
+                    }
+                }
             };
             self.outcomes.push((done.path, outcome));
         }
@@ -303,11 +329,14 @@ impl Sink {
     }
 }
 
-/// A temporary file beside `path`, in the folder the restore made.
+/// A temporary file beside `path`, in the folder the restore made, named
+/// `.NAME.restore-XXXXXX.part` as every restore names them, so that the
+/// next restore into the folder removes one a crash left.
 fn temporary(path: &Path) -> Result<NamedTempFile, Error> {
     let dir = path.parent().unwrap_or(Path::new("."));
+    let prefix = crate::restore::part_prefix(path.file_name().unwrap_or_default());
     tempfile::Builder::new()
-        .prefix(".restore-")
+        .prefix(&prefix)
         .suffix(".part")
         .tempfile_in(dir)
         .map_err(|e| write_error(path, e))
