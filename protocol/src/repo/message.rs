@@ -741,6 +741,12 @@ impl RepoResponse {
                     return Err(err("count u32 and one bit per id"));
                 }
                 let bits = payload.get(4..).unwrap_or_default();
+                // The bits past `count` in the last byte are zero: one
+                // answer has one encoding.
+                let spare = bits.last().copied().unwrap_or_default() >> (count % 8);
+                if count % 8 != 0 && spare != 0 {
+                    return Err(err("count u32 and one bit per id, the rest zero"));
+                }
                 let have = (0..count)
                     .map(|i| bits.get(i / 8).is_some_and(|b| b & (1 << (i % 8)) != 0))
                     .collect();
@@ -975,6 +981,19 @@ mod tests {
         assert!(RepoRequest::Forget { ids: Vec::new() }
             .check(&limits)
             .is_err());
+    }
+
+    #[test]
+    fn rejects_a_have_answer_with_bits_set_past_its_count() {
+        let limits = Limits::default();
+        // Three ids, all held: bits 0-2. Bit 3 set as well is refused.
+        for (bits, ok) in [(0b0000_0111u8, true), (0b0000_1111, false)] {
+            let mut payload = 3u32.to_le_bytes().to_vec();
+            payload.push(bits);
+            let parsed =
+                RepoResponse::parse(ResponseCode::HAVE_ANSWER, Bytes::from(payload), &limits);
+            assert_eq!(parsed.is_ok(), ok, "{bits:#010b}");
+        }
     }
 
     #[test]
