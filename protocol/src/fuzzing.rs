@@ -22,6 +22,7 @@ use crate::limits::Limits;
 use crate::message::{FilePacket, PacketHead, PublicKeyField, Request, RequestFrame, Response};
 use crate::name::{FileName, UserName, NAME_FIELD_LEN};
 use crate::reassembly::{Leniency, Reassembler};
+use crate::repo::message::RepoRequest;
 use crate::restore::FoundVersion;
 use crate::retrieval::{
     ListEntry, ListFlags, RetrievalRequest, RetrievalResponse, MAX_LIST_ENTRIES,
@@ -321,6 +322,8 @@ fn request_name_fields(request: &Request, dialect: Dialect) -> Vec<usize> {
     let payload = REQUEST_HEADER_LEN;
     match request {
         Request::SendFile(_) => vec![payload + PacketHead::len_in(dialect) - NAME_FIELD_LEN],
+        // The one repository request with a name field carries it first.
+        Request::Repo(RepoRequest::PassphraseLogin { .. }) => vec![payload],
         Request::Prove { .. } | Request::Repo(_) => Vec::new(),
         _ => vec![payload],
     }
