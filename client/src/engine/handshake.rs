@@ -287,8 +287,11 @@ impl Client {
             }
         }
         self.store.ensure_writable()?;
+        // The key first, as in `connect`: making it can take seconds on a
+        // loaded machine, and a connection that has sent nothing within the
+        // server's handshake deadline is closed.
+        let key = generate_key(self.options.dialect()).await?;
         let mut conn = self.open(true).await?;
-        let key = generate_key(conn.dialect()).await?;
         let mut session = self.new_session(&conn, name.clone(), key, None);
         let identity = self.register_on(&mut conn, &mut session, &name).await?;
         conn.close().await;
