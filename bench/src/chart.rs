@@ -86,7 +86,7 @@ impl Bars {
     pub fn svg(&self) -> Result<String> {
         let mut out = String::new();
         let groups = self.groups.len().max(1);
-        let width = u32::try_from(240 + 150 * groups).unwrap_or(4000).min(4000);
+        let width = u32::try_from(300 + 170 * groups).unwrap_or(4000).min(4000);
         let height = 520;
         {
             let root = SVGBackend::with_string(&mut out, (width, height)).into_drawing_area();
@@ -98,11 +98,11 @@ impl Bars {
                 .flatten()
                 .copied()
                 .fold(0.0_f64, f64::max);
-            let top = if top > 0.0 { top * 1.15 } else { 1.0 };
+            // Headroom over the tallest bar for its value and the legend.
+            let top = if top > 0.0 { top * 1.4 } else { 1.0 };
             let mut chart = ChartBuilder::on(&root)
                 .caption(&self.title, ("sans-serif", 20))
                 .margin(16)
-                .margin_right(220)
                 .x_label_area_size(40)
                 .y_label_area_size(70)
                 .build_cartesian_2d(0.0..groups as f64, 0.0..top)
@@ -147,12 +147,9 @@ impl Bars {
                 });
                 chart.draw_series(labels).map_err(plot_error)?;
             }
-            // The legend in the right margin, beside the bars.
-            let (plot_w, _) = chart.plotting_area().dim_in_pixel();
-            let legend_x = i32::try_from(plot_w).unwrap_or(0) + 12;
             chart
                 .configure_series_labels()
-                .position(SeriesLabelPosition::Coordinate(legend_x, 0))
+                .position(SeriesLabelPosition::UpperRight)
                 .margin(8)
                 .border_style(BLACK)
                 .background_style(WHITE.mix(0.9))
@@ -197,9 +194,14 @@ fn first_run(r: &Row) -> bool {
         && !r.tool.contains(" procs")
 }
 
+fn prune_op(r: &Row) -> bool {
+    r.scenario == "prune" && !r.op.starts_with("backup")
+}
+
 /// The charts a report makes, by file name: throughput and peak RSS of
 /// each tool's first backup and restore per scenario, and, when the prune
-/// scenario ran, the seconds and peak RSS of forget and prune.
+/// scenario ran, the seconds and peak RSS of forget and prune (the
+/// history's backups stay in the table).
 pub fn charts(report: &Report) -> Vec<(&'static str, Bars)> {
     let rows = &report.rows;
     let client_rss: Metric = ("", |r| r.client_rss_mib);
@@ -231,7 +233,7 @@ pub fn charts(report: &Report) -> Vec<(&'static str, Bars)> {
                 "Prune: wall seconds (lower is better)",
                 "seconds",
                 rows,
-                |r| r.scenario == "prune",
+                prune_op,
                 &[("", |r| Some(r.wall_s))],
             ),
         ),
@@ -241,7 +243,7 @@ pub fn charts(report: &Report) -> Vec<(&'static str, Bars)> {
                 "Prune: peak RSS (MiB, lower is better)",
                 "MiB",
                 rows,
-                |r| r.scenario == "prune",
+                prune_op,
                 &[client_rss],
             ),
         ),

@@ -113,6 +113,10 @@ struct Cli {
     /// and with --prune prune-seconds.svg and prune-rss.svg
     #[arg(long, value_name = "DIR", num_args = 0..=1, default_missing_value = "bench/out")]
     plot: Option<PathBuf>,
+    /// Draw the charts of a report saved with --json (into --plot's
+    /// folder) and exit: nothing is run
+    #[arg(long, value_name = "JSON")]
+    replot: Option<PathBuf>,
     /// Also run the prune scenario: a history of --prune-snapshots backups
     /// of a changing tree by ours and by restic, the newest --prune-keep
     /// kept, then `backup-server prune` against `restic prune` (alone:
@@ -215,6 +219,20 @@ struct Bench {
 }
 
 fn run(cli: &Cli) -> Result<()> {
+    if let Some(json) = &cli.replot {
+        let text =
+            fs::read_to_string(json).with_context(|| format!("reading {}", json.display()))?;
+        let report: Report = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not a report of --json", json.display()))?;
+        let dir = cli
+            .plot
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("bench/out"));
+        for path in chart::write(&report, &dir)? {
+            say(&format!("chart {}", path.display()));
+        }
+        return Ok(());
+    }
     let plan = Plan::of(cli);
     let bin_dir = match &cli.bin_dir {
         Some(d) => d.clone(),
@@ -270,10 +288,13 @@ fn run(cli: &Cli) -> Result<()> {
         started.elapsed().as_secs_f64()
     );
     println!("{}", report.table());
-    println!(
-        "Side by side (wall seconds; sent: what the tool reports, wire: counted by the relay):\n"
-    );
-    println!("{}", report.summary());
+    let summary = report.summary();
+    if summary.lines().count() > 2 {
+        println!(
+            "Side by side (wall seconds; sent: what the tool reports, wire: counted by the relay):\n"
+        );
+        println!("{summary}");
+    }
     if let Some(prune) = report.prune_summary() {
         println!("Prune, side by side (the prune's own process: seconds, CPU, peak RSS):\n");
         println!("{prune}");

@@ -3,14 +3,14 @@
 
 use std::fmt::Write as _;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// MB/s is decimal: 10^6 bytes per second.
 pub const MB: f64 = 1e6;
 pub const MIB: f64 = 1024.0 * 1024.0;
 
 /// One measurement.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Row {
     /// "large", "small", "concurrent" or "limit".
     pub scenario: String,
@@ -75,7 +75,7 @@ impl Row {
 }
 
 /// Everything one run produced.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Report {
     pub date: String,
     pub machine: Machine,
@@ -84,7 +84,7 @@ pub struct Report {
     pub skipped: Vec<String>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Machine {
     pub cpu_model: String,
     pub cpus: usize,
