@@ -23,6 +23,9 @@ pub struct Bars {
     pub series: Vec<String>,
     /// `values[series][group]`; `None`: the tool has no such row.
     pub values: Vec<Vec<Option<f64>>>,
+    /// Each series' colour: its tool's place in the report (the same in
+    /// every chart), lighter for a suffixed series (our server).
+    pub colors: Vec<(usize, bool)>,
 }
 
 /// A value read from a row, and the suffix its series gets (" server" for
@@ -35,6 +38,7 @@ impl Bars {
     fn collect(
         title: &str,
         unit: &str,
+        tools: &[&str],
         rows: &[Row],
         keep: impl Fn(&Row) -> bool,
         metrics: &[Metric],
@@ -66,12 +70,26 @@ impl Bars {
                 }
             }
         }
+        let colors = series
+            .iter()
+            .map(|name| {
+                let place = |t: &&str| {
+                    t == name
+                        || name
+                            .strip_prefix(*t)
+                            .is_some_and(|rest| rest.starts_with(' '))
+                };
+                let i = tools.iter().position(place).unwrap_or(tools.len());
+                (i, !tools.contains(&name.as_str()))
+            })
+            .collect();
         Self {
             title: title.into(),
             unit: unit.into(),
             groups,
             series,
             values,
+            colors,
         }
     }
 
@@ -118,7 +136,12 @@ impl Bars {
             let n = self.series.len().max(1) as f64;
             let bar = 0.8 / n;
             for (s, name) in self.series.iter().enumerate() {
-                let color = Palette99::pick(s).to_rgba();
+                let (place, light) = self.colors.get(s).copied().unwrap_or((s, false));
+                let color = if light {
+                    Palette99::pick(place).mix(0.45)
+                } else {
+                    Palette99::pick(place).to_rgba()
+                };
                 let row = self.values.get(s).cloned().unwrap_or_default();
                 let bars = row.iter().enumerate().filter_map(|(g, v)| {
                     let v = (*v)?;
@@ -204,6 +227,12 @@ fn prune_op(r: &Row) -> bool {
 /// history's backups stay in the table).
 pub fn charts(report: &Report) -> Vec<(&'static str, Bars)> {
     let rows = &report.rows;
+    let mut tools: Vec<&str> = Vec::new();
+    for r in rows.iter().filter(|r| r.scenario != "limit") {
+        if !tools.contains(&r.tool.as_str()) {
+            tools.push(&r.tool);
+        }
+    }
     let client_rss: Metric = ("", |r| r.client_rss_mib);
     let server_rss: Metric = (" server", |r| r.server_rss_mib);
     let all = [
@@ -212,6 +241,7 @@ pub fn charts(report: &Report) -> Vec<(&'static str, Bars)> {
             Bars::collect(
                 "Throughput: first backup and restore (MB/s, higher is better)",
                 "MB/s",
+                &tools,
                 rows,
                 first_run,
                 &[("", |r| Some(r.mb_s))],
@@ -222,6 +252,7 @@ pub fn charts(report: &Report) -> Vec<(&'static str, Bars)> {
             Bars::collect(
                 "Peak RSS: first backup and restore (MiB, lower is better)",
                 "MiB",
+                &tools,
                 rows,
                 first_run,
                 &[client_rss, server_rss],
@@ -232,6 +263,7 @@ pub fn charts(report: &Report) -> Vec<(&'static str, Bars)> {
             Bars::collect(
                 "Prune: wall seconds (lower is better)",
                 "seconds",
+                &tools,
                 rows,
                 prune_op,
                 &[("", |r| Some(r.wall_s))],
@@ -242,6 +274,7 @@ pub fn charts(report: &Report) -> Vec<(&'static str, Bars)> {
             Bars::collect(
                 "Prune: peak RSS (MiB, lower is better)",
                 "MiB",
+                &tools,
                 rows,
                 prune_op,
                 &[client_rss],
@@ -366,6 +399,11 @@ mod tests {
             ["ours/snapshot", "ours/snapshot server", "restic", "borg"]
         );
         assert_eq!(rss.values[1], [Some(21.0), Some(21.0), Some(21.0)]);
+        // A tool keeps its colour from chart to chart; our server's bars
+        // are a lighter shade of ours.
+        assert_eq!(throughput.colors, [(0, false), (1, false), (2, false)]);
+        assert_eq!(rss.colors, [(0, false), (0, true), (1, false), (2, false)]);
+        assert_eq!(charts[2].1.colors, [(1, false)]);
     }
 
     #[test]
