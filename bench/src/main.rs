@@ -5,6 +5,7 @@
 //! over a private sshd; rustic on a local repository). See
 //! `bench/README.md`.
 
+mod chart;
 mod compare;
 mod data;
 mod limits;
@@ -13,6 +14,7 @@ mod mode;
 mod ours;
 mod ours_runs;
 mod peers;
+mod prune;
 mod relay;
 mod report;
 mod sshd;
@@ -106,6 +108,40 @@ struct Cli {
     /// Also write the results as CSV to this file
     #[arg(long, value_name = "PATH")]
     csv: Option<PathBuf>,
+    /// Also draw SVG charts of the results into DIR: throughput.svg and
+    /// peak-rss.svg (each tool's first backup and restore per scenario),
+    /// and with --prune prune-seconds.svg and prune-rss.svg
+    #[arg(long, value_name = "DIR", num_args = 0..=1, default_missing_value = "bench/out")]
+    plot: Option<PathBuf>,
+    /// Draw the charts of a report saved with --json (into --plot's
+    /// folder) and exit: nothing is run
+    #[arg(long, value_name = "JSON")]
+    replot: Option<PathBuf>,
+    /// Also run the prune scenario: a history of --prune-snapshots backups
+    /// of a changing tree by ours and by restic, the newest --prune-keep
+    /// kept, then `backup-server prune` against `restic prune` (alone:
+    /// `--prune --skip large,small,concurrent --no-compare`; restic is
+    /// left out only by a --tools list without it)
+    #[arg(long)]
+    prune: bool,
+    /// Size of the prune scenario's tree in MiB (1,000 files)
+    #[arg(
+        long,
+        env = "BENCH_PRUNE_SIZE_MIB",
+        default_value_t = 2048,
+        value_name = "MIB"
+    )]
+    prune_size: u64,
+    /// Backups in the prune scenario's history
+    #[arg(long, default_value_t = 100, value_name = "N")]
+    prune_snapshots: u32,
+    /// Snapshots kept (the newest) before the prune
+    #[arg(long, default_value_t = 25, value_name = "N")]
+    prune_keep: u32,
+    /// Percentage of the files rewritten before each backup of the history
+    /// (2 with 25 of 100 kept: about half the bytes written become garbage)
+    #[arg(long, default_value_t = 2, value_name = "PERCENT")]
+    prune_churn: u32,
 }
 
 /// Sizes of one run.
@@ -183,6 +219,20 @@ struct Bench {
 }
 
 fn run(cli: &Cli) -> Result<()> {
+    if let Some(json) = &cli.replot {
+        let text =
+            fs::read_to_string(json).with_context(|| format!("reading {}", json.display()))?;
+        let report: Report = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not a report of --json", json.display()))?;
+        let dir = cli
+            .plot
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("bench/out"));
+        for path in chart::write(&report, &dir)? {
+            say(&format!("chart {}", path.display()));
+        }
+        return Ok(());
+    }
     let plan = Plan::of(cli);
     let bin_dir = match &cli.bin_dir {
         Some(d) => d.clone(),
@@ -238,16 +288,28 @@ fn run(cli: &Cli) -> Result<()> {
         started.elapsed().as_secs_f64()
     );
     println!("{}", report.table());
-    println!(
-        "Side by side (wall seconds; sent: what the tool reports, wire: counted by the relay):\n"
-    );
-    println!("{}", report.summary());
+    let summary = report.summary();
+    if summary.lines().count() > 2 {
+        println!(
+            "Side by side (wall seconds; sent: what the tool reports, wire: counted by the relay):\n"
+        );
+        println!("{summary}");
+    }
+    if let Some(prune) = report.prune_summary() {
+        println!("Prune, side by side (the prune's own process: seconds, CPU, peak RSS):\n");
+        println!("{prune}");
+    }
     if let Some(p) = &cli.json {
         fs::write(p, serde_json::to_string_pretty(&report)?)
             .with_context(|| format!("writing {}", p.display()))?;
     }
     if let Some(p) = &cli.csv {
         fs::write(p, report.csv()).with_context(|| format!("writing {}", p.display()))?;
+    }
+    if let Some(dir) = &cli.plot {
+        for path in chart::write(&report, dir)? {
+            say(&format!("chart {}", path.display()));
+        }
     }
     match result {
         Ok(()) if !cli.keep => {
@@ -352,9 +414,30 @@ impl Bench {
                 self.concurrent(mode, &tool)?;
             }
         }
-        if cli.no_compare {
-            return Ok(());
+        if !cli.no_compare {
+            self.compare_all(cli, expected_large, expected_small, &large, &small)?;
         }
+        if cli.prune {
+            let plan = prune::PrunePlan {
+                size: cli.prune_size.max(1) << 20,
+                snapshots: cli.prune_snapshots,
+                keep: cli.prune_keep,
+                churn_percent: cli.prune_churn,
+            };
+            let with_restic = cli.tools.as_ref().is_none_or(|t| t.contains(&Tool::Restic));
+            self.prune(plan, with_restic)?;
+        }
+        Ok(())
+    }
+
+    fn compare_all(
+        &mut self,
+        cli: &Cli,
+        expected_large: Option<data::Sha>,
+        expected_small: Option<std::collections::BTreeMap<PathBuf, data::Sha>>,
+        large: &Path,
+        small: &Path,
+    ) -> Result<()> {
         let mut tools = cli.tools.clone().unwrap_or_else(|| Tool::DEFAULT.to_vec());
         for (with, tool) in [
             (cli.with_bupstash, Tool::Bupstash),
@@ -366,10 +449,10 @@ impl Bench {
         }
         let mut sets: Vec<peers::Set> = Vec::new();
         if let Some(sha) = expected_large {
-            sets.push(("large", large.clone(), Expected::File(sha)));
+            sets.push(("large", large.to_owned(), Expected::File(sha)));
         }
         if let Some(tree) = expected_small {
-            sets.push(("small", small.clone(), Expected::Tree(tree)));
+            sets.push(("small", small.to_owned(), Expected::Tree(tree)));
         }
         self.compare(&tools, &sets)
     }

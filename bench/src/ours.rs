@@ -287,7 +287,8 @@ impl Client {
         })
     }
 
-    fn cmd(&self) -> Cmd {
+    /// The client with its global flags; a subcommand follows.
+    pub fn cmd(&self) -> Cmd {
         Cmd::new(&self.bin).args(&self.global)
     }
 

@@ -3,14 +3,14 @@
 
 use std::fmt::Write as _;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// MB/s is decimal: 10^6 bytes per second.
 pub const MB: f64 = 1e6;
 pub const MIB: f64 = 1024.0 * 1024.0;
 
 /// One measurement.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Row {
     /// "large", "small", "concurrent" or "limit".
     pub scenario: String,
@@ -75,7 +75,7 @@ impl Row {
 }
 
 /// Everything one run produced.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Report {
     pub date: String,
     pub machine: Machine,
@@ -84,7 +84,7 @@ pub struct Report {
     pub skipped: Vec<String>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Machine {
     pub cpu_model: String,
     pub cpus: usize,
@@ -188,6 +188,19 @@ const SUMMARY: [&str; 10] = [
     "peak RSS cli / srv MiB",
 ];
 
+/// Columns of the prune summary: one line per tool.
+const PRUNE_SUMMARY: [&str; 9] = [
+    "tool",
+    "backups s (sum)",
+    "forget s",
+    "prune s",
+    "prune CPU s",
+    "prune peak RSS MiB",
+    "repository before",
+    "after",
+    "reclaimed",
+];
+
 impl Report {
     /// A Markdown table (readable as plain text too), notes below it.
     pub fn table(&self) -> String {
@@ -277,6 +290,54 @@ impl Report {
             let _ = writeln!(out, "| {} |", line.join(" | "));
         }
         out
+    }
+
+    /// The prune scenario side by side, one line per tool: the history's
+    /// backups, the forget, the prune (its seconds, CPU and peak RSS), and
+    /// the repository before and after; `None` when it did not run.
+    pub fn prune_summary(&self) -> Option<String> {
+        let mut tools: Vec<&str> = Vec::new();
+        for r in self.rows.iter().filter(|r| r.scenario == "prune") {
+            if !tools.contains(&r.tool.as_str()) {
+                tools.push(&r.tool);
+            }
+        }
+        if tools.is_empty() {
+            return None;
+        }
+        let find = |tool: &str, op: &str| {
+            self.rows
+                .iter()
+                .find(|r| r.scenario == "prune" && r.tool == tool && r.op.starts_with(op))
+        };
+        let mut out = String::new();
+        let _ = writeln!(out, "| {} |", PRUNE_SUMMARY.join(" | "));
+        let _ = writeln!(out, "|---|{}", "---:|".repeat(PRUNE_SUMMARY.len() - 1));
+        for tool in tools {
+            let backups = find(tool, "backup");
+            let forget = find(tool, "forget");
+            let prune = find(tool, "prune");
+            let reclaimed = prune.and_then(|p| {
+                let after = p.stored_bytes?;
+                Some(format!(
+                    "{:.1} %",
+                    p.bytes.saturating_sub(after) as f64 * 100.0 / p.bytes.max(1) as f64
+                ))
+            });
+            let line = [
+                tool.to_owned(),
+                opt(backups.map(|r| r.wall_s), 1),
+                opt(forget.map(|r| r.wall_s), 2),
+                opt(prune.map(|r| r.wall_s), 2),
+                opt(prune.and_then(|r| r.client_cpu_s), 2),
+                opt(prune.and_then(|r| r.client_rss_mib), 1),
+                amount(prune.map(|r| r.bytes)),
+                amount(prune.and_then(|r| r.stored_bytes)),
+                reclaimed.unwrap_or_else(|| "-".into()),
+            ];
+            let _ = writeln!(out, "| {} |", line.join(" | "));
+        }
+        Some(out)
     }
 
     /// The rows as CSV, with a header line.
@@ -399,6 +460,28 @@ mod tests {
         assert_eq!(amount(Some(12 * 1024)), "12 KiB");
         assert_eq!(amount(None), "-");
         assert!(!s.contains("procs"));
+    }
+
+    #[test]
+    fn prune_summary_puts_each_tools_prune_on_one_line() {
+        assert!(report().prune_summary().is_none());
+        let mut prune = Row::new("prune", "restic", "prune", 200 << 20, 1, 4.0);
+        prune.stored_bytes = Some(150 << 20);
+        prune.client_rss_mib = Some(90.0);
+        prune.client_cpu_s = Some(3.0);
+        let rows = vec![
+            Row::new("prune", "restic", "backup ×100", 64 << 20, 1000, 120.0),
+            Row::new("prune", "restic", "forget", 200 << 20, 1, 0.5),
+            prune,
+        ];
+        let s = Report { rows, ..report() }.prune_summary().unwrap();
+        assert_eq!(s.lines().count(), 3, "{s}");
+        assert!(
+            s.contains(
+                "| restic | 120.0 | 0.50 | 4.00 | 3.00 | 90.0 | 200.0 MiB | 150.0 MiB | 25.0 % |"
+            ),
+            "{s}"
+        );
     }
 
     #[test]
