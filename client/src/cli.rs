@@ -9,9 +9,9 @@ mod snapshot;
 pub use key::{read_passphrase, ENV_PASSPHRASE};
 
 pub use args::{
-    BackupArgs, CheckArgs, Cli, Command, CompletionsArgs, DeleteArgs, DiffArgs, ExportArgs, GlobalArgs,
-    KeyArgs, KeyCommand, ListArgs, LoginArgs, LsArgs, ManArgs, PassphraseFile, RegisterArgs,
-    RestoreArgs, SnapshotsArgs,
+    BackupArgs, CheckArgs, Cli, Command, CompletionsArgs, DeleteArgs, DiffArgs, ExportArgs,
+    GlobalArgs, KeyArgs, KeyCommand, ListArgs, LoginArgs, LsArgs, ManArgs, PassphraseFile,
+    RegisterArgs, RestoreArgs, SnapshotsArgs,
 };
 
 use std::path::{Path, PathBuf};

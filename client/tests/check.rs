@@ -182,7 +182,11 @@ fn flip(path: &Path, at: usize) {
 fn make_folder(root: &Path) {
     write_file(&root.join("big.bin"), 20 << 20, 3);
     for i in 0..12 {
-        write_file(&root.join(format!("sub/small{i}.txt")), 200 + i * 50, i as u32);
+        write_file(
+            &root.join(format!("sub/small{i}.txt")),
+            200 + i * 50,
+            i as u32,
+        );
     }
     write_file(&root.join("top.txt"), 5000, 99);
 }
@@ -268,7 +272,12 @@ async fn a_clean_repository_checks_clean_and_a_subset_reads_less() {
     std::fs::write(&passphrase, "a check of the passphrase\n").unwrap();
     let passphrase_arg = passphrase.to_string_lossy().into_owned();
     let out = s
-        .client(&["key", "add-passphrase", "--passphrase-file", &passphrase_arg])
+        .client(&[
+            "key",
+            "add-passphrase",
+            "--passphrase-file",
+            &passphrase_arg,
+        ])
         .await;
     assert!(out.status.success(), "add-passphrase: {}", stderr(&out));
     let (_, by_passphrase) = s
@@ -361,10 +370,18 @@ async fn a_flipped_byte_in_a_pack_is_found_by_read_data_and_after_scrub_repair_b
         ids.map(|id| (id, "folder/big.bin".to_owned())).to_vec(),
         "{marked}"
     );
-    assert!(stderr(&out).contains("missing on the server"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("missing on the server"),
+        "{}",
+        stderr(&out)
+    );
     // Only the first of two: the other is not named.
     let (_, one) = s.check(&[&ids[0].to_string()], 5).await;
-    assert_eq!(one["damaged_snapshots"], serde_json::json!([ids[0]]), "{one}");
+    assert_eq!(
+        one["damaged_snapshots"],
+        serde_json::json!([ids[0]]),
+        "{one}"
+    );
 
     // The next backup uploads the chunks again and heals both snapshots.
     let out = s.client(&["backup", "--force-read", &folder_arg]).await;
@@ -398,7 +415,9 @@ async fn a_damaged_tree_or_a_lost_pack_fails_the_check_naming_the_paths() {
     assert_eq!(damaged_paths(&v), [(id, "folder/sub".to_owned())], "{v}");
     let err = stderr(&out);
     assert!(
-        err.contains(&format!("snapshot {id}: folder/sub: its directory listing does not open")),
+        err.contains(&format!(
+            "snapshot {id}: folder/sub: its directory listing does not open"
+        )),
         "{err}"
     );
     flip(&sub.pack, sub.offset + sub.len / 2);
@@ -417,7 +436,11 @@ async fn a_damaged_tree_or_a_lost_pack_fails_the_check_naming_the_paths() {
     let failures = read["server_failures"].as_u64().unwrap();
     assert!(failures >= 4, "{read}");
     assert_eq!(read["damaged_objects"], failures, "{read}");
-    assert_eq!(damaged_paths(&read), [(id, "folder/big.bin".to_owned())], "{read}");
+    assert_eq!(
+        damaged_paths(&read),
+        [(id, "folder/big.bin".to_owned())],
+        "{read}"
+    );
     assert!(stderr(&out).contains("the server failed while reading it"));
     // Every other chunk was read.
     assert_eq!(

@@ -385,7 +385,10 @@ pub(super) async fn check(
     };
     // The damage is what a check is run for: printed even with --quiet.
     for d in &summary.damage {
-        console.print_error(&format!("snapshot {}: {}: {}", d.snapshot, d.path, d.problem));
+        console.print_error(&format!(
+            "snapshot {}: {}: {}",
+            d.snapshot, d.path, d.problem
+        ));
     }
     if global.json {
         let mut v = serde_json::to_value(&summary).unwrap_or_default();

@@ -139,7 +139,7 @@ pub struct CheckSummary {
     /// without it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub read_data: Option<String>,
-    /// Chunks fetched and opened.
+    /// Chunks fetched (each then opened).
     pub objects_read: u64,
     /// Sealed bytes fetched: trees and chunks.
     pub bytes_read: u64,
@@ -403,7 +403,7 @@ fn file_problem(bad: &[(usize, String)], of: usize) -> String {
     let named: Vec<String> = bad
         .iter()
         .take(3)
-        .map(|(i, p)| format!("chunk {} {p}", i + 1))
+        .map(|(i, p)| format!("chunk {}: {p}", i + 1))
         .collect();
     let more = if bad.len() > 3 {
         format!("; and {} more", bad.len() - 3)
@@ -465,7 +465,12 @@ impl Checker<'_> {
 
     /// Pass 2: "have" for every chunk, then the chosen ones read.
     async fn content(&mut self, read: Option<Subset>) -> Result<(), Error> {
-        let have = self.conn.r.remote.have(self.found.content.as_slice()).await?;
+        let have = self
+            .conn
+            .r
+            .remote
+            .have(self.found.content.as_slice())
+            .await?;
         let mut held = Vec::new();
         for (i, h) in have.into_iter().enumerate() {
             let i = u32::try_from(i).unwrap_or(u32::MAX);
@@ -515,8 +520,10 @@ impl Checker<'_> {
             let mut indices = Vec::new();
             let mut bytes = 0u64;
             while let Some(&i) = chosen.get(next) {
-                let estimate = u64::from(self.found.estimates.get(i as usize).copied().unwrap_or(0));
-                if indices.len() == FETCH_IDS || (!indices.is_empty() && bytes + estimate > FETCH_BYTES)
+                let estimate =
+                    u64::from(self.found.estimates.get(i as usize).copied().unwrap_or(0));
+                if indices.len() == FETCH_IDS
+                    || (!indices.is_empty() && bytes + estimate > FETCH_BYTES)
                 {
                     break;
                 }
@@ -530,10 +537,8 @@ impl Checker<'_> {
                 .collect();
             let mut got = Vec::with_capacity(ids.len());
             let answered = self.conn.fetch(&ids, |g| got.push(g)).await?;
-            self.found.summary.objects_read += got
-                .iter()
-                .filter(|g| !matches!(g, Got::Missing(_)))
-                .count() as u64;
+            self.found.summary.objects_read +=
+                got.iter().filter(|g| matches!(g, Got::Object(..))).count() as u64;
             if let Some(j) = job.take() {
                 self.settle(j).await?;
             }
@@ -618,7 +623,10 @@ impl Checker<'_> {
             }),
             Err(p) => {
                 self.found.bad_trees.insert(snap.root, p.clone());
-                report(String::new(), format!("{p}; nothing in the snapshot could be checked"));
+                report(
+                    String::new(),
+                    format!("{p}; nothing in the snapshot could be checked"),
+                );
             }
         }
         while let Some(frame) = frames.last_mut() {
@@ -715,7 +723,10 @@ impl Client {
                     what: format!("snapshot {spec}"),
                 });
             };
-            if !entries.iter().any(|e: &&protocol::repo::message::SnapshotEntry| e.id == entry.id) {
+            if !entries
+                .iter()
+                .any(|e: &&protocol::repo::message::SnapshotEntry| e.id == entry.id)
+            {
                 entries.push(entry);
             }
         }
@@ -776,7 +787,9 @@ impl Client {
                 State::Held | State::Sound => {}
             }
         }
-        summary.damage.sort_by(|a, b| (a.snapshot, &a.path).cmp(&(b.snapshot, &b.path)));
+        summary
+            .damage
+            .sort_by(|a, b| (a.snapshot, &a.path).cmp(&(b.snapshot, &b.path)));
         summary.damaged_snapshots = summary.damage.iter().map(|d| d.snapshot).collect();
         summary.damaged_snapshots.dedup();
         Ok(summary)
@@ -840,7 +853,10 @@ mod tests {
         let bad: Vec<(usize, String)> = (0..5).map(|i| (i, "missing".to_owned())).collect();
         let text = file_problem(&bad, 9);
         assert!(text.starts_with("5 of its 9 chunks"), "{text}");
-        assert!(text.contains("chunk 3 missing") && !text.contains("chunk 4"), "{text}");
+        assert!(
+            text.contains("chunk 3: missing") && !text.contains("chunk 4"),
+            "{text}"
+        );
         assert!(text.ends_with("and 2 more"), "{text}");
     }
 }
