@@ -378,12 +378,12 @@ impl Found {
     }
 }
 
+/// What opening a batch of chunks found: per chunk, its index, state and
+/// why it is damaged.
+type Verdicts = Vec<(u32, State, Option<String>)>;
+
 /// Opens the chunks of one fetched batch: its indices and answers.
-fn verify(
-    mut opener: Opener,
-    id_key: IdKey,
-    batch: Vec<(u32, Got)>,
-) -> (Opener, Vec<(u32, State, Option<String>)>) {
+fn verify(mut opener: Opener, id_key: IdKey, batch: Vec<(u32, Got)>) -> (Opener, Verdicts) {
     let out = batch
         .into_iter()
         .map(|(i, got)| match got {
@@ -566,7 +566,7 @@ impl Checker<'_> {
 
     async fn settle(
         &mut self,
-        job: tokio::task::JoinHandle<(Opener, Vec<(u32, State, Option<String>)>)>,
+        job: tokio::task::JoinHandle<(Opener, Verdicts)>,
     ) -> Result<(), Error> {
         let (opener, results) = job
             .await
@@ -701,7 +701,16 @@ impl Client {
         specs: &[String],
         read: Option<Subset>,
     ) -> Result<CheckSummary, Error> {
-        let (mut r, _) = self.reader().await?;
+        let (mut r, _) = match self.reader().await {
+            // No snapshot was ever made: nothing to check.
+            Err(Error::NoRepositoryKey) if specs.is_empty() => {
+                return Ok(CheckSummary {
+                    read_data: read.map(|s| s.to_string()),
+                    ..CheckSummary::default()
+                })
+            }
+            other => other?,
+        };
         let listed = match r.remote.snapshots().await {
             Ok(l) => l,
             Err(e) => {
