@@ -9,9 +9,9 @@ mod snapshot;
 pub use key::{read_passphrase, ENV_PASSPHRASE};
 
 pub use args::{
-    BackupArgs, Cli, Command, CompletionsArgs, DeleteArgs, DiffArgs, ExportArgs, GlobalArgs,
-    KeyArgs, KeyCommand, ListArgs, LoginArgs, LsArgs, ManArgs, PassphraseFile, RegisterArgs,
-    RestoreArgs, SnapshotsArgs,
+    BackupArgs, CheckArgs, Cli, Command, CompletionsArgs, DeleteArgs, DiffArgs, ExportArgs,
+    GlobalArgs, KeyArgs, KeyCommand, ListArgs, LoginArgs, LsArgs, ManArgs, PassphraseFile,
+    RegisterArgs, RestoreArgs, SnapshotsArgs,
 };
 
 use std::path::{Path, PathBuf};
@@ -133,6 +133,12 @@ pub async fn run(cli: Cli, cwd: &Path) -> u8 {
         Some(Command::Diff(args)) => {
             match reading_client(&cli.global, &args.login, cwd, &console) {
                 Ok(client) => snapshot::diff(&client, args, &cli.global, &console).await,
+                Err(e) => Err(e),
+            }
+        }
+        Some(Command::Check(args)) => {
+            match reading_client(&cli.global, &args.login, cwd, &console) {
+                Ok(client) => snapshot::check(&client, args, &cli.global, &console).await,
                 Err(e) => Err(e),
             }
         }

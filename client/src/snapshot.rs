@@ -5,6 +5,7 @@
 
 pub mod backup;
 pub mod cache;
+pub mod check;
 pub mod chunk;
 pub mod diff;
 pub mod forget;

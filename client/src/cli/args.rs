@@ -167,6 +167,12 @@ pub enum Command {
     /// T type, U mode or time only
     #[command(after_help = EXIT_STATUS)]
     Diff(DiffArgs),
+    /// Check that snapshots restore: every tree is read, opened and
+    /// parsed, and the server is asked whether it holds every chunk; with
+    /// --read-data (or a subset of it) the chunks are read and opened too.
+    /// Names each damaged snapshot and path (exit status 5)
+    #[command(after_help = CHECK_HELP)]
+    Check(CheckArgs),
     /// List the files stored on the server: name, size, time stored (UTC)
     /// and checksum of the newest version of each, or of every version
     #[command(after_help = EXIT_STATUS)]
@@ -335,6 +341,42 @@ pub struct LoginArgs {
     /// The client's name, for --passphrase [default: `name` in config.toml]
     #[arg(long = "name", value_name = "NAME", requires = "passphrase")]
     pub login_name: Option<String>,
+}
+
+const CHECK_HELP: &str = "\
+Without --read-data, content is known to be held only by the server's word \
+(its index): a pack damaged or lost on its disk is found by --read-data, or \
+by the server's operator with `backup-server scrub`, which needs no key. \
+Each object is read once however many snapshots reference it.
+
+Exit status:
+  0  no damage found
+  2  usage error (a backup-only key, which cannot read)
+  3  server unreachable
+  4  rejected by the server (wrong passphrase; the server failed more
+     than 64 times while reading objects)
+  5  damage found: each damaged snapshot and path is named on standard
+     error
+  7  not found: no such snapshot";
+
+/// `check`.
+#[derive(Debug, Clone, Args)]
+pub struct CheckArgs {
+    /// Snapshots to check, by number or `latest` [default: every snapshot
+    /// of this client]
+    #[arg(value_name = "SNAPSHOT")]
+    pub snapshots: Vec<String>,
+    /// Also fetch and open every chunk: its tag and that it hashes to its
+    /// id
+    #[arg(long, conflicts_with = "read_data_subset")]
+    pub read_data: bool,
+    /// Fetch and open only a part of the chunks: `P%` chosen at random
+    /// (e.g. 5% or 0.5%), or `N/M`, the N-th of M groups by object id (1/5
+    /// to 5/5 cover everything once)
+    #[arg(long, value_name = "P% | N/M")]
+    pub read_data_subset: Option<crate::snapshot::check::Subset>,
+    #[command(flatten)]
+    pub login: LoginArgs,
 }
 
 /// `snapshots`.

@@ -7,13 +7,14 @@ use std::sync::Arc;
 
 use protocol::UserName;
 
-use super::args::{BackupArgs, DiffArgs, ForgetArgs, GlobalArgs, LsArgs, RestoreArgs};
+use super::args::{BackupArgs, CheckArgs, DiffArgs, ForgetArgs, GlobalArgs, LsArgs, RestoreArgs};
 use super::utc_time;
 use crate::engine::Client;
 use crate::error::Error;
 use crate::exclude::{self, Rules};
 use crate::feedback::{Console, Feedback};
 use crate::snapshot::backup::{SnapshotOptions, SnapshotSummary};
+use crate::snapshot::check::{CheckSummary, Subset};
 use crate::snapshot::forget::KeepPolicy;
 use crate::snapshot::restore::RestoreSummary;
 
@@ -357,4 +358,90 @@ pub(super) async fn diff(
     }
     console.say(&format!("snapshot {a} to {b}: {} changes", changes.len()));
     Ok(0)
+}
+
+/// `check [SNAPSHOT...] [--read-data | --read-data-subset P%|N/M]`.
+pub(super) async fn check(
+    client: &Client,
+    args: &CheckArgs,
+    global: &GlobalArgs,
+    console: &Console,
+) -> Result<u8, Error> {
+    if client.options().legacy || global.per_file {
+        return Err(Error::Usage {
+            detail: "check reads snapshots, in secure mode only".into(),
+        });
+    }
+    let read = if args.read_data {
+        Some(Subset::All)
+    } else {
+        args.read_data_subset
+    };
+    let summary = client.check(&args.snapshots, read).await?;
+    let code = if summary.is_clean() {
+        0
+    } else {
+        crate::error::ErrorKind::Verification.exit_code()
+    };
+    // The damage is what a check is run for: printed even with --quiet.
+    for d in &summary.damage {
+        console.print_error(&format!(
+            "snapshot {}: {}: {}",
+            d.snapshot, d.path, d.problem
+        ));
+    }
+    if global.json {
+        let mut v = serde_json::to_value(&summary).unwrap_or_default();
+        v["ok"] = serde_json::json!(code == 0);
+        v["exit_code"] = serde_json::json!(code);
+        v["server"] = serde_json::json!(client.options().server);
+        println!("{v}");
+    } else {
+        console.say(&check_line(&summary, &client.options().server));
+    }
+    Ok(code)
+}
+
+/// The one line that ends a check.
+fn check_line(s: &CheckSummary, server: &str) -> String {
+    let read = match &s.read_data {
+        Some(which) => format!(
+            "; read {} objects ({}, {} chosen){}",
+            s.objects_read,
+            size(s.bytes_read),
+            which,
+            if s.unchecked_objects > 0 {
+                format!(
+                    ", {} left unread after the server failed {} times",
+                    s.unchecked_objects, s.server_failures
+                )
+            } else {
+                String::new()
+            }
+        ),
+        None => String::new(),
+    };
+    let found = if s.is_clean() {
+        "no damage found".to_owned()
+    } else {
+        let list: Vec<String> = s.damaged_snapshots.iter().map(u64::to_string).collect();
+        format!(
+            "DAMAGE in {} snapshot{} ({}), {} path{}: {} objects missing, {} damaged, {} trees damaged",
+            s.damaged_snapshots.len(),
+            if s.damaged_snapshots.len() == 1 { "" } else { "s" },
+            list.join(", "),
+            s.damage.len(),
+            if s.damage.len() == 1 { "" } else { "s" },
+            s.missing_objects,
+            s.damaged_objects,
+            s.damaged_trees,
+        )
+    };
+    format!(
+        "checked {} snapshot{} on {server}: {} trees, {} objects held{read}; {found}",
+        s.snapshots,
+        if s.snapshots == 1 { "" } else { "s" },
+        s.trees,
+        s.objects - s.missing_objects.min(s.objects),
+    )
 }

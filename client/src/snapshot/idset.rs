@@ -44,9 +44,21 @@ impl IdSet {
         }
     }
 
-    #[cfg(test)]
     pub(super) fn len(&self) -> usize {
         self.ids.len()
+    }
+
+    /// Where `id` is in the order first inserted, if it is here.
+    pub(super) fn position(&self, id: &ObjectId) -> Option<u32> {
+        let ids = &self.ids;
+        self.index
+            .find(hash(id), |i| ids.get(*i as usize) == Some(id))
+            .copied()
+    }
+
+    /// The ids, in the order first inserted.
+    pub(super) fn as_slice(&self) -> &[ObjectId] {
+        &self.ids
     }
 
     pub(super) fn iter(&self) -> impl Iterator<Item = &ObjectId> {
@@ -82,5 +94,8 @@ mod tests {
         assert_eq!(order[0], id(0));
         assert_eq!(order[9_999], id(9_999));
         assert_eq!(order[10_000], same_head);
+        assert_eq!(set.position(&same_head), Some(10_000));
+        assert_eq!(set.position(&id(7)), Some(7));
+        assert_eq!(set.position(&id(10_000)), None);
     }
 }

@@ -319,38 +319,56 @@ impl Remote {
         }
     }
 
-    /// The sealed bytes of `ids` (at most [`MAX_FETCH_IDS`]), in order.
+    /// The sealed bytes of `ids`, in order, [`MAX_FETCH_IDS`] a request.
     pub async fn fetch(&mut self, ids: &[ObjectId]) -> Result<Vec<Fetched>, Error> {
         let mut out = Vec::with_capacity(ids.len());
         for batch in ids.chunks(MAX_FETCH_IDS) {
-            let doing = "fetching objects";
-            self.send(
-                RepoRequest::Fetch {
-                    ids: batch.to_vec(),
-                },
-                doing,
-            )
-            .await?;
-            let mut receiver = FetchReceiver::new(batch);
-            while !receiver.done() {
-                let response = self.conn.recv(doing).await?;
-                if matches!(response, Response::GeneralError) {
-                    return Err(Error::ServerFailed {
-                        server: self.server.clone(),
-                        request: doing.to_owned(),
-                        times: 1,
-                    });
-                }
-                if let Some(f) = receiver
-                    .handle(response)
-                    .map_err(|e| self.protocol(e.to_string()))?
-                {
-                    out.push(f);
-                }
+            let mut receiver = self.fetch_begin(batch).await?;
+            while let Some(f) = self.fetch_next(&mut receiver).await? {
+                out.push(f);
             }
-            self.answered = true;
         }
         Ok(out)
+    }
+
+    /// Asks for `ids` (1 to [`MAX_FETCH_IDS`]); their answers are then
+    /// read one object at a time with [`Remote::fetch_next`], so that
+    /// memory holds one object, not the whole answer.
+    pub async fn fetch_begin(&mut self, ids: &[ObjectId]) -> Result<FetchReceiver, Error> {
+        self.send(RepoRequest::Fetch { ids: ids.to_vec() }, "fetching objects")
+            .await?;
+        Ok(FetchReceiver::new(ids))
+    }
+
+    /// The next answer of the fetch `receiver` tracks, in the order asked;
+    /// `None` once every id is answered.
+    ///
+    /// # Errors
+    /// [`Error::ServerFailed`] when the server answers 1607 (it could not
+    /// read an object, and ends the connection); else as any exchange.
+    pub async fn fetch_next(
+        &mut self,
+        receiver: &mut FetchReceiver,
+    ) -> Result<Option<Fetched>, Error> {
+        let doing = "fetching objects";
+        while !receiver.done() {
+            let response = self.conn.recv(doing).await?;
+            if matches!(response, Response::GeneralError) {
+                return Err(Error::ServerFailed {
+                    server: self.server.clone(),
+                    request: doing.to_owned(),
+                    times: 1,
+                });
+            }
+            if let Some(f) = receiver
+                .handle(response)
+                .map_err(|e| self.protocol(e.to_string()))?
+            {
+                self.answered = true;
+                return Ok(Some(f));
+            }
+        }
+        Ok(None)
     }
 
     /// Stores a key envelope in `slot`; `false` when the slot is written

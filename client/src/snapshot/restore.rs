@@ -79,8 +79,8 @@ pub struct RestoreSummary {
 /// A connection with the keys to read the repository.
 pub(super) struct Reader {
     pub(super) remote: Remote,
-    id_key: IdKey,
-    open_key: OpenKey,
+    pub(super) id_key: IdKey,
+    pub(super) open_key: OpenKey,
     opener: Opener,
 }
 
