@@ -855,6 +855,56 @@ mod tests {
     }
 
     #[test]
+    fn reads_the_metrics_listener_from_flag_or_file_and_refuses_a_client_port() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = load(&parse(&[]), dir.path(), no_env).unwrap();
+        assert_eq!(s.metrics_listen, None);
+        assert!(s.describe().contains("# metrics_listen unset"));
+        let toml = dir.path().join("server.toml");
+        std::fs::write(&toml, "metrics_listen = \"127.0.0.1:9256\"\n").unwrap();
+        let cfg = toml.to_str().unwrap();
+        let s = load(&parse(&["--config", cfg]), dir.path(), no_env).unwrap();
+        assert_eq!(s.metrics_listen, Some("127.0.0.1:9256".parse().unwrap()));
+        assert!(s
+            .describe()
+            .contains("metrics_listen = \"127.0.0.1:9256\"\n"));
+        assert!(
+            s.warnings.iter().all(|w| !w.contains("metrics_listen")),
+            "{:?}",
+            s.warnings
+        );
+        let s = load(
+            &parse(&["--config", cfg, "--metrics-listen", "0.0.0.0:9300"]),
+            dir.path(),
+            no_env,
+        )
+        .unwrap();
+        assert_eq!(s.metrics_listen, Some("0.0.0.0:9300".parse().unwrap()));
+        assert!(
+            s.warnings.iter().any(|w| w.contains("metrics_listen")),
+            "an address open to all is warned about"
+        );
+        let err = load(
+            &parse(&[
+                "--listen",
+                "127.0.0.1:7000",
+                "--metrics-listen",
+                "127.0.0.1:7000",
+            ]),
+            dir.path(),
+            no_env,
+        )
+        .unwrap_err();
+        assert!(matches!(
+            err,
+            ConfigError::Invalid {
+                key: "metrics_listen",
+                ..
+            }
+        ));
+    }
+
+    #[test]
     fn check_refuses_a_data_dir_that_is_a_file() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("f");
