@@ -81,6 +81,15 @@ pub(crate) enum Refusal {
 }
 
 impl Refusal {
+    /// The reason as a metric label.
+    pub(crate) fn label(self) -> &'static str {
+        match self {
+            Refusal::AtCapacity => "at_capacity",
+            Refusal::SourceLimit => "source_limit",
+            Refusal::Unauthenticated => "unauthenticated",
+        }
+    }
+
     pub(crate) fn reason(self) -> &'static str {
         match self {
             Refusal::AtCapacity => "at capacity",

@@ -160,6 +160,9 @@ pub struct Settings {
     pub listen: SocketAddr,
     /// The plain legacy listener, only when configured.
     pub legacy_listen: Option<SocketAddr>,
+    /// The HTTP listener for metrics and health checks, only when
+    /// configured.
+    pub metrics_listen: Option<SocketAddr>,
     pub config: Config,
     pub warnings: Vec<String>,
 }
@@ -177,6 +180,10 @@ impl Settings {
             match self.legacy_listen {
                 Some(a) => format!("legacy_listen = \"{a}\""),
                 None => unset("legacy_listen", "no legacy listener"),
+            },
+            match self.metrics_listen {
+                Some(a) => format!("metrics_listen = \"{a}\""),
+                None => unset("metrics_listen", "no metrics or health endpoint"),
             },
             format!(
                 "data_dir = {}",
@@ -594,12 +601,44 @@ pub fn load(
             ),
         });
     }
+    let metrics_listen = args.metrics_listen.or(file.metrics_listen);
+    if let Some(metrics) = metrics_listen.filter(|m| m.port() != 0) {
+        if metrics == listen || Some(metrics) == legacy_listen {
+            return Err(ConfigError::Invalid {
+                key: "metrics_listen",
+                reason: format!(
+                    "{metrics} is already a client listener; give metrics their own port"
+                ),
+            });
+        }
+        if !is_private(metrics.ip()) {
+            warnings.push(format!(
+                "metrics_listen {metrics} is not a loopback or private address: the metrics and health endpoints have no TLS and no authentication (docs/SECURITY.md)"
+            ));
+        }
+    }
     Ok(Settings {
         listen,
         legacy_listen,
+        metrics_listen,
         config,
         warnings,
     })
+}
+
+/// Whether `ip` is loopback or in a private range (RFC 1918, IPv6 unique
+/// local), where an unauthenticated metrics listener is expected.
+fn is_private(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => v4.is_loopback() || v4.is_private() || v4.is_link_local(),
+        IpAddr::V6(v6) => {
+            v6.is_loopback()
+                || (v6.segments()[0] & 0xfe00) == 0xfc00
+                || v6
+                    .to_ipv4_mapped()
+                    .is_some_and(|v4| v4.is_loopback() || v4.is_private())
+        }
+    }
 }
 
 #[cfg(test)]
@@ -813,6 +852,56 @@ mod tests {
         assert_eq!(again.config.data_dir, Path::new("/srv/b\"q"));
         assert_eq!(again.config.leniency, Leniency::STRICT);
         assert_eq!(again.legacy_listen, s.legacy_listen);
+    }
+
+    #[test]
+    fn reads_the_metrics_listener_from_flag_or_file_and_refuses_a_client_port() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = load(&parse(&[]), dir.path(), no_env).unwrap();
+        assert_eq!(s.metrics_listen, None);
+        assert!(s.describe().contains("# metrics_listen unset"));
+        let toml = dir.path().join("server.toml");
+        std::fs::write(&toml, "metrics_listen = \"127.0.0.1:9256\"\n").unwrap();
+        let cfg = toml.to_str().unwrap();
+        let s = load(&parse(&["--config", cfg]), dir.path(), no_env).unwrap();
+        assert_eq!(s.metrics_listen, Some("127.0.0.1:9256".parse().unwrap()));
+        assert!(s
+            .describe()
+            .contains("metrics_listen = \"127.0.0.1:9256\"\n"));
+        assert!(
+            s.warnings.iter().all(|w| !w.contains("metrics_listen")),
+            "{:?}",
+            s.warnings
+        );
+        let s = load(
+            &parse(&["--config", cfg, "--metrics-listen", "0.0.0.0:9300"]),
+            dir.path(),
+            no_env,
+        )
+        .unwrap();
+        assert_eq!(s.metrics_listen, Some("0.0.0.0:9300".parse().unwrap()));
+        assert!(
+            s.warnings.iter().any(|w| w.contains("metrics_listen")),
+            "an address open to all is warned about"
+        );
+        let err = load(
+            &parse(&[
+                "--listen",
+                "127.0.0.1:7000",
+                "--metrics-listen",
+                "127.0.0.1:7000",
+            ]),
+            dir.path(),
+            no_env,
+        )
+        .unwrap_err();
+        assert!(matches!(
+            err,
+            ConfigError::Invalid {
+                key: "metrics_listen",
+                ..
+            }
+        ));
     }
 
     #[test]

@@ -41,6 +41,7 @@ use tracing::{debug, error, info, info_span, warn, Instrument, Span};
 
 use crate::admission::Ticket;
 use crate::config::Config;
+use crate::metrics::{kind_label, Counted, Listener, Metrics};
 use crate::storage::ingest::{Staged, Upload};
 use crate::storage::{Storage, StorageError};
 use deadline::Deadline;
@@ -66,6 +67,8 @@ pub(crate) struct Shared {
     pub(crate) alive: mpsc::Sender<()>,
     /// The per-source limit on registrations.
     pub(crate) registrations: RegisterLimiter,
+    /// What is counted for `/metrics`.
+    pub(crate) metrics: Arc<Metrics>,
 }
 
 /// Why a connection ended other than by the peer closing it or shutdown.
@@ -160,6 +163,8 @@ struct Connection<R, W> {
     peer: SocketAddr,
     span: Span,
     ticket: Ticket,
+    /// Which listener it came in on, for the metrics.
+    listener: Listener,
 }
 
 /// Serves one accepted connection on the legacy listener to its end.
@@ -173,6 +178,8 @@ pub(crate) async fn serve_legacy(
         debug!(cause = %e, "could not disable Nagle's algorithm");
     }
     let (read, write) = stream.into_split();
+    let on = shared.metrics.on(Listener::Legacy);
+    let (read, write) = (Counted::new(read, on), Counted::new(write, on));
     let first_by = tokio::time::Instant::now() + shared.config.handshake_timeout;
     serve(
         read,
@@ -202,6 +209,7 @@ pub(crate) async fn serve_secure(
     let limit = shared.config.handshake_timeout;
     let first_by = tokio::time::Instant::now() + limit;
     let evicted = ticket.evicted().clone();
+    let stream = Counted::new(stream, shared.metrics.on(Listener::Secure));
     let handshake = tokio::select! {
         () = evicted.cancelled() => {
             debug!(%peer, "evicted during the TLS handshake: the unauthenticated budget is full");
@@ -210,14 +218,20 @@ pub(crate) async fn serve_secure(
         handshake = tokio::time::timeout_at(first_by, acceptor.accept(stream)) => handshake,
     };
     let tls = match handshake {
-        Ok(Ok(tls)) => tls,
+        Ok(Ok(tls)) => {
+            shared.metrics.tls_handshake("ok");
+            tls
+        }
         Ok(Err(e)) => {
             // Debug level: anyone can open connections that fail their
-            // handshake as fast as they like, and each would be a line.
+            // handshake as fast as they like, and each would be a line
+            // (the count is in the metrics).
+            shared.metrics.tls_handshake("failed");
             debug!(%peer, cause = %e, "TLS handshake failed");
             return;
         }
         Err(_) => {
+            shared.metrics.tls_handshake("timeout");
             debug!(%peer, "TLS handshake not completed within {limit:?}");
             return;
         }
@@ -278,6 +292,12 @@ pub(crate) async fn serve<R, W>(
             () = evicted.cancelled() => Ok(Next::Evicted),
         };
         let abandoned = conn.upload.is_some() || conn.staged.is_some() || conn.repo.in_pack();
+        let storage_failed = matches!(result, Err(Ended::Storage(_)));
+        if (conn.upload.is_some() || conn.staged.is_some()) && !storage_failed {
+            conn.shared
+                .metrics
+                .upload_failed(conn.listener, "disconnected");
+        }
         match &result {
             Ok(Next::Shutdown) => info!("closed for shutdown"),
             Ok(Next::Evicted) => {
@@ -329,6 +349,10 @@ where
             ),
         };
         let limits = config.limits.for_dialect(dialect);
+        let listener = match security {
+            Security::Legacy => Listener::Legacy,
+            Security::Secure(_) => Listener::Secure,
+        };
         let deadline = Deadline::new(read, config.idle_timeout, config.request_timeout);
         Self {
             reader: FramedRead::with_capacity(
@@ -346,6 +370,7 @@ where
             peer,
             span,
             ticket,
+            listener,
         }
     }
 
@@ -357,7 +382,10 @@ where
                     self.reader.get_mut().first_request_done();
                     let header = frame.header();
                     let span = tracing::debug_span!("request", code = %header.code, len = header.payload_len);
-                    self.dispatch(*frame).instrument(span).await?;
+                    let kind = kind_label(frame.request.kind());
+                    let handled = self.dispatch(*frame).instrument(span).await;
+                    self.count(kind, &handled);
+                    handled?;
                     if !self.ticket.is_authenticated() && self.session.authenticated() {
                         self.ticket.authenticated();
                     }
@@ -453,6 +481,22 @@ where
         }
     }
 
+    /// Counts a handled request of `kind` by its outcome, and the storage
+    /// failure that ended it, if one did.
+    fn count(&self, kind: &'static str, handled: &Result<(), Ended>) {
+        let metrics = &self.shared.metrics;
+        let outcome = match handled {
+            Ok(()) => "ok",
+            Err(Ended::Session(_)) => "rejected",
+            Err(Ended::Storage(e) | Ended::Restore(e)) => {
+                metrics.storage_error(e);
+                "failed"
+            }
+            Err(_) => "failed",
+        };
+        metrics.request(self.listener, kind, outcome);
+    }
+
     fn bind_client(&self, client_id: ClientId) {
         self.span
             .record("client_id", tracing::field::display(client_id));
@@ -471,9 +515,11 @@ where
                 // legacy listener, docs/PROTOCOL.md §11.5) is answered 1651.
                 match e {
                     SessionError::ProofRejected => {
+                        self.shared.metrics.proof_refused(self.listener, "rejected");
                         info!(client_id = %header_id, "proof of the client's key refused");
                     }
                     SessionError::NotAuthenticated(request) => {
+                        self.shared.metrics.proof_refused(self.listener, "unproven");
                         info!(client_id = %header_id, ?request, "refused: the client has not proved its key");
                     }
                     _ => {}

@@ -114,6 +114,7 @@ fn harness() -> &'static Harness {
             storage,
             shutdown: CancellationToken::new(),
             alive,
+            metrics: Arc::new(crate::metrics::Metrics::new(None)),
         });
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()

@@ -36,6 +36,7 @@ mod connection;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod identity;
+pub mod metrics;
 pub mod scrub;
 mod serve;
 pub mod storage;

@@ -139,6 +139,19 @@ fn run(command: Command) -> anyhow::Result<()> {
             let storage = open(&a)?.0;
             let report = server::scrub::scrub(&storage, out)?;
             let packs = server::scrub::scrub_packs(&storage, repair, out)?;
+            // For the server's /metrics (scrub_* series).
+            let (data_dir, _) = server::config::load_admin(&a, env)?;
+            let status = server::metrics::ScrubStatus {
+                finished_at: server::metrics::ScrubStatus::now(),
+                versions_checked: report.checked,
+                versions_damaged: report.damaged.len() as u64,
+                packs_checked: packs.checked,
+                packs_damaged: packs.damaged.len() as u64,
+                packs_repaired: packs.repaired,
+            };
+            if let Err(e) = status.save(&data_dir) {
+                warn!(cause = %e, "cannot record the scrub's result for the metrics");
+            }
             let mut damage = Vec::new();
             if !report.is_clean() {
                 damage.push(format!("{} stored versions", report.damaged.len()));
@@ -183,9 +196,16 @@ fn serve(args: &server::config::Args) -> anyhow::Result<()> {
         if let Some(legacy) = &legacy {
             info!(addr = %legacy.local_addr()?, "listening for legacy clients");
         }
+        let metrics = match settings.metrics_listen {
+            Some(addr) => Some(
+                listen(addr).with_context(|| format!("cannot listen on {addr} (metrics)"))?,
+            ),
+            None => None,
+        };
         let listeners = server::Listeners {
             secure: Some(secure),
             legacy,
+            metrics,
         };
         survive_file_size_limit();
         server::run(listeners, settings.config, shutdown_signal()).await?;

@@ -21,6 +21,7 @@ use crate::admission::{Admission, AdmissionLimits, Admitted, Refusal};
 use crate::config::Config;
 use crate::connection::{self, Shared, LINGER};
 use crate::identity::{IdentityError, ServerIdentity};
+use crate::metrics::{Listener, Metrics, OpenConnection};
 use crate::storage::{Storage, StorageError};
 
 /// Refusals (1607 past the connection cap) handled at once; past this,
@@ -120,6 +121,8 @@ pub struct Listeners {
     pub secure: Option<TcpListener>,
     /// Legacy version 3, in the clear.
     pub legacy: Option<TcpListener>,
+    /// Plain HTTP for metrics and health checks (`metrics` module).
+    pub metrics: Option<TcpListener>,
 }
 
 impl Listeners {
@@ -128,6 +131,7 @@ impl Listeners {
         Self {
             secure: Some(listener),
             legacy: None,
+            metrics: None,
         }
     }
 
@@ -136,6 +140,7 @@ impl Listeners {
         Self {
             secure: None,
             legacy: Some(listener),
+            metrics: None,
         }
     }
 
@@ -144,7 +149,15 @@ impl Listeners {
         Self {
             secure: Some(secure),
             legacy: Some(legacy),
+            metrics: None,
         }
+    }
+
+    /// The same, also serving metrics and health checks on `listener`.
+    #[must_use]
+    pub fn with_metrics(mut self, listener: TcpListener) -> Self {
+        self.metrics = Some(listener);
+        self
     }
 }
 
@@ -208,7 +221,7 @@ pub async fn run(
 /// # Errors
 /// When there is no listener, or the identity cannot be loaded or made.
 pub async fn run_with_storage(
-    listeners: Listeners,
+    mut listeners: Listeners,
     config: Config,
     storage: Storage,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -246,12 +259,26 @@ pub async fn run_with_storage(
     });
     let limits = admission.limits();
     let grace = config.shutdown_grace;
+    let metrics = Arc::new(Metrics::new(Some(&config.data_dir)));
+    let storage = storage.with_policy(crate::storage::CommitPolicy {
+        retention: config.retention,
+        append_only: config.append_only,
+    });
+    if let Some(listener) = listeners.metrics.take() {
+        if let Ok(addr) = listener.local_addr() {
+            info!(%addr, "serving metrics and health checks over plain HTTP (/metrics, /healthz, /readyz)");
+        }
+        tokio::spawn(crate::metrics::serve(
+            listener,
+            Arc::clone(&metrics),
+            storage.clone(),
+            token.clone(),
+        ));
+    }
     let shared = Arc::new(Shared {
         registrations: connection::RegisterLimiter::from_config(&config),
-        storage: storage.with_policy(crate::storage::CommitPolicy {
-            retention: config.retention,
-            append_only: config.append_only,
-        }),
+        storage,
+        metrics: Arc::clone(&metrics),
         config,
         shutdown: token.clone(),
         alive,
@@ -283,14 +310,25 @@ pub async fn run_with_storage(
             match accepted {
                 Ok((stream, peer, secure)) => {
                     backoff = Duration::from_millis(10);
+                    let listener = if secure {
+                        Listener::Secure
+                    } else {
+                        Listener::Legacy
+                    };
                     match admission.admit(peer.ip(), &mut rng) {
                         Ok(Admitted { ticket, evicted }) => {
                             if let Some(source) = evicted {
                                 refusal_log.evicted(peer, source);
+                                // Connections are evicted only by one of
+                                // their own listener's newcomers or the
+                                // other's; the newcomer's is what is known.
+                                metrics.on(listener).evicted.inc();
                             }
                             let shared = Arc::clone(&shared);
                             let acceptor = acceptor.clone().filter(|_| secure);
+                            let open = OpenConnection::new(metrics.on(listener));
                             tasks.spawn(async move {
+                                let _open = open;
                                 match acceptor {
                                     Some(acceptor) => {
                                         connection::serve_secure(
@@ -306,6 +344,7 @@ pub async fn run_with_storage(
                         }
                         Err(refusal) => {
                             refusal_log.refused(peer, refusal, limits);
+                            metrics.connection_refused(listener, refusal.label());
                             // A legacy client at capacity is told so with
                             // 1607, as before. A TLS client cannot read a
                             // plain answer, and a source over its limits

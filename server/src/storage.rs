@@ -316,6 +316,16 @@ impl Storage {
             .commit(self, group::Content::Inline(content), version, *retention)
     }
 
+    /// Whether both backends answer now (a cheap metadata read, the blob
+    /// store's own check): what `/readyz` reports.
+    ///
+    /// # Errors
+    /// The first backend's failure.
+    pub fn probe(&self) -> Result<(), StorageError> {
+        self.meta.probe()?;
+        self.blobs.probe()
+    }
+
     /// Opens the content of a committed version, wherever it is kept.
     ///
     /// # Errors

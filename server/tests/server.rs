@@ -31,6 +31,8 @@ mod legacy_deviations;
 mod lifecycle;
 #[path = "server/malformed.rs"]
 mod malformed;
+#[path = "server/metrics.rs"]
+mod metrics;
 #[path = "server/operations.rs"]
 mod operations;
 #[path = "server/perf.rs"]

@@ -217,6 +217,13 @@ pub struct Args {
     #[arg(long, env = "BACKUP_SERVER_LEGACY_LISTEN", value_name = "ADDR:PORT")]
     pub legacy_listen: Option<SocketAddr>,
 
+    /// Also serve Prometheus metrics (`/metrics`) and health checks
+    /// (`/healthz`, `/readyz`) over plain HTTP on this address. No TLS and
+    /// no authentication: bind it to localhost or a private network
+    /// (docs/SECURITY.md) [default: off].
+    #[arg(long, env = "BACKUP_SERVER_METRICS_LISTEN", value_name = "ADDR:PORT")]
+    pub metrics_listen: Option<SocketAddr>,
+
     /// Port to listen on, on every IPv4 interface. Overrides `port.info`.
     #[arg(long, env = "BACKUP_SERVER_PORT", value_parser = clap::value_parser!(u16).range(1..))]
     pub port: Option<u16>,
@@ -225,7 +232,8 @@ pub struct Args {
     #[arg(long, env = "BACKUP_SERVER_DATA_DIR", value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
 
-    /// TOML file with any of the settings below (keys: listen, legacy_listen, port,
+    /// TOML file with any of the settings below (keys: listen, legacy_listen,
+    /// metrics_listen, port,
     /// data_dir, max_connections, max_per_source, max_unauthenticated,
     /// handshake_timeout_secs, idle_timeout_secs, request_timeout_secs,
     /// shutdown_grace_secs, silent_crc_retry, strict_legacy, keep_last, keep_within,

@@ -42,6 +42,7 @@ use super::ConfigError;
 pub struct FileConfig {
     pub listen: Option<SocketAddr>,
     pub legacy_listen: Option<SocketAddr>,
+    pub metrics_listen: Option<SocketAddr>,
     pub port: Option<u16>,
     pub data_dir: Option<PathBuf>,
     pub max_connections: Option<usize>,

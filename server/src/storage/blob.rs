@@ -79,6 +79,15 @@ pub type BlobListing<'a> = Box<dyn Iterator<Item = Result<(BlobKey, u64), Storag
 
 /// File contents, per client.
 pub trait BlobStore: Send + Sync + 'static {
+    /// A cheap check that the store is reachable now (`/readyz`); the
+    /// default says yes.
+    ///
+    /// # Errors
+    /// Why it is not.
+    fn probe(&self) -> Result<(), StorageError> {
+        Ok(())
+    }
+
     /// Begins a new blob for `client`.
     ///
     /// # Errors

@@ -136,6 +136,22 @@ impl FsBlobStore {
 }
 
 impl BlobStore for FsBlobStore {
+    /// The data directory and its `clients/` folder are still there, as
+    /// directories.
+    fn probe(&self) -> Result<(), StorageError> {
+        for dir in [self.root.clone(), self.root.join(CLIENTS_DIR)] {
+            let meta = std::fs::metadata(&dir).map_err(|e| StorageError::io("stat", &dir, e))?;
+            if !meta.is_dir() {
+                return Err(StorageError::io(
+                    "stat",
+                    &dir,
+                    std::io::Error::other("not a directory"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     fn begin_write(&self, client: ClientId) -> Result<Box<dyn BlobWriter>, StorageError> {
         let dir = self.ensure_client_dirs(client)?;
         let path = dir

@@ -113,6 +113,15 @@ pub struct VersionRecord {
 
 /// Clients and file versions.
 pub trait MetaStore: Send + Sync + 'static {
+    /// A cheap read that shows the store answers now (`/readyz`); the
+    /// default says yes.
+    ///
+    /// # Errors
+    /// Why it does not.
+    fn probe(&self) -> Result<(), StorageError> {
+        Ok(())
+    }
+
     /// Creates client `id` named `name` (bound to `secure_key` for a
     /// secure-mode registration), unless the name is taken. With a `grace`,
     /// a name whose client never completed its registration

@@ -142,11 +142,26 @@ pub struct Repacked {
 
 /// The repository's metadata.
 pub trait RepoStore: Send + Sync + 'static {
-    /// For each of `ids`, in order, whether `client` holds it.
+    /// For each of `ids`, in order, the stored length of the object if
+    /// `client` holds it. Every object held is touched, so that a prune
+    /// that started before keeps it (`docs/PROTOCOL.md` §13.7).
     ///
     /// # Errors
     /// On a backend failure.
-    fn have(&self, client: ClientId, ids: &[ObjectId]) -> Result<Vec<bool>, StorageError>;
+    fn held(&self, client: ClientId, ids: &[ObjectId]) -> Result<Vec<Option<u32>>, StorageError>;
+
+    /// For each of `ids`, in order, whether `client` holds it (as
+    /// [`held`](Self::held)).
+    ///
+    /// # Errors
+    /// On a backend failure.
+    fn have(&self, client: ClientId, ids: &[ObjectId]) -> Result<Vec<bool>, StorageError> {
+        Ok(self
+            .held(client, ids)?
+            .iter()
+            .map(Option::is_some)
+            .collect())
+    }
 
     /// Records `pack` and its objects in one transaction; an object the
     /// client already holds keeps its place (skipped, not an error).

@@ -213,6 +213,16 @@ fn stale(registered: i64, now: i64, grace: Duration) -> bool {
 }
 
 impl MetaStore for SqliteMetaStore {
+    /// One indexed read of the clients table.
+    fn probe(&self) -> Result<(), StorageError> {
+        self.conn().query_row(
+            "SELECT count(*) FROM (SELECT 1 FROM clients LIMIT 1)",
+            [],
+            |r| r.get::<_, i64>(0),
+        )?;
+        Ok(())
+    }
+
     fn register_client(
         &self,
         id: ClientId,

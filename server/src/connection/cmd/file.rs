@@ -94,6 +94,7 @@ where
         // Storage checks the size, chooses blob or inline and applies
         // the retention policy (`Storage::commit_upload`).
         let started = staged.started;
+        let committing = std::time::Instant::now();
         let commit = UploadCommit {
             client: client_id,
             file: file.clone(),
@@ -106,6 +107,11 @@ where
         {
             return self.storage_failure(e).await;
         }
+        let metrics = &self.shared.metrics;
+        metrics.commit_took(self.listener, "upload", committing.elapsed());
+        let on = metrics.on(self.listener);
+        on.uploads_committed.inc();
+        on.upload_bytes.inc_by(size);
         let secs = started.elapsed().as_secs_f64();
         let mb_per_s = size as f64 / 1e6 / secs.max(1e-6);
         // File names only at debug level (docs/SECURITY.md).
@@ -128,18 +134,25 @@ where
         reply: Option<Response>,
     ) -> Result<(), Ended> {
         self.discard_upload().await;
-        match (kind, &reply) {
+        let cause = match (kind, &reply) {
             (_, Some(Response::GeneralError)) => {
-                warn!("client confirmed a cksum for content whose padding or size was wrong; discarded")
+                warn!("client confirmed a cksum for content whose padding or size was wrong; discarded");
+                "bad_content"
             }
             (RequestKind::CrcRetry, _) => {
-                info!("client reported a cksum mismatch; attempt discarded, a resend follows")
+                info!("client reported a cksum mismatch; attempt discarded, a resend follows");
+                "cksum_retry"
             }
             (RequestKind::CrcAbort, _) => {
-                warn!("client gave up after repeated cksum mismatches; nothing committed")
+                warn!("client gave up after repeated cksum mismatches; nothing committed");
+                "client_gave_up"
             }
-            _ => info!("upload discarded"),
-        }
+            _ => {
+                info!("upload discarded");
+                "discarded"
+            }
+        };
+        self.shared.metrics.upload_failed(self.listener, cause);
         match reply {
             Some(response) => self.reply(&response).await,
             None => Ok(()),
@@ -149,6 +162,7 @@ where
     /// Answers a storage failure with 1607 and ends the connection: the
     /// session has forgotten the upload, so the client cannot carry on.
     async fn storage_failure(&mut self, e: StorageError) -> Result<(), Ended> {
+        self.shared.metrics.upload_failed(self.listener, "storage");
         let response = self.session.storage_failed();
         self.reply(&response).await?;
         Err(Ended::Storage(e))

@@ -64,12 +64,17 @@ where
             RepoAction::Have { client_id, ids } => {
                 let asked = ids.len();
                 match self
-                    .blocking(move |s| s.repo()?.have(client_id, &ids))
+                    .blocking(move |s| s.repo()?.held(client_id, &ids))
                     .await
                 {
-                    Ok(have) => {
-                        let held = have.iter().filter(|h| **h).count();
+                    Ok(sizes) => {
+                        let held = sizes.iter().flatten().count();
+                        let bytes: u64 = sizes.iter().flatten().map(|&l| u64::from(l)).sum();
+                        let on = self.shared.metrics.on(self.listener);
+                        on.dedup_objects.inc_by(held as u64);
+                        on.dedup_bytes.inc_by(bytes);
                         debug!(asked, held, "have");
+                        let have = sizes.iter().map(Option::is_some).collect();
                         self.repo_answer(RepoOutcome::Have(have)).await
                     }
                     Err(e) => self.repo_failure("have", e).await,
@@ -109,6 +114,9 @@ where
                     return self.repo_failure("drop staged references", e).await;
                 }
                 if let Response::Repo(RepoResponse::SnapshotRefused { missing, .. }) = &reply {
+                    self.shared
+                        .metrics
+                        .snapshot_failed(self.listener, "missing_objects");
                     info!(
                         missing,
                         "snapshot refused: references to objects not stored"
@@ -260,6 +268,9 @@ where
             .await
         {
             Ok(added) => {
+                let metrics = &self.shared.metrics;
+                metrics.commit_took(self.listener, "pack", started.elapsed());
+                metrics.on(self.listener).packs_stored.inc();
                 let secs = started.elapsed().as_secs_f64();
                 info!(
                     size,
@@ -283,6 +294,7 @@ where
     ) -> Result<(), Ended> {
         let stage = self.repo.stage;
         let now = SystemTime::now();
+        let started = Instant::now();
         let committed = self
             .blocking(move |s| {
                 s.repo()?
@@ -293,15 +305,31 @@ where
         self.repo.staged = false;
         match committed {
             Ok(outcome) => {
+                let metrics = &self.shared.metrics;
                 match &outcome {
-                    Ok(id) => info!(snapshot = id, time, "snapshot committed"),
+                    Ok(id) => {
+                        metrics.commit_took(self.listener, "snapshot", started.elapsed());
+                        metrics.on(self.listener).snapshots_committed.inc();
+                        info!(snapshot = id, time, "snapshot committed")
+                    }
                     Err((reason, missing)) => {
+                        let cause = if *missing > 0 {
+                            "missing_objects"
+                        } else {
+                            "refused"
+                        };
+                        metrics.snapshot_failed(self.listener, cause);
                         info!(reason = reason.0, missing, "snapshot refused at commit")
                     }
                 }
                 self.repo_answer(RepoOutcome::Committed(outcome)).await
             }
-            Err(e) => self.repo_failure("commit a snapshot", e).await,
+            Err(e) => {
+                self.shared
+                    .metrics
+                    .snapshot_failed(self.listener, "storage");
+                self.repo_failure("commit a snapshot", e).await
+            }
         }
     }
 

@@ -130,7 +130,7 @@ fn bits_u64(n: i64) -> u64 {
 }
 
 impl RepoStore for SqliteMetaStore {
-    fn have(&self, client: ClientId, ids: &[ObjectId]) -> Result<Vec<bool>, StorageError> {
+    fn held(&self, client: ClientId, ids: &[ObjectId]) -> Result<Vec<Option<u32>>, StorageError> {
         // Every object answered "have" is touched in the same transaction
         // as the answer is read, so a prune that started before it keeps
         // it (`docs/PROTOCOL.md` §13.7).
@@ -146,7 +146,10 @@ impl RepoStore for SqliteMetaStore {
             }
         }
         tx.commit()?;
-        Ok(ids.iter().map(|id| found.contains_key(id)).collect())
+        Ok(ids
+            .iter()
+            .map(|id| found.get(id).map(|f| f.place.len))
+            .collect())
     }
 
     fn add_pack(&self, pack: &NewPack) -> Result<u32, StorageError> {
