@@ -524,12 +524,27 @@ async fn operator_commands_report_and_change_the_data() {
     let storage = Storage::open_local(data.path()).unwrap();
 
     let mut out = Vec::new();
-    admin::clients(&storage, &mut out).unwrap();
+    let quotas = server::config::Quotas::default();
+    admin::clients(&storage, &quotas, true, &mut out).unwrap();
+    let listed: serde_json::Value = serde_json::from_slice(&out).unwrap();
+    let otto = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "otto")
+        .unwrap();
+    assert_eq!(otto["id"], c.id.to_hex());
+    assert_eq!(otto["append_only"], false);
+    let counts = ["files", "versions", "file_bytes", "snapshots", "stored_bytes"]
+        .map(|k| otto[k].as_u64().unwrap());
+    assert_eq!(counts, [2, 3, 12, 0, 0], "{otto}");
+    assert_eq!(otto["quota_source"], "none");
+    let mut out = Vec::new();
+    admin::clients(&storage, &quotas, false, &mut out).unwrap();
     let text = String::from_utf8(out).unwrap();
-    let line = text.lines().find(|l| l.contains("\totto\t")).unwrap();
-    let cols: Vec<&str> = line.split('\t').collect();
-    assert_eq!(cols[0], c.id.to_hex());
-    assert_eq!(&cols[2..6], ["no", "2", "3", "12"], "{line}");
+    let line = text.lines().find(|l| l.starts_with("otto ")).unwrap();
+    assert!(line.contains(&c.id.to_hex()), "{text}");
+    assert!(line.contains("12 B"), "{text}");
 
     let mut out = Vec::new();
     admin::files(&storage, "otto", false, &mut out).unwrap();

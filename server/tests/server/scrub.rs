@@ -107,7 +107,7 @@ fn scrub_finds_a_rotted_pack_and_repair_makes_its_objects_missing_until_re_uploa
             },
         ];
         storage
-            .store_pack(pack, 300, objects, SystemTime::now())
+            .store_pack(pack, 300, objects, SystemTime::now(), None)
             .unwrap()
     };
     let root = tempfile::tempdir().unwrap();
