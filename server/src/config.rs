@@ -893,7 +893,7 @@ mod tests {
         )
         .unwrap();
         let s = load(
-            &parse(&["--config", toml.to_str().unwrap()]),
+            &parse(&["--config", toml.to_str().unwrap(), "--port", "4000"]),
             dir.path(),
             no_env,
         )

@@ -1227,7 +1227,8 @@ mod tests {
             // What a version 5 server left: no repository tables.
             let conn = Connection::open(&path).unwrap();
             conn.execute_batch(
-                "DROP TABLE snapshot_refs; DROP TABLE repo_stage; DROP TABLE key_envelopes;
+                "ALTER TABLE clients DROP COLUMN quota;
+                 DROP TABLE snapshot_refs; DROP TABLE repo_stage; DROP TABLE key_envelopes;
                  DROP TABLE pack_trash;
                  DROP TABLE snapshots; DROP TABLE objects; DROP TABLE packs;
                  PRAGMA user_version = 5;",
@@ -1255,7 +1256,7 @@ mod tests {
             // What a version 6 server left.
             let conn = Connection::open(&path).unwrap();
             conn.execute_batch(
-                "ALTER TABLE packs DROP COLUMN damaged;
+                "ALTER TABLE clients DROP COLUMN quota; ALTER TABLE packs DROP COLUMN damaged;
                  DROP TABLE pack_trash; DROP INDEX snapshot_refs_by_object;
                  DROP INDEX repo_stage_by_object; ALTER TABLE objects DROP COLUMN touched;
                  PRAGMA user_version = 6;",
@@ -1409,7 +1410,7 @@ mod tests {
         s.add_pack(&pack(B, "p2", &[1])).unwrap();
         let now = SystemTime::now();
         let stage = StageId::random();
-        let mut commit = |ids: &[u8]| {
+        let commit = |ids: &[u8]| {
             let ids: Vec<ObjectId> = ids.iter().map(|n| id(*n)).collect();
             s.stage_refs(stage, A, true, &ids).unwrap();
             s.commit_snapshot(stage, A, 7, b"m", now, None)
