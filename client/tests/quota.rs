@@ -1,6 +1,6 @@
 //! Per-client quotas of the snapshot repository against the real binaries
-//! (`docs/PROTOCOL.md` §13.9): exactly at the quota a backup commits, one
-//! byte over it is refused (1682, exit status 8) with nothing committed,
+//! (`docs/PROTOCOL.md` §13.9): one byte over the quota a backup is refused
+//! (1682, exit status 8) with nothing committed, exactly at it commits,
 //! two backups of one client racing near the limit never both commit, and
 //! once the operator raises the quota the next run completes and restores.
 //! The operator's views (`clients --json`, `snapshots CLIENT --json`) are
@@ -208,35 +208,34 @@ async fn exactly_at_the_quota_commits_one_byte_over_is_refused_and_raising_it_le
             ("c.bin", 30_000, 3),
         ],
     );
-    // A probe client learns what the folder costs: the same files give the
-    // same sealed sizes to every client.
+    // A probe client backs the folder up twice (below: dedup).
     let probe = Client::register(&server, dir.path(), "probe").await;
     let (out, first) = probe.backup(&data).await;
     assert!(out.status.success(), "probe: {}", stderr(&out));
     let cost = server.stored("probe");
-    assert!(cost > 2_500_000, "{cost}");
+    assert!(cost > 3_200_000, "{cost}");
 
-    let exact = Client::register(&server, dir.path(), "exact").await;
-    let over = Client::register(&server, dir.path(), "over").await;
-    server.admin(&["quota", "exact", &cost.to_string()]);
-    server.admin(&["quota", "over", &(cost - 1).to_string()]);
-
-    let (out, v) = exact.backup(&data).await;
-    assert!(out.status.success(), "exactly at the quota: {}", stderr(&out));
-    let listed = server.clients();
-    assert_eq!(listed["exact"]["stored_bytes"].as_u64(), Some(cost));
-    assert_eq!(listed["exact"]["quota_bytes"].as_u64(), Some(cost));
-    assert_eq!(listed["exact"]["quota_source"], "client");
-    exact
-        .assert_restores(v["snapshot"].as_u64().unwrap(), &data, &files)
-        .await;
-
-    let (out, v) = over.backup(&data).await;
+    // What the folder costs this client: the pack a quota of 0 refuses.
+    // (Another client's trees hold other ids, so its cost differs by a
+    // few compressed bytes.)
+    let edge = Client::register(&server, dir.path(), "edge").await;
+    server.admin(&["quota", "edge", "0"]);
+    let (out, v) = edge.backup(&data).await;
     assert_refused_for_quota(&out, &v);
+    let size = v["error"]["size"].as_u64().unwrap();
+    assert_eq!(v["error"]["stored"].as_u64(), Some(0), "{v}");
+    assert!(size > 2_500_000, "{size}");
+
+    // One byte over: refused, nothing kept, nothing committed.
+    server.admin(&["quota", "edge", &(size - 1).to_string()]);
+    let (out, v) = edge.backup(&data).await;
+    assert_refused_for_quota(&out, &v);
+    assert_eq!(v["error"]["size"].as_u64(), Some(size), "the same pack");
+    assert_eq!(v["error"]["quota"].as_u64(), Some(size - 1), "{v}");
     let message = v["error"]["message"].as_str().unwrap();
     assert!(message.contains("it stores 0 B and a pack of"), "{message}");
-    assert_eq!(server.stored("over"), 0, "the refused pack was not kept");
-    assert!(server.snapshots("over").is_empty(), "nothing committed");
+    assert_eq!(server.stored("edge"), 0, "the refused pack was not kept");
+    assert!(server.snapshots("edge").is_empty(), "nothing committed");
     assert!(
         std::fs::read_to_string(&server.log)
             .unwrap()
@@ -244,14 +243,24 @@ async fn exactly_at_the_quota_commits_one_byte_over_is_refused_and_raising_it_le
         "the refusal is logged"
     );
 
-    // The operator raises the quota; the next run completes and restores.
-    let said = server.admin(&["quota", "over", &cost.to_string()]);
+    // The operator raises it to exactly what the run needs: it completes,
+    // and restores.
+    let said = server.admin(&["quota", "edge", &size.to_string()]);
     assert!(said.contains("(was "), "{said}");
-    let (out, v) = over.backup(&data).await;
-    assert!(out.status.success(), "after the raise: {}", stderr(&out));
-    over.assert_restores(v["snapshot"].as_u64().unwrap(), &data, &files)
+    let (out, v) = edge.backup(&data).await;
+    assert!(out.status.success(), "exactly at the quota: {}", stderr(&out));
+    let listed = server.clients();
+    assert_eq!(listed["edge"]["stored_bytes"].as_u64(), Some(size));
+    assert_eq!(listed["edge"]["quota_bytes"].as_u64(), Some(size));
+    assert_eq!(listed["edge"]["quota_source"], "client");
+    edge.assert_restores(v["snapshot"].as_u64().unwrap(), &data, &files)
         .await;
-    assert_eq!(server.stored("over"), cost);
+    // At the quota, anything more is refused.
+    let more = dir.path().join("more");
+    folder(&more, &[("m.bin", 100, 4)]);
+    let (out, v) = edge.backup(&more).await;
+    assert_refused_for_quota(&out, &v);
+    assert_eq!(v["error"]["stored"].as_u64(), Some(size), "{v}");
 
     // Two identical backups: stored once, counted twice.
     let (out, second) = probe.backup(&data).await;
