@@ -518,8 +518,14 @@ mod tests {
             size: Some(16 << 20),
         };
         let text = e.to_string();
-        assert!(text.starts_with("backup refused: this client's quota of 50.0 GiB"), "{text}");
-        assert!(text.contains("it stores 49.9 GiB and a pack of 16.0 MiB"), "{text}");
+        assert!(
+            text.starts_with("backup refused: this client's quota of 50.0 GiB"),
+            "{text}"
+        );
+        assert!(
+            text.contains("it stores 49.9 GiB and a pack of 16.0 MiB"),
+            "{text}"
+        );
         assert!(text.contains("nothing was committed"), "{text}");
         assert_eq!(e.exit_code(), 8);
         assert_eq!(e.kind().as_str(), "quota_exceeded");

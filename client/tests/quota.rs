@@ -80,7 +80,8 @@ impl Server {
 
     /// `clients --json`, by client name.
     fn clients(&self) -> BTreeMap<String, serde_json::Value> {
-        let v: serde_json::Value = serde_json::from_str(&self.admin(&["clients", "--json"])).unwrap();
+        let v: serde_json::Value =
+            serde_json::from_str(&self.admin(&["clients", "--json"])).unwrap();
         v.as_array()
             .unwrap()
             .iter()
@@ -248,7 +249,11 @@ async fn exactly_at_the_quota_commits_one_byte_over_is_refused_and_raising_it_le
     let said = server.admin(&["quota", "edge", &size.to_string()]);
     assert!(said.contains("(was "), "{said}");
     let (out, v) = edge.backup(&data).await;
-    assert!(out.status.success(), "exactly at the quota: {}", stderr(&out));
+    assert!(
+        out.status.success(),
+        "exactly at the quota: {}",
+        stderr(&out)
+    );
     let listed = server.clients();
     assert_eq!(listed["edge"]["stored_bytes"].as_u64(), Some(size));
     assert_eq!(listed["edge"]["quota_bytes"].as_u64(), Some(size));

@@ -136,8 +136,7 @@ pub fn client_views(storage: &Storage, quotas: &Quotas) -> Result<Vec<ClientView
                 snapshots: usage.snapshots,
                 stored_bytes: usage.stored,
                 logical_bytes: usage.logical,
-                dedup_ratio: (usage.stored > 0)
-                    .then(|| usage.logical as f64 / usage.stored as f64),
+                dedup_ratio: (usage.stored > 0).then(|| usage.logical as f64 / usage.stored as f64),
                 quota_bytes,
                 quota_source,
                 last_backup: usage.last_snapshot.map(format_time),
@@ -211,7 +210,8 @@ pub fn clients(
                 v.snapshots.to_string(),
                 format_size(v.stored_bytes),
                 format_size(v.logical_bytes),
-                v.dedup_ratio.map_or_else(|| "-".into(), |r| format!("{r:.2}x")),
+                v.dedup_ratio
+                    .map_or_else(|| "-".into(), |r| format!("{r:.2}x")),
                 match (v.quota_bytes, v.quota_source) {
                     (Some(q), "client") => format!("{} (own)", format_size(q)),
                     (Some(q), _) => format_size(q),
@@ -351,7 +351,10 @@ pub fn quota(
     if set.is_some() {
         line.push_str(&format!(" (was {})", describe(before)));
     }
-    line.push_str(&format!("; stores {} ({stored} bytes)", format_size(stored)));
+    line.push_str(&format!(
+        "; stores {} ({stored} bytes)",
+        format_size(stored)
+    ));
     writeln!(out, "{line}")?;
     Ok(())
 }

@@ -255,15 +255,13 @@ impl Settings {
             format!("max_packet_bytes = {}", c.limits.max_packet_content),
             format!("max_file_bytes = {}", c.limits.max_file_size),
             match c.quotas.default {
-                Some(q) => format!(
-                    "quota = \"{}\"",
-                    crate::storage::quota::format_exact(q)
-                ),
+                Some(q) => format!("quota = \"{}\"", crate::storage::quota::format_exact(q)),
                 None => unset("quota", "no quota unless a client has its own"),
             },
         ];
         for (name, quota) in &c.quotas.clients {
-            let value = quota.map_or_else(|| "none".to_owned(), crate::storage::quota::format_exact);
+            let value =
+                quota.map_or_else(|| "none".to_owned(), crate::storage::quota::format_exact);
             lines.push(format!(
                 "[clients.{}]\nquota = \"{value}\"",
                 toml_string(name)
@@ -905,7 +903,10 @@ mod tests {
         assert_eq!(q.of(id, "desk"), None, "its own none beats the default");
         let text = s.describe();
         assert!(text.contains("quota = \"50G\"\n"), "{text}");
-        assert!(text.contains("[clients.\"laptop\"]\nquota = \"1048577\""), "{text}");
+        assert!(
+            text.contains("[clients.\"laptop\"]\nquota = \"1048577\""),
+            "{text}"
+        );
         let file = dir.path().join("described.toml");
         std::fs::write(&file, &text).unwrap();
         let again = load(

@@ -434,7 +434,13 @@ mod tests {
                 });
             }
             storage
-                .store_pack(pack, 100 * ids.len() as u64, objects, SystemTime::now(), None)
+                .store_pack(
+                    pack,
+                    100 * ids.len() as u64,
+                    objects,
+                    SystemTime::now(),
+                    None,
+                )
                 .unwrap()
         }
 

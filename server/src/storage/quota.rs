@@ -190,7 +190,14 @@ mod tests {
             assert_eq!(parse_size(text), Ok(bytes), "{text}");
         }
         for bad in [
-            "", "G", "-1", "5X", "1.5", "1..5G", "16384P", "99999999999999999999",
+            "",
+            "G",
+            "-1",
+            "5X",
+            "1.5",
+            "1..5G",
+            "16384P",
+            "99999999999999999999",
         ] {
             assert!(parse_size(bad).is_err(), "{bad:?}");
         }
@@ -203,7 +210,16 @@ mod tests {
         assert_eq!(format_size(1024), "1.0 KiB");
         assert_eq!(format_size(1536 << 20), "1.5 GiB");
         assert_eq!(format_size(u64::MAX), "16384.0 PiB");
-        for n in [0u64, 1, 1023, 1024, 50 << 30, (50 << 30) + 1, 3 << 29, u64::MAX] {
+        for n in [
+            0u64,
+            1,
+            1023,
+            1024,
+            50 << 30,
+            (50 << 30) + 1,
+            3 << 29,
+            u64::MAX,
+        ] {
             assert_eq!(parse_size(&format_exact(n)), Ok(n), "{n}");
         }
         assert_eq!(format_exact(50 << 30), "50G");

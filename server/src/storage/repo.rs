@@ -587,7 +587,13 @@ mod tests {
         let mut short = storage.begin_pack(client).unwrap();
         short.write(&bytes[..100]).unwrap();
         let err = storage
-            .store_pack(short, 300, vec![located(1, 0, 300)], SystemTime::now(), None)
+            .store_pack(
+                short,
+                300,
+                vec![located(1, 0, 300)],
+                SystemTime::now(),
+                None,
+            )
             .unwrap_err();
         assert!(matches!(err, StorageError::Corrupt(_)), "{err}");
         let repo = storage.repo().unwrap();

@@ -535,8 +535,14 @@ async fn operator_commands_report_and_change_the_data() {
         .unwrap();
     assert_eq!(otto["id"], c.id.to_hex());
     assert_eq!(otto["append_only"], false);
-    let counts = ["files", "versions", "file_bytes", "snapshots", "stored_bytes"]
-        .map(|k| otto[k].as_u64().unwrap());
+    let counts = [
+        "files",
+        "versions",
+        "file_bytes",
+        "snapshots",
+        "stored_bytes",
+    ]
+    .map(|k| otto[k].as_u64().unwrap());
     assert_eq!(counts, [2, 3, 12, 0, 0], "{otto}");
     assert_eq!(otto["quota_source"], "none");
     let mut out = Vec::new();

@@ -137,11 +137,19 @@ pub enum PassphraseLookup {
 #[derive(Debug)]
 pub enum RepoOutcome {
     Have(Vec<bool>),
-    PackStored { added: u32 },
+    PackStored {
+        added: u32,
+    },
     /// The pack would take the client over its quota and was not stored
     /// (`docs/PROTOCOL.md` §13.9).
-    QuotaExceeded { stored: u64, quota: u64, size: u64 },
-    Staged { missing: u32 },
+    QuotaExceeded {
+        stored: u64,
+        quota: u64,
+        size: u64,
+    },
+    Staged {
+        missing: u32,
+    },
     Committed(Result<u64, (CommitRefusal, u32)>),
     Snapshots(Vec<SnapshotEntry>),
     Keys(Vec<KeySlot>),

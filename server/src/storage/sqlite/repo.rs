@@ -384,10 +384,15 @@ impl RepoStore for SqliteMetaStore {
             }))
         }
         let unsigned = |n: i64| u64::try_from(n).map_err(|_| corrupt("a total is negative"));
-        let mut packs =
-            conn.prepare("SELECT client, count(*), coalesce(sum(size), 0) FROM packs GROUP BY client")?;
+        let mut packs = conn.prepare(
+            "SELECT client, count(*), coalesce(sum(size), 0) FROM packs GROUP BY client",
+        )?;
         let rows = packs.query_map([], |r| {
-            Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
+            Ok((
+                r.get::<_, Vec<u8>>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, i64>(2)?,
+            ))
         })?;
         for row in rows {
             let (client, n, bytes) = row?;
@@ -1281,8 +1286,12 @@ mod tests {
     }
 
     fn registered(s: &SqliteMetaStore, client: ClientId, name: &str) {
-        s.register(client, &UserName::try_from(name).unwrap(), SystemTime::now())
-            .unwrap();
+        s.register(
+            client,
+            &UserName::try_from(name).unwrap(),
+            SystemTime::now(),
+        )
+        .unwrap();
     }
 
     fn quota_refusal(e: StorageError) -> (u64, u64, u64) {
@@ -1310,7 +1319,10 @@ mod tests {
         let mut one_over = pack(A, "p3", &[4]);
         one_over.size = 1;
         one_over.objects[0].len = 1;
-        assert_eq!(quota_refusal(s.add_pack(&one_over).unwrap_err()), (300, 300, 1));
+        assert_eq!(
+            quota_refusal(s.add_pack(&one_over).unwrap_err()),
+            (300, 300, 1)
+        );
         assert_eq!(s.have(A, &[id(4)]).unwrap(), vec![false]);
         assert_eq!(s.recorded_packs(None, 10).unwrap().len(), 2);
         // An object already held, sent again, is charged as it lies: the
@@ -1328,7 +1340,10 @@ mod tests {
         let configured = Some(150);
         let mut big = pack(A, "p2", &[2]);
         big.quota = configured;
-        assert_eq!(quota_refusal(s.add_pack(&big).unwrap_err()), (100, 150, 100));
+        assert_eq!(
+            quota_refusal(s.add_pack(&big).unwrap_err()),
+            (100, 150, 100)
+        );
         s.set_quota(A, QuotaSetting::Unlimited).unwrap();
         assert_eq!(s.usage(A, configured).unwrap().quota, None);
         assert_eq!(s.add_pack(&big).unwrap(), 1);
@@ -1336,10 +1351,7 @@ mod tests {
         assert_eq!(s.usage(A, configured).unwrap().quota, Some(1000));
         s.set_quota(A, QuotaSetting::Inherit).unwrap();
         assert_eq!(s.usage(A, configured).unwrap().quota, Some(150));
-        assert_eq!(
-            s.client(A).unwrap().unwrap().quota,
-            QuotaSetting::Inherit
-        );
+        assert_eq!(s.client(A).unwrap().unwrap().quota, QuotaSetting::Inherit);
     }
 
     #[test]
@@ -1390,7 +1402,8 @@ mod tests {
         s.stage_refs(stage, A, true, &[id(1)]).unwrap();
         // The quota lowered during the backup: the backstop refuses.
         assert_eq!(
-            s.commit_snapshot(stage, A, 1, b"m", now, Some(199)).unwrap(),
+            s.commit_snapshot(stage, A, 1, b"m", now, Some(199))
+                .unwrap(),
             Err((CommitRefusal::QUOTA, 0))
         );
         assert!(s.snapshots(A, 0, 10).unwrap().is_empty());

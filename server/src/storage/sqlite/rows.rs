@@ -115,7 +115,9 @@ pub(super) fn quota_from_sql(value: Option<i64>) -> Result<QuotaSetting, Storage
     Ok(match value {
         None => QuotaSetting::Inherit,
         Some(-1) => QuotaSetting::Unlimited,
-        Some(n) => QuotaSetting::Bytes(u64::try_from(n).map_err(|_| corrupt("a quota is negative"))?),
+        Some(n) => {
+            QuotaSetting::Bytes(u64::try_from(n).map_err(|_| corrupt("a quota is negative"))?)
+        }
     })
 }
 
