@@ -603,10 +603,19 @@ async fn binary_runs_operator_commands_beside_a_running_server() {
     c.store("doc", b"second", 64).await;
     let d = dir.to_str().unwrap();
 
+    let (ok, out, err) = run_binary(&["clients", "--json", "--data-dir", d]);
+    assert!(ok, "{err}");
+    let listed: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let pia = &listed[0];
+    assert_eq!(pia["id"], c.id.to_hex(), "{out}");
+    assert_eq!(pia["name"], "pia", "{out}");
+    let counts = ["files", "versions", "file_bytes"].map(|k| pia[k].as_u64().unwrap());
+    assert_eq!(counts, [1, 2, 11], "{out}");
     let (ok, out, err) = run_binary(&["clients", "--data-dir", d]);
     assert!(ok, "{err}");
     assert!(
-        out.contains(&format!("{}\tpia\tno\t1\t2\t11\t", c.id)),
+        out.lines()
+            .any(|l| l.starts_with("pia ") && l.contains(&c.id.to_hex())),
         "{out}"
     );
     let (ok, out, err) = run_binary(&["files", "pia", "--versions", "--data-dir", d]);
