@@ -34,6 +34,9 @@ pub enum ErrorKind {
     /// Exit status 7: the server holds no such file or version (restore,
     /// delete).
     NotFound,
+    /// Exit status 8: the server refused a backup because it would take
+    /// this client over its quota; nothing was committed.
+    Quota,
 }
 
 impl ErrorKind {
@@ -47,6 +50,7 @@ impl ErrorKind {
             ErrorKind::Verification => 5,
             ErrorKind::LocalFile => 6,
             ErrorKind::NotFound => 7,
+            ErrorKind::Quota => 8,
         }
     }
 
@@ -60,6 +64,7 @@ impl ErrorKind {
             ErrorKind::Verification => "verification_failed",
             ErrorKind::LocalFile => "local_file_error",
             ErrorKind::NotFound => "not_found",
+            ErrorKind::Quota => "quota_exceeded",
         }
     }
 }
@@ -121,6 +126,19 @@ pub enum Error {
     SnapshotsUnsupported { server: String },
     #[error("the server at {server} did not commit the snapshot: {detail}")]
     SnapshotRefused { server: String, detail: String },
+    #[error(
+        "backup refused: this client's quota{} on the server at {server} would be exceeded ({}); nothing was committed. Forget old snapshots (backup-client forget) and ask the server's operator to prune, or to raise the quota",
+        quota.map_or_else(String::new, |q| format!(" of {}", human_size(Some(q)))),
+        quota_detail(*.stored, *.size)
+    )]
+    QuotaExceeded {
+        server: String,
+        /// What the client stores, and the bytes refused, when the server
+        /// said (a pack refused, 1682); `None` at a commit refused.
+        stored: Option<u64>,
+        quota: Option<u64>,
+        size: Option<u64>,
+    },
     #[error("the server at {server} does not know client {client_id} (\"{name}\"), so it holds nothing to retrieve for it; check --server and the identity in {dir}")]
     UnknownClient {
         server: String,
@@ -334,6 +352,7 @@ impl Error {
             | SnapshotRefused { .. }
             | Refused { .. } => ErrorKind::Rejected,
             NotFound { .. } | NoSnapshot { .. } => ErrorKind::NotFound,
+            QuotaExceeded { .. } => ErrorKind::Quota,
             RepositoryKey { .. }
             | NoRepositoryKey
             | BackupOnlyKey
@@ -392,6 +411,36 @@ impl Error {
     }
 }
 
+/// A size for people: bytes below 1 KiB, else one decimal in the largest
+/// binary unit it reaches; "unknown" when the server did not say.
+fn human_size(bytes: Option<u64>) -> String {
+    const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
+    let Some(bytes) = bytes else {
+        return "unknown size".into();
+    };
+    if bytes < 1024 {
+        return format!("{bytes} B");
+    }
+    let mut value = bytes as f64 / 1024.0;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{value:.1} {}", UNITS.get(unit).copied().unwrap_or("PiB"))
+}
+
+fn quota_detail(stored: Option<u64>, size: Option<u64>) -> String {
+    match (stored, size) {
+        (Some(stored), Some(size)) => format!(
+            "it stores {} and a pack of {} did not fit",
+            human_size(Some(stored)),
+            human_size(Some(size))
+        ),
+        _ => "it stores more than its quota".into(),
+    }
+}
+
 /// "once", "twice", "3 times"...
 fn times_text(times: u8) -> String {
     match times {
@@ -442,11 +491,12 @@ mod tests {
             ErrorKind::Verification,
             ErrorKind::LocalFile,
             ErrorKind::NotFound,
+            ErrorKind::Quota,
         ];
         let mut codes: Vec<u8> = kinds.iter().map(|k| k.exit_code()).collect();
         codes.sort_unstable();
         codes.dedup();
-        assert_eq!(codes, vec![1, 2, 3, 4, 5, 6, 7]);
+        assert_eq!(codes, vec![1, 2, 3, 4, 5, 6, 7, 8]);
     }
 
     #[test]
@@ -457,6 +507,28 @@ mod tests {
         let reason = io_reason(&e);
         assert!(!reason.contains("os error"), "{reason}");
         assert!(!reason.is_empty());
+    }
+
+    #[test]
+    fn a_quota_refusal_says_the_quota_what_is_stored_and_what_to_do() {
+        let e = Error::QuotaExceeded {
+            server: "s:1".into(),
+            stored: Some((49 << 30) + (900 << 20)),
+            quota: Some(50 << 30),
+            size: Some(16 << 20),
+        };
+        let text = e.to_string();
+        assert!(
+            text.starts_with("backup refused: this client's quota of 50.0 GiB"),
+            "{text}"
+        );
+        assert!(
+            text.contains("it stores 49.9 GiB and a pack of 16.0 MiB"),
+            "{text}"
+        );
+        assert!(text.contains("nothing was committed"), "{text}");
+        assert_eq!(e.exit_code(), 8);
+        assert_eq!(e.kind().as_str(), "quota_exceeded");
     }
 
     #[test]

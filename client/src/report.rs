@@ -283,9 +283,24 @@ impl RunReport {
     }
 }
 
-/// An error as JSON: `{"kind": ..., "exit_code": ..., "message": ...}`.
+/// An error as JSON: `{"kind": ..., "exit_code": ..., "message": ...}`;
+/// a quota refusal adds the server's `stored`, `quota` and `size` (bytes,
+/// null when it did not say).
 pub fn error_json(e: &Error) -> Value {
-    json!({ "kind": e.kind().as_str(), "exit_code": e.exit_code(), "message": e.to_string() })
+    let mut v =
+        json!({ "kind": e.kind().as_str(), "exit_code": e.exit_code(), "message": e.to_string() });
+    if let Error::QuotaExceeded {
+        stored,
+        quota,
+        size,
+        ..
+    } = e
+    {
+        v["stored"] = json!(stored);
+        v["quota"] = json!(quota);
+        v["size"] = json!(size);
+    }
+    v
 }
 
 /// One list entry as JSON.

@@ -376,6 +376,11 @@ fn repo_response() -> impl Strategy<Value = RepoResponse> {
         any::<u8>().prop_map(|r| RepoResponse::ForgetRefused {
             reason: ForgetRefusal(r)
         }),
+        any::<(u64, u64, u64)>().prop_map(|(stored, quota, size)| RepoResponse::QuotaExceeded {
+            stored,
+            quota,
+            size
+        }),
     ]
 }
 

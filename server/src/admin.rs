@@ -13,8 +13,12 @@ use std::time::SystemTime;
 
 use protocol::ClientId;
 
+use crate::config::Quotas;
 use crate::storage::prune::{MaintenanceLock, PruneOptions, PruneReport};
-use crate::storage::{ClientSummary, Retention, Storage, StorageError, VersionRecord};
+use crate::storage::quota::format_size;
+use crate::storage::{
+    ClientSummary, QuotaSetting, Retention, Storage, StorageError, VersionRecord,
+};
 
 /// Entries fetched per metadata query when listing a client's files.
 const PAGE: usize = 1024;
@@ -64,28 +68,294 @@ fn version_line(v: &VersionRecord) -> String {
     )
 }
 
-/// `clients`: one line per client.
+/// One client as `clients` shows it (`--json`: one object each).
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct ClientView {
+    pub id: String,
+    pub name: String,
+    pub append_only: bool,
+    pub snapshots: u64,
+    /// Bytes of its packs: what its quota is charged (`docs/PROTOCOL.md`
+    /// §13.9).
+    pub stored_bytes: u64,
+    /// Over its snapshots, the sealed bytes each references (an object
+    /// counts once per snapshot).
+    pub logical_bytes: u64,
+    /// `logical_bytes / stored_bytes`; `None` while nothing is stored.
+    pub dedup_ratio: Option<f64>,
+    /// The quota in force, `None` for none.
+    pub quota_bytes: Option<u64>,
+    /// Where it comes from: `client` (`backup-server quota`), `config`, or
+    /// `none`.
+    pub quota_source: &'static str,
+    /// When its newest snapshot was committed (RFC 3339, UTC).
+    pub last_backup: Option<String>,
+    pub packs: u64,
+    /// Per-file history (`--per-file`, legacy): names, versions and their
+    /// plaintext bytes (not charged to the quota).
+    pub files: u64,
+    pub versions: u64,
+    pub file_bytes: u64,
+    pub last_seen: String,
+}
+
+/// The quota in force for `c` and where it comes from.
+fn quota_of(c: &ClientSummary, quotas: &Quotas) -> (Option<u64>, &'static str) {
+    let configured = quotas.of(c.client.id, &lossy(c.client.name.as_bytes()));
+    let quota = c.client.quota.effective(configured);
+    let source = match (c.client.quota, quota) {
+        (_, None) => "none",
+        (QuotaSetting::Inherit, Some(_)) => "config",
+        _ => "client",
+    };
+    (quota, source)
+}
+
+/// Every client with what it stores (`clients`).
+///
+/// # Errors
+/// On a storage failure.
+pub fn client_views(storage: &Storage, quotas: &Quotas) -> Result<Vec<ClientView>, AdminError> {
+    let repo: std::collections::HashMap<ClientId, crate::storage::RepoUsage> = storage
+        .repo()?
+        .repo_usage()?
+        .into_iter()
+        .map(|u| (u.client, u))
+        .collect();
+    Ok(storage
+        .meta()
+        .clients()?
+        .into_iter()
+        .map(|c| {
+            let usage = repo.get(&c.client.id).cloned().unwrap_or_default();
+            let (quota_bytes, quota_source) = quota_of(&c, quotas);
+            ClientView {
+                id: c.client.id.to_string(),
+                name: lossy(c.client.name.as_bytes()),
+                append_only: c.client.append_only,
+                snapshots: usage.snapshots,
+                stored_bytes: usage.stored,
+                logical_bytes: usage.logical,
+                dedup_ratio: (usage.stored > 0).then(|| usage.logical as f64 / usage.stored as f64),
+                quota_bytes,
+                quota_source,
+                last_backup: usage.last_snapshot.map(format_time),
+                packs: usage.packs,
+                files: c.files,
+                versions: c.versions,
+                file_bytes: c.bytes,
+                last_seen: format_time(c.client.last_seen),
+            }
+        })
+        .collect())
+}
+
+/// Writes `rows` under `head` in columns two spaces apart, numbers (the
+/// columns flagged in `right`) aligned right.
+fn table(
+    out: &mut impl Write,
+    head: &[&str],
+    right: &[bool],
+    rows: &[Vec<String>],
+) -> std::io::Result<()> {
+    let mut widths: Vec<usize> = head.iter().map(|h| h.chars().count()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let head: Vec<String> = head.iter().map(|h| (*h).to_owned()).collect();
+    for row in std::iter::once(&head).chain(rows) {
+        let mut line = String::new();
+        for (i, cell) in row.iter().enumerate() {
+            let w = widths.get(i).copied().unwrap_or(0);
+            if i > 0 {
+                line.push_str("  ");
+            }
+            if right.get(i).copied().unwrap_or(false) {
+                line.push_str(&format!("{cell:>w$}"));
+            } else {
+                line.push_str(&format!("{cell:<w$}"));
+            }
+        }
+        writeln!(out, "{}", line.trim_end())?;
+    }
+    Ok(())
+}
+
+/// `clients [--json]`: one line per client (or a JSON array): snapshots,
+/// stored and logical bytes, dedup ratio, quota, last backup, and the
+/// per-file history.
 ///
 /// # Errors
 /// On a storage or output failure.
-pub fn clients(storage: &Storage, out: &mut impl Write) -> Result<(), AdminError> {
-    writeln!(
-        out,
-        "id\tname\tappend-only\tfiles\tversions\tbytes\tlast-seen"
-    )?;
-    for c in storage.meta().clients()? {
-        writeln!(
-            out,
-            "{}\t{}\t{}\t{}\t{}\t{}\t{}",
-            c.client.id,
-            lossy(c.client.name.as_bytes()),
-            if c.client.append_only { "yes" } else { "no" },
-            c.files,
-            c.versions,
-            c.bytes,
-            format_time(c.client.last_seen)
-        )?;
+pub fn clients(
+    storage: &Storage,
+    quotas: &Quotas,
+    json: bool,
+    out: &mut impl Write,
+) -> Result<(), AdminError> {
+    let views = client_views(storage, quotas)?;
+    if json {
+        serde_json::to_writer_pretty(&mut *out, &views).map_err(std::io::Error::from)?;
+        writeln!(out)?;
+        return Ok(());
     }
+    let rows: Vec<Vec<String>> = views
+        .iter()
+        .map(|v| {
+            vec![
+                v.name.clone(),
+                v.id.clone(),
+                v.snapshots.to_string(),
+                format_size(v.stored_bytes),
+                format_size(v.logical_bytes),
+                v.dedup_ratio
+                    .map_or_else(|| "-".into(), |r| format!("{r:.2}x")),
+                match (v.quota_bytes, v.quota_source) {
+                    (Some(q), "client") => format!("{} (own)", format_size(q)),
+                    (Some(q), _) => format_size(q),
+                    (None, _) => "none".into(),
+                },
+                v.last_backup.clone().unwrap_or_else(|| "-".into()),
+                v.files.to_string(),
+                v.versions.to_string(),
+                format_size(v.file_bytes),
+                if v.append_only { "yes" } else { "no" }.into(),
+                v.last_seen.clone(),
+            ]
+        })
+        .collect();
+    table(
+        out,
+        &[
+            "NAME",
+            "ID",
+            "SNAPSHOTS",
+            "STORED",
+            "LOGICAL",
+            "DEDUP",
+            "QUOTA",
+            "LAST BACKUP",
+            "FILES",
+            "VERSIONS",
+            "FILE BYTES",
+            "APPEND-ONLY",
+            "LAST SEEN",
+        ],
+        &[
+            false, false, true, true, true, true, true, false, true, true, true, false, false,
+        ],
+        &rows,
+    )?;
+    Ok(())
+}
+
+/// One snapshot as `snapshots CLIENT` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct SnapshotView {
+    pub id: u64,
+    /// The time the client gave it (RFC 3339, UTC).
+    pub time: String,
+    /// When the server committed it.
+    pub committed: String,
+    pub objects: u64,
+    pub logical_bytes: u64,
+    /// Bytes of the objects no other snapshot of the client references.
+    pub unique_bytes: u64,
+}
+
+/// `snapshots CLIENT [--json]`: one line per snapshot (or a JSON array).
+///
+/// # Errors
+/// On an unknown client, a storage or an output failure.
+pub fn snapshots(
+    storage: &Storage,
+    client: &str,
+    json: bool,
+    out: &mut impl Write,
+) -> Result<(), AdminError> {
+    let c = find_client(storage, client)?;
+    let views: Vec<SnapshotView> = storage
+        .repo()?
+        .snapshot_usage(c.client.id)?
+        .into_iter()
+        .map(|s| SnapshotView {
+            id: s.id,
+            time: format_time(std::time::UNIX_EPOCH + std::time::Duration::from_secs(s.time)),
+            committed: format_time(s.committed_at),
+            objects: s.objects,
+            logical_bytes: s.logical,
+            unique_bytes: s.unique,
+        })
+        .collect();
+    if json {
+        serde_json::to_writer_pretty(&mut *out, &views).map_err(std::io::Error::from)?;
+        writeln!(out)?;
+        return Ok(());
+    }
+    let rows: Vec<Vec<String>> = views
+        .iter()
+        .map(|s| {
+            vec![
+                s.id.to_string(),
+                s.time.clone(),
+                s.objects.to_string(),
+                format_size(s.logical_bytes),
+                format_size(s.unique_bytes),
+                s.committed.clone(),
+            ]
+        })
+        .collect();
+    table(
+        out,
+        &["ID", "TIME", "OBJECTS", "LOGICAL", "UNIQUE", "COMMITTED"],
+        &[true, false, true, true, true, false],
+        &rows,
+    )?;
+    Ok(())
+}
+
+/// `quota CLIENT [SIZE|none|default]`: sets the client's own quota
+/// (`None` only shows it), then says what is in force and what it stores.
+///
+/// # Errors
+/// On an unknown client, a storage or output failure.
+pub fn quota(
+    storage: &Storage,
+    quotas: &Quotas,
+    client: &str,
+    set: Option<QuotaSetting>,
+    out: &mut impl Write,
+) -> Result<(), AdminError> {
+    let mut c = find_client(storage, client)?;
+    let before = quota_of(&c, quotas);
+    if let Some(setting) = set {
+        if !storage.meta().set_quota(c.client.id, setting)? {
+            return Err(AdminError::UnknownClient(client.to_owned()));
+        }
+        c.client.quota = setting;
+    }
+    let (quota, source) = quota_of(&c, quotas);
+    let stored = storage.repo()?.usage(c.client.id, None)?.stored;
+    let describe = |(q, source): (Option<u64>, &str)| match q {
+        None => "none".to_owned(),
+        Some(q) => format!("{} ({q} bytes, {source})", format_size(q)),
+    };
+    let mut line = format!(
+        "client {} ({}): quota {}",
+        c.client.id,
+        lossy(c.client.name.as_bytes()),
+        describe((quota, source))
+    );
+    if set.is_some() {
+        line.push_str(&format!(" (was {})", describe(before)));
+    }
+    line.push_str(&format!(
+        "; stores {} ({stored} bytes)",
+        format_size(stored)
+    ));
+    writeln!(out, "{line}")?;
     Ok(())
 }
 

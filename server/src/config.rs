@@ -88,6 +88,54 @@ pub struct Config {
     /// stays taken; after it, a new registration of the name replaces
     /// that client (`docs/PROTOCOL.md` §6.1).
     pub registration_grace: Duration,
+    /// Quotas of the snapshot repository from the config file
+    /// (`docs/PROTOCOL.md` §13.9); a client's own setting in the metadata
+    /// (`backup-server quota`) overrides them.
+    pub quotas: Quotas,
+}
+
+/// The config file's quotas: `quota` for every client, and the `quota` of
+/// a client's `[clients.NAME]` table (by name or id) for that client.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Quotas {
+    /// Every client's (`None`: no quota).
+    pub default: Option<u64>,
+    /// By client name or id: that client's (`None`: no quota).
+    pub clients: std::collections::BTreeMap<String, Option<u64>>,
+}
+
+impl Quotas {
+    /// The quota the config file gives the client `id` named `name`
+    /// (`None`: no quota).
+    pub fn of(&self, id: protocol::ClientId, name: &str) -> Option<u64> {
+        self.clients
+            .get(name)
+            .or_else(|| self.clients.get(&id.to_string()))
+            .copied()
+            .unwrap_or(self.default)
+    }
+
+    /// The quotas of `file`.
+    ///
+    /// # Errors
+    /// When a quota is neither a size nor "none".
+    pub fn from_file(file: &FileConfig) -> Result<Self, ConfigError> {
+        let invalid = |reason| ConfigError::Invalid {
+            key: "quota",
+            reason,
+        };
+        let default = match &file.quota {
+            Some(q) => q.resolve().map_err(invalid)?,
+            None => None,
+        };
+        let mut clients = std::collections::BTreeMap::new();
+        for (name, table) in file.clients.iter().flatten() {
+            if let Some(q) = &table.quota {
+                clients.insert(name.clone(), q.resolve().map_err(invalid)?);
+            }
+        }
+        Ok(Self { default, clients })
+    }
 }
 
 impl Config {
@@ -131,6 +179,7 @@ impl Config {
             registrations_per_minute: Self::DEFAULT_REGISTRATIONS_PER_MINUTE,
             registration_burst: Self::DEFAULT_REGISTRATION_BURST,
             registration_grace: Self::DEFAULT_REGISTRATION_GRACE,
+            quotas: Quotas::default(),
         }
     }
 }
@@ -212,7 +261,19 @@ impl Settings {
             format!("registration_grace_secs = {}", secs(c.registration_grace)),
             format!("max_packet_bytes = {}", c.limits.max_packet_content),
             format!("max_file_bytes = {}", c.limits.max_file_size),
+            match c.quotas.default {
+                Some(q) => format!("quota = \"{}\"", crate::storage::quota::format_exact(q)),
+                None => unset("quota", "no quota unless a client has its own"),
+            },
         ];
+        for (name, quota) in &c.quotas.clients {
+            let value =
+                quota.map_or_else(|| "none".to_owned(), crate::storage::quota::format_exact);
+            lines.push(format!(
+                "[clients.{}]\nquota = \"{value}\"",
+                toml_string(name)
+            ));
+        }
         lines.extend(self.warnings.iter().map(|w| format!("# warning: {w}")));
         let mut out = lines.join("\n");
         out.push('\n');
@@ -351,7 +412,10 @@ pub fn snapshot_retention(
     };
     let mut clients = std::collections::BTreeMap::new();
     for (name, p) in file.clients.iter().flatten() {
-        clients.insert(name.clone(), keep_policy(p, "clients")?);
+        // A table that sets only a quota leaves retention to the default.
+        if p.has_rules() || p.quota.is_none() {
+            clients.insert(name.clone(), keep_policy(p, "clients")?);
+        }
     }
     Ok(SnapshotRetention {
         flags: (!flags.is_empty()).then_some(flags),
@@ -554,6 +618,7 @@ pub fn load(
         &file,
     )?;
     config.append_only = args.append_only || file.append_only.unwrap_or(false);
+    config.quotas = Quotas::from_file(&file)?;
     if let Some(n) = args.max_packet_bytes.or(file.max_packet_bytes) {
         if n == 0 {
             return Err(ConfigError::Invalid {
@@ -902,6 +967,64 @@ mod tests {
                 ..
             }
         ));
+    }
+
+
+    #[test]
+    fn reads_quotas_from_the_file_and_describes_them_so_they_load_the_same() {
+        let dir = tempfile::tempdir().unwrap();
+        let toml = dir.path().join("server.toml");
+        std::fs::write(
+            &toml,
+            "quota = \"50G\"\n[snapshots]\nkeep_daily = 7\n[clients.laptop]\nquota = 1048577\n\
+             [clients.desk]\nquota = \"none\"\nkeep_last = 2\n",
+        )
+        .unwrap();
+        let s = load(
+            &parse(&["--config", toml.to_str().unwrap(), "--port", "4000"]),
+            dir.path(),
+            no_env,
+        )
+        .unwrap();
+        let id = protocol::ClientId([1; 16]);
+        let q = &s.config.quotas;
+        assert_eq!(q.of(id, "other"), Some(50 << 30));
+        assert_eq!(q.of(id, "laptop"), Some(1_048_577));
+        assert_eq!(q.of(id, "desk"), None, "its own none beats the default");
+        let text = s.describe();
+        assert!(text.contains("quota = \"50G\"\n"), "{text}");
+        assert!(
+            text.contains("[clients.\"laptop\"]\nquota = \"1048577\""),
+            "{text}"
+        );
+        let file = dir.path().join("described.toml");
+        std::fs::write(&file, &text).unwrap();
+        let again = load(
+            &parse(&["--config", file.to_str().unwrap()]),
+            dir.path(),
+            no_env,
+        )
+        .unwrap();
+        assert_eq!(again.config.quotas, s.config.quotas);
+        assert_eq!(again.describe(), text);
+        // A table with only a quota leaves retention to [snapshots].
+        let file = FileConfig::read(&toml).unwrap();
+        let r = snapshot_retention(KeepPolicy::default(), &file).unwrap();
+        assert_eq!(r.of(id, "laptop").unwrap().daily, Some(7));
+        assert_eq!(r.of(id, "desk").unwrap().last, Some(2));
+        std::fs::write(&toml, "quota = \"lots\"\n").unwrap();
+        let err = load(
+            &parse(&["--config", toml.to_str().unwrap()]),
+            dir.path(),
+            no_env,
+        )
+        .unwrap_err();
+        assert!(
+            matches!(err, ConfigError::Invalid { key: "quota", .. }),
+            "{err}"
+        );
+        let unset = load(&parse(&[]), dir.path(), no_env).unwrap();
+        assert!(unset.describe().contains("# quota unset"));
     }
 
     #[test]

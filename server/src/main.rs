@@ -82,7 +82,25 @@ fn run(command: Command) -> anyhow::Result<()> {
                 None => clap_mangen::Man::new(cmd).render(out)?,
             }
         }
-        Command::Clients { admin: a } => admin::clients(&open(&a)?.0, out)?,
+        Command::Clients { json, admin: a } => {
+            let (storage, file) = open(&a)?;
+            let quotas = server::config::Quotas::from_file(&file)?;
+            admin::clients(&storage, &quotas, json, out)?
+        }
+        Command::Snapshots {
+            client,
+            json,
+            admin: a,
+        } => admin::snapshots(&open(&a)?.0, &client, json, out)?,
+        Command::Quota {
+            client,
+            value,
+            admin: a,
+        } => {
+            let (storage, file) = open(&a)?;
+            let quotas = server::config::Quotas::from_file(&file)?;
+            admin::quota(&storage, &quotas, &client, value, out)?
+        }
         Command::Files {
             client,
             versions,

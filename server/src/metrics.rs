@@ -230,7 +230,7 @@ impl Metrics {
         let snapshots_failed = Family::<CauseLabels, Counter>::default();
         registry.register(
             "snapshots_failed",
-            "Snapshot commits refused or failed, by cause: missing_objects, refused (another rule of docs/PROTOCOL.md 13.5), storage.",
+            "Snapshot commits refused or failed, by cause: missing_objects, quota (a pack or the commit refused over the client's quota, docs/PROTOCOL.md 13.9), refused (another rule of docs/PROTOCOL.md 13.5), storage.",
             snapshots_failed.clone(),
         );
         let commit_seconds: CommitFamily = Family::new_with_constructor(commit_histogram);
@@ -467,6 +467,7 @@ fn kind_of(e: &StorageError) -> &'static str {
         StorageError::BadKey(_) => "bad_key",
         StorageError::Worker(_) => "worker",
         StorageError::Batch(_) => "batch",
+        StorageError::QuotaExceeded { .. } => "quota",
     }
 }
 

@@ -434,7 +434,13 @@ mod tests {
                 });
             }
             storage
-                .store_pack(pack, 100 * ids.len() as u64, objects, SystemTime::now())
+                .store_pack(
+                    pack,
+                    100 * ids.len() as u64,
+                    objects,
+                    SystemTime::now(),
+                    None,
+                )
                 .unwrap()
         }
 
@@ -479,7 +485,7 @@ mod tests {
             let stage = StageId::random();
             assert_eq!(repo.stage_refs(stage, A, true, &[id(1), id(3)]).unwrap(), 0);
             let snapshot = repo
-                .commit_snapshot(stage, A, 1, b"m", SystemTime::now())
+                .commit_snapshot(stage, A, 1, b"m", SystemTime::now(), None)
                 .unwrap()
                 .unwrap();
 

@@ -36,6 +36,7 @@ pub(crate) mod ingest;
 pub mod memory;
 mod meta;
 pub mod prune;
+pub mod quota;
 mod recovery;
 pub mod repo;
 mod retention;
@@ -55,6 +56,7 @@ pub use meta::{
     ClientRecord, ClientSummary, Deletion, MetaStore, NewVersion, PendingVersion, Registration,
     VersionRecord,
 };
+pub use quota::{QuotaSetting, QuotaUsage, RepoUsage, SnapshotUsage};
 pub use recovery::RecoveryReport;
 pub use repo::{NewPack, ObjectPlace, PackUpload, RepoStore, StageId};
 pub use retention::{versions_to_remove, Retention, VersionStamp};
@@ -131,6 +133,11 @@ pub enum StorageError {
     /// A commit shared with other uploads failed as a whole.
     #[error("group commit failed: {0}")]
     Batch(String),
+    /// Storing `size` more bytes would take the client, which stores
+    /// `stored` bytes, over its quota (`docs/PROTOCOL.md` §13.9); nothing
+    /// was recorded.
+    #[error("the client's quota of {quota} bytes would be exceeded: it stores {stored} and {size} more were offered")]
+    QuotaExceeded { stored: u64, quota: u64, size: u64 },
 }
 
 impl StorageError {

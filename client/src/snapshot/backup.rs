@@ -258,6 +258,14 @@ impl Client {
                 if reason == protocol::repo::message::CommitRefusal::MISSING && !force_read {
                     return Ok(Attempt::Missing(missing.max(u64::from(m))));
                 }
+                if reason == protocol::repo::message::CommitRefusal::QUOTA {
+                    return Err(Error::QuotaExceeded {
+                        server: self.options().server.clone(),
+                        stored: None,
+                        quota: None,
+                        size: None,
+                    });
+                }
                 return Err(Error::SnapshotRefused {
                     server: self.options().server.clone(),
                     detail: format!("reason {}, {m} objects missing", reason.0),

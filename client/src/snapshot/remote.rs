@@ -246,6 +246,16 @@ impl Remote {
         let doing = "storing a pack";
         match self.ask(RepoRequest::PackEnd { entries }, doing).await? {
             RepoResponse::PackStored { added } => Ok(added),
+            RepoResponse::QuotaExceeded {
+                stored,
+                quota,
+                size,
+            } => Err(Error::QuotaExceeded {
+                server: self.server.clone(),
+                stored: Some(stored),
+                quota: Some(quota),
+                size: Some(size),
+            }),
             other => Err(self.protocol(format!("{other:?} while {doing}"))),
         }
     }

@@ -837,8 +837,19 @@ fn repo_action(
                 offset += u64::from(o.len);
             }
             assert_eq!((objects.len(), offset), (entries.len(), size));
-            let added = u32::from(input.u8()) % (objects.len() as u32 + 1);
-            RepoOutcome::PackStored { added }
+            let pick = input.u8();
+            if pick % 4 == 3 {
+                // Storage refuses the pack for the client's quota: 1682,
+                // and the pack is closed all the same.
+                RepoOutcome::QuotaExceeded {
+                    stored: u64::from(pick),
+                    quota: u64::from(pick) + size - 1,
+                    size,
+                }
+            } else {
+                let added = u32::from(pick) % (objects.len() as u32 + 1);
+                RepoOutcome::PackStored { added }
+            }
         }
         (RepoRequest::SnapshotRefs { ids }, RepoAction::StageRefs { first, ids: s, .. }) => {
             assert_eq!(ids, s, "references changed");
@@ -1019,6 +1030,15 @@ fn repo_action(
     let expected = match &outcome {
         RepoOutcome::Have(have) => RepoResponse::HaveAnswer { have: have.clone() },
         RepoOutcome::PackStored { added } => RepoResponse::PackStored { added: *added },
+        RepoOutcome::QuotaExceeded {
+            stored,
+            quota,
+            size,
+        } => RepoResponse::QuotaExceeded {
+            stored: *stored,
+            quota: *quota,
+            size: *size,
+        },
         RepoOutcome::Committed(Ok(id)) => RepoResponse::SnapshotCommitted { id: *id },
         RepoOutcome::Committed(Err((reason, missing))) => RepoResponse::SnapshotRefused {
             reason: *reason,

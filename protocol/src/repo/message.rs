@@ -47,6 +47,8 @@ pub const PACK_ENTRY_LEN: usize = ID_LEN + 4;
 pub const CHALLENGE_LEN: usize = 32;
 /// Bytes of an Ed25519 signature (a passphrase login's proof).
 pub const SIGNATURE_LEN: usize = 64;
+/// Bytes of a quota refusal (1682): stored, quota and pack size, u64 each.
+pub const QUOTA_EXCEEDED_LEN: usize = 24;
 /// Bytes of a passphrase challenge: client id, costs, salt, challenge.
 pub const PASSPHRASE_CHALLENGE_LEN: usize = 16 + 12 + SALT_LEN + CHALLENGE_LEN;
 
@@ -86,6 +88,7 @@ impl ResponseCode {
     pub const KEY_KEPT: Self = Self(1675);
     pub const FORGOTTEN: Self = Self(1680);
     pub const FORGET_REFUSED: Self = Self(1681);
+    pub const QUOTA_EXCEEDED: Self = Self(1682);
 }
 
 /// The slot of the envelope that holds the master key for the client's
@@ -631,6 +634,11 @@ pub enum RepoResponse {
     Forgotten { count: u32 },
     /// 1681: nothing was removed. Payload: reason u8.
     ForgetRefused { reason: ForgetRefusal },
+    /// 1682: the pack was not stored: with it, the client would store more
+    /// than its quota (`docs/PROTOCOL.md` §13.9). Nothing of the pack was
+    /// recorded. Payload: stored u64 (bytes the client stores now), quota
+    /// u64, size u64 (bytes of the refused pack).
+    QuotaExceeded { stored: u64, quota: u64, size: u64 },
 }
 
 impl RepoResponse {
@@ -655,6 +663,7 @@ impl RepoResponse {
             Self::KeyKept { .. } => ResponseCode::KEY_KEPT,
             Self::Forgotten { .. } => ResponseCode::FORGOTTEN,
             Self::ForgetRefused { .. } => ResponseCode::FORGET_REFUSED,
+            Self::QuotaExceeded { .. } => ResponseCode::QUOTA_EXCEEDED,
         }
     }
 
@@ -684,6 +693,7 @@ impl RepoResponse {
             ResponseCode::KEY_KEPT => (2, 2),
             ResponseCode::FORGOTTEN => (4, 4),
             ResponseCode::FORGET_REFUSED => (1, 1),
+            ResponseCode::QUOTA_EXCEEDED => (QUOTA_EXCEEDED_LEN, QUOTA_EXCEEDED_LEN),
             _ => return None,
         })
     }
@@ -713,6 +723,7 @@ impl RepoResponse {
             Self::KeyKept { .. } => 2,
             Self::Forgotten { .. } => 4,
             Self::ForgetRefused { .. } => 1,
+            Self::QuotaExceeded { .. } => QUOTA_EXCEEDED_LEN,
         }
     }
 
@@ -860,6 +871,16 @@ impl RepoResponse {
             ResponseCode::FORGET_REFUSED => Self::ForgetRefused {
                 reason: ForgetRefusal(payload.first().copied().unwrap_or_default()),
             },
+            ResponseCode::QUOTA_EXCEEDED => {
+                let u64_at = |at: usize| {
+                    u64_le(payload.get(at..at + 8).unwrap_or_default()).unwrap_or_default()
+                };
+                Self::QuotaExceeded {
+                    stored: u64_at(0),
+                    quota: u64_at(8),
+                    size: u64_at(16),
+                }
+            }
             _ => Self::KeyStored {
                 slot: payload.first().copied().unwrap_or_default(),
             },
@@ -936,6 +957,15 @@ impl RepoResponse {
             }
             Self::Forgotten { count } => out.put_u32_le(*count),
             Self::ForgetRefused { reason } => out.put_u8(reason.0),
+            Self::QuotaExceeded {
+                stored,
+                quota,
+                size,
+            } => {
+                out.put_u64_le(*stored);
+                out.put_u64_le(*quota);
+                out.put_u64_le(*size);
+            }
         }
     }
 }
@@ -993,6 +1023,33 @@ mod tests {
             let parsed =
                 RepoResponse::parse(ResponseCode::HAVE_ANSWER, Bytes::from(payload), &limits);
             assert_eq!(parsed.is_ok(), ok, "{bits:#010b}");
+        }
+    }
+
+    #[test]
+    fn round_trips_a_quota_refusal_and_rejects_any_other_length() {
+        let limits = Limits::default();
+        let r = RepoResponse::QuotaExceeded {
+            stored: 53_687_091_000,
+            quota: 50 << 30,
+            size: u64::MAX,
+        };
+        let mut out = Vec::new();
+        r.write_payload(&mut out);
+        assert_eq!(out.len(), r.payload_len());
+        assert_eq!(r.code(), ResponseCode(1682));
+        let payload = Bytes::from(out);
+        assert_eq!(
+            RepoResponse::parse(r.code(), payload.clone(), &limits).unwrap(),
+            r
+        );
+        for len in [0, QUOTA_EXCEEDED_LEN - 1, QUOTA_EXCEEDED_LEN + 1] {
+            let mut p = payload.to_vec();
+            p.resize(len, 0);
+            assert!(
+                RepoResponse::parse(ResponseCode::QUOTA_EXCEEDED, p.into(), &limits).is_err(),
+                "{len}"
+            );
         }
     }
 

@@ -42,7 +42,10 @@ pub fn answer(kind: RepoKind, response: Response) -> Result<Option<RepoResponse>
     let fits = matches!(
         (kind, &repo),
         (RepoKind::Have, RepoResponse::HaveAnswer { .. })
-            | (RepoKind::PackEnd, RepoResponse::PackStored { .. })
+            | (
+                RepoKind::PackEnd,
+                RepoResponse::PackStored { .. } | RepoResponse::QuotaExceeded { .. }
+            )
             | (RepoKind::SnapshotRefs, RepoResponse::RefsStaged { .. })
             | (
                 RepoKind::SnapshotCommit,

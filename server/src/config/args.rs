@@ -64,8 +64,39 @@ pub enum Command {
         #[arg(long, value_name = "DIR")]
         out: Option<PathBuf>,
     },
-    /// List clients: id, name, append-only, files, versions, bytes, last seen.
+    /// List clients: snapshots, stored bytes (what the quota is charged),
+    /// logical bytes (each snapshot's objects, once per snapshot), dedup
+    /// ratio, quota, last backup, per-file files/versions/bytes,
+    /// append-only, last seen.
     Clients {
+        /// One JSON array, sizes in bytes.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// List one client's snapshots: id, time, objects referenced, logical
+    /// bytes, bytes no other snapshot references, commit time.
+    Snapshots {
+        /// Client id (32 hex digits) or name.
+        client: String,
+        /// One JSON array, sizes in bytes.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Show a client's quota of the snapshot repository, or set its own:
+    /// a size (bytes, or binary units: 500M, 50G, 1.5T), `none` (no quota
+    /// whatever the config file says), or `default` (the config file's
+    /// `quota` applies again). Takes effect at once, also on a running
+    /// server.
+    Quota {
+        /// Client id (32 hex digits) or name.
+        client: String,
+        /// SIZE, none or default; without it, the quota is shown.
+        #[arg(value_parser = parse_quota_setting, value_name = "SIZE|none|default")]
+        value: Option<crate::storage::QuotaSetting>,
         #[command(flatten)]
         admin: AdminArgs,
     },
@@ -160,6 +191,16 @@ pub enum Command {
     },
 }
 
+/// `SIZE`, `none` or `default`, as `backup-server quota` takes them.
+fn parse_quota_setting(text: &str) -> Result<crate::storage::QuotaSetting, String> {
+    use crate::storage::QuotaSetting;
+    match text.trim().to_ascii_lowercase().as_str() {
+        "none" => Ok(QuotaSetting::Unlimited),
+        "default" => Ok(QuotaSetting::Inherit),
+        _ => crate::storage::quota::parse_size(text).map(QuotaSetting::Bytes),
+    }
+}
+
 /// The format of log lines.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogFormat {
@@ -185,8 +226,8 @@ pub struct AdminArgs {
     #[arg(long, env = "BACKUP_SERVER_DATA_DIR", value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
 
-    /// TOML file of the server (its `data_dir`, `keep_last` and
-    /// `keep_within` are used).
+    /// TOML file of the server (its `data_dir`, retention rules and
+    /// quotas are used).
     #[arg(long, env = "BACKUP_SERVER_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
 }
@@ -238,7 +279,8 @@ pub struct Args {
     /// handshake_timeout_secs, idle_timeout_secs, request_timeout_secs,
     /// shutdown_grace_secs, silent_crc_retry, strict_legacy, keep_last, keep_within,
     /// append_only, registrations_per_minute, registration_burst,
-    /// registration_grace_secs, max_packet_bytes, max_file_bytes).
+    /// registration_grace_secs, max_packet_bytes, max_file_bytes, quota,
+    /// and the tables [snapshots] and [clients.NAME]).
     #[arg(long, env = "BACKUP_SERVER_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
 

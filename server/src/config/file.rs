@@ -29,6 +29,7 @@ use super::ConfigError;
 /// registration_grace_secs = 600   # a never-completed registration holds its name this long
 /// max_packet_bytes = 1114112
 /// max_file_bytes = 4294967295
+/// quota = "50G"             # bytes of packs each client may store (binary units); unset or "none": no quota
 ///
 /// [snapshots]               # the operator's retention of every client's snapshots
 /// keep_daily = 7            # keep_last, keep_hourly, keep_daily, keep_weekly,
@@ -36,6 +37,7 @@ use super::ConfigError;
 ///
 /// [clients.laptop]          # one client's own (by name or id), instead of [snapshots]
 /// keep_last = 3
+/// quota = "200G"            # its own quota; a table with only a quota leaves retention to [snapshots]
 /// ```
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -64,6 +66,10 @@ pub struct FileConfig {
     pub registration_grace_secs: Option<u64>,
     pub max_packet_bytes: Option<usize>,
     pub max_file_bytes: Option<u64>,
+    /// Every client's quota of the snapshot repository, unless its own
+    /// table or `backup-server quota` sets another (`docs/PROTOCOL.md`
+    /// §13.9).
+    pub quota: Option<QuotaValue>,
     /// Retention of every client's snapshots (`backup-server prune`).
     pub snapshots: Option<SnapshotPolicy>,
     /// Retention of one client's snapshots, by name or id, instead.
@@ -82,6 +88,44 @@ pub struct SnapshotPolicy {
     pub keep_monthly: Option<u32>,
     pub keep_yearly: Option<u32>,
     pub keep_within: Option<String>,
+    /// The client's quota (only in a `[clients.NAME]` table).
+    pub quota: Option<QuotaValue>,
+}
+
+impl SnapshotPolicy {
+    /// Whether the table sets any retention rule.
+    pub fn has_rules(&self) -> bool {
+        self.keep_last.is_some()
+            || self.keep_hourly.is_some()
+            || self.keep_daily.is_some()
+            || self.keep_weekly.is_some()
+            || self.keep_monthly.is_some()
+            || self.keep_yearly.is_some()
+            || self.keep_within.is_some()
+    }
+}
+
+/// A quota as the config file writes it: bytes (`1048576`), a size with a
+/// binary unit (`"50G"`), or `"none"`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(untagged)]
+pub enum QuotaValue {
+    Bytes(u64),
+    Text(String),
+}
+
+impl QuotaValue {
+    /// The quota in bytes, `None` for "none".
+    ///
+    /// # Errors
+    /// When the text is neither a size nor "none".
+    pub fn resolve(&self) -> Result<Option<u64>, String> {
+        match self {
+            Self::Bytes(n) => Ok(Some(*n)),
+            Self::Text(t) if t.trim().eq_ignore_ascii_case("none") => Ok(None),
+            Self::Text(t) => crate::storage::quota::parse_size(t).map(Some),
+        }
+    }
 }
 
 impl FileConfig {

@@ -9,7 +9,7 @@ use std::time::SystemTime;
 use protocol::message::PublicKeyField;
 use protocol::{ClientId, FileName, UserName};
 
-use super::{BlobKey, Retention, StorageError};
+use super::{BlobKey, QuotaSetting, Retention, StorageError};
 
 /// A client as the metadata knows it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -29,6 +29,8 @@ pub struct ClientRecord {
     /// (legacy) or first proved its key (secure mode). Until then, and
     /// once the grace period is over, its name may be registered anew.
     pub completed_at: Option<SystemTime>,
+    /// Its own quota of the snapshot repository (`backup-server quota`).
+    pub quota: QuotaSetting,
 }
 
 /// A client with the totals of what it stores (operator listings).
@@ -286,6 +288,13 @@ pub trait MetaStore: Send + Sync + 'static {
     /// # Errors
     /// On a backend failure.
     fn set_append_only(&self, id: ClientId, on: bool) -> Result<bool, StorageError>;
+
+    /// Sets the own quota of client `id`; `false` if there is no such
+    /// client.
+    ///
+    /// # Errors
+    /// On a backend failure.
+    fn set_quota(&self, id: ClientId, quota: QuotaSetting) -> Result<bool, StorageError>;
 
     /// Every client with its totals, by name.
     ///

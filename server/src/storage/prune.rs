@@ -400,7 +400,7 @@ mod tests {
             });
         }
         storage
-            .store_pack(pack, 100 * ids.len() as u64, objects, at)
+            .store_pack(pack, 100 * ids.len() as u64, objects, at, None)
             .unwrap();
     }
 
@@ -409,7 +409,7 @@ mod tests {
         let stage = StageId::random();
         let ids: Vec<ObjectId> = ids.iter().map(|n| id(*n)).collect();
         assert_eq!(repo.stage_refs(stage, A, true, &ids).unwrap(), 0);
-        repo.commit_snapshot(stage, A, 1, b"m", SystemTime::now())
+        repo.commit_snapshot(stage, A, 1, b"m", SystemTime::now(), None)
             .unwrap()
             .unwrap();
     }

@@ -32,7 +32,7 @@ use protocol::repo::ObjectId;
 use protocol::ClientId;
 use sha2::{Digest, Sha256};
 
-use super::{BlobKey, BlobWriter, Storage, StorageError};
+use super::{BlobKey, BlobWriter, QuotaUsage, RepoUsage, SnapshotUsage, Storage, StorageError};
 
 /// Names the references staged for one snapshot being built on one
 /// connection (random: connections never share one). Staged references
@@ -59,6 +59,10 @@ pub struct NewPack {
     pub stored_at: SystemTime,
     /// Each object's place, in pack order.
     pub objects: Vec<Located>,
+    /// The quota the server's configuration gives the client (`None`:
+    /// none); the client's own setting (`backup-server quota`) overrides
+    /// it (`docs/PROTOCOL.md` §13.9).
+    pub quota: Option<u64>,
 }
 
 /// Where a client's object lies: in pack blob `blob`, `len` bytes from
@@ -165,11 +169,35 @@ pub trait RepoStore: Send + Sync + 'static {
 
     /// Records `pack` and its objects in one transaction; an object the
     /// client already holds keeps its place (skipped, not an error).
-    /// Returns how many objects were new.
+    /// Returns how many objects were new. The same transaction charges the
+    /// pack's bytes to the client's quota (`docs/PROTOCOL.md` §13.9), so
+    /// two packs of one client recorded at once cannot both slip under it.
     ///
     /// # Errors
-    /// On a backend failure; nothing is recorded then.
+    /// [`StorageError::QuotaExceeded`] when the pack would take the client
+    /// over its quota; on a backend failure. Nothing is recorded then.
     fn add_pack(&self, pack: &NewPack) -> Result<u32, StorageError>;
+
+    /// What `client` stores against its quota, given the quota the
+    /// server's configuration gives it.
+    ///
+    /// # Errors
+    /// On a backend failure or an unreadable row.
+    fn usage(&self, client: ClientId, configured: Option<u64>) -> Result<QuotaUsage, StorageError>;
+
+    /// Every client that has a pack or a snapshot, with what its
+    /// repository holds (the operator's `clients` view).
+    ///
+    /// # Errors
+    /// On a backend failure or an unreadable row.
+    fn repo_usage(&self) -> Result<Vec<RepoUsage>, StorageError>;
+
+    /// Every snapshot of `client`, by id, with what it references (the
+    /// operator's `snapshots CLIENT` view).
+    ///
+    /// # Errors
+    /// On a backend failure or an unreadable row.
+    fn snapshot_usage(&self, client: ClientId) -> Result<Vec<SnapshotUsage>, StorageError>;
 
     /// Stages, under `stage`, each of `ids` that `client` holds (dropping
     /// whatever was staged before when `first`); returns how many of `ids`
@@ -192,8 +220,10 @@ pub trait RepoStore: Send + Sync + 'static {
     fn drop_stage(&self, stage: StageId) -> Result<(), StorageError>;
 
     /// In one transaction: checks that every reference staged under
-    /// `stage` still names an object of `client`, records a snapshot with
-    /// them and drops the stage. Returns the snapshot's id (unique,
+    /// `stage` still names an object of `client`, and that the client does
+    /// not store more than its quota (`quota` as the configuration gives
+    /// it, overridden by the client's own), records a snapshot with them
+    /// and drops the stage. Returns the snapshot's id (unique,
     /// increasing), or why it was refused with how many references are
     /// missing (the stage is dropped either way).
     ///
@@ -206,6 +236,7 @@ pub trait RepoStore: Send + Sync + 'static {
         time: u64,
         meta: &[u8],
         now: SystemTime,
+        quota: Option<u64>,
     ) -> Result<Result<u64, (CommitRefusal, u32)>, StorageError>;
 
     /// At most `limit` snapshots of `client` with ids above `after`, in id
@@ -481,18 +512,22 @@ impl Storage {
     }
 
     /// Makes `pack` durable (finish, publish, barrier) and then records it
-    /// with `objects` in one transaction; returns how many objects were
-    /// new. Nothing is recorded unless the bytes are durable first.
+    /// with `objects` in one transaction, charged to the client's quota
+    /// (`quota` as the configuration gives it); returns how many objects
+    /// were new. Nothing is recorded unless the bytes are durable first.
     ///
     /// # Errors
-    /// When the bytes received are not `size`, or writing or recording
-    /// fails; the pack's blob is removed then (or left for recovery).
+    /// [`StorageError::QuotaExceeded`] when the pack does not fit the
+    /// client's quota; when the bytes received are not `size`, or writing
+    /// or recording fails. The pack's blob is removed then (or left for
+    /// recovery).
     pub fn store_pack(
         &self,
         pack: PackUpload,
         size: u64,
         objects: Vec<Located>,
         now: SystemTime,
+        quota: Option<u64>,
     ) -> Result<u32, StorageError> {
         let repo = self.repo()?;
         if pack.bytes != size {
@@ -526,6 +561,7 @@ impl Storage {
             sha256: sha256.finalize().into(),
             stored_at: now,
             objects,
+            quota,
         };
         repo.add_pack(&record).inspect_err(|_| {
             self.delete_unrecorded(std::iter::once(&record.blob));
@@ -566,7 +602,13 @@ mod tests {
         let mut short = storage.begin_pack(client).unwrap();
         short.write(&bytes[..100]).unwrap();
         let err = storage
-            .store_pack(short, 300, vec![located(1, 0, 300)], SystemTime::now())
+            .store_pack(
+                short,
+                300,
+                vec![located(1, 0, 300)],
+                SystemTime::now(),
+                None,
+            )
             .unwrap_err();
         assert!(matches!(err, StorageError::Corrupt(_)), "{err}");
         let repo = storage.repo().unwrap();
@@ -585,7 +627,7 @@ mod tests {
         }
         let objects = vec![located(1, 0, 100), located(2, 100, 200)];
         let added = storage
-            .store_pack(pack, 300, objects, SystemTime::now())
+            .store_pack(pack, 300, objects, SystemTime::now(), None)
             .unwrap();
         assert_eq!(added, 2);
         let recorded = repo.recorded_packs(None, 10).unwrap();

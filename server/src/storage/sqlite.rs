@@ -34,7 +34,7 @@ use rusqlite::{params, Connection, OptionalExtension, Row};
 use super::{versions_to_remove, VersionStamp};
 use super::{
     BlobKey, ClientRecord, ClientSummary, Deletion, MetaStore, NewVersion, PendingVersion,
-    Registration, Retention, StorageError, VersionRecord,
+    QuotaSetting, Registration, Retention, StorageError, VersionRecord,
 };
 
 mod repo;
@@ -118,10 +118,11 @@ impl SqliteMetaStore {
                 tx.execute_batch(REPO_SCHEMA)?;
                 tx.execute_batch(MIGRATE_6_TO_7)?;
                 tx.execute_batch(MIGRATE_7_TO_8)?;
+                tx.execute_batch(MIGRATE_8_TO_9)?;
                 tx.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}"))?;
                 tx.commit()?;
             }
-            1..=7 => {
+            1..=8 => {
                 let tx = conn.transaction()?;
                 if version == 1 {
                     tx.execute_batch(MIGRATE_1_TO_2)?;
@@ -141,7 +142,10 @@ impl SqliteMetaStore {
                 if version <= 6 {
                     tx.execute_batch(MIGRATE_6_TO_7)?;
                 }
-                tx.execute_batch(MIGRATE_7_TO_8)?;
+                if version <= 7 {
+                    tx.execute_batch(MIGRATE_7_TO_8)?;
+                }
+                tx.execute_batch(MIGRATE_8_TO_9)?;
                 tx.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}"))?;
                 tx.commit()?;
             }
@@ -430,6 +434,14 @@ impl MetaStore for SqliteMetaStore {
         )?;
         tx.commit()?;
         Ok(Deletion::Deleted(versions))
+    }
+
+    fn set_quota(&self, id: ClientId, quota: QuotaSetting) -> Result<bool, StorageError> {
+        let n = self.conn().execute(
+            "UPDATE clients SET quota = ?2 WHERE id = ?1",
+            params![&id.0[..], quota_to_sql(quota)?],
+        )?;
+        Ok(n > 0)
     }
 
     fn set_append_only(&self, id: ClientId, on: bool) -> Result<bool, StorageError> {

@@ -524,12 +524,33 @@ async fn operator_commands_report_and_change_the_data() {
     let storage = Storage::open_local(data.path()).unwrap();
 
     let mut out = Vec::new();
-    admin::clients(&storage, &mut out).unwrap();
+    let quotas = server::config::Quotas::default();
+    admin::clients(&storage, &quotas, true, &mut out).unwrap();
+    let listed: serde_json::Value = serde_json::from_slice(&out).unwrap();
+    let otto = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "otto")
+        .unwrap();
+    assert_eq!(otto["id"], c.id.to_hex());
+    assert_eq!(otto["append_only"], false);
+    let counts = [
+        "files",
+        "versions",
+        "file_bytes",
+        "snapshots",
+        "stored_bytes",
+    ]
+    .map(|k| otto[k].as_u64().unwrap());
+    assert_eq!(counts, [2, 3, 12, 0, 0], "{otto}");
+    assert_eq!(otto["quota_source"], "none");
+    let mut out = Vec::new();
+    admin::clients(&storage, &quotas, false, &mut out).unwrap();
     let text = String::from_utf8(out).unwrap();
-    let line = text.lines().find(|l| l.contains("\totto\t")).unwrap();
-    let cols: Vec<&str> = line.split('\t').collect();
-    assert_eq!(cols[0], c.id.to_hex());
-    assert_eq!(&cols[2..6], ["no", "2", "3", "12"], "{line}");
+    let line = text.lines().find(|l| l.starts_with("otto ")).unwrap();
+    assert!(line.contains(&c.id.to_hex()), "{text}");
+    assert!(line.contains("12 B"), "{text}");
 
     let mut out = Vec::new();
     admin::files(&storage, "otto", false, &mut out).unwrap();
@@ -582,10 +603,19 @@ async fn binary_runs_operator_commands_beside_a_running_server() {
     c.store("doc", b"second", 64).await;
     let d = dir.to_str().unwrap();
 
+    let (ok, out, err) = run_binary(&["clients", "--json", "--data-dir", d]);
+    assert!(ok, "{err}");
+    let listed: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let pia = &listed[0];
+    assert_eq!(pia["id"], c.id.to_hex(), "{out}");
+    assert_eq!(pia["name"], "pia", "{out}");
+    let counts = ["files", "versions", "file_bytes"].map(|k| pia[k].as_u64().unwrap());
+    assert_eq!(counts, [1, 2, 11], "{out}");
     let (ok, out, err) = run_binary(&["clients", "--data-dir", d]);
     assert!(ok, "{err}");
     assert!(
-        out.contains(&format!("{}\tpia\tno\t1\t2\t11\t", c.id)),
+        out.lines()
+            .any(|l| l.starts_with("pia ") && l.contains(&c.id.to_hex())),
         "{out}"
     );
     let (ok, out, err) = run_binary(&["files", "pia", "--versions", "--data-dir", d]);

@@ -107,7 +107,7 @@ fn scrub_finds_a_rotted_pack_and_repair_makes_its_objects_missing_until_re_uploa
             },
         ];
         storage
-            .store_pack(pack, 300, objects, SystemTime::now())
+            .store_pack(pack, 300, objects, SystemTime::now(), None)
             .unwrap()
     };
     let root = tempfile::tempdir().unwrap();
@@ -124,7 +124,7 @@ fn scrub_finds_a_rotted_pack_and_repair_makes_its_objects_missing_until_re_uploa
         let stage = StageId::random();
         assert_eq!(repo.stage_refs(stage, C, true, &ids).unwrap(), 0);
         let snapshot = repo
-            .commit_snapshot(stage, C, 1, b"m", SystemTime::now())
+            .commit_snapshot(stage, C, 1, b"m", SystemTime::now(), None)
             .unwrap()
             .unwrap();
         (repo.scrub_packs(0, 1).unwrap().remove(0).blob, snapshot)

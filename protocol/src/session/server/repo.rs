@@ -3,6 +3,7 @@
 //! ```text
 //! Have --> [RepoAction::Have] --repo_done(Have)--> 1660
 //! PackData... --> [RepoAction::PackData] (no answer); PackEnd --> index checked --> [RepoAction::StorePack] --repo_done(PackStored)--> 1661
+//!                                                                                             --repo_done(QuotaExceeded)--> 1682
 //! SnapshotRefs... --> [RepoAction::StageRefs] --repo_done(Staged)--> 1662
 //! SnapshotCommit --> nothing staged: 1664; something missing: [RepoAction::DropStaged] 1664;
 //!                    else [RepoAction::CommitSnapshot] --repo_done(Committed)--> 1663 / 1664
@@ -136,8 +137,19 @@ pub enum PassphraseLookup {
 #[derive(Debug)]
 pub enum RepoOutcome {
     Have(Vec<bool>),
-    PackStored { added: u32 },
-    Staged { missing: u32 },
+    PackStored {
+        added: u32,
+    },
+    /// The pack would take the client over its quota and was not stored
+    /// (`docs/PROTOCOL.md` §13.9).
+    QuotaExceeded {
+        stored: u64,
+        quota: u64,
+        size: u64,
+    },
+    Staged {
+        missing: u32,
+    },
     Committed(Result<u64, (CommitRefusal, u32)>),
     Snapshots(Vec<SnapshotEntry>),
     Keys(Vec<KeySlot>),
@@ -281,6 +293,15 @@ impl ServerSession {
         Ok(Response::Repo(match outcome {
             RepoOutcome::Have(have) => RepoResponse::HaveAnswer { have },
             RepoOutcome::PackStored { added } => RepoResponse::PackStored { added },
+            RepoOutcome::QuotaExceeded {
+                stored,
+                quota,
+                size,
+            } => RepoResponse::QuotaExceeded {
+                stored,
+                quota,
+                size,
+            },
             RepoOutcome::Staged { missing } => {
                 if let Some((_, m)) = self.repo.staged.as_mut() {
                     *m = m.saturating_add(u64::from(missing));

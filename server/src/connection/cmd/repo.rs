@@ -86,10 +86,10 @@ where
                 content,
             } => self.pack_data(client_id, first, content).await,
             RepoAction::StorePack {
-                client_id: _,
+                client_id,
                 size,
                 objects,
-            } => self.store_pack(size, objects).await,
+            } => self.store_pack(client_id, size, objects).await,
             RepoAction::StageRefs {
                 client_id,
                 first,
@@ -254,17 +254,36 @@ where
         }
     }
 
+    /// The quota the server's configuration gives `client_id`
+    /// (`docs/PROTOCOL.md` §13.9; its own setting in the metadata, read
+    /// in the transaction that charges it, overrides this).
+    fn configured_quota(&self, client_id: ClientId) -> Option<u64> {
+        let name = self
+            .session
+            .client()
+            .map(|(_, name)| name.to_string())
+            .unwrap_or_default();
+        self.shared.config.quotas.of(client_id, &name)
+    }
+
     /// Makes the pack durable and records its objects (`docs/PROTOCOL.md`
-    /// §13.4), then answers 1661.
-    async fn store_pack(&mut self, size: u64, objects: Vec<Located>) -> Result<(), Ended> {
+    /// §13.4), then answers 1661; or, when the pack does not fit the
+    /// client's quota, discards it and answers 1682 (§13.9).
+    async fn store_pack(
+        &mut self,
+        client_id: ClientId,
+        size: u64,
+        objects: Vec<Located>,
+    ) -> Result<(), Ended> {
         let Some(pack) = self.repo.pack.take() else {
             return Err(Ended::Invariant("a pack's end with no pack open"));
         };
         let started = Instant::now();
         let count = objects.len();
         let now = SystemTime::now();
+        let quota = self.configured_quota(client_id);
         match self
-            .blocking(move |s| s.store_pack(pack, size, objects, now))
+            .blocking(move |s| s.store_pack(pack, size, objects, now, quota))
             .await
         {
             Ok(added) => {
@@ -281,6 +300,20 @@ where
                 );
                 self.repo_answer(RepoOutcome::PackStored { added }).await
             }
+            Err(StorageError::QuotaExceeded {
+                stored,
+                quota,
+                size,
+            }) => {
+                info!(stored, quota, size, "pack refused: over the client's quota");
+                self.shared.metrics.snapshot_failed(self.listener, "quota");
+                self.repo_answer(RepoOutcome::QuotaExceeded {
+                    stored,
+                    quota,
+                    size,
+                })
+                .await
+            }
             Err(e) => self.repo_failure("store a pack", e).await,
         }
     }
@@ -295,10 +328,11 @@ where
         let stage = self.repo.stage;
         let now = SystemTime::now();
         let started = Instant::now();
+        let quota = self.configured_quota(client_id);
         let committed = self
             .blocking(move |s| {
                 s.repo()?
-                    .commit_snapshot(stage, client_id, time, &meta, now)
+                    .commit_snapshot(stage, client_id, time, &meta, now, quota)
             })
             .await;
         // Committed or refused, the stage is gone.
@@ -315,6 +349,8 @@ where
                     Err((reason, missing)) => {
                         let cause = if *missing > 0 {
                             "missing_objects"
+                        } else if *reason == protocol::repo::message::CommitRefusal::QUOTA {
+                            "quota"
                         } else {
                             "refused"
                         };

@@ -15,6 +15,29 @@ use crate::storage::repo::{
     DamagedSnapshot, NewPack, ObjectPlace, PackDamage, PackUsage, PackedObject, RecordedPack,
     Repacked, RepoStore, StageId,
 };
+use crate::storage::{QuotaUsage, RepoUsage, SnapshotUsage};
+
+/// What `client` stores against its quota, read inside the caller's
+/// transaction: the bytes of its packs, and its own quota setting over
+/// the `configured` one (`docs/PROTOCOL.md` §13.9).
+fn usage_in(
+    conn: &Connection,
+    client: ClientId,
+    configured: Option<u64>,
+) -> Result<QuotaUsage, StorageError> {
+    let own: Option<Option<i64>> = conn
+        .prepare_cached("SELECT quota FROM clients WHERE id = ?1")?
+        .query_row([&client.0[..]], |r| r.get(0))
+        .optional()?;
+    let setting = quota_from_sql(own.flatten())?;
+    let stored: i64 = conn
+        .prepare_cached("SELECT coalesce(sum(size), 0) FROM packs WHERE client = ?1")?
+        .query_row([&client.0[..]], |r| r.get(0))?;
+    Ok(QuotaUsage {
+        stored: u64::try_from(stored).map_err(|_| corrupt("a pack size is negative"))?,
+        quota: setting.effective(configured),
+    })
+}
 
 /// Whether object `o` is dead (`docs/PROTOCOL.md` §13.7), `?1` being the
 /// cut-off in milliseconds: no snapshot references it, no stage holds it,
@@ -154,7 +177,18 @@ impl RepoStore for SqliteMetaStore {
 
     fn add_pack(&self, pack: &NewPack) -> Result<u32, StorageError> {
         let mut conn = self.conn();
-        let tx = conn.transaction()?;
+        // Immediate: the quota is read and the pack charged under the
+        // write lock, so of two packs of one client (two connections, or
+        // an operator's command in another process) each sees the other.
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let usage = usage_in(&tx, pack.client, pack.quota)?;
+        if !usage.fits(pack.size) {
+            return Err(StorageError::QuotaExceeded {
+                stored: usage.stored,
+                quota: usage.quota.unwrap_or(u64::MAX),
+                size: pack.size,
+            });
+        }
         let client = &pack.client.0[..];
         tx.prepare_cached(
             "INSERT INTO packs (client, blob, size, sha256, stored_at) VALUES (?1, ?2, ?3, ?4, ?5)",
@@ -254,6 +288,7 @@ impl RepoStore for SqliteMetaStore {
         time: u64,
         meta: &[u8],
         now: SystemTime,
+        quota: Option<u64>,
     ) -> Result<Result<u64, (CommitRefusal, u32)>, StorageError> {
         let mut conn = self.conn();
         // Immediate: the check and the insert under the write lock, so no
@@ -275,6 +310,10 @@ impl RepoStore for SqliteMetaStore {
                 CommitRefusal::MISSING,
                 u32::try_from(missing).unwrap_or(u32::MAX),
             ))
+        } else if !usage_in(&tx, client, quota)?.fits(0) {
+            // The backstop: every pack was charged when it was stored, so
+            // a client is over only when its quota was lowered since.
+            Some((CommitRefusal::QUOTA, 0))
         } else {
             None
         };
@@ -324,6 +363,106 @@ impl RepoStore for SqliteMetaStore {
                 id: u64::try_from(id).map_err(|_| corrupt("negative snapshot id"))?,
                 time: bits_u64(time),
                 meta: meta.into(),
+            })
+        })
+        .collect()
+    }
+
+    fn usage(&self, client: ClientId, configured: Option<u64>) -> Result<QuotaUsage, StorageError> {
+        usage_in(&self.conn(), client, configured)
+    }
+
+    fn repo_usage(&self) -> Result<Vec<RepoUsage>, StorageError> {
+        let conn = self.conn();
+        let mut by_client: std::collections::BTreeMap<Vec<u8>, RepoUsage> =
+            std::collections::BTreeMap::new();
+        fn entry(
+            by_client: &mut std::collections::BTreeMap<Vec<u8>, RepoUsage>,
+            bytes: Vec<u8>,
+        ) -> Result<&mut RepoUsage, StorageError> {
+            let id = client_id(&bytes)?;
+            Ok(by_client.entry(bytes).or_insert_with(|| RepoUsage {
+                client: id,
+                ..RepoUsage::default()
+            }))
+        }
+        let unsigned = |n: i64| u64::try_from(n).map_err(|_| corrupt("a total is negative"));
+        let mut packs = conn.prepare(
+            "SELECT client, count(*), coalesce(sum(size), 0) FROM packs GROUP BY client",
+        )?;
+        let rows = packs.query_map([], |r| {
+            Ok((
+                r.get::<_, Vec<u8>>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, i64>(2)?,
+            ))
+        })?;
+        for row in rows {
+            let (client, n, bytes) = row?;
+            let e = entry(&mut by_client, client)?;
+            e.packs = unsigned(n)?;
+            e.stored = unsigned(bytes)?;
+        }
+        // Each snapshot's references with their objects' sizes: an object
+        // counts once per snapshot that references it.
+        let mut snaps = conn.prepare(
+            "SELECT s.client, count(*), coalesce(sum(
+                 (SELECT coalesce(sum(o.len), 0) FROM snapshot_refs r JOIN objects o ON o.id = r.object
+                  WHERE r.snapshot = s.id)), 0), max(s.committed_at)
+             FROM snapshots s GROUP BY s.client",
+        )?;
+        let rows = snaps.query_map([], |r| {
+            Ok((
+                r.get::<_, Vec<u8>>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, i64>(2)?,
+                r.get::<_, Option<i64>>(3)?,
+            ))
+        })?;
+        for row in rows {
+            let (client, n, logical, last) = row?;
+            let e = entry(&mut by_client, client)?;
+            e.snapshots = unsigned(n)?;
+            e.logical = unsigned(logical)?;
+            e.last_snapshot = last.map(from_ms);
+        }
+        Ok(by_client.into_values().collect())
+    }
+
+    fn snapshot_usage(&self, client: ClientId) -> Result<Vec<SnapshotUsage>, StorageError> {
+        let conn = self.conn();
+        // Unique: referenced by no other snapshot (the index by object
+        // finds the others without a scan).
+        let mut stmt = conn.prepare(
+            "SELECT s.id, s.time, s.committed_at, count(o.id), coalesce(sum(o.len), 0),
+                    coalesce(sum(o.len) FILTER (WHERE NOT EXISTS
+                        (SELECT 1 FROM snapshot_refs x WHERE x.object = r.object
+                         AND x.snapshot <> r.snapshot)), 0)
+             FROM snapshots s
+             LEFT JOIN snapshot_refs r ON r.snapshot = s.id
+             LEFT JOIN objects o ON o.id = r.object
+             WHERE s.client = ?1 GROUP BY s.id ORDER BY s.id",
+        )?;
+        let rows = stmt.query_map([&client.0[..]], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, i64>(2)?,
+                r.get::<_, i64>(3)?,
+                r.get::<_, i64>(4)?,
+                r.get::<_, i64>(5)?,
+            ))
+        })?;
+        let unsigned = |n: i64| u64::try_from(n).map_err(|_| corrupt("a total is negative"));
+        rows.map(|row| {
+            let (id, time, committed, objects, logical, unique) = row?;
+            Ok(SnapshotUsage {
+                id: unsigned(id)?,
+                time: bits_u64(time),
+                committed_at: from_ms(committed),
+                objects: unsigned(objects)?,
+                logical: unsigned(logical)?,
+                unique: unsigned(unique)?,
             })
         })
         .collect()
@@ -858,6 +997,7 @@ mod tests {
             size: 100 * ids.len() as u64,
             sha256: [1; 32],
             stored_at: SystemTime::now(),
+            quota: None,
             objects: ids
                 .iter()
                 .enumerate()
@@ -916,7 +1056,7 @@ mod tests {
         let now = SystemTime::now();
         let stage = StageId::random();
         assert_eq!(
-            s.commit_snapshot(stage, A, 1, b"m", now).unwrap(),
+            s.commit_snapshot(stage, A, 1, b"m", now, None).unwrap(),
             Err((CommitRefusal::NO_REFERENCES, 0)),
             "nothing staged"
         );
@@ -924,12 +1064,12 @@ mod tests {
         assert_eq!(s.stage_refs(stage, A, true, &[id(1), id(3)]).unwrap(), 1);
         assert_eq!(s.stage_refs(stage, A, false, &[id(1), id(9)]).unwrap(), 1);
         let first = s
-            .commit_snapshot(stage, A, u64::MAX, b"one", now)
+            .commit_snapshot(stage, A, u64::MAX, b"one", now, None)
             .unwrap()
             .unwrap();
         assert_eq!(s.stage_refs(stage, A, true, &[id(2)]).unwrap(), 0);
         let second = s
-            .commit_snapshot(stage, A, 5, b"two", now)
+            .commit_snapshot(stage, A, 5, b"two", now, None)
             .unwrap()
             .unwrap();
         assert!(second > first);
@@ -970,12 +1110,12 @@ mod tests {
             .unwrap();
         let now = SystemTime::now();
         assert_eq!(
-            s.commit_snapshot(stage, A, 1, b"m", now).unwrap(),
+            s.commit_snapshot(stage, A, 1, b"m", now, None).unwrap(),
             Err((CommitRefusal::MISSING, 1))
         );
         assert!(s.snapshots(A, 0, 10).unwrap().is_empty());
         assert_eq!(
-            s.commit_snapshot(stage, A, 1, b"m", now).unwrap(),
+            s.commit_snapshot(stage, A, 1, b"m", now, None).unwrap(),
             Err((CommitRefusal::NO_REFERENCES, 0)),
             "the refused stage was dropped"
         );
@@ -1095,7 +1235,8 @@ mod tests {
             // What a version 5 server left: no repository tables.
             let conn = Connection::open(&path).unwrap();
             conn.execute_batch(
-                "DROP TABLE snapshot_refs; DROP TABLE repo_stage; DROP TABLE key_envelopes;
+                "ALTER TABLE clients DROP COLUMN quota;
+                 DROP TABLE snapshot_refs; DROP TABLE repo_stage; DROP TABLE key_envelopes;
                  DROP TABLE pack_trash;
                  DROP TABLE snapshots; DROP TABLE objects; DROP TABLE packs;
                  PRAGMA user_version = 5;",
@@ -1123,7 +1264,7 @@ mod tests {
             // What a version 6 server left.
             let conn = Connection::open(&path).unwrap();
             conn.execute_batch(
-                "ALTER TABLE packs DROP COLUMN damaged;
+                "ALTER TABLE clients DROP COLUMN quota; ALTER TABLE packs DROP COLUMN damaged;
                  DROP TABLE pack_trash; DROP INDEX snapshot_refs_by_object;
                  DROP INDEX repo_stage_by_object; ALTER TABLE objects DROP COLUMN touched;
                  PRAGMA user_version = 6;",
@@ -1147,6 +1288,194 @@ mod tests {
         s.trash(&BlobKey("x".into()), SystemTime::now()).unwrap();
     }
 
+    fn registered(s: &SqliteMetaStore, client: ClientId, name: &str) {
+        s.register(
+            client,
+            &UserName::try_from(name).unwrap(),
+            SystemTime::now(),
+        )
+        .unwrap();
+    }
+
+    fn quota_refusal(e: StorageError) -> (u64, u64, u64) {
+        match e {
+            StorageError::QuotaExceeded {
+                stored,
+                quota,
+                size,
+            } => (stored, quota, size),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn charges_packs_to_the_quota_exactly_at_it_and_refuses_one_byte_over() {
+        let (_dir, s) = store();
+        registered(&s, A, "a");
+        assert!(s.set_quota(A, QuotaSetting::Bytes(300)).unwrap());
+        // 200 bytes, then 100 more: exactly at the quota.
+        assert_eq!(s.add_pack(&pack(A, "p1", &[1, 2])).unwrap(), 2);
+        assert_eq!(s.add_pack(&pack(A, "p2", &[3])).unwrap(), 1);
+        let usage = s.usage(A, None).unwrap();
+        assert_eq!((usage.stored, usage.quota), (300, Some(300)));
+        // One byte over: refused, nothing recorded.
+        let mut one_over = pack(A, "p3", &[4]);
+        one_over.size = 1;
+        one_over.objects[0].len = 1;
+        assert_eq!(
+            quota_refusal(s.add_pack(&one_over).unwrap_err()),
+            (300, 300, 1)
+        );
+        assert_eq!(s.have(A, &[id(4)]).unwrap(), vec![false]);
+        assert_eq!(s.recorded_packs(None, 10).unwrap().len(), 2);
+        // An object already held, sent again, is charged as it lies: the
+        // pack is on disk.
+        assert!(s.add_pack(&pack(A, "p4", &[1])).is_err());
+        // Another client is charged nothing of A's.
+        assert_eq!(s.usage(B, Some(0)).unwrap().stored, 0);
+    }
+
+    #[test]
+    fn a_clients_own_quota_overrides_the_configured_one() {
+        let (_dir, s) = store();
+        registered(&s, A, "a");
+        s.add_pack(&pack(A, "p1", &[1])).unwrap();
+        let configured = Some(150);
+        let mut big = pack(A, "p2", &[2]);
+        big.quota = configured;
+        assert_eq!(
+            quota_refusal(s.add_pack(&big).unwrap_err()),
+            (100, 150, 100)
+        );
+        s.set_quota(A, QuotaSetting::Unlimited).unwrap();
+        assert_eq!(s.usage(A, configured).unwrap().quota, None);
+        assert_eq!(s.add_pack(&big).unwrap(), 1);
+        s.set_quota(A, QuotaSetting::Bytes(1000)).unwrap();
+        assert_eq!(s.usage(A, configured).unwrap().quota, Some(1000));
+        s.set_quota(A, QuotaSetting::Inherit).unwrap();
+        assert_eq!(s.usage(A, configured).unwrap().quota, Some(150));
+        assert_eq!(s.client(A).unwrap().unwrap().quota, QuotaSetting::Inherit);
+    }
+
+    #[test]
+    fn packs_of_one_client_racing_near_the_quota_never_pass_it_together() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        // Two stores on one file: two connections, as a server and another
+        // process would have, so the transaction itself must order them.
+        let stores = [
+            std::sync::Arc::new(SqliteMetaStore::open(&path).unwrap()),
+            std::sync::Arc::new(SqliteMetaStore::open(&path).unwrap()),
+        ];
+        registered(&stores[0], A, "a");
+        stores[0].set_quota(A, QuotaSetting::Bytes(1000)).unwrap();
+        for round in 0..10u8 {
+            let start = std::sync::Arc::new(std::sync::Barrier::new(4));
+            let racers: Vec<_> = (0..4u8)
+                .map(|i| {
+                    let db = std::sync::Arc::clone(&stores[usize::from(i % 2)]);
+                    let start = std::sync::Arc::clone(&start);
+                    std::thread::spawn(move || {
+                        // Three objects of 100 bytes: 300 each, 1200 together.
+                        let base = i * 10;
+                        let p = pack(A, &format!("r{round}-{i}"), &[base, base + 1, base + 2]);
+                        start.wait();
+                        db.add_pack(&p).is_ok()
+                    })
+                })
+                .collect();
+            let stored: Vec<bool> = racers.into_iter().map(|r| r.join().unwrap()).collect();
+            let accepted = stored.iter().filter(|ok| **ok).count();
+            assert_eq!(accepted, 3, "round {round}: {stored:?}");
+            assert_eq!(stores[1].usage(A, None).unwrap().stored, 900);
+            stores[0]
+                .conn()
+                .execute_batch("DELETE FROM objects; DELETE FROM packs;")
+                .unwrap();
+        }
+    }
+
+    #[test]
+    fn refuses_a_commit_once_the_client_stores_more_than_its_quota() {
+        let (_dir, s) = store();
+        registered(&s, A, "a");
+        s.add_pack(&pack(A, "p1", &[1, 2])).unwrap();
+        let now = SystemTime::now();
+        let stage = StageId::random();
+        s.stage_refs(stage, A, true, &[id(1)]).unwrap();
+        // The quota lowered during the backup: the backstop refuses.
+        assert_eq!(
+            s.commit_snapshot(stage, A, 1, b"m", now, Some(199))
+                .unwrap(),
+            Err((CommitRefusal::QUOTA, 0))
+        );
+        assert!(s.snapshots(A, 0, 10).unwrap().is_empty());
+        s.stage_refs(stage, A, true, &[id(1)]).unwrap();
+        assert!(s
+            .commit_snapshot(stage, A, 1, b"m", now, Some(200))
+            .unwrap()
+            .is_ok());
+    }
+
+    #[test]
+    fn counts_logical_bytes_once_per_snapshot_and_unique_bytes_per_snapshot() {
+        let (_dir, s) = store();
+        registered(&s, A, "a");
+        registered(&s, B, "b");
+        s.add_pack(&pack(A, "p1", &[1, 2, 3])).unwrap();
+        s.add_pack(&pack(B, "p2", &[1])).unwrap();
+        let now = SystemTime::now();
+        let stage = StageId::random();
+        let commit = |ids: &[u8]| {
+            let ids: Vec<ObjectId> = ids.iter().map(|n| id(*n)).collect();
+            s.stage_refs(stage, A, true, &ids).unwrap();
+            s.commit_snapshot(stage, A, 7, b"m", now, None)
+                .unwrap()
+                .unwrap()
+        };
+        let first = commit(&[1, 2]);
+        let second = commit(&[1, 2, 3]);
+        let usage = s.repo_usage().unwrap();
+        let a = usage.iter().find(|u| u.client == A).unwrap();
+        assert_eq!(
+            (a.stored, a.packs, a.snapshots, a.logical),
+            (300, 1, 2, 500)
+        );
+        assert!(a.last_snapshot.is_some());
+        let b = usage.iter().find(|u| u.client == B).unwrap();
+        assert_eq!((b.stored, b.snapshots, b.logical), (100, 0, 0));
+        let snaps = s.snapshot_usage(A).unwrap();
+        let got: Vec<(u64, u64, u64, u64, u64)> = snaps
+            .iter()
+            .map(|x| (x.id, x.time, x.objects, x.logical, x.unique))
+            .collect();
+        assert_eq!(got, vec![(first, 7, 2, 200, 0), (second, 7, 3, 300, 100)]);
+        assert!(s.snapshot_usage(B).unwrap().is_empty());
+    }
+
+    #[test]
+    fn upgrades_a_version_8_database_with_no_quota_of_its_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        {
+            let s = SqliteMetaStore::open(&path).unwrap();
+            registered(&s, A, "a");
+        }
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch("ALTER TABLE clients DROP COLUMN quota; PRAGMA user_version = 8;")
+                .unwrap();
+        }
+        let s = SqliteMetaStore::open(&path).unwrap();
+        let version: i64 = s
+            .conn()
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+        assert_eq!(s.client(A).unwrap().unwrap().quota, QuotaSetting::Inherit);
+        assert_eq!(s.usage(A, Some(5)).unwrap().quota, Some(5));
+    }
+
     #[test]
     fn removing_a_client_removes_its_repository_and_nothing_else() {
         let (_dir, s) = store();
@@ -1158,7 +1487,7 @@ mod tests {
                 .unwrap();
             let stage = StageId::random();
             s.stage_refs(stage, client, true, &[id(1)]).unwrap();
-            s.commit_snapshot(stage, client, 1, b"m", now)
+            s.commit_snapshot(stage, client, 1, b"m", now, None)
                 .unwrap()
                 .unwrap();
             s.put_key(client, 0, b"k", now, false).unwrap();

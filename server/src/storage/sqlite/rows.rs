@@ -105,10 +105,29 @@ pub(super) fn version(row: &Row<'_>) -> Result<VersionRecord, StorageError> {
 
 /// The columns [`client`] reads, in order.
 pub(super) const CLIENT_COLUMNS: &str =
-    "id, name, public_key, registered, last_seen, append_only, secure_key, completed_at";
+    "id, name, public_key, registered, last_seen, append_only, secure_key, completed_at, quota";
 /// The first column after [`CLIENT_COLUMNS`] in a query that selects them
 /// first.
-pub(super) const CLIENT_NEXT: usize = 8;
+pub(super) const CLIENT_NEXT: usize = 9;
+
+/// A client's own quota as its `quota` column keeps it (NULL, -1, bytes).
+pub(super) fn quota_from_sql(value: Option<i64>) -> Result<QuotaSetting, StorageError> {
+    Ok(match value {
+        None => QuotaSetting::Inherit,
+        Some(-1) => QuotaSetting::Unlimited,
+        Some(n) => {
+            QuotaSetting::Bytes(u64::try_from(n).map_err(|_| corrupt("a quota is negative"))?)
+        }
+    })
+}
+
+pub(super) fn quota_to_sql(quota: QuotaSetting) -> Result<Option<i64>, StorageError> {
+    Ok(match quota {
+        QuotaSetting::Inherit => None,
+        QuotaSetting::Unlimited => Some(-1),
+        QuotaSetting::Bytes(n) => Some(size_to_sql(n)?),
+    })
+}
 
 /// The one mapper of a clients row ([`CLIENT_COLUMNS`]): read and
 /// validated.
@@ -133,6 +152,7 @@ pub(super) fn client(row: &Row<'_>) -> Result<ClientRecord, StorageError> {
         append_only: row.get(5)?,
         secure_key: row.get(6)?,
         completed_at: row.get::<_, Option<i64>>(7)?.map(from_ms),
+        quota: quota_from_sql(row.get(8)?)?,
     })
 }
 

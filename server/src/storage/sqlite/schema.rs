@@ -1,7 +1,7 @@
 //! The schema and its migrations (see the parent module for the layout).
 
 /// The schema version this code writes (`PRAGMA user_version`).
-pub const SCHEMA_VERSION: i64 = 8;
+pub const SCHEMA_VERSION: i64 = 9;
 
 /// From schema version 1 to 2.
 pub(super) const MIGRATE_1_TO_2: &str =
@@ -58,6 +58,14 @@ CREATE TABLE pack_trash (
 /// object again moves its row to the new pack, which heals those
 /// snapshots.
 pub(super) const MIGRATE_7_TO_8: &str = "ALTER TABLE packs ADD COLUMN damaged INTEGER;";
+
+/// From schema version 8 to 9: a client's own quota
+/// (`backup-server quota`, `docs/PROTOCOL.md` §13.9): NULL when it has
+/// none of its own and the server's configuration applies, -1 for no
+/// quota at all, else bytes. Every existing client starts with NULL, so an
+/// upgrade changes nothing until the operator sets a quota.
+pub(super) const MIGRATE_8_TO_9: &str =
+    "ALTER TABLE clients ADD COLUMN quota INTEGER CHECK (quota IS NULL OR quota >= -1);";
 
 /// The repository extension (`docs/PROTOCOL.md` §13; `storage/repo.rs`).
 /// Object ids are unique per client, never across clients. Snapshot
