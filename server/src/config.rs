@@ -969,7 +969,6 @@ mod tests {
         ));
     }
 
-
     #[test]
     fn reads_quotas_from_the_file_and_describes_them_so_they_load_the_same() {
         let dir = tempfile::tempdir().unwrap();
