@@ -47,7 +47,8 @@ fn run(command: Command) -> anyhow::Result<()> {
         if !data_dir.join(Storage::DATABASE).is_file() {
             anyhow::bail!("no database in {}", data_dir.display());
         }
-        let storage = Storage::open_local(&data_dir)
+        let blobs = server::config::admin_blobs(args, &file)?;
+        let storage = Storage::open(&data_dir, &blobs)
             .with_context(|| format!("cannot open the data in {}", data_dir.display()))?;
         Ok((storage, file))
     };

@@ -29,6 +29,8 @@ use super::ConfigError;
 /// registration_grace_secs = 600   # a never-completed registration holds its name this long
 /// max_packet_bytes = 1114112
 /// max_file_bytes = 4294967295
+/// blob_store = "local"      # or "s3://BUCKET/PREFIX" (credentials: AWS_* variables)
+/// s3_endpoint = "http://127.0.0.1:8333"   # an S3-compatible service; unset: AWS S3
 ///
 /// [snapshots]               # the operator's retention of every client's snapshots
 /// keep_daily = 7            # keep_last, keep_hourly, keep_daily, keep_weekly,
@@ -63,6 +65,9 @@ pub struct FileConfig {
     pub registration_grace_secs: Option<u64>,
     pub max_packet_bytes: Option<usize>,
     pub max_file_bytes: Option<u64>,
+    /// `local` or `s3://BUCKET/PREFIX`.
+    pub blob_store: Option<String>,
+    pub s3_endpoint: Option<String>,
     /// Retention of every client's snapshots (`backup-server prune`).
     pub snapshots: Option<SnapshotPolicy>,
     /// Retention of one client's snapshots, by name or id, instead.
