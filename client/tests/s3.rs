@@ -47,7 +47,8 @@ async fn legacy(server: &ServerProcess, cwd: &Path, args: &[&str]) -> Output {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn legacy_uploads_and_snapshots_live_in_the_bucket_and_restore() {
-    let Some(weed) = SeaweedFs::start("legacy_uploads_and_snapshots_live_in_the_bucket_and_restore")
+    let Some(weed) =
+        SeaweedFs::start("legacy_uploads_and_snapshots_live_in_the_bucket_and_restore")
     else {
         return;
     };
@@ -68,7 +69,11 @@ async fn legacy_uploads_and_snapshots_live_in_the_bucket_and_restore() {
     let out = legacy(&server, dir.path(), &["backup", "src"]).await;
     assert_success("legacy backup", &out);
     let legacy_keys = weed.keys("e2e/clients/");
-    assert_eq!(legacy_keys.len(), 1, "one blob for the large file: {legacy_keys:?}");
+    assert_eq!(
+        legacy_keys.len(),
+        1,
+        "one blob for the large file: {legacy_keys:?}"
+    );
     for (name, content) in [("large.bin", &large), ("small.txt", &small)] {
         let to = format!("back-{name}");
         let out = legacy(&server, dir.path(), &["restore", name, "--to", &to]).await;
@@ -79,18 +84,18 @@ async fn legacy_uploads_and_snapshots_live_in_the_bucket_and_restore() {
     // Secure mode: a snapshot whose packs go to the bucket.
     let config = dir.path().join("config");
     let addr = server.addr.to_string();
-    let out = run_client(&config, &["--server", &addr, "register", "--name", "snap"], LIMIT).await;
+    let out = run_client(
+        &config,
+        &["--server", &addr, "register", "--name", "snap"],
+        LIMIT,
+    )
+    .await;
     assert_success("register", &out);
     let folder = dir.path().join("folder");
     let big = write_file(&folder.join("big.bin"), 9 << 20, 3);
     let mid = write_file(&folder.join("sub/mid.bin"), 700_000, 4);
     let folder_arg = folder.to_string_lossy().into_owned();
-    let out = run_client(
-        &config,
-        &["--server", &addr, "backup", &folder_arg],
-        LIMIT,
-    )
-    .await;
+    let out = run_client(&config, &["--server", &addr, "backup", &folder_arg], LIMIT).await;
     assert_success("backup", &out);
     let keys = weed.keys("e2e/clients/");
     assert!(
@@ -113,7 +118,10 @@ async fn legacy_uploads_and_snapshots_live_in_the_bucket_and_restore() {
     .await;
     assert_success("restore", &out);
     assert_eq!(std::fs::read(restored.join("folder/big.bin")).unwrap(), big);
-    assert_eq!(std::fs::read(restored.join("folder/sub/mid.bin")).unwrap(), mid);
+    assert_eq!(
+        std::fs::read(restored.join("folder/sub/mid.bin")).unwrap(),
+        mid
+    );
 
     // Nothing of the content is in the data directory, and the
     // credentials are not in the log.

@@ -473,12 +473,12 @@ fn blob_location(
         let authority = rest.map(|r| r.split('/').next().unwrap_or_default());
         match authority {
             Some(a) if !a.is_empty() && !a.contains('@') => {}
-            Some(a) if a.contains('@') => {
-                return Err(ConfigError::Invalid {
-                    key: "s3_endpoint",
-                    reason: "must not hold credentials (use AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)".into(),
-                })
-            }
+            Some(a) if a.contains('@') => return Err(ConfigError::Invalid {
+                key: "s3_endpoint",
+                reason:
+                    "must not hold credentials (use AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)"
+                        .into(),
+            }),
             _ => {
                 return Err(ConfigError::Invalid {
                     key: "s3_endpoint",
@@ -913,21 +913,45 @@ mod tests {
         let BlobLocation::S3 { location, endpoint } = &s.config.blobs else {
             panic!("{:?}", s.config.blobs)
         };
-        assert_eq!((location.bucket.as_str(), location.prefix.as_str()), ("bucket", "backup"));
+        assert_eq!(
+            (location.bucket.as_str(), location.prefix.as_str()),
+            ("bucket", "backup")
+        );
         assert_eq!(endpoint.as_deref(), Some("http://127.0.0.1:8333"));
         let described = s.describe();
-        assert!(described.contains("blob_store = \"s3://bucket/backup\"\n"), "{described}");
-        assert!(described.contains("s3_endpoint = \"http://127.0.0.1:8333\"\n"), "{described}");
+        assert!(
+            described.contains("blob_store = \"s3://bucket/backup\"\n"),
+            "{described}"
+        );
+        assert!(
+            described.contains("s3_endpoint = \"http://127.0.0.1:8333\"\n"),
+            "{described}"
+        );
         // What check-config prints reads back as the same settings.
         std::fs::write(&toml, described).unwrap();
-        let again = load(&parse(&["--config", toml.to_str().unwrap()]), dir.path(), no_env).unwrap();
+        let again = load(
+            &parse(&["--config", toml.to_str().unwrap()]),
+            dir.path(),
+            no_env,
+        )
+        .unwrap();
         assert_eq!(again.config.blobs, s.config.blobs);
 
         // The flag wins over the file; admin commands read the same.
-        let args = parse(&["--config", toml.to_str().unwrap(), "--blob-store", "local", "--s3-endpoint", "http://x"]);
+        let args = parse(&[
+            "--config",
+            toml.to_str().unwrap(),
+            "--blob-store",
+            "local",
+            "--s3-endpoint",
+            "http://x",
+        ]);
         assert!(matches!(
             load(&args, dir.path(), no_env),
-            Err(ConfigError::Invalid { key: "s3_endpoint", .. })
+            Err(ConfigError::Invalid {
+                key: "s3_endpoint",
+                ..
+            })
         ));
         let admin = AdminArgs {
             config: Some(toml.clone()),
@@ -943,14 +967,30 @@ mod tests {
         for (argv, key) in [
             (&["--blob-store", "/some/dir"][..], "blob_store"),
             (&["--blob-store", "s3://"][..], "blob_store"),
-            (&["--blob-store", "s3://b/p", "--s3-endpoint", "ftp://h"][..], "s3_endpoint"),
-            (&["--blob-store", "s3://b/p", "--s3-endpoint", "http://"][..], "s3_endpoint"),
             (
-                &["--blob-store", "s3://b/p", "--s3-endpoint", "http://key:hunter2@h"][..],
+                &["--blob-store", "s3://b/p", "--s3-endpoint", "ftp://h"][..],
                 "s3_endpoint",
             ),
             (
-                &["--blob-store", "s3://b/p", "--s3-endpoint", "ftp://key:hunter2@h"][..],
+                &["--blob-store", "s3://b/p", "--s3-endpoint", "http://"][..],
+                "s3_endpoint",
+            ),
+            (
+                &[
+                    "--blob-store",
+                    "s3://b/p",
+                    "--s3-endpoint",
+                    "http://key:hunter2@h",
+                ][..],
+                "s3_endpoint",
+            ),
+            (
+                &[
+                    "--blob-store",
+                    "s3://b/p",
+                    "--s3-endpoint",
+                    "ftp://key:hunter2@h",
+                ][..],
                 "s3_endpoint",
             ),
         ] {

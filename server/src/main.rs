@@ -180,7 +180,7 @@ fn serve(args: &server::config::Args) -> anyhow::Result<()> {
             }
             None => None,
         };
-        info!(addr = %secure.local_addr()?, data_dir = %settings.config.data_dir.display(), "listening for secure clients");
+        info!(addr = %secure.local_addr()?, data_dir = %settings.config.data_dir.display(), blobs = %settings.config.blobs, "listening for secure clients");
         if let Some(legacy) = &legacy {
             info!(addr = %legacy.local_addr()?, "listening for legacy clients");
         }

@@ -6,7 +6,9 @@
 //!   [`sqlite::SqliteMetaStore`] (`<data>/backup.db`, WAL).
 //! * [`BlobStore`]: file contents. The default is [`fs::FsBlobStore`]:
 //!   `<data>/clients/<client-hex>/blobs/<random-hex>`, written through
-//!   `<data>/clients/<client-hex>/tmp/`.
+//!   `<data>/clients/<client-hex>/tmp/`; with `--blob-store s3://...`,
+//!   [`object::ObjectBlobStore`] (an S3 bucket, through `object_store`).
+//!   [`Storage::open`] picks one by [`BlobLocation`].
 //!
 //! Both are blocking, on purpose (the reasons and the cost for an object
 //! store are in `server/README.md`, "Sync or async"); the async shell calls

@@ -181,7 +181,10 @@ impl SeaweedFs {
         stream
             .read_to_string(&mut answer)
             .expect("read the listing");
-        assert!(answer.starts_with("HTTP/1.1 200"), "listing failed: {answer}");
+        assert!(
+            answer.starts_with("HTTP/1.1 200"),
+            "listing failed: {answer}"
+        );
         answer
             .split("<Key>")
             .skip(1)

@@ -33,7 +33,10 @@ const COMPONENTS: &[Component] = &[Component {
 /// install may not be on `PATH` yet, e.g. under pyenv before a rehash).
 fn search_path() -> OsString {
     let scripts = Command::new("python3")
-        .args(["-c", "import sysconfig; print(sysconfig.get_path('scripts'))"])
+        .args([
+            "-c",
+            "import sysconfig; print(sysconfig.get_path('scripts'))",
+        ])
         .output()
         .ok()
         .filter(|o| o.status.success())

@@ -194,7 +194,11 @@ pub struct AdminArgs {
     /// the default) or `s3://BUCKET/PREFIX` (an S3 bucket; credentials from
     /// the `AWS_*` environment variables). The database and the server's
     /// identity stay in the data directory either way.
-    #[arg(long, env = "BACKUP_SERVER_BLOB_STORE", value_name = "local|s3://BUCKET/PREFIX")]
+    #[arg(
+        long,
+        env = "BACKUP_SERVER_BLOB_STORE",
+        value_name = "local|s3://BUCKET/PREFIX"
+    )]
     pub blob_store: Option<String>,
 
     /// URL of an S3-compatible service for `--blob-store s3://...`, e.g.
@@ -357,7 +361,11 @@ pub struct Args {
     /// the default) or `s3://BUCKET/PREFIX` (an S3 bucket; credentials from
     /// the `AWS_*` environment variables). The database and the server's
     /// identity stay in the data directory either way.
-    #[arg(long, env = "BACKUP_SERVER_BLOB_STORE", value_name = "local|s3://BUCKET/PREFIX")]
+    #[arg(
+        long,
+        env = "BACKUP_SERVER_BLOB_STORE",
+        value_name = "local|s3://BUCKET/PREFIX"
+    )]
     pub blob_store: Option<String>,
 
     /// URL of an S3-compatible service for `--blob-store s3://...`, e.g.

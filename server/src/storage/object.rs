@@ -131,7 +131,10 @@ impl Driver {
 
     fn handle(&self) -> &tokio::runtime::Handle {
         // Only `Drop` takes the runtime.
-        self.0.as_ref().map(tokio::runtime::Runtime::handle).expect("runtime present until drop")
+        self.0
+            .as_ref()
+            .map(tokio::runtime::Runtime::handle)
+            .expect("runtime present until drop")
     }
 
     /// Runs `future` on this runtime and waits for it. The wait does not
@@ -202,8 +205,8 @@ impl ObjectBlobStore {
     /// # Errors
     /// When the client cannot be built from these settings.
     pub fn s3(location: &S3Location, endpoint: Option<&str>) -> Result<Self, StorageError> {
-        let mut builder = object_store::aws::AmazonS3Builder::from_env()
-            .with_bucket_name(&location.bucket);
+        let mut builder =
+            object_store::aws::AmazonS3Builder::from_env().with_bucket_name(&location.bucket);
         if std::env::var_os("AWS_REGION").is_none()
             && std::env::var_os("AWS_DEFAULT_REGION").is_none()
         {
@@ -320,7 +323,9 @@ fn is_blob_key(root: &str, key: &BlobKey) -> bool {
 }
 
 fn is_hex(s: &str, len: usize) -> bool {
-    s.len() == len && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    s.len() == len
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 /// The receiving end of a listing. Objects under the prefix that are not
@@ -436,16 +441,16 @@ impl BlobWriter for ObjectWriter {
             };
             match (sent, self.upload.take()) {
                 (Ok(()), Some(mut upload)) => self
-                        .store
-                        .run(async move {
-                            let done = upload.complete().await.map(drop);
-                            if done.is_err() {
-                                // Best effort; a lifecycle rule removes what stays.
-                                let _ = upload.abort().await;
-                            }
-                            done
-                        })?
-                        .map_err(|e| self.io_error("complete upload of", e)),
+                    .store
+                    .run(async move {
+                        let done = upload.complete().await.map(drop);
+                        if done.is_err() {
+                            // Best effort; a lifecycle rule removes what stays.
+                            let _ = upload.abort().await;
+                        }
+                        done
+                    })?
+                    .map_err(|e| self.io_error("complete upload of", e)),
                 (Err(e), upload) => {
                     self.upload = upload;
                     let _ = self.abort_upload();
@@ -654,12 +659,22 @@ mod tests {
     #[test]
     fn parses_bucket_and_prefix() {
         let at = S3Location::parse("s3://bucket/some/prefix/").unwrap();
-        assert_eq!((at.bucket.as_str(), at.prefix.as_str()), ("bucket", "some/prefix"));
+        assert_eq!(
+            (at.bucket.as_str(), at.prefix.as_str()),
+            ("bucket", "some/prefix")
+        );
         assert_eq!(at.to_string(), "s3://bucket/some/prefix");
         let bare = S3Location::parse("s3://bucket").unwrap();
         assert_eq!(bare.prefix, "");
         assert_eq!(bare.to_string(), "s3://bucket");
-        for bad in ["bucket/x", "s3://", "s3:///x", "s3://b/a//c", "s3://b/../c", "file:///x"] {
+        for bad in [
+            "bucket/x",
+            "s3://",
+            "s3:///x",
+            "s3://b/a//c",
+            "s3://b/../c",
+            "file:///x",
+        ] {
             assert!(S3Location::parse(bad).is_err(), "{bad}");
         }
     }
@@ -670,7 +685,9 @@ mod tests {
         let store = ObjectBlobStore::with_store(memory, "p", "memory".into()).unwrap();
         let w = store.begin_write(ClientId([1; 16])).unwrap();
         let key = w.finish().unwrap().publish().unwrap();
-        assert!(key.0.starts_with(&format!("p/clients/{}/blobs/", ClientId([1; 16]).to_hex())));
+        assert!(key
+            .0
+            .starts_with(&format!("p/clients/{}/blobs/", ClientId([1; 16]).to_hex())));
         assert!(store.path(&key).is_ok());
         for bad in [
             key.0.replacen("p/", "q/", 1),
@@ -678,7 +695,10 @@ mod tests {
             key.0.replace("/blobs/", "/tmp/"),
             key.0.to_uppercase(),
         ] {
-            assert!(matches!(store.path(&BlobKey(bad)), Err(StorageError::BadKey(_))));
+            assert!(matches!(
+                store.path(&BlobKey(bad)),
+                Err(StorageError::BadKey(_))
+            ));
         }
     }
 
@@ -716,7 +736,10 @@ mod tests {
             shown.push_str(&format!(" {s} {s:?}"));
             source = s.source();
         }
-        assert!(shown.contains("127.0.0.1") || shown.contains("s3://b/p"), "{shown}");
+        assert!(
+            shown.contains("127.0.0.1") || shown.contains("s3://b/p"),
+            "{shown}"
+        );
         assert!(!shown.contains(secret), "{shown}");
         assert!(!shown.contains("AKIDEXAMPLEKEYID"), "{shown}");
     }

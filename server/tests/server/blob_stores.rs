@@ -125,7 +125,10 @@ fn conformance(store: &dyn BlobStore) {
     drop(w);
     store.recover().unwrap();
     assert_eq!(
-        listed(store).into_iter().map(|(k, _)| k).collect::<Vec<_>>(),
+        listed(store)
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect::<Vec<_>>(),
         keys
     );
 
@@ -151,7 +154,10 @@ fn conformance(store: &dyn BlobStore) {
     // Removing a client leaves the others.
     store.remove_client(b).unwrap();
     assert_eq!(
-        listed(store).into_iter().map(|(k, _)| k).collect::<Vec<_>>(),
+        listed(store)
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect::<Vec<_>>(),
         vec![empty.clone()]
     );
     store.remove_client(b).unwrap();
