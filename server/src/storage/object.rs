@@ -113,7 +113,11 @@ impl std::fmt::Display for S3Location {
 
 /// The runtime the async client runs on. Dropped with `shutdown_background`,
 /// which (unlike dropping a runtime) is allowed on an async thread.
-struct Driver(Option<tokio::runtime::Runtime>);
+struct Driver {
+    /// Taken only by `Drop`.
+    runtime: Option<tokio::runtime::Runtime>,
+    handle: tokio::runtime::Handle,
+}
 
 impl Driver {
     fn new() -> Result<Self, StorageError> {
@@ -126,15 +130,14 @@ impl Driver {
                 op: "start the object store client",
                 source: e.into(),
             })?;
-        Ok(Self(Some(runtime)))
+        Ok(Self {
+            handle: runtime.handle().clone(),
+            runtime: Some(runtime),
+        })
     }
 
     fn handle(&self) -> &tokio::runtime::Handle {
-        // Only `Drop` takes the runtime.
-        self.0
-            .as_ref()
-            .map(tokio::runtime::Runtime::handle)
-            .expect("runtime present until drop")
+        &self.handle
     }
 
     /// Runs `future` on this runtime and waits for it. The wait does not
@@ -150,7 +153,7 @@ impl Driver {
 
 impl Drop for Driver {
     fn drop(&mut self) {
-        if let Some(runtime) = self.0.take() {
+        if let Some(runtime) = self.runtime.take() {
             runtime.shutdown_background();
         }
     }
