@@ -24,7 +24,8 @@ use protocol::repo::retention::KeepPolicy;
 
 use protocol::{Leniency, Limits};
 
-use crate::storage::Retention;
+use crate::storage::object::S3Location;
+use crate::storage::{BlobLocation, Retention};
 
 pub use args::{AdminArgs, Args, Cli, Command, LogFormat, Switch};
 pub use file::FileConfig;
@@ -88,6 +89,8 @@ pub struct Config {
     /// stays taken; after it, a new registration of the name replaces
     /// that client (`docs/PROTOCOL.md` §6.1).
     pub registration_grace: Duration,
+    /// Where file contents are kept (the metadata stays in `data_dir`).
+    pub blobs: BlobLocation,
     /// Quotas of the snapshot repository from the config file
     /// (`docs/PROTOCOL.md` §13.9); a client's own setting in the metadata
     /// (`backup-server quota`) overrides them.
@@ -180,6 +183,7 @@ impl Config {
             registration_burst: Self::DEFAULT_REGISTRATION_BURST,
             registration_grace: Self::DEFAULT_REGISTRATION_GRACE,
             quotas: Quotas::default(),
+            blobs: BlobLocation::Local,
         }
     }
 }
@@ -264,6 +268,15 @@ impl Settings {
             match c.quotas.default {
                 Some(q) => format!("quota = \"{}\"", crate::storage::quota::format_exact(q)),
                 None => unset("quota", "no quota unless a client has its own"),
+            },
+            format!("blob_store = {}", toml_string(&c.blobs.to_string())),
+            match &c.blobs {
+                BlobLocation::S3 {
+                    endpoint: Some(url),
+                    ..
+                } => format!("s3_endpoint = {}", toml_string(url)),
+                BlobLocation::S3 { endpoint: None, .. } => unset("s3_endpoint", "AWS S3"),
+                BlobLocation::Local => unset("s3_endpoint", "blobs are local"),
             },
         ];
         for (name, quota) in &c.quotas.clients {
@@ -492,6 +505,65 @@ pub fn load_admin(
     Ok((data_dir, file))
 }
 
+/// Where an operator command finds the blobs: as [`load`] decides for
+/// the server, from the same flags, variables and config file.
+///
+/// # Errors
+/// When the settings are invalid.
+pub fn admin_blobs(args: &AdminArgs, file: &FileConfig) -> Result<BlobLocation, ConfigError> {
+    blob_location(
+        args.blob_store.as_ref().or(file.blob_store.as_ref()),
+        args.s3_endpoint.as_ref().or(file.s3_endpoint.as_ref()),
+    )
+}
+
+/// `--blob-store` and `--s3-endpoint` checked together. An endpoint must be
+/// an `http://` or `https://` URL without a user or password in it
+/// (credentials come from the environment, so that they are never shown).
+fn blob_location(
+    store: Option<&String>,
+    endpoint: Option<&String>,
+) -> Result<BlobLocation, ConfigError> {
+    let Some(store) = store.filter(|s| s.as_str() != "local") else {
+        return match endpoint {
+            Some(_) => Err(ConfigError::Invalid {
+                key: "s3_endpoint",
+                reason: "is only used with blob_store = \"s3://BUCKET/PREFIX\"".into(),
+            }),
+            None => Ok(BlobLocation::Local),
+        };
+    };
+    let location = S3Location::parse(store).map_err(|reason| ConfigError::Invalid {
+        key: "blob_store",
+        reason: format!("{reason} (or \"local\")"),
+    })?;
+    if let Some(url) = endpoint {
+        let rest = url
+            .strip_prefix("http://")
+            .or_else(|| url.strip_prefix("https://"));
+        let authority = rest.map(|r| r.split('/').next().unwrap_or_default());
+        match authority {
+            Some(a) if !a.is_empty() && !a.contains('@') => {}
+            Some(a) if a.contains('@') => return Err(ConfigError::Invalid {
+                key: "s3_endpoint",
+                reason:
+                    "must not hold credentials (use AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)"
+                        .into(),
+            }),
+            _ => {
+                return Err(ConfigError::Invalid {
+                    key: "s3_endpoint",
+                    reason: "is not an http:// or https:// URL with a host".into(),
+                })
+            }
+        }
+    }
+    Ok(BlobLocation::S3 {
+        location,
+        endpoint: endpoint.cloned(),
+    })
+}
+
 fn at_least_one(key: &'static str, value: u32) -> Result<u32, ConfigError> {
     if value == 0 {
         return Err(ConfigError::Invalid {
@@ -657,6 +729,10 @@ pub fn load(
             slowest.as_secs()
         ));
     }
+    config.blobs = blob_location(
+        args.blob_store.as_ref().or(file.blob_store.as_ref()),
+        args.s3_endpoint.as_ref().or(file.s3_endpoint.as_ref()),
+    )?;
     let legacy_listen = args.legacy_listen.or(file.legacy_listen);
     if legacy_listen == Some(listen) && listen.port() != 0 {
         return Err(ConfigError::Invalid {
@@ -1224,6 +1300,118 @@ mod tests {
             PathBuf::from("/home/u/.local/share/backup-server")
         );
         assert_eq!(default_data_dir(env(&[])), PathBuf::from(FALLBACK_DATA_DIR));
+    }
+
+    #[test]
+    fn blobs_are_local_by_default_and_in_s3_when_asked() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = load(&parse(&[]), dir.path(), no_env).unwrap();
+        assert_eq!(s.config.blobs, BlobLocation::Local);
+        assert!(s.describe().contains("blob_store = \"local\"\n"));
+
+        let toml = dir.path().join("server.toml");
+        std::fs::write(
+            &toml,
+            "blob_store = \"s3://bucket/backup\"\ns3_endpoint = \"http://127.0.0.1:8333\"\n",
+        )
+        .unwrap();
+        let s = load(
+            &parse(&["--config", toml.to_str().unwrap()]),
+            dir.path(),
+            no_env,
+        )
+        .unwrap();
+        let BlobLocation::S3 { location, endpoint } = &s.config.blobs else {
+            panic!("{:?}", s.config.blobs)
+        };
+        assert_eq!(
+            (location.bucket.as_str(), location.prefix.as_str()),
+            ("bucket", "backup")
+        );
+        assert_eq!(endpoint.as_deref(), Some("http://127.0.0.1:8333"));
+        let described = s.describe();
+        assert!(
+            described.contains("blob_store = \"s3://bucket/backup\"\n"),
+            "{described}"
+        );
+        assert!(
+            described.contains("s3_endpoint = \"http://127.0.0.1:8333\"\n"),
+            "{described}"
+        );
+        // What check-config prints reads back as the same settings.
+        std::fs::write(&toml, described).unwrap();
+        let again = load(
+            &parse(&["--config", toml.to_str().unwrap()]),
+            dir.path(),
+            no_env,
+        )
+        .unwrap();
+        assert_eq!(again.config.blobs, s.config.blobs);
+
+        // The flag wins over the file; admin commands read the same.
+        let args = parse(&[
+            "--config",
+            toml.to_str().unwrap(),
+            "--blob-store",
+            "local",
+            "--s3-endpoint",
+            "http://x",
+        ]);
+        assert!(matches!(
+            load(&args, dir.path(), no_env),
+            Err(ConfigError::Invalid {
+                key: "s3_endpoint",
+                ..
+            })
+        ));
+        let admin = AdminArgs {
+            config: Some(toml.clone()),
+            ..AdminArgs::default()
+        };
+        let (_, file) = load_admin(&admin, no_env).unwrap();
+        assert_eq!(admin_blobs(&admin, &file).unwrap(), s.config.blobs);
+    }
+
+    #[test]
+    fn refuses_bad_blob_store_settings_without_echoing_credentials() {
+        let dir = tempfile::tempdir().unwrap();
+        for (argv, key) in [
+            (&["--blob-store", "/some/dir"][..], "blob_store"),
+            (&["--blob-store", "s3://"][..], "blob_store"),
+            (
+                &["--blob-store", "s3://b/p", "--s3-endpoint", "ftp://h"][..],
+                "s3_endpoint",
+            ),
+            (
+                &["--blob-store", "s3://b/p", "--s3-endpoint", "http://"][..],
+                "s3_endpoint",
+            ),
+            (
+                &[
+                    "--blob-store",
+                    "s3://b/p",
+                    "--s3-endpoint",
+                    "http://key:hunter2@h",
+                ][..],
+                "s3_endpoint",
+            ),
+            (
+                &[
+                    "--blob-store",
+                    "s3://b/p",
+                    "--s3-endpoint",
+                    "ftp://key:hunter2@h",
+                ][..],
+                "s3_endpoint",
+            ),
+        ] {
+            match load(&parse(argv), dir.path(), no_env) {
+                Err(e @ ConfigError::Invalid { key: k, .. }) if k == key => {
+                    assert!(!e.to_string().contains("hunter2"), "{e}");
+                }
+                other => panic!("{argv:?}: {other:?}"),
+            }
+        }
     }
 }
 

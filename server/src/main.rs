@@ -47,7 +47,8 @@ fn run(command: Command) -> anyhow::Result<()> {
         if !data_dir.join(Storage::DATABASE).is_file() {
             anyhow::bail!("no database in {}", data_dir.display());
         }
-        let storage = Storage::open_local(&data_dir)
+        let blobs = server::config::admin_blobs(args, &file)?;
+        let storage = Storage::open(&data_dir, &blobs)
             .with_context(|| format!("cannot open the data in {}", data_dir.display()))?;
         Ok((storage, file))
     };
@@ -210,7 +211,7 @@ fn serve(args: &server::config::Args) -> anyhow::Result<()> {
             }
             None => None,
         };
-        info!(addr = %secure.local_addr()?, data_dir = %settings.config.data_dir.display(), "listening for secure clients");
+        info!(addr = %secure.local_addr()?, data_dir = %settings.config.data_dir.display(), blobs = %settings.config.blobs, "listening for secure clients");
         if let Some(legacy) = &legacy {
             info!(addr = %legacy.local_addr()?, "listening for legacy clients");
         }

@@ -188,8 +188,9 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
     let data_dir = config.data_dir.clone();
+    let blobs = config.blobs.clone();
     let storage = tokio::task::spawn_blocking(move || {
-        let storage = Storage::open_local(&data_dir).map_err(|source| ServerError::Storage {
+        let storage = Storage::open(&data_dir, &blobs).map_err(|source| ServerError::Storage {
             path: data_dir.clone(),
             source,
         })?;

@@ -6,7 +6,9 @@
 //!   [`sqlite::SqliteMetaStore`] (`<data>/backup.db`, WAL).
 //! * [`BlobStore`]: file contents. The default is [`fs::FsBlobStore`]:
 //!   `<data>/clients/<client-hex>/blobs/<random-hex>`, written through
-//!   `<data>/clients/<client-hex>/tmp/`.
+//!   `<data>/clients/<client-hex>/tmp/`; with `--blob-store s3://...`,
+//!   [`object::ObjectBlobStore`] (an S3 bucket, through `object_store`).
+//!   [`Storage::open`] picks one by [`BlobLocation`].
 //!
 //! Both are blocking, on purpose (the reasons and the cost for an object
 //! store are in `server/README.md`, "Sync or async"); the async shell calls
@@ -35,6 +37,7 @@ mod group;
 pub(crate) mod ingest;
 pub mod memory;
 mod meta;
+pub mod object;
 pub mod prune;
 pub mod quota;
 mod recovery;
@@ -212,6 +215,30 @@ impl std::fmt::Display for BlobKey {
     }
 }
 
+/// Where file contents are kept (`--blob-store`); the metadata stays in
+/// the data directory either way.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum BlobLocation {
+    /// [`fs::FsBlobStore`] under the data directory.
+    #[default]
+    Local,
+    /// [`object::ObjectBlobStore`] in an S3 bucket, at AWS or at
+    /// `endpoint` (an S3-compatible service).
+    S3 {
+        location: object::S3Location,
+        endpoint: Option<String>,
+    },
+}
+
+impl std::fmt::Display for BlobLocation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Local => f.write_str("local"),
+            Self::S3 { location, .. } => location.fmt(f),
+        }
+    }
+}
+
 /// Metadata and blobs together.
 #[derive(Clone)]
 pub struct Storage {
@@ -272,6 +299,26 @@ impl Storage {
             &data_dir.join(Self::DATABASE),
         )?);
         Ok(Self::new(meta.clone(), Arc::new(blobs)).with_repo(meta))
+    }
+
+    /// SQLite metadata in `data_dir` (created if missing) and blobs where
+    /// `blobs` says. Does not run [`recover`](Self::recover).
+    ///
+    /// # Errors
+    /// When the directory, the database or the blob store cannot be opened.
+    pub fn open(data_dir: &Path, blobs: &BlobLocation) -> Result<Self, StorageError> {
+        match blobs {
+            BlobLocation::Local => Self::open_local(data_dir),
+            BlobLocation::S3 { location, endpoint } => {
+                let blobs = object::ObjectBlobStore::s3(location, endpoint.as_deref())?;
+                fs::create_private_dir(data_dir)
+                    .map_err(|e| StorageError::io("create", data_dir, e))?;
+                let meta = Arc::new(sqlite::SqliteMetaStore::open(
+                    &data_dir.join(Self::DATABASE),
+                )?);
+                Ok(Self::new(meta.clone(), Arc::new(blobs)).with_repo(meta))
+            }
+        }
     }
 
     /// The metadata backend.

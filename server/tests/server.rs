@@ -11,6 +11,8 @@ mod harness;
 
 #[path = "server/admission.rs"]
 mod admission;
+#[path = "server/blob_stores.rs"]
+mod blob_stores;
 #[path = "server/concurrency.rs"]
 mod concurrency;
 #[path = "server/crash.rs"]

@@ -47,6 +47,7 @@ pub struct ServerProcess {
     log: PathBuf,
     extra: Vec<String>,
     rust_log: String,
+    env: Vec<(String, String)>,
 }
 
 impl ServerProcess {
@@ -58,11 +59,21 @@ impl ServerProcess {
 
     /// As [`ServerProcess::start`], logging at `rust_log` (`RUST_LOG`).
     pub fn start_logging(extra: &[&str], rust_log: &str) -> Self {
+        Self::start_with_env(extra, rust_log, &[])
+    }
+
+    /// As [`ServerProcess::start_logging`], with environment variables
+    /// `env` set for the server.
+    pub fn start_with_env(extra: &[&str], rust_log: &str, env: &[(&str, &str)]) -> Self {
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
         let data = tempfile::tempdir().unwrap();
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let legacy_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let log = data.path().join("server.log");
-        let child = Self::spawn(addr, legacy_addr, data.path(), &log, extra, rust_log);
+        let child = Self::spawn(addr, legacy_addr, data.path(), &log, extra, rust_log, &env);
         let server = Self {
             addr,
             legacy_addr,
@@ -71,6 +82,7 @@ impl ServerProcess {
             log,
             extra: extra.iter().map(|s| (*s).to_owned()).collect(),
             rust_log: rust_log.to_owned(),
+            env,
         };
         server.wait_listening();
         server
@@ -83,6 +95,7 @@ impl ServerProcess {
         log: &Path,
         extra: &[&str],
         rust_log: &str,
+        env: &[(String, String)],
     ) -> std::process::Child {
         let log = std::fs::File::options()
             .create(true)
@@ -96,6 +109,7 @@ impl ServerProcess {
             .arg(dir.join("data"))
             .args(extra)
             .env("RUST_LOG", rust_log)
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -130,6 +144,7 @@ impl ServerProcess {
             &self.log,
             &extra,
             &self.rust_log,
+            &self.env,
         );
         self.wait_listening();
     }

@@ -226,10 +226,26 @@ pub struct AdminArgs {
     #[arg(long, env = "BACKUP_SERVER_DATA_DIR", value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
 
-    /// TOML file of the server (its `data_dir`, retention rules and
-    /// quotas are used).
+    /// TOML file of the server (its `data_dir`, `blob_store`,
+    /// `s3_endpoint`, retention rules and quotas are used).
     #[arg(long, env = "BACKUP_SERVER_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
+
+    /// Where file contents are kept: `local` (under the data directory,
+    /// the default) or `s3://BUCKET/PREFIX` (an S3 bucket; credentials from
+    /// the `AWS_*` environment variables). The database and the server's
+    /// identity stay in the data directory either way.
+    #[arg(
+        long,
+        env = "BACKUP_SERVER_BLOB_STORE",
+        value_name = "local|s3://BUCKET/PREFIX"
+    )]
+    pub blob_store: Option<String>,
+
+    /// URL of an S3-compatible service for `--blob-store s3://...`, e.g.
+    /// `http://127.0.0.1:8333` [default: AWS S3].
+    #[arg(long, env = "BACKUP_SERVER_S3_ENDPOINT", value_name = "URL")]
+    pub s3_endpoint: Option<String>,
 }
 
 /// Backup server: secure mode (TLS 1.3, pinned server identity, clients
@@ -280,7 +296,7 @@ pub struct Args {
     /// shutdown_grace_secs, silent_crc_retry, strict_legacy, keep_last, keep_within,
     /// append_only, registrations_per_minute, registration_burst,
     /// registration_grace_secs, max_packet_bytes, max_file_bytes, quota,
-    /// and the tables [snapshots] and [clients.NAME]).
+    /// blob_store, s3_endpoint, and the tables [snapshots] and [clients.NAME]).
     #[arg(long, env = "BACKUP_SERVER_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
 
@@ -389,4 +405,20 @@ pub struct Args {
     /// (16 TiB) in secure mode].
     #[arg(long, env = "BACKUP_SERVER_MAX_FILE_BYTES", value_name = "BYTES")]
     pub max_file_bytes: Option<u64>,
+
+    /// Where file contents are kept: `local` (under the data directory,
+    /// the default) or `s3://BUCKET/PREFIX` (an S3 bucket; credentials from
+    /// the `AWS_*` environment variables). The database and the server's
+    /// identity stay in the data directory either way.
+    #[arg(
+        long,
+        env = "BACKUP_SERVER_BLOB_STORE",
+        value_name = "local|s3://BUCKET/PREFIX"
+    )]
+    pub blob_store: Option<String>,
+
+    /// URL of an S3-compatible service for `--blob-store s3://...`, e.g.
+    /// `http://127.0.0.1:8333` [default: AWS S3].
+    #[arg(long, env = "BACKUP_SERVER_S3_ENDPOINT", value_name = "URL")]
+    pub s3_endpoint: Option<String>,
 }

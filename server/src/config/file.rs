@@ -30,6 +30,8 @@ use super::ConfigError;
 /// max_packet_bytes = 1114112
 /// max_file_bytes = 4294967295
 /// quota = "50G"             # bytes of packs each client may store (binary units); unset or "none": no quota
+/// blob_store = "local"      # or "s3://BUCKET/PREFIX" (credentials: AWS_* variables)
+/// s3_endpoint = "http://127.0.0.1:8333"   # an S3-compatible service; unset: AWS S3
 ///
 /// [snapshots]               # the operator's retention of every client's snapshots
 /// keep_daily = 7            # keep_last, keep_hourly, keep_daily, keep_weekly,
@@ -70,6 +72,9 @@ pub struct FileConfig {
     /// table or `backup-server quota` sets another (`docs/PROTOCOL.md`
     /// §13.9).
     pub quota: Option<QuotaValue>,
+    /// `local` or `s3://BUCKET/PREFIX`.
+    pub blob_store: Option<String>,
+    pub s3_endpoint: Option<String>,
     /// Retention of every client's snapshots (`backup-server prune`).
     pub snapshots: Option<SnapshotPolicy>,
     /// Retention of one client's snapshots, by name or id, instead.

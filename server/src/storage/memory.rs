@@ -52,6 +52,17 @@ impl MemBlobStore {
     fn prefix(client: ClientId) -> String {
         format!("mem/{}/", client.to_hex())
     }
+
+    /// Refuses a key that is not `mem/<client-hex>/<hex>`, as a store that
+    /// resolves keys to places must.
+    fn check(key: &BlobKey) -> Result<(), StorageError> {
+        let hex = |s: &str| s.len() == 32 && s.bytes().all(|b| b.is_ascii_hexdigit());
+        let mut parts = key.0.split('/');
+        match (parts.next(), parts.next(), parts.next(), parts.next()) {
+            (Some("mem"), Some(client), Some(name), None) if hex(client) && hex(name) => Ok(()),
+            _ => Err(StorageError::BadKey(key.0.clone())),
+        }
+    }
 }
 
 struct MemWriter {
@@ -156,6 +167,7 @@ impl BlobStore for MemBlobStore {
         key: &BlobKey,
         range: std::ops::Range<u64>,
     ) -> Result<Box<dyn Read + Send>, StorageError> {
+        Self::check(key)?;
         let content =
             self.lock()
                 .blobs
@@ -184,6 +196,7 @@ impl BlobStore for MemBlobStore {
     }
 
     fn delete(&self, key: &BlobKey) -> Result<(), StorageError> {
+        Self::check(key)?;
         self.lock().blobs.remove(key);
         Ok(())
     }
