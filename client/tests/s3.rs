@@ -11,7 +11,7 @@ use std::process::Output;
 use std::time::Duration;
 
 use backup_test_support::SeaweedFs;
-use support::processes::{run_client, stderr, ServerProcess};
+use support::processes::{run_client, server_binary, stderr, ServerProcess};
 use support::write_file;
 
 const LIMIT: Duration = Duration::from_secs(120);
@@ -154,4 +154,22 @@ async fn legacy_uploads_and_snapshots_live_in_the_bucket_and_restore() {
     .await;
     assert_success("restore after a restart", &out);
     assert_eq!(std::fs::read(again.join("folder/big.bin")).unwrap(), big);
+
+    // The data directory refuses to be opened with another blob store
+    // (here the default, local), which would take every row for lost.
+    let out = std::process::Command::new(server_binary())
+        .args(["clients", "--data-dir"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "opened with the wrong store: {stderr}"
+    );
+    assert!(
+        stderr.contains(&format!("refers to blobs in {store}")) && stderr.contains("given local"),
+        "{stderr}"
+    );
+    assert_eq!(weed.keys("e2e/clients/"), keys, "nothing touched");
 }

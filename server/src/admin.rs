@@ -54,7 +54,26 @@ fn lossy(bytes: &[u8]) -> String {
 
 /// `YYYY-MM-DDTHH:MM:SSZ` (UTC, RFC 3339) for a point in time.
 pub fn format_time(t: SystemTime) -> String {
-    humantime::format_rfc3339_seconds(t).to_string()
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    // humantime's formatter fails past the year 9999; a time a client
+    // chose may lie there, and is shown as seconds instead.
+    if write!(out, "{}", humantime::format_rfc3339_seconds(t)).is_err() {
+        let secs = t
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        return format!("{secs}s after 1970");
+    }
+    out
+}
+
+/// A time given as Unix seconds (a snapshot's, chosen by its client), as
+/// [`format_time`] shows it; one past what `SystemTime` holds as seconds.
+pub fn format_unix(secs: u64) -> String {
+    match std::time::UNIX_EPOCH.checked_add(std::time::Duration::from_secs(secs)) {
+        Some(t) => format_time(t),
+        None => format!("{secs}s after 1970"),
+    }
 }
 
 fn version_line(v: &VersionRecord) -> String {
@@ -282,7 +301,7 @@ pub fn snapshots(
         .into_iter()
         .map(|s| SnapshotView {
             id: s.id,
-            time: format_time(std::time::UNIX_EPOCH + std::time::Duration::from_secs(s.time)),
+            time: format_unix(s.time),
             committed: format_time(s.committed_at),
             objects: s.objects,
             logical_bytes: s.logical,
@@ -558,6 +577,10 @@ mod tests {
     #[test]
     fn formats_times_as_utc_dates() {
         assert_eq!(format_time(UNIX_EPOCH), "1970-01-01T00:00:00Z");
+        // Times a client may choose never panic, however far out.
+        assert_eq!(format_unix(u64::MAX), format!("{}s after 1970", u64::MAX));
+        assert_eq!(format_unix(253_402_300_800), "253402300800s after 1970");
+        assert_eq!(format_unix(0), "1970-01-01T00:00:00Z");
         let t = UNIX_EPOCH + Duration::from_secs(1_709_210_096);
         assert_eq!(format_time(t), "2024-02-29T12:34:56Z");
         let t = UNIX_EPOCH + Duration::from_secs(951_782_400);

@@ -468,6 +468,7 @@ fn kind_of(e: &StorageError) -> &'static str {
         StorageError::Worker(_) => "worker",
         StorageError::Batch(_) => "batch",
         StorageError::QuotaExceeded { .. } => "quota",
+        StorageError::WrongBlobStore { .. } => "wrong_blob_store",
     }
 }
 
@@ -683,14 +684,22 @@ impl HttpState {
                 let probed = tokio::task::spawn_blocking(move || storage.probe()).await;
                 match probed {
                     Ok(Ok(())) => text(StatusCode::OK, "ready\n"),
-                    Ok(Err(e)) => text(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        &format!("not ready: {e}\n"),
-                    ),
-                    Err(e) => text(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        &format!("not ready: the probe failed: {e}\n"),
-                    ),
+                    // The reason names paths, buckets and endpoints: it goes
+                    // to the log, not to an unauthenticated answer.
+                    Ok(Err(e)) => {
+                        warn!(cause = %e, "readiness probe: storage not ready");
+                        text(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "not ready: the storage failed its check (see the server's log)\n",
+                        )
+                    }
+                    Err(e) => {
+                        warn!(cause = %e, "readiness probe did not finish");
+                        text(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "not ready: the storage check did not finish (see the server's log)\n",
+                        )
+                    }
                 }
             }
             _ => text(StatusCode::NOT_FOUND, "not found\n"),

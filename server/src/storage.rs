@@ -141,6 +141,14 @@ pub enum StorageError {
     /// was recorded.
     #[error("the client's quota of {quota} bytes would be exceeded: it stores {stored} and {size} more were offered")]
     QuotaExceeded { stored: u64, quota: u64, size: u64 },
+    /// The data directory's database refers to blobs in another store
+    /// than the one it was opened with (see [`Storage::open`]).
+    #[error("this data directory's database refers to blobs in {recorded}, but the server was given {given}: refusing to open it, since recovery would take every row for one whose content is lost (fix --blob-store / --s3-endpoint, or edit {marker} after moving the blobs)")]
+    WrongBlobStore {
+        recorded: String,
+        given: String,
+        marker: String,
+    },
 }
 
 impl StorageError {
@@ -301,12 +309,25 @@ impl Storage {
         Ok(Self::new(meta.clone(), Arc::new(blobs)).with_repo(meta))
     }
 
+    /// The file in the data directory that names the blob store its
+    /// database refers to (see [`open`](Self::open)).
+    pub const BLOB_STORE_MARKER: &'static str = "blob-store";
+
     /// SQLite metadata in `data_dir` (created if missing) and blobs where
     /// `blobs` says. Does not run [`recover`](Self::recover).
     ///
+    /// The data directory records which blob store its database refers to
+    /// ([`BLOB_STORE_MARKER`](Self::BLOB_STORE_MARKER), written when the
+    /// database is new; a directory from before the marker kept its blobs
+    /// locally). Opening it with another store is refused: recovery would
+    /// take every row for one whose blob is lost, and every blob of the
+    /// other store for an orphan.
+    ///
     /// # Errors
-    /// When the directory, the database or the blob store cannot be opened.
+    /// When the directory, the database or the blob store cannot be opened,
+    /// and [`StorageError::WrongBlobStore`].
     pub fn open(data_dir: &Path, blobs: &BlobLocation) -> Result<Self, StorageError> {
+        Self::check_blob_store(data_dir, blobs)?;
         match blobs {
             BlobLocation::Local => Self::open_local(data_dir),
             BlobLocation::S3 { location, endpoint } => {
@@ -319,6 +340,50 @@ impl Storage {
                 Ok(Self::new(meta.clone(), Arc::new(blobs)).with_repo(meta))
             }
         }
+    }
+
+    /// What [`BLOB_STORE_MARKER`](Self::BLOB_STORE_MARKER) holds for
+    /// `blobs`: the store, and for S3 the endpoint (never credentials: an
+    /// endpoint with them is refused by the configuration).
+    fn blob_store_record(blobs: &BlobLocation) -> String {
+        match blobs {
+            BlobLocation::Local => "local\n".to_owned(),
+            BlobLocation::S3 { endpoint, .. } => format!(
+                "{blobs}\nendpoint {}\n",
+                endpoint.as_deref().unwrap_or("AWS S3")
+            ),
+        }
+    }
+
+    /// Refuses a data directory whose database refers to another blob
+    /// store; records `blobs` in one whose database is new.
+    fn check_blob_store(data_dir: &Path, blobs: &BlobLocation) -> Result<(), StorageError> {
+        let marker = data_dir.join(Self::BLOB_STORE_MARKER);
+        let given = Self::blob_store_record(blobs);
+        let recorded = match std::fs::read_to_string(&marker) {
+            Ok(recorded) => recorded,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                if data_dir.join(Self::DATABASE).exists() {
+                    // Written before the marker existed, when blobs were
+                    // always local.
+                    Self::blob_store_record(&BlobLocation::Local)
+                } else {
+                    fs::create_private_dir(data_dir)
+                        .map_err(|e| StorageError::io("create", data_dir, e))?;
+                    fs::write_durably(&marker, given.as_bytes())?;
+                    return Ok(());
+                }
+            }
+            Err(e) => return Err(StorageError::io("read", &marker, e)),
+        };
+        if recorded == given {
+            return Ok(());
+        }
+        Err(StorageError::WrongBlobStore {
+            recorded: recorded.trim_end().replace('\n', ", "),
+            given: given.trim_end().replace('\n', ", "),
+            marker: marker.display().to_string(),
+        })
     }
 
     /// The metadata backend.
@@ -521,6 +586,57 @@ impl Storage {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn s3(url: &str, endpoint: &str) -> BlobLocation {
+        BlobLocation::S3 {
+            location: object::S3Location::parse(url).unwrap(),
+            endpoint: Some(endpoint.to_owned()),
+        }
+    }
+
+    #[test]
+    fn a_data_directory_opens_only_with_the_blob_store_its_database_refers_to() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        // A new data directory records its store.
+        drop(Storage::open(&data, &BlobLocation::Local).unwrap());
+        let marker = data.join(Storage::BLOB_STORE_MARKER);
+        assert_eq!(std::fs::read_to_string(&marker).unwrap(), "local\n");
+        drop(Storage::open(&data, &BlobLocation::Local).unwrap());
+        let other = s3("s3://bucket/prefix", "http://127.0.0.1:9");
+        let err = Storage::open(&data, &other).err().unwrap();
+        assert!(
+            matches!(err, StorageError::WrongBlobStore { ref recorded, ref given, .. }
+                if recorded == "local" && given == "s3://bucket/prefix, endpoint http://127.0.0.1:9"),
+            "{err}"
+        );
+        // One from before the marker kept its blobs locally.
+        std::fs::remove_file(&marker).unwrap();
+        assert!(matches!(
+            Storage::open(&data, &other),
+            Err(StorageError::WrongBlobStore { .. })
+        ));
+        drop(Storage::open(&data, &BlobLocation::Local).unwrap());
+        // An S3 one refuses another bucket, prefix or endpoint, and local.
+        let data = dir.path().join("s3data");
+        drop(Storage::open(&data, &other).unwrap());
+        drop(Storage::open(&data, &other).unwrap());
+        for wrong in [
+            s3("s3://bucket/other", "http://127.0.0.1:9"),
+            s3("s3://elsewhere/prefix", "http://127.0.0.1:9"),
+            s3("s3://bucket/prefix", "http://127.0.0.1:10"),
+            BlobLocation::Local,
+        ] {
+            assert!(
+                matches!(
+                    Storage::open(&data, &wrong),
+                    Err(StorageError::WrongBlobStore { .. })
+                ),
+                "{wrong}"
+            );
+        }
+        assert!(!data.join("blob-store.tmp").exists());
+    }
 
     #[test]
     fn new_keys_are_unique_hex_led_by_the_time() {

@@ -62,6 +62,25 @@ fn sync_dir(dir: &Path) -> Result<(), StorageError> {
         .map_err(|e| StorageError::io("sync directory", dir, e))
 }
 
+/// Writes `bytes` to `path` so that a crash leaves the old content or the
+/// new, whole: `PATH.tmp` beside it, synced, renamed over it, and the
+/// directory synced. For small files written by one process at a time.
+pub(crate) fn write_durably(path: &Path, bytes: &[u8]) -> Result<(), StorageError> {
+    use std::io::Write as _;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut tmp_name = path.as_os_str().to_owned();
+    tmp_name.push(".tmp");
+    let tmp = PathBuf::from(tmp_name);
+    File::create(&tmp)
+        .and_then(|mut f| {
+            f.write_all(bytes)?;
+            f.sync_all()
+        })
+        .map_err(|e| StorageError::io("write", &tmp, e))?;
+    fs::rename(&tmp, path).map_err(|e| StorageError::io("rename", path, e))?;
+    sync_dir(dir)
+}
+
 pub(crate) fn create_private_dir(path: &Path) -> std::io::Result<()> {
     let mut builder = fs::DirBuilder::new();
     builder.recursive(true);

@@ -159,6 +159,9 @@ impl Drop for Driver {
     }
 }
 
+/// How long `/readyz`'s probe of the bucket may take.
+const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 struct Shared {
     store: Arc<dyn ObjectStore>,
     driver: Driver,
@@ -564,6 +567,26 @@ impl BlobStore for ObjectBlobStore {
             upload: None,
             in_flight: None,
         }))
+    }
+
+    /// One listing request under the prefix (a page of at most one level),
+    /// answered within [`PROBE_TIMEOUT`]: the bucket is reachable and the
+    /// credentials are accepted.
+    fn probe(&self) -> Result<(), StorageError> {
+        let store = Arc::clone(&self.shared.store);
+        let root = ObjectPath::from(self.shared.root.clone());
+        let what = self.shared.root.clone();
+        let listed = self.run(async move {
+            tokio::time::timeout(PROBE_TIMEOUT, store.list_with_delimiter(Some(&root))).await
+        })?;
+        match listed {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(object_error("probe", &what, e)),
+            Err(_) => Err(StorageError::Unavailable {
+                op: "probe",
+                source: format!("no answer within {PROBE_TIMEOUT:?}").into(),
+            }),
+        }
     }
 
     fn open(&self, key: &BlobKey) -> Result<Box<dyn Read + Send>, StorageError> {

@@ -136,7 +136,10 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         let part = u64::try_from((frac << shift) / scale).map_err(|_| too_large())?;
         bytes = bytes.and_then(|b| b.checked_add(part));
     }
-    bytes.ok_or_else(too_large)
+    // The metadata keeps sizes as SQL integers (i64).
+    bytes
+        .filter(|b| i64::try_from(*b).is_ok())
+        .ok_or_else(|| format!("{text:?} is too large (at most 8191P)"))
 }
 
 /// A size for people: bytes below 1 KiB, else one decimal in the largest
@@ -185,7 +188,7 @@ mod tests {
             ("1K", 1024),
             ("7b", 7),
             ("0.5K", 512),
-            ("16383P", 16383 << 50),
+            ("8191P", 8191 << 50),
         ] {
             assert_eq!(parse_size(text), Ok(bytes), "{text}");
         }
@@ -196,6 +199,7 @@ mod tests {
             "5X",
             "1.5",
             "1..5G",
+            "8192P",
             "16384P",
             "99999999999999999999",
         ] {
@@ -218,7 +222,7 @@ mod tests {
             50 << 30,
             (50 << 30) + 1,
             3 << 29,
-            u64::MAX,
+            i64::MAX as u64,
         ] {
             assert_eq!(parse_size(&format_exact(n)), Ok(n), "{n}");
         }

@@ -60,6 +60,7 @@ fn put(store: &dyn BlobStore, client: ClientId, bytes: &[u8], piece: usize) -> B
 fn conformance(store: &dyn BlobStore) {
     let (a, b) = (ClientId([0xa1; 16]), ClientId([0xb2; 16]));
     assert!(listed(store).is_empty(), "a fresh store lists nothing");
+    store.probe().expect("a reachable store is ready");
 
     // Written in pieces, read back whole and by ranges.
     let small = content(100_000, 1);
@@ -105,7 +106,9 @@ fn conformance(store: &dyn BlobStore) {
         assert_eq!(*size, expected as u64, "size of {k}");
     }
 
-    // Nothing is visible before publish, aborts leave nothing.
+    // Aborts leave nothing, before or after finish. (Whether a finished,
+    // unpublished blob shows in a listing is the store's own business: an
+    // object store's is complete at its key, the directory's a temporary.)
     let mut w = store.begin_write(a).unwrap();
     w.write(&content(3 * PART_SIZE / 2, 3)).unwrap();
     w.abort().unwrap();
@@ -113,7 +116,7 @@ fn conformance(store: &dyn BlobStore) {
     w.write(b"staged").unwrap();
     let staged = w.finish().unwrap();
     let staged_key = staged.key().clone();
-    assert!(!keys.contains(&staged_key));
+    assert!(!keys.contains(&staged_key), "a new write gets a new key");
     staged.abort().unwrap();
     assert!(matches!(
         store.open(&staged_key),
@@ -210,4 +213,9 @@ fn the_s3_store_conforms() {
     });
     assert_eq!(read_all(&store, &key), b"from async");
     drop(runtime);
+
+    // Once the service is gone, the readiness probe says so (in bounded
+    // time: a refused connection is retried until the probe's timeout).
+    drop(weed);
+    assert!(store.probe().is_err(), "a stopped service is not ready");
 }

@@ -545,13 +545,14 @@ pub fn temp_files(data: &Path) -> Vec<PathBuf> {
 }
 
 /// Asserts that `data` holds only the database, committed blobs (each at
-/// `clients/<hex>/blobs/<hex>`), the server's TLS identity and the lock
-/// file that keeps a prune from running beside start-up recovery.
+/// `clients/<hex>/blobs/<hex>`), the server's TLS identity, the lock
+/// file that keeps a prune from running beside start-up recovery, and the
+/// record of the blob store.
 pub fn assert_only_database_and_blobs(data: &Path) {
     for p in files_under(data) {
         let parts: Vec<&str> = p.iter().map(|c| c.to_str().unwrap()).collect();
         let ok = match parts.as_slice() {
-            [db] => db.starts_with("backup.db") || *db == "maintenance.lock",
+            [db] => db.starts_with("backup.db") || *db == "maintenance.lock" || *db == "blob-store",
             ["identity", "server-cert.der" | "server-key.der"] => true,
             ["clients", c, "blobs", b] => is_hex32(c) && is_hex32(b),
             _ => false,

@@ -1330,7 +1330,12 @@ mod tests {
         assert_eq!(s.recorded_packs(None, 10).unwrap().len(), 2);
         // An object already held, sent again, is charged as it lies: the
         // pack is on disk.
-        assert!(s.add_pack(&pack(A, "p4", &[1])).is_err());
+        let p4 = pack(A, "p4", &[1]);
+        let size = p4.size;
+        assert_eq!(
+            quota_refusal(s.add_pack(&p4).unwrap_err()),
+            (300, 300, size)
+        );
         // Another client is charged nothing of A's.
         assert_eq!(s.usage(B, Some(0)).unwrap().stored, 0);
     }
