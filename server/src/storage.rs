@@ -38,6 +38,7 @@ pub(crate) mod ingest;
 pub mod memory;
 mod meta;
 pub mod object;
+pub mod postgres;
 pub mod prune;
 pub mod quota;
 mod recovery;

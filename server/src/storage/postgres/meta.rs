@@ -1,0 +1,1 @@
+//! [`MetaStore`](crate::storage::MetaStore) on PostgreSQL.

@@ -1,0 +1,1 @@
+//! [`RepoStore`](crate::storage::repo::RepoStore) on PostgreSQL.
