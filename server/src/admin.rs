@@ -14,7 +14,7 @@ use std::time::SystemTime;
 use protocol::ClientId;
 
 use crate::config::Quotas;
-use crate::storage::prune::{MaintenanceLock, PruneOptions, PruneReport};
+use crate::storage::prune::{PruneOptions, PruneReport};
 use crate::storage::quota::format_size;
 use crate::storage::{
     ClientSummary, QuotaSetting, Retention, Storage, StorageError, VersionRecord,
@@ -479,7 +479,8 @@ pub fn forget_by_policy(
 }
 
 /// `prune`'s second half: collects the repository's garbage under the
-/// data directory's maintenance lock (`docs/PROTOCOL.md` §13.7), waiting
+/// maintenance lock (the data directory's, and the repository's on shared
+/// metadata; `docs/PROTOCOL.md` §13.7), waiting
 /// for another prune or a starting server's recovery to release it, and
 /// says what it reclaimed, or with `dry_run` what it would.
 ///
@@ -491,7 +492,7 @@ pub fn prune_repo(
     options: &PruneOptions,
     out: &mut impl Write,
 ) -> Result<PruneReport, AdminError> {
-    let _lock = MaintenanceLock::take(data_dir, true)?;
+    let _lock = storage.maintenance_lock(data_dir, true)?;
     let r = storage.prune_repo(options, SystemTime::now())?;
     let (label, delete, remove, repack, reclaim) = if options.dry_run {
         (

@@ -25,7 +25,7 @@ use protocol::repo::retention::KeepPolicy;
 use protocol::{Leniency, Limits};
 
 use crate::storage::object::S3Location;
-use crate::storage::{BlobLocation, Retention};
+use crate::storage::{BlobLocation, MetaLocation, Retention};
 
 pub use args::{AdminArgs, Args, Cli, Command, LogFormat, Switch};
 pub use file::FileConfig;
@@ -91,6 +91,8 @@ pub struct Config {
     pub registration_grace: Duration,
     /// Where file contents are kept (the metadata stays in `data_dir`).
     pub blobs: BlobLocation,
+    /// Where the metadata is kept.
+    pub meta: MetaLocation,
     /// Quotas of the snapshot repository from the config file
     /// (`docs/PROTOCOL.md` §13.9); a client's own setting in the metadata
     /// (`backup-server quota`) overrides them.
@@ -184,6 +186,7 @@ impl Config {
             registration_grace: Self::DEFAULT_REGISTRATION_GRACE,
             quotas: Quotas::default(),
             blobs: BlobLocation::Local,
+            meta: MetaLocation::Sqlite,
         }
     }
 }
@@ -278,6 +281,8 @@ impl Settings {
                 BlobLocation::S3 { endpoint: None, .. } => unset("s3_endpoint", "AWS S3"),
                 BlobLocation::Local => unset("s3_endpoint", "blobs are local"),
             },
+            // A password in the URL is not shown (give it in PGPASSWORD).
+            format!("meta = {}", toml_string(&c.meta.to_string())),
         ];
         for (name, quota) in &c.quotas.clients {
             let value =
@@ -517,6 +522,75 @@ pub fn admin_blobs(args: &AdminArgs, file: &FileConfig) -> Result<BlobLocation, 
     )
 }
 
+/// Where an operator command finds the metadata: as [`load`] decides for
+/// the server.
+///
+/// # Errors
+/// When the setting is invalid.
+pub fn admin_meta(args: &AdminArgs, file: &FileConfig) -> Result<MetaLocation, ConfigError> {
+    meta_location(args.meta.as_ref().or(file.meta.as_ref()), |k| {
+        std::env::var(k).ok()
+    })
+}
+
+/// `--meta` checked: `sqlite`, or a PostgreSQL URL that parses. A URL
+/// without a password takes the one in `PGPASSWORD` (from `env`), as libpq
+/// does.
+fn meta_location(
+    meta: Option<&String>,
+    env: impl Fn(&str) -> Option<String>,
+) -> Result<MetaLocation, ConfigError> {
+    let Some(url) = meta.filter(|m| m.as_str() != "sqlite") else {
+        return Ok(MetaLocation::Sqlite);
+    };
+    if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+        return Err(ConfigError::Invalid {
+            key: "meta",
+            reason: "is neither \"sqlite\" nor a postgres:// URL".into(),
+        });
+    }
+    let mut config: tokio_postgres::Config =
+        url.parse()
+            .map_err(|e: tokio_postgres::Error| ConfigError::Invalid {
+                key: "meta",
+                reason: format!("is not a valid PostgreSQL URL: {e}"),
+            })?;
+    if config.get_dbname().is_none() {
+        return Err(ConfigError::Invalid {
+            key: "meta",
+            reason: "names no database (postgres://USER@HOST:PORT/DATABASE)".into(),
+        });
+    }
+    let mut url = url.clone();
+    if config.get_password().is_none() {
+        if let Some(password) = env("PGPASSWORD") {
+            config.password(password.as_bytes());
+            // Passed on as a key=value string (no escaping needed there
+            // beyond quotes), not shown anywhere.
+            url = format!(
+                "{url}{}password={}",
+                if url.contains('?') { '&' } else { '?' },
+                percent_encode(&password)
+            );
+        }
+    }
+    Ok(MetaLocation::Postgres(url))
+}
+
+/// `s` with every byte but unreserved ones percent-encoded (a URL query
+/// value).
+fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
 /// `--blob-store` and `--s3-endpoint` checked together. An endpoint must be
 /// an `http://` or `https://` URL without a user or password in it
 /// (credentials come from the environment, so that they are never shown).
@@ -631,6 +705,7 @@ pub fn load(
         }
     };
 
+    let password = env("PGPASSWORD").and_then(|v| v.into_string().ok());
     let mut config = Config::new(
         args.data_dir
             .clone()
@@ -733,6 +808,9 @@ pub fn load(
         args.blob_store.as_ref().or(file.blob_store.as_ref()),
         args.s3_endpoint.as_ref().or(file.s3_endpoint.as_ref()),
     )?;
+    config.meta = meta_location(args.meta.as_ref().or(file.meta.as_ref()), |k| {
+        (k == "PGPASSWORD").then(|| password.clone()).flatten()
+    })?;
     let legacy_listen = args.legacy_listen.or(file.legacy_listen);
     if legacy_listen == Some(listen) && listen.port() != 0 {
         return Err(ConfigError::Invalid {

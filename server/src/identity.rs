@@ -37,6 +37,16 @@ pub enum IdentityError {
     Half(PathBuf),
     #[error("cannot generate a certificate: {0}")]
     Generate(#[from] rcgen::Error),
+    #[error("no server identity in {dir}, and this repository's servers present fingerprint {recorded}: copy {IDENTITY_DIR}/{CERT_FILE} and {IDENTITY_DIR}/{KEY_FILE} from one of them into the data directory (a new identity would make every client refuse this server; docs/SCALING.md)")]
+    NotShared { dir: PathBuf, recorded: String },
+    #[error("this server's identity in {dir} has fingerprint {own}, but this repository's servers present {recorded}: copy {IDENTITY_DIR}/ from one of them instead (clients pin the repository's; docs/SCALING.md)")]
+    Differs {
+        dir: PathBuf,
+        own: String,
+        recorded: String,
+    },
+    #[error("cannot read or record the repository's identity: {0}")]
+    Shared(crate::storage::StorageError),
     #[error("the identity in {path} is not usable for TLS: {source}")]
     Tls {
         path: PathBuf,
@@ -74,6 +84,53 @@ impl ServerIdentity {
             Err(IdentityError::Missing(_)) => Ok((Self::create(data_dir)?, true)),
             Err(e) => Err(e),
         }
+    }
+
+    /// Loads the identity under `data_dir` for a server of a shared
+    /// repository, whose metadata `shared` records the fingerprint every
+    /// server must present (`docs/SCALING.md`). The first server to start
+    /// makes the identity and records it; every other one must be given a
+    /// copy of it: one without it, or with another, is refused, never
+    /// silently given a new one. Returns whether it was just made.
+    ///
+    /// # Errors
+    /// [`IdentityError::NotShared`], [`IdentityError::Differs`], and as
+    /// [`ServerIdentity::load_or_create`].
+    pub fn load_shared(
+        data_dir: &Path,
+        shared: &crate::storage::PgMetaStore,
+    ) -> Result<(Self, bool), IdentityError> {
+        const KEY: &str = "identity_fingerprint";
+        let (identity, created) = match Self::load(data_dir) {
+            Ok(identity) => (identity, false),
+            Err(IdentityError::Missing(dir)) => {
+                if let Some(recorded) = shared.recorded(KEY).map_err(IdentityError::Shared)? {
+                    return Err(IdentityError::NotShared { dir, recorded });
+                }
+                (Self::create(data_dir)?, true)
+            }
+            Err(e) => return Err(e),
+        };
+        let own = identity.fingerprint().to_string();
+        let recorded = shared.claim(KEY, &own).map_err(IdentityError::Shared)?;
+        if recorded != own {
+            if created {
+                // Another server made and recorded its own first: ours was
+                // never presented to anyone.
+                let _ = fs::remove_file(identity.dir.join(KEY_FILE));
+                let _ = fs::remove_file(identity.dir.join(CERT_FILE));
+                return Err(IdentityError::NotShared {
+                    dir: identity.dir.clone(),
+                    recorded,
+                });
+            }
+            return Err(IdentityError::Differs {
+                dir: identity.dir.clone(),
+                own,
+                recorded,
+            });
+        }
+        Ok((identity, created))
     }
 
     /// Loads the identity under `data_dir`.

@@ -44,11 +44,14 @@ fn run(command: Command) -> anyhow::Result<()> {
     let env = |k: &str| std::env::var_os(k);
     let open = |args: &AdminArgs| -> anyhow::Result<(Storage, server::config::FileConfig)> {
         let (data_dir, file) = server::config::load_admin(args, env)?;
-        if !data_dir.join(Storage::DATABASE).is_file() {
+        let meta = server::config::admin_meta(args, &file)?;
+        if meta == server::storage::MetaLocation::Sqlite
+            && !data_dir.join(Storage::DATABASE).is_file()
+        {
             anyhow::bail!("no database in {}", data_dir.display());
         }
         let blobs = server::config::admin_blobs(args, &file)?;
-        let storage = Storage::open(&data_dir, &blobs)
+        let storage = Storage::open_with(&data_dir, &blobs, &meta)
             .with_context(|| format!("cannot open the data in {}", data_dir.display()))?;
         Ok((storage, file))
     };

@@ -189,14 +189,19 @@ pub async fn run(
 ) -> Result<(), ServerError> {
     let data_dir = config.data_dir.clone();
     let blobs = config.blobs.clone();
+    let meta = config.meta.clone();
     let storage = tokio::task::spawn_blocking(move || {
-        let storage = Storage::open(&data_dir, &blobs).map_err(|source| ServerError::Storage {
-            path: data_dir.clone(),
-            source,
+        let storage = Storage::open_with(&data_dir, &blobs, &meta).map_err(|source| {
+            ServerError::Storage {
+                path: data_dir.clone(),
+                source,
+            }
         })?;
-        // Not beside a prune: recovery removes blobs without a row, which a
-        // repack has for a moment (`storage::prune`).
-        let lock = crate::storage::prune::MaintenanceLock::take(&data_dir, true)
+        // Not beside a prune (on any server of a shared repository):
+        // recovery removes blobs without a row, which a repack has for a
+        // moment (`storage::prune`).
+        let lock = storage
+            .maintenance_lock(&data_dir, true)
             .map_err(ServerError::Recovery)?;
         let report = storage.recover().map_err(ServerError::Recovery)?;
         drop(lock);
@@ -234,10 +239,14 @@ pub async fn run_with_storage(
         None => None,
         Some(listener) => {
             let data_dir = config.data_dir.clone();
+            let for_identity = storage.clone();
             let (identity, created) =
-                tokio::task::spawn_blocking(move || ServerIdentity::load_or_create(&data_dir))
-                    .await
-                    .map_err(|e| ServerError::Task(e.to_string()))??;
+                tokio::task::spawn_blocking(move || match for_identity.shared() {
+                    Some(shared) => ServerIdentity::load_shared(&data_dir, shared),
+                    None => ServerIdentity::load_or_create(&data_dir),
+                })
+                .await
+                .map_err(|e| ServerError::Task(e.to_string()))??;
             let fingerprint = identity.fingerprint();
             if created {
                 info!(%fingerprint, dir = %identity.dir().display(), "made a new server identity; clients pin this fingerprint at registration (`backup-server fingerprint` prints it again)");

@@ -60,6 +60,7 @@ pub use meta::{
     ClientRecord, ClientSummary, Deletion, MetaStore, NewVersion, PendingVersion, Registration,
     VersionRecord,
 };
+pub use postgres::PgMetaStore;
 pub use quota::{QuotaSetting, QuotaUsage, RepoUsage, SnapshotUsage};
 pub use recovery::RecoveryReport;
 pub use repo::{NewPack, ObjectPlace, PackUpload, RepoStore, StageId};
@@ -248,11 +249,56 @@ impl std::fmt::Display for BlobLocation {
     }
 }
 
+/// Where the metadata is kept (`--meta`).
+#[derive(Clone, Default, PartialEq, Eq)]
+pub enum MetaLocation {
+    /// [`sqlite::SqliteMetaStore`] in the data directory, for one server.
+    #[default]
+    Sqlite,
+    /// [`postgres::PgMetaStore`] at this URL, which several servers may
+    /// share (`docs/SCALING.md`). The URL may hold a password: it is shown
+    /// only through [`postgres::redact`].
+    Postgres(String),
+}
+
+impl std::fmt::Debug for MetaLocation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Sqlite => f.write_str("Sqlite"),
+            Self::Postgres(url) => write!(f, "Postgres({})", postgres::redact(url)),
+        }
+    }
+}
+
+impl std::fmt::Display for MetaLocation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Sqlite => f.write_str("sqlite"),
+            Self::Postgres(url) => f.write_str(&postgres::redact(url)),
+        }
+    }
+}
+
+/// How long a blob without a row must have existed before start-up
+/// recovery of a shared repository removes it: another server may have
+/// published it a moment ago and be about to record it.
+pub const SHARED_ORPHAN_AGE: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// This machine's name, as the kernel has it (empty if unknown).
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_default()
+}
+
 /// Metadata and blobs together.
 #[derive(Clone)]
 pub struct Storage {
     meta: Arc<dyn MetaStore>,
     blobs: Arc<dyn BlobStore>,
+    /// The repository's metadata when several servers may share it
+    /// (PostgreSQL): recovery and maintenance then allow for the others.
+    shared: Option<Arc<postgres::PgMetaStore>>,
     /// The repository extension's metadata, when this storage keeps one.
     repo: Option<Arc<dyn RepoStore>>,
     commits: Arc<group::GroupCommit>,
@@ -274,6 +320,7 @@ impl Storage {
         Self {
             meta,
             blobs,
+            shared: None,
             repo: None,
             commits: Arc::default(),
             policy: CommitPolicy::default(),
@@ -328,6 +375,86 @@ impl Storage {
     /// When the directory, the database or the blob store cannot be opened,
     /// and [`StorageError::WrongBlobStore`].
     pub fn open(data_dir: &Path, blobs: &BlobLocation) -> Result<Self, StorageError> {
+        Self::open_with(data_dir, blobs, &MetaLocation::Sqlite)
+    }
+
+    /// Metadata where `meta` says and blobs where `blobs` says; `data_dir`
+    /// holds the SQLite database (if that is the metadata) and local blobs.
+    /// Does not run [`recover`](Self::recover).
+    ///
+    /// With PostgreSQL the database itself records which blob store it
+    /// refers to (the first server to open it records its own), and every
+    /// server must be given the same; a local blob store is recorded with
+    /// its host and directory, so that a second server elsewhere is
+    /// refused rather than served from a disk that lacks the blobs.
+    ///
+    /// # Errors
+    /// When the directory, the database or the blob store cannot be opened,
+    /// and [`StorageError::WrongBlobStore`].
+    pub fn open_with(
+        data_dir: &Path,
+        blobs: &BlobLocation,
+        meta: &MetaLocation,
+    ) -> Result<Self, StorageError> {
+        let MetaLocation::Postgres(url) = meta else {
+            return Self::open_sqlite(data_dir, blobs);
+        };
+        let pg = Arc::new(postgres::PgMetaStore::open(url)?);
+        let given = match blobs {
+            BlobLocation::Local => {
+                fs::create_private_dir(data_dir)
+                    .map_err(|e| StorageError::io("create", data_dir, e))?;
+                let dir = std::fs::canonicalize(data_dir)
+                    .map_err(|e| StorageError::io("resolve", data_dir, e))?;
+                format!("local\nhost {}\ndirectory {}\n", host_name(), dir.display())
+            }
+            BlobLocation::S3 { .. } => Self::blob_store_record(blobs),
+        };
+        let recorded = pg.claim("blob_store", &given)?;
+        if recorded != given {
+            return Err(StorageError::WrongBlobStore {
+                recorded: recorded.trim_end().replace('\n', ", "),
+                given: given.trim_end().replace('\n', ", "),
+                marker: format!("the repository table of {}", pg.shown()),
+            });
+        }
+        let store: Arc<dyn BlobStore> = match blobs {
+            BlobLocation::Local => Arc::new(fs::FsBlobStore::open(data_dir)?),
+            BlobLocation::S3 { location, endpoint } => {
+                Arc::new(object::ObjectBlobStore::s3(location, endpoint.as_deref())?)
+            }
+        };
+        let mut storage = Self::new(pg.clone(), store).with_repo(pg.clone());
+        storage.shared = Some(pg);
+        Ok(storage)
+    }
+
+    /// The repository's shared metadata, when several servers may use it.
+    pub fn shared(&self) -> Option<&postgres::PgMetaStore> {
+        self.shared.as_deref()
+    }
+
+    /// Takes the maintenance lock that keeps prune and start-up recovery
+    /// apart: the data directory's, and with shared metadata the whole
+    /// repository's as well (any server's prune or recovery). Waits for it
+    /// when `wait`.
+    ///
+    /// # Errors
+    /// As [`prune::MaintenanceLock::take`] and
+    /// [`postgres::PgMetaStore::maintenance_lock`].
+    pub fn maintenance_lock(
+        &self,
+        data_dir: &Path,
+        wait: bool,
+    ) -> Result<prune::MaintenanceLock, StorageError> {
+        let mut lock = prune::MaintenanceLock::take(data_dir, wait)?;
+        if let Some(pg) = &self.shared {
+            lock.shared = Some(pg.maintenance_lock(wait)?);
+        }
+        Ok(lock)
+    }
+
+    fn open_sqlite(data_dir: &Path, blobs: &BlobLocation) -> Result<Self, StorageError> {
         Self::check_blob_store(data_dir, blobs)?;
         match blobs {
             BlobLocation::Local => Self::open_local(data_dir),
@@ -576,6 +703,12 @@ impl Storage {
     /// Must run before any connection is served: it removes every
     /// temporary, every blob without a version row, and every version row
     /// whose blob is missing or has the wrong size.
+    ///
+    /// On shared metadata other servers are serving meanwhile, so it
+    /// removes only blobs without a row older than [`SHARED_ORPHAN_AGE`],
+    /// forgets no row (a row recorded after the listing passed its key
+    /// would look lost: such rows are logged, and scrub checks them), and
+    /// keeps the references other servers are staging.
     ///
     /// # Errors
     /// On a backend failure.

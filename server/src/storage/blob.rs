@@ -132,6 +132,17 @@ pub trait BlobStore: Send + Sync + 'static {
     /// When the key is not one of this store's or removal fails.
     fn delete(&self, key: &BlobKey) -> Result<(), StorageError>;
 
+    /// When the blob under `key` was last written, if the store knows;
+    /// `None` also when there is no such blob. Start-up recovery of a
+    /// shared repository removes only orphans older than a bound.
+    ///
+    /// # Errors
+    /// When the key is not one of this store's or the store fails.
+    fn modified(&self, key: &BlobKey) -> Result<Option<std::time::SystemTime>, StorageError> {
+        let _ = key;
+        Ok(None)
+    }
+
     /// Removes everything stored for `client`, temporaries included (no
     /// error if there is nothing).
     ///

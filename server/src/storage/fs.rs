@@ -231,6 +231,15 @@ impl BlobStore for FsBlobStore {
             .collect()
     }
 
+    fn modified(&self, key: &BlobKey) -> Result<Option<std::time::SystemTime>, StorageError> {
+        let path = self.path_of(key)?;
+        match fs::metadata(&path).and_then(|m| m.modified()) {
+            Ok(t) => Ok(Some(t)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(StorageError::io("stat", &path, e)),
+        }
+    }
+
     fn delete(&self, key: &BlobKey) -> Result<(), StorageError> {
         let path = self.path_of(key)?;
         match fs::remove_file(&path) {

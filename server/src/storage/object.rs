@@ -648,6 +648,16 @@ impl BlobStore for ObjectBlobStore {
         keys.iter().map(|k| self.path(k).map(drop)).collect()
     }
 
+    fn modified(&self, key: &BlobKey) -> Result<Option<std::time::SystemTime>, StorageError> {
+        let path = self.path(key)?;
+        let store = Arc::clone(&self.shared.store);
+        match self.run(async move { store.head(&path).await })? {
+            Ok(meta) => Ok(Some(meta.last_modified.into())),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(object_error("stat", &key.0, e)),
+        }
+    }
+
     fn delete(&self, key: &BlobKey) -> Result<(), StorageError> {
         let path = self.path(key)?;
         self.delete_path(path)

@@ -53,6 +53,9 @@ const MAX_PACK_OBJECTS: usize = 16_384;
 #[derive(Debug)]
 pub struct MaintenanceLock {
     _lock: Flock<File>,
+    /// The repository-wide lock, with shared metadata (see
+    /// [`Storage::maintenance_lock`](super::Storage::maintenance_lock)).
+    pub(super) shared: Option<super::postgres::RepositoryLock>,
 }
 
 impl MaintenanceLock {
@@ -76,7 +79,10 @@ impl MaintenanceLock {
             FlockArg::LockExclusiveNonblock
         };
         match Flock::lock(file, arg) {
-            Ok(lock) => Ok(Self { _lock: lock }),
+            Ok(lock) => Ok(Self {
+                _lock: lock,
+                shared: None,
+            }),
             Err((_, nix::errno::Errno::EWOULDBLOCK)) => Err(StorageError::Unavailable {
                 op: "prune",
                 source: "another prune, or a starting server's recovery, holds the data directory's maintenance lock".into(),

@@ -148,6 +148,23 @@ fn merge<T>(
 }
 
 impl Storage {
+    /// Whether blob `key`, which has no row, is older than
+    /// [`SHARED_ORPHAN_AGE`](super::SHARED_ORPHAN_AGE): on a shared
+    /// repository a younger one may be another server's upload about to be
+    /// recorded. A store that cannot tell keeps it.
+    fn old_enough_to_remove(&self, key: &BlobKey) -> Result<bool, StorageError> {
+        if key.is_inline() {
+            // Inline content is written with its row, in one transaction.
+            return Ok(true);
+        }
+        let Some(modified) = self.blobs.modified(key)? else {
+            return Ok(false);
+        };
+        Ok(modified
+            .elapsed()
+            .is_ok_and(|age| age >= super::SHARED_ORPHAN_AGE))
+    }
+
     /// [`Storage::recover`], reading rows and inline keys `page` at a time.
     pub(super) fn recover_in_pages(&self, page: usize) -> Result<RecoveryReport, StorageError> {
         let removed_temporaries = self.blobs.recover()?;
@@ -213,6 +230,17 @@ impl Storage {
                 continue;
             }
             if let Some(((blob, (size, Row::Version)), found)) = forget {
+                if self.shared.is_some() {
+                    // Another server may have recorded it after the listing
+                    // passed its key: never forget on a shared repository.
+                    tracing::error!(
+                        blob = %blob,
+                        expected = size,
+                        found = ?found,
+                        "version row whose blob was not listed; kept (scrub checks it)"
+                    );
+                    continue;
+                }
                 tracing::warn!(
                     blob = %blob,
                     expected = size,
@@ -228,6 +256,9 @@ impl Storage {
                 broken.clear();
             }
             if let Some((key, _)) = orphan {
+                if self.shared.is_some() && !self.old_enough_to_remove(&key)? {
+                    continue;
+                }
                 self.delete_blob(&key)?;
                 report.removed_orphans += 1;
             }
@@ -235,7 +266,10 @@ impl Storage {
         if !broken.is_empty() {
             report.forgotten_versions += self.meta.forget_blobs(&broken)?;
         }
-        if let Some(repo) = &self.repo {
+        if self.shared.is_some() {
+            // The other servers' connections are staging: theirs are not ours
+            // to drop (docs/SCALING.md: what a killed server leaves).
+        } else if let Some(repo) = &self.repo {
             let dropped = repo.clear_stages()?;
             if dropped > 0 {
                 tracing::debug!(
