@@ -7,6 +7,7 @@
 pub mod fake_server;
 pub mod processes;
 pub mod real_server;
+pub mod balancer;
 pub mod relay;
 
 use std::path::Path;

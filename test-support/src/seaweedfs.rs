@@ -22,6 +22,7 @@ const START_TIMEOUT: Duration = Duration::from_secs(120);
 pub struct SeaweedFs {
     child: Child,
     dir: tempfile::TempDir,
+    ports: Vec<u16>,
     s3_port: u16,
     bucket: String,
 }
@@ -87,11 +88,42 @@ impl SeaweedFs {
     fn spawn() -> Self {
         let dir = tempfile::tempdir().expect("temporary directory");
         let ports = free_ports(8);
-        let log = std::fs::File::create(dir.path().join("weed.log")).expect("log file");
-        let data = dir.path().join("data");
-        std::fs::create_dir(&data).expect("data directory");
+        std::fs::create_dir(dir.path().join("data")).expect("data directory");
+        let child = Self::run_weed(dir.path(), &ports);
+        let mut weed = Self {
+            child,
+            dir,
+            s3_port: ports[6],
+            ports,
+            bucket: "backup-test".to_owned(),
+        };
+        weed.wait_for_bucket();
+        weed
+    }
+
+    /// Stops SeaweedFS as a crash would (SIGKILL): its ports refuse
+    /// connections until [`restart`](Self::restart).
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts SeaweedFS again on the same ports and data after
+    /// [`stop`](Self::stop), and waits until the bucket answers.
+    pub fn restart(&mut self) {
+        self.child = Self::run_weed(self.dir.path(), &self.ports);
+        self.wait_for_bucket();
+    }
+
+    fn run_weed(dir: &std::path::Path, ports: &[u16]) -> Child {
+        let log = std::fs::File::options()
+            .create(true)
+            .append(true)
+            .open(dir.join("weed.log"))
+            .expect("log file");
+        let data = dir.join("data");
         let arg = |name: &str, i: usize| format!("-{name}={}", ports[i]);
-        let child = Command::new(WEED)
+        Command::new(WEED)
             .arg("server")
             .arg("-s3")
             .arg("-ip=127.0.0.1")
@@ -112,15 +144,7 @@ impl SeaweedFs {
             .stdout(log.try_clone().expect("log file"))
             .stderr(log)
             .spawn()
-            .expect("start `weed server`");
-        let mut weed = Self {
-            child,
-            dir,
-            s3_port: ports[6],
-            bucket: "backup-test".to_owned(),
-        };
-        weed.wait_for_bucket();
-        weed
+            .expect("start `weed server`")
     }
 
     /// Creates the bucket, retrying until the S3 gateway answers it.
@@ -128,7 +152,8 @@ impl SeaweedFs {
         let started = Instant::now();
         loop {
             match self.request("PUT", &format!("/{}", self.bucket)) {
-                Ok(200) => return,
+                // 409: it exists already (after a restart).
+                Ok(200 | 409) => return,
                 outcome => {
                     if let Ok(Some(status)) = self.child.try_wait() {
                         panic!("weed server exited ({status}): {}", self.log());

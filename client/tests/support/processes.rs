@@ -65,11 +65,22 @@ impl ServerProcess {
     /// As [`ServerProcess::start_logging`], with environment variables
     /// `env` set for the server.
     pub fn start_with_env(extra: &[&str], rust_log: &str, env: &[(&str, &str)]) -> Self {
+        Self::start_in(tempfile::tempdir().unwrap(), extra, rust_log, env)
+    }
+
+    /// As [`ServerProcess::start_with_env`], in `data` (whose `data`
+    /// sub-directory is the data directory, which the caller may have
+    /// prepared, e.g. with a copy of another server's identity).
+    pub fn start_in(
+        data: tempfile::TempDir,
+        extra: &[&str],
+        rust_log: &str,
+        env: &[(&str, &str)],
+    ) -> Self {
         let env: Vec<(String, String)> = env
             .iter()
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
             .collect();
-        let data = tempfile::tempdir().unwrap();
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let legacy_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let log = data.path().join("server.log");
@@ -129,6 +140,17 @@ impl ServerProcess {
                 std::thread::sleep(Duration::from_millis(20));
             }
         }
+    }
+
+    /// SIGKILLs the server (it stays down).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
     }
 
     /// SIGKILLs the server and starts it again on the same data directory
