@@ -1,9 +1,9 @@
 //! One suite of [`MetaStore`] behaviour, run against every backend: SQLite
 //! (a database in a temporary directory) and PostgreSQL (a throwaway
 //! cluster, one database per test; skipped with a message when PostgreSQL
-//! is not installed, unless `BACKUP_TEST_REQUIRE_PG` is set, as
-//! `cargo xtask test` does). The last tests race several PostgreSQL stores,
-//! as several servers on one repository would.
+//! is not installed, unless `BACKUP_TEST_REQUIRE_PG` is set). The last
+//! tests race several PostgreSQL stores, as several servers on one
+//! repository would.
 //!
 //! The cluster is shared by the tests that run at the same time and
 //! stopped when the last of them ends (a cluster held in a static would
