@@ -33,6 +33,8 @@ mod legacy_deviations;
 mod lifecycle;
 #[path = "server/malformed.rs"]
 mod malformed;
+#[path = "server/meta_stores.rs"]
+mod meta_stores;
 #[path = "server/metrics.rs"]
 mod metrics;
 #[path = "server/operations.rs"]
