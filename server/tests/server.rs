@@ -45,6 +45,8 @@ mod perf;
 mod registration;
 #[path = "server/repo.rs"]
 mod repo;
+#[path = "server/repo_stores.rs"]
+mod repo_stores;
 #[path = "server/retrieval.rs"]
 mod retrieval;
 #[path = "server/scrub.rs"]
