@@ -4,10 +4,10 @@
 //! temporary data directory, and small file helpers.
 #![allow(dead_code)]
 
+pub mod balancer;
 pub mod fake_server;
 pub mod processes;
 pub mod real_server;
-pub mod balancer;
 pub mod relay;
 
 use std::path::Path;

@@ -1412,7 +1412,11 @@ mod tests {
         assert!(!s.describe().contains("hunter2"), "{}", s.describe());
         assert!(!format!("{:?}", s.config).contains("hunter2"));
 
-        for bad in ["mysql://db/x", "postgres://host:notaport/db", "postgres://host:5432"] {
+        for bad in [
+            "mysql://db/x",
+            "postgres://host:notaport/db",
+            "postgres://host:5432",
+        ] {
             let err = load(&parse(&["--meta", bad]), dir.path(), no_env).unwrap_err();
             assert!(
                 matches!(err, ConfigError::Invalid { key: "meta", .. }),

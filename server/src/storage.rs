@@ -399,11 +399,11 @@ impl Storage {
         let MetaLocation::Postgres(url) = meta else {
             return Self::open_sqlite(data_dir, blobs);
         };
+        // The data directory holds this server's identity and locks.
+        fs::create_private_dir(data_dir).map_err(|e| StorageError::io("create", data_dir, e))?;
         let pg = Arc::new(postgres::PgMetaStore::open(url)?);
         let given = match blobs {
             BlobLocation::Local => {
-                fs::create_private_dir(data_dir)
-                    .map_err(|e| StorageError::io("create", data_dir, e))?;
                 let dir = std::fs::canonicalize(data_dir)
                     .map_err(|e| StorageError::io("resolve", data_dir, e))?;
                 format!("local\nhost {}\ndirectory {}\n", host_name(), dir.display())

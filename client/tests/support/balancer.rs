@@ -43,8 +43,7 @@ impl Balancer {
                     tokio::spawn(async move {
                         for i in 0..backends.len() {
                             let which = (first + i) % backends.len();
-                            let Ok(mut outbound) = TcpStream::connect(backends[which]).await
-                            else {
+                            let Ok(mut outbound) = TcpStream::connect(backends[which]).await else {
                                 continue;
                             };
                             served[which].fetch_add(1, Ordering::SeqCst);

@@ -140,8 +140,7 @@ pub(super) fn is_connection_lost(e: &tokio_postgres::Error) -> bool {
         // No SQLSTATE: a closed connection, or an I/O error under it (not,
         // say, a value that did not convert).
         None => {
-            e.is_closed()
-                || std::error::Error::source(e).is_some_and(|s| s.is::<std::io::Error>())
+            e.is_closed() || std::error::Error::source(e).is_some_and(|s| s.is::<std::io::Error>())
         }
         Some(c) => c.code().starts_with("08") || c.code().starts_with("57P"),
     }
