@@ -154,7 +154,10 @@ impl Combination {
 
     /// The S3 location of `prefix` in the test's bucket.
     fn s3(&self, prefix: &str) -> BlobLocation {
-        let weed = self.weed.as_ref().expect("an S3 combination runs SeaweedFS");
+        let weed = self
+            .weed
+            .as_ref()
+            .expect("an S3 combination runs SeaweedFS");
         BlobLocation::S3 {
             location: S3Location::parse(&format!("s3://{}/{prefix}", weed.bucket()))
                 .expect("a valid S3 location"),
@@ -565,7 +568,10 @@ fn legacy_uploads_read_back_and_keep_the_versions_retention_allows(site: &Site<'
     let large_key = upload(&storage, &rt, A, "large.bin", &large, 0x1111);
     let small_key = upload(&storage, &rt, A, "small.txt", &small, 0x2222);
     assert!(!large_key.is_inline(), "{large_key}");
-    assert!(small_key.is_inline(), "a file of at most {INLINE_MAX} bytes goes inline");
+    assert!(
+        small_key.is_inline(),
+        "a file of at most {INLINE_MAX} bytes goes inline"
+    );
     assert_eq!(listed(&storage), BTreeSet::from([large_key.clone()]));
     assert_eq!(site.raw_blobs(), BTreeSet::from([large_key.clone()]));
 
@@ -608,8 +614,14 @@ fn legacy_uploads_read_back_and_keep_the_versions_retention_allows(site: &Site<'
     // What a reopened server finds is the same.
     drop(storage);
     let storage = site.open();
-    assert_eq!(storage.read_latest(A, &name("large.bin")).unwrap(), Some(third));
-    assert_eq!(storage.read_latest(A, &name("small.txt")).unwrap(), Some(small));
+    assert_eq!(
+        storage.read_latest(A, &name("large.bin")).unwrap(),
+        Some(third)
+    );
+    assert_eq!(
+        storage.read_latest(A, &name("small.txt")).unwrap(),
+        Some(small)
+    );
 
     // A deleted file is gone, inline content with it.
     match storage.delete_file(A, &name("small.txt"), false).unwrap() {
@@ -718,10 +730,7 @@ fn rejects_a_pack_over_the_quota_and_keeps_nothing_of_it(site: &Site<'_>) {
     let repo = storage.repo().unwrap();
     assert_eq!(
         repo.usage(A, quota).unwrap(),
-        QuotaUsage {
-            stored: 300,
-            quota
-        }
+        QuotaUsage { stored: 300, quota }
     );
     let before = (pack_blobs(&storage), listed(&storage), site.raw_blobs());
     assert_eq!(before.1, before.0);
@@ -781,7 +790,10 @@ fn rejects_a_pack_over_the_quota_and_keeps_nothing_of_it(site: &Site<'_>) {
 }
 
 fn repo_set_quota(storage: &Storage, client: ClientId, quota: QuotaSetting) -> bool {
-    storage.meta().set_quota(client, quota).expect("set a quota")
+    storage
+        .meta()
+        .set_quota(client, quota)
+        .expect("set a quota")
 }
 
 /// 4. Prune: after a snapshot is forgotten, a prune with no grace deletes
@@ -817,7 +829,10 @@ fn prune_removes_the_bytes_of_forgotten_objects_only(site: &Site<'_>) {
         (dry.objects, dry.object_bytes, dry.packs_removed),
         (1, 3_000, 1)
     );
-    assert!(listed(&storage).contains(doomed), "a dry run deletes nothing");
+    assert!(
+        listed(&storage).contains(doomed),
+        "a dry run deletes nothing"
+    );
     assert_eq!(read_object(&storage, A, 3), Some(object(3, 3_000)));
 
     let _lock = storage.maintenance_lock(&site.data, false).unwrap();
@@ -847,7 +862,11 @@ fn prune_removes_the_bytes_of_forgotten_objects_only(site: &Site<'_>) {
         Err(StorageError::NotFound { .. })
     ));
     assert_eq!(listed(&storage), kept_pack);
-    assert_eq!(site.raw_blobs(), kept_pack, "the bytes are gone from the store");
+    assert_eq!(
+        site.raw_blobs(),
+        kept_pack,
+        "the bytes are gone from the store"
+    );
     assert_eq!(read_object(&storage, A, 3), None);
     assert_eq!(repo.have(A, &[oid(3)]).unwrap(), vec![false]);
     assert_eq!(read_object(&storage, A, 1), Some(object(1, 1_000)));
@@ -894,7 +913,10 @@ fn recovery_removes_an_orphan_unless_another_server_may_record_it(site: &Site<'_
     let report = storage.recover().unwrap();
     assert_eq!(report.forgotten_versions, 0, "{report:?}");
     if site.shared() {
-        assert_eq!(report.removed_orphans, 0, "a fresh orphan is kept: {report:?}");
+        assert_eq!(
+            report.removed_orphans, 0,
+            "a fresh orphan is kept: {report:?}"
+        );
         assert_eq!(read_blob(&storage, &orphan).unwrap(), orphan_bytes);
         assert!(site.raw_blobs().contains(&orphan));
         if site.blobs == BlobLocation::Local {
@@ -943,7 +965,10 @@ fn rejects_another_blob_store_and_shares_the_maintenance_lock(site: &Site<'_>) {
             Err(StorageError::WrongBlobStore {
                 recorded, given, ..
             }) => assert_ne!(recorded, given, "{other}"),
-            Err(e) => panic!("{other} in {}: refused for another reason: {e}", data.display()),
+            Err(e) => panic!(
+                "{other} in {}: refused for another reason: {e}",
+                data.display()
+            ),
             Ok(_) => panic!("{other} in {} was accepted", data.display()),
         }
     }
@@ -965,12 +990,31 @@ fn rejects_another_blob_store_and_shares_the_maintenance_lock(site: &Site<'_>) {
         "a second holder is excluded: {refused:?}"
     );
     drop(held);
-    let taken = second.maintenance_lock(&second_dir, false);
+    let taken = take_once_released(&second, &second_dir);
     assert!(taken.is_ok(), "free once released: {taken:?}");
     if site.shared() {
         // A held repository lock is not this directory's: the first may
         // not take it either while the second holds it.
         assert!(first.maintenance_lock(&site.data, false).is_err());
+    }
+}
+
+/// Takes the maintenance lock without waiting, trying again for a few
+/// seconds while it is held: PostgreSQL releases a dropped holder's lock
+/// when it notices that holder's connection closed, a moment after the
+/// drop.
+fn take_once_released(
+    storage: &Storage,
+    dir: &std::path::Path,
+) -> Result<server::storage::prune::MaintenanceLock, StorageError> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match storage.maintenance_lock(dir, false) {
+            Err(StorageError::Unavailable { .. }) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            outcome => return outcome,
+        }
     }
 }
 
@@ -1012,11 +1056,7 @@ fn removing_a_client_removes_its_content_and_rows_only(site: &Site<'_>) {
     // B's content is what is left, in the store and behind it.
     let b_pack = pack_blobs(&storage);
     assert_eq!(b_pack.len(), 1);
-    let left: BTreeSet<BlobKey> = b_pack
-        .iter()
-        .cloned()
-        .chain([keys[1].0.clone()])
-        .collect();
+    let left: BTreeSet<BlobKey> = b_pack.iter().cloned().chain([keys[1].0.clone()]).collect();
     assert_eq!(listed(&storage), left);
     assert_eq!(site.raw_blobs(), left);
     assert!(storage.meta().client(B).unwrap().is_some());
