@@ -51,5 +51,7 @@ mod repo_stores;
 mod retrieval;
 #[path = "server/scrub.rs"]
 mod scrub;
+#[path = "server/storage_combinations.rs"]
+mod storage_combinations;
 #[path = "server/vectors.rs"]
 mod vectors;
