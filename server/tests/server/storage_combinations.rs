@@ -33,10 +33,6 @@ use server::storage::{
 };
 use sha2::{Digest, Sha256};
 
-/// Set to `1` to run the PostgreSQL combinations' scenarios that need
-/// `postgres/meta.rs` and `postgres/repo.rs`.
-const PG_STORE: &str = "BACKUP_TEST_PG_STORE";
-
 const A: ClientId = ClientId([0xa1; 16]);
 const B: ClientId = ClientId([0xb2; 16]);
 
@@ -72,11 +68,6 @@ struct Combination {
 /// skipped combination must be seen, not reported as passed in silence.
 fn tell(line: &str) {
     let _ = writeln!(std::io::stderr().lock(), "{line}");
-}
-
-/// Whether the PostgreSQL metadata backend is ported (see [`PG_STORE`]).
-fn pg_store_ported() -> bool {
-    std::env::var(PG_STORE).is_ok_and(|v| v == "1")
 }
 
 impl Combination {
@@ -169,26 +160,13 @@ impl Combination {
     /// scenario that failed.
     fn run(&self) {
         let mut failed = Vec::new();
-        let mut skipped = Vec::new();
         for scenario in SCENARIOS {
-            // TODO(merge): drop this gate once postgres/meta.rs and repo.rs land
-            if self.pg.is_some() && scenario.needs_pg_store && !pg_store_ported() {
-                skipped.push(scenario.name);
-                continue;
-            }
             let site = self.site(scenario.name);
             let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| (scenario.run)(&site)));
             match outcome {
                 Ok(()) => eprintln!("{}: {}: ok", self.name, scenario.name),
                 Err(_) => failed.push(scenario.name),
             }
-        }
-        if !skipped.is_empty() {
-            tell(&format!(
-                "skipped: storage combination {}: scenarios {skipped:?} wait for the PostgreSQL \
-                 metadata port (set {PG_STORE}=1 to run them)",
-                self.name
-            ));
         }
         assert!(
             failed.is_empty(),
@@ -503,47 +481,36 @@ fn pack_blobs(storage: &Storage) -> BTreeSet<BlobKey> {
 struct Scenario {
     name: &'static str,
     run: fn(&Site<'_>),
-    /// Whether it needs the PostgreSQL `MetaStore` / `RepoStore`
-    /// (placeholders until their port lands), not only the repository
-    /// record and lock that `postgres.rs` has today.
-    needs_pg_store: bool,
 }
 
 const SCENARIOS: [Scenario; 7] = [
     Scenario {
         name: "legacy_upload",
         run: legacy_uploads_read_back_and_keep_the_versions_retention_allows,
-        needs_pg_store: true,
     },
     Scenario {
         name: "snapshots",
         run: a_snapshot_round_trips_its_objects,
-        needs_pg_store: true,
     },
     Scenario {
         name: "quota",
         run: rejects_a_pack_over_the_quota_and_keeps_nothing_of_it,
-        needs_pg_store: true,
     },
     Scenario {
         name: "prune",
         run: prune_removes_the_bytes_of_forgotten_objects_only,
-        needs_pg_store: true,
     },
     Scenario {
         name: "recovery",
         run: recovery_removes_an_orphan_unless_another_server_may_record_it,
-        needs_pg_store: true,
     },
     Scenario {
         name: "blob_store_record",
         run: rejects_another_blob_store_and_shares_the_maintenance_lock,
-        needs_pg_store: false,
     },
     Scenario {
         name: "remove_client",
         run: removing_a_client_removes_its_content_and_rows_only,
-        needs_pg_store: true,
     },
 ];
 
