@@ -56,6 +56,13 @@ pub struct Server {
     data_dir: PathBuf,
 }
 
+/// Flags and environment a server is given beyond its wiring.
+#[derive(Debug, Clone, Default)]
+pub struct Extra {
+    pub args: Vec<String>,
+    pub env: Vec<(String, String)>,
+}
+
 /// What the server spent during one phase.
 #[derive(Debug, Clone, Copy)]
 pub struct ServerCost {
@@ -83,6 +90,22 @@ impl Server {
         data_dir: &Path,
         log: &Path,
     ) -> Result<Self> {
+        Self::start_with(bins, caps, mode, data_dir, log, &Extra::default())
+    }
+
+    /// As [`Server::start`], with more flags and environment variables
+    /// (where the metadata and the blobs are kept, S3 credentials).
+    ///
+    /// # Errors
+    /// As [`Server::start`].
+    pub fn start_with(
+        bins: &Bins,
+        caps: Capabilities,
+        mode: Mode,
+        data_dir: &Path,
+        log: &Path,
+        extra: &Extra,
+    ) -> Result<Self> {
         let wiring = mode.wiring(caps, free_port()?, free_port()?)?;
         fs::create_dir_all(data_dir)?;
         let out = File::create(log)?;
@@ -90,9 +113,11 @@ impl Server {
         let child = Command::new(&bins.server)
             .args(&wiring.server_args)
             .args(caps.server_limit_args())
+            .args(&extra.args)
             .arg("--data-dir")
             .arg(data_dir)
             .env("RUST_LOG", "info")
+            .envs(extra.env.iter().map(|(k, v)| (k, v)))
             .current_dir(data_dir)
             .stdin(Stdio::null())
             .stdout(out)
@@ -233,26 +258,39 @@ impl Client {
     /// # Errors
     /// When registration fails.
     pub fn register(bins: &Bins, server: &Server, dir: &Path, name: &str) -> Result<Self> {
+        let client = Self::at(bins, server.wiring.client_addr, server, dir)?;
+        measure::run_plain(&client.register_cmd(name), &client.log())?;
+        Ok(client)
+    }
+
+    /// A client of `server`'s kind (its mode and client flags) reaching it
+    /// at `addr` (e.g. a balancer in front of several servers like it),
+    /// keeping its identity in `dir`; not registered yet
+    /// ([`Client::register_cmd`]).
+    ///
+    /// # Errors
+    /// When `dir` cannot be made.
+    pub fn at(bins: &Bins, addr: SocketAddr, server: &Server, dir: &Path) -> Result<Self> {
         fs::create_dir_all(dir)?;
         let mut global = vec![
             "--config-dir".to_owned(),
             dir.display().to_string(),
             "--server".to_owned(),
-            server.wiring.client_addr.to_string(),
+            addr.to_string(),
             "--quiet".to_owned(),
         ];
         global.extend(server.wiring.client_args.iter().cloned());
-        let client = Self {
+        Ok(Self {
             bin: bins.client.clone(),
             dir: dir.to_owned(),
             global,
             mode: server.mode,
-        };
-        measure::run_plain(
-            &client.cmd().args(["register", "--name", name]),
-            &client.log(),
-        )?;
-        Ok(client)
+        })
+    }
+
+    /// `register --name NAME`.
+    pub fn register_cmd(&self, name: &str) -> Cmd {
+        self.cmd().args(["register", "--name", name])
     }
 
     /// The same identity reaching its server through `addr` (a relay):
