@@ -1381,6 +1381,47 @@ mod tests {
     }
 
     #[test]
+    fn metadata_is_sqlite_by_default_or_postgres_with_the_password_kept_out_of_sight() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = load(&parse(&[]), dir.path(), no_env).unwrap();
+        assert_eq!(s.config.meta, MetaLocation::Sqlite);
+        assert!(s.describe().contains("meta = \"sqlite\"\n"));
+
+        let url = "postgres://backup@db.example:5433/repo";
+        let s = load(&parse(&["--meta", url]), dir.path(), no_env).unwrap();
+        assert_eq!(s.config.meta, MetaLocation::Postgres(url.to_owned()));
+        assert!(
+            s.describe()
+                .contains("meta = \"postgres://backup@db.example:5433/repo\"\n"),
+            "{}",
+            s.describe()
+        );
+
+        // PGPASSWORD is used, and shown nowhere; nor is one in the URL.
+        let with_password = |k: &str| (k == "PGPASSWORD").then(|| OsString::from("s3cr&t"));
+        let s = load(&parse(&["--meta", url]), dir.path(), with_password).unwrap();
+        let MetaLocation::Postgres(given) = &s.config.meta else {
+            panic!("{:?}", s.config.meta)
+        };
+        let parsed: tokio_postgres::Config = given.parse().unwrap();
+        assert_eq!(parsed.get_password(), Some(&b"s3cr&t"[..]));
+        assert!(!s.describe().contains("s3cr"), "{}", s.describe());
+        assert!(!format!("{:?}", s.config).contains("s3cr"));
+        let inline = "postgres://backup:hunter2@db.example/repo";
+        let s = load(&parse(&["--meta", inline]), dir.path(), no_env).unwrap();
+        assert!(!s.describe().contains("hunter2"), "{}", s.describe());
+        assert!(!format!("{:?}", s.config).contains("hunter2"));
+
+        for bad in ["mysql://db/x", "postgres://host:notaport/db", "postgres://host:5432"] {
+            let err = load(&parse(&["--meta", bad]), dir.path(), no_env).unwrap_err();
+            assert!(
+                matches!(err, ConfigError::Invalid { key: "meta", .. }),
+                "{bad}: {err}"
+            );
+        }
+    }
+
+    #[test]
     fn blobs_are_local_by_default_and_in_s3_when_asked() {
         let dir = tempfile::tempdir().unwrap();
         let s = load(&parse(&[]), dir.path(), no_env).unwrap();

@@ -33,6 +33,8 @@ mod legacy_deviations;
 mod lifecycle;
 #[path = "server/malformed.rs"]
 mod malformed;
+#[path = "server/meta_stores.rs"]
+mod meta_stores;
 #[path = "server/metrics.rs"]
 mod metrics;
 #[path = "server/operations.rs"]
@@ -43,6 +45,8 @@ mod perf;
 mod registration;
 #[path = "server/repo.rs"]
 mod repo;
+#[path = "server/repo_stores.rs"]
+mod repo_stores;
 #[path = "server/retrieval.rs"]
 mod retrieval;
 #[path = "server/scrub.rs"]

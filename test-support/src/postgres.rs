@@ -97,11 +97,18 @@ impl Postgres {
             );
             return None;
         };
+        let as_postgres = is_root();
+        // In /tmp, which the `postgres` user can reach whatever TMPDIR is
+        // (a TMPDIR under root's home would not be), and short enough for
+        // the socket's path.
         let dir = tempfile::Builder::new()
             .prefix("backup-pg-")
-            .tempdir()
+            .tempdir_in(if as_postgres {
+                PathBuf::from("/tmp")
+            } else {
+                std::env::temp_dir()
+            })
             .expect("temporary directory");
-        let as_postgres = is_root();
         let pg = Self {
             bin,
             dir,

@@ -137,7 +137,12 @@ pub(super) fn is_serialization_failure(e: &tokio_postgres::Error) -> bool {
 /// new one.
 pub(super) fn is_connection_lost(e: &tokio_postgres::Error) -> bool {
     match e.code() {
-        None => e.is_closed() || std::error::Error::source(e).is_some(),
+        // No SQLSTATE: a closed connection, or an I/O error under it (not,
+        // say, a value that did not convert).
+        None => {
+            e.is_closed()
+                || std::error::Error::source(e).is_some_and(|s| s.is::<std::io::Error>())
+        }
         Some(c) => c.code().starts_with("08") || c.code().starts_with("57P"),
     }
 }
