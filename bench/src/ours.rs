@@ -54,6 +54,7 @@ pub struct Server {
     pub wiring: Wiring,
     pub mode: Mode,
     data_dir: PathBuf,
+    log: PathBuf,
 }
 
 /// Flags and environment a server is given beyond its wiring.
@@ -129,6 +130,7 @@ impl Server {
             wiring,
             mode,
             data_dir: data_dir.to_owned(),
+            log: log.to_owned(),
         };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
@@ -144,6 +146,34 @@ impl Server {
             if Instant::now() > deadline {
                 server.stop();
                 bail!("the server did not accept connections within 30 s");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits until the server's log holds `line` (a line it writes once
+    /// ready: the listener accepts before the storage is open and the TLS
+    /// identity loaded, and a connection waits meanwhile).
+    ///
+    /// # Errors
+    /// When the server exits or `within` passes first.
+    pub fn wait_for_log(&mut self, line: &str, within: Duration) -> Result<()> {
+        let deadline = Instant::now() + within;
+        loop {
+            if fs::read_to_string(&self.log).is_ok_and(|t| t.contains(line)) {
+                return Ok(());
+            }
+            if let Some(status) = self.child.try_wait()? {
+                bail!(
+                    "the server exited ({status}):\n{}",
+                    measure::tail(&self.log, 1500)
+                );
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "the server did not log {line:?} within {within:?}:\n{}",
+                    measure::tail(&self.log, 1500)
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }

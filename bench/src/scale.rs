@@ -50,6 +50,12 @@ const SMALL_FILE: usize = 4096;
 const PER_FOLDER: u64 = 100;
 /// Servers behind the balancer in the clients part.
 const SERVERS: usize = 3;
+/// What a server logs once its storage is open and its TLS identity
+/// loaded (and, on a shared repository, claimed): from then on it serves,
+/// and its identity can be copied to the next server.
+const READY: &str = "secure listener (TLS 1.3)";
+/// How long a server may take to get there (migrations, recovery).
+const READY_WITHIN: std::time::Duration = std::time::Duration::from_secs(120);
 
 /// Where the S3 side of the comparison keeps its metadata.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -304,7 +310,7 @@ impl Bench {
         let server_dir = base.join("server");
         let (extra, meta) = services.server(store, "sets", &server_dir)?;
         say(&format!("scale: a server on {}", store.label()));
-        let server = Server::start_with(
+        let mut server = Server::start_with(
             &self.bins,
             self.caps,
             Mode::Snapshot,
@@ -312,6 +318,8 @@ impl Bench {
             &self.logs.join(format!("server-scale-{}.log", store.slug())),
             &extra,
         )?;
+        // Its start-up (recovery's listing of the store) is not counted.
+        server.wait_for_log(READY, READY_WITHIN)?;
         let log = self.logs.join(format!("scale-{}.log", store.slug()));
         let s3 = |store: Store| match store {
             Store::Local => None,
@@ -378,7 +386,7 @@ impl Bench {
                 // the operator provisions it (docs/SCALING.md).
                 copy_identity(first.data_dir(), &data_dir)?;
             }
-            servers.push(Server::start_with(
+            let mut server = Server::start_with(
                 &self.bins,
                 self.caps,
                 Mode::Snapshot,
@@ -387,7 +395,9 @@ impl Bench {
                     .logs
                     .join(format!("server-scale-clients-{count}-{i}.log")),
                 &extra,
-            )?);
+            )?;
+            server.wait_for_log(READY, READY_WITHIN)?;
+            servers.push(server);
         }
         let first = servers.first().context("no server")?;
         let balancer = Balancer::start(servers.iter().map(|s| s.wiring.client_addr).collect())?;
@@ -441,15 +451,17 @@ impl Bench {
             server_costs.push(s.end(p)?);
         }
         let log = self.logs.join(format!("scale-clients-{count}.log"));
-        let mut failures = 0;
+        let mut failed = std::collections::BTreeSet::new();
         let mut text = String::new();
         for (i, r) in backups.iter().chain(&restores).enumerate() {
             if let Err(e) = r {
-                failures += 1;
-                let _ = writeln!(text, "client {}: {e:#}", i % clients.len());
+                let client = i % clients.len().max(1);
+                failed.insert(client);
+                let _ = writeln!(text, "client {client}: {e:#}");
             }
         }
         fs::write(&log, text)?;
+        let failures = failed.len() as u64;
         let ok: Vec<Cost> = backups.iter().chain(&restores).flatten().copied().collect();
         let per_client: Vec<f64> = backups
             .iter()
