@@ -17,6 +17,7 @@ mod peers;
 mod prune;
 mod relay;
 mod report;
+mod scale;
 mod sshd;
 
 use std::ffi::OsString;
@@ -142,6 +143,24 @@ struct Cli {
     /// (2 with 25 of 100 kept: about half the bytes written become garbage)
     #[arg(long, default_value_t = 2, value_name = "PERCENT")]
     prune_churn: u32,
+    /// Run the scale-out scenario instead of the others: 1 GiB and 10,000
+    /// small files through a server on its data directory (fs+SQLite) and
+    /// one on S3 and PostgreSQL (S3 requests and metadata rows counted);
+    /// then 100 clients at once through a balancer in front of three
+    /// servers and of one (SeaweedFS and PostgreSQL are started here)
+    #[arg(long)]
+    scale: bool,
+    /// The scale-out scenario at smoke size: 128 MiB, 1,000 small files,
+    /// 20 clients
+    #[arg(long)]
+    scale_quick: bool,
+    /// Metadata of the S3 side of the scale-out scenario; with sqlite
+    /// (S3+SQLite) the clients part, which needs PostgreSQL, is left out
+    #[arg(long, value_enum, default_value = "postgres", value_name = "META")]
+    scale_meta: scale::ScaleMeta,
+    /// Clients at once in the scale-out scenario (0: that part left out)
+    #[arg(long, value_name = "N")]
+    scale_clients: Option<u64>,
 }
 
 /// Sizes of one run.
@@ -216,6 +235,9 @@ struct Bench {
     logs: PathBuf,
     rows: Vec<Row>,
     skipped: Vec<String>,
+    /// Tables of scenarios with a layout of their own (the scale-out
+    /// scenario), printed after the main one.
+    tables: Vec<String>,
 }
 
 fn run(cli: &Cli) -> Result<()> {
@@ -260,8 +282,10 @@ fn run(cli: &Cli) -> Result<()> {
         logs,
         rows: Vec::new(),
         skipped: Vec::new(),
+        tables: Vec::new(),
     };
     let result = bench.all(cli);
+    let tables = std::mem::take(&mut bench.tables);
     let report = Report {
         date: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
         machine: Machine {
@@ -287,7 +311,12 @@ fn run(cli: &Cli) -> Result<()> {
         report.machine.load_after,
         started.elapsed().as_secs_f64()
     );
-    println!("{}", report.table());
+    if !(cli.scale || cli.scale_quick) {
+        println!("{}", report.table());
+    }
+    for t in &tables {
+        println!("{t}");
+    }
     let summary = report.summary();
     if summary.lines().count() > 2 {
         println!(
@@ -364,6 +393,15 @@ fn with_costs(mut row: Row, client: Cost, server: Option<ServerCost>) -> Row {
 
 impl Bench {
     fn all(&mut self, cli: &Cli) -> Result<()> {
+        if cli.scale || cli.scale_quick {
+            let mut plan = if cli.scale_quick {
+                scale::ScalePlan::quick(cli.scale_meta)
+            } else {
+                scale::ScalePlan::full(cli.scale_meta)
+            };
+            plan.clients = cli.scale_clients.unwrap_or(plan.clients);
+            return self.scale(plan);
+        }
         let data = self.work.join("data");
         fs::create_dir_all(&data)?;
         let plan = self.plan;

@@ -54,6 +54,14 @@ pub struct Server {
     pub wiring: Wiring,
     pub mode: Mode,
     data_dir: PathBuf,
+    log: PathBuf,
+}
+
+/// Flags and environment a server is given beyond its wiring.
+#[derive(Debug, Clone, Default)]
+pub struct Extra {
+    pub args: Vec<String>,
+    pub env: Vec<(String, String)>,
 }
 
 /// What the server spent during one phase.
@@ -83,6 +91,22 @@ impl Server {
         data_dir: &Path,
         log: &Path,
     ) -> Result<Self> {
+        Self::start_with(bins, caps, mode, data_dir, log, &Extra::default())
+    }
+
+    /// As [`Server::start`], with more flags and environment variables
+    /// (where the metadata and the blobs are kept, S3 credentials).
+    ///
+    /// # Errors
+    /// As [`Server::start`].
+    pub fn start_with(
+        bins: &Bins,
+        caps: Capabilities,
+        mode: Mode,
+        data_dir: &Path,
+        log: &Path,
+        extra: &Extra,
+    ) -> Result<Self> {
         let wiring = mode.wiring(caps, free_port()?, free_port()?)?;
         fs::create_dir_all(data_dir)?;
         let out = File::create(log)?;
@@ -90,9 +114,11 @@ impl Server {
         let child = Command::new(&bins.server)
             .args(&wiring.server_args)
             .args(caps.server_limit_args())
+            .args(&extra.args)
             .arg("--data-dir")
             .arg(data_dir)
             .env("RUST_LOG", "info")
+            .envs(extra.env.iter().map(|(k, v)| (k, v)))
             .current_dir(data_dir)
             .stdin(Stdio::null())
             .stdout(out)
@@ -104,6 +130,7 @@ impl Server {
             wiring,
             mode,
             data_dir: data_dir.to_owned(),
+            log: log.to_owned(),
         };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
@@ -119,6 +146,34 @@ impl Server {
             if Instant::now() > deadline {
                 server.stop();
                 bail!("the server did not accept connections within 30 s");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits until the server's log holds `line` (a line it writes once
+    /// ready: the listener accepts before the storage is open and the TLS
+    /// identity loaded, and a connection waits meanwhile).
+    ///
+    /// # Errors
+    /// When the server exits or `within` passes first.
+    pub fn wait_for_log(&mut self, line: &str, within: Duration) -> Result<()> {
+        let deadline = Instant::now() + within;
+        loop {
+            if fs::read_to_string(&self.log).is_ok_and(|t| t.contains(line)) {
+                return Ok(());
+            }
+            if let Some(status) = self.child.try_wait()? {
+                bail!(
+                    "the server exited ({status}):\n{}",
+                    measure::tail(&self.log, 1500)
+                );
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "the server did not log {line:?} within {within:?}:\n{}",
+                    measure::tail(&self.log, 1500)
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -233,26 +288,39 @@ impl Client {
     /// # Errors
     /// When registration fails.
     pub fn register(bins: &Bins, server: &Server, dir: &Path, name: &str) -> Result<Self> {
+        let client = Self::at(bins, server.wiring.client_addr, server, dir)?;
+        measure::run_plain(&client.register_cmd(name), &client.log())?;
+        Ok(client)
+    }
+
+    /// A client of `server`'s kind (its mode and client flags) reaching it
+    /// at `addr` (e.g. a balancer in front of several servers like it),
+    /// keeping its identity in `dir`; not registered yet
+    /// ([`Client::register_cmd`]).
+    ///
+    /// # Errors
+    /// When `dir` cannot be made.
+    pub fn at(bins: &Bins, addr: SocketAddr, server: &Server, dir: &Path) -> Result<Self> {
         fs::create_dir_all(dir)?;
         let mut global = vec![
             "--config-dir".to_owned(),
             dir.display().to_string(),
             "--server".to_owned(),
-            server.wiring.client_addr.to_string(),
+            addr.to_string(),
             "--quiet".to_owned(),
         ];
         global.extend(server.wiring.client_args.iter().cloned());
-        let client = Self {
+        Ok(Self {
             bin: bins.client.clone(),
             dir: dir.to_owned(),
             global,
             mode: server.mode,
-        };
-        measure::run_plain(
-            &client.cmd().args(["register", "--name", name]),
-            &client.log(),
-        )?;
-        Ok(client)
+        })
+    }
+
+    /// `register --name NAME`.
+    pub fn register_cmd(&self, name: &str) -> Cmd {
+        self.cmd().args(["register", "--name", name])
     }
 
     /// The same identity reaching its server through `addr` (a relay):

@@ -110,7 +110,23 @@ fn accept_loop(listener: &TcpListener, target: SocketAddr, counters: &Arc<Counte
 
 /// Copies `from` into `to`, counting, until `from` ends or either fails;
 /// then passes the end on.
-fn copy(mut from: TcpStream, mut to: TcpStream, count: &AtomicU64) {
+fn copy(from: TcpStream, to: TcpStream, count: &AtomicU64) {
+    // Counted before it is passed on, so the count is complete once the
+    // receiving side has seen the bytes.
+    copy_observed(from, to, |part| {
+        count.fetch_add(part.len() as u64, Ordering::SeqCst);
+    });
+}
+
+/// Copies `from` into `to` until `from` ends or either fails, showing each
+/// read to `observe` before it is passed on; then passes the end on. The
+/// other relays of the driver (the S3 request counter, the balancer of the
+/// scale scenario) are built on it.
+pub(crate) fn copy_observed(
+    mut from: TcpStream,
+    mut to: TcpStream,
+    mut observe: impl FnMut(&[u8]),
+) {
     let mut buf = vec![0u8; BUF];
     loop {
         let n = match from.read(&mut buf) {
@@ -118,9 +134,7 @@ fn copy(mut from: TcpStream, mut to: TcpStream, count: &AtomicU64) {
             Ok(n) => n,
         };
         let Some(part) = buf.get(..n) else { break };
-        // Counted before it is passed on, so the count is complete once
-        // the receiving side has seen the bytes.
-        count.fetch_add(n as u64, Ordering::SeqCst);
+        observe(part);
         if to.write_all(part).is_err() {
             break;
         }
