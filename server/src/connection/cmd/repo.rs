@@ -473,9 +473,50 @@ where
 /// Object answers read ahead of the connection during a fetch.
 const FETCH_QUEUE: usize = 4;
 
+/// Objects read with one ranged read when they follow each other in one
+/// pack with at most this many bytes between them (read and dropped): an
+/// object store charges a request per read, and a restore asks for
+/// neighbours.
+const COALESCE_GAP: u64 = 256 << 10;
+
+/// The most bytes one coalesced read spans.
+const COALESCE_SPAN: u64 = 64 << 20;
+
+/// Splits `objects` (in the order asked) into runs that one ranged read of
+/// their pack can serve: the same pack, each after the one before within
+/// [`COALESCE_GAP`], spanning at most [`COALESCE_SPAN`]. A missing object
+/// is a run of its own. The order is kept.
+fn coalesce(
+    objects: Vec<(ObjectId, Option<ObjectPlace>)>,
+) -> Vec<Vec<(ObjectId, Option<ObjectPlace>)>> {
+    let mut runs: Vec<Vec<(ObjectId, Option<ObjectPlace>)>> = Vec::new();
+    for (id, place) in objects {
+        let joins = match (
+            runs.last().and_then(|r| r.first()),
+            runs.last().and_then(|r| r.last()),
+            &place,
+        ) {
+            (Some((_, Some(first))), Some((_, Some(last))), Some(next)) => {
+                let end = last.offset + u64::from(last.len);
+                next.blob == last.blob
+                    && next.offset >= end
+                    && next.offset - end <= COALESCE_GAP
+                    && next.offset + u64::from(next.len) - first.offset <= COALESCE_SPAN
+            }
+            _ => false,
+        };
+        match runs.last_mut() {
+            Some(run) if joins => run.push((id, place)),
+            _ => runs.push(vec![(id, place)]),
+        }
+    }
+    runs
+}
+
 /// The fetch reader: for each object, 1667, or 1666 then its bytes in
-/// 1668 packets of at most `packet` bytes. Returns early (without error)
-/// once the connection stopped listening.
+/// 1668 packets of at most `packet` bytes. Neighbours in a pack are read
+/// with one ranged read ([`coalesce`]). Returns early (without error) once
+/// the connection stopped listening.
 fn read_objects(
     storage: &Storage,
     objects: Vec<(ObjectId, Option<ObjectPlace>)>,
@@ -483,47 +524,71 @@ fn read_objects(
     tx: &mpsc::Sender<Result<RepoResponse, StorageError>>,
 ) -> Result<(), StorageError> {
     let packet = packet.max(1);
-    for (id, place) in objects {
-        let Some(place) = place else {
+    for run in coalesce(objects) {
+        let span = match (run.first(), run.last()) {
+            (Some((_, Some(first))), Some((_, Some(last)))) => Some(ObjectPlace {
+                blob: first.blob.clone(),
+                offset: first.offset,
+                len: u32::try_from(last.offset + u64::from(last.len) - first.offset)
+                    .map_err(|_| StorageError::Corrupt("a coalesced read over 4 GiB".into()))?,
+            }),
+            _ => None,
+        };
+        let mut reader = match &span {
+            Some(span) => Some(storage.open_object(span)?),
+            None => None,
+        };
+        let mut at = span.as_ref().map_or(0, |s| s.offset);
+        for (id, place) in run {
+            let (Some(place), Some(reader)) = (place, reader.as_mut()) else {
+                if tx
+                    .blocking_send(Ok(RepoResponse::ObjectMissing { id }))
+                    .is_err()
+                {
+                    return Ok(());
+                }
+                continue;
+            };
+            let short = |place: &ObjectPlace| {
+                error!(object = ?id, "FETCH ABORTED: a pack is shorter than its index; closing the connection");
+                StorageError::Corrupt(format!("pack {} is shorter than its index", place.blob))
+            };
+            let io = |place: &ObjectPlace, e: std::io::Error| StorageError::Io {
+                op: "read",
+                what: place.blob.0.clone(),
+                source: e.into(),
+            };
+            // Skip what lies between the previous object and this one.
+            let gap = place.offset - at;
+            let skipped = std::io::copy(&mut reader.by_ref().take(gap), &mut std::io::sink())
+                .map_err(|e| io(&place, e))?;
+            if skipped < gap {
+                return Err(short(&place));
+            }
+            let len = place.len;
             if tx
-                .blocking_send(Ok(RepoResponse::ObjectMissing { id }))
+                .blocking_send(Ok(RepoResponse::ObjectBegin { id, len }))
                 .is_err()
             {
                 return Ok(());
             }
-            continue;
-        };
-        let len = place.len;
-        let mut reader = storage.open_object(&place)?;
-        if tx
-            .blocking_send(Ok(RepoResponse::ObjectBegin { id, len }))
-            .is_err()
-        {
-            return Ok(());
-        }
-        let mut left = u64::from(len);
-        while left > 0 {
-            let want = usize::try_from(left).map_or(packet, |l| l.min(packet));
-            let mut buf = vec![0u8; want];
-            let n = read_full(&mut reader, &mut buf).map_err(|e| StorageError::Io {
-                op: "read",
-                what: place.blob.0.clone(),
-                source: e.into(),
-            })?;
-            if n < want {
-                error!(object = ?id, short_by = left - n as u64, "FETCH ABORTED: a pack is shorter than its index; closing the connection");
-                return Err(StorageError::Corrupt(format!(
-                    "pack {} is shorter than its index",
-                    place.blob
-                )));
+            let mut left = u64::from(len);
+            while left > 0 {
+                let want = usize::try_from(left).map_or(packet, |l| l.min(packet));
+                let mut buf = vec![0u8; want];
+                let n = read_full(reader, &mut buf).map_err(|e| io(&place, e))?;
+                if n < want {
+                    return Err(short(&place));
+                }
+                left -= want as u64;
+                let data = RepoResponse::ObjectData {
+                    content: buf.into(),
+                };
+                if tx.blocking_send(Ok(data)).is_err() {
+                    return Ok(());
+                }
             }
-            left -= want as u64;
-            let data = RepoResponse::ObjectData {
-                content: buf.into(),
-            };
-            if tx.blocking_send(Ok(data)).is_err() {
-                return Ok(());
-            }
+            at = place.offset + u64::from(len);
         }
     }
     Ok(())
@@ -541,4 +606,76 @@ fn read_full(reader: &mut (impl Read + ?Sized), buf: &mut [u8]) -> std::io::Resu
         }
     }
     Ok(filled)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::BlobKey;
+
+    fn at(blob: &str, offset: u64, len: u32) -> Option<ObjectPlace> {
+        Some(ObjectPlace {
+            blob: BlobKey(blob.to_owned()),
+            offset,
+            len,
+        })
+    }
+
+    fn id(n: u8) -> ObjectId {
+        ObjectId([n; 32])
+    }
+
+    /// The ids of each run.
+    fn shape(runs: &[Vec<(ObjectId, Option<ObjectPlace>)>]) -> Vec<Vec<u8>> {
+        runs.iter()
+            .map(|r| r.iter().map(|(id, _)| id.0[0]).collect())
+            .collect()
+    }
+
+    #[test]
+    fn neighbours_in_one_pack_share_a_read_and_the_order_is_kept() {
+        let gap = COALESCE_GAP;
+        let objects = vec![
+            (id(1), at("p1", 0, 100)),
+            (id(2), at("p1", 100, 50)),
+            // A small gap: still one read.
+            (id(3), at("p1", 150 + gap, 10)),
+            // Too far after the previous one.
+            (id(4), at("p1", 160 + 2 * gap + 1, 10)),
+            // Another pack.
+            (id(5), at("p2", 0, 10)),
+            // Missing: alone.
+            (id(6), None),
+            (id(7), at("p2", 10, 10)),
+            // Before the previous one (asked out of order): a new read.
+            (id(8), at("p2", 0, 10)),
+            // Asked again: a new read.
+            (id(8), at("p2", 0, 10)),
+        ];
+        let runs = coalesce(objects);
+        assert_eq!(
+            shape(&runs),
+            vec![
+                vec![1, 2, 3],
+                vec![4],
+                vec![5],
+                vec![6],
+                vec![7],
+                vec![8],
+                vec![8]
+            ]
+        );
+    }
+
+    #[test]
+    fn a_read_spans_at_most_the_limit() {
+        let len = u32::try_from(COALESCE_SPAN / 4).unwrap();
+        let objects: Vec<_> = (0..6u8)
+            .map(|n| (id(n), at("p", u64::from(n) * u64::from(len), len)))
+            .collect();
+        assert_eq!(
+            shape(&coalesce(objects)),
+            vec![vec![0, 1, 2, 3], vec![4, 5]]
+        );
+    }
 }
