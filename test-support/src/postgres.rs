@@ -222,6 +222,34 @@ impl Postgres {
         self.start_server();
     }
 
+    /// Freezes the cluster (SIGSTOP to the postmaster and every process
+    /// it started: backends make process groups of their own, so a group
+    /// signal would miss them): connections stay open and nothing answers,
+    /// as with a hung host or a cut network, until [`resume`](Self::resume).
+    pub fn pause(&self) {
+        self.signal("STOP");
+    }
+
+    /// Thaws the cluster after [`pause`](Self::pause).
+    pub fn resume(&self) {
+        self.signal("CONT");
+    }
+
+    fn signal(&self, which: &str) {
+        let pid = std::fs::read_to_string(self.data().join("postmaster.pid"))
+            .ok()
+            .and_then(|s| s.lines().next().map(|l| l.trim().to_owned()))
+            .expect("postmaster.pid names the postmaster");
+        let mut c = Command::new("kill");
+        c.arg(format!("-{which}")).arg(&pid);
+        self.run(c, "signal the postmaster");
+        // pkill exits 1 when no process matched (no backend yet): fine.
+        let _ = Command::new("pkill")
+            .arg(format!("-{which}"))
+            .args(["-P", &pid])
+            .status();
+    }
+
     /// The server's log so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.run_dir().join("postgres.log")).unwrap_or_default()

@@ -1181,3 +1181,40 @@ fn concurrent_commits_on_one_file_from_several_servers_lose_no_version() {
     }
     assert_eq!(accounted, committed);
 }
+
+// ---------------------------------------------------------- readiness
+
+/// A database that accepts but never answers makes the probe fail within
+/// its bound (instead of holding the readiness check for ever), and the
+/// probe succeeds again once the database answers.
+#[test]
+fn the_probe_of_a_hung_database_fails_within_its_bound_and_recovers() {
+    // A cluster of its own: it is frozen, which would stall other tests.
+    let Some(pg) = Postgres::start("the_probe_of_a_hung_database") else {
+        return;
+    };
+    let store = Arc::new(PgMetaStore::open(&pg.database()).unwrap());
+    store.probe().expect("a live database is ready");
+    pg.pause();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let probing = Arc::clone(&store);
+    let started = std::time::Instant::now();
+    std::thread::spawn(move || {
+        let _ = tx.send(probing.probe());
+    });
+    let outcome = rx.recv_timeout(Duration::from_secs(60));
+    let waited = started.elapsed();
+    pg.resume();
+    let outcome = outcome.expect("the probe of a hung database returned");
+    assert!(
+        matches!(outcome, Err(StorageError::Unavailable { .. })),
+        "a hung database is not ready: {outcome:?}"
+    );
+    assert!(
+        waited >= Duration::from_secs(4),
+        "it waited for an answer first: {waited:?}"
+    );
+    store
+        .probe()
+        .expect("ready again once the database answers");
+}

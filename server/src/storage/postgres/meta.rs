@@ -329,18 +329,32 @@ fn batch_failed<T>(n: usize, cause: &StorageError) -> Vec<Result<T, StorageError
         .collect()
 }
 
+/// How long a readiness probe waits for PostgreSQL.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+
 impl MetaStore for PgMetaStore {
     /// One `SELECT 1` on a pooled connection, tried once: a readiness
     /// probe answers now, rather than wait out a reconnection as a
     /// transaction does.
     fn probe(&self) -> Result<(), StorageError> {
         const OP: &str = "probe the PostgreSQL database";
+        // Bounded: a database that accepts but never answers (stopped,
+        // or a cut network) must make the server not ready, not hold the
+        // readiness check and a pooled connection for ever.
         self.run(async {
-            let conn = self.connection(OP).await?;
-            conn.query_one("SELECT 1", &[])
+            let probe = async {
+                let conn = self.connection(OP).await?;
+                conn.query_one("SELECT 1", &[])
+                    .await
+                    .map_err(|e| pg_error(OP, e))?;
+                Ok(())
+            };
+            tokio::time::timeout(PROBE_TIMEOUT, probe)
                 .await
-                .map_err(|e| pg_error(OP, e))?;
-            Ok(())
+                .map_err(|_| StorageError::Unavailable {
+                    op: OP,
+                    source: format!("no answer within {PROBE_TIMEOUT:?}").into(),
+                })?
         })
     }
 
