@@ -186,6 +186,16 @@ impl Client {
         v["snapshot"].to_string().trim_matches('"').to_owned()
     }
 
+    /// A backup of `folder` running in the background; its output.
+    fn spawn_backup(&self, folder: &Path) -> tokio::task::JoinHandle<Output> {
+        let config = self.config.clone();
+        let addr = self.addr.clone();
+        let folder = folder.to_string_lossy().into_owned();
+        tokio::spawn(async move {
+            run_client(&config, &["--server", &addr, "backup", &folder], LIMIT).await
+        })
+    }
+
     /// Restores `snapshot` into `to` and compares it with `expected`
     /// (relative path → content).
     async fn restore_and_compare(&self, snapshot: &str, to: &Path, expected: &[(&str, &[u8])]) {
@@ -351,6 +361,18 @@ fn big_folder(folder: &Path, files: u32, mib: usize, seed: u32) -> Vec<(String, 
         .collect()
 }
 
+/// The files of a folder that held `before` and then had `after` written
+/// into it (a name in both takes `after`'s content).
+fn overlaid(before: &[(String, Vec<u8>)], after: &[(String, Vec<u8>)]) -> Vec<(String, Vec<u8>)> {
+    let mut all: Vec<(String, Vec<u8>)> = before
+        .iter()
+        .filter(|(rel, _)| after.iter().all(|(r, _)| r != rel))
+        .cloned()
+        .collect();
+    all.extend(after.iter().cloned());
+    all
+}
+
 /// Restores `snapshot` and compares every file of `files` (under the
 /// folder named `base`).
 async fn verify(
@@ -384,14 +406,7 @@ async fn a_server_killed_mid_upload_leaves_the_others_serving_every_snapshot() {
     let after = big_folder(&folder, 12, 4, 20);
     let before_keys = stores.weed.keys("repo/clients/").len();
     balancer.route_next_to(1);
-    let running = {
-        let config = client.config.clone();
-        let addr = client.addr.clone();
-        let folder = folder.to_string_lossy().into_owned();
-        tokio::spawn(async move {
-            run_client(&config, &["--server", &addr, "backup", &folder], LIMIT).await
-        })
-    };
+    let running = client.spawn_backup(&folder);
     // Killed once its first pack (of three or more) is in the bucket.
     wait_for_upload(&stores.weed, before_keys).await;
     servers[1].kill();
@@ -408,9 +423,7 @@ async fn a_server_killed_mid_upload_leaves_the_others_serving_every_snapshot() {
 
     // The next run goes to a live server and completes.
     let completed = client.backup(&folder).await;
-    let mut all = before.clone();
-    all.retain(|(rel, _)| after.iter().all(|(r, _)| r != rel));
-    all.extend(after.iter().cloned());
+    let all = overlaid(&before, &after);
     verify(
         &client,
         &committed,
@@ -462,14 +475,7 @@ async fn a_store_fault_during_a_backup(test: &str, fault: Fault) {
 
     let files = big_folder(&folder, 10, 4, 40);
     let before_keys = stores.weed.keys("repo/clients/").len();
-    let running = {
-        let config = client.config.clone();
-        let addr = client.addr.clone();
-        let folder = folder.to_string_lossy().into_owned();
-        tokio::spawn(async move {
-            run_client(&config, &["--server", &addr, "backup", &folder], LIMIT).await
-        })
-    };
+    let running = client.spawn_backup(&folder);
     wait_for_upload(&stores.weed, before_keys).await;
     match fault {
         Fault::S3Outage => {
@@ -507,9 +513,7 @@ async fn a_store_fault_during_a_backup(test: &str, fault: Fault) {
         &first_files,
     )
     .await;
-    let mut all = first_files.clone();
-    all.retain(|(rel, _)| files.iter().all(|(r, _)| r != rel));
-    all.extend(files.iter().cloned());
+    let all = overlaid(&first_files, &files);
     verify(&client, &second, &dir.path().join("r2"), "data", &all).await;
     let out = client.run(&["check", "--read-data"]).await;
     assert_success("check --read-data", &out);
