@@ -7,7 +7,7 @@
 //! process exit status.
 
 use std::io;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// The class of a failure, which fixes the exit status of `backup-client`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -127,17 +127,21 @@ pub enum Error {
     #[error("the server at {server} did not commit the snapshot: {detail}")]
     SnapshotRefused { server: String, detail: String },
     #[error(
-        "backup refused: this client's quota{} on the server at {server} would be exceeded ({}); nothing was committed. Forget old snapshots (backup-client forget) and ask the server's operator to prune, or to raise the quota",
+        "backup refused: this client's quota{} on the server at {server} would be exceeded ({}); nothing {} committed. {}",
         quota.map_or_else(String::new, |q| format!(" of {}", human_size(Some(q)))),
-        quota_detail(*.stored, *.size)
+        quota_detail(*.stored, *.size, .file.as_deref()),
+        if .file.is_some() { "of it was" } else { "was" },
+        quota_advice(.file.is_some())
     )]
     QuotaExceeded {
         server: String,
         /// What the client stores, and the bytes refused, when the server
-        /// said (a pack refused, 1682); `None` at a commit refused.
+        /// said (a pack or a file refused, 1682); `None` at a commit refused.
         stored: Option<u64>,
         quota: Option<u64>,
         size: Option<u64>,
+        /// The file refused, in a per-file backup (`None`: a snapshot's).
+        file: Option<PathBuf>,
     },
     #[error("the server at {server} does not know client {client_id} (\"{name}\"), so it holds nothing to retrieve for it; check --server and the identity in {dir}")]
     UnknownClient {
@@ -430,14 +434,31 @@ fn human_size(bytes: Option<u64>) -> String {
     format!("{value:.1} {}", UNITS.get(unit).copied().unwrap_or("PiB"))
 }
 
-fn quota_detail(stored: Option<u64>, size: Option<u64>) -> String {
-    match (stored, size) {
-        (Some(stored), Some(size)) => format!(
+fn quota_detail(stored: Option<u64>, size: Option<u64>, file: Option<&Path>) -> String {
+    match (stored, size, file) {
+        (Some(stored), Some(size), Some(file)) => format!(
+            "it stores {} and {} of {} did not fit",
+            human_size(Some(stored)),
+            file.display(),
+            human_size(Some(size))
+        ),
+        (Some(stored), Some(size), None) => format!(
             "it stores {} and a pack of {} did not fit",
             human_size(Some(stored)),
             human_size(Some(size))
         ),
         _ => "it stores more than its quota".into(),
+    }
+}
+
+/// What a client refused by its quota can do: a per-file backup's history
+/// shrinks by deleting files, a snapshot repository's by forgetting
+/// snapshots and the operator's prune.
+fn quota_advice(per_file: bool) -> &'static str {
+    if per_file {
+        "Delete files the server keeps for this client (backup-client delete), or ask the server's operator to raise the quota"
+    } else {
+        "Forget old snapshots (backup-client forget) and ask the server's operator to prune, or to raise the quota"
     }
 }
 
@@ -516,6 +537,7 @@ mod tests {
             stored: Some((49 << 30) + (900 << 20)),
             quota: Some(50 << 30),
             size: Some(16 << 20),
+            file: None,
         };
         let text = e.to_string();
         assert!(

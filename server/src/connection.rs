@@ -90,6 +90,8 @@ enum Ended {
     Replaced,
     #[error("restore framing: {0}")]
     Framing(protocol::restore::RestoreSendError),
+    #[error("a file over the client's quota was refused as it started")]
+    Quota,
     #[error("BUG: the connection handler broke an invariant: {0}")]
     Invariant(&'static str),
 }
@@ -115,7 +117,7 @@ impl Ended {
         use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset};
         match self {
             // A storage failure was answered through the session already.
-            Ended::Storage(_) | Ended::Write(_) | Ended::WriteTimeout(_) => None,
+            Ended::Storage(_) | Ended::Quota | Ended::Write(_) | Ended::WriteTimeout(_) => None,
             Ended::Read(CodecError::Io(e))
                 if matches!(e.kind(), ConnectionReset | ConnectionAborted | BrokenPipe) =>
             {
@@ -308,6 +310,7 @@ pub(crate) async fn serve<R, W>(
             }
             Ok(_) => debug!("closed by peer"),
             Err(e @ Ended::Invariant(_)) => error!(cause = %e, "connection ended by a bug"),
+            Err(e @ Ended::Quota) => info!(cause = %e, "connection ended"),
             Err(e) => warn!(cause = %e, "connection ended"),
         }
         conn.discard_upload().await;
@@ -487,7 +490,7 @@ where
         let metrics = &self.shared.metrics;
         let outcome = match handled {
             Ok(()) => "ok",
-            Err(Ended::Session(_)) => "rejected",
+            Err(Ended::Session(_) | Ended::Quota) => "rejected",
             Err(Ended::Storage(e) | Ended::Restore(e)) => {
                 metrics.storage_error(e);
                 "failed"

@@ -544,8 +544,13 @@ impl Storage {
         version: NewVersion,
         retention: &Retention,
     ) -> Result<BlobKey, StorageError> {
-        self.commits
-            .commit(self, group::Content::Blob(staged), version, *retention)
+        self.commits.commit(
+            self,
+            group::Content::Blob(staged),
+            version,
+            *retention,
+            None,
+        )
     }
 
     /// [`Storage::commit`] for a small file (at most [`INLINE_MAX`] bytes)
@@ -559,8 +564,13 @@ impl Storage {
         version: NewVersion,
         retention: &Retention,
     ) -> Result<BlobKey, StorageError> {
-        self.commits
-            .commit(self, group::Content::Inline(content), version, *retention)
+        self.commits.commit(
+            self,
+            group::Content::Inline(content),
+            version,
+            *retention,
+            None,
+        )
     }
 
     /// Whether both backends answer now (a cheap metadata read, the blob

@@ -3,6 +3,7 @@
 
 use std::time::{Duration, Instant};
 
+use protocol::repo::message::RepoResponse;
 use protocol::session::client::{ClientEvent, PlanError, ServerErrorStep, UploadPlan, Verdict};
 use protocol::session::{MAX_SEND_ATTEMPTS, SERVER_ERROR_RESENDS};
 use protocol::{Limits, Response, UserName};
@@ -93,8 +94,16 @@ impl Client {
                 Ok(c) => c,
                 Err(e) if e.error.kind() == ErrorKind::Unreachable => {
                     // The server may have said why before it hung up.
-                    let said_error =
-                        matches!(conn.pending_response().await, Some(Response::GeneralError));
+                    let said = conn.pending_response().await;
+                    if let Some(Response::Repo(RepoResponse::QuotaExceeded {
+                        stored,
+                        quota,
+                        size,
+                    })) = said
+                    {
+                        return Err(fatal(quota_refused(&server, item, stored, quota, size)));
+                    }
+                    let said_error = matches!(said, Some(Response::GeneralError));
                     let server_errors = session.server_errors();
                     if server_errors > 0 || said_error {
                         return Err(fatal(Error::ServerFailed {
@@ -143,9 +152,25 @@ impl Client {
                             }
                             Ok((attempt, cksum))
                         }
+                        // Refused at the commit: nothing of the file was
+                        // recorded, and the connection goes on.
+                        ClientEvent::QuotaExceeded {
+                            stored,
+                            quota,
+                            size,
+                        } => Err(ItemFailure {
+                            error: quota_refused(&server, item, stored, quota, size),
+                            connection_usable: true,
+                        }),
                         other => Err(fatal(self.unexpected(&other, &doing))),
                     };
                 }
+                // Refused as it started: the server closes the connection.
+                ClientEvent::QuotaExceeded {
+                    stored,
+                    quota,
+                    size,
+                } => return Err(fatal(quota_refused(&server, item, stored, quota, size))),
                 ClientEvent::Verdict {
                     verdict: Verdict::Retry { attempt },
                     reply,
@@ -308,3 +333,15 @@ impl Client {
 /// The files of a backup not yet taken by a connection, each with its
 /// index in the run's report.
 type BackupQueue<'a> = Queue<(&'a BackupItem, &'a UploadPlan, usize)>;
+
+/// The failure of `item`, which the server refused as over this client's
+/// quota (1682, `docs/PROTOCOL.md` §13.9).
+fn quota_refused(server: &str, item: &BackupItem, stored: u64, quota: u64, size: u64) -> Error {
+    Error::QuotaExceeded {
+        server: server.to_owned(),
+        stored: Some(stored),
+        quota: Some(quota),
+        size: Some(size),
+        file: Some(item.path.clone()),
+    }
+}

@@ -264,6 +264,7 @@ impl Client {
                         stored: None,
                         quota: None,
                         size: None,
+                        file: None,
                     });
                 }
                 return Err(Error::SnapshotRefused {

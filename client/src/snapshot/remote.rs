@@ -255,6 +255,7 @@ impl Remote {
                 stored: Some(stored),
                 quota: Some(quota),
                 size: Some(size),
+                file: None,
             }),
             other => Err(self.protocol(format!("{other:?} while {doing}"))),
         }

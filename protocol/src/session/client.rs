@@ -41,6 +41,7 @@ use bytes::Bytes;
 use crate::crypto::{pkcs7_len, AesKey, CryptoError, PrivateKey};
 use crate::message::{Request, RequestFrame, Response};
 use crate::name::{FileName, UserName};
+use crate::repo::message::RepoResponse;
 use crate::retrieval::{
     ListEntry, ListFlags, RefusalReason, RestoreBegin, RetrievalRequest, RetrievalResponse,
 };
@@ -111,6 +112,11 @@ pub enum ClientEvent {
     RetryAcknowledged,
     /// 1604 to "CRC ok" or "CRC wrong 4th time": the file is finished.
     Done,
+    /// Secure mode, 1682 to a file (its first packets, or "CRC ok"): the
+    /// client's quota refused it; `size` more bytes would take the client,
+    /// which stores `stored`, over `quota`. Nothing of it was recorded, and
+    /// the upload is over (`docs/PROTOCOL.md` §13.9).
+    QuotaExceeded { stored: u64, quota: u64, size: u64 },
     /// 1607: the server failed; what to do is in the step. On
     /// [`ServerErrorStep::Resend`] the session still expects the answer to
     /// the last request, which the caller sends again as it was (an upload
@@ -696,6 +702,18 @@ impl ClientSession {
                 };
                 Ok(ClientEvent::Verdict { verdict, reply })
             }
+            (
+                Expect::FileReceived { .. } | Expect::Ack,
+                Response::Repo(RepoResponse::QuotaExceeded {
+                    stored,
+                    quota,
+                    size,
+                }),
+            ) if self.dialect == Dialect::Secure => Ok(ClientEvent::QuotaExceeded {
+                stored: *stored,
+                quota: *quota,
+                size: *size,
+            }),
             (Expect::FileReceived { .. }, _) => Err(unexpected("1603")),
             (Expect::Ack, Response::Ack { client_id }) => {
                 self.check_id(*client_id)?;

@@ -1138,6 +1138,24 @@ impl ServerSession {
         Response::GeneralError
     }
 
+    /// Reports that the client's quota refused the file being received or
+    /// committed (`docs/PROTOCOL.md` §13.9): `size` more bytes would take
+    /// the client, which stores `stored`, over `quota`. The upload is
+    /// forgotten as by [`ServerSession::storage_failed`]. Secure mode
+    /// answers 1682 with the figures; the legacy listener answers 1607,
+    /// the only refusal a version 3 peer knows.
+    pub fn quota_refused(&mut self, stored: u64, quota: u64, size: u64) -> Response {
+        let general = self.storage_failed();
+        match self.dialect {
+            Dialect::Secure => Response::Repo(crate::repo::message::RepoResponse::QuotaExceeded {
+                stored,
+                quota,
+                size,
+            }),
+            Dialect::Legacy => general,
+        }
+    }
+
     /// Secure mode: a fresh secret, wrapped for `public`; its proof is due.
     fn send_secret<R: rand::CryptoRng + rand::RngCore>(
         &mut self,

@@ -34,6 +34,8 @@ struct Job {
     content: Content,
     version: NewVersion,
     retention: Retention,
+    /// The configured quota of the client ([`PendingVersion::quota`]).
+    quota: Option<u64>,
 }
 
 #[derive(Default)]
@@ -71,6 +73,7 @@ impl GroupCommit {
         content: Content,
         version: NewVersion,
         retention: Retention,
+        quota: Option<u64>,
     ) -> Result<BlobKey, StorageError> {
         let mut queue = self.lock();
         let ticket = queue.next_ticket;
@@ -80,6 +83,7 @@ impl GroupCommit {
             content,
             version,
             retention,
+            quota,
         });
         loop {
             if let Some(result) = queue.results.remove(&ticket) {
@@ -145,6 +149,7 @@ fn commit_batch(storage: &Storage, batch: Vec<Job>) -> Vec<(u64, Result<BlobKey,
             content,
             mut version,
             retention,
+            quota,
         } = job;
         let inline = match content {
             Content::Blob(staged) => match staged.publish() {
@@ -167,6 +172,7 @@ fn commit_batch(storage: &Storage, batch: Vec<Job>) -> Vec<(u64, Result<BlobKey,
             version,
             retention,
             inline,
+            quota,
         });
     }
     if pending.is_empty() {
@@ -387,6 +393,7 @@ mod tests {
             content,
             version,
             retention: Retention::KEEP_ALL,
+            quota: None,
         }
     }
 

@@ -36,7 +36,8 @@ use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    BlobKey, BlobStore, NewVersion, Retention, StagedBlob, Storage, StorageError, INLINE_MAX,
+    BlobKey, BlobStore, NewVersion, QuotaUsage, Retention, StagedBlob, Storage, StorageError,
+    INLINE_MAX,
 };
 
 /// What a commit applies: the server's retention rules, or none at all
@@ -71,6 +72,9 @@ pub struct UploadCommit {
     pub size: u64,
     /// POSIX cksum of the plaintext, as confirmed by the client.
     pub cksum: u32,
+    /// The quota the server's configuration gives the client
+    /// ([`PendingVersion::quota`](super::PendingVersion::quota)).
+    pub quota: Option<u64>,
 }
 
 impl Storage {
@@ -122,10 +126,60 @@ impl Storage {
             stored_at: SystemTime::now(),
         };
         let retention = self.policy.retention();
-        match staged.content {
-            StagedContent::Blob(blob) => self.commit(blob, version, &retention),
-            StagedContent::Inline(bytes) => self.commit_inline(bytes, version, &retention),
+        let content = match staged.content {
+            StagedContent::Blob(blob) => super::group::Content::Blob(blob),
+            StagedContent::Inline(bytes) => super::group::Content::Inline(bytes),
+        };
+        self.commits
+            .commit(self, content, version, retention, commit.quota)
+    }
+
+    /// Whether an upload of `size` bytes of `file` for `client` can fit
+    /// its quota (`quota` as the configuration gives it; its own setting
+    /// overrides): checked when a large upload starts, so that one that
+    /// cannot fit is refused before its content is received. It refuses
+    /// only what cannot fit even if retention dropped every stored version
+    /// of `file`; the commit checks again, authoritatively
+    /// ([`PendingVersion::quota`]), since other uploads may take the room
+    /// meanwhile.
+    ///
+    /// [`PendingVersion::quota`]: super::PendingVersion::quota
+    ///
+    /// # Errors
+    /// [`StorageError::QuotaExceeded`] when it cannot fit; on a backend
+    /// failure.
+    pub fn upload_fits(
+        &self,
+        client: ClientId,
+        file: &FileName,
+        size: u64,
+        quota: Option<u64>,
+    ) -> Result<(), StorageError> {
+        let usage = self.repo()?.usage(client, quota)?;
+        let Some(q) = usage.quota else {
+            return Ok(());
+        };
+        if usage.fits(size) {
+            return Ok(());
         }
+        let replaceable: u64 = self
+            .meta
+            .versions(client, file)?
+            .iter()
+            .map(|v| v.size)
+            .sum();
+        let least = QuotaUsage {
+            stored: usage.stored.saturating_sub(replaceable),
+            quota: usage.quota,
+        };
+        if least.fits(size) {
+            return Ok(());
+        }
+        Err(StorageError::QuotaExceeded {
+            stored: usage.stored,
+            quota: q,
+            size,
+        })
     }
 }
 
@@ -476,6 +530,7 @@ mod tests {
                 file: FileName::try_from(file).unwrap(),
                 size: counted,
                 cksum: 0,
+                quota: None,
             },
         )
     }

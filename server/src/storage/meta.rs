@@ -93,6 +93,11 @@ pub struct PendingVersion {
     /// The content itself, for a small file kept in the metadata under
     /// `version.blob` (an inline key).
     pub inline: Option<Vec<u8>>,
+    /// The quota the server's configuration gives the client (`None`:
+    /// none); its own setting overrides it. The version is refused when,
+    /// with its retention applied, it would leave the client above its
+    /// quota and storing more than before (`docs/PROTOCOL.md` §13.9).
+    pub quota: Option<u64>,
 }
 
 /// One committed version of a file.
@@ -222,7 +227,10 @@ pub trait MetaStore: Send + Sync + 'static {
     /// [`MetaStore::add_version`] for each member of `batch`, in order, with
     /// one result each, storing the inline content of those that carry it
     /// with their row. All are made durable together (one transaction); a
-    /// member that fails leaves the others alone.
+    /// member that fails leaves the others alone. A member that does not
+    /// fit its client's quota ([`PendingVersion::quota`]) fails with
+    /// [`StorageError::QuotaExceeded`] and records nothing; members
+    /// before it in the batch count against the quota.
     fn add_versions(&self, batch: &[PendingVersion]) -> Vec<Result<Vec<BlobKey>, StorageError>>;
 
     /// The content stored under inline key `blob`, if any. Content goes

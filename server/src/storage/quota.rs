@@ -7,11 +7,16 @@
 //! or repacks it. Ids are scoped per client, so no object is shared between
 //! clients and nothing is charged twice; an object the server already held
 //! for the client is not sent again ("have"), so it costs nothing more.
-//! Per-file versions (`--per-file`, the legacy listener) are not charged.
+//! A client's per-file versions (`--per-file`, the legacy listener) are
+//! charged their plaintext bytes, as they are stored, from the
+//! transaction that records them until retention, a deletion or prune
+//! removes them.
 
 use std::time::SystemTime;
 
 use protocol::ClientId;
+
+use super::StorageError;
 
 /// A client's own quota, as `backup-server quota CLIENT` sets it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -53,6 +58,29 @@ impl QuotaUsage {
     pub fn fits(&self, size: u64) -> bool {
         self.quota
             .is_none_or(|q| self.stored.checked_add(size).is_some_and(|t| t <= q))
+    }
+
+    /// The rule of a per-file version of `size` bytes (`docs/PROTOCOL.md`
+    /// §13.9), given what the client stored `before` it was recorded and
+    /// `after` (with the versions its retention drops gone): it fits
+    /// unless it leaves the client above its quota and storing more than
+    /// before. So exactly at the quota fits, one byte over does not, and
+    /// a new version that replaces a larger one under retention always
+    /// fits, even for a client already over a lowered quota.
+    ///
+    /// # Errors
+    /// [`StorageError::QuotaExceeded`] when it does not fit.
+    pub fn admits(before: Self, after: Self, size: u64) -> Result<(), StorageError> {
+        match after.quota {
+            Some(quota) if after.stored > quota && after.stored > before.stored => {
+                Err(StorageError::QuotaExceeded {
+                    stored: before.stored,
+                    quota,
+                    size,
+                })
+            }
+            _ => Ok(()),
+        }
     }
 }
 

@@ -34,7 +34,7 @@ use rusqlite::{params, Connection, OptionalExtension, Row};
 use super::{versions_to_remove, VersionStamp};
 use super::{
     BlobKey, ClientRecord, ClientSummary, Deletion, MetaStore, NewVersion, PendingVersion,
-    QuotaSetting, Registration, Retention, StorageError, VersionRecord,
+    QuotaSetting, QuotaUsage, Registration, Retention, StorageError, VersionRecord,
 };
 
 mod repo;
@@ -119,10 +119,11 @@ impl SqliteMetaStore {
                 tx.execute_batch(MIGRATE_6_TO_7)?;
                 tx.execute_batch(MIGRATE_7_TO_8)?;
                 tx.execute_batch(MIGRATE_8_TO_9)?;
+                tx.execute_batch(MIGRATE_9_TO_10)?;
                 tx.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}"))?;
                 tx.commit()?;
             }
-            1..=8 => {
+            1..=9 => {
                 let tx = conn.transaction()?;
                 if version == 1 {
                     tx.execute_batch(MIGRATE_1_TO_2)?;
@@ -145,7 +146,10 @@ impl SqliteMetaStore {
                 if version <= 7 {
                     tx.execute_batch(MIGRATE_7_TO_8)?;
                 }
-                tx.execute_batch(MIGRATE_8_TO_9)?;
+                if version <= 8 {
+                    tx.execute_batch(MIGRATE_8_TO_9)?;
+                }
+                tx.execute_batch(MIGRATE_9_TO_10)?;
                 tx.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}"))?;
                 tx.commit()?;
             }
@@ -340,18 +344,28 @@ impl MetaStore for SqliteMetaStore {
     /// every member fails).
     fn add_versions(&self, batch: &[PendingVersion]) -> Vec<Result<Vec<BlobKey>, StorageError>> {
         let mut conn = self.conn();
-        let mut tx = match conn.transaction() {
+        // Immediate: the quota is read and the version charged under the
+        // write lock, so that no other writer comes between.
+        let mut tx = match conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+        {
             Ok(tx) => tx,
             Err(e) => return batch_failed(batch.len(), &e.into()),
         };
         let mut results = Vec::with_capacity(batch.len());
         for pending in batch {
             let one = tx.savepoint().map_err(StorageError::from).and_then(|sp| {
+                let client = pending.version.client;
+                let before = repo::usage_in(&sp, client, pending.quota)?;
                 if let Some(content) = &pending.inline {
                     sp.prepare_cached("INSERT INTO inline_blobs (blob, content) VALUES (?1, ?2)")?
                         .execute(params![pending.version.blob.0, content])?;
                 }
                 let superseded = insert_version(&sp, &pending.version, &pending.retention)?;
+                if before.quota.is_some() {
+                    let after = repo::usage_in(&sp, client, pending.quota)?;
+                    // Dropping the savepoint uncommitted rolls it back.
+                    QuotaUsage::admits(before, after, pending.version.size)?;
+                }
                 sp.commit()?;
                 Ok(superseded)
             });
@@ -616,6 +630,58 @@ mod tests {
     }
 
     #[test]
+    fn upgrades_a_version_9_database_charging_the_versions_it_holds() {
+        use crate::storage::RepoStore;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.db");
+        let (a, b) = (ClientId([1; 16]), ClientId([2; 16]));
+        {
+            let db = SqliteMetaStore::open(&path).unwrap();
+            for (id, name) in [(a, "a"), (b, "b")] {
+                db.register(id, &UserName::try_from(name).unwrap(), SystemTime::now())
+                    .unwrap();
+            }
+            for v in [
+                version(a, "f", "a1", 100),
+                version(a, "f", "a2", 23),
+                version(a, "g", "a3", 4),
+                version(b, "f", "b1", 7),
+            ] {
+                db.add_version(&v, &Retention::KEEP_ALL).unwrap();
+            }
+            // What a version 9 server left: no charge column, no triggers.
+            db.conn()
+                .execute_batch(
+                    "DROP TRIGGER versions_charge; DROP TRIGGER versions_refund;
+                     ALTER TABLE clients DROP COLUMN version_bytes;
+                     PRAGMA user_version = 9;",
+                )
+                .unwrap();
+        }
+        let db = SqliteMetaStore::open(&path).unwrap();
+        let version_now: i64 = db
+            .conn()
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(version_now, SCHEMA_VERSION);
+        assert_eq!(db.usage(a, None).unwrap().stored, 127);
+        assert_eq!(db.usage(b, None).unwrap().stored, 7);
+        // The triggers keep it from there.
+        db.add_version(&version(a, "g", "a4", 10), &Retention::KEEP_ALL)
+            .unwrap();
+        assert_eq!(db.usage(a, None).unwrap().stored, 137);
+        let Deletion::Deleted(gone) = db
+            .delete_file(a, &FileName::try_from("f").unwrap(), false)
+            .unwrap()
+        else {
+            panic!("f was not deleted");
+        };
+        assert_eq!(gone.len(), 2);
+        assert_eq!(db.usage(a, None).unwrap().stored, 14);
+        assert_eq!(db.usage(b, None).unwrap().stored, 7);
+    }
+
+    #[test]
     fn maps_sqlite_errors_onto_neutral_kinds() {
         let conn = Connection::open_in_memory().unwrap();
         conn.execute_batch("CREATE TABLE t (k INTEGER UNIQUE); INSERT INTO t VALUES (1);")
@@ -798,6 +864,7 @@ mod tests {
             version,
             retention: last(1),
             inline: inline.map(<[u8]>::to_vec),
+            quota: None,
         };
         let batch = vec![
             pending(version(id, "f", "b1", 2), Some(b"v1")),
@@ -857,6 +924,7 @@ mod tests {
                     version: version(id, &format!("f{i}"), &blob, 40_000),
                     retention: Retention::KEEP_ALL,
                     inline: Some(vec![i; 40_000]),
+                    quota: None,
                 }
             })
             .collect();

@@ -468,6 +468,7 @@ fn add_versions_records_a_batch_and_a_failing_member_leaves_the_others() {
             version: v,
             retention,
             inline: inline.map(<[u8]>::to_vec),
+            quota: None,
         };
         let batch = [
             pending(
@@ -544,6 +545,7 @@ fn inline_content_goes_with_its_row() {
             version: new_version(a, name, k, content.len() as u64, t),
             retention: last(1),
             inline: Some(content.to_vec()),
+            quota: None,
         };
         let content = |k: &str| s.inline_content(&key(k)).unwrap();
         assert_eq!(content("inline/none"), None, "{n}");
@@ -780,6 +782,186 @@ fn quota_settings_round_trip() {
 }
 
 #[test]
+fn versions_are_charged_to_the_quota_with_their_retention_applied() {
+    for b in backends("versions_are_charged_to_the_quota") {
+        let (s, n) = (&*b.store, b.name);
+        let a = complete_client(s, 1, "a");
+        let other = complete_client(s, 2, "b");
+        assert!(s.set_quota(a, QuotaSetting::Bytes(300)).unwrap(), "{n}");
+        let pending = |v: NewVersion, retention: Retention, quota: Option<u64>| PendingVersion {
+            version: v,
+            retention,
+            inline: None,
+            quota,
+        };
+        let commit = |v: NewVersion, retention: Retention, quota: Option<u64>| {
+            s.add_versions(&[pending(v, retention, quota)])
+                .pop()
+                .unwrap()
+                .map(sorted)
+        };
+        let refused = |r: Result<Vec<BlobKey>, StorageError>| match r {
+            Err(StorageError::QuotaExceeded {
+                stored,
+                quota,
+                size,
+            }) => (stored, quota, size),
+            other => panic!("{n}: not a quota refusal: {other:?}"),
+        };
+        let keep = Retention::KEEP_ALL;
+
+        // 200, then 100 bytes: exactly at the quota; one byte more is
+        // refused and recorded nowhere.
+        commit(new_version(a, b"x", "x1", 200, 1), keep, None).expect(n);
+        commit(new_version(a, b"y", "y1", 100, 2), keep, None).expect(n);
+        assert_eq!(
+            refused(commit(new_version(a, b"z", "z1", 1, 3), keep, None)),
+            (300, 300, 1),
+            "{n}"
+        );
+        assert!(s.versions(a, &file(b"z")).unwrap().is_empty(), "{n}");
+        // Another client is charged its own bytes only.
+        commit(new_version(other, b"z", "o1", 1000, 4), keep, Some(1000)).expect(n);
+
+        // A new version of x with retention keeping one: the old one's
+        // 200 bytes are given back in the same step. 250 for 200 would
+        // end at 350: refused, and the old version stays.
+        assert_eq!(
+            refused(commit(new_version(a, b"x", "x2", 250, 5), last(1), None)),
+            (300, 300, 250),
+            "{n}"
+        );
+        assert_eq!(blobs(&s.versions(a, &file(b"x")).unwrap()), ["x1"], "{n}");
+        assert_eq!(
+            commit(new_version(a, b"x", "x3", 150, 6), last(1), None).expect(n),
+            [key("x1")],
+            "{n}"
+        );
+
+        // Stores 250; the quota lowered to 100: a version that shrinks
+        // what is stored is taken, though still over; one that adds is not.
+        assert!(s.set_quota(a, QuotaSetting::Bytes(100)).unwrap(), "{n}");
+        commit(new_version(a, b"y", "y2", 50, 7), last(1), None).expect(n);
+        assert_eq!(
+            refused(commit(new_version(a, b"w", "w1", 1, 8), keep, None)),
+            (200, 100, 1),
+            "{n}"
+        );
+
+        // Deleting a file gives its bytes back: 50 stored, 50 more fit.
+        assert!(matches!(
+            s.delete_file(a, &file(b"x"), false).unwrap(),
+            Deletion::Deleted(_)
+        ));
+        commit(new_version(a, b"w", "w2", 50, 9), keep, None).expect(n);
+        assert_eq!(
+            refused(commit(new_version(a, b"v", "v1", 1, 10), keep, None)),
+            (100, 100, 1),
+            "{n}"
+        );
+
+        // With no quota of its own, the configured one applies.
+        assert!(s.set_quota(a, QuotaSetting::Inherit).unwrap(), "{n}");
+        assert_eq!(
+            refused(commit(new_version(a, b"v", "v2", 1, 11), keep, Some(100))),
+            (100, 100, 1),
+            "{n}"
+        );
+        commit(new_version(a, b"v", "v3", 1, 12), keep, Some(101)).expect(n);
+        assert!(s.set_quota(a, QuotaSetting::Unlimited).unwrap(), "{n}");
+        commit(new_version(a, b"v", "v4", 5000, 13), keep, Some(101)).expect(n);
+
+        // In a batch, the members before count: of three 40-byte files
+        // against 5101 + 80, the third is refused, with its inline content.
+        assert!(
+            s.set_quota(a, QuotaSetting::Bytes(5101 + 80)).unwrap(),
+            "{n}"
+        );
+        let inline = |name: &[u8], k: &str, t: u64| PendingVersion {
+            inline: Some(vec![7; 40]),
+            ..pending(new_version(a, name, k, 40, t), keep, None)
+        };
+        let results = s.add_versions(&[
+            inline(b"i1", "inline/i1", 14),
+            inline(b"i2", "inline/i2", 15),
+            inline(b"i3", "inline/i3", 16),
+        ]);
+        assert!(results[0].is_ok() && results[1].is_ok(), "{n}: {results:?}");
+        assert!(
+            matches!(
+                results[2],
+                Err(StorageError::QuotaExceeded {
+                    stored: 5181,
+                    quota: 5181,
+                    size: 40
+                })
+            ),
+            "{n}: {results:?}"
+        );
+        assert_eq!(s.inline_content(&key("inline/i3")).unwrap(), None, "{n}");
+        assert_eq!(
+            s.inline_content(&key("inline/i2")).unwrap(),
+            Some(vec![7; 40]),
+            "{n}"
+        );
+    }
+}
+
+#[test]
+fn an_upgrade_charges_the_versions_already_held() {
+    for b in backends("an_upgrade_charges_the_versions_already_held") {
+        let n = b.name;
+        let (a, other) = (
+            complete_client(&*b.store, 1, "a"),
+            complete_client(&*b.store, 2, "b"),
+        );
+        for v in [
+            new_version(a, b"f", "a1", 100, 1),
+            new_version(a, b"f", "a2", 23, 2),
+            new_version(a, b"g", "a3", 4, 3),
+            new_version(other, b"f", "b1", 7, 4),
+        ] {
+            add(&*b.store, &v);
+        }
+        drop(b.store);
+        // What the schema before the charge left: no column, no trigger.
+        let reopened: Box<dyn MetaStore> = match &b.raw {
+            Raw::Sqlite(path) => {
+                b.raw.execute(
+                    "DROP TRIGGER versions_charge; DROP TRIGGER versions_refund;
+                     ALTER TABLE clients DROP COLUMN version_bytes; PRAGMA user_version = 9;",
+                );
+                Box::new(SqliteMetaStore::open(path).unwrap())
+            }
+            Raw::Pg(url) => {
+                b.raw.execute(
+                    "DROP TRIGGER versions_charge ON versions; DROP FUNCTION versions_charge();
+                     ALTER TABLE clients DROP COLUMN version_bytes;
+                     DELETE FROM schema_migrations WHERE version = 2;",
+                );
+                Box::new(PgMetaStore::open(url).unwrap())
+            }
+        };
+        let charged = |c: ClientId| {
+            b.raw.count(&format!(
+                "SELECT version_bytes FROM clients WHERE id = {}",
+                b.raw.bytes(&c.0)
+            ))
+        };
+        assert_eq!((charged(a), charged(other)), (127, 7), "{n}");
+        // From there on, every change keeps it.
+        add(&*reopened, &new_version(a, b"g", "a4", 10, 5));
+        assert_eq!(charged(a), 137, "{n}");
+        assert!(matches!(
+            reopened.delete_file(a, &file(b"f"), false).unwrap(),
+            Deletion::Deleted(_)
+        ));
+        assert_eq!((charged(a), charged(other)), (14, 7), "{n}");
+        drop(reopened);
+    }
+}
+
+#[test]
 fn clients_lists_every_client_with_its_totals_by_name() {
     for b in backends("clients_lists_every_client") {
         let (s, n) = (&*b.store, b.name);
@@ -858,6 +1040,7 @@ fn remove_client_takes_its_versions_and_repository_rows_and_nothing_else() {
             version: new_version(a, b"g", "inline/a2", 2, 2),
             retention: Retention::KEEP_ALL,
             inline: Some(b"a2".to_vec()),
+            quota: None,
         }]);
         assert!(r[0].is_ok(), "{n}");
         let a2 = s.latest(a, &file(b"g")).unwrap().expect(n);
@@ -938,6 +1121,7 @@ fn recorded_and_inline_blobs_page_in_byte_order_of_keys() {
                 version: new_version(a, format!("s{i}").as_bytes(), k, i as u64 + 1, 50),
                 retention: Retention::KEEP_ALL,
                 inline: Some(content),
+                quota: None,
             }]);
             assert!(r[0].is_ok(), "{n}");
         }

@@ -333,27 +333,38 @@ fn upload(
     bytes: &[u8],
     cksum: u32,
 ) -> BlobKey {
+    try_upload(storage, rt, client, file, bytes, cksum, None)
+        .unwrap_or_else(|e| panic!("upload {file}: {e}"))
+}
+
+/// [`upload`] with the quota the configuration gives the client.
+fn try_upload(
+    storage: &Storage,
+    rt: &tokio::runtime::Runtime,
+    client: ClientId,
+    file: &str,
+    bytes: &[u8],
+    cksum: u32,
+    quota: Option<u64>,
+) -> Result<BlobKey, StorageError> {
     let (alive, _ended) = tokio::sync::mpsc::channel(1);
-    let staged = rt
-        .block_on(async {
-            let mut upload = storage.begin_upload(client, bytes.len() as u64, alive)?;
-            for packet in bytes.chunks(30_011) {
-                upload.write(BytesMut::from(packet)).await?;
-            }
-            upload.finish().await
-        })
-        .unwrap_or_else(|e| panic!("upload {file}: {e}"));
-    storage
-        .commit_upload(
-            staged,
-            UploadCommit {
-                client,
-                file: name(file),
-                size: bytes.len() as u64,
-                cksum,
-            },
-        )
-        .unwrap_or_else(|e| panic!("commit {file}: {e}"))
+    let staged = rt.block_on(async {
+        let mut upload = storage.begin_upload(client, bytes.len() as u64, alive)?;
+        for packet in bytes.chunks(30_011) {
+            upload.write(BytesMut::from(packet)).await?;
+        }
+        upload.finish().await
+    })?;
+    storage.commit_upload(
+        staged,
+        UploadCommit {
+            client,
+            file: name(file),
+            size: bytes.len() as u64,
+            cksum,
+            quota,
+        },
+    )
 }
 
 /// The blob store's own listing.
@@ -483,7 +494,7 @@ struct Scenario {
     run: fn(&Site<'_>),
 }
 
-const SCENARIOS: [Scenario; 7] = [
+const SCENARIOS: [Scenario; 8] = [
     Scenario {
         name: "legacy_upload",
         run: legacy_uploads_read_back_and_keep_the_versions_retention_allows,
@@ -495,6 +506,10 @@ const SCENARIOS: [Scenario; 7] = [
     Scenario {
         name: "quota",
         run: rejects_a_pack_over_the_quota_and_keeps_nothing_of_it,
+    },
+    Scenario {
+        name: "file_quota",
+        run: per_file_versions_share_the_quota_with_packs,
     },
     Scenario {
         name: "prune",
@@ -761,6 +776,95 @@ fn repo_set_quota(storage: &Storage, client: ClientId, quota: QuotaSetting) -> b
         .meta()
         .set_quota(client, quota)
         .expect("set a quota")
+}
+
+/// 3b. Per-file versions share the quota with packs: each is charged its
+///    plaintext bytes at its commit; one that does not fit is refused
+///    with the figures and leaves no row and no blob, blob or inline; a
+///    large upload that cannot fit is refused as it starts, unless
+///    replacing the file's versions could make room; a pack is refused
+///    once versions fill the quota; deleting a file gives its bytes back.
+fn per_file_versions_share_the_quota_with_packs(site: &Site<'_>) {
+    let storage = site.open();
+    let rt = runtime();
+    register(&storage, A, "ann");
+    register(&storage, B, "bob");
+    let now = SystemTime::now();
+    let quota = Some(200_000);
+    let over = |e: StorageError| match e {
+        StorageError::QuotaExceeded {
+            stored,
+            quota,
+            size,
+        } => (stored, quota, size),
+        other => panic!("not a quota refusal: {other}"),
+    };
+    assert_eq!(
+        store_pack(&storage, A, &[(1, 100_000)], now, quota).unwrap(),
+        1
+    );
+    let big = content(90_000, 1);
+    let key = try_upload(&storage, &rt, A, "big", &big, 1, quota).unwrap();
+    assert!(!key.is_inline());
+    let repo = storage.repo().unwrap();
+    assert_eq!(repo.usage(A, quota).unwrap().stored, 190_000);
+    // Another client's versions are not charged to this one.
+    try_upload(&storage, &rt, B, "big", &big, 1, Some(90_000)).unwrap();
+    assert_eq!(repo.usage(A, quota).unwrap().stored, 190_000);
+
+    // As a large upload starts: 20 000 more cannot fit, but a new
+    // version of "big" might, since retention could drop the old one.
+    let file = |f: &str| name(f);
+    assert_eq!(
+        over(
+            storage
+                .upload_fits(A, &file("new"), 80_000, quota)
+                .unwrap_err()
+        ),
+        (190_000, 200_000, 80_000)
+    );
+    storage.upload_fits(A, &file("big"), 80_000, quota).unwrap();
+    storage.upload_fits(A, &file("new"), 10_000, quota).unwrap();
+
+    // Exactly at the quota (inline), then one byte over: refused.
+    let small = try_upload(&storage, &rt, A, "small", &content(10_000, 2), 2, quota).unwrap();
+    assert!(small.is_inline());
+    assert_eq!(repo.usage(A, quota).unwrap().stored, 200_000);
+    let before = (listed(&storage), site.raw_blobs());
+    assert_eq!(
+        over(try_upload(&storage, &rt, A, "one", &[7], 3, quota).unwrap_err()),
+        (200_000, 200_000, 1)
+    );
+    // A large one refused at its commit leaves no blob.
+    let large = content(70_000, 3);
+    assert_eq!(
+        over(try_upload(&storage, &rt, A, "large", &large, 4, quota).unwrap_err()),
+        (200_000, 200_000, 70_000)
+    );
+    assert_eq!((listed(&storage), site.raw_blobs()), before);
+    for f in ["one", "large"] {
+        assert!(
+            storage.meta().versions(A, &file(f)).unwrap().is_empty(),
+            "{f}"
+        );
+    }
+    assert_eq!(repo.usage(A, quota).unwrap().stored, 200_000);
+
+    // Versions fill the quota, so a pack does not fit either.
+    assert_eq!(
+        over(store_pack(&storage, A, &[(2, 1)], now, quota).unwrap_err()),
+        (200_000, 200_000, 1)
+    );
+
+    // Deleting a file gives its bytes back; the large one fits then.
+    assert!(matches!(
+        storage.delete_file(A, &file("big"), false).unwrap(),
+        Deletion::Deleted(_)
+    ));
+    assert_eq!(repo.usage(A, quota).unwrap().stored, 110_000);
+    try_upload(&storage, &rt, A, "large", &large, 4, quota).unwrap();
+    assert_eq!(read_verified(&storage, A, "large"), large);
+    assert_eq!(repo.usage(A, quota).unwrap().stored, 180_000);
 }
 
 /// 4. Prune: after a snapshot is forgotten, a prune with no grace deletes

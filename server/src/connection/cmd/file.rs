@@ -12,7 +12,7 @@ use tracing::{debug, info, warn};
 
 use crate::connection::{Connection, Ended};
 use crate::storage::ingest as upload;
-use crate::storage::{StorageError, UploadCommit};
+use crate::storage::{StorageError, UploadCommit, INLINE_MAX};
 
 impl<R, W> Connection<R, W>
 where
@@ -50,6 +50,29 @@ where
             };
             debug!(file = ?start.file, orig_size = start.orig_size, attempt = start.attempt, "upload started");
             self.discard_upload().await;
+            if start.orig_size > INLINE_MAX {
+                // A large file that cannot fit the client's quota is refused
+                // before its content is received (a small one is checked at
+                // its commit only). The client is still sending, so the
+                // connection ends.
+                let quota = self.configured_quota(client_id);
+                let (file, size) = (start.file.clone(), start.orig_size);
+                match self
+                    .blocking(move |s| s.upload_fits(client_id, &file, size, quota))
+                    .await
+                {
+                    Ok(()) => {}
+                    Err(StorageError::QuotaExceeded {
+                        stored,
+                        quota,
+                        size,
+                    }) => {
+                        self.quota_refused(stored, quota, size).await?;
+                        return Err(Ended::Quota);
+                    }
+                    Err(e) => return self.storage_failure(e).await,
+                }
+            }
             match self.shared.storage.begin_upload(
                 client_id,
                 start.orig_size,
@@ -100,12 +123,20 @@ where
             file: file.clone(),
             size,
             cksum,
+            quota: self.configured_quota(client_id),
         };
-        if let Err(e) = self
+        match self
             .blocking(move |s| s.commit_upload(staged, commit))
             .await
         {
-            return self.storage_failure(e).await;
+            Ok(_) => {}
+            // Nothing was recorded; the session stays usable.
+            Err(StorageError::QuotaExceeded {
+                stored,
+                quota,
+                size,
+            }) => return self.quota_refused(stored, quota, size).await,
+            Err(e) => return self.storage_failure(e).await,
         }
         let metrics = &self.shared.metrics;
         metrics.commit_took(self.listener, "upload", committing.elapsed());
@@ -157,6 +188,15 @@ where
             Some(response) => self.reply(&response).await,
             None => Ok(()),
         }
+    }
+
+    /// Answers a file the client's quota refused (`docs/PROTOCOL.md`
+    /// §13.9): 1682 in secure mode, 1607 on the legacy listener.
+    async fn quota_refused(&mut self, stored: u64, quota: u64, size: u64) -> Result<(), Ended> {
+        info!(stored, quota, size, "file refused: over the client's quota");
+        self.shared.metrics.upload_failed(self.listener, "quota");
+        let response = self.session.quota_refused(stored, quota, size);
+        self.reply(&response).await
     }
 
     /// Answers a storage failure with 1607 and ends the connection: the

@@ -257,7 +257,7 @@ where
     /// The quota the server's configuration gives `client_id`
     /// (`docs/PROTOCOL.md` §13.9; its own setting in the metadata, read
     /// in the transaction that charges it, overrides this).
-    fn configured_quota(&self, client_id: ClientId) -> Option<u64> {
+    pub(in crate::connection) fn configured_quota(&self, client_id: ClientId) -> Option<u64> {
         let name = self
             .session
             .client()

@@ -21,7 +21,7 @@ use super::{
 };
 use crate::storage::{
     versions_to_remove, BlobKey, ClientRecord, ClientSummary, Deletion, MetaStore, NewVersion,
-    PendingVersion, QuotaSetting, Registration, Retention, StorageError, VersionRecord,
+    PendingVersion, QuotaSetting, QuotaUsage, Registration, Retention, StorageError, VersionRecord,
     VersionStamp,
 };
 
@@ -292,6 +292,8 @@ async fn insert_member(
     tx: &Transaction<'_>,
     pending: &PendingVersion,
 ) -> Result<Vec<BlobKey>, Fail> {
+    let client = pending.version.client;
+    let before = super::repo::usage_in(tx, client, pending.quota).await?;
     if let Some(content) = &pending.inline {
         tx.execute(
             "INSERT INTO inline_blobs (blob, content) VALUES ($1, $2)",
@@ -299,7 +301,13 @@ async fn insert_member(
         )
         .await?;
     }
-    insert_version(tx, &pending.version, &pending.retention).await
+    let superseded = insert_version(tx, &pending.version, &pending.retention).await?;
+    if before.quota.is_some() {
+        // The caller rolls the member back on an error.
+        let after = super::repo::usage_in(tx, client, pending.quota).await?;
+        QuotaUsage::admits(before, after, pending.version.size)?;
+    }
+    Ok(superseded)
 }
 
 /// Removes the repository's rows of client `id` (as SQLite's

@@ -80,37 +80,38 @@ fn limit_of(limit: usize) -> i64 {
 }
 
 /// What `client` stores against its quota, read inside the caller's
-/// transaction: the bytes of its packs, and its own quota setting over
-/// the `configured` one (`docs/PROTOCOL.md` §13.9).
-async fn usage_in(
-    tx: &Tx<'_>,
+/// transaction: the bytes of its packs and of its per-file versions, and
+/// its own quota setting over the `configured` one (`docs/PROTOCOL.md`
+/// §13.9). (A plain transaction, so that the metadata's version commit
+/// can call it too.)
+pub(super) async fn usage_in(
+    tx: &tokio_postgres::Transaction<'_>,
     client: ClientId,
     configured: Option<u64>,
 ) -> Result<QuotaUsage, Fail> {
     let id: &[u8] = &client.0;
     let own = tx
         .query_opt(
-            &tx.prepare_cached("SELECT quota FROM clients WHERE id = $1")
-                .await?,
+            "SELECT quota, version_bytes FROM clients WHERE id = $1",
             &[&id],
         )
         .await?;
-    let own = match own {
-        Some(row) => col::<Option<i64>>(&row, 0)?,
-        None => None,
+    let (own, versions) = match own {
+        Some(row) => (
+            col::<Option<i64>>(&row, 0)?,
+            unsigned(&row, 1, "client version bytes")?,
+        ),
+        None => (None, 0),
     };
     let setting = quota_setting(own)?;
     let row = tx
         .query_one(
-            &tx.prepare_cached(
-                "SELECT coalesce(sum(size), 0)::bigint FROM packs WHERE client = $1",
-            )
-            .await?,
+            "SELECT coalesce(sum(size), 0)::bigint FROM packs WHERE client = $1",
             &[&id],
         )
         .await?;
     Ok(QuotaUsage {
-        stored: unsigned(&row, 0, "pack size")?,
+        stored: unsigned(&row, 0, "pack size")?.saturating_add(versions),
         quota: setting.effective(configured),
     })
 }

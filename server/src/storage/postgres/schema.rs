@@ -1,6 +1,6 @@
 //! The PostgreSQL schema and its versioned migrations.
 //!
-//! The same concepts as the SQLite schema (`sqlite/schema.rs`, version 9),
+//! The same concepts as the SQLite schema (`sqlite/schema.rs`, version 10),
 //! in PostgreSQL's types: ids, names, keys and digests are `bytea`; times
 //! are `bigint` milliseconds since the epoch; every count and size is
 //! `bigint`; blob keys are `text COLLATE "C"`, so that they sort in byte
@@ -14,10 +14,10 @@
 
 /// Each migration: its version and its SQL. Append only; never edit one
 /// that has shipped.
-pub(super) const MIGRATIONS: &[(i64, &str)] = &[(1, V1)];
+pub(super) const MIGRATIONS: &[(i64, &str)] = &[(1, V1), (2, V2)];
 
 /// The newest schema version this code knows.
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 
 /// The advisory lock key of the migrations ("bkp-migr").
 pub(super) const MIGRATION_LOCK: i64 = 0x626b_702d_6d69_6772;
@@ -134,4 +134,29 @@ CREATE TABLE pack_trash (
     blob        TEXT COLLATE "C" PRIMARY KEY,
     since       BIGINT NOT NULL
 );
+"#;
+
+/// The plaintext bytes of each client's per-file versions, charged to its
+/// quota with its packs (`docs/PROTOCOL.md` §13.9), as SQLite's version
+/// 10: kept by a trigger on every path that adds or removes a version,
+/// and filled from the versions already stored.
+const V2: &str = r#"
+ALTER TABLE clients ADD COLUMN version_bytes BIGINT NOT NULL DEFAULT 0;
+UPDATE clients SET version_bytes = (
+    SELECT coalesce(sum(v.size), 0) FROM versions v JOIN files f ON f.id = v.file_id
+    WHERE f.client_id = clients.id);
+CREATE FUNCTION versions_charge() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_OP = 'INSERT' THEN
+        UPDATE clients SET version_bytes = version_bytes + NEW.size
+            WHERE id = (SELECT client_id FROM files WHERE id = NEW.file_id);
+        RETURN NEW;
+    END IF;
+    UPDATE clients SET version_bytes = version_bytes - OLD.size
+        WHERE id = (SELECT client_id FROM files WHERE id = OLD.file_id);
+    RETURN OLD;
+END
+$$;
+CREATE TRIGGER versions_charge AFTER INSERT OR DELETE ON versions
+    FOR EACH ROW EXECUTE FUNCTION versions_charge();
 "#;

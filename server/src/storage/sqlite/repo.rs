@@ -18,23 +18,28 @@ use crate::storage::repo::{
 use crate::storage::{QuotaUsage, RepoUsage, SnapshotUsage};
 
 /// What `client` stores against its quota, read inside the caller's
-/// transaction: the bytes of its packs, and its own quota setting over
-/// the `configured` one (`docs/PROTOCOL.md` §13.9).
-fn usage_in(
+/// transaction: the bytes of its packs and of its per-file versions, and
+/// its own quota setting over the `configured` one (`docs/PROTOCOL.md`
+/// §13.9).
+pub(super) fn usage_in(
     conn: &Connection,
     client: ClientId,
     configured: Option<u64>,
 ) -> Result<QuotaUsage, StorageError> {
-    let own: Option<Option<i64>> = conn
-        .prepare_cached("SELECT quota FROM clients WHERE id = ?1")?
-        .query_row([&client.0[..]], |r| r.get(0))
+    let own: Option<(Option<i64>, i64)> = conn
+        .prepare_cached("SELECT quota, version_bytes FROM clients WHERE id = ?1")?
+        .query_row([&client.0[..]], |r| Ok((r.get(0)?, r.get(1)?)))
         .optional()?;
-    let setting = quota_from_sql(own.flatten())?;
-    let stored: i64 = conn
+    let (own, versions) = own.unwrap_or((None, 0));
+    let setting = quota_from_sql(own)?;
+    let packs: i64 = conn
         .prepare_cached("SELECT coalesce(sum(size), 0) FROM packs WHERE client = ?1")?
         .query_row([&client.0[..]], |r| r.get(0))?;
+    let packs = u64::try_from(packs).map_err(|_| corrupt("a pack size is negative"))?;
+    let versions =
+        u64::try_from(versions).map_err(|_| corrupt("a client's version bytes are negative"))?;
     Ok(QuotaUsage {
-        stored: u64::try_from(stored).map_err(|_| corrupt("a pack size is negative"))?,
+        stored: packs.saturating_add(versions),
         quota: setting.effective(configured),
     })
 }
@@ -1235,7 +1240,9 @@ mod tests {
             // What a version 5 server left: no repository tables.
             let conn = Connection::open(&path).unwrap();
             conn.execute_batch(
-                "ALTER TABLE clients DROP COLUMN quota;
+                "DROP TRIGGER versions_charge; DROP TRIGGER versions_refund;
+                 ALTER TABLE clients DROP COLUMN version_bytes;
+                 ALTER TABLE clients DROP COLUMN quota;
                  DROP TABLE snapshot_refs; DROP TABLE repo_stage; DROP TABLE key_envelopes;
                  DROP TABLE pack_trash;
                  DROP TABLE snapshots; DROP TABLE objects; DROP TABLE packs;
@@ -1264,7 +1271,9 @@ mod tests {
             // What a version 6 server left.
             let conn = Connection::open(&path).unwrap();
             conn.execute_batch(
-                "ALTER TABLE clients DROP COLUMN quota; ALTER TABLE packs DROP COLUMN damaged;
+                "DROP TRIGGER versions_charge; DROP TRIGGER versions_refund;
+                 ALTER TABLE clients DROP COLUMN version_bytes;
+                 ALTER TABLE clients DROP COLUMN quota; ALTER TABLE packs DROP COLUMN damaged;
                  DROP TABLE pack_trash; DROP INDEX snapshot_refs_by_object;
                  DROP INDEX repo_stage_by_object; ALTER TABLE objects DROP COLUMN touched;
                  PRAGMA user_version = 6;",
@@ -1468,8 +1477,12 @@ mod tests {
         }
         {
             let conn = Connection::open(&path).unwrap();
-            conn.execute_batch("ALTER TABLE clients DROP COLUMN quota; PRAGMA user_version = 8;")
-                .unwrap();
+            conn.execute_batch(
+                "DROP TRIGGER versions_charge; DROP TRIGGER versions_refund;
+                 ALTER TABLE clients DROP COLUMN version_bytes;
+                 ALTER TABLE clients DROP COLUMN quota; PRAGMA user_version = 8;",
+            )
+            .unwrap();
         }
         let s = SqliteMetaStore::open(&path).unwrap();
         let version: i64 = s

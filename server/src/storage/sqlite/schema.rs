@@ -1,7 +1,7 @@
 //! The schema and its migrations (see the parent module for the layout).
 
 /// The schema version this code writes (`PRAGMA user_version`).
-pub const SCHEMA_VERSION: i64 = 9;
+pub const SCHEMA_VERSION: i64 = 10;
 
 /// From schema version 1 to 2.
 pub(super) const MIGRATE_1_TO_2: &str =
@@ -66,6 +66,29 @@ pub(super) const MIGRATE_7_TO_8: &str = "ALTER TABLE packs ADD COLUMN damaged IN
 /// upgrade changes nothing until the operator sets a quota.
 pub(super) const MIGRATE_8_TO_9: &str =
     "ALTER TABLE clients ADD COLUMN quota INTEGER CHECK (quota IS NULL OR quota >= -1);";
+
+/// From schema version 9 to 10: the plaintext bytes of each client's
+/// per-file versions, charged to its quota with its packs
+/// (`docs/PROTOCOL.md` §13.9). Kept by triggers, so that every path that
+/// adds or removes a version (a commit, retention, a deletion, prune,
+/// removing a client) keeps it true, and a commit reads it without summing
+/// the client's versions. Filled from the versions already stored.
+pub(super) const MIGRATE_9_TO_10: &str = "
+ALTER TABLE clients ADD COLUMN version_bytes INTEGER NOT NULL DEFAULT 0;
+UPDATE clients SET version_bytes = (
+    SELECT coalesce(sum(v.size), 0) FROM versions v JOIN files f ON f.id = v.file_id
+    WHERE f.client_id = clients.id);
+CREATE TRIGGER versions_charge AFTER INSERT ON versions
+BEGIN
+    UPDATE clients SET version_bytes = version_bytes + NEW.size
+        WHERE id = (SELECT client_id FROM files WHERE id = NEW.file_id);
+END;
+CREATE TRIGGER versions_refund AFTER DELETE ON versions
+BEGIN
+    UPDATE clients SET version_bytes = version_bytes - OLD.size
+        WHERE id = (SELECT client_id FROM files WHERE id = OLD.file_id);
+END;
+";
 
 /// The repository extension (`docs/PROTOCOL.md` §13; `storage/repo.rs`).
 /// Object ids are unique per client, never across clients. Snapshot
