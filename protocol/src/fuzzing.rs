@@ -1174,6 +1174,15 @@ pub fn server_session(data: &[u8]) {
                     stored.len() as u64,
                     "commit size differs from the plaintext written"
                 );
+                if input.u8() == 0xff {
+                    // The client's quota refuses it: nothing is committed,
+                    // and a legacy peer hears only 1607.
+                    assert_eq!(
+                        session.quota_refused(size, size, size),
+                        Response::GeneralError
+                    );
+                    continue;
+                }
                 storage.committed.push((file, cksum));
             }
             Action::Discard { .. } => {

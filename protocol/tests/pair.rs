@@ -6,7 +6,7 @@
 //!
 //! One run: register (after an injected registration failure), upload
 //! (a corrupted packet and a resend, an injected storage failure, a file
-//! given up after the last attempt), reconnect on a new connection, the
+//! given up after the last attempt, a file the quota refuses at its commit), reconnect on a new connection, the
 //! proof before retrieval (`docs/PROTOCOL.md` §11.5), a list of several
 //! pages, restore of every file, and delete.
 
@@ -87,6 +87,8 @@ struct Store {
 struct Faults {
     register: bool,
     write: bool,
+    /// The client's quota refuses the next commit.
+    quota: bool,
 }
 
 /// Two sessions and the wire between them.
@@ -293,6 +295,9 @@ impl Pair {
             } => {
                 let content = std::mem::take(&mut store.upload);
                 assert_eq!((content.len() as u64, Cksum::of(&content)), (size, cksum));
+                if std::mem::take(&mut faults.quota) {
+                    return vec![s.quota_refused(QUOTA_STORED, QUOTA, size)];
+                }
                 store
                     .files
                     .entry((client_id, file))
@@ -453,7 +458,48 @@ impl Pair {
             }
         }
     }
+
+    /// Uploads `plain` as `name` while the client's quota refuses its
+    /// commit: secure mode hears 1682 with the figures, the legacy
+    /// listener 1607; nothing is stored, and the connection goes on.
+    fn upload_refused(&mut self, name: &str, plain: &[u8], store: &mut Store, faults: &mut Faults) {
+        let file = FileName::try_from(name).unwrap();
+        let plan = UploadPlan::new(file.clone(), plain.len() as u64, 64, 64 * 1024).unwrap();
+        self.client.begin_file();
+        let ClientEvent::Verdict {
+            verdict: Verdict::Match,
+            reply,
+        } = self.attempt(&plan, plain, false, store, faults)
+        else {
+            panic!("no match");
+        };
+        faults.quota = true;
+        let answer = Self::only(self.send(reply, store, faults));
+        match self.client.dialect() {
+            Dialect::Secure => assert!(
+                matches!(
+                    answer,
+                    ClientEvent::QuotaExceeded { stored: QUOTA_STORED, quota: QUOTA, size }
+                        if size == plain.len() as u64
+                ),
+                "{answer:?}"
+            ),
+            Dialect::Legacy => assert!(
+                matches!(
+                    answer,
+                    ClientEvent::ServerError(ServerErrorStep::Resend { .. })
+                ),
+                "{answer:?}"
+            ),
+        }
+        let id = self.client.client_id().unwrap();
+        assert!(!store.files.contains_key(&(id, file)));
+    }
 }
+
+/// What the fake quota refusal says the client stores, and its quota.
+const QUOTA_STORED: u64 = 1_000;
+const QUOTA: u64 = 1_024;
 
 /// The list order: by name, then version; the latest of each name unless
 /// `all_versions`.
@@ -535,6 +581,8 @@ fn run(
         &mut store,
         &mut faults
     ));
+    // One refused by the quota at its commit; the connection goes on.
+    pair.upload_refused("over", &first.1, &mut store, &mut faults);
     for (file, plain) in rest {
         assert!(pair.upload(file, plain, 0, &mut store, &mut faults));
     }
@@ -651,7 +699,7 @@ proptest! {
         write in any::<bool>(),
         seed in any::<u64>(),
     ) {
-        run(Dialect::Legacy, &sizes, &splits, corrupted, Faults { register, write }, seed);
+        run(Dialect::Legacy, &sizes, &splits, corrupted, Faults { register, write, quota: false }, seed);
     }
 
     #[test]
@@ -663,6 +711,6 @@ proptest! {
         write in any::<bool>(),
         seed in any::<u64>(),
     ) {
-        run(Dialect::Secure, &sizes, &splits, corrupted, Faults { register, write }, seed);
+        run(Dialect::Secure, &sizes, &splits, corrupted, Faults { register, write, quota: false }, seed);
     }
 }
