@@ -4,7 +4,9 @@
 //! two backups of one client racing near the limit never both commit, and
 //! once the operator raises the quota the next run completes and restores.
 //! The operator's views (`clients --json`, `snapshots CLIENT --json`) are
-//! checked against what was backed up.
+//! checked against what was backed up. Per-file backups are charged too:
+//! a file over the quota is refused (1682 in secure mode, 1607 on the
+//! legacy listener) and the files that fit are stored.
 
 mod support;
 
@@ -29,11 +31,17 @@ struct Server {
 
 impl Server {
     fn start(dir: &Path) -> Self {
+        Self::start_with(dir, &[])
+    }
+
+    /// [`Server::start`] with more arguments.
+    fn start_with(dir: &Path, extra: &[&str]) -> Self {
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let data = dir.join("data");
         let log = dir.join("server.log");
         let child = std::process::Command::new(server_binary())
             .args(["--listen", &addr.to_string()])
+            .args(extra)
             .arg("--data-dir")
             .arg(&data)
             .env("RUST_LOG", "info")
@@ -357,4 +365,170 @@ async fn two_backups_of_one_client_near_the_limit_never_both_commit() {
             .await;
     }
     assert_eq!(server.snapshots("pair").len(), 3);
+}
+
+/// A per-file run's files by name: (status, error kind, the error's
+/// `stored` and `size`).
+fn per_file_outcomes(v: &serde_json::Value) -> BTreeMap<String, (String, String, u64, u64)> {
+    v["files"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no files: {v}"))
+        .iter()
+        .map(|f| {
+            let e = &f["error"];
+            (
+                f["name"].as_str().unwrap().to_owned(),
+                (
+                    f["status"].as_str().unwrap().to_owned(),
+                    e["kind"].as_str().unwrap_or_default().to_owned(),
+                    e["stored"].as_u64().unwrap_or(0),
+                    e["size"].as_u64().unwrap_or(0),
+                ),
+            )
+        })
+        .collect()
+}
+
+/// Names the server keeps for `client` (`list --json`).
+async fn listed_files(client: &Client<'_>) -> Vec<String> {
+    let out = client.run(&["--per-file", "--json", "list"]).await;
+    assert!(out.status.success(), "list: {}", stderr(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["name"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_file_backups_are_charged_and_a_file_over_the_quota_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let legacy = format!("127.0.0.1:{}", free_port());
+    let server = Server::start_with(dir.path(), &["--legacy-listen", &legacy]);
+    let client = Client::register(&server, dir.path(), "files").await;
+    server.admin(&["quota", "files", "250000"]);
+    let first = dir.path().join("first");
+    folder(&first, &[("a.bin", 200_000, 1)]);
+    let out = client
+        .run(&["--per-file", "--json", "backup", &first.to_string_lossy()])
+        .await;
+    assert!(out.status.success(), "first: {}", stderr(&out));
+    let c = &server.clients()["files"];
+    assert_eq!(
+        (
+            c["stored_bytes"].as_u64(),
+            c["file_bytes"].as_u64(),
+            c["charged_bytes"].as_u64()
+        ),
+        (Some(0), Some(200_000), Some(200_000)),
+        "{c}"
+    );
+
+    // b (small: refused at its commit) and d (large: refused as it
+    // starts) cannot fit; c can, and is stored whatever the order.
+    let more = dir.path().join("more");
+    let files = folder(
+        &more,
+        &[
+            ("b.bin", 60_000, 2),
+            ("c.bin", 40_000, 3),
+            ("d.bin", 100_000, 4),
+        ],
+    );
+    let out = client
+        .run(&["--per-file", "--json", "backup", &more.to_string_lossy()])
+        .await;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(out.status.code(), Some(8), "{v} {}", stderr(&out));
+    let got = per_file_outcomes(&v);
+    let quota = "quota_exceeded".to_owned();
+    assert_eq!(
+        got["b.bin"],
+        ("failed".into(), quota.clone(), 200_000, 60_000),
+        "{v}"
+    );
+    assert_eq!(got["c.bin"].0, "stored", "{v}");
+    let d = &got["d.bin"];
+    assert_eq!(
+        (&d.0, &d.1, d.3),
+        (&"failed".to_owned(), &quota, 100_000),
+        "{v}"
+    );
+    assert!([200_000, 240_000].contains(&d.2), "{v}");
+    let message = v["files"][0]["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("b.bin of 58.6 KiB did not fit"),
+        "{message}"
+    );
+    assert!(message.contains("nothing of it was committed"), "{message}");
+    assert!(message.contains("backup-client delete"), "{message}");
+    assert_eq!(
+        server.clients()["files"]["charged_bytes"].as_u64(),
+        Some(240_000)
+    );
+    assert_eq!(listed_files(&client).await, ["a.bin", "c.bin"]);
+
+    // Deleting a file makes room: the next run stores all three (c as a
+    // second version), 240 000 bytes in all, and each restores.
+    let out = client.run(&["--per-file", "delete", "a.bin"]).await;
+    assert!(out.status.success(), "delete: {}", stderr(&out));
+    assert_eq!(
+        server.clients()["files"]["charged_bytes"].as_u64(),
+        Some(40_000)
+    );
+    let out = client
+        .run(&["--per-file", "--json", "backup", &more.to_string_lossy()])
+        .await;
+    assert!(out.status.success(), "after the delete: {}", stderr(&out));
+    assert_eq!(
+        server.clients()["files"]["charged_bytes"].as_u64(),
+        Some(240_000)
+    );
+    let to = dir.path().join("restored");
+    std::fs::create_dir_all(&to).unwrap();
+    for (name, content) in &files {
+        let out = client
+            .run(&["--per-file", "restore", name, "--to", &to.to_string_lossy()])
+            .await;
+        assert!(out.status.success(), "restore {name}: {}", stderr(&out));
+        assert!(
+            std::fs::read(to.join(name)).unwrap() == *content,
+            "{name} differs"
+        );
+    }
+
+    // The legacy listener can say only 1607: nothing is stored, and the
+    // server says why in its log.
+    let old = Client {
+        server: &server,
+        config: dir.path().join("config-legacy"),
+    };
+    let run_legacy = |args: &[&str]| {
+        let mut all = vec!["--legacy", "--server", legacy.as_str()];
+        all.extend_from_slice(args);
+        let config = old.config.clone();
+        let all: Vec<String> = all.iter().map(|s| (*s).to_owned()).collect();
+        async move {
+            let all: Vec<&str> = all.iter().map(String::as_str).collect();
+            run_client(&config, &all, LIMIT).await
+        }
+    };
+    let out = run_legacy(&["register", "--name", "old"]).await;
+    assert!(out.status.success(), "register: {}", stderr(&out));
+    server.admin(&["quota", "old", "1000"]);
+    let out = run_legacy(&["backup", &more.to_string_lossy()]).await;
+    assert!(
+        !out.status.success(),
+        "over the quota on the legacy listener"
+    );
+    let old_view = &server.clients()["old"];
+    assert_eq!(old_view["charged_bytes"].as_u64(), Some(0), "{old_view}");
+    assert_eq!(old_view["versions"].as_u64(), Some(0), "{old_view}");
+    let log = std::fs::read_to_string(&server.log).unwrap();
+    assert!(
+        log.contains("file refused: over the client's quota stored=0 quota=1000"),
+        "{log}"
+    );
 }

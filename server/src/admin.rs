@@ -94,9 +94,11 @@ pub struct ClientView {
     pub name: String,
     pub append_only: bool,
     pub snapshots: u64,
-    /// Bytes of its packs: what its quota is charged (`docs/PROTOCOL.md`
-    /// §13.9).
+    /// Bytes of its packs.
     pub stored_bytes: u64,
+    /// What its quota is charged: its packs' bytes and its per-file
+    /// versions' (`docs/PROTOCOL.md` §13.9).
+    pub charged_bytes: u64,
     /// Over its snapshots, the sealed bytes each references (an object
     /// counts once per snapshot).
     pub logical_bytes: u64,
@@ -111,7 +113,7 @@ pub struct ClientView {
     pub last_backup: Option<String>,
     pub packs: u64,
     /// Per-file history (`--per-file`, legacy): names, versions and their
-    /// plaintext bytes (not charged to the quota).
+    /// plaintext bytes (charged to the quota as they are stored).
     pub files: u64,
     pub versions: u64,
     pub file_bytes: u64,
@@ -154,6 +156,7 @@ pub fn client_views(storage: &Storage, quotas: &Quotas) -> Result<Vec<ClientView
                 append_only: c.client.append_only,
                 snapshots: usage.snapshots,
                 stored_bytes: usage.stored,
+                charged_bytes: usage.stored.saturating_add(c.bytes),
                 logical_bytes: usage.logical,
                 dedup_ratio: (usage.stored > 0).then(|| usage.logical as f64 / usage.stored as f64),
                 quota_bytes,

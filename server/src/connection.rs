@@ -90,7 +90,7 @@ enum Ended {
     Replaced,
     #[error("restore framing: {0}")]
     Framing(protocol::restore::RestoreSendError),
-    #[error("a file over the client's quota was refused as it started")]
+    #[error("a file over the client's quota was refused")]
     Quota,
     #[error("BUG: the connection handler broke an invariant: {0}")]
     Invariant(&'static str),

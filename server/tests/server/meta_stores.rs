@@ -1366,6 +1366,83 @@ fn concurrent_commits_on_one_file_from_several_servers_lose_no_version() {
     assert_eq!(accounted, committed);
 }
 
+/// Versions of one client committed at once by several stores (servers,
+/// or operator processes on one SQLite file) near its quota: never more
+/// than the quota is recorded, and every refusal is a quota refusal.
+#[test]
+fn versions_of_one_client_racing_near_the_quota_never_pass_it_together() {
+    const EACH: usize = 6;
+    const SIZE: u64 = 100;
+    const QUOTA: u64 = 1_000;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("backup.db");
+    let mut backends: Vec<(&str, Vec<Arc<dyn MetaStore>>)> = vec![(
+        "sqlite",
+        (0..4)
+            .map(|_| Arc::new(SqliteMetaStore::open(&path).unwrap()) as Arc<dyn MetaStore>)
+            .collect(),
+    )];
+    let pg = pg_database("versions_of_one_client_racing_near_the_quota");
+    if let Some((_, url)) = &pg {
+        backends.push((
+            "postgres",
+            (0..4)
+                .map(|_| Arc::new(PgMetaStore::open(url).unwrap()) as Arc<dyn MetaStore>)
+                .collect(),
+        ));
+    }
+    for (n, stores) in backends {
+        let a = complete_client(&*stores[0], 1, "a");
+        assert!(stores[0].set_quota(a, QuotaSetting::Bytes(QUOTA)).unwrap());
+        let barrier = Arc::new(Barrier::new(stores.len()));
+        let threads: Vec<_> = stores
+            .iter()
+            .enumerate()
+            .map(|(i, store)| {
+                let store = Arc::clone(store);
+                let barrier = Arc::clone(&barrier);
+                std::thread::spawn(move || {
+                    barrier.wait();
+                    (0..EACH)
+                        .map(|j| {
+                            let name = format!("f-{i}-{j}");
+                            let v = new_version(a, name.as_bytes(), &name, SIZE, j as u64);
+                            let pending = PendingVersion {
+                                version: v,
+                                retention: Retention::KEEP_ALL,
+                                inline: None,
+                                quota: None,
+                            };
+                            store.add_versions(&[pending]).pop().unwrap()
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        let results: Vec<_> = threads
+            .into_iter()
+            .flat_map(|t| t.join().unwrap())
+            .collect();
+        let stored = results.iter().filter(|r| r.is_ok()).count() as u64;
+        for r in &results {
+            if let Err(e) = r {
+                assert!(
+                    matches!(e, StorageError::QuotaExceeded { quota: QUOTA, .. }),
+                    "{n}: {e}"
+                );
+            }
+        }
+        assert_eq!(
+            stored * SIZE,
+            QUOTA,
+            "{n}: every version that fits is taken"
+        );
+        let summary = &stores[0].clients().unwrap()[0];
+        assert_eq!((summary.versions, summary.bytes), (stored, QUOTA), "{n}");
+    }
+    drop(pg);
+}
+
 // ---------------------------------------------------------- readiness
 
 /// A database that accepts but never answers makes the probe fail within

@@ -541,9 +541,10 @@ async fn operator_commands_report_and_change_the_data() {
         "file_bytes",
         "snapshots",
         "stored_bytes",
+        "charged_bytes",
     ]
     .map(|k| otto[k].as_u64().unwrap());
-    assert_eq!(counts, [2, 3, 12, 0, 0], "{otto}");
+    assert_eq!(counts, [2, 3, 12, 0, 0, 12], "{otto}");
     assert_eq!(otto["quota_source"], "none");
     let mut out = Vec::new();
     admin::clients(&storage, &quotas, false, &mut out).unwrap();

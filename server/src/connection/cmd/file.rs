@@ -5,7 +5,7 @@
 
 use bytes::BytesMut;
 use protocol::session::server::FileStart;
-use protocol::wire::RequestKind;
+use protocol::wire::{Dialect, RequestKind};
 use protocol::{ClientId, FileName, Request, RequestFrame, Response};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::{debug, info, warn};
@@ -130,12 +130,21 @@ where
             .await
         {
             Ok(_) => {}
-            // Nothing was recorded; the session stays usable.
+            // Nothing was recorded. A secure-mode client heard why (1682)
+            // and goes on; a legacy one heard only 1607, which it may
+            // answer by repeating "CRC ok" or resending, to be refused
+            // again: its connection ends, as after a storage failure.
             Err(StorageError::QuotaExceeded {
                 stored,
                 quota,
                 size,
-            }) => return self.quota_refused(stored, quota, size).await,
+            }) => {
+                self.quota_refused(stored, quota, size).await?;
+                if self.session.dialect() == Dialect::Legacy {
+                    return Err(Ended::Quota);
+                }
+                return Ok(());
+            }
             Err(e) => return self.storage_failure(e).await,
         }
         let metrics = &self.shared.metrics;
