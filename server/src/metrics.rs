@@ -224,7 +224,7 @@ impl Metrics {
         let uploads_failed = Family::<CauseLabels, Counter>::default();
         registry.register(
             "uploads_failed",
-            "Uploads not committed, by cause: storage, cksum_retry (the client reported a cksum mismatch; a resend follows), client_gave_up, bad_content, discarded, disconnected (the peer closed or the connection ended mid-upload).",
+            "Uploads not committed, by cause: storage, cksum_retry (the client reported a cksum mismatch; a resend follows), client_gave_up, bad_content, quota (over the client's quota), discarded, disconnected (the peer closed or the connection ended mid-upload).",
             uploads_failed.clone(),
         );
         let snapshots_failed = Family::<CauseLabels, Counter>::default();

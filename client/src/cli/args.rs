@@ -50,6 +50,8 @@ Exit status:
      server that cannot be restored safely; a file that exists, without
      --overwrite)
   7  not found (restore, delete): the server holds no such file or version
+  8  quota exceeded: the server refused a backup (with --per-file, a file)
+     that would take this client over its quota
 When several files fail, the status is that of the first failure.
 
 Environment:
