@@ -43,7 +43,7 @@ use crate::admission::Ticket;
 use crate::config::Config;
 use crate::metrics::{kind_label, Counted, Listener, Metrics};
 use crate::storage::ingest::{Staged, Upload};
-use crate::storage::{Storage, StorageError};
+use crate::storage::{QuotaSetting, Storage, StorageError};
 use deadline::Deadline;
 pub(crate) use register_limit::RegisterLimiter;
 
@@ -158,6 +158,10 @@ struct Connection<R, W> {
     rng: StdRng,
     upload: Option<Upload>,
     staged: Option<Staged>,
+    /// The client's own quota setting as it was when the client was bound
+    /// (`None`: not read). Only spares the check of a large upload as it
+    /// starts when no quota can apply; the commit reads the current one.
+    own_quota: Option<QuotaSetting>,
     /// The pack being received and the snapshot stage (`cmd/repo.rs`).
     repo: cmd::RepoConn,
     shared: Arc<Shared>,
@@ -368,6 +372,7 @@ where
             rng: StdRng::from_entropy(),
             upload: None,
             staged: None,
+            own_quota: None,
             repo: cmd::RepoConn::default(),
             shared,
             peer,

@@ -355,13 +355,17 @@ impl MetaStore for SqliteMetaStore {
         for pending in batch {
             let one = tx.savepoint().map_err(StorageError::from).and_then(|sp| {
                 let client = pending.version.client;
-                let before = repo::usage_in(&sp, client, pending.quota)?;
+                // What it stores is read only when a quota applies.
+                let before = match repo::quota_in(&sp, client, pending.quota)? {
+                    Some(_) => Some(repo::usage_in(&sp, client, pending.quota)?),
+                    None => None,
+                };
                 if let Some(content) = &pending.inline {
                     sp.prepare_cached("INSERT INTO inline_blobs (blob, content) VALUES (?1, ?2)")?
                         .execute(params![pending.version.blob.0, content])?;
                 }
                 let superseded = insert_version(&sp, &pending.version, &pending.retention)?;
-                if before.quota.is_some() {
+                if let Some(before) = before {
                     let after = repo::usage_in(&sp, client, pending.quota)?;
                     // Dropping the savepoint uncommitted rolls it back.
                     QuotaUsage::admits(before, after, pending.version.size)?;

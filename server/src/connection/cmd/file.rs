@@ -12,7 +12,7 @@ use tracing::{debug, info, warn};
 
 use crate::connection::{Connection, Ended};
 use crate::storage::ingest as upload;
-use crate::storage::{StorageError, UploadCommit, INLINE_MAX};
+use crate::storage::{QuotaSetting, StorageError, UploadCommit, INLINE_MAX};
 
 impl<R, W> Connection<R, W>
 where
@@ -50,12 +50,20 @@ where
             };
             debug!(file = ?start.file, orig_size = start.orig_size, attempt = start.attempt, "upload started");
             self.discard_upload().await;
-            if start.orig_size > INLINE_MAX {
+            let quota = self.configured_quota(client_id);
+            // When the client was bound with no quota of its own and the
+            // configuration gives none, no quota applies: the check is
+            // spared (the commit checks whatever is in force then).
+            let may_apply = match self.own_quota {
+                Some(QuotaSetting::Unlimited) => false,
+                Some(QuotaSetting::Inherit) => quota.is_some(),
+                Some(QuotaSetting::Bytes(_)) | None => true,
+            };
+            if start.orig_size > INLINE_MAX && may_apply {
                 // A large file that cannot fit the client's quota is refused
                 // before its content is received (a small one is checked at
                 // its commit only). The client is still sending, so the
                 // connection ends.
-                let quota = self.configured_quota(client_id);
                 let (file, size) = (start.file.clone(), start.orig_size);
                 match self
                     .blocking(move |s| s.upload_fits(client_id, &file, size, quota))

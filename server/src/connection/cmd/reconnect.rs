@@ -30,6 +30,7 @@ where
                 return self.reply(&response).await;
             }
         };
+        self.own_quota = found.as_ref().map(|c| c.quota);
         let known = found.map(|c| KnownClient {
             name: c.name,
             public_key: c.public_key,

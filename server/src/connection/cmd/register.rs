@@ -10,7 +10,7 @@ use tracing::{error, info, warn};
 
 use crate::connection::register_limit::{Refusal, Verdict};
 use crate::connection::{Connection, Ended};
-use crate::storage::Registration;
+use crate::storage::{QuotaSetting, Registration};
 
 impl<R, W> Connection<R, W>
 where
@@ -71,6 +71,10 @@ where
             }
         };
         let response = self.session.registered(outcome, &mut self.rng)?;
+        if outcome == RegisterOutcome::Created {
+            // A new client has no quota of its own.
+            self.own_quota = Some(QuotaSetting::Inherit);
+        }
         match registration {
             Ok(Registration::Created) => {
                 self.bind_client(client_id);

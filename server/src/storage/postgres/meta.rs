@@ -289,7 +289,7 @@ async fn insert_version(
 
 /// One member of [`MetaStore::add_versions`], inside its savepoint.
 async fn insert_member(
-    tx: &Transaction<'_>,
+    tx: &deadpool_postgres::Transaction<'_>,
     pending: &PendingVersion,
 ) -> Result<Vec<BlobKey>, Fail> {
     let client = pending.version.client;

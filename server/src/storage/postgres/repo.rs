@@ -82,36 +82,30 @@ fn limit_of(limit: usize) -> i64 {
 /// What `client` stores against its quota, read inside the caller's
 /// transaction: the bytes of its packs and of its per-file versions, and
 /// its own quota setting over the `configured` one (`docs/PROTOCOL.md`
-/// §13.9). (A plain transaction, so that the metadata's version commit
-/// can call it too.)
+/// §13.9).
 pub(super) async fn usage_in(
-    tx: &tokio_postgres::Transaction<'_>,
+    tx: &Tx<'_>,
     client: ClientId,
     configured: Option<u64>,
 ) -> Result<QuotaUsage, Fail> {
     let id: &[u8] = &client.0;
-    let own = tx
-        .query_opt(
-            "SELECT quota, version_bytes FROM clients WHERE id = $1",
-            &[&id],
-        )
-        .await?;
-    let (own, versions) = match own {
-        Some(row) => (
-            col::<Option<i64>>(&row, 0)?,
-            unsigned(&row, 1, "client version bytes")?,
-        ),
-        None => (None, 0),
-    };
-    let setting = quota_setting(own)?;
+    // One statement; a client without a row has no setting and no
+    // versions.
     let row = tx
         .query_one(
-            "SELECT coalesce(sum(size), 0)::bigint FROM packs WHERE client = $1",
+            &tx.prepare_cached(
+                "SELECT (SELECT quota FROM clients WHERE id = $1),
+                        coalesce((SELECT version_bytes FROM clients WHERE id = $1), 0),
+                        (SELECT coalesce(sum(size), 0) FROM packs WHERE client = $1)::bigint",
+            )
+            .await?,
             &[&id],
         )
         .await?;
+    let setting = quota_setting(col::<Option<i64>>(&row, 0)?)?;
+    let versions = unsigned(&row, 1, "client version bytes")?;
     Ok(QuotaUsage {
-        stored: unsigned(&row, 0, "pack size")?.saturating_add(versions),
+        stored: unsigned(&row, 2, "pack size")?.saturating_add(versions),
         quota: setting.effective(configured),
     })
 }

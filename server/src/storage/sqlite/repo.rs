@@ -17,6 +17,20 @@ use crate::storage::repo::{
 };
 use crate::storage::{QuotaUsage, RepoUsage, SnapshotUsage};
 
+/// The quota in force for `client`: its own setting over the `configured`
+/// one (`None`: no quota), read inside the caller's transaction.
+pub(super) fn quota_in(
+    conn: &Connection,
+    client: ClientId,
+    configured: Option<u64>,
+) -> Result<Option<u64>, StorageError> {
+    let own: Option<Option<i64>> = conn
+        .prepare_cached("SELECT quota FROM clients WHERE id = ?1")?
+        .query_row([&client.0[..]], |r| r.get(0))
+        .optional()?;
+    Ok(quota_from_sql(own.flatten())?.effective(configured))
+}
+
 /// What `client` stores against its quota, read inside the caller's
 /// transaction: the bytes of its packs and of its per-file versions, and
 /// its own quota setting over the `configured` one (`docs/PROTOCOL.md`
